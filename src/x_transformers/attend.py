@@ -1,0 +1,249 @@
+"""One ``attend()`` for every attention computation in the library.
+
+Backends declare what they support (``not_supported_reasons``); the dispatcher takes the first
+one, in priority order, that computes the requested function, and can say why it rejected the
+others. Backends:
+
+- ``sdpa``: PyTorch's fused ``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient on
+  GPU, a fused C++ kernel on CPU). Handles masks, causality, an additive float bias, GQA, dropout.
+- ``explicit``: materialises the scores. Needed by features that change the normalisation or
+  read the weights: talking heads, entmax, top-k sparsity, returning attention maps.
+- further backends (FlexAttention on GPU) register themselves with :func:`register_backend`.
+
+Conventions: masks are boolean, True = keep. Causal masking aligns bottom-right: with n queries
+and m >= n keys (a cache, persistent memory), query i sees keys j <= i + m - n. A query row whose
+keys are all masked returns zeros on every backend, never NaN.
+
+Legend: b batch, h query heads, g kv heads, n queries, m keys, d head dim, e value dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class AttendRequest:
+    q: Tensor  # (b, h, n, d)
+    k: Tensor  # (b, g, m, d)
+    v: Tensor  # (b, g, m, e)
+    mask: Tensor | None = None  # bool, broadcastable to (b, h, n, m)
+    causal: bool = False
+    bias: Tensor | None = None  # float, broadcastable to (b, h, n, m), added to scaled scores
+    scale: float | None = None
+    dropout: float = 0.0
+    normalizer: str = "softmax"  # "softmax", "entmax15", "entmax_bisect"
+    entmax_alpha: Tensor | float | None = None  # for entmax_bisect; tensor broadcastable to (1, h, 1, 1)
+    sparse_topk: int | None = None
+    pre_mix: Tensor | None = None  # (h, h) head mixing of the logits (talking heads)
+    post_mix: Tensor | None = None  # (h, h) head mixing of the weights
+    need_weights: bool = False
+
+    @property
+    def needs_scores(self) -> bool:
+        return (self.normalizer != "softmax" or self.sparse_topk is not None or self.pre_mix is not None
+                or self.post_mix is not None or self.need_weights)
+
+
+class BackendNotSupported(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def causal_mask(n: int, m: int, device) -> Tensor:
+    """(n, m) bool, bottom-right aligned: query i sees keys j <= i + m - n."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(m, device=device)[None, :]
+    return j <= i + (m - n)
+
+
+def combined_mask(req: AttendRequest) -> Tensor | None:
+    """The key-padding / explicit mask and the causal mask as one bool tensor, or None."""
+    n, m = req.q.shape[-2], req.k.shape[-2]
+    mask = req.mask
+    if req.causal and n > 1:  # one query at the bottom row sees every key
+        cm = causal_mask(n, m, req.q.device)
+        mask = cm if mask is None else mask & cm
+    return mask
+
+
+def _expand_kv(req: AttendRequest):
+    h, g = req.q.shape[1], req.k.shape[1]
+    if h == g:
+        return req.k, req.v
+    return req.k.repeat_interleave(h // g, dim=1), req.v.repeat_interleave(h // g, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+
+
+class SDPABackend:
+    name = "sdpa"
+
+    def not_supported_reasons(self, req: AttendRequest) -> list[str]:
+        reasons = []
+        if req.normalizer != "softmax":
+            reasons.append(f"normalizer {req.normalizer!r} is not softmax")
+        if req.sparse_topk is not None:
+            reasons.append("top-k sparsity needs the score matrix")
+        if req.pre_mix is not None or req.post_mix is not None:
+            reasons.append("talking heads mix the score matrix across heads")
+        if req.need_weights:
+            reasons.append("attention weights were requested")
+        return reasons
+
+    def __call__(self, req: AttendRequest):
+        q, k, v = req.q, req.k, req.v
+        n, m = q.shape[-2], k.shape[-2]
+        mask = req.mask
+        is_causal = False
+        if req.causal and mask is None and req.bias is None and n == m:
+            is_causal = True  # the flash / cuDNN fast path
+        else:
+            mask = combined_mask(req)
+        keep_rows = None
+        if mask is not None:
+            keep_rows = mask.any(dim=-1, keepdim=True)  # rows with no visible key
+            mask = mask | ~keep_rows  # unmask them to avoid NaN; zeroed below
+        attn_mask = mask
+        if req.bias is not None:
+            bias = req.bias.to(q.dtype)
+            attn_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=req.dropout, is_causal=is_causal, scale=req.scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        if keep_rows is not None:
+            out = out * keep_rows.to(out.dtype)
+        return out, None
+
+
+def _normalize(scores: Tensor, req: AttendRequest) -> Tensor:
+    if req.normalizer == "softmax":
+        return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
+    try:
+        import entmax
+    except ImportError as e:  # pragma: no cover - an install problem, said plainly
+        raise ImportError("entmax attention needs the 'entmax' package: pip install 'x-transformers[sparse]'") from e
+    if req.normalizer == "entmax15":
+        return entmax.entmax15(scores.float(), dim=-1).to(scores.dtype)
+    if req.normalizer == "entmax_bisect":
+        return entmax.entmax_bisect(scores.float(), alpha=req.entmax_alpha, dim=-1).to(scores.dtype)
+    raise ValueError(f"unknown normalizer {req.normalizer!r}")
+
+
+class ExplicitBackend:
+    """Scores materialised: softmax(mix(q k^T * scale + bias)) v, with every optional step."""
+
+    name = "explicit"
+
+    def not_supported_reasons(self, req: AttendRequest) -> list[str]:
+        return []
+
+    def __call__(self, req: AttendRequest):
+        q = req.q
+        k, v = _expand_kv(req)
+        scale = req.scale if req.scale is not None else q.shape[-1] ** -0.5
+        scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
+        if req.bias is not None:
+            scores = scores + req.bias.to(scores.dtype)
+        if req.pre_mix is not None:
+            scores = torch.einsum("bhnm,hg->bgnm", scores, req.pre_mix.to(scores.dtype))
+        mask = combined_mask(req)
+        keep_rows = None
+        if mask is not None:
+            # A large finite value, not -inf: entmax's sort-based threshold would turn -inf into
+            # NaN; softmax gives these entries exactly zero weight either way.
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min / 2)
+            keep_rows = mask.any(dim=-1, keepdim=True)
+        if req.sparse_topk is not None and req.sparse_topk < scores.shape[-1]:
+            kth = scores.topk(req.sparse_topk, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, torch.finfo(scores.dtype).min / 2)
+        attn = _normalize(scores, req)
+        if req.post_mix is not None:
+            attn = torch.einsum("bhnm,hg->bgnm", attn, req.post_mix.to(attn.dtype))
+        if keep_rows is not None:
+            attn = attn * keep_rows.to(attn.dtype)
+        weights = attn if req.need_weights else None
+        if req.dropout > 0:
+            attn = F.dropout(attn, p=req.dropout)
+        return attn @ v, weights
+
+
+# --------------------------------------------------------------------------------------------
+# registry and dispatch
+
+BACKENDS: dict[str, object] = {}
+_PRIORITY: list[str] = []
+
+
+def register_backend(backend, *, before: str | None = None):
+    """Add a backend; ``before`` places it ahead of a named one in the dispatch order."""
+    BACKENDS[backend.name] = backend
+    if backend.name in _PRIORITY:
+        _PRIORITY.remove(backend.name)
+    _PRIORITY.insert(_PRIORITY.index(before) if before in _PRIORITY else len(_PRIORITY), backend.name)
+
+
+register_backend(SDPABackend())
+register_backend(ExplicitBackend())
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("x_transformers_attend_backend", default=None)
+
+
+@contextlib.contextmanager
+def attend_backend(name: str | None):
+    """Force a backend for every attend() in this block (tests, benchmarks); None restores auto."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(BACKENDS)}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def rejection_reasons(req: AttendRequest) -> dict[str, list[str]]:
+    """Every registered backend's reasons for not computing ``req`` (empty list = can)."""
+    return {name: BACKENDS[name].not_supported_reasons(req) for name in _PRIORITY}
+
+
+def choose_backend(req: AttendRequest, force: str | None = None):
+    force = _forced.get() or (None if force in (None, "auto") else force)
+    if force is not None:
+        if force not in BACKENDS:
+            raise ValueError(f"unknown attention backend {force!r}; valid: {sorted(BACKENDS)}")
+        reasons = BACKENDS[force].not_supported_reasons(req)
+        if reasons:
+            raise BackendNotSupported(f"backend {force!r} cannot compute this attention: " + "; ".join(reasons))
+        return BACKENDS[force]
+    for name in _PRIORITY:
+        if not BACKENDS[name].not_supported_reasons(req):
+            return BACKENDS[name]
+    detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejection_reasons(req).items())
+    raise BackendNotSupported(f"no attention backend can compute this request ({detail})")
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, *, force_backend: str | None = None, **options) -> tuple[Tensor, Tensor | None]:
+    """Attention of q (b, h, n, d) over k, v (b, g, m, d|e), g dividing h.
+
+    Options are the fields of :class:`AttendRequest`. Returns (out (b, h, n, e), weights or None);
+    weights (b, h, n, m) only when ``need_weights=True``.
+    """
+    req = AttendRequest(q=q, k=k, v=v, **options)
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    return choose_backend(req, force_backend)(req)
+
+
+__all__ = ["attend", "attend_backend", "AttendRequest", "BackendNotSupported", "BACKENDS", "register_backend",
+           "rejection_reasons", "choose_backend", "causal_mask", "combined_mask"]

@@ -1,0 +1,142 @@
+"""Multi-head attention: projections and the features that live around ``attend()``.
+
+Legend: b batch, n queries, m keys, h query heads, g kv heads, d head dim, M memory key/values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attend import attend
+from .config import AttentionConfig
+from .positional import apply_rotary
+
+SELF_PENALTY = 5e4  # shared-QK: a token sees itself only when nothing else is visible (Reformer)
+
+
+def _heads(t, heads):
+    b, n, _ = t.shape
+    return t.view(b, n, heads, -1).transpose(1, 2)  # (b, n, h*d) -> (b, h, n, d)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with the options of :class:`AttentionConfig`."""
+
+    def __init__(self, dim: int, heads: int, cfg: AttentionConfig, *, causal: bool = False, cross: bool = False,
+                 dim_context: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.heads = heads
+        self.kv_heads = cfg.kv_heads or heads
+        self.dim_head = d = cfg.dim_head or dim // heads
+        self.causal = causal and not cross
+        self.cross = cross
+        self.shared_qk = cfg.shared_qk and not cross  # a self-attention idea: keys are the queries
+        dim_context = dim_context or dim
+
+        self.to_q = nn.Linear(dim, heads * d, bias=cfg.bias)
+        self.to_k = None if self.shared_qk else nn.Linear(dim_context, self.kv_heads * d, bias=cfg.bias)
+        self.to_v = nn.Linear(dim_context, self.kv_heads * d, bias=cfg.bias)
+        self.to_out = nn.Linear(heads * d, dim, bias=cfg.bias)
+
+        # persistent memory (1907.01470): learned key/value pairs every query can attend to
+        self.mem_k = self.mem_v = None
+        if cfg.num_mem_kv:
+            self.mem_k = nn.Parameter(torch.randn(self.kv_heads, cfg.num_mem_kv, d) * 0.02)
+            self.mem_v = nn.Parameter(torch.randn(self.kv_heads, cfg.num_mem_kv, d) * 0.02)
+
+        # query-key normalisation (2010.04245): unit-norm q and k, a learned per-head logit scale
+        self.qk_scale = nn.Parameter(torch.full((heads, 1, 1), cfg.qk_norm_scale)) if cfg.qk_norm else None
+
+        # talking heads (2003.02436): learned head mixing, identity at init
+        self.pre_mix = nn.Parameter(torch.eye(heads)) if cfg.pre_mix else None
+        self.post_mix = nn.Parameter(torch.eye(heads)) if cfg.post_mix else None
+
+        # adaptively sparse attention (1909.00015): alpha = 1 + sigmoid(w) in (1, 2), init 1.5
+        self.entmax_alpha_logit = nn.Parameter(torch.zeros(heads)) if cfg.learned_entmax_alpha else None
+        if cfg.use_entmax15:
+            self.normalizer = "entmax15"
+        elif cfg.entmax_alpha is not None or cfg.learned_entmax_alpha:
+            self.normalizer = "entmax_bisect"
+        else:
+            self.normalizer = "softmax"
+
+    @property
+    def entmax_alpha(self):
+        if self.entmax_alpha_logit is not None:
+            return (1 + torch.sigmoid(self.entmax_alpha_logit)).view(1, -1, 1, 1)
+        return self.cfg.entmax_alpha
+
+    def forward(self, x, context=None, *, mask=None, rotary=None, bias=None, cache=None, need_weights=False):
+        """x (b, n, dim); context (b, m, dim_context) for cross-attention.
+
+        mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
+        new tokens' positions; bias: float (b|1, h, n, m); cache: a LayerKV.
+        Returns (out (b, n, dim), weights (b, h, n, m) or None).
+        """
+        h, g = self.heads, self.kv_heads
+        q = _heads(self.to_q(x), h)  # (b, h, n, d)
+        if self.shared_qk or self.qk_scale is not None:
+            q = F.normalize(q, dim=-1)
+
+        if self.cross and cache is not None and cache.filled:
+            k, v = cache.k, cache.v
+        else:
+            src = context if self.cross else x
+            k = q if self.shared_qk else _heads(self.to_k(src), g)  # (b, g, m, d)
+            v = _heads(self.to_v(src), g)
+            if self.qk_scale is not None and not self.shared_qk:
+                k = F.normalize(k, dim=-1)
+            if rotary is not None and not self.cross:
+                k = apply_rotary(k, *rotary)
+            if cache is not None and self.cross:
+                cache.store(k, v)
+            elif cache is not None:
+                k, v = cache.append(k, v)
+        if rotary is not None and not self.cross:
+            q = apply_rotary(q, *rotary)
+
+        scale = None
+        if self.qk_scale is not None:
+            q, scale = q * self.qk_scale.to(q.dtype), 1.0
+        if self.shared_qk:
+            # keys are the unit-normalised queries; a query's own key is penalised, not removed
+            n, m = q.shape[-2], k.shape[-2]
+            own = torch.arange(m, device=x.device)[None, :] == torch.arange(n, device=x.device)[:, None] + (m - n)
+            penalty = own.to(q.dtype) * -SELF_PENALTY
+            bias = penalty if bias is None else bias + penalty
+
+        if self.mem_k is not None:
+            b, num_mem = q.shape[0], self.mem_k.shape[1]
+            mem_k, mem_v = self.mem_k.to(k.dtype), self.mem_v.to(v.dtype)
+            if self.qk_scale is not None or self.shared_qk:
+                mem_k = F.normalize(mem_k, dim=-1)
+            k = torch.cat((mem_k.expand(b, -1, -1, -1), k), dim=-2)
+            v = torch.cat((mem_v.expand(b, -1, -1, -1), v), dim=-2)
+            if mask is not None:
+                mask = F.pad(mask, (num_mem, 0), value=True)
+            if bias is not None:
+                bias = F.pad(bias, (num_mem, 0), value=0.0)
+
+        out, weights = attend(
+            q, k, v, mask=mask, causal=self.causal, bias=bias, scale=scale,
+            dropout=self.cfg.dropout if self.training else 0.0,
+            normalizer=self.normalizer, entmax_alpha=self.entmax_alpha, sparse_topk=self.cfg.sparse_topk,
+            pre_mix=self.pre_mix, post_mix=self.post_mix, need_weights=need_weights,
+            force_backend=self.cfg.backend,
+        )
+        b, _, n, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)
+        return self.to_out(out), weights
+
+    def extra_repr(self):
+        parts = [f"heads={self.heads}", f"dim_head={self.dim_head}"]
+        if self.kv_heads != self.heads:
+            parts.append(f"kv_heads={self.kv_heads}")
+        if self.causal:
+            parts.append("causal")
+        if self.cross:
+            parts.append("cross")
+        return ", ".join(parts)

@@ -1,0 +1,245 @@
+"""The layer stack: ``AttentionLayers`` and its faces ``Encoder``, ``Decoder``, ``CrossAttender``.
+
+The stack is a layout (explicit data: a tuple of ``LayerSpec``, printed as ``a f a f ...``) of
+self-attention ``a``, cross-attention ``c`` and feed-forward ``f`` blocks, each inside a
+:class:`~x_transformers.residual.Residual` that places its norm. One builder resolves every
+layout keyword (macaron, sandwich_coef, custom_layers).
+
+Legend: b batch, n new tokens, m all keys (cached included), h heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, conflict, split_layer_kwargs
+from .feedforward import FeedForward
+from .norms import make_norm
+from .positional import AlibiPositionalBias, RotaryEmbedding, T5RelativePositionBias
+from .residual import Residual
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    kind: str  # "a" self-attention, "c" cross-attention, "f" feed-forward
+    scale: float = 1.0  # residual branch scale (0.5 for macaron's half-step feed-forwards)
+
+    def __str__(self):
+        return self.kind if self.scale == 1.0 else f"{self.kind}*{self.scale:g}"
+
+
+def build_layout(cfg: LayersConfig) -> tuple[LayerSpec, ...]:
+    """Resolve the layout keywords into the explicit sequence of blocks."""
+    attn = ("c",) if cfg.only_cross else ("a", "c") if cfg.cross_attend else ("a",)
+    if cfg.custom_layers is not None:
+        return tuple(LayerSpec(k) for k in cfg.custom_layers)
+    if cfg.macaron:  # 1906.02762: half-step FF, attention, half-step FF
+        unit = (LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)
+        return unit * cfg.depth
+    if cfg.sandwich_coef is not None:  # 1911.03864: k attentions first, k feed-forwards last
+        k = cfg.sandwich_coef
+        kinds = attn * k + (attn + ("f",)) * (cfg.depth - k) + ("f",) * k
+        return tuple(LayerSpec(x) for x in kinds)
+    return tuple(LayerSpec(x) for x in attn + ("f",)) * cfg.depth
+
+
+def default_positions(mask, n: int, device, start=None):
+    """Positions of n new tokens: they count kept tokens, so padding anywhere shifts nothing.
+
+    mask: (b, n) bool or None; start: (b, 1) positions already taken (a cache), or None.
+    Returns (b or 1, n) long.
+    """
+    if mask is None:
+        pos = torch.arange(n, device=device)[None]
+    else:
+        pos = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    return pos if start is None else pos + start
+
+
+def check_mask(mask, b: int, n: int, name: str = "mask"):
+    if mask is None:
+        return
+    if mask.dtype != torch.bool or mask.shape != (b, n):
+        raise ValueError(f"{name} must be a bool tensor of shape ({b}, {n}) with True = keep; "
+                         f"got {mask.dtype} of shape {tuple(mask.shape)}")
+
+
+class AttentionLayers(nn.Module):
+    """A stack of attention and feed-forward blocks over embeddings x (b, n, dim).
+
+    Keywords: :class:`LayersConfig` names; ``attn_*`` for :class:`AttentionConfig`; ``ff_*`` for
+    :class:`FeedForwardConfig`.
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
+        super().__init__()
+        where = type(self).__name__
+        lk, ak, fk = split_layer_kwargs(kwargs, where)
+        if isinstance(lk.get("custom_layers"), list):
+            lk["custom_layers"] = tuple(lk["custom_layers"])
+        self.cfg = cfg = build(LayersConfig, dict(dim=dim, depth=depth, heads=heads, **lk), where)
+        self.attn_cfg = attn_cfg = build(AttentionConfig, ak, where, prefix="attn_")
+        self.ff_cfg = ff_cfg = build(FeedForwardConfig, fk, where, prefix="ff_")
+        self._check(cfg, attn_cfg)
+
+        self.dim = dim
+        self.causal = cfg.causal
+        self.layout = build_layout(cfg)
+        norm = "scalenorm" if cfg.use_scalenorm else "rmsnorm" if cfg.use_rmsnorm else "layernorm"
+        self.norm_name = norm
+        placement = "rezero" if cfg.use_rezero else "sandwich" if cfg.sandwich_norm else "pre" if cfg.pre_norm else "post"
+        self.placement = placement
+
+        def make():
+            return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+        blocks = []
+        for spec in self.layout:
+            if spec.kind == "f":
+                fn = FeedForward(dim, ff_cfg)
+            else:
+                fn = Attention(dim, heads, attn_cfg, causal=cfg.causal, cross=spec.kind == "c",
+                               dim_context=cfg.dim_context)
+            blocks.append(Residual(fn, placement=placement, make_norm=make, scale=spec.scale,
+                                   layer_dropout=cfg.layer_dropout))
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = make() if placement in ("pre", "sandwich") else None
+
+        dim_head = attn_cfg.dim_head or dim // heads
+        self.rotary = None
+        if cfg.rotary_pos_emb:
+            self.rotary = RotaryEmbedding(cfg.rotary_emb_dim or dim_head, base=cfg.rotary_base)
+        self.rel_pos = None
+        if cfg.alibi_pos_bias:
+            self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads)
+        elif cfg.rel_pos_bias:
+            self.rel_pos = T5RelativePositionBias(heads, causal=cfg.causal, num_buckets=cfg.rel_pos_num_buckets,
+                                                  max_distance=cfg.rel_pos_max_distance)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _check(cfg: LayersConfig, attn_cfg: AttentionConfig):
+        if attn_cfg.dim_head is None and cfg.dim % cfg.heads:
+            raise ValueError(f"dim ({cfg.dim}) must be divisible by heads ({cfg.heads}); "
+                             f"change one of them or set attn_dim_head")
+        if attn_cfg.kv_heads is not None and cfg.heads % attn_cfg.kv_heads:
+            raise ValueError(f"attn_kv_heads ({attn_cfg.kv_heads}) must divide heads ({cfg.heads})")
+        dim_head = attn_cfg.dim_head or cfg.dim // cfg.heads
+        if cfg.rotary_pos_emb and (cfg.rotary_emb_dim or dim_head) > dim_head:
+            raise ValueError(f"rotary_emb_dim ({cfg.rotary_emb_dim}) must be at most the head dimension ({dim_head})")
+        if cfg.rotary_pos_emb and (cfg.rotary_emb_dim or dim_head) % 2:
+            raise ValueError(f"rotary needs an even number of rotated channels; the head dimension is {dim_head}, "
+                             f"set rotary_emb_dim to an even value")
+        if cfg.only_cross and cfg.cross_attend:
+            raise conflict("only_cross", "cross_attend", "only_cross already makes every attention cross-attention")
+
+    def _init_weights(self, module):
+        # GPT-2's initialisation: N(0, 0.02) weights, zero biases; residual output projections
+        # scaled by 1/sqrt(2 * depth) so the residual stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name in ("to_out", "proj_out"):
+            layer = getattr(module, name, None)
+            if isinstance(layer, nn.Linear) and module is not self:
+                nn.init.normal_(layer.weight, std=0.02 / (2 * self.cfg.depth) ** 0.5)
+
+    @property
+    def layout_string(self) -> str:
+        return " ".join(str(s) for s in self.layout)
+
+    @property
+    def has_relative_positions(self) -> bool:
+        return self.cfg.has_relative_positions
+
+    @property
+    def needs_context(self) -> bool:
+        return any(s.kind == "c" for s in self.layout)
+
+    def extra_repr(self):
+        return f"layout={self.layout_string}, norm={self.norm_name}, placement={self.placement}"
+
+    def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
+                return_attn: bool = False):
+        """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
+
+        mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
+        positions: (b|1, n) long, computed from the mask (and cache) when omitted.
+        cache: a :class:`~x_transformers.cache.KVCache`, read and extended in place.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected embeddings of shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        check_mask(mask, b, n)
+        if self.needs_context:
+            if context is None:
+                raise ValueError("this stack has cross-attention layers: pass context=(batch, ctx_len, dim)")
+            check_mask(context_mask, context.shape[0], context.shape[1], "context_mask")
+        elif context is not None:
+            raise ValueError("context was given but this stack has no cross-attention (set cross_attend=True)")
+
+        start = cache.next_positions() if cache is not None else None
+        if positions is None:
+            positions = default_positions(mask, n, x.device, start)
+        key_mask, key_positions = mask, positions
+        if cache is not None and not cache.empty:
+            new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
+            key_mask = torch.cat((cache.key_mask, new), dim=-1)
+            key_positions = torch.cat((cache.positions, positions.expand(b, -1)), dim=-1)
+
+        rotary = self.rotary(positions) if self.rotary is not None else None
+        bias = self.rel_pos(positions, key_positions) if self.rel_pos is not None else None
+        self_mask = key_mask[:, None, None, :] if key_mask is not None else None
+        ctx_mask = context_mask[:, None, None, :] if context_mask is not None else None
+
+        attns = []
+        for i, (spec, block) in enumerate(zip(self.layout, self.blocks)):
+            layer_cache = cache.layer(i) if cache is not None else None
+            if spec.kind == "a":
+                x, w = block(x, mask=self_mask, rotary=rotary, bias=bias, cache=layer_cache, need_weights=return_attn)
+            elif spec.kind == "c":
+                x, w = block(x, context, mask=ctx_mask, cache=layer_cache, need_weights=return_attn)
+            else:
+                x, w = block(x)
+            if w is not None:
+                attns.append(w)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+
+        if cache is not None:
+            new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
+            cache.extend(new, positions.expand(b, -1))
+        return (x, attns) if return_attn else x
+
+
+class Encoder(AttentionLayers):
+    """Bidirectional self-attention stack."""
+
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
+        if kwargs.get("causal"):
+            raise ValueError("an Encoder is bidirectional; use Decoder for causal attention")
+        kwargs.pop("causal", None)
+        super().__init__(dim, depth, heads, causal=False, **kwargs)
+
+
+class Decoder(AttentionLayers):
+    """Causal self-attention stack (``cross_attend=True`` adds cross-attention)."""
+
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
+        if kwargs.get("causal") is False:
+            raise ValueError("a Decoder is causal; use Encoder for bidirectional attention")
+        kwargs.pop("causal", None)
+        super().__init__(dim, depth, heads, causal=True, **kwargs)
+
+
+class CrossAttender(AttentionLayers):
+    """Cross-attention and feed-forward blocks only (no self-attention)."""
+
+    def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
+        kwargs.pop("only_cross", None)
+        super().__init__(dim, depth, heads, only_cross=True, **kwargs)

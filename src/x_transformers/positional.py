@@ -1,0 +1,153 @@
+"""Positional schemes.
+
+Positions are integer tensors of shape (b or 1, n). Absolute schemes map positions to vectors
+added to the token embeddings; rotary maps them to (cos, sin) applied to queries and keys; bias
+schemes map (query positions, key positions) to an additive score bias of shape (b or 1, h, n, m),
+computed once per forward and shared by every self-attention layer.
+
+Legend: b batch, h heads, n queries, m keys, d head dimension, r rotary dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class AbsolutePositionalEmbedding(nn.Module):
+    """Learned absolute positions (the Transformer / GPT-2 default)."""
+
+    def __init__(self, dim: int, max_seq_len: int):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.emb = nn.Embedding(max_seq_len, dim)
+        nn.init.normal_(self.emb.weight, std=0.02)
+
+    def forward(self, positions):
+        return self.emb(positions)
+
+
+def sinusoids(positions, dim: int, base: float = 10000.0):
+    """The fixed sin/cos table of Attention Is All You Need, evaluated at ``positions``."""
+    half = dim // 2
+    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions.float()[..., None] * inv_freq
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    """Fixed sinusoidal positions; ``scaled=True`` multiplies by one learned scalar (init dim**-0.5)."""
+
+    def __init__(self, dim: int, scaled: bool = False):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"sinusoidal position embeddings need an even dim, got {dim}")
+        self.dim = dim
+        self.scale = nn.Parameter(torch.tensor(dim ** -0.5)) if scaled else None
+
+    def forward(self, positions):
+        emb = sinusoids(positions, self.dim)
+        return emb * self.scale if self.scale is not None else emb
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer, 2104.09864), half-split (GPT-NeoX / Llama) layout.
+
+    Rotates the first ``rot_dim`` channels of each head; ``q_i . k_j`` then depends on i - j only.
+    """
+
+    def __init__(self, rot_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.rot_dim = rot_dim
+        self.base = base
+        inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions):
+        """(b|1, n) positions -> cos, sin of shape (b|1, 1, n, r), float32."""
+        freqs = positions.float()[..., None] * self.inv_freq  # (b, n, r/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first r channels of x (b, h, n, d) by the angles behind cos/sin (b|1, 1, n, r)."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    rot = (rot.float() * cos + rotate_half(rot.float()) * sin).to(x.dtype)
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+def alibi_slopes(heads: int) -> list[float]:
+    """The ALiBi paper's geometric slopes 2^(-8i/n); for a non-power-of-two count, the slopes of
+    the nearest lower power of two followed by every other slope of the next power of two."""
+
+    def power_of_two(n):
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(heads).is_integer():
+        return power_of_two(heads)
+    closest = 2 ** math.floor(math.log2(heads))
+    return power_of_two(closest) + power_of_two(2 * closest)[0::2][: heads - closest]
+
+
+class AlibiPositionalBias(nn.Module):
+    """ALiBi (2108.12409): score bias -slope_h * |i - j|; heads beyond ``alibi_heads`` get none."""
+
+    def __init__(self, heads: int, alibi_heads: int | None = None):
+        super().__init__()
+        alibi_heads = alibi_heads or heads
+        slopes = torch.tensor(alibi_slopes(alibi_heads) + [0.0] * (heads - alibi_heads))
+        self.register_buffer("slopes", slopes.view(1, heads, 1, 1), persistent=False)
+
+    def forward(self, q_pos, k_pos):
+        dist = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).abs().float()  # (b, 1, n, m)
+        return -self.slopes * dist
+
+
+def t5_bucket(relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucketing of key_pos - query_pos: exact for small offsets, log-spaced up to
+    ``max_distance``, and (bidirectional) separate halves for keys after and before the query."""
+    ret = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (relative_position > 0).long() * num_buckets
+        n = relative_position.abs()
+    else:
+        n = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    large = max_exact + (
+        torch.log(n.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return ret + torch.where(is_small, n, large)
+
+
+class T5RelativePositionBias(nn.Module):
+    """T5 relative bias (1910.10683): one learned scalar per (bucket, head), shared by all layers;
+    causal (one-sided) buckets in decoders, bidirectional in encoders."""
+
+    def __init__(self, heads: int, *, causal: bool, num_buckets: int = 32, max_distance: int = 128):
+        super().__init__()
+        self.causal = causal
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.relative_attention_bias = nn.Embedding(num_buckets, heads)
+
+    def forward(self, q_pos, k_pos):
+        rel = k_pos[:, None, :] - q_pos[:, :, None]  # (b, n, m)
+        buckets = t5_bucket(rel, bidirectional=not self.causal, num_buckets=self.num_buckets,
+                            max_distance=self.max_distance)
+        return self.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # (b, h, n, m)
+
+    def extra_repr(self):
+        return f"causal={self.causal}, num_buckets={self.num_buckets}, max_distance={self.max_distance}"

@@ -1,0 +1,173 @@
+"""Token-level models: ``TransformerWrapper`` (embeddings + a layer stack + logits) and the
+encoder-decoder ``XTransformer``.
+
+Legend: b batch, n tokens, M memory tokens, v vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import conflict, unknown_keyword
+from .layers import AttentionLayers, Decoder, Encoder, check_mask, default_positions
+from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class TransformerWrapper(nn.Module):
+    """Token embedding, positions, optional memory tokens, a layer stack and the output head."""
+
+    def __init__(self, *, num_tokens: int, max_seq_len: int | None = None, attn_layers: AttentionLayers,
+                 emb_dim: int | None = None, emb_dropout: float = 0.0, tie_embedding: bool = False,
+                 use_abs_pos_emb: bool = True, scaled_sinu_pos_emb: bool = False, sinusoidal_pos_emb: bool = False,
+                 num_memory_tokens: int = 0, logits_dim: int | None = None, **unknown):
+        super().__init__()
+        for key in unknown:
+            raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",), "TransformerWrapper")
+        if not isinstance(attn_layers, AttentionLayers):
+            raise TypeError(f"attn_layers must be an Encoder, Decoder or AttentionLayers, got {type(attn_layers).__name__}")
+        if not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+        if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
+            raise ValueError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
+        if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
+            raise ValueError(f"num_memory_tokens must be an integer >= 0, got {num_memory_tokens!r}")
+        if scaled_sinu_pos_emb and sinusoidal_pos_emb:
+            raise conflict("scaled_sinu_pos_emb", "sinusoidal_pos_emb", "choose one absolute scheme")
+        dim = attn_layers.dim
+        emb_dim = emb_dim or dim
+        if tie_embedding and emb_dim != dim:
+            raise conflict("tie_embedding", "emb_dim", f"tied logits need emb_dim == dim ({emb_dim} != {dim})")
+
+        self.num_tokens = num_tokens
+        self.max_seq_len = max_seq_len
+        self.attn_layers = attn_layers
+        self.num_memory_tokens = num_memory_tokens
+
+        self.token_emb = nn.Embedding(num_tokens, emb_dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        # Absolute positions: learned by default, unless the stack carries relative positions
+        # (rotary / ALiBi / T5) or the user chose a sinusoidal table.
+        self.pos_emb = None
+        if scaled_sinu_pos_emb or sinusoidal_pos_emb:
+            self.pos_emb = SinusoidalPositionalEmbedding(emb_dim, scaled=scaled_sinu_pos_emb)
+        elif use_abs_pos_emb and not attn_layers.has_relative_positions:
+            if max_seq_len is None:
+                raise ValueError("learned absolute positions need max_seq_len; set it, or use_abs_pos_emb=False")
+            self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len)
+        self.emb_dropout = nn.Dropout(emb_dropout) if emb_dropout > 0 else nn.Identity()
+        self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
+
+        # Memory Transformer (2006.11527): learned tokens prepended to every sequence
+        self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim) * 0.02) if num_memory_tokens else None
+
+        self.to_logits = None if tie_embedding else nn.Linear(dim, logits_dim or num_tokens, bias=False)
+        if self.to_logits is not None:
+            nn.init.normal_(self.to_logits.weight, std=0.02)
+
+    def check_inputs(self, x, mask):
+        if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dtype == torch.bool:
+            raise ValueError(f"token ids must be an integer tensor, got {x.dtype}")
+        if x.ndim != 2:
+            raise ValueError(f"token ids must have shape (batch, seq), got {tuple(x.shape)}")
+        check_mask(mask, x.shape[0], x.shape[1])
+        if not _is_compiling() and x.numel():
+            lo, hi = x.min().item(), x.max().item()  # before the embedding: no device-side assert
+            if lo < 0 or hi >= self.num_tokens:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside [0, {self.num_tokens}) (num_tokens={self.num_tokens})")
+
+    def forward(self, x, mask=None, *, return_embeddings: bool = False, return_attn: bool = False, context=None,
+                context_mask=None, cache=None):
+        """x (b, n) token ids -> logits (b, n, v), or hidden states (b, n, dim) with return_embeddings.
+
+        With ``return_attn`` also returns the list of every attention layer's post-softmax maps
+        (b, h, n, m), computed on the explicit path. ``cache`` (a KVCache) decodes incrementally.
+        """
+        self.check_inputs(x, mask)
+        b, n = x.shape
+        M = self.num_memory_tokens
+        first = cache is None or cache.empty
+        start = None
+        if cache is not None and not cache.empty:
+            start = cache.next_positions() - M  # positions of real tokens are counted without memory
+        positions = default_positions(mask, n, x.device, start)
+
+        h = self.token_emb(x)
+        if self.pos_emb is not None:
+            if self.max_seq_len is not None and not _is_compiling():
+                last = n if start is None else int(positions.max().item()) + 1
+                if last > self.max_seq_len:
+                    raise ValueError(f"sequence length {last} exceeds max_seq_len ({self.max_seq_len}) of the "
+                                     f"absolute position embedding; shorten the input or raise max_seq_len")
+            h = h + self.pos_emb(positions)
+        h = self.project_emb(self.emb_dropout(h))
+
+        layer_positions = positions + M
+        if M and first:
+            mem = self.memory_tokens.to(h.dtype).expand(b, -1, -1)
+            h = torch.cat((mem, h), dim=1)
+            mem_pos = torch.arange(M, device=x.device)[None].expand(layer_positions.shape[0], -1)
+            layer_positions = torch.cat((mem_pos, layer_positions), dim=-1)
+            if mask is not None:
+                mask = torch.cat((torch.ones(b, M, dtype=torch.bool, device=x.device), mask), dim=-1)
+
+        out = self.attn_layers(h, mask, context, context_mask, positions=layer_positions, cache=cache,
+                               return_attn=return_attn)
+        out, attns = out if return_attn else (out, None)
+        if M and first:
+            out = out[:, M:]
+        if not return_embeddings:
+            out = self.to_logits(out) if self.to_logits is not None else out @ self.token_emb.weight.t()
+        return (out, attns) if return_attn else out
+
+
+WRAPPER_KEYS = ("num_tokens", "max_seq_len", "emb_dim", "emb_dropout", "tie_embedding", "use_abs_pos_emb",
+                "scaled_sinu_pos_emb", "sinusoidal_pos_emb", "num_memory_tokens", "logits_dim")
+
+
+class XTransformer(nn.Module):
+    """Encoder-decoder. Shared keywords (``num_tokens, dim, depth, heads, max_seq_len`` and any
+    other model keyword) apply to both sides; ``enc_*`` / ``dec_*`` keywords to one side only and
+    win over shared ones. ``tie_token_emb=True`` shares the token embedding of both sides."""
+
+    def __init__(self, *, dim: int, tie_token_emb: bool = False, **kwargs):
+        super().__init__()
+        shared, sides = {}, {"enc": {}, "dec": {}}
+        for key, value in kwargs.items():
+            prefix = key.split("_", 1)[0]
+            if prefix in sides and "_" in key:
+                sides[prefix][key.split("_", 1)[1]] = value
+            else:
+                shared[key] = value
+        self.encoder = self._side(Encoder, dim, {**shared, **sides["enc"]}, "XTransformer (encoder)")
+        dec = {**shared, **sides["dec"]}
+        dec.pop("cross_attend", None)
+        self.decoder = self._side(Decoder, dim, dec, "XTransformer (decoder)", cross_attend=True)
+        if tie_token_emb:
+            if self.encoder.token_emb.weight.shape != self.decoder.token_emb.weight.shape:
+                raise conflict("tie_token_emb", "enc_num_tokens / dec_num_tokens", "both sides need the same vocabulary")
+            self.decoder.token_emb = self.encoder.token_emb
+
+    @staticmethod
+    def _side(layers_cls, dim, kwargs, where, **extra):
+        wrapper = {k: kwargs.pop(k) for k in list(kwargs) if k in WRAPPER_KEYS}
+        for required in ("num_tokens", "depth"):
+            if required not in (wrapper if required == "num_tokens" else kwargs):
+                raise TypeError(f"{where} needs {required!r} (shared, or with its enc_/dec_ prefix)")
+        depth, heads = kwargs.pop("depth"), kwargs.pop("heads", 8)
+        layers = layers_cls(dim, depth, heads, **kwargs, **extra)
+        return TransformerWrapper(attn_layers=layers, **wrapper)
+
+    def encode(self, src, mask=None):
+        return self.encoder(src, mask, return_embeddings=True)
+
+    def forward(self, src, tgt, mask=None, tgt_mask=None, *, return_embeddings: bool = False):
+        """src (b, n_src), tgt (b, n_tgt) -> decoder logits (b, n_tgt, v) (hidden states with
+        ``return_embeddings``). ``mask`` is the source padding mask, used by cross-attention."""
+        enc = self.encode(src, mask)
+        return self.decoder(tgt, tgt_mask, context=enc, context_mask=mask, return_embeddings=return_embeddings)
