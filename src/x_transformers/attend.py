@@ -165,6 +165,7 @@ class ExplicitBackend:
             # NaN; softmax gives these entries exactly zero weight either way.
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min / 2)
             keep_rows = mask.any(dim=-1, keepdim=True)
+            scores = scores.masked_fill(~keep_rows, 0.0)  # dead rows: finite for every normaliser, zeroed below
         if req.sparse_topk is not None and req.sparse_topk < scores.shape[-1]:
             kth = scores.topk(req.sparse_topk, dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, torch.finfo(scores.dtype).min / 2)

@@ -1,0 +1,18 @@
+"""Attention features (issue: the seed's attention features)."""
+
+from harness import register
+
+register("mem_kv", layers=dict(attn_num_mem_kv=3))
+register("talking_heads", layers=dict(attn_talking_heads=True))
+register("pre_talking_heads", layers=dict(attn_pre_talking_heads=True))
+register("entmax15", layers=dict(attn_use_entmax15=True), group="normalizer", tol=1e-4)
+register("entmax_alpha", layers=dict(attn_entmax_alpha=1.3), group="normalizer", tol=1e-4)
+register("learned_entmax_alpha", layers=dict(attn_learned_entmax_alpha=True), group="normalizer", tol=1e-4)
+register("sparse_topk", layers=dict(attn_sparse_topk=3), group="normalizer")
+register("dim_head", layers=dict(attn_dim_head=12))
+register("shared_qk", layers=dict(attn_shared_qk=True), group="kv")
+register("kv_heads", layers=dict(attn_kv_heads=2), group="kv")
+register("multi_query", layers=dict(attn_kv_heads=1), group="kv")
+register("qk_norm", layers=dict(attn_qk_norm=True))
+register("attn_bias", layers=dict(attn_bias=True))
+register("memory_tokens", wrapper=dict(num_memory_tokens=2))

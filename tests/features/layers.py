@@ -1,0 +1,15 @@
+"""Layer-structure features (issue: the seed's layer-structure features)."""
+
+from harness import register
+
+register("scalenorm", layers=dict(use_scalenorm=True), group="norm")
+register("rmsnorm", layers=dict(use_rmsnorm=True), group="norm")
+register("post_norm", layers=dict(pre_norm=False), group="placement")
+register("sandwich_norm", layers=dict(sandwich_norm=True), group="placement")
+register("rezero", layers=dict(use_rezero=True), group="placement")
+register("ff_glu", layers=dict(ff_glu=True, ff_activation="swish"))
+register("ff_relu_squared", layers=dict(ff_activation="relu_squared"))
+register("ff_no_bias", layers=dict(ff_no_bias=True))
+register("ff_chunks", layers=dict(ff_chunks=3))
+register("macaron", layers=dict(macaron=True), group="layout")
+register("sandwich_coef", layers=dict(sandwich_coef=1), group="layout")
