@@ -1,0 +1,108 @@
+"""attend(): backends agree, masks and causality align, dead rows are zero, dispatch explains itself."""
+
+import pytest
+import torch
+
+from x_transformers.attend import (BACKENDS, AttendRequest, BackendNotSupported, attend, attend_backend,
+                                   causal_mask, choose_backend, rejection_reasons)
+
+
+def qkv(b=2, h=4, g=4, n=5, m=7, d=8, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
+    return r(b, h, n, d), r(b, g, m, d), r(b, g, m, d)
+
+
+def reference(q, k, v, mask=None, causal=False, bias=None, scale=None):
+    """float64 softmax attention written out plainly."""
+    q, k, v = q.double(), k.double(), v.double()
+    h, g = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(h // g, 1), v.repeat_interleave(h // g, 1)
+    s = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+    if bias is not None:
+        s = s + bias.double()
+    keep = torch.ones_like(s, dtype=torch.bool)
+    if mask is not None:
+        keep = keep & mask
+    if causal:
+        keep = keep & causal_mask(s.shape[-2], s.shape[-1], s.device)
+    s = s.masked_fill(~keep, float("-inf"))
+    w = torch.nan_to_num(s.softmax(-1), nan=0.0)
+    return w @ v
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_backends_match_reference(backend, causal, gqa, with_bias):
+    q, k, v = qkv(g=2 if gqa else 4)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 5:] = False
+    bias = torch.randn(1, 4, 5, 7) if with_bias else None
+    try:
+        out, _ = attend(q, k, v, mask=mask, causal=causal, bias=bias, force_backend=backend)
+    except BackendNotSupported:
+        assert rejection_reasons(AttendRequest(q=q, k=k, v=v, mask=mask, causal=causal, bias=bias))[backend]
+        return
+    ref = reference(q, k, v, mask, causal, bias)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_aligns_bottom_right():
+    # 2 queries over 5 keys: the queries are the last two tokens, so query 0 sees keys 0..3
+    cm = causal_mask(2, 5, "cpu")
+    assert cm.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    q, k, v = qkv(n=2, m=5)
+    for name in BACKENDS:
+        out, _ = attend(q, k, v, causal=True, force_backend=name)
+        torch.testing.assert_close(out.double(), reference(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_fully_masked_rows_give_zeros_not_nan(backend):
+    q, k, v = qkv()
+    mask = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    mask[1, :, 2] = False  # query 2 of row 1 sees nothing
+    q.requires_grad_()
+    out, _ = attend(q, k, v, mask=mask, bias=torch.randn(1, 4, 5, 7), force_backend=backend)
+    assert torch.isfinite(out).all()
+    assert out[1, :, 2].abs().max() == 0
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_dispatch_prefers_fused_and_explains_fallback():
+    q, k, v = qkv()
+    assert choose_backend(AttendRequest(q=q, k=k, v=v, causal=True)).name == "sdpa"
+    req = AttendRequest(q=q, k=k, v=v, pre_mix=torch.eye(4), need_weights=True)
+    assert choose_backend(req).name == "explicit"
+    reasons = rejection_reasons(req)["sdpa"]
+    assert any("talking heads" in r for r in reasons) and any("weights" in r for r in reasons)
+    with pytest.raises(BackendNotSupported, match="talking heads"):
+        attend(q, k, v, pre_mix=torch.eye(4), force_backend="sdpa")
+
+
+def test_force_unknown_backend_lists_valid():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="valid"):
+        attend(q, k, v, force_backend="nope")
+    with pytest.raises(ValueError, match="valid"):
+        with attend_backend("nope"):
+            pass
+
+
+def test_weights_are_post_softmax_rows():
+    q, k, v = qkv()
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    out, w = attend(q, k, v, mask=mask, need_weights=True)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 5))
+    assert (w[0, ..., 4:] == 0).all()
+    torch.testing.assert_close(out, w @ v)
+
+
+def test_heads_must_divide():
+    q, k, v = qkv(h=4, g=3)
+    with pytest.raises(ValueError, match="multiple"):
+        attend(q, k, v)

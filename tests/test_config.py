@@ -1,0 +1,103 @@
+"""Validation at construction and at call time: every error names what to change."""
+
+import pytest
+import torch
+
+from x_transformers import ConfigConflictError, Decoder, Encoder, TransformerWrapper, XTransformer
+
+
+def test_unknown_keyword_names_closest():
+    with pytest.raises(TypeError, match=r"'rotary_pos_embb'.*'rotary_pos_emb'"):
+        Decoder(dim=32, depth=1, heads=4, rotary_pos_embb=True)
+    with pytest.raises(TypeError, match=r"'attn_num_mem_k'.*'attn_num_mem_kv'"):
+        Encoder(dim=32, depth=1, heads=4, attn_num_mem_k=2)
+    with pytest.raises(TypeError, match=r"'ff_gluu'.*'ff_glu'"):
+        Encoder(dim=32, depth=1, heads=4, ff_gluu=True)
+    with pytest.raises(TypeError, match=r"'num_memory_token'.*'num_memory_tokens'"):
+        TransformerWrapper(num_tokens=10, max_seq_len=8, attn_layers=Encoder(dim=32, depth=1, heads=4),
+                           num_memory_token=2)
+    with pytest.raises(TypeError, match=r"'dec_rotary_pos_embb'|'rotary_pos_embb'"):
+        XTransformer(dim=32, depth=1, heads=4, num_tokens=10, max_seq_len=8, dec_rotary_pos_embb=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dim=30, depth=1, heads=4), r"dim \(30\) must be divisible by heads \(4\)"),
+    (dict(dim=32, depth=0, heads=4), r"depth must be an integer >= 1"),
+    (dict(dim=32, depth=1, heads=4, attn_kv_heads=3), r"attn_kv_heads \(3\) must divide heads \(4\)"),
+    (dict(dim=32, depth=1, heads=4, attn_dropout=1.5), r"attn_dropout must be a probability"),
+    (dict(dim=32, depth=1, heads=4, ff_activation="gelux"), r"ff_activation must be one of"),
+    (dict(dim=32, depth=1, heads=4, rotary_pos_emb=True, rotary_emb_dim=16), r"rotary_emb_dim \(16\) must be at most"),
+    (dict(dim=32, depth=2, heads=4, sandwich_coef=3), r"sandwich_coef \(3\) must be at most depth"),
+    (dict(dim=32, depth=1, heads=4, custom_layers=("a", "x")), r"custom_layers must be a sequence"),
+])
+def test_impossible_values_say_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Encoder(**kwargs)
+
+
+def test_free_dim_head_lifts_divisibility():
+    layers = Encoder(dim=30, depth=1, heads=4, attn_dim_head=7)
+    assert layers.blocks[0].fn.to_q.out_features == 28
+
+
+@pytest.mark.parametrize("kwargs, a, b", [
+    (dict(use_scalenorm=True, use_rmsnorm=True), "use_scalenorm", "use_rmsnorm"),
+    (dict(alibi_pos_bias=True, rel_pos_bias=True), "alibi_pos_bias", "rel_pos_bias"),
+    (dict(use_rezero=True, sandwich_norm=True), "use_rezero", "sandwich_norm"),
+    (dict(attn_use_entmax15=True, attn_sparse_topk=2), "attn_use_entmax15", "attn_sparse_topk"),
+    (dict(attn_shared_qk=True, attn_kv_heads=2), "attn_shared_qk", "attn_kv_heads"),
+    (dict(macaron=True, sandwich_coef=1), "sandwich_coef", "macaron"),
+])
+def test_conflicts_name_both_keywords(kwargs, a, b):
+    with pytest.raises(ConfigConflictError) as info:
+        Encoder(dim=32, depth=2, heads=4, **kwargs)
+    assert a in str(info.value) and b in str(info.value)
+
+
+def test_encoder_and_decoder_refuse_wrong_causality():
+    with pytest.raises(ValueError, match="Decoder"):
+        Encoder(dim=32, depth=1, heads=4, causal=True)
+    with pytest.raises(ValueError, match="Encoder"):
+        Decoder(dim=32, depth=1, heads=4, causal=False)
+
+
+def small_lm(**kw):
+    return TransformerWrapper(num_tokens=10, max_seq_len=8, attn_layers=Decoder(dim=32, depth=1, heads=4), **kw)
+
+
+def test_token_ids_out_of_range_raise_before_embedding():
+    model = small_lm()
+    with pytest.raises(ValueError, match=r"token id 10 is outside \[0, 10\)"):
+        model(torch.tensor([[1, 2, 10]]))
+    with pytest.raises(ValueError, match=r"token id -1 is outside"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.rand(1, 3))
+
+
+def test_sequence_longer_than_max_seq_len_raises():
+    with pytest.raises(ValueError, match=r"sequence length 9 exceeds max_seq_len \(8\)"):
+        small_lm()(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_no_cap_without_absolute_positions():
+    model = TransformerWrapper(num_tokens=10, max_seq_len=8, attn_layers=Decoder(dim=32, depth=1, heads=4, rotary_pos_emb=True))
+    assert torch.isfinite(model(torch.zeros(1, 32, dtype=torch.long))).all()
+
+
+@pytest.mark.parametrize("mask", [torch.ones(1, 4, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool),
+                                  torch.ones(4, dtype=torch.bool)])
+def test_bad_mask_says_expected_shape(mask):
+    with pytest.raises(ValueError, match=r"bool tensor of shape \(1, 4\)"):
+        small_lm()(torch.zeros(1, 4, dtype=torch.long), mask)
+
+
+def test_context_errors():
+    dec = Decoder(dim=32, depth=1, heads=4, cross_attend=True)
+    with pytest.raises(ValueError, match="pass context"):
+        dec(torch.randn(1, 3, 32))
+    enc = Encoder(dim=32, depth=1, heads=4)
+    with pytest.raises(ValueError, match="cross_attend=True"):
+        enc(torch.randn(1, 3, 32), context=torch.randn(1, 2, 32))
+    with pytest.raises(ValueError, match=r"shape \(batch, seq, 32\)"):
+        enc(torch.randn(1, 3, 16))

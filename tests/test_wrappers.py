@@ -1,0 +1,86 @@
+"""TransformerWrapper, XTransformer and the seed's snippet."""
+
+import torch
+
+from x_transformers import CrossAttender, Decoder, Encoder, TransformerWrapper, XTransformer
+
+
+def test_seed_snippet_verbatim():
+    torch.manual_seed(0)
+    # --- the seed, verbatim ---
+    import torch as _torch  # noqa: F401
+    from x_transformers import XTransformer
+    model = XTransformer(num_tokens=256, dim=512, depth=6, heads=8, max_seq_len=1024)
+    src = torch.randint(0, 256, (1, 1024)); tgt = torch.randint(0, 256, (1, 1024))  # noqa: E702
+    logits = model(src, tgt)   # (1, 1024, 256); return_embeddings=True gives (1, 1024, 512)
+    # ---
+    assert logits.shape == (1, 1024, 256) and torch.isfinite(logits).all()
+    hidden = model(src, tgt, return_embeddings=True)
+    assert hidden.shape == (1, 1024, 512)
+    # the logits are the tied-free head applied to those hidden states
+    torch.testing.assert_close(model.decoder.to_logits(hidden), logits)
+
+
+def test_xtransformer_prefixes_route_to_one_side():
+    model = XTransformer(dim=32, num_tokens=20, max_seq_len=16, depth=2, heads=4, enc_depth=3,
+                         dec_rotary_pos_emb=True, enc_attn_num_mem_kv=2)
+    assert len(model.encoder.attn_layers.blocks) == 6 and len(model.decoder.attn_layers.blocks) == 6
+    assert model.decoder.attn_layers.rotary is not None and model.encoder.attn_layers.rotary is None
+    assert model.encoder.attn_layers.blocks[0].fn.mem_k is not None
+    assert model.decoder.attn_layers.blocks[0].fn.mem_k is None
+    assert model.decoder.pos_emb is None and model.encoder.pos_emb is not None
+
+
+def test_context_mask_is_honoured():
+    torch.manual_seed(0)
+    model = XTransformer(dim=32, num_tokens=20, max_seq_len=16, depth=1, heads=4).eval()
+    src, tgt = torch.randint(0, 20, (1, 6)), torch.randint(0, 20, (1, 5))
+    mask = torch.tensor([[True] * 4 + [False] * 2])
+    out = model(src, tgt, mask=mask)
+    src2 = src.clone()
+    src2[:, 4:] = (src2[:, 4:] + 7) % 20  # change only masked source tokens
+    torch.testing.assert_close(model(src2, tgt, mask=mask), out)
+    assert not torch.allclose(model(src2, tgt), model(src, tgt))  # and they do matter unmasked
+
+
+def test_return_attn_gives_post_softmax_maps():
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=Decoder(dim=32, depth=2, heads=4)).eval()
+    x = torch.randint(0, 20, (2, 6))
+    logits, attns = model(x, return_attn=True)
+    assert len(attns) == 2 and attns[0].shape == (2, 4, 6, 6)
+    for a in attns:
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, 4, 6))
+        assert (a.triu(1) == 0).all()  # causal
+    torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-5)  # explicit path == fused path
+
+
+def test_layers_callable_on_embeddings_and_cross_attender():
+    torch.manual_seed(0)
+    enc = Encoder(dim=32, depth=1, heads=4).eval()
+    x = torch.randn(2, 5, 32)
+    # permuting a position-free encoder's inputs permutes its outputs
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    torch.testing.assert_close(enc(x)[:, perm], enc(x[:, perm]), atol=1e-5, rtol=1e-5)
+    ca = CrossAttender(dim=32, depth=1, heads=4).eval()
+    ctx = torch.randn(2, 3, 32)
+    out = ca(x, context=ctx)
+    assert ca.layout_string == "c f"
+    # no self-attention: each position depends on itself and the context only
+    torch.testing.assert_close(ca(x[:, :2], context=ctx), out[:, :2], atol=1e-6, rtol=1e-6)
+
+
+def test_tied_embedding_and_memory_tokens_stripped():
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=20, max_seq_len=16, tie_embedding=True, num_memory_tokens=3,
+                               attn_layers=Encoder(dim=32, depth=1, heads=4)).eval()
+    x = torch.randint(0, 20, (2, 6))
+    hidden = model(x, return_embeddings=True)
+    assert hidden.shape == (2, 6, 32)
+    torch.testing.assert_close(model(x), hidden @ model.token_emb.weight.t())
+    assert model.to_logits is None
+
+
+def test_repr_shows_layout_and_norm_placement():
+    text = repr(Decoder(dim=32, depth=2, heads=4, sandwich_norm=True, macaron=True))
+    assert "layout=f*0.5 a f*0.5 f*0.5 a f*0.5" in text and "placement=sandwich" in text
