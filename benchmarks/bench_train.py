@@ -1,0 +1,222 @@
+"""Training-step throughput: ours (eager and compiled) against PyPI x-transformers, same card, same run.
+
+A step is forward, next-token cross-entropy, backward and a fused AdamW update, under bf16
+autocast on GPU. MFU counts 6N + 12*L*d*T FLOPs per token (N without embeddings) over the bf16
+matrix-product peak measured on the same card in the same run.
+
+    PYTHONPATH=src python benchmarks/bench_train.py                     # GPU: full shapes
+    PYTHONPATH=src python benchmarks/bench_train.py --quick             # CPU: small shapes
+    ... --pypi DIR   # a folder holding PyPI x-transformers (pip install --target DIR x-transformers)
+
+The PyPI package shares our import name, so it runs in a child process whose PYTHONPATH is only
+that folder (``--impl pypi``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, matmul_peak_tflops, print_table, timed, write_result  # noqa: E402
+
+LLAMA_KW = dict(rotary_pos_emb=True, ff_glu=True, use_rmsnorm=True, ff_no_bias=True, attn_kv_heads=4)
+
+# name: (kind, num_tokens, dim, depth, heads, seq, batch, extra layer kwargs (ours), wrapper kwargs (ours))
+SHAPES = {
+    "gpt2": ("lm", 50304, 768, 12, 12, 1024, 16, {}, {}),
+    "llama": ("lm", 50304, 768, 12, 12, 1024, 16, dict(LLAMA_KW, ff_activation="swish"), {}),
+    "seed": ("encdec", 256, 512, 6, 8, 1024, 8, {}, {}),
+}
+QUICK = {"gpt2": (512, 128, 2, 4, 128, 4), "llama": (512, 128, 2, 4, 128, 4), "seed": (256, 128, 2, 4, 128, 4)}
+
+# feature rows: gpt2 shape with one change, compared with the plain model in the same mode
+FEATURES = {
+    "rotary": (dict(rotary_pos_emb=True), {}),
+    "alibi": (dict(alibi_pos_bias=True), {}),
+    "t5_rel_pos": (dict(rel_pos_bias=True), {}),
+    "kv_heads_4": (dict(attn_kv_heads=4), {}),
+    "mem_kv_4": (dict(attn_num_mem_kv=4), {}),
+    "memory_tokens_4": ({}, dict(num_memory_tokens=4)),
+    "reversible": (dict(reversible=True), {}),
+}
+
+
+def shape(name, quick):
+    kind, v, d, L, h, n, b, lk, wk = SHAPES[name]
+    if quick:
+        v, d, L, h, n, b = QUICK[name]
+    return kind, v, d, L, h, n, b, lk, wk
+
+
+def build(impl, name, quick, extra_layers=None, extra_wrapper=None):
+    """Returns (model, loss_fn(batch) -> loss, batch, tokens per step, N non-embedding params, L, d, T)."""
+    kind, v, d, L, h, n, b, lk, wk = shape(name, quick)
+    lk, wk = {**lk, **(extra_layers or {})}, {**wk, **(extra_wrapper or {})}
+    import x_transformers as xt
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    if kind == "lm":
+        if impl == "pypi":
+            pk = {k: v_ for k, v_ in lk.items() if k != "ff_activation"}
+            if lk.get("ff_activation") == "swish":
+                pk["ff_swish"] = True
+            model = xt.TransformerWrapper(num_tokens=v, max_seq_len=n, attn_layers=xt.Decoder(
+                dim=d, depth=L, heads=h, attn_flash=True, **pk), **wk)
+        else:
+            model = xt.TransformerWrapper(num_tokens=v, max_seq_len=n, attn_layers=xt.Decoder(dim=d, depth=L, heads=h, **lk), **wk)
+        x = torch.randint(0, v, (b, n + 1), generator=g).to(dev)
+
+        def loss_fn(m):
+            logits = m(x[:, :-1])
+            return F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        emb = v * d * (1 if model.to_logits is None else 2) + (n * d if getattr(model, "pos_emb", None) is not None else 0)
+    else:
+        src = torch.randint(0, v, (b, n), generator=g).to(dev)
+        tgt = torch.randint(0, v, (b, n + 1), generator=g).to(dev)
+        if impl == "pypi":
+            model = xt.XTransformer(dim=d, enc_num_tokens=v, enc_depth=L, enc_heads=h, enc_max_seq_len=n,
+                                    dec_num_tokens=v, dec_depth=L, dec_heads=h, dec_max_seq_len=n + 1,
+                                    enc_attn_flash=True, dec_attn_flash=True)
+
+            def loss_fn(m):
+                return m(src, tgt)  # its AutoregressiveWrapper shifts inside
+        else:
+            model = xt.XTransformer(dim=d, num_tokens=v, depth=L, heads=h, max_seq_len=n + 1)
+
+            def loss_fn(m):
+                logits = m(src, tgt[:, :-1])
+                return F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
+        emb = 4 * v * d + 2 * (n + 1) * d
+    model = model.to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    layers = L * (2 if kind == "encdec" else 1)
+    return model, loss_fn, b * n, n_params - emb, layers, d, n
+
+
+def measure(impl, name, quick, compile_, peak, extra_layers=None, extra_wrapper=None, label=None, steps=10):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model, loss_fn, tokens, n_params, L, d, T = build(impl, name, quick, extra_layers, extra_wrapper)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            loss = loss_fn(fwd)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec = timed(step, warmup=3 if compile_ else 2, steps=steps if dev == "cuda" else 3)
+    tps = tokens / sec
+    flops_per_token = 6 * n_params + 12 * L * d * T
+    row = {
+        "impl": impl, "shape": name, "mode": "compiled" if compile_ else "eager", "label": label or name,
+        "tokens_per_s": tps, "ms_per_step": sec * 1e3, "params_non_emb": n_params,
+        "mfu": tps * flops_per_token / (peak * 1e12) if peak else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None,
+    }
+    del model, opt, fwd
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_pypi(args, peak) -> list[dict]:
+    if not args.pypi:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pypi.json"
+        cmd = [sys.executable, __file__, "--impl", "pypi", "--out", str(out), "--peak", str(peak or 0),
+               "--shapes", args.shapes, "--pypi-modes", args.pypi_modes] + (["--quick"] if args.quick else [])
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["PYTHONPATH"] = args.pypi
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit("the PyPI x-transformers child process failed")
+        return json.loads(out.read_text())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes (CPU)")
+    p.add_argument("--shapes", default="gpt2,llama,seed")
+    p.add_argument("--modes", default="eager,compiled", help="our modes")
+    p.add_argument("--pypi-modes", default="gpt2:eager,gpt2:compiled,llama:eager,seed:eager")
+    p.add_argument("--features", default="", help="comma list of feature rows (or 'all'), eager, gpt2 shape")
+    p.add_argument("--feature-mode", default="eager")
+    p.add_argument("--tag", default="train", help="result file name stem")
+    p.add_argument("--pypi", default=None, help="folder holding PyPI x-transformers")
+    p.add_argument("--impl", default="ours", choices=["ours", "pypi"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peak", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    shapes = [s for s in args.shapes.split(",") if s]
+
+    if args.impl == "pypi":  # child process
+        rows = []
+        for item in args.pypi_modes.split(","):
+            name, mode = item.split(":")
+            if name in shapes:
+                rows.append(measure("pypi", name, args.quick, mode == "compiled", args.peak or None))
+                print(rows[-1], flush=True)
+        Path(args.out).write_text(json.dumps(rows))
+        return
+
+    import x_transformers
+    assert "src" in x_transformers.__file__, f"expected our package, got {x_transformers.__file__}"
+    peak = matmul_peak_tflops()
+    rows = run_pypi(args, peak)
+    for name in shapes:
+        for mode in args.modes.split(","):
+            rows.append(measure("ours", name, args.quick, mode == "compiled", peak))
+            print(rows[-1], flush=True)
+    feats = list(FEATURES) if args.features == "all" else [f for f in args.features.split(",") if f]
+    if feats:
+        compiled = args.feature_mode == "compiled"
+        plain = measure("ours", "gpt2", args.quick, compiled, peak, label="plain")
+        rows.append(plain)
+        for f in feats:
+            lk, wk = FEATURES[f]
+            try:
+                row = measure("ours", "gpt2", args.quick, compiled, peak, lk, wk, label=f)
+            except (TypeError, ValueError) as e:  # a feature not built yet is reported, not hidden
+                row = {"impl": "ours", "shape": "gpt2", "label": f, "error": str(e)}
+            if "tokens_per_s" in row:
+                row["slowdown_vs_plain"] = plain["tokens_per_s"] / row["tokens_per_s"]
+            rows.append(row)
+            print(row, flush=True)
+
+    # ratios against the PyPI package, same shape
+    def find(impl, name, mode):
+        return next((r for r in rows if r["impl"] == impl and r["label"] == name and r.get("mode") == mode), None)
+    ratios = {}
+    for name in shapes:
+        for ours_mode in ("eager", "compiled"):
+            for their_mode in ("eager", "compiled"):
+                a, b = find("ours", name, ours_mode), find("pypi", name, their_mode)
+                if a and b:
+                    ratios[f"{name}: ours {ours_mode} / pypi {their_mode}"] = a["tokens_per_s"] / b["tokens_per_s"]
+    print_table(rows, ["impl", "label", "mode", "tokens_per_s", "ms_per_step", "mfu", "peak_gib", "slowdown_vs_plain"])
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    path = write_result(args.tag, {"env": environment(), "matmul_peak_tflops": peak, "quick": args.quick,
+                                  "rows": rows, "ratios": ratios})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
