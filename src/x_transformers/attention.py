@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attend import attend
-from .config import AttentionConfig
+from .config import ENTMAX_MIN_GAP, AttentionConfig
 from .positional import apply_rotary
 
 SELF_PENALTY = 5e4  # shared-QK: a token sees itself only when nothing else is visible (Reformer)
@@ -54,7 +54,8 @@ class Attention(nn.Module):
         self.pre_mix = nn.Parameter(torch.eye(heads)) if cfg.pre_mix else None
         self.post_mix = nn.Parameter(torch.eye(heads)) if cfg.post_mix else None
 
-        # adaptively sparse attention (1909.00015): alpha = 1 + sigmoid(w) in (1, 2), init 1.5
+        # adaptively sparse attention (1909.00015): alpha = 1 + sigmoid(w), init 1.5, floored at
+        # 1 + ENTMAX_MIN_GAP: in float32 sigmoid(w) underflows and entmax_bisect at alpha = 1 is uniform
         self.entmax_alpha_logit = nn.Parameter(torch.zeros(heads)) if cfg.learned_entmax_alpha else None
         if cfg.use_entmax15:
             self.normalizer = "entmax15"
@@ -66,7 +67,7 @@ class Attention(nn.Module):
     @property
     def entmax_alpha(self):
         if self.entmax_alpha_logit is not None:
-            return (1 + torch.sigmoid(self.entmax_alpha_logit)).view(1, -1, 1, 1)
+            return (1 + torch.sigmoid(self.entmax_alpha_logit).clamp(min=ENTMAX_MIN_GAP)).view(1, -1, 1, 1)
         return self.cfg.entmax_alpha
 
     def forward(self, x, context=None, *, mask=None, rotary=None, bias=None, cache=None, need_weights=False):
@@ -78,14 +79,15 @@ class Attention(nn.Module):
         """
         h, g = self.heads, self.kv_heads
         q = _heads(self.to_q(x), h)  # (b, h, n, d)
-        if self.shared_qk or self.qk_scale is not None:
+        if self.qk_scale is not None:
             q = F.normalize(q, dim=-1)
 
         if self.cross and cache is not None and cache.filled:
             k, v = cache.k, cache.v
         else:
             src = context if self.cross else x
-            k = q if self.shared_qk else _heads(self.to_k(src), g)  # (b, g, m, d)
+            # shared-QK (Reformer): the keys are the queries scaled to unit length; queries keep their norm
+            k = F.normalize(q, dim=-1) if self.shared_qk else _heads(self.to_k(src), g)  # (b, g, m, d)
             v = _heads(self.to_v(src), g)
             if self.qk_scale is not None and not self.shared_qk:
                 k = F.normalize(k, dim=-1)

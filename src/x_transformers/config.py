@@ -59,6 +59,9 @@ def _probability(name: str, value):
         raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
 
 
+ENTMAX_MIN_GAP = 1e-3  # alpha >= 1 + this: entmax_bisect is inaccurate nearer 1 and uniform at 1
+
+
 @dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
     """Options of one attention block; the keywords are these names with an ``attn_`` prefix."""
@@ -87,8 +90,9 @@ class AttentionConfig:
         _positive_int("attn_num_mem_kv", self.num_mem_kv, allow_zero=True)
         _positive_int("attn_sparse_topk", self.sparse_topk, allow_none=True)
         _probability("attn_dropout", self.dropout)
-        if self.entmax_alpha is not None and not (1.0 < self.entmax_alpha <= 2.0):
-            raise ValueError(f"attn_entmax_alpha must lie in (1, 2], got {self.entmax_alpha!r}")
+        if self.entmax_alpha is not None and not (1.0 + ENTMAX_MIN_GAP <= self.entmax_alpha <= 2.0):
+            raise ValueError(f"attn_entmax_alpha must lie in [1 + {ENTMAX_MIN_GAP}, 2] (closer to 1 the bisection "
+                             f"loses precision: leave it unset for softmax), got {self.entmax_alpha!r}")
         sparse = [n for n, on in (("attn_use_entmax15", self.use_entmax15),
                                   ("attn_entmax_alpha", self.entmax_alpha is not None),
                                   ("attn_learned_entmax_alpha", self.learned_entmax_alpha)) if on]
@@ -98,6 +102,8 @@ class AttentionConfig:
             raise conflict(sparse[0], "attn_sparse_topk", "top-k sparsity is defined on softmax attention")
         if self.shared_qk and self.kv_heads is not None:
             raise conflict("attn_shared_qk", "attn_kv_heads", "shared-QK keys are the queries themselves, one per query head")
+        if self.qk_norm and self.scale is not None:
+            raise conflict("attn_qk_norm", "attn_scale", "QK-norm learns its own logit scale (set attn_qk_norm_scale)")
         if self.scale is not None and self.scale <= 0:
             raise ValueError(f"attn_scale must be positive, got {self.scale!r}")
 

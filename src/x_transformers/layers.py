@@ -134,6 +134,8 @@ class AttentionLayers(nn.Module):
         if cfg.rotary_pos_emb and (cfg.rotary_emb_dim or dim_head) % 2:
             raise ValueError(f"rotary needs an even number of rotated channels; the head dimension is {dim_head}, "
                              f"set rotary_emb_dim to an even value")
+        if cfg.only_cross and attn_cfg.shared_qk:
+            raise conflict("attn_shared_qk", "only_cross", "shared-QK applies to self-attention; cross-attention keys come from the context")
         if cfg.only_cross and cfg.cross_attend:
             raise conflict("only_cross", "cross_attend", "only_cross already makes every attention cross-attention")
 
