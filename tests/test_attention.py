@@ -17,6 +17,8 @@ from x_transformers import (BackendNotSupported, ConfigConflictError, CrossAtten
                             TransformerWrapper, XTransformer, attend, attend_backend)
 from x_transformers.attention import SELF_PENALTY
 
+from harness import FEATURES, load_features, run_property
+
 attend_mod = importlib.import_module("x_transformers.attend")  # the package exports the function under that name
 
 DIM, HEADS, D = 32, 4, 8
@@ -533,3 +535,19 @@ def test_refused_combinations_name_both_keywords(kw, names):
 def test_bad_values_raise_at_construction(kw, match):
     with pytest.raises((TypeError, ValueError), match=match):
         Decoder(dim=DIM, depth=1, heads=HEADS, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# every attention feature with every positional scheme, through the property harness
+
+load_features()
+ATTN_FEATURES = [n for n, f in FEATURES.items() if any(k.startswith("attn_") for k in f.layers) or "num_memory_tokens" in f.wrapper]
+POSITIONAL = [n for n, f in FEATURES.items() if f.group in ("relpos", "abspos")]
+
+
+@pytest.mark.parametrize("positional", POSITIONAL)
+@pytest.mark.parametrize("feature", ATTN_FEATURES)
+def test_each_attention_feature_with_each_positional_scheme(feature, positional):
+    case = ("decoder", (FEATURES[feature], FEATURES[positional]))
+    for prop in ("finite", "causal", "padding", "backends"):
+        run_property(prop, case)
