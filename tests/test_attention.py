@@ -531,6 +531,7 @@ def test_refused_combinations_name_both_keywords(kw, names):
     (dict(attn_entmax_alpha=1.0001), "attn_entmax_alpha"),
     (dict(attn_kv_heads=3), "attn_kv_heads"),
     (dict(attn_sparse_topk=0), "attn_sparse_topk"),
+    (dict(attn_qk_norm=True, attn_qk_norm_scale=0.0), "attn_qk_norm_scale"),
 ])
 def test_bad_values_raise_at_construction(kw, match):
     with pytest.raises((TypeError, ValueError), match=match):

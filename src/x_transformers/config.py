@@ -102,6 +102,8 @@ class AttentionConfig:
             raise conflict(sparse[0], "attn_sparse_topk", "top-k sparsity is defined on softmax attention")
         if self.shared_qk and self.kv_heads is not None:
             raise conflict("attn_shared_qk", "attn_kv_heads", "shared-QK keys are the queries themselves, one per query head")
+        if not (isinstance(self.qk_norm_scale, (int, float)) and self.qk_norm_scale > 0):
+            raise ValueError(f"attn_qk_norm_scale must be positive, got {self.qk_norm_scale!r}")
         if self.qk_norm and self.scale is not None:
             raise conflict("attn_qk_norm", "attn_scale", "QK-norm learns its own logit scale (set attn_qk_norm_scale)")
         if self.scale is not None and self.scale <= 0:
