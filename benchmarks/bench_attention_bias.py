@@ -159,7 +159,7 @@ def main():
         b, h, n, d, dtype, warmup, iters = 2, 4, 128, 32, torch.float32, 2, args.iters or 5
     else:
         b, h, n, d, dtype, warmup, iters = 16, 12, 1024, 64, torch.bfloat16, 10, args.iters or 50
-    flex = device.type == "cuda"  # flex_attention's compiled kernels are measured on GPU only
+    flex = device.type == "cuda"  # FlexAttention has no backward on CPU; its rows are GPU-only
     cases, q, k, v = make_cases(b, h, n, d, dtype, device, flex)
 
     # which kernel the library's sdpa rows really hit is up to PyTorch; record the dispatch choice
