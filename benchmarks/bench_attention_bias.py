@@ -22,28 +22,14 @@ JSON goes to $OUT when set, else benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
+from common import environment, write_result
 from x_transformers.attend import attend, attend_backend, choose_backend, AttendRequest
 from x_transformers.positional import AlibiPositionalBias, T5RelativePositionBias, TUPEPositionalBias, t5_bucket
-
-
-def environment(device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("GIT_COMMIT", "unknown")
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return dict(card=card, torch=torch.__version__, cuda=torch.version.cuda, commit=commit,
-                threads=torch.get_num_threads())
 
 
 def timer(fn, device, warmup: int, iters: int) -> float:
@@ -187,17 +173,11 @@ def main():
         if val is not None:
             print(f"{key}: {val:.3f} (>1: sdpa float bias is faster)")
 
-    env = environment(device)
     record = dict(benchmark="attention_bias", shape=dict(b=b, h=h, n=n, d=d, dtype=str(dtype), causal=True),
                   warmup=warmup, iters=iters, dispatch_with_bias=choose_backend(req).name, results=results,
                   summary=summary, anchor_h200_ms={"sdpa": 0.48, "flex+alibi": 0.88, "sdpa+alibi": 0.90,
-                                                   "explicit+alibi": 2.94}, **env)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "quick" if args.quick else "full"
-    path = out_dir / f"attention_bias_{device.type}_{tag}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+                                                   "explicit+alibi": 2.94}, **environment())
+    print(f"wrote {write_result('attention_bias' + ('_quick' if args.quick else ''), record)}")
 
 
 if __name__ == "__main__":

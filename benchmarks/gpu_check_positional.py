@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
+from common import environment, write_result
 from x_transformers import Decoder, Encoder
 from x_transformers.attend import AttendRequest, attend_backend, choose_backend
 
@@ -36,15 +32,6 @@ SCHEMES = {
     "tupe_r_cls": dict(tupe=True, rel_pos_bias=True, tupe_untie_cls=True),
 }
 TOL = {"float32": 1e-4, "bfloat16": 1e-2}
-
-
-def environment(device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("GIT_COMMIT", "unknown")
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return dict(card=card, torch=torch.__version__, cuda=torch.version.cuda, commit=commit)
 
 
 def rel_err(a, b) -> float:
@@ -119,11 +106,8 @@ def main():
               f"{r['grad_x']:>10.2e}{gt:>10}  {'yes' if r['passed'] else 'NO'}")
     record = dict(check="positional_fused_vs_explicit", shape=dict(b=b, n=n, dim=dim, heads=heads, depth=depth),
                   metric="max|fused - explicit| / max|explicit|", tolerances=TOL, passed=ok, rows=rows,
-                  **environment(device))
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"gpu_check_positional_{device.type}{'_quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(record, indent=2))
+                  **environment())
+    path = write_result("check_positional" + ("_quick" if args.quick else ""), record)
     print(f"{'all passed' if ok else 'SOME CHECKS FAILED'}; wrote {path}")
     sys.exit(0 if ok else 1)
 
