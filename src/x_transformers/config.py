@@ -181,6 +181,9 @@ class LayersConfig:
     rel_pos_bias: bool = False  # T5, 1910.10683
     rel_pos_num_buckets: int = 32
     rel_pos_max_distance: int = 128
+    tupe: bool = False  # untied positional correlation, TUPE, 2006.15595
+    tupe_max_seq_len: int | None = None  # size of TUPE's learned position table (required with tupe)
+    tupe_untie_cls: bool = False  # TUPE's untied [CLS]: position 0 gets learned scores, not positional ones
 
     def __post_init__(self):
         _positive_int("dim", self.dim)
@@ -221,10 +224,33 @@ class LayersConfig:
                 raise ValueError(f"alibi_num_heads ({self.alibi_num_heads}) must be at most heads ({self.heads})")
         _positive_int("rel_pos_num_buckets", self.rel_pos_num_buckets)
         _positive_int("rel_pos_max_distance", self.rel_pos_max_distance)
+        self._check_tupe()
+
+    def _check_tupe(self):
+        if not self.tupe:
+            for sub, on in (("tupe_max_seq_len", self.tupe_max_seq_len is not None), ("tupe_untie_cls", self.tupe_untie_cls)):
+                if on:
+                    raise ValueError(f"{sub} configures TUPE; set tupe=True as well")
+            return
+        if self.tupe_max_seq_len is None:
+            raise ValueError("tupe=True needs tupe_max_seq_len, the length of its learned position table")
+        _positive_int("tupe_max_seq_len", self.tupe_max_seq_len)
+        # TUPE-R (TUPE + T5 bias, the paper's eq. 11) is supported; these two are not:
+        if self.rotary_pos_emb:
+            raise conflict("tupe", "rotary_pos_emb", "TUPE keeps position out of the word-to-word term, which rotary "
+                           "rotates by position; use rel_pos_bias=True for TUPE-R")
+        if self.alibi_pos_bias:
+            raise conflict("tupe", "alibi_pos_bias", "ALiBi exists to extrapolate past the training length, which "
+                           "TUPE's learned position table forbids; use rel_pos_bias=True for TUPE-R")
 
     @property
     def has_relative_positions(self) -> bool:
         return self.rotary_pos_emb or self.alibi_pos_bias or self.rel_pos_bias
+
+    @property
+    def has_positions(self) -> bool:
+        """The stack itself carries position (relative schemes or TUPE): no absolute embedding needed."""
+        return self.has_relative_positions or self.tupe
 
 
 def split_layer_kwargs(kwargs: dict[str, Any], where: str) -> tuple[dict, dict, dict]:

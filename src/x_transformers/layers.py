@@ -10,7 +10,7 @@ Legend: b batch, n new tokens, m all keys (cached included), h heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from .attention import Attention
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, conflict, split_layer_kwargs
 from .feedforward import FeedForward
 from .norms import make_norm
-from .positional import AlibiPositionalBias, RotaryEmbedding, T5RelativePositionBias
+from .positional import AlibiPositionalBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .residual import Residual
 
 
@@ -97,13 +97,15 @@ class AttentionLayers(nn.Module):
         def make():
             return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
+        # TUPE scales the word-to-word logits of self-attention by 1/sqrt(2d), like its positional term
+        self_cfg = replace(attn_cfg, scale=(2 * (attn_cfg.dim_head or dim // heads)) ** -0.5) if cfg.tupe else attn_cfg
         blocks = []
         for spec in self.layout:
             if spec.kind == "f":
                 fn = FeedForward(dim, ff_cfg)
             else:
-                fn = Attention(dim, heads, attn_cfg, causal=cfg.causal, cross=spec.kind == "c",
-                               dim_context=cfg.dim_context)
+                fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
+                               cross=spec.kind == "c", dim_context=cfg.dim_context)
             blocks.append(Residual(fn, placement=placement, make_norm=make, scale=spec.scale,
                                    layer_dropout=cfg.layer_dropout))
         self.blocks = nn.ModuleList(blocks)
@@ -119,6 +121,9 @@ class AttentionLayers(nn.Module):
         elif cfg.rel_pos_bias:
             self.rel_pos = T5RelativePositionBias(heads, causal=cfg.causal, num_buckets=cfg.rel_pos_num_buckets,
                                                   max_distance=cfg.rel_pos_max_distance)
+        self.tupe = None
+        if cfg.tupe:
+            self.tupe = TUPEPositionalBias(dim, heads, dim_head, cfg.tupe_max_seq_len, untie_cls=cfg.tupe_untie_cls)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -136,6 +141,8 @@ class AttentionLayers(nn.Module):
                              f"set rotary_emb_dim to an even value")
         if cfg.only_cross and attn_cfg.shared_qk:
             raise conflict("attn_shared_qk", "only_cross", "shared-QK applies to self-attention; cross-attention keys come from the context")
+        if cfg.tupe and attn_cfg.scale is not None:
+            raise conflict("tupe", "attn_scale", "TUPE fixes the self-attention scale at 1/sqrt(2 * dim_head)")
         if cfg.only_cross and cfg.cross_attend:
             raise conflict("only_cross", "cross_attend", "only_cross already makes every attention cross-attention")
 
@@ -196,6 +203,8 @@ class AttentionLayers(nn.Module):
 
         rotary = self.rotary(positions) if self.rotary is not None else None
         bias = self.rel_pos(positions, key_positions) if self.rel_pos is not None else None
+        if self.tupe is not None:  # TUPE-R when a relative bias is on: it is reset with the rest at [CLS]
+            bias = self.tupe(positions, key_positions, bias)
         self_mask = key_mask[:, None, None, :] if key_mask is not None else None
         ctx_mask = context_mask[:, None, None, :] if context_mask is not None else None
 

@@ -151,3 +151,54 @@ class T5RelativePositionBias(nn.Module):
 
     def extra_repr(self):
         return f"causal={self.causal}, num_buckets={self.num_buckets}, max_distance={self.max_distance}"
+
+
+class TUPEPositionalBias(nn.Module):
+    """TUPE (2006.15595): untied positional correlation, as a score bias shared by every layer.
+
+    Learned absolute embeddings p_i, never added to the tokens, with their own per-head
+    projections U_Q, U_K give v_ij = (p_i U_Q)(p_j U_K)^T / sqrt(2d); the word-to-word logits are
+    scaled by 1/sqrt(2d) too (the layer stack sets the attention scale). A relative bias b_{j-i}
+    passed in (TUPE-R, eq. 11) is added to v before the [CLS] reset. With ``untie_cls`` the first
+    position (position 0) is untied (eq. 9): its row becomes a learned theta_1 and its column, for
+    every other query, theta_2, one pair per head.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, max_seq_len: int, untie_cls: bool = False):
+        super().__init__()
+        self.heads, self.dim_head, self.max_seq_len = heads, dim_head, max_seq_len
+        self.scale = (2 * dim_head) ** -0.5
+        # unit-scale p_i: the word stream reaches its projections normalised, so the two terms
+        # start at the same magnitude (a N(0, 0.02) table would start the positional term at ~0)
+        self.emb = nn.Embedding(max_seq_len, dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_k = nn.Linear(dim, heads * dim_head, bias=False)
+        self.cls_theta = nn.Parameter(torch.zeros(2, heads)) if untie_cls else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.emb.weight, std=1.0)
+
+    def _project(self, linear, pos):
+        b, n = pos.shape
+        return linear(self.emb(pos)).view(b, n, self.heads, self.dim_head).transpose(1, 2)  # (b, h, n, d)
+
+    def forward(self, q_pos, k_pos, rel_bias=None):
+        """(b|1, n), (b|1, m) positions [, (b|1, h, n, m) relative bias] -> (b|1, h, n, m)."""
+        if not torch.compiler.is_compiling() and k_pos.numel() and int(k_pos.max()) >= self.max_seq_len:
+            raise ValueError(f"position {int(k_pos.max())} is beyond tupe_max_seq_len ({self.max_seq_len}) of "
+                             f"TUPE's learned position table; shorten the input or raise tupe_max_seq_len")
+        pq, pk = self._project(self.to_q, q_pos), self._project(self.to_k, k_pos)
+        v = torch.einsum("bhnd,bhmd->bhnm", pq, pk) * self.scale
+        if rel_bias is not None:
+            v = v + rel_bias
+        if self.cls_theta is not None:
+            theta = self.cls_theta.to(v.dtype)
+            from_cls = (q_pos == 0)[:, None, :, None]  # (b, 1, n, 1): the [CLS] query row
+            to_cls = (k_pos == 0)[:, None, None, :]  # (b, 1, 1, m): the [CLS] key column
+            v = torch.where(to_cls, theta[1].view(1, -1, 1, 1), v)
+            v = torch.where(from_cls, theta[0].view(1, -1, 1, 1), v)  # theta_1 wins at (0, 0)
+        return v
+
+    def extra_repr(self):
+        return f"max_seq_len={self.max_seq_len}, untie_cls={self.cls_theta is not None}"
