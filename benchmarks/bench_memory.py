@@ -6,7 +6,8 @@ gradients); the optimizer state is left out (it is the same with and without rev
 
   CUDA: torch.cuda.max_memory_allocated() of the measured step (after one warm-up step).
   CPU:  each configuration runs in a fresh process; the step's memory is the growth of peak RSS
-        (ru_maxrss) over the RSS before the step, plus the bytes of the weights.
+        (ru_maxrss) over the RSS before the step, plus the bytes of the weights. The process runs
+        with MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live tensors (see measure_cpu).
 
 Criterion (issue 4): with reversible, the peak at depth 48 is within 1.5x of the peak at depth 6.
 The weights and gradients grow with depth in both models, so the criterion holds only where one
@@ -104,6 +105,10 @@ def worker(depth, reversible, shape):
 def measure_cpu(depth, reversible, shape):
     cmd = [sys.executable, __file__, "--worker", str(depth), str(int(reversible)), json.dumps(shape)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # glibc raises its mmap threshold as large blocks are freed, then serves tensors from a heap that
+    # fragments and never shrinks: RSS would track allocation history, not live memory. A fixed
+    # threshold maps every tensor block on its own and returns it to the OS when freed.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
