@@ -172,6 +172,8 @@ class LayersConfig:
     macaron: bool = False  # 1906.02762
     sandwich_coef: int | None = None  # 1911.03864
     custom_layers: tuple[str, ...] | None = None
+    top_attn_to_ff: int = 0  # the top n layers' self-attention becomes a feed-forward, 2005.13895
+    reversible: bool = False  # two-stream reversible coupling, recomputed in backward, 2001.04451
     # positions
     rotary_pos_emb: bool = False  # 2104.09864
     rotary_emb_dim: int | None = None
@@ -211,6 +213,20 @@ class LayersConfig:
                 raise ValueError(f"sandwich_coef ({self.sandwich_coef}) must be at most depth ({self.depth})")
             if self.macaron:
                 raise conflict("sandwich_coef", "macaron", "both define the layer order")
+        _positive_int("top_attn_to_ff", self.top_attn_to_ff, allow_zero=True)
+        if self.top_attn_to_ff:
+            if self.top_attn_to_ff > self.depth:
+                raise ValueError(f"top_attn_to_ff ({self.top_attn_to_ff}) must be at most depth ({self.depth})")
+            for other, on, why in (
+                ("only_cross", self.only_cross, "a cross-attention-only stack has no self-attention to replace"),
+                ("custom_layers", self.custom_layers is not None, "custom_layers already fixes the whole layout"),
+                ("sandwich_coef", self.sandwich_coef is not None, "a sandwich layout has no per-layer (a, f) pairs"),
+            ):
+                if on:
+                    raise conflict("top_attn_to_ff", other, why)
+        if self.reversible and not self.pre_norm:
+            raise conflict("reversible", "pre_norm=False", "post-norm normalises the sum x + f(x), which is not an "
+                           "additive coupling and cannot be inverted")
         biases = [n for n, on in (("alibi_pos_bias", self.alibi_pos_bias), ("rel_pos_bias", self.rel_pos_bias)) if on]
         if len(biases) > 1:
             raise conflict(biases[0], biases[1], "choose one relative position bias")

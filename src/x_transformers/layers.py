@@ -21,6 +21,7 @@ from .feedforward import FeedForward
 from .norms import make_norm
 from .positional import AlibiPositionalBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .residual import Residual
+from .reversible import ReversibleStack
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,18 @@ def build_layout(cfg: LayersConfig) -> tuple[LayerSpec, ...]:
     attn = ("c",) if cfg.only_cross else ("a", "c") if cfg.cross_attend else ("a",)
     if cfg.custom_layers is not None:
         return tuple(LayerSpec(k) for k in cfg.custom_layers)
-    if cfg.macaron:  # 1906.02762: half-step FF, attention, half-step FF
-        unit = (LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)
-        return unit * cfg.depth
     if cfg.sandwich_coef is not None:  # 1911.03864: k attentions first, k feed-forwards last
         k = cfg.sandwich_coef
         kinds = attn * k + (attn + ("f",)) * (cfg.depth - k) + ("f",) * k
         return tuple(LayerSpec(x) for x in kinds)
-    return tuple(LayerSpec(x) for x in attn + ("f",)) * cfg.depth
+    if cfg.macaron:  # 1906.02762: half-step FF, attention, half-step FF
+        unit = (LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)
+    else:
+        unit = tuple(LayerSpec(x) for x in attn + ("f",))
+    # 2005.13895: the top n layers' self-attention becomes a feed-forward (cross-attention stays)
+    top = tuple(LayerSpec("f") if s.kind == "a" else s for s in unit)
+    n = cfg.top_attn_to_ff
+    return unit * (cfg.depth - n) + top * n
 
 
 def default_positions(mask, n: int, device, start=None):
@@ -110,6 +115,8 @@ class AttentionLayers(nn.Module):
                                    layer_dropout=cfg.layer_dropout))
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = make() if placement in ("pre", "sandwich") else None
+        # 2001.04451: run the blocks as a two-stream coupling, activations recomputed in backward
+        self.reversible = ReversibleStack(self.layout) if cfg.reversible else None
 
         dim_head = attn_cfg.dim_head or dim // heads
         self.rotary = None
@@ -171,7 +178,8 @@ class AttentionLayers(nn.Module):
         return any(s.kind == "c" for s in self.layout)
 
     def extra_repr(self):
-        return f"layout={self.layout_string}, norm={self.norm_name}, placement={self.placement}"
+        rev = ", reversible" if self.reversible is not None else ""
+        return f"layout={self.layout_string}, norm={self.norm_name}, placement={self.placement}{rev}"
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
                 return_attn: bool = False):
@@ -209,7 +217,11 @@ class AttentionLayers(nn.Module):
         ctx_mask = context_mask[:, None, None, :] if context_mask is not None else None
 
         attns = []
-        for i, (spec, block) in enumerate(zip(self.layout, self.blocks)):
+        if self.reversible is not None:  # reversible.py; the loop below then has nothing left to run
+            env = dict(self_mask=self_mask, rotary=rotary, bias=bias, context=context, ctx_mask=ctx_mask)
+            x, attns = self.reversible(self.blocks, x, env, cache=cache, need_weights=return_attn)
+        sequential = zip(self.layout, self.blocks) if self.reversible is None else ()
+        for i, (spec, block) in enumerate(sequential):
             layer_cache = cache.layer(i) if cache is not None else None
             if spec.kind == "a":
                 x, w = block(x, mask=self_mask, rotary=rotary, bias=bias, cache=layer_cache, need_weights=return_attn)

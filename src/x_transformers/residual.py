@@ -26,8 +26,19 @@ class Residual(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         """Returns (new x, whatever f returned beside its output, or None)."""
+        out, extra = self.branch(x, *args, **kwargs)
+        if out is None:
+            return x, None  # layer dropout skips the whole layer, its post-norm included
+        x = x + out
+        if self.post_norm is not None:
+            x = self.post_norm(x)
+        return x, extra
+
+    def branch(self, x, *args, **kwargs):
+        """The branch alone, ``(scale * g * f(norm(x)), extra)``; ``(None, None)`` when layer dropout
+        drops it. Reversible layers (reversible.py) add it to the other stream."""
         if self.training and self.layer_dropout > 0 and torch.rand(()).item() < self.layer_dropout:
-            return x, None  # drop the whole branch (a CPU draw: no device sync)
+            return None, None  # drop the whole branch (a CPU draw: no device sync)
         h = self.pre_norm(x) if self.pre_norm is not None else x
         out = self.fn(h, *args, **kwargs)
         out, extra = out if isinstance(out, tuple) else (out, None)
@@ -37,10 +48,7 @@ class Residual(nn.Module):
             out = out * self.gate
         if self.scale != 1.0:
             out = out * self.scale
-        x = x + out
-        if self.post_norm is not None:
-            x = self.post_norm(x)
-        return x, extra
+        return out, extra
 
     def extra_repr(self):
         s = f"placement={self.placement}"
