@@ -67,7 +67,7 @@ class FunnelConfig:
 
 
 def _valid_keywords() -> list[str]:
-    return (sorted(field_names(FunnelConfig)) + sorted(field_names(LayersConfig) - {"dim", "depth", "causal"})
+    return (sorted(field_names(FunnelConfig)) + sorted(field_names(LayersConfig) - {"dim", "depth"})
             + ["attn_" + n for n in sorted(field_names(AttentionConfig))]
             + ["ff_" + n for n in sorted(field_names(FeedForwardConfig))])
 
