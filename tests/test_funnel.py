@@ -228,3 +228,16 @@ def test_refusals_name_the_keywords():
         model(torch.randn(1, 4, DIM), torch.tensor([[False, True, True, True]]))
     # single block: nothing is pooled, so shared-QK is fine
     assert FunnelEncoder(DIM, depths=(1,), heads=HEADS, attn_shared_qk=True)(torch.randn(1, 3, DIM)).shape == (1, 3, DIM)
+
+
+def test_cross_attend_reads_the_context_in_every_block():
+    model = funnel(cross_attend=True, upsample=True)
+    x, ctx = torch.randn(2, 7, DIM), torch.randn(2, 5, DIM)
+    ref = model(x, context=ctx)
+    ctx_p = torch.cat((ctx, torch.randn(2, 3, DIM)), dim=1)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[:, 5:] = False
+    torch.testing.assert_close(model(x, context=ctx_p, context_mask=keep), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(x, context=ctx + 1), ref, atol=1e-3)
+    with pytest.raises(ValueError, match="context"):
+        model(x)
