@@ -8,7 +8,8 @@ modules in ``tests/features/`` (one file per area), discovered by :func:`load_fe
 Properties (each a function of one built model):
   finite     forward and backward give finite values
   causal     decoders: d out[t] / d emb[s] is exactly zero for every s > t
-  padding    masked padding (left or right) changes no kept output beyond the tolerance
+  padding    masked padding (left or right) changes no kept output beyond the tolerance (a pooling
+             funnel: right padding only, since left padding moves its pooling windows)
   backends   every backend that can compute the model agrees with the explicit one
   roundtrip  a state-dict save/load into a fresh model gives identical outputs
 """
@@ -23,11 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from x_transformers import Decoder, Encoder, TransformerWrapper, XTransformer
+from x_transformers import Decoder, Encoder, FunnelEncoder, TransformerWrapper, XTransformer
 from x_transformers.attend import BACKENDS, BackendNotSupported, attend_backend
 from x_transformers.config import ConfigConflictError
 
 KINDS = ("encoder", "decoder", "encdec")
+ALL_KINDS = KINDS + ("funnel",)  # opt-in kinds: a feature names them in kinds=
+FUNNEL_DEPTHS = (1, 1, 1)  # "funnel": a TransformerWrapper over FunnelEncoder, two poolings
 DIM, DEPTH, HEADS, VOCAB, MAX_LEN = 32, 2, 4, 29, 64
 
 
@@ -84,7 +87,10 @@ def build(kind: str, features, seed: int = 0):
     if kind == "encdec":
         model = XTransformer(dim=DIM, depth=DEPTH, heads=HEADS, num_tokens=VOCAB, max_seq_len=MAX_LEN, **layers, **wrapper)
     else:
-        stack = (Encoder if kind == "encoder" else Decoder)(dim=DIM, depth=DEPTH, heads=HEADS, **layers)
+        if kind == "funnel":
+            stack = FunnelEncoder(dim=DIM, depths=FUNNEL_DEPTHS, heads=HEADS, **layers)
+        else:
+            stack = (Encoder if kind == "encoder" else Decoder)(dim=DIM, depth=DEPTH, heads=HEADS, **layers)
         model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=MAX_LEN, attn_layers=stack, **wrapper)
     return model.eval()
 
@@ -111,6 +117,11 @@ class Runner:
     @property
     def causal(self):
         return self.kind in ("decoder", "encdec")
+
+    def output_mask(self, mask):
+        """Which outputs the kept inputs give (a pooling funnel pools the mask too)."""
+        layers = self.wrapper.attn_layers
+        return layers.output_mask(mask) if isinstance(layers, FunnelEncoder) else mask
 
 
 def tokens(batch=2, n=8, seed=0):
@@ -160,10 +171,16 @@ def check_padding(run: Runner, tol):
     x = tokens()
     ref = run(x)
     pad = tokens(2, 3, seed=5)
-    # row 0 padded on the right, row 1 on the left
-    xp = torch.stack((torch.cat((x[0], pad[0])), torch.cat((pad[1], x[1]))))
     keep = torch.ones(2, 11, dtype=torch.bool)
     keep[0, 8:] = False
+    if run.kind == "funnel":  # both rows on the right: left padding moves the pooling windows
+        xp = torch.cat((x, pad), dim=1)
+        keep[1, 8:] = False
+        n = ref.shape[1]  # kept inputs 0..7 give the first n outputs
+        torch.testing.assert_close(run(xp, keep)[:, :n], ref, atol=tol, rtol=tol)
+        return
+    # row 0 padded on the right, row 1 on the left
+    xp = torch.stack((torch.cat((x[0], pad[0])), torch.cat((pad[1], x[1]))))
     keep[1, :3] = False
     out = run(xp, keep)
     torch.testing.assert_close(out[0, :8], ref[0], atol=tol, rtol=tol)
@@ -190,7 +207,8 @@ def check_backends(run: Runner, tol):
         except BackendNotSupported:
             continue  # this backend cannot compute the configuration: dispatch never picks it
         torch.testing.assert_close(out, ref, atol=tol, rtol=tol, msg=lambda m: f"backend {name}: {m}")
-        torch.testing.assert_close(out_m[keep], ref_m[keep], atol=tol, rtol=tol, msg=lambda m: f"backend {name} (masked): {m}")
+        kept = run.output_mask(keep)
+        torch.testing.assert_close(out_m[kept], ref_m[kept], atol=tol, rtol=tol, msg=lambda m: f"backend {name} (masked): {m}")
 
 
 def check_roundtrip(run: Runner, tol, kind=None, features=None):
@@ -233,7 +251,7 @@ def combination_cases(count: int = 40, seed: int = 0, max_size: int = 3):
         groups = [f.group for f in feats if f.group]
         if len(groups) != len(set(groups)):
             continue
-        kinds = [k for k in KINDS if all(k in f.kinds for f in feats)]
+        kinds = [k for k in ALL_KINDS if all(k in f.kinds for f in feats)]
         if not kinds:
             continue
         kind = rng.choice(kinds)

@@ -3,11 +3,12 @@
 from .attend import BackendNotSupported, attend, attend_backend
 from .cache import KVCache
 from .config import ConfigConflictError
+from .funnel import FunnelEncoder
 from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
 from .wrappers import TransformerWrapper, XTransformer
 
 __all__ = [
-    "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "TransformerWrapper", "XTransformer",
+    "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "FunnelEncoder", "TransformerWrapper", "XTransformer",
     "KVCache", "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
 ]
 __version__ = "0.1.0"

@@ -70,13 +70,18 @@ class Attention(nn.Module):
             return (1 + torch.sigmoid(self.entmax_alpha_logit).clamp(min=ENTMAX_MIN_GAP)).view(1, -1, 1, 1)
         return self.cfg.entmax_alpha
 
-    def forward(self, x, context=None, *, mask=None, rotary=None, bias=None, cache=None, need_weights=False):
+    def forward(self, x, context=None, *, mask=None, rotary=None, bias=None, cache=None, need_weights=False,
+                kv=None, kv_rotary=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
         new tokens' positions; bias: float (b|1, h, n, m); cache: a LayerKV.
+        kv (b, m, dim): self-attention whose keys/values come from this sequence instead of x, with
+        kv_rotary their (cos, sin) (query-only pooling, Funnel Transformer 2006.03236).
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
         """
+        if kv is not None and (self.cross or self.shared_qk or cache is not None):
+            raise ValueError("kv= is for plain self-attention: not with cross-attention, shared-QK or a cache")
         h, g = self.heads, self.kv_heads
         q = _heads(self.to_q(x), h)  # (b, h, n, d)
         if self.qk_scale is not None:
@@ -85,14 +90,14 @@ class Attention(nn.Module):
         if self.cross and cache is not None and cache.filled:
             k, v = cache.k, cache.v
         else:
-            src = context if self.cross else x
+            src = context if self.cross else x if kv is None else kv
             # shared-QK (Reformer): the keys are the queries scaled to unit length; queries keep their norm
             k = F.normalize(q, dim=-1) if self.shared_qk else _heads(self.to_k(src), g)  # (b, g, m, d)
             v = _heads(self.to_v(src), g)
             if self.qk_scale is not None and not self.shared_qk:
                 k = F.normalize(k, dim=-1)
             if rotary is not None and not self.cross:
-                k = apply_rotary(k, *rotary)
+                k = apply_rotary(k, *(rotary if kv is None else kv_rotary))
             if cache is not None and self.cross:
                 cache.store(k, v)
             elif cache is not None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import conflict, unknown_keyword
+from .funnel import DEFAULT_DEPTHS, FunnelEncoder
 from .layers import AttentionLayers, Decoder, Encoder, check_mask, default_positions
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
 
@@ -28,8 +29,12 @@ class TransformerWrapper(nn.Module):
         super().__init__()
         for key in unknown:
             raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",), "TransformerWrapper")
-        if not isinstance(attn_layers, AttentionLayers):
-            raise TypeError(f"attn_layers must be an Encoder, Decoder or AttentionLayers, got {type(attn_layers).__name__}")
+        if not isinstance(attn_layers, (AttentionLayers, FunnelEncoder)):
+            raise TypeError(f"attn_layers must be an Encoder, Decoder, AttentionLayers or FunnelEncoder, "
+                            f"got {type(attn_layers).__name__}")
+        if num_memory_tokens and isinstance(attn_layers, FunnelEncoder) and attn_layers.pools_output:
+            raise conflict("num_memory_tokens", "FunnelEncoder without upsample",
+                           "pooling mixes memory tokens into the sequence, so they cannot be stripped")
         if not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
         if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
@@ -149,7 +154,12 @@ class XTransformer(nn.Module):
                 sides[prefix][key.split("_", 1)[1]] = value
             else:
                 shared[key] = value
-        self.encoder = self._side(Encoder, dim, {**shared, **sides["enc"]}, "XTransformer (encoder)")
+        enc, enc_cls = {**shared, **sides["enc"]}, Encoder
+        if enc.pop("funnel", False):  # Funnel Transformer encoder (2006.03236), enc_depths per block
+            if "depth" in sides["enc"]:
+                raise conflict("enc_depth", "enc_funnel", "a funnel encoder takes enc_depths, one depth per block")
+            enc["depth"], enc_cls = enc.pop("depths", DEFAULT_DEPTHS), FunnelEncoder
+        self.encoder = self._side(enc_cls, dim, enc, "XTransformer (encoder)")
         dec = {**shared, **sides["dec"]}
         dec.pop("cross_attend", None)
         self.decoder = self._side(Decoder, dim, dec, "XTransformer (decoder)", cross_attend=True)
@@ -175,4 +185,6 @@ class XTransformer(nn.Module):
         """src (b, n_src), tgt (b, n_tgt) -> decoder logits (b, n_tgt, v) (hidden states with
         ``return_embeddings``). ``mask`` is the source padding mask, used by cross-attention."""
         enc = self.encode(src, mask)
+        if isinstance(self.encoder.attn_layers, FunnelEncoder):  # a pooled encoder has a pooled mask
+            mask = self.encoder.attn_layers.output_mask(mask)
         return self.decoder(tgt, tgt_mask, context=enc, context_mask=mask, return_embeddings=return_embeddings)

@@ -1,0 +1,263 @@
+"""Funnel Transformer encoder (2006.03236): blocks of layers with the sequence halved between them.
+
+Between blocks the sequence is mean-pooled with window and stride 2. Pooling is query-only: the
+first self-attention of a new block takes the pooled sequence as queries and attends over the
+unpooled keys/values of the previous block; the remaining layers of the block see only the pooled
+sequence. With ``upsample=True`` a short decoder repeats the compressed sequence back to the
+input's length, adds the first block's output and runs a few more layers, as in the paper.
+
+Rules under pooling (each holds at every level):
+- mask: a pooled position is kept if any of its sources is kept; a pooled value is the mean of
+  its *kept* sources only, so right padding changes no kept output (left padding moves the
+  windows unless its length is a multiple of 2 ** (len(depths) - 1)).
+- odd lengths: the last window holds one source; the output length is ceil(n / 2) per pooling.
+- ``separate_cls``: the first token is never pooled (length 1 + ceil((n - 1) / 2)); it must be
+  kept (pad on the right).
+- positions: a pooled token sits at the position of its first kept source (the paper's stride
+  pooling of position ids), in units of input tokens, so rotary, ALiBi and T5 buckets keep
+  measuring distances between input positions.
+
+Each block is an :class:`~x_transformers.layers.Encoder` built from the same keywords, so every
+attention / feed-forward / norm / positional keyword of ``Encoder`` applies; relative-position
+tables (T5) are per block. This module runs the blocks' layers itself (``_run_block``) because
+one layer per block takes its keys/values from another sequence.
+
+Legend: b batch, n tokens at the current level, m tokens of the previous level (keys), d dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AttentionConfig, FeedForwardConfig, LayersConfig, conflict, field_names, unknown_keyword
+from .layers import Encoder, check_mask, default_positions
+
+
+DEFAULT_DEPTHS = (4, 4, 4)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FunnelConfig:
+    """The funnel's own keywords; everything else is an ``Encoder`` keyword for every block."""
+
+    depths: tuple[int, ...] = DEFAULT_DEPTHS  # layers per block; the sequence halves between blocks
+    separate_cls: bool = False  # the first token (CLS) is never pooled, as in 2006.03236
+    upsample: bool = False  # decoder back to the input length, for token-level outputs (2006.03236 sec. 2.3)
+    upsample_depth: int | None = None  # layers of that decoder; default 2 as in the paper
+
+    def __post_init__(self):
+        if isinstance(self.depths, (str, bytes)) or not hasattr(self.depths, "__len__") or not self.depths:
+            raise ValueError(f"depths must be a non-empty sequence of layer counts, got {self.depths!r}")
+        for d in self.depths:
+            if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+                raise ValueError(f"depths must hold integers >= 1, got {self.depths!r}")
+        if self.upsample_depth is not None:
+            if not self.upsample:
+                raise conflict("upsample_depth", "upsample=False", "the decoder exists only with upsample=True")
+            if not isinstance(self.upsample_depth, int) or isinstance(self.upsample_depth, bool) or self.upsample_depth < 1:
+                raise ValueError(f"upsample_depth must be an integer >= 1, got {self.upsample_depth!r}")
+
+    @property
+    def poolings(self) -> int:
+        return len(self.depths) - 1
+
+
+def _valid_keywords() -> list[str]:
+    return (sorted(field_names(FunnelConfig)) + sorted(field_names(LayersConfig) - {"dim", "depth"})
+            + ["attn_" + n for n in sorted(field_names(AttentionConfig))]
+            + ["ff_" + n for n in sorted(field_names(FeedForwardConfig))])
+
+
+def pool_mask(mask, separate_cls: bool):
+    """(b, n) bool -> (b, ceil) bool: a pooled position is kept if any of its sources is kept."""
+    if mask is None:
+        return None
+    cls, rest = (mask[:, :1], mask[:, 1:]) if separate_cls else (None, mask)
+    rest = F.pad(rest, (0, rest.shape[1] % 2), value=False)
+    pooled = rest.view(rest.shape[0], -1, 2).any(dim=-1)
+    return pooled if cls is None else torch.cat((cls, pooled), dim=1)
+
+
+def mean_pool(x, mask, positions, separate_cls: bool):
+    """Mean-pool x (b, n, d) with window and stride 2 over kept sources only.
+
+    mask: (b, n) bool or None; positions: (b|1, n) long. Returns pooled x, mask and positions
+    (each pooled token at its first kept source's position).
+    """
+    if separate_cls:
+        cls_x, cls_m, cls_p = x[:, :1], None if mask is None else mask[:, :1], positions[:, :1]
+        x, positions = x[:, 1:], positions[:, 1:]
+        mask = None if mask is None else mask[:, 1:]
+    b, n, d = x.shape
+    keep = mask if mask is not None else torch.ones(1, n, dtype=torch.bool, device=x.device)
+    odd = n % 2  # the padded slot is no source: the last window then holds one token
+    keep2 = F.pad(keep, (0, odd), value=False).view(keep.shape[0], -1, 2)  # (b|1, n/2, 2)
+    x2 = F.pad(x, (0, 0, 0, odd)).view(b, -1, 2, d)  # (b, n/2, 2, d)
+    pos2 = F.pad(positions, (0, odd)).view(positions.shape[0], -1, 2)
+
+    w = keep2.to(x.dtype)[..., None]  # (b|1, n/2, 2, 1)
+    pooled = (x2 * w).sum(dim=2) / w.sum(dim=2).clamp(min=1)  # fully padded windows give 0
+    first_kept = keep2[..., 0] | ~keep2[..., 1]
+    pooled_pos = torch.where(first_kept, pos2[..., 0], pos2[..., 1])
+    pooled_mask = keep2.any(dim=-1) if mask is not None else None
+
+    if separate_cls:
+        pooled = torch.cat((cls_x, pooled), dim=1)
+        pooled_pos = torch.cat((cls_p.expand(pooled_pos.shape[0], -1), pooled_pos), dim=1)
+        if pooled_mask is not None:
+            pooled_mask = torch.cat((cls_m, pooled_mask), dim=1)
+    return pooled, pooled_mask, pooled_pos
+
+
+def upsample_index(n: int, poolings: int, separate_cls: bool, device):
+    """For each of n input positions, the index of the token that holds it after the poolings."""
+    i = torch.arange(n, device=device)
+    if separate_cls:
+        return torch.where(i == 0, 0, 1 + ((i - 1) >> poolings))
+    return i >> poolings
+
+
+def _run_block(block: Encoder, x, mask, positions, context, context_mask, kv=None, attns=None):
+    """The layers of one block over x (b, n, d). With kv = (seq (b, m, d), mask, positions), the
+    block's first self-attention takes its keys/values from that unpooled sequence."""
+    rotary = block.rotary(positions) if block.rotary is not None else None
+    bias = block.rel_pos(positions, positions) if block.rel_pos is not None else None
+    self_mask = mask[:, None, None, :] if mask is not None else None
+    need = attns is not None
+    for spec, layer in zip(block.layout, block.blocks):
+        if spec.kind == "a" and kv is not None:
+            src, src_mask, src_pos = kv
+            x, w = layer(x, mask=src_mask[:, None, None, :] if src_mask is not None else None, rotary=rotary,
+                         bias=block.rel_pos(positions, src_pos) if block.rel_pos is not None else None,
+                         kv=src, kv_rotary=block.rotary(src_pos) if block.rotary is not None else None,
+                         need_weights=need)
+            kv = None
+        elif spec.kind == "a":
+            x, w = layer(x, mask=self_mask, rotary=rotary, bias=bias, need_weights=need)
+        elif spec.kind == "c":
+            x, w = layer(x, context, mask=context_mask, need_weights=need)
+        else:
+            x, w = layer(x)
+        if w is not None and need:
+            attns.append(w)
+    return block.final_norm(x) if block.final_norm is not None else x
+
+
+class FunnelEncoder(nn.Module):
+    """Funnel Transformer encoder (2006.03236): ``len(depths)`` blocks, sequence halved between them.
+
+    ``FunnelEncoder(dim, depths=(4, 4, 4), heads=8, separate_cls=False, upsample=False,
+    upsample_depth=None, **encoder_keywords)``. Output length: ``output_length(n)``; the output
+    mask: ``output_mask(mask)``.
+    """
+
+    def __init__(self, dim: int, depths=DEFAULT_DEPTHS, heads: int = 8, **kwargs):
+        super().__init__()
+        where = type(self).__name__
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names(FunnelConfig)}
+        valid = _valid_keywords()
+        for key in kwargs:
+            if key not in valid:
+                raise unknown_keyword(key, valid + ["depths", "heads"], where)
+        depths = tuple(depths) if isinstance(depths, list) else depths
+        self.cfg = cfg = FunnelConfig(depths=depths, **own)
+        if cfg.poolings and kwargs.get("attn_shared_qk"):
+            raise conflict("attn_shared_qk", "depths", "pooled queries have no keys of their own to share "
+                           "(use a single block, depths=(n,), for shared-QK)")
+
+        self.dim = dim
+        self.causal = False
+        self.blocks = nn.ModuleList(Encoder(dim, d, heads, **kwargs) for d in cfg.depths)
+        if cfg.poolings and not any(s.kind == "a" for s in self.blocks[0].layout):
+            which = "only_cross" if kwargs.get("only_cross") else "custom_layers"
+            raise conflict(which, "depths", "query pooling needs a self-attention layer in every block")
+        self.upsampler = Encoder(dim, cfg.upsample_depth or 2, heads, **kwargs) if cfg.upsample else None
+
+        # GPT-2's residual scaling counts every layer of the funnel, not one block's
+        total = sum(cfg.depths) + ((cfg.upsample_depth or 2) if cfg.upsample else 0)
+        for module in self.modules():
+            for name in ("to_out", "proj_out"):
+                layer = getattr(module, name, None)
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=0.02 / (2 * total) ** 0.5)
+
+    # the face TransformerWrapper reads
+    @property
+    def has_relative_positions(self) -> bool:
+        return self.blocks[0].has_relative_positions
+
+    @property
+    def needs_context(self) -> bool:
+        return self.blocks[0].needs_context
+
+    @property
+    def pools_output(self) -> bool:
+        """Whether the output is shorter than the input (pooling without upsampling)."""
+        return self.cfg.poolings > 0 and not self.cfg.upsample
+
+    def output_length(self, n: int) -> int:
+        if self.cfg.upsample:
+            return n
+        cls = int(self.cfg.separate_cls)
+        for _ in range(self.cfg.poolings):
+            n = cls + -(-(n - cls) // 2)
+        return n
+
+    def output_mask(self, mask):
+        """The mask of the output positions: ``mask`` itself with upsampling, else pooled."""
+        if mask is None or self.cfg.upsample:
+            return mask
+        for _ in range(self.cfg.poolings):
+            mask = pool_mask(mask, self.cfg.separate_cls)
+        return mask
+
+    def extra_repr(self):
+        return (f"depths={self.cfg.depths}, separate_cls={self.cfg.separate_cls}, upsample={self.cfg.upsample}")
+
+    def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
+                return_attn: bool = False):
+        """x (b, n, dim) -> (b, output_length(n), dim); with ``return_attn`` also the attention maps.
+
+        mask: (b, n) bool, True = keep. positions: (b|1, n) long, from the mask when omitted.
+        """
+        if cache is not None:
+            raise ValueError("FunnelEncoder is a bidirectional encoder: it has no key/value cache")
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected embeddings of shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        b, n, _ = x.shape
+        check_mask(mask, b, n)
+        if self.needs_context:
+            if context is None:
+                raise ValueError("this stack has cross-attention layers: pass context=(batch, ctx_len, dim)")
+            check_mask(context_mask, context.shape[0], context.shape[1], "context_mask")
+        elif context is not None:
+            raise ValueError("context was given but this stack has no cross-attention (set cross_attend=True)")
+        if (self.cfg.separate_cls and mask is not None and not torch.compiler.is_compiling()
+                and not bool(mask[:, 0].all())):
+            raise ValueError("separate_cls keeps the first token unpooled, so it must be kept: pad on the right")
+        if positions is None:
+            positions = default_positions(mask, n, x.device)
+        ctx_mask = context_mask[:, None, None, :] if context_mask is not None else None
+        attns = [] if return_attn else None
+
+        h, h_mask, h_pos = x, mask, positions
+        first = None
+        for i, block in enumerate(self.blocks):
+            kv = None
+            if i > 0:  # query-only pooling: pooled queries, keys/values of the previous block
+                kv = (h, h_mask, h_pos)
+                h, h_mask, h_pos = mean_pool(h, h_mask, h_pos, self.cfg.separate_cls)
+            h = _run_block(block, h, h_mask, h_pos, context, ctx_mask, kv, attns)
+            if i == 0:
+                first = h
+
+        if self.upsampler is not None:
+            # repeat each compressed token over the inputs it covers, add the first block's output
+            idx = upsample_index(n, self.cfg.poolings, self.cfg.separate_cls, x.device)
+            h = h.index_select(1, idx) + first
+            h = _run_block(self.upsampler, h, mask, positions, context, ctx_mask, None, attns)
+        return (h, attns) if return_attn else h

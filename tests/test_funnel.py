@@ -1,0 +1,243 @@
+"""FunnelEncoder (2006.03236): lengths, pooling rules, padding invariance, upsampling, gradients."""
+
+import pytest
+import torch
+
+from x_transformers import ConfigConflictError, Encoder, FunnelEncoder, TransformerWrapper, XTransformer
+from x_transformers.attention import Attention
+from x_transformers.config import AttentionConfig
+from x_transformers.funnel import mean_pool, pool_mask, upsample_index
+from x_transformers.positional import RotaryEmbedding
+
+DIM, HEADS, VOCAB = 32, 4, 29
+
+
+def funnel(depths=(1, 1, 1), seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return FunnelEncoder(DIM, depths=depths, heads=HEADS, **kwargs).eval()
+
+
+def wrapped(depths=(1, 1, 1), seed=0, **kwargs):
+    torch.manual_seed(seed)
+    stack = FunnelEncoder(DIM, depths=depths, heads=HEADS, **kwargs)
+    return TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=stack).eval()
+
+
+def tokens(b, n, seed=0):
+    return torch.randint(0, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def ceil_half(n, cls):
+    return cls + -(-(n - cls) // 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# lengths
+
+
+@pytest.mark.parametrize("cls", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 13])
+def test_length_after_each_block(n, cls):
+    # the attention maps show every block's query and key lengths: block i's first layer has
+    # pooled queries over the previous block's unpooled keys (query-only pooling)
+    model = funnel(separate_cls=cls)
+    out, attns = model(torch.randn(2, n, DIM), return_attn=True)
+    lengths = [n]
+    for _ in range(2):
+        lengths.append(ceil_half(lengths[-1], int(cls)))
+    assert [tuple(a.shape[-2:]) for a in attns] == [(lengths[0], lengths[0]), (lengths[1], lengths[0]),
+                                                    (lengths[2], lengths[1])]
+    assert out.shape == (2, lengths[2], DIM) and model.output_length(n) == lengths[2]
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("cls", [False, True])
+@pytest.mark.parametrize("n", [1, 6, 9, 11])
+def test_upsampled_output_has_input_length(n, cls):
+    model = funnel(separate_cls=cls, upsample=True)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, max(1, n - 2):] = False
+    out = model(torch.randn(2, n, DIM), mask)
+    assert out.shape == (2, n, DIM) and model.output_length(n) == n
+    assert torch.isfinite(out).all()
+    assert torch.equal(model.output_mask(mask), mask)
+
+
+def test_upsample_index_inverts_pooling():
+    # position i is held, after k poolings, by the pooled token whose sources include it
+    for cls in (False, True):
+        for n in (1, 5, 8, 13):
+            for k in (1, 2, 3):
+                owner = torch.arange(n)
+                for _ in range(k):
+                    owner = torch.where(owner < int(cls), owner, int(cls) + (owner - int(cls)) // 2)
+                assert torch.equal(upsample_index(n, k, cls, "cpu"), owner)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling rules
+
+
+def test_pooled_mask_rule():
+    mask = torch.tensor([[True, True, True, False, False], [False, True, False, False, True]])
+    assert pool_mask(mask, False).tolist() == [[True, True, False], [True, False, True]]
+    # the first token stays, the rest pools
+    assert pool_mask(mask, True).tolist() == [[True, True, False], [False, True, True]]
+
+
+def test_mean_over_kept_sources_and_first_kept_position():
+    x = torch.arange(10.0).view(1, 5, 2)  # tokens (0,1) (2,3) (4,5) (6,7) (8,9)
+    mask = torch.tensor([[False, True, True, True, True]])
+    pos = torch.tensor([[0, 0, 1, 2, 3]])
+    pooled, pmask, ppos = mean_pool(x, mask, pos, separate_cls=False)
+    # window 0 keeps only token 1; window 1 averages tokens 2, 3; window 2 is token 4 alone (odd)
+    assert pooled.tolist() == [[[2.0, 3.0], [5.0, 6.0], [8.0, 9.0]]]
+    assert pmask.tolist() == [[True, True, True]] and ppos.tolist() == [[0, 1, 3]]
+    # no mask: plain means, odd tail alone; positions are the first source's
+    pooled, pmask, ppos = mean_pool(x, None, torch.arange(5)[None], separate_cls=True)
+    assert pooled.tolist() == [[[0.0, 1.0], [3.0, 4.0], [7.0, 8.0]]]
+    assert pmask is None and ppos.tolist() == [[0, 1, 3]]
+
+
+# ---------------------------------------------------------------------------------------------
+# padding invariance
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(separate_cls=True), dict(rotary_pos_emb=True),
+                                    dict(alibi_pos_bias=True, separate_cls=True), dict(rel_pos_bias=True),
+                                    dict(upsample=True, separate_cls=True)])
+@pytest.mark.parametrize("n", [7, 9])
+def test_right_padding_invariance_odd_lengths(n, kwargs):
+    model = wrapped(**kwargs)
+    x = tokens(2, n)
+    ref = model(x, return_embeddings=True)
+    for pad in (1, 2, 5):
+        xp = torch.cat((x, tokens(2, pad, seed=pad)), dim=1)
+        keep = torch.ones_like(xp, dtype=torch.bool)
+        keep[:, n:] = False
+        out = model(xp, keep, return_embeddings=True)
+        kept = model.attn_layers.output_mask(keep)
+        assert kept[:, : ref.shape[1]].all() and not kept[:, ref.shape[1]:].any()
+        torch.testing.assert_close(out[:, : ref.shape[1]], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(rotary_pos_emb=True), dict(alibi_pos_bias=True)])
+def test_left_padding_aligned_with_the_windows(kwargs):
+    # two poolings: left padding by 4 keeps every window whole, so kept outputs shift by one
+    model = wrapped(**kwargs)
+    x = tokens(2, 9)
+    ref = model(x, return_embeddings=True)
+    xp = torch.cat((tokens(2, 4, seed=3), x), dim=1)
+    keep = torch.ones_like(xp, dtype=torch.bool)
+    keep[:, :4] = False
+    out = model(xp, keep, return_embeddings=True)
+    torch.testing.assert_close(out[:, 1:], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_changes_output_without_the_kept_mean():
+    # the property above is not vacuous: the same padded input with the padding kept differs
+    model = wrapped()
+    x = tokens(1, 7)
+    xp = torch.cat((x, tokens(1, 1, seed=9)), dim=1)
+    ref = model(x, return_embeddings=True)
+    out = model(xp, return_embeddings=True)
+    assert not torch.allclose(out[:, -1], ref[:, -1], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients and equivalences
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(upsample=True, separate_cls=True, rotary_pos_emb=True)])
+def test_gradients_reach_every_block(kwargs):
+    model = wrapped(depths=(2, 1, 1), **kwargs).train()
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 8:] = False
+    model(tokens(2, 11), mask).square().mean().backward()
+    stack = model.attn_layers
+    parts = list(stack.blocks) + ([stack.upsampler] if stack.upsampler is not None else [])
+    for i, part in enumerate(parts):
+        for name, p in part.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient in part {i}: {name}"
+
+
+def test_single_block_is_a_plain_encoder():
+    # depths=(n,) never pools: the funnel's own layer loop must compute what Encoder computes
+    kw = dict(rotary_pos_emb=True, attn_kv_heads=2, rel_pos_bias=False)
+    torch.manual_seed(0)
+    enc = Encoder(DIM, 2, HEADS, **kw).eval()
+    fun = funnel(depths=(2,), **kw)
+    fun.blocks[0].load_state_dict(enc.state_dict())
+    x = torch.randn(2, 9, DIM)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 6:] = False
+    torch.testing.assert_close(fun(x, mask), enc(x, mask), atol=1e-6, rtol=1e-6)
+
+
+def test_attention_kv_equal_to_x_is_self_attention():
+    torch.manual_seed(0)
+    attn = Attention(DIM, HEADS, AttentionConfig())
+    x = torch.randn(2, 5, DIM)
+    rot = RotaryEmbedding(8)(torch.arange(5)[None])
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :]
+    ref, _ = attn(x, mask=mask, rotary=rot)
+    out, _ = attn(x, mask=mask, rotary=rot, kv=x, kv_rotary=rot)
+    torch.testing.assert_close(out, ref)
+
+
+def test_xtransformer_with_funnel_encoder():
+    torch.manual_seed(0)
+    model = XTransformer(dim=DIM, depth=1, heads=HEADS, num_tokens=VOCAB, max_seq_len=64, enc_funnel=True,
+                         enc_depths=(1, 1, 1), enc_separate_cls=True).eval()
+    assert isinstance(model.encoder.attn_layers, FunnelEncoder)
+    src, tgt = tokens(2, 9), tokens(2, 5, seed=1)
+    assert model.encode(src).shape == (2, 3, DIM)  # CLS + pooled rest: 9 -> 5 -> 3
+    ref = model(src, tgt)
+    src_p = torch.cat((src, tokens(2, 3, seed=2)), dim=1)
+    keep = torch.ones_like(src_p, dtype=torch.bool)
+    keep[:, 9:] = False
+    torch.testing.assert_close(model(src_p, tgt, mask=keep), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_refusals_name_the_keywords():
+    with pytest.raises(TypeError, match="'upsample'"):
+        FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, upsampel=True)
+    with pytest.raises(TypeError, match="'depths'"):
+        FunnelEncoder(DIM, (1, 1), HEADS, depth=3)
+    with pytest.raises(ConfigConflictError, match="attn_shared_qk.*depths"):
+        FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, attn_shared_qk=True)
+    with pytest.raises(ConfigConflictError, match="upsample_depth.*upsample=False"):
+        FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, upsample_depth=3)
+    with pytest.raises(ConfigConflictError, match="custom_layers.*depths"):
+        FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, custom_layers=("f",))
+    with pytest.raises(ValueError, match="depths"):
+        FunnelEncoder(DIM, depths=(2, 0), heads=HEADS)
+    with pytest.raises(ValueError, match="bidirectional"):
+        FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, causal=True)
+    with pytest.raises(ConfigConflictError, match="num_memory_tokens"):
+        TransformerWrapper(num_tokens=VOCAB, max_seq_len=16, num_memory_tokens=2,
+                           attn_layers=FunnelEncoder(DIM, depths=(1, 1), heads=HEADS))
+    with pytest.raises(ConfigConflictError, match="enc_depth.*enc_funnel"):
+        XTransformer(dim=DIM, depth=1, heads=HEADS, num_tokens=VOCAB, max_seq_len=16, enc_funnel=True, enc_depth=2)
+    model = funnel(separate_cls=True)
+    with pytest.raises(ValueError, match="separate_cls"):
+        model(torch.randn(1, 4, DIM), torch.tensor([[False, True, True, True]]))
+    # single block: nothing is pooled, so shared-QK is fine
+    assert FunnelEncoder(DIM, depths=(1,), heads=HEADS, attn_shared_qk=True)(torch.randn(1, 3, DIM)).shape == (1, 3, DIM)
+
+
+def test_cross_attend_reads_the_context_in_every_block():
+    model = funnel(cross_attend=True, upsample=True)
+    x, ctx = torch.randn(2, 7, DIM), torch.randn(2, 5, DIM)
+    ref = model(x, context=ctx)
+    ctx_p = torch.cat((ctx, torch.randn(2, 3, DIM)), dim=1)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[:, 5:] = False
+    torch.testing.assert_close(model(x, context=ctx_p, context_mask=keep), ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(x, context=ctx + 1), ref, atol=1e-3)
+    with pytest.raises(ValueError, match="context"):
+        model(x)
