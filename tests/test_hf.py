@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import transformers
-from x_transformers import Decoder, TransformerWrapper
-from x_transformers.hf import from_pretrained, load_tokenizer, save_pretrained
+from x_transformers import Decoder, KVCache, TransformerWrapper, from_pretrained, load_tokenizer, save_pretrained
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", module="transformers")
@@ -107,6 +106,17 @@ def greedy(step, start, steps=STEPS):
 
 
 @torch.no_grad()
+def greedy_cached(step, first, steps=STEPS):
+    """The same, feeding only the new token after a prefill, through our KVCache."""
+    cache, out = KVCache(), []
+    logits = step(first, cache)
+    for _ in range(steps):
+        out.append(logits[:, -1].argmax(-1, keepdim=True))
+        logits = step(out[-1], cache)
+    return torch.cat(out, dim=-1)
+
+
+@torch.no_grad()
 def test_greedy_generation_matches(family):
     name, _, hf, ours = family
     src, _, _ = inputs(1)
@@ -118,12 +128,16 @@ def test_greedy_generation_matches(family):
         theirs = hf.generate(input_ids=src, max_new_tokens=STEPS, do_sample=False, num_beams=1, use_cache=symmetric,
                              eos_token_id=None, decoder_start_token_id=0)[:, 1:]
         mine = greedy(lambda t: ours(src, t), start)
+        enc = ours.encode(src)
+        cached = greedy_cached(lambda t, cache: ours.decoder(t, context=enc, cache=cache), start)
     else:
         theirs = hf.generate(input_ids=src, attention_mask=torch.ones_like(src), max_new_tokens=STEPS,
                              do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)[:, src.shape[1]:]
         mine = greedy(ours, src)
+        cached = greedy_cached(lambda t, cache: ours(t, cache=cache), src)
     assert theirs.shape == mine.shape == (2, STEPS)
     assert torch.equal(theirs, mine)
+    assert torch.equal(cached, mine)
     assert len(mine.unique()) > 2  # the sequences are not one token repeated
 
 
