@@ -50,6 +50,11 @@ def _block_index(layers, i: int, kind: str) -> int:
     return [j for j, s in enumerate(layers.layout) if s.kind == kind][i]
 
 
+def _block(layers, i: int, kind: str) -> str:
+    """State-dict prefix of the i-th block of ``kind`` in a wrapper's layer stack."""
+    return f"attn_layers.blocks.{_block_index(layers, i, kind)}"
+
+
 def _ff_inner(layers) -> int:
     return layers.blocks[_block_index(layers, 0, "f")].fn.proj_out.in_features
 
@@ -147,7 +152,7 @@ class GPT2(Family):
         L = model.attn_layers
         rules = [R("wte.weight", "token_emb.weight"), R("wpe.weight", "pos_emb.emb.weight")]
         for i in range(L.cfg.depth):
-            h, a, f = f"h.{i}", f"attn_layers.blocks.{_block_index(L, i, 'a')}", f"attn_layers.blocks.{_block_index(L, i, 'f')}"
+            h, a, f = f"h.{i}", _block(L, i, "a"), _block(L, i, "f")
             rules += _norm(f"{h}.ln_1", f"{a}.pre_norm", True)
             rules += [Rule((f"{h}.attn.c_attn.weight",), tuple(f"{a}.fn.to_{x}.weight" for x in "qkv"), conv1d=True),
                       Rule((f"{h}.attn.c_attn.bias",), tuple(f"{a}.fn.to_{x}.bias" for x in "qkv"))]
@@ -231,7 +236,7 @@ class Llama(Family):
         attn_bias, ff_bias = L.attn_cfg.bias, not L.ff_cfg.no_bias
         rules = [R("embed_tokens.weight", "token_emb.weight")]
         for i in range(L.cfg.depth):
-            h, a, f = f"layers.{i}", f"attn_layers.blocks.{_block_index(L, i, 'a')}", f"attn_layers.blocks.{_block_index(L, i, 'f')}"
+            h, a, f = f"layers.{i}", _block(L, i, "a"), _block(L, i, "f")
             rules += _norm(f"{h}.input_layernorm", f"{a}.pre_norm", False)
             for hf, ours in (("q_proj", "to_q"), ("k_proj", "to_k"), ("v_proj", "to_v"), ("o_proj", "to_out")):
                 rules += _linear(f"{h}.self_attn.{hf}", f"{a}.fn.{ours}", attn_bias)
@@ -317,7 +322,8 @@ class T5(Family):
                     ff = f"{hf}.DenseReluDense"
                     # gated: wo(act(wi_0 x) * wi_1 x); our GLU's proj_in is [value = wi_1, gate = wi_0]
                     wi = (f"{ff}.wi_1.weight", f"{ff}.wi_0.weight") if glu else (f"{ff}.wi.weight",)
-                    rules += [Rule(wi, (f"{ours}.fn.proj_in.weight",)), R(f"{ff}.wo.weight", f"{ours}.fn.proj_out.weight")]
+                    rules.append(Rule(wi, (f"{ours}.fn.proj_in.weight",)))
+                    rules.append(R(f"{ff}.wo.weight", f"{ours}.fn.proj_out.weight"))
             rules += _norm(f"{side}.final_layer_norm", f"{side}.attn_layers.final_norm", False)
         if model.decoder.to_logits is not None:
             rules.append(R("lm_head.weight", "decoder.to_logits.weight"))
@@ -375,7 +381,8 @@ def _safetensors():
 def read_config(path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
-        raise ValueError(f"{path} has no config.json (a Hugging Face checkpoint folder has config.json and *.safetensors)")
+        raise ValueError(f"{path} has no config.json (a Hugging Face checkpoint folder has config.json "
+                         "and *.safetensors)")
     return json.loads(file.read_text())
 
 
