@@ -4,11 +4,13 @@ from .attend import BackendNotSupported, attend, attend_backend
 from .cache import KVCache
 from .config import ConfigConflictError
 from .funnel import FunnelEncoder
+from .hf import from_pretrained, load_tokenizer, save_pretrained
 from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
 from .wrappers import TransformerWrapper, XTransformer
 
 __all__ = [
     "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "FunnelEncoder", "TransformerWrapper", "XTransformer",
     "KVCache", "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
+    "from_pretrained", "save_pretrained", "load_tokenizer",
 ]
 __version__ = "0.1.0"

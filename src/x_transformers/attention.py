@@ -105,7 +105,7 @@ class Attention(nn.Module):
         if rotary is not None and not self.cross:
             q = apply_rotary(q, *rotary)
 
-        scale = self.cfg.scale
+        scale = self.cfg.scale  # None: dim_head ** -0.5
         if self.qk_scale is not None:
             q, scale = q * self.qk_scale.to(q.dtype), 1.0
         if self.shared_qk:

@@ -25,7 +25,7 @@ class TransformerWrapper(nn.Module):
     def __init__(self, *, num_tokens: int, max_seq_len: int | None = None, attn_layers: AttentionLayers,
                  emb_dim: int | None = None, emb_dropout: float = 0.0, tie_embedding: bool = False,
                  use_abs_pos_emb: bool = True, scaled_sinu_pos_emb: bool = False, sinusoidal_pos_emb: bool = False,
-                 num_memory_tokens: int = 0, logits_dim: int | None = None, **unknown):
+                 num_memory_tokens: int = 0, logits_dim: int | None = None, logits_scale: float = 1.0, **unknown):
         super().__init__()
         for key in unknown:
             raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",), "TransformerWrapper")
@@ -41,6 +41,8 @@ class TransformerWrapper(nn.Module):
             raise ValueError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
         if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
             raise ValueError(f"num_memory_tokens must be an integer >= 0, got {num_memory_tokens!r}")
+        if not (isinstance(logits_scale, (int, float)) and logits_scale > 0):
+            raise ValueError(f"logits_scale must be a positive number, got {logits_scale!r}")
         if scaled_sinu_pos_emb and sinusoidal_pos_emb:
             raise conflict("scaled_sinu_pos_emb", "sinusoidal_pos_emb", "choose one absolute scheme")
         if attn_layers.cfg.tupe and (scaled_sinu_pos_emb or sinusoidal_pos_emb):
@@ -57,6 +59,9 @@ class TransformerWrapper(nn.Module):
         self.max_seq_len = max_seq_len
         self.attn_layers = attn_layers
         self.num_memory_tokens = num_memory_tokens
+        # multiplies the final hidden states before the output head: T5 scales its tied decoder
+        # head by dim ** -0.5 (1910.10683, mesh-tensorflow); 1.0 everywhere else
+        self.logits_scale = logits_scale
 
         self.token_emb = nn.Embedding(num_tokens, emb_dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
@@ -132,12 +137,13 @@ class TransformerWrapper(nn.Module):
         if M and first:
             out = out[:, M:]
         if not return_embeddings:
+            out = out * self.logits_scale if self.logits_scale != 1.0 else out
             out = self.to_logits(out) if self.to_logits is not None else out @ self.token_emb.weight.t()
         return (out, attns) if return_attn else out
 
 
 WRAPPER_KEYS = ("num_tokens", "max_seq_len", "emb_dim", "emb_dropout", "tie_embedding", "use_abs_pos_emb",
-                "scaled_sinu_pos_emb", "sinusoidal_pos_emb", "num_memory_tokens", "logits_dim")
+                "scaled_sinu_pos_emb", "sinusoidal_pos_emb", "num_memory_tokens", "logits_dim", "logits_scale")
 
 
 class XTransformer(nn.Module):
