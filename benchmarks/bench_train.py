@@ -1,11 +1,14 @@
 """Training-step throughput: ours (eager and compiled) against PyPI x-transformers, same card, same run.
 
-A step is forward, next-token cross-entropy, backward and a fused AdamW update, under bf16
+A step is forward, next-token cross-entropy (ours: ``chunked_cross_entropy`` on the hidden states
+and head weight unless ``--loss plain``; PyPI: full logits), backward and a fused AdamW update, under bf16
 autocast on GPU. MFU counts 6N + 12*L*d*T FLOPs per token (N without embeddings) over the bf16
 matrix-product peak measured on the same card in the same run.
 
     PYTHONPATH=src python benchmarks/bench_train.py                     # GPU: full shapes
     PYTHONPATH=src python benchmarks/bench_train.py --quick             # CPU: small shapes
+    ... --modes eager,compiled,autotune   # autotune = torch.compile(mode="max-autotune-no-cudagraphs")
+    ... --loss plain  # ours with F.cross_entropy on full float32 logits (default: fused chunked loss)
     ... --pypi DIR   # a folder holding PyPI x-transformers (pip install --target DIR x-transformers)
 
 The PyPI package shares our import name, so it runs in a child process whose PYTHONPATH is only
@@ -57,11 +60,17 @@ def shape(name, quick):
     return kind, v, d, L, h, n, b, lk, wk
 
 
-def build(impl, name, quick, extra_layers=None, extra_wrapper=None):
+# our modes: how the model is wrapped (the loss stays outside the compiled model)
+COMPILE_MODES = {"eager": None, "compiled": "default", "autotune": "max-autotune-no-cudagraphs"}
+
+
+def build(impl, name, quick, extra_layers=None, extra_wrapper=None, loss="plain", chunk_size=None):
     """Returns (model, loss_fn(batch) -> loss, batch, tokens per step, N non-embedding params, L, d, T)."""
     kind, v, d, L, h, n, b, lk, wk = shape(name, quick)
     lk, wk = {**lk, **(extra_layers or {})}, {**wk, **(extra_wrapper or {})}
     import x_transformers as xt
+    if loss == "fused":
+        from x_transformers.loss import chunked_cross_entropy
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
@@ -77,6 +86,9 @@ def build(impl, name, quick, extra_layers=None, extra_wrapper=None):
         x = torch.randint(0, v, (b, n + 1), generator=g).to(dev)
 
         def loss_fn(m):
+            if loss == "fused":
+                hidden = m(x[:, :-1], return_embeddings=True)
+                return chunked_cross_entropy(hidden, model.logits_weight, x[:, 1:], chunk_size=chunk_size)
             logits = m(x[:, :-1])
             return F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         emb = v * d * (1 if model.to_logits is None else 2) + (n * d if getattr(model, "pos_emb", None) is not None else 0)
@@ -94,6 +106,9 @@ def build(impl, name, quick, extra_layers=None, extra_wrapper=None):
             model = xt.XTransformer(dim=d, num_tokens=v, depth=L, heads=h, max_seq_len=n + 1)
 
             def loss_fn(m):
+                if loss == "fused":
+                    hidden = m(src, tgt[:, :-1], return_embeddings=True)
+                    return chunked_cross_entropy(hidden, model.decoder.logits_weight, tgt[:, 1:], chunk_size=chunk_size)
                 logits = m(src, tgt[:, :-1])
                 return F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
         emb = 4 * v * d + 2 * (n + 1) * d
@@ -103,17 +118,21 @@ def build(impl, name, quick, extra_layers=None, extra_wrapper=None):
     return model, loss_fn, b * n, n_params - emb, layers, d, n
 
 
-def measure(impl, name, quick, compile_, peak, extra_layers=None, extra_wrapper=None, label=None, steps=10):
+def measure(impl, name, quick, mode, peak, extra_layers=None, extra_wrapper=None, label=None, steps=10,
+            loss="plain", chunk_size=None):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model, loss_fn, tokens, n_params, L, d, T = build(impl, name, quick, extra_layers, extra_wrapper)
+    model, loss_fn, tokens, n_params, L, d, T = build(impl, name, quick, extra_layers, extra_wrapper, loss, chunk_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
-    fwd = torch.compile(model) if compile_ else model
+    if mode not in COMPILE_MODES:
+        raise SystemExit(f"unknown mode {mode!r}; valid: {sorted(COMPILE_MODES)}")
+    compile_ = COMPILE_MODES[mode] is not None
+    fwd = torch.compile(model, mode=COMPILE_MODES[mode]) if compile_ else model
 
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            loss = loss_fn(fwd)
-        loss.backward()
+            value = loss_fn(fwd)
+        value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -123,7 +142,7 @@ def measure(impl, name, quick, compile_, peak, extra_layers=None, extra_wrapper=
     tps = tokens / sec
     flops_per_token = 6 * n_params + 12 * L * d * T
     row = {
-        "impl": impl, "shape": name, "mode": "compiled" if compile_ else "eager", "label": label or name,
+        "impl": impl, "shape": name, "mode": mode, "label": label or name, "loss": loss,
         "tokens_per_s": tps, "ms_per_step": sec * 1e3, "params_non_emb": n_params,
         "mfu": tps * flops_per_token / (peak * 1e12) if peak else None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None,
@@ -154,7 +173,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes (CPU)")
     p.add_argument("--shapes", default="gpt2,llama,seed")
-    p.add_argument("--modes", default="eager,compiled", help="our modes")
+    p.add_argument("--modes", default="eager,compiled", help=f"our modes, from {sorted(COMPILE_MODES)}")
+    p.add_argument("--loss", default="fused", choices=["fused", "plain"],
+                   help="our loss: chunked_cross_entropy on hidden states (fused) or F.cross_entropy on logits")
+    p.add_argument("--loss-chunk", type=int, default=None, help="tokens per chunk of the fused loss (default: auto)")
     p.add_argument("--pypi-modes", default="gpt2:eager,gpt2:compiled,llama:eager,seed:eager")
     p.add_argument("--features", default="", help="comma list of feature rows (or 'all'), eager, gpt2 shape")
     p.add_argument("--feature-mode", default="eager")
@@ -171,7 +193,7 @@ def main():
         for item in args.pypi_modes.split(","):
             name, mode = item.split(":")
             if name in shapes:
-                rows.append(measure("pypi", name, args.quick, mode == "compiled", args.peak or None))
+                rows.append(measure("pypi", name, args.quick, mode, args.peak or None))
                 print(rows[-1], flush=True)
         Path(args.out).write_text(json.dumps(rows))
         return
@@ -182,17 +204,17 @@ def main():
     rows = run_pypi(args, peak)
     for name in shapes:
         for mode in args.modes.split(","):
-            rows.append(measure("ours", name, args.quick, mode == "compiled", peak))
+            rows.append(measure("ours", name, args.quick, mode, peak, loss=args.loss, chunk_size=args.loss_chunk))
             print(rows[-1], flush=True)
     feats = list(FEATURES) if args.features == "all" else [f for f in args.features.split(",") if f]
     if feats:
-        compiled = args.feature_mode == "compiled"
-        plain = measure("ours", "gpt2", args.quick, compiled, peak, label="plain")
+        fm, lo = args.feature_mode, dict(loss=args.loss, chunk_size=args.loss_chunk)
+        plain = measure("ours", "gpt2", args.quick, fm, peak, label="plain", **lo)
         rows.append(plain)
         for f in feats:
             lk, wk = FEATURES[f]
             try:
-                row = measure("ours", "gpt2", args.quick, compiled, peak, lk, wk, label=f)
+                row = measure("ours", "gpt2", args.quick, fm, peak, lk, wk, label=f, **lo)
             except (TypeError, ValueError) as e:  # a feature not built yet is reported, not hidden
                 row = {"impl": "ours", "shape": "gpt2", "label": f, "error": str(e)}
             if "tokens_per_s" in row:
@@ -205,12 +227,12 @@ def main():
         return next((r for r in rows if r["impl"] == impl and r["label"] == name and r.get("mode") == mode), None)
     ratios = {}
     for name in shapes:
-        for ours_mode in ("eager", "compiled"):
+        for ours_mode in COMPILE_MODES:
             for their_mode in ("eager", "compiled"):
                 a, b = find("ours", name, ours_mode), find("pypi", name, their_mode)
                 if a and b:
                     ratios[f"{name}: ours {ours_mode} / pypi {their_mode}"] = a["tokens_per_s"] / b["tokens_per_s"]
-    print_table(rows, ["impl", "label", "mode", "tokens_per_s", "ms_per_step", "mfu", "peak_gib", "slowdown_vs_plain"])
+    print_table(rows, ["impl", "label", "mode", "loss", "tokens_per_s", "ms_per_step", "mfu", "peak_gib", "slowdown_vs_plain"])
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     path = write_result(args.tag, {"env": environment(), "matmul_peak_tflops": peak, "quick": args.quick,

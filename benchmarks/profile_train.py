@@ -1,6 +1,6 @@
 """Where a training step's time goes: torch.profiler over a few steps of the gpt2 shape.
 
-    PYTHONPATH=src python benchmarks/profile_train.py [--quick] [--shape gpt2] [--compile]
+    PYTHONPATH=src python benchmarks/profile_train.py [--quick] [--shape gpt2] [--compile] [--loss plain]
 """
 
 import argparse
@@ -19,9 +19,10 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--shape", default="gpt2")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--loss", default="fused", choices=["fused", "plain"])
     args = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model, loss_fn, *_ = build("ours", args.shape, args.quick)
+    model, loss_fn, *_ = build("ours", args.shape, args.quick, loss=args.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
     fwd = torch.compile(model) if args.compile else model
 
@@ -45,7 +46,7 @@ def main():
     print(table)
     out = os.environ.get("OUT")
     if out:
-        Path(out, f"profile_{args.shape}{'_compiled' if args.compile else ''}.txt").write_text(table)
+        Path(out, f"profile_{args.shape}{'_compiled' if args.compile else ''}_{args.loss}.txt").write_text(table)
 
 
 if __name__ == "__main__":

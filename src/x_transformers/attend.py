@@ -20,7 +20,6 @@ Legend: b batch, h query heads, g kv heads, n queries, m keys, d head dim, e val
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
@@ -198,7 +197,9 @@ def register_backend(backend, *, before: str | None = None):
 register_backend(SDPABackend())
 register_backend(ExplicitBackend())
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("x_transformers_attend_backend", default=None)
+# A plain module global, not a ContextVar: torch.compile cannot trace ContextVar.get (a graph
+# break in every attention layer), while a global is read at trace time and guarded on.
+_forced: str | None = None
 
 
 @contextlib.contextmanager
@@ -206,11 +207,12 @@ def attend_backend(name: str | None):
     """Force a backend for every attend() in this block (tests, benchmarks); None restores auto."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(BACKENDS)}")
-    token = _forced.set(name)
+    global _forced
+    previous, _forced = _forced, name
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced = previous
 
 
 def rejection_reasons(req: AttendRequest) -> dict[str, list[str]]:
@@ -219,7 +221,7 @@ def rejection_reasons(req: AttendRequest) -> dict[str, list[str]]:
 
 
 def choose_backend(req: AttendRequest, force: str | None = None):
-    force = _forced.get() or (None if force in (None, "auto") else force)
+    force = _forced or (None if force in (None, "auto") else force)
     if force is not None:
         if force not in BACKENDS:
             raise ValueError(f"unknown attention backend {force!r}; valid: {sorted(BACKENDS)}")

@@ -70,6 +70,13 @@ class Attention(nn.Module):
             return (1 + torch.sigmoid(self.entmax_alpha_logit).clamp(min=ENTMAX_MIN_GAP)).view(1, -1, 1, 1)
         return self.cfg.entmax_alpha
 
+    def _fused_qkv(self, x):
+        """Self-attention q, k, v from one matrix product over the concatenated weights: x is read
+        (and, under autocast, cast) once instead of three times, and backward sums one gradient."""
+        w = torch.cat((self.to_q.weight, self.to_k.weight, self.to_v.weight))
+        b = torch.cat((self.to_q.bias, self.to_k.bias, self.to_v.bias)) if self.to_q.bias is not None else None
+        return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
+
     def forward(self, x, context=None, *, mask=None, rotary=None, bias=None, cache=None, need_weights=False,
                 kv=None, kv_rotary=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
@@ -83,7 +90,8 @@ class Attention(nn.Module):
         if kv is not None and (self.cross or self.shared_qk or cache is not None):
             raise ValueError("kv= is for plain self-attention: not with cross-attention, shared-QK or a cache")
         h, g = self.heads, self.kv_heads
-        q = _heads(self.to_q(x), h)  # (b, h, n, d)
+        qkv = self._fused_qkv(x) if not (self.cross or self.shared_qk or kv is not None) else None
+        q = _heads(qkv[0] if qkv else self.to_q(x), h)  # (b, h, n, d)
         if self.qk_scale is not None:
             q = F.normalize(q, dim=-1)
 
@@ -92,8 +100,8 @@ class Attention(nn.Module):
         else:
             src = context if self.cross else x if kv is None else kv
             # shared-QK (Reformer): the keys are the queries scaled to unit length; queries keep their norm
-            k = F.normalize(q, dim=-1) if self.shared_qk else _heads(self.to_k(src), g)  # (b, g, m, d)
-            v = _heads(self.to_v(src), g)
+            k = F.normalize(q, dim=-1) if self.shared_qk else _heads(qkv[1] if qkv else self.to_k(src), g)  # (b, g, m, d)
+            v = _heads(qkv[2] if qkv else self.to_v(src), g)
             if self.qk_scale is not None and not self.shared_qk:
                 k = F.normalize(k, dim=-1)
             if rotary is not None and not self.cross:

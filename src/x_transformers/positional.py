@@ -81,7 +81,9 @@ def apply_rotary(x, cos, sin):
     """Rotate the first r channels of x (b, h, n, d) by the angles behind cos/sin (b|1, 1, n, r)."""
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
-    rot = (rot.float() * cos + rotate_half(rot.float()) * sin).to(x.dtype)
+    # The angles are float32 math; the rotation itself runs in x's dtype (as Llama does) rather
+    # than copying q and k to float32 and back in every layer: cos/sin are cast, (n, r) only.
+    rot = rot * cos.to(x.dtype) + rotate_half(rot) * sin.to(x.dtype)
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 

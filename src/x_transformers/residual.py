@@ -37,7 +37,8 @@ class Residual(nn.Module):
     def branch(self, x, *args, **kwargs):
         """The branch alone, ``(scale * g * f(norm(x)), extra)``; ``(None, None)`` when layer dropout
         drops it. Reversible layers (reversible.py) add it to the other stream."""
-        if self.training and self.layer_dropout > 0 and torch.rand(()).item() < self.layer_dropout:
+        drop = self.training and self.layer_dropout > 0
+        if drop and not torch.compiler.is_compiling() and torch.rand(()).item() < self.layer_dropout:
             return None, None  # drop the whole branch (a CPU draw: no device sync)
         h = self.pre_norm(x) if self.pre_norm is not None else x
         out = self.fn(h, *args, **kwargs)
@@ -48,6 +49,9 @@ class Residual(nn.Module):
             out = out * self.gate
         if self.scale != 1.0:
             out = out * self.scale
+        if drop and torch.compiler.is_compiling():
+            # a compiled graph cannot branch on a random draw: compute the branch, keep it or not
+            out = out * (torch.rand((), device=x.device) >= self.layer_dropout).to(out.dtype)
         return out, extra
 
     def extra_repr(self):

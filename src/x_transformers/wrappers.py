@@ -91,10 +91,18 @@ class TransformerWrapper(nn.Module):
             raise ValueError(f"token ids must have shape (batch, seq), got {tuple(x.shape)}")
         check_mask(mask, x.shape[0], x.shape[1])
         if not _is_compiling() and x.numel():
-            lo, hi = x.min().item(), x.max().item()  # before the embedding: no device-side assert
-            if lo < 0 or hi >= self.num_tokens:
-                bad = lo if lo < 0 else hi
+            # before the embedding (no device-side assert); one reduction, so one host sync a step
+            outside = (x < 0) | (x >= self.num_tokens)
+            if outside.any().item():
+                bad = x[outside][0].item()
                 raise ValueError(f"token id {bad} is outside [0, {self.num_tokens}) (num_tokens={self.num_tokens})")
+
+    @property
+    def logits_weight(self):
+        """The output head's (vocab, dim) weight: ``to_logits.weight``, or the token embedding when
+        tied. With ``forward(..., return_embeddings=True)`` it feeds
+        :func:`x_transformers.loss.chunked_cross_entropy`, which never builds the full logits."""
+        return self.to_logits.weight if self.to_logits is not None else self.token_emb.weight
 
     def forward(self, x, mask=None, *, return_embeddings: bool = False, return_attn: bool = False, context=None,
                 context_mask=None, cache=None):
