@@ -17,7 +17,7 @@ from x_transformers import (BackendNotSupported, ConfigConflictError, CrossAtten
                             TransformerWrapper, XTransformer, attend, attend_backend)
 from x_transformers.attention import SELF_PENALTY
 
-from harness import FEATURES, load_features, run_property
+from harness import FEATURES, build, load_features, run_property
 
 attend_mod = importlib.import_module("x_transformers.attend")  # the package exports the function under that name
 
@@ -543,11 +543,25 @@ def test_bad_values_raise_at_construction(kw, match):
 
 load_features()
 ATTN_FEATURES = [n for n, f in FEATURES.items() if any(k.startswith("attn_") for k in f.layers) or "num_memory_tokens" in f.wrapper]
-POSITIONAL = [n for n, f in FEATURES.items() if f.group in ("relpos", "abspos")]
+# one representative of each scheme (their variants run alone and in the sampled combinations)
+POSITIONAL = [n for n in ("rotary", "alibi", "t5_rel_pos", "tupe_cls", "sinusoidal", "no_positions") if n in FEATURES]
 
 
-@pytest.mark.parametrize("positional", POSITIONAL)
-@pytest.mark.parametrize("feature", ATTN_FEATURES)
+def _accepted_pairs():
+    """Every (attention feature, scheme) pair the library accepts; refused pairs raise
+    ConfigConflictError at construction and are tested where they are refused."""
+    pairs = []
+    for feature in ATTN_FEATURES:
+        for positional in POSITIONAL:
+            try:
+                build("decoder", (FEATURES[feature], FEATURES[positional]))
+            except ConfigConflictError:
+                continue
+            pairs.append((feature, positional))
+    return pairs
+
+
+@pytest.mark.parametrize("feature, positional", _accepted_pairs())
 def test_each_attention_feature_with_each_positional_scheme(feature, positional):
     case = ("decoder", (FEATURES[feature], FEATURES[positional]))
     for prop in ("finite", "causal", "padding", "backends"):

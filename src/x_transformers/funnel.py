@@ -187,6 +187,11 @@ class FunnelEncoder(nn.Module):
 
     # the face TransformerWrapper reads
     @property
+    def layer_cfg(self):
+        """The LayersConfig every block shares (the wrapper reads positional choices from it)."""
+        return self.blocks[0].cfg
+
+    @property
     def has_relative_positions(self) -> bool:
         return self.blocks[0].has_relative_positions
 

@@ -103,7 +103,9 @@ class AttentionLayers(nn.Module):
             return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
         # TUPE scales the word-to-word logits of self-attention by 1/sqrt(2d), like its positional term
-        self_cfg = replace(attn_cfg, scale=(2 * (attn_cfg.dim_head or dim // heads)) ** -0.5) if cfg.tupe else attn_cfg
+        # TUPE scales the word-to-word logits by 1/sqrt(2d); under QK-norm the learned scale stands in for it
+        tupe_scale = cfg.tupe and not attn_cfg.qk_norm
+        self_cfg = replace(attn_cfg, scale=(2 * (attn_cfg.dim_head or dim // heads)) ** -0.5) if tupe_scale else attn_cfg
         blocks = []
         for spec in self.layout:
             if spec.kind == "f":
@@ -164,6 +166,10 @@ class AttentionLayers(nn.Module):
             layer = getattr(module, name, None)
             if isinstance(layer, nn.Linear) and module is not self:
                 nn.init.normal_(layer.weight, std=0.02 / (2 * self.cfg.depth) ** 0.5)
+
+    @property
+    def layer_cfg(self) -> LayersConfig:
+        return self.cfg
 
     @property
     def layout_string(self) -> str:

@@ -45,10 +45,11 @@ class TransformerWrapper(nn.Module):
             raise ValueError(f"logits_scale must be a positive number, got {logits_scale!r}")
         if scaled_sinu_pos_emb and sinusoidal_pos_emb:
             raise conflict("scaled_sinu_pos_emb", "sinusoidal_pos_emb", "choose one absolute scheme")
-        if attn_layers.cfg.tupe and (scaled_sinu_pos_emb or sinusoidal_pos_emb):
+        lcfg = attn_layers.layer_cfg  # the LayersConfig (a funnel's: that of its blocks)
+        if lcfg.tupe and (scaled_sinu_pos_emb or sinusoidal_pos_emb):
             other = "scaled_sinu_pos_emb" if scaled_sinu_pos_emb else "sinusoidal_pos_emb"
             raise conflict("tupe", other, "TUPE keeps positions out of the token embeddings")
-        if attn_layers.cfg.tupe_untie_cls and num_memory_tokens:
+        if lcfg.tupe_untie_cls and num_memory_tokens:
             raise conflict("tupe_untie_cls", "num_memory_tokens", "memory tokens take position 0, the untied [CLS]")
         dim = attn_layers.dim
         emb_dim = emb_dim or dim
@@ -70,7 +71,7 @@ class TransformerWrapper(nn.Module):
         self.pos_emb = None
         if scaled_sinu_pos_emb or sinusoidal_pos_emb:
             self.pos_emb = SinusoidalPositionalEmbedding(emb_dim, scaled=scaled_sinu_pos_emb)
-        elif use_abs_pos_emb and not attn_layers.cfg.has_positions:
+        elif use_abs_pos_emb and not lcfg.has_positions:
             if max_seq_len is None:
                 raise ValueError("learned absolute positions need max_seq_len; set it, or use_abs_pos_emb=False")
             self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len)
