@@ -1,13 +1,15 @@
 """x-transformers: a full-attention transformer with research features, one keyword each."""
 
 from .attend import BackendNotSupported, attend, attend_backend
-from .cache import KVCache
+from .autoregressive import AutoregressiveWrapper
+from .cache import KVCache, StaticKVCache
 from .config import ConfigConflictError
 from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
 from .wrappers import TransformerWrapper, XTransformer
 
 __all__ = [
     "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "TransformerWrapper", "XTransformer",
-    "KVCache", "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
+    "KVCache", "StaticKVCache", "AutoregressiveWrapper",
+    "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
 ]
 __version__ = "0.1.0"
