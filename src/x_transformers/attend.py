@@ -213,13 +213,20 @@ def attend_backend(name: str | None):
         _forced.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _forced_backend() -> str | None:
+    # torch.compile cannot trace ContextVar.get(); read it at trace time as a constant (a forced
+    # backend is a test/benchmark setting, fixed for the life of a compiled function)
+    return _forced.get()
+
+
 def rejection_reasons(req: AttendRequest) -> dict[str, list[str]]:
     """Every registered backend's reasons for not computing ``req`` (empty list = can)."""
     return {name: BACKENDS[name].not_supported_reasons(req) for name in _PRIORITY}
 
 
 def choose_backend(req: AttendRequest, force: str | None = None):
-    force = _forced.get() or (None if force in (None, "auto") else force)
+    force = _forced_backend() or (None if force in (None, "auto") else force)
     if force is not None:
         if force not in BACKENDS:
             raise ValueError(f"unknown attention backend {force!r}; valid: {sorted(BACKENDS)}")
