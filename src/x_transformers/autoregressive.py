@@ -86,12 +86,16 @@ class AutoregressiveWrapper(nn.Module):
     def _decoder(self, compile):
         if not compile:
             return decode_step
-        mode = compile if isinstance(compile, str) else None
-        if mode is None:
-            mode = "reduce-overhead" if next(self.net.parameters()).is_cuda else "default"
-        if mode not in self._compiled:
-            self._compiled[mode] = torch.compile(decode_step, mode=mode, fullgraph=True)
-        return self._compiled[mode]
+        if isinstance(compile, dict):  # torch.compile keywords, e.g. {"backend": "eager"} in tests
+            options = dict(compile)
+        elif isinstance(compile, str):
+            options = dict(mode=compile)
+        else:  # CUDA graphs remove the per-step launch overhead that dominates small-batch decoding
+            options = dict(mode="reduce-overhead" if next(self.net.parameters()).is_cuda else "default")
+        key = tuple(sorted(options.items()))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(decode_step, fullgraph=True, **options)
+        return self._compiled[key]
 
     def _stepper(self, tokens, mask, cache_kv, static_cache, compile, max_new, context, context_mask):
         """Returns (logits of the prompt's last column, step(token (b,) -> logits, cache))."""
@@ -117,7 +121,7 @@ class AutoregressiveWrapper(nn.Module):
             cache = KVCache()
         logits = prefill(net, tokens, mask, cache, context, context_mask)
         decode = self._decoder(compile)
-        cudagraphs = compile and logits.is_cuda
+        cudagraphs = bool(compile) and logits.is_cuda
 
         def step(token):
             if cudagraphs:
@@ -129,7 +133,7 @@ class AutoregressiveWrapper(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, seq_len: int, *, temperature: float = 1.0, filter_logits_fn=None,
                  filter_kwargs: dict | None = None, eos_token: int | None = None, cache_kv: bool = True,
-                 static_cache: bool | None = None, compile: bool | str = False, beams: int = 1,
+                 static_cache: bool | None = None, compile: bool | str | dict = False, beams: int | None = None,
                  length_penalty: float = 1.0, return_scores: bool = False,
                  generator: torch.Generator | None = None, context: Tensor | None = None,
                  context_mask: Tensor | None = None):
@@ -138,10 +142,10 @@ class AutoregressiveWrapper(nn.Module):
         prompts: (b, n) tokens or a list of 1-D tensors (ragged; left-padded internally).
         temperature 0 is greedy; ``filter_logits_fn`` a name in ``sampling.FILTERS`` or a callable,
         with ``filter_kwargs``; ``generator`` seeds the draws. Rows that emit ``eos_token`` stop and
-        are padded with ``pad_value``. ``beams > 1``: beam search with scores length-normalised by
-        ``length ** length_penalty``; temperature and filters do not apply. ``static_cache``
+        are padded with ``pad_value``. ``beams=k``: beam search (k = 1 is greedy) with scores
+        length-normalised by ``length ** length_penalty``; temperature and filters do not apply. ``static_cache``
         preallocates the cache (default: on when compiling); ``compile`` compiles the decode step
-        (True: CUDA graphs on GPU, or a torch.compile mode name). ``context`` / ``context_mask``
+        (True: CUDA graphs on GPU; a torch.compile mode name; or a dict of torch.compile keywords). ``context`` / ``context_mask``
         feed cross-attention (encoder-decoder).
 
         Returns the new tokens (b, seq_len); with ``return_scores`` also each row's score (b,):
@@ -150,7 +154,7 @@ class AutoregressiveWrapper(nn.Module):
         """
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-        if not isinstance(beams, int) or beams < 1:
+        if beams is not None and (not isinstance(beams, int) or beams < 1):
             raise ValueError(f"beams must be a positive integer, got {beams!r}")
         if static_cache is None:
             static_cache = bool(compile)
@@ -160,7 +164,7 @@ class AutoregressiveWrapper(nn.Module):
         was_training = self.net.training
         self.net.eval()
         try:
-            if beams > 1:
+            if beams is not None:
                 out, scores = self._beam_search(tokens, mask, seq_len, beams, eos_token, length_penalty, cache_kv,
                                                 static_cache, compile, context, context_mask)
             else:
