@@ -97,6 +97,18 @@ class AutoregressiveWrapper(nn.Module):
             self._compiled[key] = torch.compile(decode_step, fullgraph=True, **options)
         return self._compiled[key]
 
+    def _static_cache(self, batch, max_len):
+        # Reused while the shape fits: the same tensors keep a compiled step's guards and a CUDA
+        # graph's addresses valid from one generate() call to the next.
+        param = next(self.net.parameters())
+        key = (batch, max_len, param.dtype, param.device)
+        cache = getattr(self, "_cache", None)
+        if cache is not None and self._cache_key == key:
+            cache.reset()
+            return cache
+        self._cache, self._cache_key = StaticKVCache.for_model(self.net, batch, max_len), key
+        return self._cache
+
     def _stepper(self, tokens, mask, cache_kv, static_cache, compile, max_new, context, context_mask):
         """Returns (logits of the prompt's last column, step(token (b,) -> logits, cache))."""
         net = self.net
@@ -115,8 +127,7 @@ class AutoregressiveWrapper(nn.Module):
             return net(tokens, mask, context=context, context_mask=context_mask)[:, -1], step, None
 
         if static_cache:
-            max_len = net.num_memory_tokens + tokens.shape[1] + max_new
-            cache = StaticKVCache.for_model(net, tokens.shape[0], max_len)
+            cache = self._static_cache(tokens.shape[0], net.num_memory_tokens + tokens.shape[1] + max_new)
         else:
             cache = KVCache()
         logits = prefill(net, tokens, mask, cache, context, context_mask)

@@ -191,6 +191,17 @@ class StaticKVCache:
                 shapes[i] = None
         return cls(batch, max_len, shapes, dtype=dtype or param.dtype, device=device or param.device)
 
+    def reset(self):
+        """Empty the cache in place (same tensors, so a compiled step and its CUDA graph reuse it)."""
+        self.index.zero_()
+        self.key_mask.zero_()
+        self.positions.zero_()
+        self.started = False
+        for layer in self.layers.values():
+            if layer.filled:
+                layer.k = layer.v = None
+                layer.filled = False
+
     def layer(self, index: int) -> StaticLayerKV | None:
         return self.layers.get(index)  # None for feed-forward blocks
 
