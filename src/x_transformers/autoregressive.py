@@ -92,7 +92,7 @@ class AutoregressiveWrapper(nn.Module):
             options = dict(mode=compile)
         else:  # CUDA graphs remove the per-step launch overhead that dominates small-batch decoding
             options = dict(mode="reduce-overhead" if next(self.net.parameters()).is_cuda else "default")
-        key = tuple(sorted(options.items()))
+        key = repr(sorted(options.items()))
         if key not in self._compiled:
             self._compiled[key] = torch.compile(decode_step, fullgraph=True, **options)
         return self._compiled[key]
