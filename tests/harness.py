@@ -12,6 +12,8 @@ Properties (each a function of one built model):
              funnel: right padding only, since left padding moves its pooling windows)
   backends   every backend that can compute the model agrees with the explicit one
   roundtrip  a state-dict save/load into a fresh model gives identical outputs
+  cache      causal kinds, cacheable features: incremental decoding (a left-padded prefill, then
+             one token at a time) gives the full forward's logits, with KVCache and StaticKVCache
 """
 
 from __future__ import annotations
@@ -222,12 +224,35 @@ def check_roundtrip(run: Runner, tol, kind=None, features=None):
     torch.testing.assert_close(Runner(run.kind, fresh)(x), run(x), atol=0, rtol=0)
 
 
+def check_cache(run: Runner, tol, cacheable=True):
+    if not run.causal or not cacheable:
+        return  # encoders cannot be cached (they raise; tests/test_cache.py checks it)
+    from x_transformers.cache import KVCache, StaticKVCache
+
+    x = tokens(n=8)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1, :2] = False  # row 1 left-padded, as ragged prompts are
+    ctx = {}
+    if run.kind == "encdec":
+        ctx = dict(context=run.model.encode(run.src), context_mask=None)
+    net = run.wrapper
+    ref = net(x, keep, **ctx)
+    for make in (KVCache, lambda: StaticKVCache.for_model(net, 2, net.num_memory_tokens + 8)):
+        cache = make()
+        outs = [net(x[:, :3], keep[:, :3], cache=cache, **ctx)]
+        outs += [net(x[:, t:t + 1], cache=cache, **ctx) for t in range(3, 8)]
+        out = torch.cat(outs, dim=1)
+        torch.testing.assert_close(out[keep], ref[keep], atol=max(tol, 1e-5), rtol=max(tol, 1e-5),
+                                   msg=lambda m: f"{type(cache).__name__} vs full forward: {m}")
+
+
 PROPERTIES = {
     "finite": check_finite,
     "causal": check_causal,
     "padding": check_padding,
     "backends": check_backends,
     "roundtrip": check_roundtrip,
+    "cache": check_cache,
 }
 
 
@@ -278,4 +303,6 @@ def run_property(prop: str, case):
     run = Runner(kind, model)
     if prop == "roundtrip":
         return check_roundtrip(run, tol, features=feats)
+    if prop == "cache":
+        return check_cache(run, tol, cacheable=all(f.cacheable for f in feats))
     return PROPERTIES[prop](run, tol)

@@ -1,7 +1,8 @@
 """x-transformers: a full-attention transformer with research features, one keyword each."""
 
 from .attend import BackendNotSupported, attend, attend_backend
-from .cache import KVCache
+from .autoregressive import AutoregressiveWrapper
+from .cache import KVCache, StaticKVCache
 from .config import ConfigConflictError
 from .funnel import FunnelEncoder
 from .hf import from_pretrained, load_tokenizer, save_pretrained
@@ -10,7 +11,8 @@ from .wrappers import TransformerWrapper, XTransformer
 
 __all__ = [
     "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "FunnelEncoder", "TransformerWrapper", "XTransformer",
-    "KVCache", "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
+    "KVCache", "StaticKVCache", "AutoregressiveWrapper",
+    "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
     "from_pretrained", "save_pretrained", "load_tokenizer",
 ]
 __version__ = "0.1.0"

@@ -119,7 +119,8 @@ class Attention(nn.Module):
         if self.shared_qk:
             # keys are the unit-normalised queries; a query's own key is penalised, not removed
             n, m = q.shape[-2], k.shape[-2]
-            own = torch.arange(m, device=x.device)[None, :] == torch.arange(n, device=x.device)[:, None] + (m - n)
+            offset = cache.query_offset(n, m) if cache is not None else m - n  # where the new queries sit
+            own = torch.arange(m, device=x.device)[None, :] == torch.arange(n, device=x.device)[:, None] + offset
             penalty = own.to(q.dtype) * -SELF_PENALTY
             bias = penalty if bias is None else bias + penalty
 

@@ -3,6 +3,17 @@
 A cache is an object that owns its buffers: per attention layer the keys (stored after rotary)
 and values, plus, for the whole stack, the key padding mask and the positions of every token
 seen so far. ``AttentionLayers.forward(..., cache=cache)`` reads and extends it.
+
+Two kinds share one interface (``layer``, ``next_positions``, ``keys_and_mask``, ``extend``,
+``reorder``; per layer ``append``, ``store``, ``filled``, ``query_offset``):
+
+- :class:`KVCache` grows by concatenation: simple, any length, shapes change every step.
+- :class:`StaticKVCache` preallocates ``max_len`` slots and writes at a slot index held in a
+  tensor, so the one-token decode step has fixed shapes and no Python-int state: it compiles once
+  with ``torch.compile(fullgraph=True)`` and can be replayed as a CUDA graph. Unfilled slots are
+  masked out; causality is by slot.
+
+Legend: b batch, g kv heads, n new tokens, m keys so far (dynamic) or L slots (static), d head dim.
 """
 
 from __future__ import annotations
@@ -33,6 +44,10 @@ class LayerKV:
 
     def store(self, k: Tensor, v: Tensor):
         self.k, self.v = k, v
+
+    def query_offset(self, n: int, m: int):
+        """Index of the first new query among the m keys (shared-QK finds each query's own key)."""
+        return m - n
 
     def reorder(self, index: Tensor):
         if self.k is not None:
@@ -66,6 +81,18 @@ class KVCache:
             return None
         return self.key_mask.sum(dim=-1, keepdim=True)
 
+    def keys_and_mask(self, mask: Tensor | None, positions: Tensor):
+        """Positions of every key (cached + new) and the self-attention mask (b, 1, 1, m) or None.
+
+        mask: (b, n) bool or None for the new tokens; positions: (b|1, n).
+        """
+        if self.empty:
+            return positions, None if mask is None else mask[:, None, None, :]
+        b, n = self.key_mask.shape[0], positions.shape[-1]
+        new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=positions.device)
+        key_mask = torch.cat((self.key_mask, new), dim=-1)
+        return torch.cat((self.positions, positions.expand(b, -1)), dim=-1), key_mask[:, None, None, :]
+
     def extend(self, key_mask: Tensor, positions: Tensor):
         """Record the mask and positions of the tokens just processed."""
         if self.key_mask is None:
@@ -80,3 +107,136 @@ class KVCache:
             layer.reorder(index)
         if self.key_mask is not None:
             self.key_mask, self.positions = self.key_mask[index], self.positions[index]
+
+
+class StaticLayerKV:
+    """One layer's preallocated keys/values (b, g, L, d), written at the cache's slot index."""
+
+    def __init__(self, owner: StaticKVCache, k: Tensor | None = None, v: Tensor | None = None):
+        self.owner = owner
+        self.k, self.v = k, v
+        self.filled = False  # cross-attention: set once the context's keys/values are stored
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        slots = self.owner.slots(k.shape[-2])
+        self.k.index_copy_(-2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(-2, slots, v.to(self.v.dtype))
+        return self.k, self.v  # every slot; the unfilled tail is masked by keys_and_mask
+
+    def store(self, k: Tensor, v: Tensor):
+        # the context is fixed for a whole generation: stored once, at a fixed address
+        self.k, self.v, self.filled = k, v, True
+        _mark_static(self.k, self.v)
+
+    def query_offset(self, n: int, m: int):
+        return self.owner.index  # the new queries sit at slots index .. index + n - 1
+
+    def reorder(self, index: Tensor):
+        if self.k is not None and not self.filled:
+            self.k.copy_(self.k[index])
+            self.v.copy_(self.v[index])
+        elif self.k is not None:
+            self.k, self.v = self.k[index], self.v[index]
+            _mark_static(self.k, self.v)
+
+
+def _mark_static(*tensors):
+    # Graph inputs at fixed addresses: CUDA graphs replay in place instead of copying them in.
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
+class StaticKVCache:
+    """A preallocated cache of ``max_len`` slots for a batch of ``batch`` rows.
+
+    Every piece of state is a tensor updated in place (the slot index too), so a compiled decode
+    step sees the same shapes and the same tensors at every step and never recompiles. Build it
+    for a model with :meth:`for_model`.
+    """
+
+    def __init__(self, batch: int, max_len: int, layer_shapes: dict, *, dtype=torch.float32, device=None):
+        """layer_shapes: {block index: (kv heads, head dim)} for self-attention, or None for a
+        cross-attention block (its context keys/values are stored when first computed)."""
+        self.batch, self.max_len = batch, max_len
+        self.index = torch.zeros((), dtype=torch.long, device=device)  # next free slot
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.slot_ids = torch.arange(max_len, device=device)
+        self.started = False
+        self.layers: dict[int, StaticLayerKV] = {}
+        for i, shape in layer_shapes.items():
+            if shape is None:
+                self.layers[i] = StaticLayerKV(self)
+            else:
+                g, d = shape
+                k = torch.zeros(batch, g, max_len, d, dtype=dtype, device=device)
+                self.layers[i] = StaticLayerKV(self, k, torch.zeros_like(k))
+                _mark_static(k, self.layers[i].v)
+        _mark_static(self.index, self.key_mask, self.positions, self.slot_ids)
+
+    @classmethod
+    def for_model(cls, net, batch: int, max_len: int, *, dtype=None, device=None):
+        """A cache for ``net`` (a TransformerWrapper or AttentionLayers); ``max_len`` counts memory
+        tokens, prompt and generated tokens."""
+        layers = getattr(net, "attn_layers", net)
+        if not layers.causal:
+            raise ValueError("only a causal stack (Decoder) can be decoded with a cache; this one is bidirectional")
+        param = next(layers.parameters())
+        shapes = {}
+        for i, (spec, block) in enumerate(zip(layers.layout, layers.blocks)):
+            if spec.kind == "a":
+                shapes[i] = (block.fn.heads if block.fn.shared_qk else block.fn.kv_heads, block.fn.dim_head)
+            elif spec.kind == "c":
+                shapes[i] = None
+        return cls(batch, max_len, shapes, dtype=dtype or param.dtype, device=device or param.device)
+
+    def reset(self):
+        """Empty the cache in place (same tensors, so a compiled step and its CUDA graph reuse it)."""
+        self.index.zero_()
+        self.key_mask.zero_()
+        self.positions.zero_()
+        self.started = False
+        for layer in self.layers.values():
+            if layer.filled:
+                layer.k = layer.v = None
+                layer.filled = False
+
+    def layer(self, index: int) -> StaticLayerKV | None:
+        return self.layers.get(index)  # None for feed-forward blocks
+
+    @property
+    def empty(self) -> bool:
+        return not self.started
+
+    def slots(self, n: int) -> Tensor:
+        return self.index + self.slot_ids[:n]
+
+    def next_positions(self) -> Tensor | None:
+        return self.key_mask.sum(dim=-1, keepdim=True) if self.started else None
+
+    def keys_and_mask(self, mask: Tensor | None, positions: Tensor):
+        """Write the new tokens' mask and positions at their slots; return every slot's positions
+        and the mask (b, 1, n, L): a key is visible if filled, kept, and at or before the query's slot."""
+        b, n = self.batch, positions.shape[-1]
+        slots = self.slots(n)
+        if not torch.compiler.is_compiling() and (n > 1 or self.index.device.type == "cpu"):
+            if int(self.index) + n > self.max_len:  # a host sync: checked in prefill, or where it is free
+                raise ValueError(f"the static cache is full ({self.max_len} slots); build it with a larger max_len")
+        new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=positions.device)
+        self.key_mask.index_copy_(1, slots, new)
+        self.positions.index_copy_(1, slots, positions.expand(b, -1))
+        causal = self.slot_ids[None, :] <= slots[:, None]  # (n, L); also hides the unfilled tail
+        return self.positions, self.key_mask[:, None, None, :] & causal
+
+    def extend(self, key_mask: Tensor, positions: Tensor):
+        """The new tokens were written by keys_and_mask; advance the slot index past them."""
+        self.index.add_(key_mask.shape[-1])
+        self.started = True
+
+    def reorder(self, index: Tensor):
+        """Select/reorder batch rows (beam search); the batch size stays ``batch``."""
+        for layer in self.layers.values():
+            layer.reorder(index)
+        self.key_mask.copy_(self.key_mask[index])
+        self.positions.copy_(self.positions[index])

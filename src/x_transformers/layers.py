@@ -209,17 +209,17 @@ class AttentionLayers(nn.Module):
         start = cache.next_positions() if cache is not None else None
         if positions is None:
             positions = default_positions(mask, n, x.device, start)
-        key_mask, key_positions = mask, positions
-        if cache is not None and not cache.empty:
-            new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
-            key_mask = torch.cat((cache.key_mask, new), dim=-1)
-            key_positions = torch.cat((cache.positions, positions.expand(b, -1)), dim=-1)
+        key_positions, self_mask = positions, mask[:, None, None, :] if mask is not None else None
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("a key/value cache needs a causal stack (Decoder): a bidirectional layer's "
+                                 "outputs change when later tokens arrive, so it cannot decode incrementally")
+            key_positions, self_mask = cache.keys_and_mask(mask, positions)  # cached keys + the new ones
 
         rotary = self.rotary(positions) if self.rotary is not None else None
         bias = self.rel_pos(positions, key_positions) if self.rel_pos is not None else None
         if self.tupe is not None:  # TUPE-R when a relative bias is on: it is reset with the rest at [CLS]
             bias = self.tupe(positions, key_positions, bias)
-        self_mask = key_mask[:, None, None, :] if key_mask is not None else None
         ctx_mask = context_mask[:, None, None, :] if context_mask is not None else None
 
         attns = []

@@ -203,3 +203,19 @@ class XTransformer(nn.Module):
         if isinstance(self.encoder.attn_layers, FunnelEncoder):  # a pooled encoder has a pooled mask
             mask = self.encoder.attn_layers.output_mask(mask)
         return self.decoder(tgt, tgt_mask, context=enc, context_mask=mask, return_embeddings=return_embeddings)
+
+    @torch.no_grad()
+    def generate(self, src, start_tokens, seq_len: int, mask=None, **kwargs):
+        """Encode ``src`` once, then decode ``seq_len`` tokens after ``start_tokens`` with cached
+        self-attention and cross-attention keys/values computed once. ``kwargs``: those of
+        :meth:`AutoregressiveWrapper.generate` (temperature, filters, eos_token, beams, ...)."""
+        from .autoregressive import AutoregressiveWrapper  # generation lives outside the model
+
+        was_training = self.training
+        self.eval()
+        try:
+            enc = self.encode(src, mask)
+            return AutoregressiveWrapper(self.decoder).generate(start_tokens, seq_len, context=enc,
+                                                                context_mask=mask, **kwargs)
+        finally:
+            self.train(was_training)

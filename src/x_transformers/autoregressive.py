@@ -1,0 +1,265 @@
+"""Autoregressive training and generation around a causal ``TransformerWrapper``.
+
+Generation lives here, outside the model: :func:`prefill` runs the prompt once and fills the
+cache, :func:`decode_step` feeds one token per row (the function to compile: with a
+:class:`~x_transformers.cache.StaticKVCache` its shapes never change), and
+:meth:`AutoregressiveWrapper.generate` loops, sampling with :mod:`x_transformers.sampling` or
+searching with beams.
+
+Ragged prompts are left-padded with a mask: positions count kept tokens only (the cache and the
+wrapper both do), so each row generates exactly what it would generate alone.
+
+Legend: b batch, k beams, n prompt length, v vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import KVCache, StaticKVCache
+from .sampling import sample
+from .wrappers import TransformerWrapper
+
+
+def left_pad(prompts, pad_value: int = 0) -> tuple[Tensor, Tensor | None]:
+    """A (b, n) tensor, or a list of 1-D tensors of different lengths -> tokens (b, n) and the
+    keep-mask (b, n) (None when no row is padded). Padding goes on the left so every row's next
+    token is in the last column."""
+    if isinstance(prompts, Tensor):
+        if prompts.ndim != 2 or prompts.shape[1] == 0:
+            raise ValueError(f"prompts must be a (batch, seq) tensor with seq >= 1, got shape {tuple(prompts.shape)}")
+        return prompts, None
+    prompts = list(prompts)
+    if not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
+    n = max(p.numel() for p in prompts)
+    tokens = torch.full((len(prompts), n), pad_value, dtype=prompts[0].dtype, device=prompts[0].device)
+    mask = torch.zeros(len(prompts), n, dtype=torch.bool, device=prompts[0].device)
+    for i, p in enumerate(prompts):
+        tokens[i, n - p.numel():] = p
+        mask[i, n - p.numel():] = True
+    return tokens, None if bool(mask.all()) else mask
+
+
+def prefill(net, tokens: Tensor, mask: Tensor | None, cache, context=None, context_mask=None) -> Tensor:
+    """Run the prompt (b, n) through ``net``, filling ``cache``; logits (b, v) of the last column."""
+    return net(tokens, mask, cache=cache, context=context, context_mask=context_mask)[:, -1]
+
+
+def decode_step(net, token: Tensor, cache, context=None, context_mask=None) -> Tensor:
+    """One new token per row (b, 1) -> logits (b, v). Compile this one (static cache)."""
+    return net(token, cache=cache, context=context, context_mask=context_mask)[:, -1]
+
+
+class AutoregressiveWrapper(nn.Module):
+    """Next-token training loss and generation for a causal ``TransformerWrapper``."""
+
+    def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0):
+        super().__init__()
+        if not isinstance(net, TransformerWrapper):
+            raise TypeError(f"AutoregressiveWrapper wraps a TransformerWrapper, got {type(net).__name__}")
+        if not net.attn_layers.causal:
+            raise ValueError("AutoregressiveWrapper needs a causal stack (Decoder); this one is bidirectional "
+                             "(Encoder), so it cannot predict the next token or decode with a cache")
+        self.net = net
+        self.ignore_index = ignore_index
+        self.pad_value = pad_value
+        self._compiled = {}
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, **kwargs) -> Tensor:
+        """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets equal to
+        ``ignore_index`` (or masked out) do not count; such inputs are fed as ``pad_value``."""
+        inp, target = x[:, :-1], x[:, 1:]
+        inp = inp.masked_fill(inp == self.ignore_index, self.pad_value)
+        inp_mask = None
+        if mask is not None:
+            inp_mask = mask[:, :-1]
+            target = target.masked_fill(~mask[:, 1:], self.ignore_index)
+        logits = self.net(inp, inp_mask, **kwargs)
+        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+
+    # ------------------------------------------------------------------------------------------
+    # generation
+
+    def _decoder(self, compile):
+        if not compile:
+            return decode_step
+        if isinstance(compile, dict):  # torch.compile keywords, e.g. {"backend": "eager"} in tests
+            options = dict(compile)
+        elif isinstance(compile, str):
+            options = dict(mode=compile)
+        else:  # CUDA graphs remove the per-step launch overhead that dominates small-batch decoding
+            options = dict(mode="reduce-overhead" if next(self.net.parameters()).is_cuda else "default")
+        key = repr(sorted(options.items()))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(decode_step, fullgraph=True, **options)
+        return self._compiled[key]
+
+    def _static_cache(self, batch, max_len):
+        # Reused while the shape fits: the same tensors keep a compiled step's guards and a CUDA
+        # graph's addresses valid from one generate() call to the next.
+        param = next(self.net.parameters())
+        key = (batch, max_len, param.dtype, param.device)
+        cache = getattr(self, "_cache", None)
+        if cache is not None and self._cache_key == key:
+            cache.reset()
+            return cache
+        self._cache, self._cache_key = StaticKVCache.for_model(self.net, batch, max_len), key
+        return self._cache
+
+    def _stepper(self, tokens, mask, cache_kv, static_cache, compile, max_new, context, context_mask):
+        """Returns (logits of the prompt's last column, step(token (b,) -> logits, cache))."""
+        net = self.net
+        if not cache_kv:
+            if static_cache or compile:
+                raise ValueError("static_cache / compile need cache_kv=True")
+            seq = [tokens]
+            masks = [mask if mask is not None else torch.ones_like(tokens, dtype=torch.bool)]
+
+            def step(token):  # the uncached reference: the whole sequence again
+                seq.append(token[:, None])
+                masks.append(torch.ones_like(token[:, None], dtype=torch.bool))
+                full_mask = torch.cat(masks, dim=1) if mask is not None else None
+                return net(torch.cat(seq, dim=1), full_mask, context=context, context_mask=context_mask)[:, -1]
+
+            return net(tokens, mask, context=context, context_mask=context_mask)[:, -1], step, None
+
+        if static_cache:
+            cache = self._static_cache(tokens.shape[0], net.num_memory_tokens + tokens.shape[1] + max_new)
+        else:
+            cache = KVCache()
+        logits = prefill(net, tokens, mask, cache, context, context_mask)
+        decode = self._decoder(compile)
+        cudagraphs = bool(compile) and logits.is_cuda
+
+        def step(token):
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            return decode(net, token[:, None], cache, context, context_mask)
+
+        return logits, step, cache
+
+    @torch.no_grad()
+    def generate(self, prompts, seq_len: int, *, temperature: float = 1.0, filter_logits_fn=None,
+                 filter_kwargs: dict | None = None, eos_token: int | None = None, cache_kv: bool = True,
+                 static_cache: bool | None = None, compile: bool | str | dict = False, beams: int | None = None,
+                 length_penalty: float = 1.0, return_scores: bool = False,
+                 generator: torch.Generator | None = None, context: Tensor | None = None,
+                 context_mask: Tensor | None = None):
+        """Generate ``seq_len`` new tokens after each prompt.
+
+        prompts: (b, n) tokens or a list of 1-D tensors (ragged; left-padded internally).
+        temperature 0 is greedy; ``filter_logits_fn`` a name in ``sampling.FILTERS`` or a callable,
+        with ``filter_kwargs``; ``generator`` seeds the draws. Rows that emit ``eos_token`` stop and
+        are padded with ``pad_value``. ``beams=k``: beam search (k = 1 is greedy) with scores
+        length-normalised by ``length ** length_penalty``; temperature and filters do not apply. ``static_cache``
+        preallocates the cache (default: on when compiling); ``compile`` compiles the decode step
+        (True: CUDA graphs on GPU; a torch.compile mode name; or a dict of torch.compile keywords). ``context`` / ``context_mask``
+        feed cross-attention (encoder-decoder).
+
+        Returns the new tokens (b, seq_len); with ``return_scores`` also each row's score (b,):
+        the sum of the model's log-probabilities of the emitted tokens (up to and including eos)
+        divided by their count ** length_penalty.
+        """
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        if beams is not None and (not isinstance(beams, int) or beams < 1):
+            raise ValueError(f"beams must be a positive integer, got {beams!r}")
+        if static_cache is None:
+            static_cache = bool(compile)
+        elif compile and not static_cache:
+            raise ValueError("compile=True needs static_cache=True: the dynamic cache changes shape every step")
+        tokens, mask = left_pad(prompts, self.pad_value)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            if beams is not None:
+                out, scores = self._beam_search(tokens, mask, seq_len, beams, eos_token, length_penalty, cache_kv,
+                                                static_cache, compile, context, context_mask)
+            else:
+                out, scores = self._sample(tokens, mask, seq_len, temperature, filter_logits_fn, filter_kwargs,
+                                           eos_token, length_penalty, cache_kv, static_cache, compile, generator,
+                                           context, context_mask)
+        finally:
+            self.net.train(was_training)
+        if out.shape[1] < seq_len:  # every row stopped early
+            out = F.pad(out, (0, seq_len - out.shape[1]), value=self.pad_value)
+        return (out, scores) if return_scores else out
+
+    def _sample(self, tokens, mask, seq_len, temperature, filter_fn, filter_kwargs, eos_token, length_penalty,
+                cache_kv, static_cache, compile, generator, context, context_mask):
+        b = tokens.shape[0]
+        logits, step, _ = self._stepper(tokens, mask, cache_kv, static_cache, compile, seq_len, context, context_mask)
+        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+        logp_sum = torch.zeros(b, device=tokens.device)
+        length = torch.zeros(b, device=tokens.device)
+        out = []
+        for i in range(seq_len):
+            token = sample(logits, temperature=temperature, filter_logits_fn=filter_fn, filter_kwargs=filter_kwargs,
+                           generator=generator)
+            logp = logits.float().log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            live = ~done
+            logp_sum += logp * live
+            length += live
+            if eos_token is not None:
+                token = token.masked_fill(done, self.pad_value)
+                done = done | (token == eos_token)
+            out.append(token)
+            if i == seq_len - 1 or (eos_token is not None and bool(done.all())):
+                break
+            logits = step(token)
+        return torch.stack(out, dim=1), logp_sum / length.clamp(min=1) ** length_penalty
+
+    def _beam_search(self, tokens, mask, seq_len, k, eos_token, length_penalty, cache_kv, static_cache, compile,
+                     context, context_mask):
+        b = tokens.shape[0]
+        rows = lambda t: None if t is None else t.repeat_interleave(k, dim=0)  # noqa: E731
+        tokens, mask, context, context_mask = rows(tokens), rows(mask), rows(context), rows(context_mask)
+        logits, step, cache = self._stepper(tokens, mask, cache_kv, static_cache, compile, seq_len, context,
+                                            context_mask)
+        dev = tokens.device
+        scores = torch.zeros(b, k, device=dev)
+        scores[:, 1:] = float("-inf")  # all beams start equal: expand the first one only
+        scores = scores.view(-1)
+        length = torch.zeros(b * k, device=dev)
+        done = torch.zeros(b * k, dtype=torch.bool, device=dev)
+        seqs = torch.empty(b * k, 0, dtype=tokens.dtype, device=dev)
+        base = torch.arange(b, device=dev)[:, None] * k
+        for i in range(seq_len):
+            logp = logits.float().log_softmax(dim=-1)  # (b*k, v)
+            v = logp.shape[-1]
+            # a finished beam continues with pad_value only, at no cost and no added length
+            finished = torch.full_like(logp[:1], float("-inf"))
+            finished[:, self.pad_value] = 0.0
+            logp = torch.where(done[:, None], finished, logp)
+            cand = scores[:, None] + logp  # (b*k, v)
+            cand_len = length + (~done).float()
+            norm = cand / cand_len[:, None].clamp(min=1) ** length_penalty
+            best = norm.view(b, k * v).topk(k, dim=-1).indices  # (b, k)
+            src = (base + best // v).view(-1)  # the beam each survivor extends
+            token = (best % v).view(-1)
+            scores = cand.view(b, k * v).gather(-1, best).view(-1)
+            length, done, seqs = cand_len[src], done[src], torch.cat((seqs[src], token[:, None]), dim=1)
+            if eos_token is not None:
+                done = done | (token == eos_token)
+            if i == seq_len - 1 or (eos_token is not None and bool(done.all())):
+                break
+            if cache is not None:
+                cache.reorder(src)  # each survivor continues from its parent's keys/values
+                logits = step(token)
+            else:  # the uncached reference recomputes every row from its whole sequence
+                logits = self._uncached_beam_logits(tokens, mask, seqs, context, context_mask)
+        final = (scores / length.clamp(min=1) ** length_penalty).view(b, k)
+        pick = final.argmax(dim=-1)
+        best_rows = torch.arange(b, device=dev) * k + pick
+        return seqs[best_rows], final.gather(-1, pick[:, None]).squeeze(-1)
+
+    def _uncached_beam_logits(self, tokens, mask, seqs, context, context_mask):
+        full = torch.cat((tokens, seqs), dim=1)
+        full_mask = None if mask is None else F.pad(mask, (0, seqs.shape[1]), value=True)
+        return self.net(full, full_mask, context=context, context_mask=context_mask)[:, -1]
+
+
+__all__ = ["AutoregressiveWrapper", "left_pad", "prefill", "decode_step"]

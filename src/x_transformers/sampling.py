@@ -1,0 +1,93 @@
+"""Sampling: logit filters as a registry, and one seeded ``sample()``.
+
+A filter maps logits (b, v) to logits of the same shape where dropped tokens are ``-inf``; it
+never renormalises (softmax does). Names: ``top_k``, ``top_p`` (nucleus), ``min_p``; any callable
+``fn(logits, **kwargs)`` is accepted too. Temperature 0 is greedy decoding.
+
+Legend: b batch (rows), v vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+FILTERS: dict[str, Callable] = {}
+
+
+def register_filter(name: str):
+    def add(fn):
+        FILTERS[name] = fn
+        return fn
+
+    return add
+
+
+@register_filter("top_k")
+def top_k(logits: Tensor, k: int | None = None, frac: float = 0.1) -> Tensor:
+    """Keep the k largest logits (default: ``frac`` of the vocabulary, at least 1). Fan et al.,
+    1805.04833. Ties at the k-th value are broken by index, so exactly k tokens survive."""
+    v = logits.shape[-1]
+    k = max(1, int(frac * v)) if k is None else k
+    if k < 1:
+        raise ValueError(f"top_k needs k >= 1, got {k}")
+    if k >= v:
+        return logits
+    idx = logits.topk(k, dim=-1).indices
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+@register_filter("top_p")
+def top_p(logits: Tensor, p: float = 0.9) -> Tensor:
+    """Nucleus sampling (Holtzman et al., 1904.09751): keep the smallest set of most likely tokens
+    whose probability mass reaches ``p``."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p needs 0 < p <= 1, got {p}")
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.float().softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = mass_before >= p  # once p is reached, every further token is dropped
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@register_filter("min_p")
+def min_p(logits: Tensor, p: float = 0.1) -> Tensor:
+    """Min-p sampling (Nguyen et al., 2407.01082): keep tokens whose probability is at least
+    ``p`` times the most likely token's."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"min_p needs 0 <= p <= 1, got {p}")
+    probs = logits.float().softmax(dim=-1)
+    limit = p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < limit, float("-inf"))
+
+
+def get_filter(fn: str | Callable | None) -> Callable | None:
+    if fn is None or callable(fn):
+        return fn
+    if fn not in FILTERS:
+        raise ValueError(f"unknown logit filter {fn!r}; valid: {sorted(FILTERS)} or a callable")
+    return FILTERS[fn]
+
+
+def sample(logits: Tensor, *, temperature: float = 1.0, filter_logits_fn=None, filter_kwargs=None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Next tokens (b,) from logits (b, v). Temperature 0 is greedy (argmax, no filter needed);
+    otherwise the filter is applied to logits / temperature and a token drawn with ``generator``
+    (a seeded ``torch.Generator`` makes the draw reproducible)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    fn = get_filter(filter_logits_fn)
+    logits = logits.float() / temperature
+    if fn is not None:
+        logits = fn(logits, **(filter_kwargs or {}))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+__all__ = ["FILTERS", "register_filter", "top_k", "top_p", "min_p", "get_filter", "sample"]
