@@ -61,6 +61,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest="field_" + name, type=parse_value, metavar="VALUE",
                        nargs="?" if f.type in ("bool", bool) else None, const=True if f.type in ("bool", bool) else None,
                        help=argparse.SUPPRESS)
+        if f.type in ("bool", bool):
+            p.add_argument("--no-" + name.replace("_", "-"), dest="field_" + name, action="store_const", const=False,
+                           help=argparse.SUPPRESS)
 
 
 def config_overrides(args) -> dict:

@@ -47,6 +47,8 @@ class TrainConfig:
     batch_size: int = 16  # global: sequences per optimizer step, over all processes and micro-steps
     grad_accum: int = 1
     max_steps: int = 300
+    stop_after: int | None = None  # end this invocation at this step (e.g. a time-limited job); the
+    # schedule still spans max_steps, and --resume continues
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30

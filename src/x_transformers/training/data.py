@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,10 @@ def load_tokenizer(path: str | None):
 
 def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if p.is_file() and not (set(p.relative_to(root).parts) & STDLIB_SKIP)]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in STDLIB_SKIP]  # prune: site-packages can be huge
+        files += [Path(folder, n) for n in names if n.endswith(".py") and Path(folder, n).is_file()]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

@@ -215,7 +215,8 @@ class Trainer:
             validate()
         t0, tokens, start_step, started = time.perf_counter(), 0, self.step, time.perf_counter()
         losses = []
-        while self.step < cfg.max_steps:
+        end = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
+        while self.step < end:
             rec = self.train_step()
             tokens += rec.pop("tokens")
             losses.append(rec["loss"])
@@ -230,7 +231,7 @@ class Trainer:
                 bar.update(1)
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 validate()
-            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.save_every == 0 or self.step == end:
                 path = self.save()
                 say(f"checkpoint: {path}") if path else None
         if bar is not None:
