@@ -37,8 +37,8 @@ def test_tiny_run_validation_falls_below_recorded_bound(trained):
     vals = [r for r in records(trained) if r["kind"] == "val"]
     assert [r["step"] for r in vals] == [0, 20, 40]
     assert vals[0]["val_bpb"] > 7.5  # untrained: about log2(256) = 8 bits per byte
-    # recorded bound: 40 steps of the 32-wide model reach ~4.5 bits/byte on this machine
-    assert vals[-1]["val_bpb"] < 5.5, vals
+    # recorded bound: 40 steps of this 32-wide model reached 4.85 bits/byte (torch 2.13 CPU)
+    assert vals[-1]["val_bpb"] < 5.3, vals
     assert math.isclose(vals[-1]["val_bpb"], vals[-1]["val_loss"] / math.log(2), rel_tol=1e-9)  # bytes = tokens
     losses = train_losses(trained)
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0

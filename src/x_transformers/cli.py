@@ -105,7 +105,8 @@ def run_train(args) -> int:
             if key in sets:
                 raise CLIError(f"--resume continues the run as it was configured: drop {key!r} "
                                f"(only keys such as max_steps, eval_every, save_every, progress may change)")
-        cfg = load_config(config_file=args.config, sets=sets, base=ckpt_io.read_config(resume))
+        base = {**ckpt_io.read_config(resume), "stop_after": None}  # a stop belongs to one invocation
+        cfg = load_config(config_file=args.config, sets=sets, base=base)
         run = resume.parent.parent
         cfg.out = str(run)
     else:

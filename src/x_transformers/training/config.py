@@ -190,7 +190,7 @@ def load_config(preset_name: str | None = None, config_file: str | None = None, 
         default = getattr(defaults, name)
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             cfg[name] = value = float(value)
-        kind = type(default) if default is not None else (str if name not in ("model",) else dict)
+        kind = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}[str(FIELDS[name].type).split()[0]]
         if value is not None and not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise CLIError(f"config key {name!r} must be of type {kind.__name__}, got {value!r}")
     return TrainConfig(**cfg).validate()
