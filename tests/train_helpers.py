@@ -36,7 +36,7 @@ def python_env() -> dict:
 
 
 def torchrun(nproc: int, *args, timeout=240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            "-m", "x_transformers", *[str(a) for a in args]]
     return subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=timeout)
 

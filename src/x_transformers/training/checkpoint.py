@@ -206,7 +206,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return obj
         if module == "torch" and (obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))):
             return obj
-        if (module, name) in {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}:
+        if (module, name) in {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                              ("torch.serialization", "_get_layout"),  # looks a name up among torch's layouts
+                              ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),  # the checkpoint's own path
+                              ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}:
             return obj
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint")
 
