@@ -34,7 +34,7 @@ def worker(args) -> None:
     sets = {"strategy": args.strategy, "batch_size": args.batch * world, "max_steps": 10_000, "progress": False,
             "stdlib_bytes": 2_000_000, "compile": args.compile}
     if args.quick:
-        sets.update({"model.dim": 64, "model.depth": 2, "model.num_tokens": 256, "seq_len": 64})
+        sets.update({"model.dim": 64, "model.depth": 2, "model.heads": 4, "model.num_tokens": 256, "seq_len": 64})
     cfg = load_config(args.preset, sets=sets)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp) / "run", log=lambda *a, **k: None)
