@@ -1,0 +1,273 @@
+"""The ``xtransformers`` command (also ``python -m x_transformers``).
+
+    xtransformers train --preset tiny                       train (config: preset < --config FILE < flags)
+    xtransformers train --resume runs/tiny-...               continue a run from its latest checkpoint
+    xtransformers eval RUN                                   validation loss / bits per byte (exact match)
+    xtransformers generate RUN --prompt "def "               sample from a trained model
+    xtransformers plot RUN [RUN...] -o curves.png            loss curves of one or more runs
+    xtransformers prepare DATA OUT.bin                       tokenize a corpus into a memory-mappable file
+    torchrun --nproc_per_node=N -m x_transformers train --strategy ddp|fsdp ...
+
+Subcommands live in a registry: decorate ``run(args) -> int`` with :func:`command` (giving a function
+that adds the arguments) in this module or in a module listed in ``COMMAND_MODULES``. User errors
+raise :class:`~x_transformers.training.config.CLIError` and print one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .training.config import FIELDS, CLIError, load_config, parse_value
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+COMMAND_MODULES: list[str] = []  # further modules that register subcommands (e.g. ablations)
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    def register(run):
+        COMMANDS[name] = Command(name, help, add_arguments, run)
+        return run
+
+    return register
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration flags, shared by every command that trains
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="a named preset: tiny, gpt2-small, seed")
+    p.add_argument("--config", help="a YAML or JSON file of config keys")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, model keywords as model.KEY (e.g. --set model.rotary_pos_emb=true)")
+    for name, f in FIELDS.items():
+        if name in ("model", "preset"):
+            continue
+        p.add_argument("--" + name.replace("_", "-"), dest="field_" + name, type=parse_value, metavar="VALUE",
+                       nargs="?" if f.type in ("bool", bool) else None, const=True if f.type in ("bool", bool) else None,
+                       help=argparse.SUPPRESS)
+        if f.type in ("bool", bool):
+            p.add_argument("--no-" + name.replace("_", "-"), dest="field_" + name, action="store_const", const=False,
+                           help=argparse.SUPPRESS)
+
+
+def config_overrides(args) -> dict:
+    sets = {}
+    for item in args.sets:
+        if "=" not in item:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        sets[key.strip()] = parse_value(value)
+    for name in FIELDS:
+        value = getattr(args, "field_" + name, None)
+        if value is not None:
+            sets[name] = value
+    return sets
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def _train_arguments(p):
+    add_config_arguments(p)
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
+    p.epilog = ("every config key is also a flag: --max-steps 100 --lr 3e-4 --out runs/x --strategy ddp "
+                "--compile --no-progress")
+
+
+@command("train", "train a model (presets: tiny, gpt2-small, seed)", _train_arguments)
+def run_train(args) -> int:
+    from .training import checkpoint as ckpt_io
+    from .training.loop import Trainer
+
+    sets = config_overrides(args)
+    resume = None
+    if args.resume:
+        resume = ckpt_io.find(args.resume)
+        for key in ("arch", "model", "seq_len", "data", "task", "tokenizer", "seed") + tuple(
+                k for k in sets if k.startswith("model.")):
+            if key in sets:
+                raise CLIError(f"--resume continues the run as it was configured: drop {key!r} "
+                               f"(only keys such as max_steps, eval_every, save_every, progress may change)")
+        base = {**ckpt_io.read_config(resume), "stop_after": None}  # a stop belongs to one invocation
+        cfg = load_config(config_file=args.config, sets=sets, base=base)
+        run = resume.parent.parent
+        cfg.out = str(run)
+    else:
+        cfg = load_config(args.preset, args.config, sets)
+        if cfg.preset is None and not cfg.model:
+            raise CLIError("no model given: use --preset NAME (tiny, gpt2-small, seed) or --config FILE")
+        run = Path(cfg.out or f"runs/{cfg.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.out = str(run)
+    trainer = Trainer(cfg, run, resume)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.env.main and summary["evals"]:
+        first, last = summary["evals"][0], summary["evals"][-1]
+        print(f"validation bits per byte: {first['val_bpb']:.3f} -> {last['val_bpb']:.3f} "
+              f"({summary['steps_run']} steps in {summary['seconds']:.0f} s)")
+        if "plot" in summary:
+            print(f"loss plot: {summary['plot']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# eval / generate: a trained model from its checkpoint
+
+
+def _load_trained(run: str, sets: dict):
+    import torch
+
+    from .training import checkpoint as ckpt_io
+    from .training.data import load_data
+    from .training.distributed import Env
+    from .training.model import build_model
+
+    ckpt = ckpt_io.find(run)
+    cfg = load_config(sets={**sets, "strategy": "none"}, base=ckpt_io.read_config(ckpt))
+    data = load_data(cfg)
+    model = build_model(cfg, data.vocab_size)
+    try:
+        model.load_state_dict(ckpt_io.load_weights(ckpt))
+    except RuntimeError as e:
+        raise CLIError(f"checkpoint {ckpt} does not fit its model: {str(e).splitlines()[0]}")
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else
+                          cfg.device if cfg.device != "auto" else "cpu")
+    return cfg, data, model.to(device).eval(), Env(device=device), ckpt
+
+
+def _eval_arguments(p):
+    p.add_argument("run", help="a run folder or checkpoint folder")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set eval_batches=32, or --set data=other.txt to evaluate on other text")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+@command("eval", "validation loss and bits per byte of a trained model", _eval_arguments)
+def run_eval(args) -> int:
+    import json
+
+    from .training.loop import evaluate
+
+    sets = config_overrides(argparse.Namespace(sets=args.sets))
+    cfg, data, model, env, ckpt = _load_trained(args.run, sets)
+    out = evaluate(model, data, cfg, env)
+    out.pop("sample")
+    out["checkpoint"] = str(ckpt)
+    print(json.dumps(out) if args.json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in out.items()))
+    return 0
+
+
+def _generate_arguments(p):
+    p.add_argument("run", help="a run folder or checkpoint folder")
+    p.add_argument("--prompt", default=None, help="text to continue (the source sequence for a task model)")
+    p.add_argument("--tokens", type=int, default=200, help="how many tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("generate", "sample text from a trained model", _generate_arguments)
+def run_generate(args) -> int:
+    from .training.loop import sample_text
+
+    cfg, data, model, env, _ = _load_trained(args.run, {})
+    cfg.sample_tokens, cfg.temperature, cfg.seed = args.tokens, args.temperature, args.seed
+    print(sample_text(model, data, cfg, env, 0, args.prompt))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# plot / prepare
+
+
+def _plot_arguments(p):
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or metrics.jsonl files)")
+    p.add_argument("-o", "--out", help="PNG to write (default RUN/loss.png for one run, loss_curves.png for several)")
+    p.add_argument("--metric", default="loss", help="loss (default) or bpb")
+
+
+@command("plot", "loss curves of one or more runs in one PNG", _plot_arguments)
+def run_plot(args) -> int:
+    from .training.metrics import plot
+
+    out = args.out or (str(Path(args.runs[0]) / "loss.png") if len(args.runs) == 1 else "loss_curves.png")
+    print(plot(args.runs, out, args.metric))
+    return 0
+
+
+def _prepare_arguments(p):
+    p.add_argument("data", help="a text file, a folder of text files, or 'stdlib'")
+    p.add_argument("out", help="the token file to write, ending in .bin")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizers JSON (bytes when omitted)")
+    p.add_argument("--token-dtype", default="uint16", help="uint8, uint16 (default) or uint32")
+    p.add_argument("--stdlib-bytes", type=int, default=4_000_000)
+
+
+@command("prepare", "tokenize a corpus into a memory-mappable .bin token file", _prepare_arguments)
+def run_prepare(args) -> int:
+    import os
+
+    from .training.data import load_tokenizer, read_corpus, write_tokens
+
+    if not args.out.endswith(".bin"):
+        raise CLIError(f"the token file must end in .bin, got {args.out}")
+    raw = read_corpus(args.data, args.stdlib_bytes)
+    if not raw.strip():
+        raise CLIError(f"corpus {args.data} is empty")
+    tokens = load_tokenizer(args.tokenizer).encode(raw)
+    tmp = f"{args.out}.tmp-{os.getpid()}"
+    write_tokens(tmp, tokens, args.token_dtype)
+    os.replace(tmp, args.out)
+    print(f"{len(tokens)} tokens -> {args.out} ({args.token_dtype})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog="xtransformers", description="Train and use x-transformers models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._run(args)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The training configuration: one dataclass, filled in this order (later wins):
+
+    TrainConfig defaults  <  --preset NAME  <  --config FILE (YAML or JSON)  <  flags / --set KEY=VALUE
+
+``model`` holds keywords for the library's constructors (``Decoder`` + ``TransformerWrapper``, or
+``XTransformer``); the library validates them. Every other key is a field below; an unknown key
+is an error naming the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .presets import PRESETS
+
+ARCHS = ("decoder", "xtransformer")
+STRATEGIES = ("none", "ddp", "fsdp")
+
+
+class CLIError(Exception):
+    """A user error: the CLI prints the message on one line and exits non-zero."""
+
+
+def closest(name: str, valid) -> str:
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    arch: str = "decoder"  # "decoder" (language model) or "xtransformer" (encoder-decoder)
+    model: dict = field(default_factory=dict)  # any model keyword of the library
+    # data
+    data: str = "stdlib"  # a text file, a folder of text files, a .bin token file, or "stdlib"
+    task: str | None = None  # synthetic seq2seq task for xtransformer: copy, reverse, sort, addition
+    tokenizer: str | None = None  # a Hugging Face tokenizers JSON; bytes (256 tokens) when unset
+    token_dtype: str = "uint16"  # element type of a .bin token file
+    stdlib_bytes: int = 4_000_000  # byte budget of the embedded default corpus
+    val_fraction: float = 0.05  # the last fraction of the tokens is the validation split
+    seq_len: int = 256
+    # optimisation
+    batch_size: int = 16  # global: sequences per optimizer step, over all processes and micro-steps
+    grad_accum: int = 1
+    max_steps: int = 300
+    stop_after: int | None = None  # end this invocation at this step (e.g. a time-limited job); the
+    # schedule still spans max_steps, and --resume continues
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # evaluation, sampling, logging, checkpoints
+    eval_every: int = 100
+    eval_batches: int = 8
+    sample_tokens: int = 160
+    sample_prompt: str = "def "
+    temperature: float = 0.8  # 0 = greedy
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 1
+    progress: bool = True
+    # execution
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available
+    precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16"
+    compile: bool = False
+    strategy: str = "none"  # none, ddp, fsdp (launch with torchrun)
+    out: str | None = None  # run folder; default runs/<preset>-<time>
+    preset: str | None = None
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise CLIError(msg)
+
+        need(self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}")
+        need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        need(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        need(isinstance(self.model, dict), "model must be a mapping of model keywords")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                     "log_every", "save_every", "keep_checkpoints", "stdlib_bytes"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be an integer >= 1, got {value!r}")
+        need(0 < self.val_fraction < 1, f"val_fraction must lie in (0, 1), got {self.val_fraction!r}")
+        need(self.batch_size % self.grad_accum == 0,
+             f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        need(self.warmup_steps >= 0 and self.lr > 0, "lr must be positive and warmup_steps >= 0")
+        if self.arch == "xtransformer":
+            need(self.task is not None, "arch xtransformer trains on a synthetic task: set task "
+                                        "(copy, reverse, sort or addition)")
+        elif self.task is not None:
+            raise CLIError(f"task {self.task!r} needs arch: xtransformer (an encoder-decoder)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def parse_value(text: str) -> Any:
+    """A flag value: JSON/YAML scalars and lists (``3e-4``, ``true``, ``[1, 2]``), else the string."""
+    try:
+        import yaml
+
+        return yaml.safe_load(text)
+    except ImportError:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    except Exception:
+        return text
+
+
+def read_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"config file {path} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise CLIError("YAML config files need pyyaml: pip install 'x-transformers[train]', or use JSON")
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except CLIError:
+        raise
+    except Exception as e:
+        raise CLIError(f"config file {path} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: "
+                       f"{str(e).splitlines()[0]}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def apply(cfg: dict, updates: dict, source: str) -> dict:
+    """Merge ``updates`` into ``cfg`` (``model`` merges key by key), rejecting unknown keys."""
+    for key, value in updates.items():
+        if key.startswith("model."):
+            cfg["model"] = {**cfg["model"], key[6:]: value}
+        elif key == "model":
+            if not isinstance(value, dict):
+                raise CLIError(f"{source}: model must be a mapping of model keywords")
+            cfg["model"] = {**cfg["model"], **value}
+        elif key in FIELDS:
+            cfg[key] = value
+        else:
+            raise CLIError(f"{source}: unknown config key {key!r}{closest(key, FIELDS)}")
+    return cfg
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise CLIError(f"unknown preset {name!r}{closest(name, PRESETS)} (presets: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def load_config(preset_name: str | None = None, config_file: str | None = None, sets: dict | None = None,
+                base: dict | None = None) -> TrainConfig:
+    """Resolve a TrainConfig. ``base`` (a saved run's config) replaces defaults, preset and file."""
+    file = read_file(config_file) if config_file else {}
+    sets = sets or {}
+    preset_name = sets.get("preset") or file.get("preset") or preset_name
+    if base is not None:
+        cfg = apply(TrainConfig().to_dict(), base, "checkpoint config")
+    else:
+        cfg = TrainConfig().to_dict()
+        if preset_name:
+            apply(cfg, preset(preset_name), f"preset {preset_name}")
+            cfg["preset"] = preset_name
+        apply(cfg, file, f"config file {config_file}")
+    apply(cfg, sets, "flag")
+    defaults = TrainConfig()
+    for name, value in cfg.items():
+        default = getattr(defaults, name)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            cfg[name] = value = float(value)
+        kind = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}[str(FIELDS[name].type).split()[0]]
+        if value is not None and not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise CLIError(f"config key {name!r} must be of type {kind.__name__}, got {value!r}")
+    return TrainConfig(**cfg).validate()

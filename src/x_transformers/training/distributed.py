@@ -1,0 +1,147 @@
+"""Processes, devices, and the one place where parallelism, precision and compile are applied.
+
+Launch several processes with PyTorch's own launcher::
+
+    torchrun --nproc_per_node=N -m x_transformers train --strategy ddp|fsdp ...
+
+The model is always built the same way on every rank (same seed, on CPU), then :func:`parallelize`
+applies, in this fixed order: move to the device; FSDP2 ``fully_shard`` on every block, on every
+layer stack's remaining parameters and on the root (mixed precision bf16 params / fp32 reductions
+on GPU), or DDP; then ``torch.compile`` when asked. The model modules know none of this.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import CLIError, TrainConfig
+
+
+@dataclass
+class Env:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, batch_size: int) -> slice:
+        """This process's rows of a global batch."""
+        per = batch_size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(cfg: TrainConfig) -> Env:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.strategy == "none":
+        raise CLIError(f"{world} processes were launched but strategy is none: pass --strategy ddp or fsdp")
+    if cfg.device == "auto":
+        use_cuda = torch.cuda.is_available()
+    else:
+        use_cuda = cfg.device.startswith("cuda")
+        if use_cuda and not torch.cuda.is_available():
+            raise CLIError(f"device {cfg.device} was asked for but CUDA is not available")
+    if cfg.strategy == "none":
+        device = torch.device(cfg.device) if cfg.device != "auto" else torch.device("cuda" if use_cuda else "cpu")
+        return Env(device=device)
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise CLIError(f"batch_size ({cfg.batch_size}) must be divisible by processes x grad_accum "
+                       f"({world} x {cfg.grad_accum})")
+    if use_cuda:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # one process without torchrun: a group of one
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return Env(rank=rank, world=world, local_rank=local, device=device, distributed=True)
+
+
+def teardown(env: Env):
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def uses_bf16(cfg: TrainConfig, env: Env) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+
+
+def layer_stacks(model: nn.Module):
+    from ..layers import AttentionLayers
+
+    return [m for m in model.modules() if isinstance(m, AttentionLayers)]
+
+
+def parallelize(model: nn.Module, cfg: TrainConfig, env: Env) -> nn.Module:
+    model.to(env.device)
+    if cfg.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if uses_bf16(cfg, env) else None
+        kw = {"mp_policy": mp} if mp is not None else {}
+        for stack in layer_stacks(model):
+            for block in stack.blocks:
+                fully_shard(block, **kw)
+        fully_shard(model, **kw)
+    elif cfg.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+def autocast(cfg: TrainConfig, env: Env):
+    """bf16 autocast on GPU; FSDP casts parameters itself through its mixed-precision policy."""
+    if uses_bf16(cfg, env) and cfg.strategy != "fsdp":
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def no_sync(model: nn.Module, cfg: TrainConfig, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+    inner = getattr(model, "_orig_mod", model)
+    if cfg.strategy == "ddp" and not last:
+        return inner.no_sync()
+    if cfg.strategy == "fsdp":
+        inner.set_requires_gradient_sync(last)
+    return nullcontext()

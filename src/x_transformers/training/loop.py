@@ -1,0 +1,292 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, validation, samples, checkpoints.
+
+Determinism: batch ``i`` is a pure function of (seed, i) (see data.py), the optimizer, scheduler and
+RNG states are checkpointed, and evaluation / sampling use their own generators; so on CPU a resumed
+run logs bit-identical losses to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt_io
+from .config import CLIError, TrainConfig
+from .data import BOS, TaskData, bits_per_byte, load_data
+from .distributed import Env, autocast, no_sync, parallelize, setup, teardown
+from .metrics import MetricsLog, plot
+from .model import build_model, count_params
+from .sampler import greedy_seq2seq, sample
+
+
+def lr_factor(cfg: TrainConfig):
+    """Linear warmup to lr over warmup_steps, then a cosine to lr * min_lr_ratio at max_steps."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(model, cfg: TrainConfig, env: Env) -> torch.optim.AdamW:
+    # weight decay on matrices only: not on norms, biases, or 1-d scales
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=env.device.type == "cuda")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run: Path, resume: Path | None = None, log=print):
+        self.cfg, self.run, self.log = cfg, run, log
+        self.env = env = setup(cfg)
+        try:
+            self._build(resume)
+        except BaseException:
+            teardown(env)
+            raise
+
+    # -- set-up: validate everything before writing anything ---------------------------------
+    def _build(self, resume: Path | None):
+        cfg, env = self.cfg, self.env
+        if resume is None and self.run.exists() and any(self.run.iterdir()):
+            raise CLIError(f"run folder {self.run} already exists; choose another --out, or --resume {self.run}")
+        self.data = load_data(cfg)
+        torch.manual_seed(cfg.seed)
+        self.inner = build_model(cfg, self.data.vocab_size)  # identical on every rank
+        self.n_params = count_params(self.inner)
+        state = None
+        if resume is not None:
+            state = ckpt_io.load_state(resume)
+            saved = state.get("data_sha256")
+            if saved != self.data.digest:
+                raise CLIError(f"the data differs from the checkpoint's (sha256 {str(saved)[:12]}... vs "
+                               f"{self.data.digest[:12]}...); resume with the data the run was trained on")
+            try:
+                self.inner.load_state_dict(ckpt_io.load_weights(resume))
+            except RuntimeError as e:
+                raise CLIError(f"checkpoint {resume} does not fit the model: {str(e).splitlines()[0]}")
+        self.model = parallelize(self.inner, cfg, env)
+        self.opt = make_optimizer(self.inner, cfg, env)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg))
+        self.step = 0
+        if state is not None:
+            self._restore(resume, state)
+        else:
+            torch.manual_seed(cfg.seed + 1_000 * env.rank)  # dropout differs between ranks
+        if env.main:  # only now does anything touch the run folder
+            self.run.mkdir(parents=True, exist_ok=True)
+            ckpt_io.atomic_write_text(self.run / "config.json", json.dumps(cfg.to_dict(), indent=1))
+            ckpt_io.atomic_write_text(self.run / "data.json", json.dumps(self.data.describe(), indent=1))
+        env.barrier()
+        self.metrics = MetricsLog(self.run, env.main, resume_step=self.step if state is not None else None)
+
+    def _restore(self, resume: Path, state: dict):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+
+        if "optimizer" in state:
+            set_optimizer_state_dict(self.inner, self.opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:  # sharded by FSDP, resharded here for this number of processes
+            template = get_optimizer_state_dict(self.inner, self.opt)
+            ckpt_io.dcp_load({"optim": template}, resume / "optim")
+            set_optimizer_state_dict(self.inner, self.opt, template)
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        if len(rng["cpu"]) == self.env.world:
+            torch.set_rng_state(rng["cpu"][self.env.rank])
+            if torch.cuda.is_available() and rng.get("cuda"):
+                torch.cuda.set_rng_state(rng["cuda"][self.env.rank])
+        else:  # another number of processes: fresh, but still seeded, dropout streams
+            torch.manual_seed(self.cfg.seed + 1_000 * self.env.rank + self.step)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, env = self.cfg, self.env
+        self.model.train()
+        micro = cfg.batch_size // cfg.grad_accum  # global sequences per micro-step
+        total, tokens = torch.zeros((), device=env.device), 0
+        for k in range(cfg.grad_accum):
+            batch = self.data.batch(self.step * cfg.grad_accum + k, "train", micro, env.rows(micro))
+            inputs = [t.to(env.device) for t in batch.inputs]
+            with no_sync(self.model, cfg, last=k == cfg.grad_accum - 1), autocast(cfg, env):
+                logits = self.model(*inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.target.to(env.device).flatten())
+            (loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+            tokens += batch.tokens * env.world
+        norm = None
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        out = {"loss": env.mean(total.item()), "lr": lr, "tokens": tokens}
+        if norm is not None:
+            out["grad_norm"] = norm.item()
+        return out
+
+    # -- validation and a sample ---------------------------------------------------------------
+    def evaluate(self) -> dict:
+        # the uncompiled module; FSDP's sharded module still gathers its own parameters
+        return evaluate(self.inner, self.data, self.cfg, self.env, self.step)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        cfg, env = self.cfg, self.env
+        root = self.run / "checkpoints"
+        tmp = root / f".tmp-step-{self.step:06d}"
+        if env.main:
+            ckpt_io.begin(root, self.step)
+            (tmp / "optim").mkdir()
+        env.barrier()
+        sharded = cfg.strategy == "fsdp"
+        if sharded:
+            weights = get_model_state_dict(self.inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            ckpt_io.dcp_save({"optim": get_optimizer_state_dict(self.inner, self.opt)}, tmp / "optim")
+        else:
+            weights = self.inner.state_dict()
+        rng = {"cpu": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
+        if env.distributed:
+            gathered = [None] * env.world
+            torch.distributed.all_gather_object(gathered, rng)
+            rng = {"cpu": [r["cpu"][0] for r in gathered], "cuda": [c for r in gathered for c in r["cuda"]]}
+        if env.main:
+            state = {"step": self.step, "scheduler": self.sched.state_dict(), "rng": rng,
+                     "data_sha256": self.data.digest, "data_batch_index": self.step * cfg.grad_accum}
+            if not sharded:
+                state["optimizer"] = get_optimizer_state_dict(self.inner, self.opt)
+                (tmp / "optim").rmdir()
+            ckpt_io.save_weights(weights, tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            torch.save(state, tmp / "state.pt")
+        env.barrier()
+        final = None
+        if env.main:
+            final = ckpt_io.commit(root, tmp, self.step, {"world_size": env.world, "strategy": cfg.strategy},
+                                   cfg.keep_checkpoints)
+        env.barrier()
+        return final
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, env = self.cfg, self.env
+        say = self.log if env.main else (lambda *a, **k: None)
+        say(f"model: {cfg.arch}, {self.n_params / 1e6:.2f}M parameters; data: {self.data.source} "
+            f"({self.data.describe().get('train_tokens', 'synthetic')} train tokens); {env.world} process(es) on "
+            f"{env.device.type}; run folder {self.run}")
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        bar = None
+        if tqdm is not None and cfg.progress and env.main:
+            bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+            say = bar.write
+
+        evals = []
+
+        def validate():
+            ev = self.evaluate()
+            text = ev.pop("sample")
+            self.metrics.log({"kind": "val", "step": self.step, **ev})
+            extra = f", exact match {ev['val_exact_match']:.3f}" if "val_exact_match" in ev else ""
+            say(f"step {self.step}: val loss {ev['val_loss']:.4f}, val bits/byte {ev['val_bpb']:.4f}{extra}")
+            say(f"sample: {text!r}")
+            evals.append(ev)
+
+        if self.step == 0:
+            validate()
+        t0, tokens, start_step, started = time.perf_counter(), 0, self.step, time.perf_counter()
+        losses = []
+        end = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
+        while self.step < end:
+            rec = self.train_step()
+            tokens += rec.pop("tokens")
+            losses.append(rec["loss"])
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                dt = time.perf_counter() - t0
+                rec["tokens_per_s"] = tokens / max(dt, 1e-9)
+                self.metrics.log({"kind": "train", "step": self.step, **rec})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                t0, tokens = time.perf_counter(), 0
+            if bar is not None:
+                bar.update(1)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                validate()
+            if self.step % cfg.save_every == 0 or self.step == end:
+                path = self.save()
+                say(f"checkpoint: {path}") if path else None
+        if bar is not None:
+            bar.close()
+        self.metrics.close()
+        summary = {"steps": self.step, "train_losses": losses, "evals": evals,
+                   "seconds": time.perf_counter() - started, "steps_run": self.step - start_step}
+        if env.main and self.step > start_step:
+            try:
+                summary["plot"] = str(plot([str(self.run)], self.run / "loss.png"))
+            except CLIError as e:  # matplotlib missing: the run still succeeded
+                self.log(f"note: {e}")
+        return summary
+
+    def close(self):
+        teardown(self.env)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg: TrainConfig, env: Env, step: int = 0) -> dict:
+    """Validation loss and bits per byte over ``eval_batches`` fixed batches (exact match for a
+    task), and a sample. Every process must call it (FSDP gathers parameters collectively)."""
+    model.eval()
+    micro = cfg.batch_size // cfg.grad_accum
+    losses, correct, seen = [], 0, 0
+    for i in range(cfg.eval_batches):
+        batch = data.batch(i, "val", micro, env.rows(micro))
+        inputs = [t.to(env.device) for t in batch.inputs]
+        with autocast(cfg, env):
+            logits = model(*inputs)
+        target = batch.target.to(env.device)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten()).item())
+        if isinstance(data, TaskData):
+            pred = greedy_seq2seq(model, inputs[0], target.shape[1], BOS)
+            correct += (pred == target).all(-1).sum().item()
+            seen += target.shape[0]
+    loss = env.mean(sum(losses) / len(losses))
+    out = {"val_loss": loss, "val_bpb": bits_per_byte(loss, data.bytes_per_token)}
+    if isinstance(data, TaskData):
+        out["val_exact_match"] = env.mean(correct / seen)
+    out["sample"] = sample_text(model, data, cfg, env, step)
+    return out
+
+
+def sample_text(model, data, cfg: TrainConfig, env: Env, step: int = 0, prompt: str | None = None) -> str:
+    g = torch.Generator().manual_seed(cfg.seed + step)  # leaves the training RNG alone
+    if isinstance(data, TaskData):
+        src, tgt = data.examples(g, 1)
+        if prompt is not None:
+            src = torch.tensor([list(prompt.encode())], dtype=torch.long)
+        pred = greedy_seq2seq(model, src.to(env.device), tgt.shape[1], BOS)
+        dec = data.tokenizer.decode
+        return f"{dec(src[0])} -> {dec(pred[0].cpu())}" + ("" if prompt is not None else f" (target {dec(tgt[0])})")
+    text = cfg.sample_prompt if prompt is None else prompt
+    ids = torch.tensor([list(data.tokenizer.encode(text.encode()))], dtype=torch.long)
+    window = getattr(model, "max_seq_len", None) or cfg.seq_len
+    out = sample(model, ids.to(env.device), cfg.sample_tokens, cfg.temperature, window, g)
+    return data.tokenizer.decode(out[0].cpu().tolist())

@@ -1,0 +1,50 @@
+"""Multi-process training on CPU (gloo): 2-process DDP and FSDP2 runs match one process with the same
+global batch, and an FSDP sharded checkpoint written by 2 processes resumes on 1."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_helpers import TINY, cli, python_env, torchrun, train_losses
+
+from x_transformers.training import checkpoint as ck
+
+# global batch 4 = 2 processes x 2 micro-steps x 1 row: exercises no_sync / gradient-sync skipping
+DIST = [*TINY, "--batch-size", 4, "--grad-accum", 2, "--max-steps", 4, "--eval-every", 4, "--save-every", 2]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run = tmp_path_factory.mktemp("single") / "run"
+    assert cli("train", *DIST, "--out", run) == 0
+    return run
+
+
+def assert_same_training(run, reference):
+    assert train_losses(run) == pytest.approx(train_losses(reference), rel=1e-5, abs=1e-6)
+    a, b = ck.load_weights(ck.find(run)), ck.load_weights(ck.find(reference))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_ddp_two_processes_match_one(single, tmp_path):
+    proc = torchrun(2, "train", *DIST, "--strategy", "ddp", "--out", tmp_path / "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(tmp_path / "ddp", single)
+
+
+def test_fsdp_two_processes_match_one_and_reshard_on_resume(single, tmp_path):
+    run = tmp_path / "fsdp"
+    proc = torchrun(2, "train", *DIST, "--strategy", "fsdp", "--stop-after", 2, "--out", run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = ck.find(run)
+    assert ck.verify(ckpt)["world_size"] == 2 and (ckpt / "optim" / ".metadata").is_file()
+    assert "optimizer" not in ck.load_state(ckpt)  # the optimizer lives in the sharded folder
+    assert train_losses(run) == pytest.approx(train_losses(single)[:2], rel=1e-5, abs=1e-6)
+    # the 2-process sharded optimizer state, loaded by 1 process (FSDP, a group of one)
+    proc = subprocess.run([sys.executable, "-m", "x_transformers", "train", "--resume", str(run)],
+                          env=python_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(run, single)
