@@ -31,6 +31,44 @@ def _chunk_rows(n: int, vocab: int, chunk_size: int | None) -> int:
     return max(1, math.ceil(n / pieces))
 
 
+def chunk_step(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """One chunk: (sum of -log p[target] over valid rows, softmax - onehot(target) in the logits'
+    dtype). Written as plain elementwise + row reductions so a compiler fuses it into two passes
+    over the (C, V) logits (the eager path in _ChunkedCrossEntropy makes about five)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -(logp.gather(1, targets[:, None]).squeeze(1) * valid).sum()
+    cols = torch.arange(logits.shape[-1], device=logits.device)
+    g = logp.exp() - (cols[None, :] == targets[:, None]).to(torch.float32)
+    return nll, g.to(logits.dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _fused_step(logits: Tensor):
+    """The compiled chunk_step on CUDA (inductor), None elsewhere or if it cannot be built; it is
+    compiled once per process and falls back to the eager loop on any compile failure."""
+    if not logits.is_cuda or torch.compiler.is_compiling():
+        return None
+    fn = _COMPILED.get("cuda")
+    if fn is None:
+        try:
+            fn = torch.compile(chunk_step, dynamic=False)
+        except Exception:  # noqa: BLE001 - no compiler available: the eager loop is exact too
+            fn = False
+        _COMPILED["cuda"] = fn
+    if fn is False:
+        return None
+
+    def run(logits, targets, valid):
+        try:
+            return fn(logits, targets, valid)
+        except Exception:  # noqa: BLE001 - a failed inductor build is remembered, not retried
+            _COMPILED["cuda"] = False
+            return chunk_step(logits, targets, valid)
+    return run
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk_rows: int,
@@ -56,17 +94,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 sl = slice(start, start + chunk_rows)
                 hs, ts, vs = hc[sl], safe_t[sl], valid[sl]
                 logits = hs @ wc.t()  # (C, V) in the compute dtype
-                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (C, V) float32, one kernel
-                del logits
-                loss_sum = loss_sum - (logp.gather(1, ts[:, None]).squeeze(1) * vs).sum()
-                if not (need_h or need_w):
-                    continue
-                # d loss_i / d logits_i = softmax_i - onehot(t_i), scaled by 1/count below, in fp32
-                # on the small (C, d) / (V, d) results rather than on the (C, V) matrix
-                g = torch.empty(logp.shape, dtype=compute_dtype, device=h.device)
-                torch.exp(logp, out=g)
-                del logp
-                g.scatter_add_(1, ts[:, None], torch.full_like(ts[:, None], -1, dtype=compute_dtype))
+                fused = _fused_step(logits) if (need_h or need_w) else None
+                if fused is not None:  # CUDA: log-softmax, loss and softmax - onehot in two fused passes
+                    nll, g = fused(logits, ts, vs)
+                    loss_sum = loss_sum + nll
+                    del logits
+                else:
+                    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (C, V) float32, one kernel
+                    del logits
+                    loss_sum = loss_sum - (logp.gather(1, ts[:, None]).squeeze(1) * vs).sum()
+                    if not (need_h or need_w):
+                        continue
+                    # d loss_i / d logits_i = softmax_i - onehot(t_i), scaled by 1/count below, in fp32
+                    # on the small (C, d) / (V, d) results rather than on the (C, V) matrix
+                    g = torch.empty(logp.shape, dtype=compute_dtype, device=h.device)
+                    torch.exp(logp, out=g)
+                    del logp
+                    g.scatter_add_(1, ts[:, None], torch.full_like(ts[:, None], -1, dtype=compute_dtype))
                 if need_h:
                     grad_h[sl] = (g @ wc).float() * row_scale[sl, None]
                 if need_w:
