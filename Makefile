@@ -2,23 +2,31 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean
+.PHONY: run test clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# torch is pinned to the CPU build on this machine's disk when none is present.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+# torch is pinned to the CPU build on this machine's disk when none is present (an unpinned
+# install would fetch a multi-GB CUDA build).
+TORCH := $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# one stamp per extra, so `make run` does not wait for the test-only packages
+$(VENV)/.train: pyproject.toml | $(BIN)/python
+	$(TORCH)
+	$(BIN)/pip install -q -e '.[train]'
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
-
-test: $(STAMP)
+test: $(VENV)/.test
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
 
-run: $(STAMP)
+run: $(VENV)/.train
 	OMP_NUM_THREADS=2 $(BIN)/python -m x_transformers train --preset tiny
 
 clean:
