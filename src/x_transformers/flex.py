@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the torch build
     create_block_mask = flex_attention = None
 
 _compiled_flex = None
+_MASKLESS: dict = {}  # (causal, n, m, device) -> BlockMask: without a mask tensor it is reusable across forwards
 
 
 def compiled_flex_attention():
@@ -70,23 +71,28 @@ def flex_mask_mod(mask, causal: bool, n: int, m: int):
 
 
 def block_mask_for(req: AttendRequest):
-    """The BlockMask of req's mask and causality, built once per forward: memoised on the
-    ScoreMod every layer shares, keyed by the mask tensor's identity (held, so ids stay unique)."""
+    """The BlockMask of req's mask and causality. Without a mask tensor: cached across forwards.
+    With one: built once per forward, memoised on the ScoreMod every layer shares, keyed by the
+    mask tensor's identity (held, so ids stay unique). Memory key/values pad the mask per layer,
+    so there it is built per layer."""
     b, h, n, _ = req.q.shape
     m = req.k.shape[-2]
     causal = req.causal and n > 1  # one query at the bottom row sees every key
     mask = req.mask
+    if mask is None:
+        key = (causal, n, m, str(req.q.device))
+        if key not in _MASKLESS:
+            if len(_MASKLESS) > 64:
+                _MASKLESS.clear()
+            mask_mod = flex_mask_mod(None, causal, n, m)
+            _MASKLESS[key] = None if mask_mod is None else create_block_mask(mask_mod, None, None, n, m, device=req.q.device)
+        return _MASKLESS[key]
     key = ("block_mask", id(mask), mask._version if mask is not None else None, causal, b, h, n, m)
     memo = req.score_mod.memo
     if key not in memo:
-        mask_mod = flex_mask_mod(mask, causal, n, m)
-        if mask_mod is None:
-            memo[key] = (mask, None)
-        else:
-            mb = _as_4d(mask).shape[0] if mask is not None else 1
-            mh = _as_4d(mask).shape[1] if mask is not None else 1
-            memo[key] = (mask, create_block_mask(mask_mod, b if mb > 1 else None, h if mh > 1 else None, n, m,
-                                                 device=req.q.device))
+        mb, mh = _as_4d(mask).shape[:2]
+        memo[key] = (mask, create_block_mask(flex_mask_mod(mask, causal, n, m), b if mb > 1 else None,
+                                             h if mh > 1 else None, n, m, device=req.q.device))
     return memo[key][1]
 
 
@@ -130,10 +136,13 @@ class FlexBackend:
 
     def __call__(self, req: AttendRequest):
         q, k, v, sm = req.q, req.k, req.v, req.score_mod
-        out = compiled_flex_attention()(
-            q, k, v, score_mod=sm.flex_score_mod(q.shape[0]), block_mask=block_mask_for(req), scale=req.scale,
-            enable_gqa=q.shape[1] != k.shape[1], kernel_options=sm.kernel_options,
-        )
+        score_mod, block_mask = sm.flex_score_mod(q.shape[0]), block_mask_for(req)
+        # q, k, v already carry the compute dtype; autocast around the higher-order op adds nothing
+        with torch.autocast(q.device.type, enabled=False):
+            out = compiled_flex_attention()(
+                q, k, v, score_mod=score_mod, block_mask=block_mask, scale=req.scale,
+                enable_gqa=q.shape[1] != k.shape[1], kernel_options=sm.kernel_options,
+            )
         return out, None
 
 
