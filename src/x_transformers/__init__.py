@@ -4,6 +4,7 @@ from .attend import BackendNotSupported, attend, attend_backend
 from .autoregressive import AutoregressiveWrapper
 from .cache import KVCache, StaticKVCache
 from .config import ConfigConflictError
+from . import flex as _flex  # noqa: F401 - registers the FlexAttention backend ahead of sdpa
 from .funnel import FunnelEncoder
 from .hf import from_pretrained, load_tokenizer, save_pretrained
 from .layers import AttentionLayers, CrossAttender, Decoder, Encoder

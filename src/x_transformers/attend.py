@@ -8,7 +8,11 @@ others. Backends:
   GPU, a fused C++ kernel on CPU). Handles masks, causality, an additive float bias, GQA, dropout.
 - ``explicit``: materialises the scores. Needed by features that change the normalisation or
   read the weights: talking heads, entmax, top-k sparsity, returning attention maps.
-- further backends (FlexAttention on GPU) register themselves with :func:`register_backend`.
+- further backends (FlexAttention on GPU, ``flex.py``) register themselves with :func:`register_backend`.
+
+A position bias may arrive as a description (``score_mod``, a :class:`~x_transformers.positional.ScoreMod`)
+instead of a tensor: a backend that reads it (``reads_score_mod = True``) computes the bias in its
+kernel; for any other backend ``attend()`` materialises it (``score_mod.dense()``) first.
 
 Conventions: masks are boolean, True = keep. Causal masking aligns bottom-right: with n queries
 and m >= n keys (a cache, persistent memory), query i sees keys j <= i + m - n. A query row whose
@@ -20,7 +24,7 @@ Legend: b batch, h query heads, g kv heads, n queries, m keys, d head dim, e val
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,6 +38,7 @@ class AttendRequest:
     mask: Tensor | None = None  # bool, broadcastable to (b, h, n, m)
     causal: bool = False
     bias: Tensor | None = None  # float, broadcastable to (b, h, n, m), added to scaled scores
+    score_mod: object | None = None  # a positional ScoreMod: added to the scores like bias (both may be set)
     scale: float | None = None
     dropout: float = 0.0
     normalizer: str = "softmax"  # "softmax", "entmax15", "entmax_bisect"
@@ -215,9 +220,16 @@ def attend_backend(name: str | None):
         _forced = previous
 
 
+def _auto_reasons(backend, req: AttendRequest) -> list[str]:
+    """What rules a backend out of automatic dispatch: it cannot compute ``req``, or (its optional
+    ``slower_reasons``) it can but was measured slower than the next one; forcing it ignores the latter."""
+    reasons = backend.not_supported_reasons(req)
+    return reasons + backend.slower_reasons(req) if hasattr(backend, "slower_reasons") else reasons
+
+
 def rejection_reasons(req: AttendRequest) -> dict[str, list[str]]:
-    """Every registered backend's reasons for not computing ``req`` (empty list = can)."""
-    return {name: BACKENDS[name].not_supported_reasons(req) for name in _PRIORITY}
+    """Every registered backend's reasons for not being picked for ``req`` (empty list = can)."""
+    return {name: _auto_reasons(BACKENDS[name], req) for name in _PRIORITY}
 
 
 def choose_backend(req: AttendRequest, force: str | None = None):
@@ -230,7 +242,7 @@ def choose_backend(req: AttendRequest, force: str | None = None):
             raise BackendNotSupported(f"backend {force!r} cannot compute this attention: " + "; ".join(reasons))
         return BACKENDS[force]
     for name in _PRIORITY:
-        if not BACKENDS[name].not_supported_reasons(req):
+        if not _auto_reasons(BACKENDS[name], req):
             return BACKENDS[name]
     detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejection_reasons(req).items())
     raise BackendNotSupported(f"no attention backend can compute this request ({detail})")
@@ -245,7 +257,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, force_backend: str | None = None,
     req = AttendRequest(q=q, k=k, v=v, **options)
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    return choose_backend(req, force_backend)(req)
+    backend = choose_backend(req, force_backend)
+    if req.score_mod is not None and not getattr(backend, "reads_score_mod", False):
+        dense = req.score_mod.dense()  # only now, and once per forward (memoised)
+        req = replace(req, bias=dense if req.bias is None else dense + req.bias, score_mod=None)
+    return backend(req)
 
 
 __all__ = ["attend", "attend_backend", "AttendRequest", "BackendNotSupported", "BACKENDS", "register_backend",

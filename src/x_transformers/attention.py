@@ -11,7 +11,7 @@ from torch import nn
 
 from .attend import attend
 from .config import ENTMAX_MIN_GAP, AttentionConfig
-from .positional import apply_rotary
+from .positional import ScoreMod, apply_rotary
 
 SELF_PENALTY = 5e4  # shared-QK: a token sees itself only when nothing else is visible (Reformer)
 
@@ -82,7 +82,8 @@ class Attention(nn.Module):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
-        new tokens' positions; bias: float (b|1, h, n, m); cache: a LayerKV.
+        new tokens' positions; bias: float (b|1, h, n, m), or a ScoreMod describing it (materialised
+        only if the chosen kernel needs the tensor); cache: a LayerKV.
         kv (b, m, dim): self-attention whose keys/values come from this sequence instead of x, with
         kv_rotary their (cos, sin) (query-only pooling, Funnel Transformer 2006.03236).
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
@@ -90,6 +91,9 @@ class Attention(nn.Module):
         if kv is not None and (self.cross or self.shared_qk or cache is not None):
             raise ValueError("kv= is for plain self-attention: not with cross-attention, shared-QK or a cache")
         h, g = self.heads, self.kv_heads
+        score_mod = None
+        if isinstance(bias, ScoreMod):  # a position scheme: passed to attend() as a description
+            bias, score_mod = None, bias
         qkv = self._fused_qkv(x) if not (self.cross or self.shared_qk or kv is not None) else None
         q = _heads(qkv[0] if qkv else self.to_q(x), h)  # (b, h, n, d)
         if self.qk_scale is not None:
@@ -135,9 +139,11 @@ class Attention(nn.Module):
                 mask = F.pad(mask, (num_mem, 0), value=True)
             if bias is not None:
                 bias = F.pad(bias, (num_mem, 0), value=0.0)
+            if score_mod is not None:
+                score_mod = score_mod.with_memory(num_mem)
 
         out, weights = attend(
-            q, k, v, mask=mask, causal=self.causal, bias=bias, scale=scale,
+            q, k, v, mask=mask, causal=self.causal, bias=bias, score_mod=score_mod, scale=scale,
             dropout=self.cfg.dropout if self.training else 0.0,
             normalizer=self.normalizer, entmax_alpha=self.entmax_alpha, sparse_topk=self.cfg.sparse_topk,
             pre_mix=self.pre_mix, post_mix=self.post_mix, need_weights=need_weights,

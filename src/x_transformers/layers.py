@@ -217,14 +217,17 @@ class AttentionLayers(nn.Module):
             key_positions, self_mask = cache.keys_and_mask(mask, positions)  # cached keys + the new ones
 
         rotary = self.rotary(positions) if self.rotary is not None else None
-        bias = self.rel_pos(positions, key_positions) if self.rel_pos is not None else None
+        # a ScoreMod: a description of the bias, materialised at most once, and only if the chosen
+        # attention kernel needs the tensor (FlexAttention computes ALiBi / T5 in its kernel)
+        bias = self.rel_pos.score_mod(positions, key_positions) if self.rel_pos is not None else None
         if self.tupe is not None:  # TUPE-R when a relative bias is on: it is reset with the rest at [CLS]
-            bias = self.tupe(positions, key_positions, bias)
+            bias = self.tupe.score_mod(positions, key_positions, bias)
         ctx_mask = context_mask[:, None, None, :] if context_mask is not None else None
 
         attns = []
         if self.reversible is not None:  # reversible.py; the loop below then has nothing left to run
-            env = dict(self_mask=self_mask, rotary=rotary, bias=bias, context=context, ctx_mask=ctx_mask)
+            dense = bias.dense() if bias is not None else None  # an input of the recomputing autograd Function
+            env = dict(self_mask=self_mask, rotary=rotary, bias=dense, context=context, ctx_mask=ctx_mask)
             x, attns = self.reversible(self.blocks, x, env, cache=cache, need_weights=return_attn)
         sequential = zip(self.layout, self.blocks) if self.reversible is None else ()
         for i, (spec, block) in enumerate(sequential):
