@@ -16,7 +16,6 @@ from x_transformers import Decoder, Encoder, flex
 from x_transformers.attend import AttendRequest, BackendNotSupported, attend, attend_backend, choose_backend, rejection_reasons
 from x_transformers.positional import AlibiPositionalBias, T5RelativePositionBias, TUPEPositionalBias
 
-needs_flex = pytest.mark.skipif(flex.flex_attention is None, reason="torch without flex_attention")
 
 
 def padded_positions(b=2, n=40, m=None, seed=0):
@@ -129,7 +128,6 @@ def flex_on_cpu(monkeypatch):
     return calls
 
 
-@needs_flex
 def test_dispatch_prefers_flex_where_measured_faster(flex_on_cpu):
     q, k, v = qkv()
     q_pos, k_pos, _ = padded_positions(n=8)
@@ -141,7 +139,6 @@ def test_dispatch_prefers_flex_where_measured_faster(flex_on_cpu):
     assert choose_backend(t5, "flex").name == "flex"
 
 
-@needs_flex
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("case", ["alibi_decoder_padded", "t5_encoder_gqa", "tupe_r_mem_kv", "alibi_cache_rows_dead"])
 def test_flex_forward_matches_explicit(case, flex_on_cpu):
@@ -172,7 +169,6 @@ def test_flex_forward_matches_explicit(case, flex_on_cpu):
         assert (got[1] == 0).all()
 
 
-@needs_flex
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_model_on_flex_path_skips_dense_bias_and_builds_one_block_mask(flex_on_cpu, monkeypatch):
     torch.manual_seed(0)
