@@ -276,35 +276,43 @@ def read_records(path: Path) -> list[dict]:
 
 def feature_lines(records: list[dict], meta: dict) -> dict[str, str]:
     """For each section of docs/features.md with ablation rows: one line saying what we measured."""
+    exps = meta.get("experiments", {})
     lines: dict[str, list[str]] = {}
+    seeds: dict[str, set] = {}
     for kind in ("lm", "seq2seq"):
         rows = summarize(records, kind)
-        tokens = meta.get("experiments", {}).get(kind, {}).get("tokens_per_run")
-        budget = f"{tokens / 1e6:.1f}M tokens" if kind == "lm" and tokens else \
-            f"the `{meta.get('experiments', {}).get(kind, {}).get('base', {}).get('task', '?')}` task"
+        base = next((r for r in rows if r["setting"] == "baseline"), {})
+        task = exps.get(kind, {}).get("base", {}).get("task", "?")
         for r in rows:
             if not r["section"]:
                 continue
+            seeds.setdefault(r["section"], set()).add(r["seeds"])
             if "val_loss" not in r:
                 text = f"`{r['setting']}` failed ({'; '.join(r['failures'])[:120]})"
             elif kind == "lm":
-                d, se = r.get("val_loss_diff"), r.get("val_loss_se")
-                verdict = ("no measurable effect at this budget" if r.get("val_loss_beyond") is False else
-                           ("better than baseline" if d is not None and d < 0 else "worse than baseline")
-                           if r.get("val_loss_beyond") else "not judged (one seed)")
-                text = (f"`{r['setting']}` val loss {r['val_loss']:.3f} ({_f(d, '+.3f')} vs baseline"
-                        f"{f', 2 SE {2 * se:.3f}' if se is not None else ''}): {verdict}; "
-                        f"{_f(r.get('tokens_per_s'), ',.0f')} tok/s")
+                d, se, beyond = r.get("val_loss_diff"), r.get("val_loss_se"), r.get("val_loss_beyond")
+                verdict = ("not judged (one seed)" if beyond is None else "no measurable effect at this budget"
+                           if not beyond else "better than the baseline" if d < 0 else "worse than the baseline")
+                speed = (f", {r['tokens_per_s'] / base['tokens_per_s']:.2f}x its tokens/s"
+                         if r.get("tokens_per_s") and base.get("tokens_per_s") else "")
+                text = (f"`{r['setting']}` {_f(d, '+.3f')} nats of validation loss vs the baseline "
+                        f"({r['val_loss']:.3f}{f', 2 SE {2 * se:.3f}' if se is not None else ''}): {verdict}{speed}")
             else:
-                d = r.get("val_exact_match_diff")
-                verdict = ("no measurable effect" if r.get("val_exact_match_beyond") is False else
-                           ("better" if d is not None and d > 0 else "worse") if r.get("val_exact_match_beyond")
-                           else "not judged (one seed)")
-                text = f"`{r['setting']}` exact match {r.get('val_exact_match', 0):.3f} ({_f(d, '+.3f')}): {verdict}"
-            lines.setdefault(r["section"], []).append(f"{text} ({r['seeds']} seeds, {budget})")
+                d, beyond = r.get("val_exact_match_diff"), r.get("val_exact_match_beyond")
+                verdict = ("not judged (one seed)" if beyond is None else "no measurable effect" if not beyond
+                           else "better" if d > 0 else "worse")
+                text = (f"`{r['setting']}` on `{task}` exact match {r.get('val_exact_match', 0):.3f} vs "
+                        f"{_f(base.get('val_exact_match'), '.3f')} (baseline): {verdict}")
+            lines.setdefault(r["section"], []).append(text)
     from .ablate import NOT_RUN
 
-    out = {sec: "Measured ([ablation](evidence/ablation.md)): " + "; ".join(ls) + "." for sec, ls in lines.items()}
+    tokens = exps.get("lm", {}).get("tokens_per_run")
+    budget = f"{tokens / 1e6:.2f}M training tokens a run, " if tokens else ""
+    out = {}
+    for sec, ls in lines.items():
+        n = min(seeds[sec])
+        out[sec] = (f"Measured ([ablation](evidence/ablation.md); {budget}{n} seed{'s' if n != 1 else ''}): "
+                    + "; ".join(ls) + ".")
     out.update({sec: f"Measured: {text}." for sec, text in NOT_RUN.items()})
     return out
 
