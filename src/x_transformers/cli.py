@@ -35,7 +35,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES: list[str] = []  # further modules that register subcommands (e.g. ablations)
+COMMAND_MODULES: list[str] = ["x_transformers.training.ablate"]  # further modules that register subcommands
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):

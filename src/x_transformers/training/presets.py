@@ -2,6 +2,9 @@
 
 ``tiny``        a byte-level decoder (dim 256, depth 4, rotary) that trains on 2 CPU cores in ~4 minutes (``make run``)
 ``gpt2-small``  the GPT-2-small shape (vocab 50304, dim 768, depth 12, heads 12, seq 1024, batch 16)
+``ablate``        the base of ``xtransformers ablate``'s language-model table: a plain byte-level decoder
+                (dim 256, depth 4, heads 4, learned absolute positions), seq 256, batch 32, 250 steps
+``ablate-seq2seq`` its encoder-decoder table: a plain XTransformer (dim 128, depth 2) on ``reverse``
 ``seed``        the seed's encoder-decoder ``XTransformer(num_tokens=256, dim=512, depth=6, heads=8,
                 max_seq_len=1024)`` on the synthetic ``reverse`` task
 """
@@ -25,5 +28,17 @@ PRESETS: dict[str, dict] = {
         model=dict(dim=512, depth=6, heads=8, max_seq_len=1024),
         task="reverse", seq_len=32, batch_size=32, max_steps=2000, lr=3e-4, warmup_steps=100,
         eval_every=250, save_every=500,
+    ),
+    # the plain model every ablation row is compared with (no feature keywords): 2.05M tokens a run,
+    # estimated ~3 s a run on one H200 in bf16 (launch-bound), so ~100 runs fit in ~6 minutes
+    "ablate": dict(
+        arch="decoder",
+        model=dict(dim=256, depth=4, heads=4),
+        seq_len=256, batch_size=32, max_steps=250, lr=2e-3, warmup_steps=25, eval_batches=16,
+    ),
+    "ablate-seq2seq": dict(
+        arch="xtransformer",
+        model=dict(dim=128, depth=2, heads=4),
+        task="reverse", seq_len=16, batch_size=64, max_steps=300, lr=2e-3, warmup_steps=30, eval_batches=4,
     ),
 }

@@ -1,0 +1,149 @@
+"""xtransformers ablate: a CPU smoke run over every default setting (both experiments), the statistics
+of the table, failures recorded without ending the sweep, and the evidence written for docs/."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from train_helpers import ROOT, cli
+
+from x_transformers.training import ablate
+from x_transformers.training import ablate_report as report
+from x_transformers.training.config import load_config
+
+# a micro base for each experiment: each run builds the model, takes 2 optimizer steps and validates
+MICRO_LM = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=4", "--seq-len", "16",
+            "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--eval-batches", "1",
+            "--stdlib-bytes", "60000"]
+MICRO_TASK = ["--task-set", "model.dim=32", "--task-set", "seq_len=6", "--task-set", "batch_size=4",
+              "--task-set", "max_steps=2", "--task-set", "warmup_steps=1", "--task-set", "eval_batches=1"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablate") / "ablation"
+    assert cli("ablate", "--out", out, "--seeds", 1, *MICRO_LM, *MICRO_TASK) == 0
+    return out
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+
+
+def test_smoke_every_default_setting_trains_with_finite_losses(smoke):
+    assert sorted(p.name for p in smoke.iterdir()) == ["bars.png", "loss_curves.png", "meta.json", "runs.jsonl",
+                                                       "seq2seq.md", "table.md"]  # <= 6 files
+    recs = records(smoke)
+    for kind, settings in (("lm", ablate.LM_SETTINGS), ("seq2seq", ablate.SEQ2SEQ_SETTINGS)):
+        got = {r["setting"]: r for r in recs if r["kind"] == kind}
+        assert set(got) == {s.name for s in settings}
+        for name, r in got.items():
+            assert r["status"] == "ok", (kind, name, r.get("error"))
+            assert r["steps"] == 2 and all(math.isfinite(x) for x in r["train_loss"]), (kind, name)
+            assert math.isfinite(r["val_loss"]) and r["params"] > 0 and r["peak_mem_mib"] > 0
+        assert all("val_exact_match" in r for r in got.values()) == (kind == "seq2seq")
+    table, seq2seq = (smoke / "table.md").read_text(), (smoke / "seq2seq.md").read_text()
+    for s in ablate.LM_SETTINGS:
+        assert f"| {s.name} |" in table
+    for s in ablate.SEQ2SEQ_SETTINGS:
+        assert f"| {s.name} |" in seq2seq
+    meta = json.loads((smoke / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["commit"] and meta["card"]
+    assert meta["experiments"]["lm"]["data"]["sha256"] in table  # the corpus hash of the training data module
+    for png in ("bars.png", "loss_curves.png"):
+        assert (smoke / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_settings_change_the_model_they_name(smoke):
+    by = {(r["kind"], r["setting"]): r for r in records(smoke)}
+    base = by["lm", "baseline"]["model"]
+    assert base == {"dim": 32, "depth": 2, "heads": 4}
+    assert by["lm", "gqa"]["model"]["attn_kv_heads"] == 2 and by["lm", "dim_head_x2"]["model"]["attn_dim_head"] == 16
+    assert by["lm", "swiglu"]["params"] == pytest.approx(by["lm", "baseline"]["params"], rel=0.01)  # matched
+    assert by["lm", "macaron"]["params"] == pytest.approx(by["lm", "baseline"]["params"], rel=0.01)  # matched
+    assert by["seq2seq", "funnel"]["model"]["enc_depths"] == [1, 1]
+
+
+def test_a_positional_setting_replaces_the_base_scheme():
+    cfg = load_config("tiny")  # rotary in the base
+    alibi = next(s for s in ablate.LM_SETTINGS if s.name == "alibi")
+    model = ablate.setting_model(alibi, cfg)
+    assert model["alibi_pos_bias"] and "rotary_pos_emb" not in model
+    rms = ablate.setting_model(next(s for s in ablate.LM_SETTINGS if s.name == "rezero"),
+                               load_config("tiny", sets={"model.use_rmsnorm": True}))
+    assert rms["use_rezero"] and "use_rmsnorm" not in rms
+
+
+def rec(setting, seed, loss, em=None):
+    r = dict(kind="lm" if em is None else "seq2seq", setting=setting, seed=seed, status="ok", val_loss=loss,
+             val_bpb=loss, params=100, section="", paper="", notes="")
+    if em is not None:
+        r["val_exact_match"] = em
+    return r
+
+
+def test_statistics_difference_and_two_standard_errors():
+    recs = [rec("baseline", s, x) for s, x in enumerate((1.00, 1.02, 1.04))]
+    recs += [rec("better", s, x) for s, x in enumerate((0.90, 0.91, 0.92))]
+    recs += [rec("same", s, x) for s, x in enumerate((0.99, 1.03, 1.05))]
+    recs += [dict(kind="lm", setting="broken", seed=0, status="error", error="ValueError: no", section="",
+                  paper="", notes="")]
+    rows = report.summarize(recs, "lm")
+    assert [r["setting"] for r in rows] == ["better", "baseline", "same", "broken"]  # by loss, failures last
+    better, same = rows[0], rows[2]
+    assert better["val_loss_diff"] == pytest.approx(-0.11)
+    assert better["val_loss_se"] == pytest.approx(math.sqrt(0.01 ** 2 / 3 + 0.02 ** 2 / 3))
+    assert better["val_loss_beyond"] and not same["val_loss_beyond"]
+    md = report.markdown(recs, {}, "lm")
+    assert "**yes, better**" in md and "| same |" in md and "`broken`" in md and "ValueError: no" in md
+
+
+def test_a_failing_setting_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    # shared-QK refuses grouped KV heads: its run fails, the baseline still trains
+    out = tmp_path / "a"
+    assert cli("ablate", "--out", out, "--seeds", 1, "--experiments", "lm", "--settings", "shared_qk,rotary",
+               *MICRO_LM, "--set", "model.attn_kv_heads=2") == 0
+    by = {r["setting"]: r for r in records(out)}
+    assert by["shared_qk"]["status"] == "error" and "attn_kv_heads" in by["shared_qk"]["error"]
+    assert by["baseline"]["status"] == "ok" and by["rotary"]["status"] == "ok"
+    assert "Failed or diverged" in (out / "table.md").read_text()
+    assert "ERROR" in capsys.readouterr().out
+
+
+def test_time_limit_skips_runs_and_still_writes_the_tables(tmp_path):
+    out = tmp_path / "t"
+    assert cli("ablate", "--out", out, "--seeds", 2, "--experiments", "lm", "--settings", "rotary",
+               *MICRO_LM, "--time-limit", 1e-9) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "time limit reached" and len(meta["skipped"]) == 4
+    assert (out / "table.md").exists()
+
+
+def test_user_errors(tmp_path, capsys):
+    assert cli("ablate", "--out", tmp_path / "x", "--settings", "rotarry") == 2
+    assert "did you mean 'rotary'" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    assert cli("ablate", "--out", tmp_path / "full") == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_evidence_fills_every_features_section(smoke, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copyfile(ROOT / "docs" / "features.md", docs / "features.md")
+    lines = report.write_evidence(smoke, docs)
+    sections = {s.section for kind in ablate.EXPERIMENTS.values() for s in kind[1] if s.section}
+    assert sections | set(ablate.NOT_RUN) == set(lines)
+    assert report.update_features(docs / "features.md", lines) == []  # every section heading found
+    text = (docs / "features.md").read_text()
+    assert text.count("Measured ([ablation](evidence/ablation.md);") == len(sections)
+    assert "`rotary` " in text and "`funnel` on `reverse` exact match" in text
+    evidence = (docs / "evidence" / "ablation.md").read_text()
+    assert "Language-model ablation" in evidence and "Encoder-decoder ablation" in evidence
+    assert (docs / "evidence" / "ablation_bars.png").exists()
+    # idempotent: a second update replaces the lines instead of adding more
+    report.update_features(docs / "features.md", lines)
+    assert (docs / "features.md").read_text() == text
