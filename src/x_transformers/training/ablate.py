@@ -401,6 +401,8 @@ def _arguments(p):
     p.add_argument("--experiments", default="lm,seq2seq", help="lm, seq2seq, or both (default lm,seq2seq)")
     p.add_argument("--settings", help="comma-separated setting names (default: all; the baseline always runs)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="index of the first seed (to finish a sweep a time limit cut: --first-seed 2 --seeds 1)")
     p.add_argument("--tokens", type=float, help="training tokens per LM run (sets max_steps; default the preset's)")
     p.add_argument("--task-preset", default="ablate-seq2seq", help="base of the seq2seq experiment")
     p.add_argument("--task-set", dest="task_sets", action="append", default=[], metavar="KEY=VALUE",
@@ -450,7 +452,7 @@ def run_ablate(args) -> int:
             raise CLIError(f"the {kind} experiment needs arch {'xtransformer' if kind == 'seq2seq' else 'decoder'}, "
                            f"its base has arch {cfg.arch}")
     base_seed = next(iter(bases.values())).seed
-    sweep = Sweep(out, bases, settings, [base_seed + i for i in range(args.seeds)], args.time_limit)
+    sweep = Sweep(out, bases, settings, [base_seed + args.first_seed + i for i in range(args.seeds)], args.time_limit)
     n = sum(len(v) for v in settings.values()) * args.seeds
     print(f"ablate: {n} runs ({', '.join(f'{len(settings[k])} {k} settings' for k in kinds)}, {args.seeds} seeds) "
           f"-> {out}")
