@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..loss import chunked_cross_entropy
 from . import checkpoint as ckpt_io
 from .config import CLIError, TrainConfig
 from .data import BOS, TaskData, bits_per_byte, load_data
@@ -34,6 +35,24 @@ def lr_factor(cfg: TrainConfig):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def lm_loss(model, head, inputs: list, target: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy. ``model`` is what runs the forward (maybe DDP / FSDP /
+    compiled), ``head`` the plain module whose output head it uses. A decoder's loss is fused with
+    its head (:func:`~x_transformers.loss.chunked_cross_entropy`: the (tokens, vocab) logits are
+    never built); the encoder-decoder goes through its logits."""
+    from ..wrappers import TransformerWrapper
+
+    if isinstance(head, TransformerWrapper):
+        hidden = model(*inputs, return_embeddings=True)  # (b, n, d); memory tokens already removed
+        if head.logits_scale != 1.0:  # the forward scales the hidden states before its head
+            hidden = hidden * head.logits_scale
+        # under FSDP the root keeps its parameters gathered after forward (its reshard_after_forward
+        # is off), so this is the full (vocab, d) weight and its gradient is reduced with the rest
+        return chunked_cross_entropy(hidden, head.logits_weight, target)
+    logits = model(*inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
 
 
 def make_optimizer(model, cfg: TrainConfig, env: Env) -> torch.optim.AdamW:
@@ -63,6 +82,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.inner = build_model(cfg, self.data.vocab_size)  # identical on every rank
         self.n_params = count_params(self.inner)
+        if not isinstance(self.data, TaskData):  # fail now, not at the first validation
+            check_sample_fits(self.inner, len(self.data.tokenizer.encode(cfg.sample_prompt.encode())), cfg.sample_tokens)
         state = None
         if resume is not None:
             state = ckpt_io.load_state(resume)
@@ -120,8 +141,7 @@ class Trainer:
             batch = self.data.batch(self.step * cfg.grad_accum + k, "train", micro, env.rows(micro))
             inputs = [t.to(env.device) for t in batch.inputs]
             with no_sync(self.model, cfg, last=k == cfg.grad_accum - 1), autocast(cfg, env):
-                logits = self.model(*inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.target.to(env.device).flatten())
+                loss = lm_loss(self.model, self.inner, inputs, batch.target.to(env.device))
             (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
             tokens += batch.tokens * env.world
@@ -260,10 +280,9 @@ def evaluate(model, data, cfg: TrainConfig, env: Env, step: int = 0) -> dict:
     for i in range(cfg.eval_batches):
         batch = data.batch(i, "val", micro, env.rows(micro))
         inputs = [t.to(env.device) for t in batch.inputs]
-        with autocast(cfg, env):
-            logits = model(*inputs)
         target = batch.target.to(env.device)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten()).item())
+        with autocast(cfg, env):
+            losses.append(lm_loss(model, model, inputs, target).item())
         if isinstance(data, TaskData):
             pred = greedy_seq2seq(model, inputs[0], target.shape[1], BOS)
             correct += (pred == target).all(-1).sum().item()
@@ -287,6 +306,16 @@ def sample_text(model, data, cfg: TrainConfig, env: Env, step: int = 0, prompt: 
         return f"{dec(src[0])} -> {dec(pred[0].cpu())}" + ("" if prompt is not None else f" (target {dec(tgt[0])})")
     text = cfg.sample_prompt if prompt is None else prompt
     ids = torch.tensor([list(data.tokenizer.encode(text.encode()))], dtype=torch.long)
-    window = getattr(model, "max_seq_len", None) or cfg.seq_len
-    out = sample(model, ids.to(env.device), cfg.sample_tokens, cfg.temperature, window, g)
+    check_sample_fits(model, ids.shape[1], cfg.sample_tokens)
+    if env.device.type != "cpu":  # draws on the model's device: reproducible per device type
+        g = torch.Generator(env.device).manual_seed(cfg.seed + step)
+    out = sample(model, ids.to(env.device), cfg.sample_tokens, cfg.temperature, g)
     return data.tokenizer.decode(out[0].cpu().tolist())
+
+
+def check_sample_fits(model, prompt_tokens: int, new_tokens: int) -> None:
+    """Learned absolute positions end at max_seq_len: the cached sampler cannot slide a window."""
+    limit = getattr(model, "max_seq_len", None)
+    if getattr(model, "pos_emb", None) is not None and limit is not None and prompt_tokens + new_tokens > limit:
+        raise CLIError(f"the prompt ({prompt_tokens} tokens) and {new_tokens} sampled tokens exceed the model's "
+                       f"max_seq_len ({limit}) of its learned positions; ask for fewer tokens or a shorter prompt")
