@@ -35,6 +35,8 @@ def closest(name: str, valid) -> str:
 class TrainConfig:
     arch: str = "decoder"  # "decoder" (language model) or "xtransformer" (encoder-decoder)
     model: dict = field(default_factory=dict)  # any model keyword of the library
+    init_from: str | None = None  # a Hugging Face folder (GPT-2, Llama, T5): its architecture, weights and
+    # tokenizer.json; model keys may only add what has no weights (dropout, kernels)
     # data
     data: str = "stdlib"  # a text file, a folder of text files, a .bin token file, or "stdlib"
     task: str | None = None  # synthetic seq2seq task for xtransformer: copy, reverse, sort, addition

@@ -21,7 +21,7 @@ from .config import CLIError, TrainConfig
 from .data import BOS, TaskData, bits_per_byte, load_data
 from .distributed import Env, autocast, no_sync, parallelize, setup, teardown
 from .metrics import MetricsLog, plot
-from .model import build_model, count_params
+from .model import build_model, count_params, load_pretrained
 from .sampler import greedy_seq2seq, sample
 
 
@@ -78,9 +78,14 @@ class Trainer:
         cfg, env = self.cfg, self.env
         if resume is None and self.run.exists() and any(self.run.iterdir()):
             raise CLIError(f"run folder {self.run} already exists; choose another --out, or --resume {self.run}")
+        pretrained = None
+        if resume is None and cfg.init_from is not None:  # a resumed run rebuilds from the stored keywords
+            cfg, pretrained = load_pretrained(cfg)
+            self.cfg = cfg
         self.data = load_data(cfg)
         torch.manual_seed(cfg.seed)
-        self.inner = build_model(cfg, self.data.vocab_size)  # identical on every rank
+        # identical on every rank
+        self.inner = pretrained if pretrained is not None else build_model(cfg, self.data.vocab_size)
         self.n_params = count_params(self.inner)
         if not isinstance(self.data, TaskData):  # fail now, not at the first validation
             check_sample_fits(self.inner, len(self.data.tokenizer.encode(cfg.sample_prompt.encode())), cfg.sample_tokens)
