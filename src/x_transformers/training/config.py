@@ -95,7 +95,9 @@ class TrainConfig:
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         need(self.warmup_steps >= 0 and self.lr > 0, "lr must be positive and warmup_steps >= 0")
-        if self.arch == "xtransformer":
+        if self.init_from is not None:
+            pass  # the checkpoint decides the arch; training.model.load_pretrained checks the task
+        elif self.arch == "xtransformer":
             need(self.task is not None, "arch xtransformer trains on a synthetic task: set task "
                                         "(copy, reverse, sort or addition)")
         elif self.task is not None:
