@@ -3,7 +3,8 @@
     xtransformers train --preset tiny                       train (config: preset < --config FILE < flags)
     xtransformers train --resume runs/tiny-...               continue a run from its latest checkpoint
     xtransformers eval RUN                                   validation loss / bits per byte (exact match)
-    xtransformers generate RUN --prompt "def "               sample from a trained model
+    xtransformers generate RUN --prompt "def "               sample from a trained model (or a Hugging Face folder)
+    xtransformers train --init-from HF_FOLDER --data FILE     start from a GPT-2 / Llama / T5 checkpoint
     xtransformers plot RUN [RUN...] -o curves.png            loss curves of one or more runs
     xtransformers prepare DATA OUT.bin                       tokenize a corpus into a memory-mappable file
     torchrun --nproc_per_node=N -m x_transformers train --strategy ddp|fsdp ...
@@ -88,7 +89,7 @@ def _train_arguments(p):
     add_config_arguments(p)
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     p.epilog = ("every config key is also a flag: --max-steps 100 --lr 3e-4 --out runs/x --strategy ddp "
-                "--compile --no-progress")
+                "--compile --no-progress --init-from HF_FOLDER")
 
 
 @command("train", "train a model (presets: tiny, gpt2-small, seed)", _train_arguments)
