@@ -120,3 +120,11 @@ def test_model_overrides_without_weights_apply_conflicts_are_errors(tmp_path, ca
     # the resumed run needs neither the folder nor the flag again
     assert cli("train", "--resume", tmp_path / "run", "--max-steps", 3) == 0
     assert len(train_losses(tmp_path / "run")) == 3
+
+
+def test_sampling_stops_at_learned_positions(tmp_path, capsys):
+    """GPT-2's 32 learned positions: generate refuses more, the validation sample is cut short."""
+    folder, _ = hf_folder(tmp_path / "hf", "gpt2")
+    err = one_line_error(capsys, "generate", folder, "--prompt", "def ", "--tokens", 40)
+    assert "max_seq_len (32)" in err
+    assert cli(*train_args(tmp_path, folder, "--sample-tokens", 100)) == 0

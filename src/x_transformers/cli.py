@@ -221,7 +221,7 @@ def _generate_hf(args) -> str:
     cfg = TrainConfig(sample_tokens=args.tokens, temperature=args.temperature, seed=args.seed)
     prompt = cfg.sample_prompt if args.prompt is None else args.prompt
     if not seq2seq:
-        return sample_text(model, SimpleNamespace(tokenizer=tokenizer), cfg, Env(), 0, prompt)
+        return sample_text(model, SimpleNamespace(tokenizer=tokenizer), cfg, Env(), 0, prompt, strict=True)
     # T5: the prompt is the source; the decoder starts from decoder_start_token_id, stops at eos
     hf_cfg = hf.read_config(args.run)
     src = torch.tensor([list(tokenizer.encode(prompt.encode()))], dtype=torch.long)
@@ -242,7 +242,7 @@ def run_generate(args) -> int:
         return 0
     cfg, data, model, env, _ = _load_trained(args.run, {})
     cfg.sample_tokens, cfg.temperature, cfg.seed = args.tokens, args.temperature, args.seed
-    print(sample_text(model, data, cfg, env, 0, args.prompt))
+    print(sample_text(model, data, cfg, env, 0, args.prompt, strict=True))
     return 0
 
 

@@ -87,8 +87,6 @@ class Trainer:
         # identical on every rank
         self.inner = pretrained if pretrained is not None else build_model(cfg, self.data.vocab_size)
         self.n_params = count_params(self.inner)
-        if not isinstance(self.data, TaskData):  # fail now, not at the first validation
-            check_sample_fits(self.inner, len(self.data.tokenizer.encode(cfg.sample_prompt.encode())), cfg.sample_tokens)
         state = None
         if resume is not None:
             state = ckpt_io.load_state(resume)
@@ -300,7 +298,11 @@ def evaluate(model, data, cfg: TrainConfig, env: Env, step: int = 0) -> dict:
     return out
 
 
-def sample_text(model, data, cfg: TrainConfig, env: Env, step: int = 0, prompt: str | None = None) -> str:
+def sample_text(model, data, cfg: TrainConfig, env: Env, step: int = 0, prompt: str | None = None,
+                strict: bool = False) -> str:
+    """A sample from ``prompt`` (``cfg.sample_prompt``). Learned absolute positions end at
+    ``max_seq_len`` and the cached sampler slides no window: a sample that would pass it is cut
+    short (the prompt keeps its last tokens), or with ``strict`` is an error."""
     g = torch.Generator().manual_seed(cfg.seed + step)  # leaves the training RNG alone
     if isinstance(data, TaskData):
         src, tgt = data.examples(g, 1)
@@ -311,16 +313,15 @@ def sample_text(model, data, cfg: TrainConfig, env: Env, step: int = 0, prompt: 
         return f"{dec(src[0])} -> {dec(pred[0].cpu())}" + ("" if prompt is not None else f" (target {dec(tgt[0])})")
     text = cfg.sample_prompt if prompt is None else prompt
     ids = torch.tensor([list(data.tokenizer.encode(text.encode()))], dtype=torch.long)
-    check_sample_fits(model, ids.shape[1], cfg.sample_tokens)
+    steps = cfg.sample_tokens
+    limit = model.max_seq_len if getattr(model, "pos_emb", None) is not None else None
+    if limit is not None and ids.shape[1] + steps > limit:
+        if strict:
+            raise CLIError(f"the prompt ({ids.shape[1]} tokens) and {steps} new tokens exceed the model's "
+                           f"max_seq_len ({limit}) of its learned positions; ask for fewer tokens or a shorter prompt")
+        ids = ids[:, -(limit - 1):]
+        steps = limit - ids.shape[1]
     if env.device.type != "cpu":  # draws on the model's device: reproducible per device type
         g = torch.Generator(env.device).manual_seed(cfg.seed + step)
-    out = sample(model, ids.to(env.device), cfg.sample_tokens, cfg.temperature, g)
+    out = sample(model, ids.to(env.device), steps, cfg.temperature, g)
     return data.tokenizer.decode(out[0].cpu().tolist())
-
-
-def check_sample_fits(model, prompt_tokens: int, new_tokens: int) -> None:
-    """Learned absolute positions end at max_seq_len: the cached sampler cannot slide a window."""
-    limit = getattr(model, "max_seq_len", None)
-    if getattr(model, "pos_emb", None) is not None and limit is not None and prompt_tokens + new_tokens > limit:
-        raise CLIError(f"the prompt ({prompt_tokens} tokens) and {new_tokens} sampled tokens exceed the model's "
-                       f"max_seq_len ({limit}) of its learned positions; ask for fewer tokens or a shorter prompt")
