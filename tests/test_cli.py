@@ -174,3 +174,27 @@ def test_resume_of_missing_run(capsys, tmp_path):
 def test_cli_error_is_raised_not_printed_by_the_library():
     with pytest.raises(CLIError, match="unknown preset"):
         load_config("gpt3")
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused loss of the training loop
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embedding=True, num_memory_tokens=2), dict(logits_scale=0.5)])
+def test_fused_training_loss_equals_the_logits_loss(kw):
+    """lm_loss (hidden states + chunked_cross_entropy against logits_weight) is the cross-entropy of
+    the logits, with memory tokens and a logits scale too: validation and bits/byte keep their values."""
+    import torch
+    import torch.nn.functional as F
+
+    from x_transformers import Decoder, TransformerWrapper
+    from x_transformers.training.loop import lm_loss
+
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=50, max_seq_len=16, attn_layers=Decoder(dim=32, depth=1, heads=4), **kw)
+    x = torch.randint(0, 50, (3, 13))
+    old = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    new = lm_loss(model, model, [x[:, :-1]], x[:, 1:])
+    assert abs(new.item() - old.item()) <= 1e-5
+    grads = torch.autograd.grad(new, model.logits_weight)[0], torch.autograd.grad(old, model.logits_weight)[0]
+    torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-6)

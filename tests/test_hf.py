@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import transformers
-from x_transformers import Decoder, KVCache, TransformerWrapper, from_pretrained, load_tokenizer, save_pretrained
+from x_transformers import AutoregressiveWrapper, Decoder, KVCache, TransformerWrapper, from_pretrained, load_tokenizer, save_pretrained
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", module="transformers")
@@ -139,6 +139,28 @@ def test_greedy_generation_matches(family):
     assert torch.equal(theirs, mine)
     assert torch.equal(cached, mine)
     assert len(mine.unique()) > 2  # the sequences are not one token repeated
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_library_generate_matches_hf_generate(family, static_cache):
+    """The library's own greedy generate (AutoregressiveWrapper.generate for a decoder,
+    XTransformer.generate for T5), with a KV cache, dynamic or preallocated, gives HF's 20 tokens."""
+    name, _, hf, ours = family
+    src = inputs(1)[0][:2, :5]
+    if is_t5(name):
+        symmetric = hf.config.num_decoder_layers == hf.config.num_layers
+        theirs = hf.generate(input_ids=src, max_new_tokens=STEPS, do_sample=False, num_beams=1, use_cache=symmetric,
+                             eos_token_id=None, decoder_start_token_id=0)[:, 1:]
+        start = torch.zeros(2, 1, dtype=torch.long)
+        mine = ours.generate(src, start, STEPS, temperature=0.0, cache_kv=True, static_cache=static_cache)
+    else:
+        theirs = hf.generate(input_ids=src, attention_mask=torch.ones_like(src), max_new_tokens=STEPS,
+                             do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)[:, src.shape[1]:]
+        mine = AutoregressiveWrapper(ours).generate(src, STEPS, temperature=0.0, cache_kv=True,
+                                                    static_cache=static_cache)
+    assert theirs.shape == mine.shape == (2, STEPS)
+    assert torch.equal(theirs, mine)
 
 
 def test_round_trip_to_transformers(family, tmp_path):

@@ -3,7 +3,8 @@
     xtransformers train --preset tiny                       train (config: preset < --config FILE < flags)
     xtransformers train --resume runs/tiny-...               continue a run from its latest checkpoint
     xtransformers eval RUN                                   validation loss / bits per byte (exact match)
-    xtransformers generate RUN --prompt "def "               sample from a trained model
+    xtransformers generate RUN --prompt "def "               sample from a trained model (or a Hugging Face folder)
+    xtransformers train --init-from HF_FOLDER --data FILE     start from a GPT-2 / Llama / T5 checkpoint
     xtransformers plot RUN [RUN...] -o curves.png            loss curves of one or more runs
     xtransformers prepare DATA OUT.bin                       tokenize a corpus into a memory-mappable file
     torchrun --nproc_per_node=N -m x_transformers train --strategy ddp|fsdp ...
@@ -88,7 +89,7 @@ def _train_arguments(p):
     add_config_arguments(p)
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
     p.epilog = ("every config key is also a flag: --max-steps 100 --lr 3e-4 --out runs/x --strategy ddp "
-                "--compile --no-progress")
+                "--compile --no-progress --init-from HF_FOLDER")
 
 
 @command("train", "train a model (presets: tiny, gpt2-small, seed)", _train_arguments)
@@ -100,7 +101,7 @@ def run_train(args) -> int:
     resume = None
     if args.resume:
         resume = ckpt_io.find(args.resume)
-        for key in ("arch", "model", "seq_len", "data", "task", "tokenizer", "seed") + tuple(
+        for key in ("arch", "model", "init_from", "seq_len", "data", "task", "tokenizer", "seed") + tuple(
                 k for k in sets if k.startswith("model.")):
             if key in sets:
                 raise CLIError(f"--resume continues the run as it was configured: drop {key!r} "
@@ -111,9 +112,11 @@ def run_train(args) -> int:
         cfg.out = str(run)
     else:
         cfg = load_config(args.preset, args.config, sets)
-        if cfg.preset is None and not cfg.model:
-            raise CLIError("no model given: use --preset NAME (tiny, gpt2-small, seed) or --config FILE")
-        run = Path(cfg.out or f"runs/{cfg.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if cfg.preset is None and not cfg.model and cfg.init_from is None:
+            raise CLIError("no model given: use --preset NAME (tiny, gpt2-small, seed), --config FILE, "
+                           "or --init-from HF_FOLDER")
+        name = cfg.preset or (Path(cfg.init_from).name if cfg.init_from else "run")
+        run = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         cfg.out = str(run)
     trainer = Trainer(cfg, run, resume)
     try:
@@ -178,20 +181,68 @@ def run_eval(args) -> int:
 
 
 def _generate_arguments(p):
-    p.add_argument("run", help="a run folder or checkpoint folder")
-    p.add_argument("--prompt", default=None, help="text to continue (the source sequence for a task model)")
+    p.add_argument("run", help="a run folder, a checkpoint folder, or a Hugging Face folder (GPT-2, Llama, T5)")
+    p.add_argument("--prompt", default=None, help="text to continue (the source sequence for an encoder-decoder)")
     p.add_argument("--tokens", type=int, default=200, help="how many tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
 
 
-@command("generate", "sample text from a trained model", _generate_arguments)
+def _is_hf_folder(path: str) -> bool:
+    import json
+
+    try:
+        return "model_type" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _generate_hf(args) -> str:
+    """Sample from a Hugging Face folder with its tokenizer.json (bytes when it has none)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from . import hf
+    from .training.config import TrainConfig
+    from .training.data import load_tokenizer
+    from .training.distributed import Env
+    from .training.loop import sample_text
+    from .training.model import pretrained_tokenizer
+    from .wrappers import XTransformer
+
+    try:
+        model = hf.from_pretrained(args.run)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{args.run}: {str(e).splitlines()[0]}")
+    seq2seq = isinstance(model, XTransformer)
+    vocab = (model.decoder if seq2seq else model).num_tokens
+    tokenizer = load_tokenizer(pretrained_tokenizer(Path(args.run), None, vocab))
+    cfg = TrainConfig(sample_tokens=args.tokens, temperature=args.temperature, seed=args.seed)
+    prompt = cfg.sample_prompt if args.prompt is None else args.prompt
+    if not seq2seq:
+        return sample_text(model, SimpleNamespace(tokenizer=tokenizer), cfg, Env(), 0, prompt, strict=True)
+    # T5: the prompt is the source; the decoder starts from decoder_start_token_id, stops at eos
+    hf_cfg = hf.read_config(args.run)
+    src = torch.tensor([list(tokenizer.encode(prompt.encode()))], dtype=torch.long)
+    start = torch.full((1, 1), hf_cfg.get("decoder_start_token_id") or hf_cfg.get("pad_token_id") or 0)
+    g = torch.Generator().manual_seed(args.seed)
+    eos = hf_cfg.get("eos_token_id")
+    out = model.generate(src, start, args.tokens, temperature=args.temperature, generator=g,
+                         eos_token=eos if isinstance(eos, int) else None)
+    return tokenizer.decode(out[0].tolist())
+
+
+@command("generate", "sample text from a trained model or a Hugging Face folder", _generate_arguments)
 def run_generate(args) -> int:
     from .training.loop import sample_text
 
+    if _is_hf_folder(args.run):
+        print(_generate_hf(args))
+        return 0
     cfg, data, model, env, _ = _load_trained(args.run, {})
     cfg.sample_tokens, cfg.temperature, cfg.seed = args.tokens, args.temperature, args.seed
-    print(sample_text(model, data, cfg, env, 0, args.prompt))
+    print(sample_text(model, data, cfg, env, 0, args.prompt, strict=True))
     return 0
 
 

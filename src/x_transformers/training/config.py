@@ -35,6 +35,8 @@ def closest(name: str, valid) -> str:
 class TrainConfig:
     arch: str = "decoder"  # "decoder" (language model) or "xtransformer" (encoder-decoder)
     model: dict = field(default_factory=dict)  # any model keyword of the library
+    init_from: str | None = None  # a Hugging Face folder (GPT-2, Llama, T5): its architecture, weights and
+    # tokenizer.json; model keys may only add what has no weights (dropout, kernels)
     # data
     data: str = "stdlib"  # a text file, a folder of text files, a .bin token file, or "stdlib"
     task: str | None = None  # synthetic seq2seq task for xtransformer: copy, reverse, sort, addition
@@ -93,7 +95,9 @@ class TrainConfig:
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         need(self.warmup_steps >= 0 and self.lr > 0, "lr must be positive and warmup_steps >= 0")
-        if self.arch == "xtransformer":
+        if self.init_from is not None:
+            pass  # the checkpoint decides the arch; training.model.load_pretrained checks the task
+        elif self.arch == "xtransformer":
             need(self.task is not None, "arch xtransformer trains on a synthetic task: set task "
                                         "(copy, reverse, sort or addition)")
         elif self.task is not None:

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..loss import chunked_cross_entropy
 from . import checkpoint as ckpt_io
 from .config import CLIError, TrainConfig
 from .data import BOS, TaskData, bits_per_byte, load_data
 from .distributed import Env, autocast, no_sync, parallelize, setup, teardown
 from .metrics import MetricsLog, plot
-from .model import build_model, count_params
+from .model import build_model, count_params, load_pretrained
 from .sampler import greedy_seq2seq, sample
 
 
@@ -34,6 +35,24 @@ def lr_factor(cfg: TrainConfig):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def lm_loss(model, head, inputs: list, target: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy. ``model`` is what runs the forward (maybe DDP / FSDP /
+    compiled), ``head`` the plain module whose output head it uses. A decoder's loss is fused with
+    its head (:func:`~x_transformers.loss.chunked_cross_entropy`: the (tokens, vocab) logits are
+    never built); the encoder-decoder goes through its logits."""
+    from ..wrappers import TransformerWrapper
+
+    if isinstance(head, TransformerWrapper):
+        hidden = model(*inputs, return_embeddings=True)  # (b, n, d); memory tokens already removed
+        if head.logits_scale != 1.0:  # the forward scales the hidden states before its head
+            hidden = hidden * head.logits_scale
+        # under FSDP the root keeps its parameters gathered after forward (its reshard_after_forward
+        # is off), so this is the full (vocab, d) weight and its gradient is reduced with the rest
+        return chunked_cross_entropy(hidden, head.logits_weight, target)
+    logits = model(*inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
 
 
 def make_optimizer(model, cfg: TrainConfig, env: Env) -> torch.optim.AdamW:
@@ -59,9 +78,14 @@ class Trainer:
         cfg, env = self.cfg, self.env
         if resume is None and self.run.exists() and any(self.run.iterdir()):
             raise CLIError(f"run folder {self.run} already exists; choose another --out, or --resume {self.run}")
+        pretrained = None
+        if resume is None and cfg.init_from is not None:  # a resumed run rebuilds from the stored keywords
+            cfg, pretrained = load_pretrained(cfg)
+            self.cfg = cfg
         self.data = load_data(cfg)
         torch.manual_seed(cfg.seed)
-        self.inner = build_model(cfg, self.data.vocab_size)  # identical on every rank
+        # identical on every rank
+        self.inner = pretrained if pretrained is not None else build_model(cfg, self.data.vocab_size)
         self.n_params = count_params(self.inner)
         state = None
         if resume is not None:
@@ -120,8 +144,7 @@ class Trainer:
             batch = self.data.batch(self.step * cfg.grad_accum + k, "train", micro, env.rows(micro))
             inputs = [t.to(env.device) for t in batch.inputs]
             with no_sync(self.model, cfg, last=k == cfg.grad_accum - 1), autocast(cfg, env):
-                logits = self.model(*inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.target.to(env.device).flatten())
+                loss = lm_loss(self.model, self.inner, inputs, batch.target.to(env.device))
             (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
             tokens += batch.tokens * env.world
@@ -260,10 +283,9 @@ def evaluate(model, data, cfg: TrainConfig, env: Env, step: int = 0) -> dict:
     for i in range(cfg.eval_batches):
         batch = data.batch(i, "val", micro, env.rows(micro))
         inputs = [t.to(env.device) for t in batch.inputs]
-        with autocast(cfg, env):
-            logits = model(*inputs)
         target = batch.target.to(env.device)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten()).item())
+        with autocast(cfg, env):
+            losses.append(lm_loss(model, model, inputs, target).item())
         if isinstance(data, TaskData):
             pred = greedy_seq2seq(model, inputs[0], target.shape[1], BOS)
             correct += (pred == target).all(-1).sum().item()
@@ -276,7 +298,11 @@ def evaluate(model, data, cfg: TrainConfig, env: Env, step: int = 0) -> dict:
     return out
 
 
-def sample_text(model, data, cfg: TrainConfig, env: Env, step: int = 0, prompt: str | None = None) -> str:
+def sample_text(model, data, cfg: TrainConfig, env: Env, step: int = 0, prompt: str | None = None,
+                strict: bool = False) -> str:
+    """A sample from ``prompt`` (``cfg.sample_prompt``). Learned absolute positions end at
+    ``max_seq_len`` and the cached sampler slides no window: a sample that would pass it is cut
+    short (the prompt keeps its last tokens), or with ``strict`` is an error."""
     g = torch.Generator().manual_seed(cfg.seed + step)  # leaves the training RNG alone
     if isinstance(data, TaskData):
         src, tgt = data.examples(g, 1)
@@ -287,6 +313,15 @@ def sample_text(model, data, cfg: TrainConfig, env: Env, step: int = 0, prompt: 
         return f"{dec(src[0])} -> {dec(pred[0].cpu())}" + ("" if prompt is not None else f" (target {dec(tgt[0])})")
     text = cfg.sample_prompt if prompt is None else prompt
     ids = torch.tensor([list(data.tokenizer.encode(text.encode()))], dtype=torch.long)
-    window = getattr(model, "max_seq_len", None) or cfg.seq_len
-    out = sample(model, ids.to(env.device), cfg.sample_tokens, cfg.temperature, window, g)
+    steps = cfg.sample_tokens
+    limit = model.max_seq_len if getattr(model, "pos_emb", None) is not None else None
+    if limit is not None and ids.shape[1] + steps > limit:
+        if strict:
+            raise CLIError(f"the prompt ({ids.shape[1]} tokens) and {steps} new tokens exceed the model's "
+                           f"max_seq_len ({limit}) of its learned positions; ask for fewer tokens or a shorter prompt")
+        ids = ids[:, -(limit - 1):]
+        steps = limit - ids.shape[1]
+    if env.device.type != "cpu":  # draws on the model's device: reproducible per device type
+        g = torch.Generator(env.device).manual_seed(cfg.seed + step)
+    out = sample(model, ids.to(env.device), steps, cfg.temperature, g)
     return data.tokenizer.decode(out[0].cpu().tolist())

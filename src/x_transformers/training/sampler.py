@@ -1,33 +1,42 @@
-"""A deliberately tiny sampler over the model's plain forward (no cache), used to print a sample at
-each validation. Kept isolated so it can be swapped for the library's cached ``generate``."""
+"""Samples printed at each validation and by ``xtransformers generate``: the library's own cached
+generation (``AutoregressiveWrapper.generate`` for a decoder, ``XTransformer.generate`` for the
+encoder-decoder), seeded by a generator of their own so training's RNG stream is left alone."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+
+from ..autoregressive import AutoregressiveWrapper
+
+
+@contextmanager
+def gathered(model):
+    """FSDP2 gathers a module's own parameters in its forward hook; generation reaches the root's
+    parameters (token embedding, head) outside the root's forward, so gather them around it."""
+    fsdp = hasattr(model, "unshard") and hasattr(model, "reshard")
+    if fsdp:
+        model.unshard()
+    try:
+        yield
+    finally:
+        if fsdp:
+            model.reshard()
 
 
 @torch.no_grad()
-def sample(model, prompt: torch.Tensor, steps: int, temperature: float = 1.0, window: int | None = None,
+def sample(model, prompt: torch.Tensor, steps: int, temperature: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """prompt (b, n) -> (b, n + steps). Greedy when temperature is 0; each step re-reads at most
-    ``window`` tokens (the model's context)."""
-    out = prompt
-    for _ in range(steps):
-        logits = model(out if window is None else out[:, -window:])[:, -1].float()
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(out.device)
-        out = torch.cat((out, nxt), dim=-1)
-    return out
+    """prompt (b, n) -> (b, n + steps) with a KV cache. Greedy when temperature is 0."""
+    new = AutoregressiveWrapper(model).generate(prompt, steps, temperature=temperature, cache_kv=True,
+                                                generator=generator)
+    return torch.cat((prompt, new), dim=-1)
 
 
 @torch.no_grad()
 def greedy_seq2seq(model, src: torch.Tensor, length: int, bos: int) -> torch.Tensor:
     """Encoder-decoder greedy decoding: src (b, n) -> target (b, length)."""
-    tgt = torch.full((src.shape[0], 1), bos, dtype=torch.long, device=src.device)
-    for _ in range(length):
-        nxt = model(src, tgt)[:, -1].argmax(-1, keepdim=True)
-        tgt = torch.cat((tgt, nxt), dim=-1)
-    return tgt[:, 1:]
+    start = torch.full((src.shape[0], 1), bos, dtype=torch.long, device=src.device)
+    with gathered(model):
+        return model.generate(src, start, length, temperature=0.0, cache_kv=True)
