@@ -118,6 +118,17 @@ def build(impl, name, quick, extra_layers=None, extra_wrapper=None, loss="plain"
     return model, loss_fn, b * n, n_params - emb, layers, d, n
 
 
+def train_step(fwd, loss_fn, opt, dev):
+    """One training step: forward + loss under bf16 autocast (GPU), backward, optimizer update."""
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            value = loss_fn(fwd)
+        value.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def measure(impl, name, quick, mode, peak, extra_layers=None, extra_wrapper=None, label=None, steps=10,
             loss="plain", chunk_size=None):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,13 +140,7 @@ def measure(impl, name, quick, mode, peak, extra_layers=None, extra_wrapper=None
     compile_ = COMPILE_MODES[mode] is not None
     fwd = torch.compile(model, mode=COMPILE_MODES[mode]) if compile_ else model
 
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            value = loss_fn(fwd)
-        value.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = train_step(fwd, loss_fn, opt, dev)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec = timed(step, warmup=3 if compile_ else 2, steps=steps if dev == "cuda" else 3)

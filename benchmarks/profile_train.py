@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import build  # noqa: E402
+from bench_train import build, train_step  # noqa: E402
 
 
 def main():
@@ -26,12 +26,7 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
     fwd = torch.compile(model) if args.compile else model
 
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            loss = loss_fn(fwd)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = train_step(fwd, loss_fn, opt, dev)
 
     for _ in range(3):
         step()

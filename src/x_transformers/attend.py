@@ -90,20 +90,25 @@ def _expand_kv(req: AttendRequest):
 # backends
 
 
+def score_matrix_reasons(req: AttendRequest) -> list[str]:
+    """Why a fused softmax-attention kernel cannot compute ``req``: the features that need scores."""
+    reasons = []
+    if req.normalizer != "softmax":
+        reasons.append(f"normalizer {req.normalizer!r} is not softmax")
+    if req.sparse_topk is not None:
+        reasons.append("top-k sparsity needs the score matrix")
+    if req.pre_mix is not None or req.post_mix is not None:
+        reasons.append("talking heads mix the score matrix across heads")
+    if req.need_weights:
+        reasons.append("attention weights were requested")
+    return reasons
+
+
 class SDPABackend:
     name = "sdpa"
 
     def not_supported_reasons(self, req: AttendRequest) -> list[str]:
-        reasons = []
-        if req.normalizer != "softmax":
-            reasons.append(f"normalizer {req.normalizer!r} is not softmax")
-        if req.sparse_topk is not None:
-            reasons.append("top-k sparsity needs the score matrix")
-        if req.pre_mix is not None or req.post_mix is not None:
-            reasons.append("talking heads mix the score matrix across heads")
-        if req.need_weights:
-            reasons.append("attention weights were requested")
-        return reasons
+        return score_matrix_reasons(req)
 
     def __call__(self, req: AttendRequest):
         q, k, v = req.q, req.k, req.v

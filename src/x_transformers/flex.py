@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .attend import AttendRequest, register_backend
+from .attend import AttendRequest, register_backend, score_matrix_reasons
 
 try:  # prototype API: absent from old torch builds
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -111,14 +111,7 @@ class FlexBackend:
             reasons.append("no position-bias score_mod in the request (without one SDPA's flash kernel is faster)")
         if req.bias is not None:
             reasons.append("a dense bias tensor is added (e.g. shared-QK's self penalty); flex reads only score_mods")
-        if req.normalizer != "softmax":
-            reasons.append(f"normalizer {req.normalizer!r} is not softmax")
-        if req.sparse_topk is not None:
-            reasons.append("top-k sparsity needs the score matrix")
-        if req.pre_mix is not None or req.post_mix is not None:
-            reasons.append("talking heads mix the score matrix across heads")
-        if req.need_weights:
-            reasons.append("attention weights were requested")
+        reasons += score_matrix_reasons(req)
         if req.dropout > 0:
             reasons.append("FlexAttention has no attention dropout")
         if not (req.q.dtype == req.k.dtype == req.v.dtype):

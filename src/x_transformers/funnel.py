@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, conflict, field_names, unknown_keyword
-from .layers import Encoder, check_mask, default_positions
+from .layers import Encoder, check_stack_inputs, default_positions
 
 
 DEFAULT_DEPTHS = (4, 4, 4)
@@ -231,16 +231,8 @@ class FunnelEncoder(nn.Module):
         """
         if cache is not None:
             raise ValueError("FunnelEncoder is a bidirectional encoder: it has no key/value cache")
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected embeddings of shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        check_stack_inputs(self, x, mask, context, context_mask)
         b, n, _ = x.shape
-        check_mask(mask, b, n)
-        if self.needs_context:
-            if context is None:
-                raise ValueError("this stack has cross-attention layers: pass context=(batch, ctx_len, dim)")
-            check_mask(context_mask, context.shape[0], context.shape[1], "context_mask")
-        elif context is not None:
-            raise ValueError("context was given but this stack has no cross-attention (set cross_attend=True)")
         if (self.cfg.separate_cls and mask is not None and not torch.compiler.is_compiling()
                 and not bool(mask[:, 0].all())):
             raise ValueError("separate_cls keeps the first token unpooled, so it must be kept: pad on the right")

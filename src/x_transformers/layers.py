@@ -73,6 +73,19 @@ def check_mask(mask, b: int, n: int, name: str = "mask"):
                          f"got {mask.dtype} of shape {tuple(mask.shape)}")
 
 
+def check_stack_inputs(stack, x, mask, context, context_mask):
+    """The call-time checks of a layer stack (``stack.dim``, ``stack.needs_context``)."""
+    if x.ndim != 3 or x.shape[-1] != stack.dim:
+        raise ValueError(f"expected embeddings of shape (batch, seq, {stack.dim}), got {tuple(x.shape)}")
+    check_mask(mask, x.shape[0], x.shape[1])
+    if stack.needs_context:
+        if context is None:
+            raise ValueError("this stack has cross-attention layers: pass context=(batch, ctx_len, dim)")
+        check_mask(context_mask, context.shape[0], context.shape[1], "context_mask")
+    elif context is not None:
+        raise ValueError("context was given but this stack has no cross-attention (set cross_attend=True)")
+
+
 class AttentionLayers(nn.Module):
     """A stack of attention and feed-forward blocks over embeddings x (b, n, dim).
 
@@ -195,16 +208,8 @@ class AttentionLayers(nn.Module):
         positions: (b|1, n) long, computed from the mask (and cache) when omitted.
         cache: a :class:`~x_transformers.cache.KVCache`, read and extended in place.
         """
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected embeddings of shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        check_stack_inputs(self, x, mask, context, context_mask)
         b, n, _ = x.shape
-        check_mask(mask, b, n)
-        if self.needs_context:
-            if context is None:
-                raise ValueError("this stack has cross-attention layers: pass context=(batch, ctx_len, dim)")
-            check_mask(context_mask, context.shape[0], context.shape[1], "context_mask")
-        elif context is not None:
-            raise ValueError("context was given but this stack has no cross-attention (set cross_attend=True)")
 
         start = cache.next_positions() if cache is not None else None
         if positions is None:
