@@ -340,3 +340,15 @@ def test_scheme_composes_with_attention_features(scheme, partner):
         return
     for prop in ("finite", "causal", "padding", "backends"):
         run_property(prop, ("decoder", feats))
+
+
+def test_rotary_angles_stay_float32_after_casting_the_model():
+    """model.to(bfloat16) must not round the rotary frequencies: angles at position 4000 would move."""
+    from x_transformers import Decoder
+
+    layers = Decoder(dim=32, depth=1, heads=4, rotary_pos_emb=True)
+    pos = torch.tensor([[0, 1, 4000]])
+    cos32, sin32 = layers.rotary(pos)
+    cos16, sin16 = layers.to(torch.bfloat16).rotary(pos)
+    assert cos16.dtype == torch.float32
+    torch.testing.assert_close((cos16, sin16), (cos32, sin32), atol=0, rtol=0)

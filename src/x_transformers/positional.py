@@ -62,12 +62,17 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rot_dim = rot_dim
         self.base = base
-        inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def inv_freq(self):
+        # computed in float32 on each call, not stored: a buffer would follow model.to(bfloat16)
+        # and lose the angles' precision at long positions (r/2 values: negligible work)
+        r = self.rot_dim
+        return 1.0 / self.base ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
 
     def forward(self, positions):
         """(b|1, n) positions -> cos, sin of shape (b|1, 1, n, r), float32."""
-        freqs = positions.float()[..., None] * self.inv_freq  # (b, n, r/2)
+        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)  # (b, n, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos(), emb.sin()
 
