@@ -16,3 +16,7 @@ register("sandwich_coef", layers=dict(sandwich_coef=1), group="layout")
 register("top_attn_to_ff", layers=dict(top_attn_to_ff=1))
 register("reversible", layers=dict(reversible=True))
 register("reversible_dropout", layers=dict(reversible=True, attn_dropout=0.1, ff_dropout=0.1, layer_dropout=0.2))
+# an explicit order with two feed-forwards between attentions (no "c": encoder and decoder kinds only,
+# since a decoder without cross-attention cannot take the encoder-decoder's context)
+register("custom_layers", layers=dict(custom_layers=("a", "f", "f", "a", "f")), kinds=("encoder", "decoder"), group="layout")
+register("norm_no_bias", layers=dict(norm_bias=False))
