@@ -1,0 +1,216 @@
+"""Speed exploration for one device call: many training-step variants, time-boxed, with profiles.
+
+Not a result of record (bench_train.py is): this decides which variant bench_train should run.
+Each variant is (shape, how the step is compiled, loss); ``--only`` picks some by name. Writes
+explore_<tag>.json and profile_*.txt to $OUT (or benchmarks/results/).
+
+    PYTHONPATH=src python benchmarks/explore_speed.py --budget-s 520
+
+Compile scopes:
+- model: torch.compile(model); the loss (chunked_cross_entropy or F.cross_entropy) runs outside.
+- step:  torch.compile of forward + loss as one function (the loss fused into the graph).
+- step-cg: the same with mode="reduce-overhead" (CUDA graphs for the forward and backward).
+- step-at: the same with mode="max-autotune-no-cudagraphs" (Triton GEMM templates, epilogues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import build  # noqa: E402
+from common import environment, matmul_peak_tflops, print_table, sync, timed, write_result  # noqa: E402
+
+SCOPES = {"eager": None, "model": "default", "step": "default", "step-cg": "reduce-overhead",
+          "step-at": "max-autotune-no-cudagraphs"}
+
+
+def make_step(model, loss_fn, opt, scope, dev):
+    amp = dict(device_type=dev, dtype=torch.bfloat16, enabled=dev == "cuda")
+    if scope in ("eager", "model"):
+        fwd = model if scope == "eager" else torch.compile(model)
+
+        def compute():
+            with torch.autocast(**amp):
+                return loss_fn(fwd)
+    else:
+        def forward_loss():
+            with torch.autocast(**amp):
+                return loss_fn(model)
+        compute = torch.compile(forward_loss, mode=SCOPES[scope])
+
+    def step():
+        loss = compute()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def categorize(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ("fmha", "flash", "sdpa", "attention", "fort_native")):
+        return "attention"
+    if any(s in n for s in ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "triton_tem", "mm_")):
+        return "matmul"
+    if "adam" in n or "foreach" in n or "multi_tensor" in n:
+        return "optimizer"
+    if "softmax" in n or "cross_entropy" in n or "nll" in n:
+        return "loss/softmax"
+    if n.startswith("triton_") or "elementwise" in n or "reduce" in n or "norm" in n or "copy" in n:
+        return "elementwise/norm"
+    return "other"
+
+
+def profile(step, label, out_dir, steps=2):
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    sync()
+    with torch.profiler.profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - t) / steps
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    cats: dict[str, float] = {}
+    for e in kernels:
+        cat = categorize(e.key)
+        cats[cat] = cats.get(cat, 0.0) + e.self_device_time_total / 1e3 / steps
+    busy = sum(cats.values())
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+    if out_dir:
+        Path(out_dir, f"profile_{label}.txt").write_text(
+            f"wall ms/step {wall * 1e3:.2f}, kernel ms/step {busy:.2f}\n{json.dumps(cats, indent=1)}\n{table}")
+    return {"profile_wall_ms": wall * 1e3, "kernel_ms": busy, "by_category_ms": {k: round(v, 3) for k, v in cats.items()}}
+
+
+def run_variant(shape, scope, loss, extra_layers=None, label=None, do_profile=False, out_dir=None, steps=10):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    quick = dev == "cpu"
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, loss_fn, tokens, n_params, L, d, T = build("ours", shape, quick, extra_layers, None, loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
+    step = make_step(model, loss_fn, opt, scope, dev)
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - t0
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec = timed(step, warmup=2, steps=steps if dev == "cuda" else 2)
+    row = {"label": label or f"{shape}:{scope}:{loss}", "shape": shape, "scope": scope, "loss": loss,
+           "tokens_per_s": tokens / sec, "ms_per_step": sec * 1e3, "first_step_s": first,
+           "flops_per_token": 6 * n_params + 12 * L * d * T,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None}
+    if do_profile:
+        row.update(profile(step, row["label"].replace(":", "_"), out_dir))
+    del model, opt, step
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def gemm_floor(peak):
+    """Milliseconds the GPT-2-shape step's matrix products (forward and both backward products)
+    take alone at their own shapes, and SDPA causal attention forward+backward: the floor of a step."""
+    if not torch.cuda.is_available():
+        return {}
+    M, d, V, L = 16 * 1024, 768, 50304, 12
+    shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]  # (in, out) per layer
+    total, detail = 0.0, {}
+
+    def mm_ms(m, k, n):
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        return timed(lambda: a @ b, warmup=3, steps=20) * 1e3
+
+    for k, n in shapes:
+        ms = mm_ms(M, k, n) + mm_ms(M, n, k) + mm_ms(k, M, n)  # y = xW, dx = dy W^T, dW = x^T dy
+        detail[f"{k}x{n}"] = ms
+        total += L * ms
+    head = mm_ms(M, d, V) + mm_ms(M, V, d) + mm_ms(d, M, V)
+    detail["head"] = head
+    q = torch.randn(16, 12, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k_, v_ = (torch.randn_like(q, requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+
+    def attn():
+        o = torch.nn.functional.scaled_dot_product_attention(q, k_, v_, is_causal=True)
+        o.backward(do)
+    att = timed(attn, warmup=3, steps=20) * 1e3
+    detail["attention_per_layer"] = att
+    return {"gemm_ms_layers": total, "gemm_ms_head": head, "attention_ms": L * att,
+            "floor_ms": total + head + L * att, "detail_ms": detail}
+
+
+# (label, shape, scope, loss, extra layer kwargs, profile?)
+VARIANTS = [
+    ("gpt2:model:fused", "gpt2", "model", "fused", None, True),
+    ("gpt2:step:plain", "gpt2", "step", "plain", None, True),
+    ("seed:model:fused", "seed", "model", "fused", None, True),
+    ("seed:step:plain", "seed", "step", "plain", None, False),
+    ("seed:step-cg:plain", "seed", "step-cg", "plain", None, True),
+    ("llama:step:plain", "llama", "step", "plain", None, False),
+    ("gpt2:step:fused", "gpt2", "step", "fused", None, False),
+    ("gpt2:step-cg:plain", "gpt2", "step-cg", "plain", None, False),
+    ("t5:eager:sdpa", "gpt2", "eager", "fused", dict(rel_pos_bias=True), False),
+    ("t5:eager:flexdense", "gpt2", "eager", "fused", dict(rel_pos_bias=True), True),
+    ("plain:eager", "gpt2", "eager", "fused", None, False),
+    ("t5:step:flexdense", "gpt2", "step", "plain", dict(rel_pos_bias=True), False),
+    ("gpt2:step-at:plain", "gpt2", "step-at", "plain", None, False),
+]
+COST_S = {"model": 60, "step": 60, "step-cg": 75, "step-at": 240, "eager": 20}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--budget-s", type=float, default=520)
+    p.add_argument("--only", default="", help="comma list of variant labels")
+    p.add_argument("--tag", default="explore")
+    p.add_argument("--no-floor", action="store_true")
+    args = p.parse_args()
+    t0 = time.time()
+    torch._dynamo.config.cache_size_limit = 64
+    out_dir = os.environ.get("OUT")
+    peak = matmul_peak_tflops()
+    result = {"env": environment(), "matmul_peak_tflops": peak, "rows": []}
+    if not args.no_floor:
+        result["floor"] = gemm_floor(peak)
+        print("floor", json.dumps(result["floor"]), flush=True)
+    only = {s for s in args.only.split(",") if s}
+    for label, shape, scope, loss, extra, prof in VARIANTS:
+        if only and label not in only:
+            continue
+        left = args.budget_s - (time.time() - t0)
+        if left < COST_S[scope]:
+            result["rows"].append({"label": label, "error": f"skipped: {left:.0f} s left"})
+            continue
+        from x_transformers.positional import T5ScoreMod
+        T5ScoreMod.prefer_flex = T5ScoreMod.flex_reads_dense = label.endswith("flexdense")
+        try:
+            row = run_variant(shape, scope, loss, extra, label, prof and torch.cuda.is_available(), out_dir)
+            if peak:
+                row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e12)
+        except Exception as e:  # noqa: BLE001 - a failed variant is reported, the rest still run
+            row = {"label": label, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            traceback.print_exc()
+        row["elapsed_s"] = time.time() - t0
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        write_result(args.tag, result)
+    print_table(result["rows"], ["label", "tokens_per_s", "ms_per_step", "mfu", "peak_gib", "first_step_s",
+                                 "kernel_ms", "profile_wall_ms", "error"])
+    print("wrote", write_result(args.tag, result))
+
+
+if __name__ == "__main__":
+    main()
