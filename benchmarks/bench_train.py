@@ -1,5 +1,10 @@
 """Training-step throughput: ours (eager and compiled) against PyPI x-transformers, same card, same run.
 
+Modes (COMPILE_MODES): eager; ``compiled``, forward + loss compiled as one function (what
+``xtransformers train --compile`` does); ``cudagraphs``, the same replayed as CUDA graphs
+(``--compile-mode reduce-overhead``); ``autotune``; and ``model``, torch.compile of the module
+alone with the loss outside, as ANCHORS.md compiled the PyPI package.
+
 A step is forward, next-token cross-entropy (ours: ``chunked_cross_entropy`` on the hidden states
 and head weight unless ``--loss plain``; PyPI: full logits), backward and a fused AdamW update, under bf16
 autocast on GPU. MFU counts 6N + 12*L*d*T FLOPs per token (N without embeddings) over the bf16
@@ -7,7 +12,9 @@ matrix-product peak measured on the same card in the same run.
 
     PYTHONPATH=src python benchmarks/bench_train.py                     # GPU: full shapes
     PYTHONPATH=src python benchmarks/bench_train.py --quick             # CPU: small shapes
-    ... --modes eager,compiled,autotune   # autotune = torch.compile(mode="max-autotune-no-cudagraphs")
+    ... --modes eager,compiled,cudagraphs,autotune,model   # see COMPILE_MODES
+    ... --features all --feature-modes eager,compiled      # feature rows against the plain model
+    ... --budget-s 540   # skip rows that would not end in time (a device call has 10 minutes)
     ... --loss plain  # ours with F.cross_entropy on full float32 logits (default: fused chunked loss)
     ... --pypi DIR   # a folder holding PyPI x-transformers (pip install --target DIR x-transformers)
 
@@ -23,6 +30,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -60,8 +68,16 @@ def shape(name, quick):
     return kind, v, d, L, h, n, b, lk, wk
 
 
-# our modes: how the model is wrapped (the loss stays outside the compiled model)
-COMPILE_MODES = {"eager": None, "compiled": "default", "autotune": "max-autotune-no-cudagraphs"}
+# How a step is compiled: (scope, torch.compile mode). scope "model" compiles the module and runs
+# the loss outside it (how ANCHORS.md compiled the PyPI package); "step" compiles forward + loss as
+# one function (what `xtransformers train --compile` does), so the loss fuses with the last ops.
+COMPILE_MODES = {
+    "eager": (None, None),
+    "model": ("model", "default"),
+    "compiled": ("step", "default"),
+    "cudagraphs": ("step", "reduce-overhead"),  # CUDA graphs replay the forward and backward
+    "autotune": ("step", "max-autotune-no-cudagraphs"),  # Triton GEMM templates
+}
 
 
 def build(impl, name, quick, extra_layers=None, extra_wrapper=None, loss="plain", chunk_size=None):
@@ -118,11 +134,27 @@ def build(impl, name, quick, extra_layers=None, extra_wrapper=None, loss="plain"
     return model, loss_fn, b * n, n_params - emb, layers, d, n
 
 
-def train_step(fwd, loss_fn, opt, dev):
-    """One training step: forward + loss under bf16 autocast (GPU), backward, optimizer update."""
+def make_step(model, loss_fn, opt, mode, dev):
+    """One training step in ``mode`` (COMPILE_MODES): forward + loss under bf16 autocast (GPU),
+    backward, optimizer update."""
+    if mode not in COMPILE_MODES:
+        raise SystemExit(f"unknown mode {mode!r}; valid: {sorted(COMPILE_MODES)}")
+    scope, compile_mode = COMPILE_MODES[mode]
+    amp = dict(device_type=dev, dtype=torch.bfloat16, enabled=dev == "cuda")
+    if scope in (None, "model"):
+        fwd = model if scope is None else torch.compile(model, mode=compile_mode)
+
+        def compute():
+            with torch.autocast(**amp):
+                return loss_fn(fwd)
+    else:
+        def forward_loss():
+            with torch.autocast(**amp):
+                return loss_fn(model)
+        compute = torch.compile(forward_loss, mode=compile_mode)
+
     def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            value = loss_fn(fwd)
+        value = compute()
         value.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -135,15 +167,12 @@ def measure(impl, name, quick, mode, peak, extra_layers=None, extra_wrapper=None
     torch.manual_seed(0)
     model, loss_fn, tokens, n_params, L, d, T = build(impl, name, quick, extra_layers, extra_wrapper, loss, chunk_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
-    if mode not in COMPILE_MODES:
-        raise SystemExit(f"unknown mode {mode!r}; valid: {sorted(COMPILE_MODES)}")
-    compile_ = COMPILE_MODES[mode] is not None
-    fwd = torch.compile(model, mode=COMPILE_MODES[mode]) if compile_ else model
-
-    step = train_step(fwd, loss_fn, opt, dev)
+    torch._dynamo.reset()
+    step = make_step(model, loss_fn, opt, mode, dev)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sec = timed(step, warmup=3 if compile_ else 2, steps=steps if dev == "cuda" else 3)
+    compiled = COMPILE_MODES[mode][0] is not None
+    sec = timed(step, warmup=3 if compiled else 2, steps=steps if dev == "cuda" else 3)
     tps = tokens / sec
     flops_per_token = 6 * n_params + 12 * L * d * T
     row = {
@@ -152,7 +181,7 @@ def measure(impl, name, quick, mode, peak, extra_layers=None, extra_wrapper=None
         "mfu": tps * flops_per_token / (peak * 1e12) if peak else None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None,
     }
-    del model, opt, fwd
+    del model, opt, step
     if dev == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -178,14 +207,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes (CPU)")
     p.add_argument("--shapes", default="gpt2,llama,seed")
-    p.add_argument("--modes", default="eager,compiled", help=f"our modes, from {sorted(COMPILE_MODES)}")
+    p.add_argument("--modes", default="eager,compiled,cudagraphs", help=f"our modes, from {sorted(COMPILE_MODES)}")
     p.add_argument("--loss", default="fused", choices=["fused", "plain"],
                    help="our loss: chunked_cross_entropy on hidden states (fused) or F.cross_entropy on logits")
     p.add_argument("--loss-chunk", type=int, default=None, help="tokens per chunk of the fused loss (default: auto)")
-    p.add_argument("--pypi-modes", default="gpt2:eager,gpt2:compiled,llama:eager,seed:eager")
+    p.add_argument("--pypi-modes", default="gpt2:eager,gpt2:model,gpt2:compiled,llama:eager,seed:eager",
+                   help="PyPI rows as shape:mode; 'model' is torch.compile(model) as in ANCHORS.md")
     p.add_argument("--features", default="", help="comma list of feature rows (or 'all'), eager, gpt2 shape")
-    p.add_argument("--feature-mode", default="eager")
+    p.add_argument("--feature-modes", default="eager,compiled", help="modes of the feature rows")
     p.add_argument("--tag", default="train", help="result file name stem")
+    p.add_argument("--budget-s", type=float, default=None, help="skip our rows that would end past this many seconds")
     p.add_argument("--pypi", default=None, help="folder holding PyPI x-transformers")
     p.add_argument("--impl", default="ours", choices=["ours", "pypi"], help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -205,27 +236,37 @@ def main():
 
     import x_transformers
     assert "src" in x_transformers.__file__, f"expected our package, got {x_transformers.__file__}"
+    start = time.time()
     peak = matmul_peak_tflops()
     rows = run_pypi(args, peak)
+    payload = {"env": environment(), "matmul_peak_tflops": peak, "quick": args.quick, "rows": rows}
+
+    def run(name, mode, label=None, extra=(None, None)):
+        """One of our rows, unless the time budget cannot hold it (then a row saying so)."""
+        cost = 15 if mode == "eager" else 60
+        if args.budget_s and time.time() - start + cost > args.budget_s:
+            row = {"impl": "ours", "shape": name, "mode": mode, "label": label or name, "error": "skipped: time budget"}
+        else:
+            try:
+                row = measure("ours", name, args.quick, mode, peak, *extra, label=label, loss=args.loss,
+                              chunk_size=args.loss_chunk)
+            except (TypeError, ValueError) as e:  # a feature not built yet is reported, not hidden
+                row = {"impl": "ours", "shape": name, "mode": mode, "label": label or name, "error": str(e)}
+        rows.append(row)
+        print(row, flush=True)
+        write_result(args.tag, payload)  # partial results survive a killed run
+        return row
+
     for name in shapes:
         for mode in args.modes.split(","):
-            rows.append(measure("ours", name, args.quick, mode, peak, loss=args.loss, chunk_size=args.loss_chunk))
-            print(rows[-1], flush=True)
+            run(name, mode)
     feats = list(FEATURES) if args.features == "all" else [f for f in args.features.split(",") if f]
-    if feats:
-        fm, lo = args.feature_mode, dict(loss=args.loss, chunk_size=args.loss_chunk)
-        plain = measure("ours", "gpt2", args.quick, fm, peak, label="plain", **lo)
-        rows.append(plain)
+    for fm in args.feature_modes.split(",") if feats else ():
+        plain = run("gpt2", fm, label="plain")
         for f in feats:
-            lk, wk = FEATURES[f]
-            try:
-                row = measure("ours", "gpt2", args.quick, fm, peak, lk, wk, label=f, **lo)
-            except (TypeError, ValueError) as e:  # a feature not built yet is reported, not hidden
-                row = {"impl": "ours", "shape": "gpt2", "label": f, "error": str(e)}
-            if "tokens_per_s" in row:
+            row = run("gpt2", fm, label=f, extra=FEATURES[f])
+            if "tokens_per_s" in row and "tokens_per_s" in plain:
                 row["slowdown_vs_plain"] = plain["tokens_per_s"] / row["tokens_per_s"]
-            rows.append(row)
-            print(row, flush=True)
 
     # ratios against the PyPI package, same shape
     def find(impl, name, mode):
@@ -233,15 +274,16 @@ def main():
     ratios = {}
     for name in shapes:
         for ours_mode in COMPILE_MODES:
-            for their_mode in ("eager", "compiled"):
+            for their_mode in COMPILE_MODES:
                 a, b = find("ours", name, ours_mode), find("pypi", name, their_mode)
                 if a and b:
                     ratios[f"{name}: ours {ours_mode} / pypi {their_mode}"] = a["tokens_per_s"] / b["tokens_per_s"]
-    print_table(rows, ["impl", "label", "mode", "loss", "tokens_per_s", "ms_per_step", "mfu", "peak_gib", "slowdown_vs_plain"])
+    print_table(rows, ["impl", "label", "mode", "loss", "tokens_per_s", "ms_per_step", "mfu", "peak_gib", "slowdown_vs_plain",
+                       "error"])
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
-    path = write_result(args.tag, {"env": environment(), "matmul_peak_tflops": peak, "quick": args.quick,
-                                  "rows": rows, "ratios": ratios})
+    payload["ratios"] = ratios
+    path = write_result(args.tag, payload)
     print("wrote", path)
 
 

@@ -26,33 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import build  # noqa: E402
+from bench_train import build, make_step  # noqa: E402
 from common import environment, matmul_peak_tflops, print_table, sync, timed, write_result  # noqa: E402
 
-SCOPES = {"eager": None, "model": "default", "step": "default", "step-cg": "reduce-overhead",
-          "step-at": "max-autotune-no-cudagraphs"}
-
-
-def make_step(model, loss_fn, opt, scope, dev):
-    amp = dict(device_type=dev, dtype=torch.bfloat16, enabled=dev == "cuda")
-    if scope in ("eager", "model"):
-        fwd = model if scope == "eager" else torch.compile(model)
-
-        def compute():
-            with torch.autocast(**amp):
-                return loss_fn(fwd)
-    else:
-        def forward_loss():
-            with torch.autocast(**amp):
-                return loss_fn(model)
-        compute = torch.compile(forward_loss, mode=SCOPES[scope])
-
-    def step():
-        loss = compute()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+SCOPES = {"eager": "eager", "model": "model", "step": "compiled", "step-cg": "cudagraphs", "step-at": "autotune"}
 
 
 def categorize(name: str) -> str:
@@ -99,7 +76,7 @@ def run_variant(shape, scope, loss, extra_layers=None, label=None, do_profile=Fa
     torch.manual_seed(0)
     model, loss_fn, tokens, n_params, L, d, T = build("ours", shape, quick, extra_layers, None, loss)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
-    step = make_step(model, loss_fn, opt, scope, dev)
+    step = make_step(model, loss_fn, opt, SCOPES[scope], dev)
     t0 = time.perf_counter()
     step()
     sync()

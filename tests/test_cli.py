@@ -198,3 +198,22 @@ def test_fused_training_loss_equals_the_logits_loss(kw):
     assert abs(new.item() - old.item()) <= 1e-5
     grads = torch.autograd.grad(new, model.logits_weight)[0], torch.autograd.grad(old, model.logits_weight)[0]
     torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """--compile compiles forward + loss as one graph (inductor on CPU): the same losses as the
+    uncompiled run up to float reassociation."""
+    args = (*TINY, "--max-steps", 3, "--eval-every", 100, "--save-every", 100, "--sample-tokens", 1)
+    assert cli("train", *args, "--out", tmp_path / "eager") == 0
+    assert cli("train", *args, "--compile", "--out", tmp_path / "compiled") == 0
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 3
+    assert all(abs(a - b) < 1e-4 for a, b in zip(eager, compiled)), (eager, compiled)
+
+
+def test_cudagraph_compile_mode_is_refused_with_ddp(capsys, tmp_path):
+    err = one_line_error(capsys, "train", *TINY, "--compile", "--compile-mode", "reduce-overhead",
+                         "--strategy", "ddp", "--out", tmp_path / "r")
+    assert "compile_mode reduce-overhead" in err and "ddp" in err and not (tmp_path / "r").exists()
+    err = one_line_error(capsys, "train", *TINY, "--compile-mode", "fastest", "--out", tmp_path / "r")
+    assert "compile_mode must be one of" in err

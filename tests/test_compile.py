@@ -77,3 +77,27 @@ def test_fullgraph_layer_dropout_trains():
     out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
     out.float().mean().backward()
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_forward_and_chunked_loss_compile_as_one_graph(name):
+    """The training step compiles forward + loss together (training.distributed.compile_step):
+    the chunked loss's autograd.Function must trace inside the same graph, with equal grads."""
+    model = tiny(**VARIANTS[name])
+    x = torch.randint(0, 64, (2, 17))
+
+    def forward_loss(m):
+        hidden = m(x[:, :-1], return_embeddings=True)
+        return chunked_cross_entropy(hidden, m.logits_weight, x[:, 1:], chunk_size=8)
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn(model)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_e, grads_e = run(forward_loss)
+    loss_c, grads_c = run(torch.compile(forward_loss, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for ge, gc in zip(grads_e, grads_c):
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)

@@ -104,6 +104,37 @@ def score_matrix_reasons(req: AttendRequest) -> list[str]:
     return reasons
 
 
+def _causal_bias_kernel_applies(req: AttendRequest) -> bool:
+    """A float bias with plain causality (no mask, n == m) on CUDA: F.scaled_dot_product_attention
+    refuses attn_mask together with is_causal, so the causal mask would be folded into the bias
+    and the kernel would compute every tile; its memory-efficient kernel takes both directly."""
+    q, k = req.q, req.k
+    return (req.bias is not None and req.causal and req.mask is None and q.is_cuda
+            and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1
+            and q.shape[-1] % 8 == 0 and req.v.shape[-1] % 8 == 0 and q.dtype in _EFFICIENT_DTYPES)
+
+
+_EFFICIENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _efficient_causal_with_bias(req: AttendRequest) -> Tensor:
+    """softmax(q k^T * scale + bias, causal) v through ATen's memory-efficient attention with its
+    causal flag (tiles above the diagonal skipped) and the bias as a differentiable input."""
+    q = req.q
+    k, v = _expand_kv(req)  # the kernel has no grouped key/value heads
+    b, h, n, m = q.shape[0], q.shape[1], q.shape[-2], k.shape[-2]
+    bias = req.bias.to(q.dtype)
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    if m % 8:  # the kernel reads bias rows at 16-byte alignment: pad the row, view the first m
+        bias = F.pad(bias, (0, 8 - m % 8))[..., :m]
+    bias = bias.expand(b, h, n, m)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias, grad, req.dropout, True, scale=req.scale)[0]
+    return out  # (b, h, n, e)
+
+
 class SDPABackend:
     name = "sdpa"
 
@@ -113,6 +144,8 @@ class SDPABackend:
     def __call__(self, req: AttendRequest):
         q, k, v = req.q, req.k, req.v
         n, m = q.shape[-2], k.shape[-2]
+        if _causal_bias_kernel_applies(req):
+            return _efficient_causal_with_bias(req), None
         mask = req.mask
         is_causal = False
         if req.causal and mask is None and req.bias is None and n == m:

@@ -200,7 +200,6 @@ def _make_trainer(cfg: TrainConfig, train_data, val_data, env):
     import torch
 
     from .loop import Trainer, evaluate, lr_factor, make_optimizer
-    from .distributed import parallelize
     from .model import build_model, count_params
 
     class AblationTrainer(Trainer):
@@ -209,7 +208,7 @@ def _make_trainer(cfg: TrainConfig, train_data, val_data, env):
             torch.manual_seed(cfg.seed)
             self.inner = build_model(cfg, val_data.vocab_size)
             self.n_params = count_params(self.inner)
-            self.model = parallelize(self.inner, cfg, env)
+            self.attach()
             self.opt = make_optimizer(self.inner, cfg, env)
             self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg))
             self.step = 0

@@ -20,6 +20,8 @@ from .presets import PRESETS
 
 ARCHS = ("decoder", "xtransformer")
 STRATEGIES = ("none", "ddp", "fsdp")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
 class CLIError(Exception):
@@ -72,7 +74,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available
     precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16"
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward and the loss together (one graph)
+    compile_mode: str = "default"  # default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
     strategy: str = "none"  # none, ddp, fsdp (launch with torchrun)
     out: str | None = None  # run folder; default runs/<preset>-<time>
     preset: str | None = None
@@ -86,6 +89,10 @@ class TrainConfig:
         need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         need(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         need(isinstance(self.model, dict), "model must be a mapping of model keywords")
+        need(self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        need(not (self.compile and self.compile_mode in CUDAGRAPH_MODES and self.strategy != "none"),
+             f"compile_mode {self.compile_mode} captures CUDA graphs, which do not hold the collective "
+             f"communication of strategy {self.strategy}; use compile_mode default or max-autotune-no-cudagraphs")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
                      "log_every", "save_every", "keep_checkpoints", "stdlib_bytes"):
             value = getattr(self, name)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from ..loss import chunked_cross_entropy
 from . import checkpoint as ckpt_io
-from .config import CLIError, TrainConfig
+from .config import CUDAGRAPH_MODES, CLIError, TrainConfig
 from .data import BOS, TaskData, bits_per_byte, load_data
-from .distributed import Env, autocast, no_sync, parallelize, setup, teardown
+from .distributed import Env, autocast, compile_step, no_sync, parallelize, setup, teardown
 from .metrics import MetricsLog, plot
 from .model import build_model, count_params, load_pretrained
 from .sampler import greedy_seq2seq, sample
@@ -98,7 +98,7 @@ class Trainer:
                 self.inner.load_state_dict(ckpt_io.load_weights(resume))
             except RuntimeError as e:
                 raise CLIError(f"checkpoint {resume} does not fit the model: {str(e).splitlines()[0]}")
-        self.model = parallelize(self.inner, cfg, env)
+        self.attach()
         self.opt = make_optimizer(self.inner, cfg, env)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg))
         self.step = 0
@@ -134,6 +134,17 @@ class Trainer:
         else:  # another number of processes: fresh, but still seeded, dropout streams
             torch.manual_seed(self.cfg.seed + 1_000 * self.env.rank + self.step)
 
+    def attach(self):
+        """Place / shard / wrap the built model (``self.inner``) and make the step's forward + loss."""
+        cfg, env = self.cfg, self.env
+        self.model = parallelize(self.inner, cfg, env)
+        self.forward_loss = compile_step(self._forward_loss, cfg)
+        self.cudagraphs = cfg.compile and cfg.compile_mode in CUDAGRAPH_MODES and env.device.type == "cuda"
+
+    def _forward_loss(self, inputs: list, target: torch.Tensor) -> torch.Tensor:
+        with autocast(self.cfg, self.env):
+            return lm_loss(self.model, self.inner, inputs, target)
+
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg, env = self.cfg, self.env
@@ -143,8 +154,10 @@ class Trainer:
         for k in range(cfg.grad_accum):
             batch = self.data.batch(self.step * cfg.grad_accum + k, "train", micro, env.rows(micro))
             inputs = [t.to(env.device) for t in batch.inputs]
-            with no_sync(self.model, cfg, last=k == cfg.grad_accum - 1), autocast(cfg, env):
-                loss = lm_loss(self.model, self.inner, inputs, batch.target.to(env.device))
+            with no_sync(self.model, cfg, last=k == cfg.grad_accum - 1):
+                if self.cudagraphs:  # the previous replay's outputs are no longer read
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss = self.forward_loss(inputs, batch.target.to(env.device))
             (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
             tokens += batch.tokens * env.world
