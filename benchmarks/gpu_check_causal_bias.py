@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
 
 from x_transformers import Decoder, TransformerWrapper  # noqa: E402
-from x_transformers import attend as attend_mod  # noqa: E402
 from x_transformers.attend import attend_backend  # noqa: E402
+
+attend_mod = sys.modules["x_transformers.attend"]
 
 CASES = {
     "t5": dict(rel_pos_bias=True),

@@ -128,6 +128,8 @@ def _efficient_causal_with_bias(req: AttendRequest) -> Tensor:
         bias = bias.unsqueeze(0)
     if m % 8:  # the kernel reads bias rows at 16-byte alignment: pad the row, view the first m
         bias = F.pad(bias, (0, 8 - m % 8))[..., :m]
+    elif bias.stride(-1) != 1:  # e.g. T5's (b, n, m, h) table permuted to (b, h, n, m)
+        bias = bias.contiguous()
     bias = bias.expand(b, h, n, m)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
     out = torch.ops.aten._scaled_dot_product_efficient_attention(
