@@ -140,6 +140,7 @@ VARIANTS = [
     ("gpt2:step:fused", "gpt2", "step", "fused", None, False),
     ("gpt2:step-cg:plain", "gpt2", "step-cg", "plain", None, False),
     ("t5:eager:sdpa", "gpt2", "eager", "fused", dict(rel_pos_bias=True), False),
+    ("t5:step:sdpa", "gpt2", "step", "fused", dict(rel_pos_bias=True), True),
     ("t5:eager:flexdense", "gpt2", "eager", "fused", dict(rel_pos_bias=True), True),
     ("plain:eager", "gpt2", "eager", "fused", None, False),
     ("t5:step:flexdense", "gpt2", "step", "plain", dict(rel_pos_bias=True), False),

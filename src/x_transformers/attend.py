@@ -126,10 +126,13 @@ def _efficient_causal_with_bias(req: AttendRequest) -> Tensor:
     bias = req.bias.to(q.dtype)
     while bias.dim() < 4:
         bias = bias.unsqueeze(0)
-    if m % 8:  # the kernel reads bias rows at 16-byte alignment: pad the row, view the first m
+    # The kernel writes the bias gradient only in the tiles it computes: the skipped tiles above
+    # the diagonal hold whatever the buffer held. Keep only the causal part of that gradient.
+    bias = torch.where(causal_mask(n, m, q.device), bias, bias.detach())
+    # rows contiguous (T5's table arrives permuted from (b, n, m, h)), at 16-byte alignment
+    bias = bias.contiguous()
+    if m % 8:
         bias = F.pad(bias, (0, 8 - m % 8))[..., :m]
-    elif bias.stride(-1) != 1:  # e.g. T5's (b, n, m, h) table permuted to (b, h, n, m)
-        bias = bias.contiguous()
     bias = bias.expand(b, h, n, m)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
     out = torch.ops.aten._scaled_dot_product_efficient_attention(
