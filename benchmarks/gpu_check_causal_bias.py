@@ -27,7 +27,7 @@ attend_mod = sys.modules["x_transformers.attend"]
 CASES = {
     "t5": dict(rel_pos_bias=True),
     "t5_gqa": dict(rel_pos_bias=True, attn_kv_heads=2),
-    "tupe": dict(tupe=True, use_abs_pos_emb=False),
+    "tupe": dict(tupe=True, tupe_max_seq_len=512, use_abs_pos_emb=False),
 }
 LIMITS = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 

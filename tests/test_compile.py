@@ -15,6 +15,7 @@ VARIANTS = {
     "plain": {},
     "llama": dict(rotary_pos_emb=True, ff_glu=True, ff_activation="swish", use_rmsnorm=True, ff_no_bias=True,
                   attn_kv_heads=2),
+    "t5": dict(rel_pos_bias=True),  # compiled, its lookup is a one-hot product (positional.py)
 }
 
 

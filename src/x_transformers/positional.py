@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -158,7 +159,15 @@ class T5RelativePositionBias(nn.Module):
         rel = k_pos[:, None, :] - q_pos[:, :, None]  # (b, n, m)
         buckets = t5_bucket(rel, bidirectional=not self.causal, num_buckets=self.num_buckets,
                             max_distance=self.max_distance)
-        return self.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # (b, h, n, m)
+        if not torch.compiler.is_compiling():
+            return self.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # (b, h, n, m)
+        # Compiled, an embedding's backward becomes atomic adds of every score's gradient into
+        # num_buckets rows (H200, 1024 x 1024: 16 ms a step). As a one-hot product in float32 the
+        # lookup is the same numbers and its backward a matrix product with no atomics.
+        weight = self.relative_attention_bias.weight
+        with torch.autocast(rel.device.type, enabled=False):
+            onehot = F.one_hot(buckets, self.num_buckets).to(torch.float32)
+            return (onehot @ weight.float()).permute(0, 3, 1, 2)
 
     def score_mod(self, q_pos, k_pos) -> "T5ScoreMod":
         return T5ScoreMod(self, q_pos, k_pos)
