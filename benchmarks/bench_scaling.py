@@ -91,8 +91,10 @@ def main() -> None:
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     runs = [launch(1, "ddp", args)]  # the anchor: one process, same code path
+    print(json.dumps(runs[-1]), flush=True)
     for strategy in ("ddp", "fsdp"):
         runs.append(launch(args.nproc, strategy, args))
+        print(json.dumps(runs[-1]), flush=True)
     base = runs[0]["tokens_per_s"]
     for r in runs:
         r["efficiency"] = r["tokens_per_s"] / (r["processes"] * base)
