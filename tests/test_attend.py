@@ -119,3 +119,68 @@ def test_heads_must_divide():
     q, k, v = qkv(h=4, g=3)
     with pytest.raises(ValueError, match="multiple"):
         attend(q, k, v)
+
+
+class _FakeEfficientKernel(torch.autograd.Function):
+    """Stands in for aten._scaled_dot_product_efficient_attention on CPU with the real kernel's
+    contract: it checks the bias layout the kernel demands, computes causal attention with the
+    bias, and (like the kernel, which skips the tiles above the diagonal) returns a bias gradient
+    whose masked part is garbage."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        assert bias.stride(-1) == 1, "the kernel needs contiguous bias rows"
+        assert bias.stride(-2) % 8 == 0 or bias.shape[-2] == 1, "the kernel reads bias rows at 16-byte alignment"
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.scale = scale
+        return reference(q, k, v, causal=True, bias=bias, scale=scale).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, bias = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+            out = reference(*leaves[:3], causal=True, bias=leaves[3], scale=ctx.scale)
+            grads = torch.autograd.grad(out, leaves, grad.double())
+        gq, gk, gv, gb = (g.to(q.dtype) for g in grads)
+        unwritten = ~causal_mask(bias.shape[-2], bias.shape[-1], bias.device)
+        gb = gb.masked_fill(unwritten, float("nan"))  # never written by the kernel
+        return gq, gk, gv, gb, None
+
+
+@pytest.mark.parametrize("n", [8, 13])  # 13: the bias row is padded to a multiple of 8
+@pytest.mark.parametrize("gqa", [False, True])
+def test_causal_bias_kernel_path_keeps_only_the_causal_bias_gradient(monkeypatch, n, gqa):
+    """The CUDA path for a bias with plain causality (attend._efficient_causal_with_bias), run on
+    CPU against a stand-in kernel: same outputs and gradients as the explicit backend, the unwritten
+    part of the kernel's bias gradient never reaches the bias, and T5's permuted (non-contiguous)
+    bias arrives with contiguous rows."""
+    import sys
+
+    mod = sys.modules["x_transformers.attend"]
+    calls = []
+
+    def fake(q, k, v, bias, compute_lse, dropout, scale):
+        assert compute_lse and dropout == 0.0
+        calls.append(bias.shape)
+        return _FakeEfficientKernel.apply(q, k, v, bias, scale)
+
+    monkeypatch.setattr(mod, "_causal_bias_kernel_applies", lambda req: req.bias is not None and req.causal
+                        and req.mask is None and req.q.shape[-2] == req.k.shape[-2])
+    monkeypatch.setattr(mod, "_efficient_kernel", fake)
+    q, k, v = qkv(h=4, g=2 if gqa else 4, n=n, m=n, seed=3)
+    table = torch.randn(1, n, n, 4)  # (1, n, m, h) as T5 builds it, then permuted: rows not contiguous
+    results = {}
+    for backend in ("sdpa", "explicit"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+        bias = leaves[3].permute(0, 3, 1, 2)
+        out, _ = attend(*leaves[:3], causal=True, bias=bias, force_backend=backend)
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        results[backend] = (out, grads)
+    assert calls and calls[0][-2:] == (n, n)
+    out_s, grads_s = results["sdpa"]
+    out_e, grads_e = results["explicit"]
+    torch.testing.assert_close(out_s, out_e, rtol=1e-5, atol=1e-6)
+    for gs, ge in zip(grads_s, grads_e):
+        assert torch.isfinite(gs).all()
+        torch.testing.assert_close(gs, ge, rtol=1e-5, atol=1e-6)

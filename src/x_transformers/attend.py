@@ -135,9 +135,13 @@ def _efficient_causal_with_bias(req: AttendRequest) -> Tensor:
         bias = F.pad(bias, (0, 8 - m % 8))[..., :m]
     bias = bias.expand(b, h, n, m)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
-    out = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, bias, grad, req.dropout, True, scale=req.scale)[0]
-    return out  # (b, h, n, e)
+    return _efficient_kernel(q, k, v, bias, grad, req.dropout, req.scale)  # (b, h, n, e)
+
+
+def _efficient_kernel(q, k, v, bias, compute_lse: bool, dropout: float, scale):
+    """ATen's memory-efficient attention, causal flag on (the tests put a CPU stand-in here)."""
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias, compute_lse, dropout, True, scale=scale)[0]
 
 
 class SDPABackend:
