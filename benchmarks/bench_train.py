@@ -162,25 +162,30 @@ def make_step(model, loss_fn, opt, mode, dev):
 
 
 def measure(impl, name, quick, mode, peak, extra_layers=None, extra_wrapper=None, label=None, steps=10,
-            loss="plain", chunk_size=None):
+            loss="plain", chunk_size=None, inspect=None):
+    """One row: tokens/s, MFU, peak memory, and the first step's seconds (compile time included).
+    ``inspect(step, row) -> dict`` runs after timing (a profile) and its result joins the row."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model, loss_fn, tokens, n_params, L, d, T = build(impl, name, quick, extra_layers, extra_wrapper, loss, chunk_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
     torch._dynamo.reset()
     step = make_step(model, loss_fn, opt, mode, dev)
+    first = timed(step, warmup=0, steps=1)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     compiled = COMPILE_MODES[mode][0] is not None
-    sec = timed(step, warmup=3 if compiled else 2, steps=steps if dev == "cuda" else 3)
+    sec = timed(step, warmup=2 if compiled else 1, steps=steps if dev == "cuda" else 3)
     tps = tokens / sec
     flops_per_token = 6 * n_params + 12 * L * d * T
     row = {
         "impl": impl, "shape": name, "mode": mode, "label": label or name, "loss": loss,
         "tokens_per_s": tps, "ms_per_step": sec * 1e3, "params_non_emb": n_params,
         "mfu": tps * flops_per_token / (peak * 1e12) if peak else None,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None, "first_step_s": first,
     }
+    if inspect is not None:
+        row.update(inspect(step, row))
     del model, opt, step
     if dev == "cuda":
         torch.cuda.empty_cache()

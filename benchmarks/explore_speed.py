@@ -1,16 +1,13 @@
 """Speed exploration for one device call: many training-step variants, time-boxed, with profiles.
 
 Not a result of record (bench_train.py is): this decides which variant bench_train should run.
-Each variant is (shape, how the step is compiled, loss); ``--only`` picks some by name. Writes
+Each variant is (shape, bench_train mode, loss); ``--only`` picks some by name. Writes
 explore_<tag>.json and profile_*.txt to $OUT (or benchmarks/results/).
 
     PYTHONPATH=src python benchmarks/explore_speed.py --budget-s 520
 
-Compile scopes:
-- model: torch.compile(model); the loss (chunked_cross_entropy or F.cross_entropy) runs outside.
-- step:  torch.compile of forward + loss as one function (the loss fused into the graph).
-- step-cg: the same with mode="reduce-overhead" (CUDA graphs for the forward and backward).
-- step-at: the same with mode="max-autotune-no-cudagraphs" (Triton GEMM templates, epilogues).
+Modes are bench_train's COMPILE_MODES (model, compiled, cudagraphs, autotune, eager); the labels
+keep the names of the committed round-4 results (step = forward + loss compiled as one function).
 """
 
 from __future__ import annotations
@@ -26,11 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import build, make_step  # noqa: E402
+from bench_train import measure  # noqa: E402
 from common import environment, matmul_peak_tflops, print_table, sync, timed, write_result  # noqa: E402
-
-SCOPES = {"eager": "eager", "model": "model", "step": "compiled", "step-cg": "cudagraphs", "step-at": "autotune"}
-
 
 def categorize(name: str) -> str:
     n = name.lower()
@@ -72,33 +66,6 @@ def profile(step, label, out_dir, steps=2):
     return {"profile_wall_ms": wall * 1e3, "kernel_ms": busy, "by_category_ms": {k: round(v, 3) for k, v in cats.items()}}
 
 
-def run_variant(shape, scope, loss, extra_layers=None, label=None, do_profile=False, out_dir=None, steps=10):
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    quick = dev == "cpu"
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model, loss_fn, tokens, n_params, L, d, T = build("ours", shape, quick, extra_layers, None, loss)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
-    step = make_step(model, loss_fn, opt, SCOPES[scope], dev)
-    t0 = time.perf_counter()
-    step()
-    sync()
-    first = time.perf_counter() - t0
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sec = timed(step, warmup=2, steps=steps if dev == "cuda" else 2)
-    row = {"label": label or f"{shape}:{scope}:{loss}", "shape": shape, "scope": scope, "loss": loss,
-           "tokens_per_s": tokens / sec, "ms_per_step": sec * 1e3, "first_step_s": first,
-           "flops_per_token": 6 * n_params + 12 * L * d * T,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None}
-    if do_profile:
-        row.update(profile(step, row["label"].replace(":", "_"), out_dir))
-    del model, opt, step
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-    return row
-
-
 def gemm_floor(peak):
     """Milliseconds the GPT-2-shape step's matrix products (forward and both backward products)
     take alone at their own shapes, and SDPA causal attention forward+backward: the floor of a step."""
@@ -132,24 +99,24 @@ def gemm_floor(peak):
             "floor_ms": total + head + L * att, "detail_ms": detail}
 
 
-# (label, shape, scope, loss, extra layer kwargs, profile?)
+# (label, shape, bench_train mode, loss, extra layer kwargs, profile?); labels as in the committed
+# round-4 results: "model" = module-only compile, "step" = forward + loss compiled, "-cg" = CUDA
+# graphs, "-at" = max-autotune
 VARIANTS = [
     ("gpt2:model:fused", "gpt2", "model", "fused", None, True),
-    ("gpt2:step:plain", "gpt2", "step", "plain", None, True),
+    ("gpt2:step:plain", "gpt2", "compiled", "plain", None, True),
     ("seed:model:fused", "seed", "model", "fused", None, True),
-    ("seed:step:plain", "seed", "step", "plain", None, False),
-    ("seed:step-cg:plain", "seed", "step-cg", "plain", None, True),
-    ("llama:step:plain", "llama", "step", "plain", None, False),
-    ("gpt2:step:fused", "gpt2", "step", "fused", None, False),
-    ("gpt2:step-cg:plain", "gpt2", "step-cg", "plain", None, False),
+    ("seed:step:plain", "seed", "compiled", "plain", None, False),
+    ("seed:step-cg:plain", "seed", "cudagraphs", "plain", None, True),
+    ("llama:step:plain", "llama", "compiled", "plain", None, False),
+    ("gpt2:step:fused", "gpt2", "compiled", "fused", None, False),
+    ("gpt2:step-cg:plain", "gpt2", "cudagraphs", "plain", None, False),
     ("t5:eager:sdpa", "gpt2", "eager", "fused", dict(rel_pos_bias=True), False),
-    ("t5:step:sdpa", "gpt2", "step", "fused", dict(rel_pos_bias=True), True),
-    ("t5:eager:flexdense", "gpt2", "eager", "fused", dict(rel_pos_bias=True), True),
+    ("t5:step:sdpa", "gpt2", "compiled", "fused", dict(rel_pos_bias=True), True),
     ("plain:eager", "gpt2", "eager", "fused", None, False),
-    ("t5:step:flexdense", "gpt2", "step", "plain", dict(rel_pos_bias=True), False),
-    ("gpt2:step-at:plain", "gpt2", "step-at", "plain", None, False),
+    ("gpt2:step-at:plain", "gpt2", "autotune", "plain", None, False),
 ]
-COST_S = {"model": 60, "step": 60, "step-cg": 75, "step-at": 240, "eager": 20}
+COST_S = {"model": 60, "compiled": 60, "cudagraphs": 75, "autotune": 240, "eager": 20}
 
 
 def main():
@@ -168,19 +135,17 @@ def main():
         result["floor"] = gemm_floor(peak)
         print("floor", json.dumps(result["floor"]), flush=True)
     only = {s for s in args.only.split(",") if s}
-    for label, shape, scope, loss, extra, prof in VARIANTS:
+    quick = not torch.cuda.is_available()
+    for label, shape, mode, loss, extra, prof in VARIANTS:
         if only and label not in only:
             continue
         left = args.budget_s - (time.time() - t0)
-        if left < COST_S[scope]:
+        if left < COST_S[mode]:
             result["rows"].append({"label": label, "error": f"skipped: {left:.0f} s left"})
             continue
-        from x_transformers.positional import T5ScoreMod
-        T5ScoreMod.prefer_flex = T5ScoreMod.flex_reads_dense = label.endswith("flexdense")
+        inspect = (lambda step, row: profile(step, row["label"].replace(":", "_"), out_dir)) if prof and not quick else None
         try:
-            row = run_variant(shape, scope, loss, extra, label, prof and torch.cuda.is_available(), out_dir)
-            if peak:
-                row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e12)
+            row = measure("ours", shape, quick, mode, peak, extra, None, label, loss=loss, inspect=inspect)
         except Exception as e:  # noqa: BLE001 - a failed variant is reported, the rest still run
             row = {"label": label, "error": f"{type(e).__name__}: {str(e)[:400]}"}
             traceback.print_exc()

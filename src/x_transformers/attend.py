@@ -126,9 +126,10 @@ def _efficient_causal_with_bias(req: AttendRequest) -> Tensor:
     bias = req.bias.to(q.dtype)
     while bias.dim() < 4:
         bias = bias.unsqueeze(0)
-    # The kernel writes the bias gradient only in the tiles it computes: the skipped tiles above
-    # the diagonal hold whatever the buffer held. Keep only the causal part of that gradient.
-    bias = torch.where(causal_mask(n, m, q.device), bias, bias.detach())
+    if bias.requires_grad:
+        # The kernel writes the bias gradient only in the tiles it computes: the skipped tiles
+        # above the diagonal hold whatever the buffer held. Keep only the causal part of it.
+        bias = torch.where(causal_mask(n, m, q.device), bias, bias.detach())
     # rows contiguous (T5's table arrives permuted from (b, n, m, h)), at 16-byte alignment
     bias = bias.contiguous()
     if m % 8:

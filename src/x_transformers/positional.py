@@ -340,14 +340,10 @@ class T5ScoreMod(ScoreMod):
         buckets = t5_bucket(offsets, bidirectional=not mod.causal, num_buckets=mod.num_buckets, max_distance=dist)
         return mod.relative_attention_bias(buckets).t()  # gradients reach the (buckets, h) table
 
-    # Read the materialised (b|1, h, n, m) bias instead of the per-offset table: the table's
-    # gradient in flex's backward is an atomic add from every score into ~2D+1 cells per head
-    # (H200: 139 ms a layer), the dense bias's from the batch rows into distinct cells.
-    flex_reads_dense = False
-
     def flex_score_mod(self, batch: int):
-        if self.flex_reads_dense:
-            return _dense_score_mod(self.dense())
+        # not preferred in auto dispatch: flex's backward adds every score's gradient atomically
+        # into ~2D+1 table cells per head (H200: 139 ms a layer; over the dense bias instead, the
+        # GPT-2 step took 78.8 ms against 68 ms on SDPA, benchmarks/results/explore_round4_gpu.json)
         table, dist = self.offset_table(), self.module.max_distance
         qp, kp, qb, kb = self.q_pos, self.k_pos, _row(self.q_pos), _row(self.k_pos)
 
