@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test clean
+.PHONY: run test clean gpu-check
 
 # torch is pinned to the CPU build on this machine's disk when none is present (an unpinned
 # install would fetch a multi-GB CUDA build).
@@ -28,6 +28,12 @@ test: $(VENV)/.test
 
 run: $(VENV)/.train
 	OMP_NUM_THREADS=2 $(BIN)/python -m x_transformers train --preset tiny
+
+# On a CUDA machine (not CI): compiled training against eager at 1B-like shapes (issue #24; it
+# does not reproduce on CPU), and the 1b preset trained 50 steps with and without --compile.
+gpu-check:
+	PYTHONPATH=src python3 benchmarks/gpu_check_chunked_loss.py --variants compiled compiled_flat
+	PYTHONPATH=src python3 benchmarks/gpu_train_guard.py --steps 50
 
 clean:
 	rm -rf $(VENV) runs

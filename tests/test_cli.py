@@ -211,6 +211,25 @@ def test_compiled_training_matches_eager(tmp_path):
     assert all(abs(a - b) < 1e-4 for a, b in zip(eager, compiled)), (eager, compiled)
 
 
+def test_a_compiled_step_that_disagrees_with_eager_falls_back_to_eager(tmp_path, monkeypatch, capsys):
+    """The first compiled steps are checked against the eager forward on the same batch; a
+    disagreement (here a stand-in compiled step whose loss is off by 0.05, the size seen on an
+    H200 in issue #24) is reported in one line and the run continues, and ends, as the eager run."""
+    from x_transformers.training import loop
+
+    def wrong_compile(fn, cfg):
+        if not cfg.compile:
+            return fn
+        return lambda inputs, target: fn(inputs, target) + 0.05
+    monkeypatch.setattr(loop, "compile_step", wrong_compile)
+    args = (*TINY, "--max-steps", 3, "--eval-every", 100, "--save-every", 100, "--sample-tokens", 1)
+    assert cli("train", *args, "--out", tmp_path / "eager") == 0
+    assert cli("train", *args, "--compile", "--out", tmp_path / "compiled") == 0
+    out = capsys.readouterr().out
+    assert out.count("differs from the eager forward") == 1 and "without torch.compile" in out
+    assert train_losses(tmp_path / "compiled") == train_losses(tmp_path / "eager")
+
+
 def test_cudagraph_compile_mode_is_refused_with_ddp(capsys, tmp_path):
     err = one_line_error(capsys, "train", *TINY, "--compile", "--compile-mode", "reduce-overhead",
                          "--strategy", "ddp", "--out", tmp_path / "r")

@@ -52,7 +52,7 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="a named preset: tiny, gpt2-small, seed")
+    p.add_argument("--preset", help="a named preset: tiny, gpt2-small, 1b, seed")
     p.add_argument("--config", help="a YAML or JSON file of config keys")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, model keywords as model.KEY (e.g. --set model.rotary_pos_emb=true)")
@@ -92,7 +92,7 @@ def _train_arguments(p):
                 "--compile --no-progress --init-from HF_FOLDER")
 
 
-@command("train", "train a model (presets: tiny, gpt2-small, seed)", _train_arguments)
+@command("train", "train a model (presets: tiny, gpt2-small, 1b, seed)", _train_arguments)
 def run_train(args) -> int:
     from .training import checkpoint as ckpt_io
     from .training.loop import Trainer
@@ -113,7 +113,7 @@ def run_train(args) -> int:
     else:
         cfg = load_config(args.preset, args.config, sets)
         if cfg.preset is None and not cfg.model and cfg.init_from is None:
-            raise CLIError("no model given: use --preset NAME (tiny, gpt2-small, seed), --config FILE, "
+            raise CLIError("no model given: use --preset NAME (tiny, gpt2-small, 1b, seed), --config FILE, "
                            "or --init-from HF_FOLDER")
         name = cfg.preset or (Path(cfg.init_from).name if cfg.init_from else "run")
         run = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -2,6 +2,8 @@
 
 ``tiny``        a byte-level decoder (dim 256, depth 4, rotary) that trains on 2 CPU cores in ~4 minutes (``make run``)
 ``gpt2-small``  the GPT-2-small shape (vocab 50304, dim 768, depth 12, heads 12, seq 1024, batch 16)
+``1b``          a ~0.9B-parameter decoder (vocab 50304, dim 2048, depth 16, heads 16, seq 2048, batch 8, tied
+                head): the compiled-vs-eager training guard and the speed benchmarks' large shape (one GPU)
 ``ablate``        the base of ``xtransformers ablate``'s language-model table: a plain byte-level decoder
                 (dim 256, depth 4, heads 4, learned absolute positions), seq 256, batch 32, 250 steps
 ``ablate-seq2seq`` its encoder-decoder table: a plain XTransformer (dim 128, depth 2) on ``reverse``
@@ -21,6 +23,12 @@ PRESETS: dict[str, dict] = {
         arch="decoder",
         model=dict(num_tokens=50304, dim=768, depth=12, heads=12, attn_bias=True, tie_embedding=True),
         seq_len=1024, batch_size=16, max_steps=5000, lr=6e-4, warmup_steps=200,
+        eval_every=500, save_every=1000, stdlib_bytes=32_000_000,
+    ),
+    "1b": dict(
+        arch="decoder",
+        model=dict(num_tokens=50304, dim=2048, depth=16, heads=16, tie_embedding=True),
+        seq_len=2048, batch_size=8, max_steps=5000, lr=3e-4, warmup_steps=200,
         eval_every=500, save_every=1000, stdlib_bytes=32_000_000,
     ),
     "seed": dict(
