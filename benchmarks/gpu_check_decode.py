@@ -14,7 +14,8 @@ failure: the step is still compiled). A configuration that raises, or whose deco
 back to the uncompiled one (generate's one-line warning), is a failure recorded with its one-line
 message; the sweep goes on.
 
-    PYTHONPATH=src python benchmarks/gpu_check_decode.py                      # H200: ~2-4 minutes
+    PYTHONPATH=src python benchmarks/gpu_check_decode.py                      # GPU: configurations not started
+                                                                              # within --budget-s (240) are skipped, listed
     PYTHONPATH=src python benchmarks/gpu_check_decode.py --device cpu --quick # smoke check on CPU
 
 JSON goes to $OUT when set, else benchmarks/results/ (rewritten after every configuration).
