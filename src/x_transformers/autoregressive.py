@@ -65,7 +65,9 @@ _COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # What a failed compile raises (tracing, the backend's compiler, the recompile limit); any other
 # error comes from the model itself and is not hidden.
-_COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+# (FailOnRecompileLimitHit is not a TorchDynamoException; older torch names it otherwise or lacks it)
+_RECOMPILE_LIMIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", torch._dynamo.exc.TorchDynamoException)
+_COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, _RECOMPILE_LIMIT)
 
 
 def compiled_decoder(net, options: dict):
@@ -99,7 +101,7 @@ def compiled_decoder(net, options: dict):
             # for this model, except at the recompile limit (the graphs compiled so far still serve).
             reason = compile_failure(net, e)
             warnings.warn(reason)
-            if not isinstance(e, torch._dynamo.exc.FailOnRecompileLimitHit):
+            if type(e) is not _RECOMPILE_LIMIT:
                 steps[key] = reason
             compiled = decode_step
             return decode_step(*args)
@@ -136,7 +138,7 @@ def _failed_at(error) -> str:
 
 def compile_failure(net, error) -> str:
     """One line: which model did not compile, where, and why."""
-    if isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit):
+    if type(error) is _RECOMPILE_LIMIT:
         why = (f"torch._dynamo.config.recompile_limit ({torch._dynamo.config.recompile_limit}) reached: "
                f"a graph per batch size and cache length was compiled already")
     else:
