@@ -196,3 +196,38 @@ def test_cpu_model_materialises_bias_once_per_forward(monkeypatch):
     model(torch.randn(2, 10, 32)).sum().backward()
     assert calls == [1]
     assert model.rel_pos.relative_attention_bias.weight.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_compiled_static_decode_on_the_flex_path_equals_uncached(flex_on_cpu, monkeypatch):
+    """The compiled decode step reaches block_mask_for with the static cache's mask: its memo must
+    trace (an id() of a tensor made in the graph did not: issue 25, ALiBi on GPU). ALiBi picks flex;
+    with memory key/values each layer pads the mask (a block mask per layer); with grouped key/value
+    heads flex gets enable_gqa. Two batch sizes, ragged prompts, one process."""
+    from torch.nn.attention import flex_attention as flex_api
+
+    from x_transformers import AutoregressiveWrapper, TransformerWrapper
+
+    # the fixture's call counter would be traced into the graph and guarded on (a recompile per step)
+    monkeypatch.setattr(flex, "create_block_mask", flex_api.create_block_mask)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):  # runs the captured graph as it is, keeping it to look at
+        graphs.append(gm)
+        return gm.forward
+
+    g = torch.Generator().manual_seed(0)
+    calls = [[torch.randint(0, 64, (n,), generator=g) for n in (5, 9, 1)], torch.randint(0, 64, (2, 5), generator=g)]
+    for layers in (dict(), dict(attn_num_mem_kv=2), dict(attn_kv_heads=2)):
+        torch.manual_seed(0)
+        net = TransformerWrapper(num_tokens=64, max_seq_len=64,
+                                 attn_layers=Decoder(dim=64, depth=1, heads=4, alibi_pos_bias=True, **layers))
+        ar = AutoregressiveWrapper(net).eval()
+        for prompts in calls:
+            with attend_backend("explicit"):
+                want = ar.generate(prompts, 4, temperature=0.0, cache_kv=False)
+            graphs.clear()
+            got = ar.generate(prompts, 4, temperature=0.0, compile=dict(backend=recording_backend))
+            assert len(graphs) == 1  # one graph for the whole generation
+            assert any(node.target is torch.ops.higher_order.flex_attention for node in graphs[0].graph.nodes)
+            assert torch.equal(got, want), layers

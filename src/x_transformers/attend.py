@@ -47,6 +47,15 @@ class AttendRequest:
     pre_mix: Tensor | None = None  # (h, h) head mixing of the logits (talking heads)
     post_mix: Tensor | None = None  # (h, h) head mixing of the weights
     need_weights: bool = False
+    # g as the configuration says it (a Python int), None: read from k. Under torch.compile k's
+    # sizes may be symbolic, and a decision on them a SymBool that a kernel's bool argument refuses.
+    kv_heads: int | None = None
+
+    @property
+    def heads_per_kv(self) -> int:
+        """Query heads per key/value head (1 unless grouped-query / multi-query attention)."""
+        g = self.kv_heads if self.kv_heads is not None else self.k.shape[1]
+        return self.q.shape[1] // g
 
     @property
     def needs_scores(self) -> bool:
@@ -80,10 +89,10 @@ def combined_mask(req: AttendRequest) -> Tensor | None:
 
 
 def _expand_kv(req: AttendRequest):
-    h, g = req.q.shape[1], req.k.shape[1]
-    if h == g:
+    r = req.heads_per_kv
+    if r == 1:
         return req.k, req.v
-    return req.k.repeat_interleave(h // g, dim=1), req.v.repeat_interleave(h // g, dim=1)
+    return req.k.repeat_interleave(r, dim=1), req.v.repeat_interleave(r, dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +181,7 @@ class SDPABackend:
             attn_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=req.dropout, is_causal=is_causal, scale=req.scale,
-            enable_gqa=q.shape[1] != k.shape[1],
+            enable_gqa=req.heads_per_kv > 1,
         )
         if keep_rows is not None:
             out = out * keep_rows.to(out.dtype)

@@ -147,7 +147,7 @@ class Attention(nn.Module):
             dropout=self.cfg.dropout if self.training else 0.0,
             normalizer=self.normalizer, entmax_alpha=self.entmax_alpha, sparse_topk=self.cfg.sparse_topk,
             pre_mix=self.pre_mix, post_mix=self.post_mix, need_weights=need_weights,
-            force_backend=self.cfg.backend,
+            kv_heads=h if self.shared_qk else g, force_backend=self.cfg.backend,
         )
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)

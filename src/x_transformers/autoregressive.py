@@ -14,6 +14,12 @@ Legend: b batch, k beams, n prompt length, v vocabulary.
 
 from __future__ import annotations
 
+import traceback
+import types
+import warnings
+import weakref
+from dataclasses import MISSING, fields
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -53,6 +59,95 @@ def decode_step(net, token: Tensor, cache, context=None, context_mask=None) -> T
     return net(token, cache=cache, context=context, context_mask=context_mask)[:, -1]
 
 
+# Each model's compiled decode steps: net -> {torch.compile options: the compiled step, or the
+# one-line reason it did not compile}. Weak keys: a dropped model takes its compiled steps along.
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# What a failed compile raises (tracing, the backend's compiler, the recompile limit); any other
+# error comes from the model itself and is not hidden.
+# (FailOnRecompileLimitHit is not a TorchDynamoException; older torch names it otherwise or lacks it)
+_RECOMPILE_LIMIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", torch._dynamo.exc.TorchDynamoException)
+_COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, _RECOMPILE_LIMIT)
+
+
+def compiled_decoder(net, options: dict):
+    """A decode step for ``net`` compiled with torch.compile ``options``; where compiling fails,
+    it warns in one line (:func:`compile_failure`) and runs the uncompiled :func:`decode_step`.
+
+    Each model compiles its own copy of decode_step: dynamo keeps compiled graphs, their guards
+    and the recompile count on a function's code object, so through the one shared decode_step
+    every model's graphs would pile into one list (after 8 a hard error under fullgraph=True).
+    ``dynamic=False``: a static cache has fixed shapes, so each (batch, max_len) gets a graph of
+    its own with every size a Python int. With automatic dynamic shapes, sizes that changed between
+    earlier calls, another model's included (dynamo keeps that record per source location), became
+    symbolic, and shape-derived decisions (grouped-query attention) became SymBools that kernels refuse.
+    """
+    steps = _COMPILED_STEPS.setdefault(net, {})
+    key = repr(sorted(options.items()))
+    if isinstance(steps.get(key), str):  # it did not compile before: say so again, do not try again
+        warnings.warn(steps[key])
+        return decode_step
+    if key not in steps:
+        own = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, decode_step.__name__)
+        steps[key] = torch.compile(own, **(dict(fullgraph=True, dynamic=False) | options))  # options may override
+    compiled = steps[key]
+
+    def step(*args):
+        nonlocal compiled
+        try:
+            return compiled(*args)
+        except _COMPILE_ERRORS as e:
+            # Raised while compiling, before the graph ran: the cache is as it was. Not tried again
+            # for this model, except at the recompile limit (the graphs compiled so far still serve).
+            reason = compile_failure(net, e)
+            warnings.warn(reason)
+            if type(e) is not _RECOMPILE_LIMIT:
+                steps[key] = reason
+            compiled = decode_step
+            return decode_step(*args)
+
+    return step
+
+
+def _static_len(n: int) -> int:
+    """Compiled, each cache length is a graph of its own: round it up to a power of two so that
+    prompts of many lengths share a few graphs (unfilled slots are masked out)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _model_keywords(net) -> str:
+    """The layer stack's non-default keywords (what sets the model's features apart)."""
+    layers = net.attn_layers
+    parts = [f"num_memory_tokens={net.num_memory_tokens}"] if net.num_memory_tokens else []
+    for cfg, prefix in ((layers.cfg, ""), (layers.attn_cfg, "attn_"), (layers.ff_cfg, "ff_")):
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.default is not MISSING and value != f.default and f.name != "causal":
+                parts.append(f"{prefix}{f.name}={value!r}")
+    return ", ".join(parts) or "the plain model"
+
+
+def _failed_at(error) -> str:
+    """The innermost frame of this package in the code being compiled, as "file.py:line in fn"."""
+    frames = getattr(error, "real_stack", None) or traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if "x_transformers" in f.filename and not f.filename.endswith("autoregressive.py")]
+    if not ours:
+        return "torch.compile"
+    return f"{ours[-1].filename.rsplit('/', 1)[-1]}:{ours[-1].lineno} in {ours[-1].name}"
+
+
+def compile_failure(net, error) -> str:
+    """One line: which model did not compile, where, and why."""
+    if type(error) is _RECOMPILE_LIMIT:
+        why = (f"torch._dynamo.config.recompile_limit ({torch._dynamo.config.recompile_limit}) reached: "
+               f"a graph per batch size and cache length was compiled already")
+    else:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        why = f"{_failed_at(error)}: {type(error).__name__}: {first}"
+    return (f"generate(compile=True): the decode step of this model ({_model_keywords(net)}) does not compile "
+            f"[{why}]; decoding with the static cache uncompiled")
+
+
 class AutoregressiveWrapper(nn.Module):
     """Next-token training loss and generation for a causal ``TransformerWrapper``."""
 
@@ -66,7 +161,6 @@ class AutoregressiveWrapper(nn.Module):
         self.net = net
         self.ignore_index = ignore_index
         self.pad_value = pad_value
-        self._compiled = {}
 
     def forward(self, x: Tensor, mask: Tensor | None = None, **kwargs) -> Tensor:
         """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets equal to
@@ -83,19 +177,13 @@ class AutoregressiveWrapper(nn.Module):
     # ------------------------------------------------------------------------------------------
     # generation
 
-    def _decoder(self, compile):
-        if not compile:
-            return decode_step
+    def _compile_options(self, compile) -> dict:
         if isinstance(compile, dict):  # torch.compile keywords, e.g. {"backend": "eager"} in tests
-            options = dict(compile)
-        elif isinstance(compile, str):
-            options = dict(mode=compile)
-        else:  # CUDA graphs remove the per-step launch overhead that dominates small-batch decoding
-            options = dict(mode="reduce-overhead" if next(self.net.parameters()).is_cuda else "default")
-        key = repr(sorted(options.items()))
-        if key not in self._compiled:
-            self._compiled[key] = torch.compile(decode_step, fullgraph=True, **options)
-        return self._compiled[key]
+            return dict(compile)
+        if isinstance(compile, str):
+            return dict(mode=compile)
+        # CUDA graphs remove the per-step launch overhead that dominates small-batch decoding
+        return dict(mode="reduce-overhead" if next(self.net.parameters()).is_cuda else "default")
 
     def _static_cache(self, batch, max_len):
         # Reused while the shape fits: the same tensors keep a compiled step's guards and a CUDA
@@ -127,12 +215,13 @@ class AutoregressiveWrapper(nn.Module):
             return net(tokens, mask, context=context, context_mask=context_mask)[:, -1], step, None
 
         if static_cache:
-            cache = self._static_cache(tokens.shape[0], net.num_memory_tokens + tokens.shape[1] + max_new)
+            max_len = net.num_memory_tokens + tokens.shape[1] + max_new
+            cache = self._static_cache(tokens.shape[0], _static_len(max_len) if compile else max_len)
         else:
             cache = KVCache()
         logits = prefill(net, tokens, mask, cache, context, context_mask)
-        decode = self._decoder(compile)
-        cudagraphs = bool(compile) and logits.is_cuda
+        decode = compiled_decoder(net, self._compile_options(compile)) if compile else decode_step
+        cudagraphs = decode is not decode_step and logits.is_cuda
 
         def step(token):
             if cudagraphs:
@@ -156,7 +245,9 @@ class AutoregressiveWrapper(nn.Module):
         are padded with ``pad_value``. ``beams=k``: beam search (k = 1 is greedy) with scores
         length-normalised by ``length ** length_penalty``; temperature and filters do not apply. ``static_cache``
         preallocates the cache (default: on when compiling); ``compile`` compiles the decode step
-        (True: CUDA graphs on GPU; a torch.compile mode name; or a dict of torch.compile keywords). ``context`` / ``context_mask``
+        (True: CUDA graphs on GPU; a torch.compile mode name; or a dict of torch.compile keywords):
+        the model's own copy, a graph per batch size and cache length (rounded up to a power of two);
+        where it cannot compile, a one-line warning and the uncompiled static cache. ``context`` / ``context_mask``
         feed cross-attention (encoder-decoder).
 
         Returns the new tokens (b, seq_len); with ``return_scores`` also each row's score (b,):

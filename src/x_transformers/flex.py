@@ -70,30 +70,39 @@ def flex_mask_mod(mask, causal: bool, n: int, m: int):
     return mask_mod
 
 
+def _create_block_mask(mask, causal: bool, b: int, h: int, n: int, m: int, device):
+    mask_mod = flex_mask_mod(mask, causal, n, m)
+    if mask_mod is None:
+        return None
+    mb, mh = _as_4d(mask).shape[:2] if mask is not None else (1, 1)
+    return create_block_mask(mask_mod, b if mb > 1 else None, h if mh > 1 else None, n, m, device=device)
+
+
 def block_mask_for(req: AttendRequest):
-    """The BlockMask of req's mask and causality. Without a mask tensor: cached across forwards.
-    With one: built once per forward, memoised on the ScoreMod every layer shares, keyed by the
-    mask tensor's identity (held, so ids stay unique). Memory key/values pad the mask per layer,
-    so there it is built per layer."""
+    """The BlockMask of req's mask and causality, built once per forward and memoised on the
+    ScoreMod every layer shares. The mask tensor is recognised by identity (``is``: an ``id()``
+    does not trace under torch.compile, and the compiled decode step comes here). Memory
+    key/values pad the mask per layer, so there it is built per layer. Without a mask tensor,
+    eager forwards share one BlockMask per (causal, n, m, device) across forwards (not under
+    compile: a compiled graph builds its own instead of reading or writing a module global)."""
     b, h, n, _ = req.q.shape
     m = req.k.shape[-2]
     causal = req.causal and n > 1  # one query at the bottom row sees every key
     mask = req.mask
-    if mask is None:
+    if mask is None and not torch.compiler.is_compiling():
         key = (causal, n, m, str(req.q.device))
         if key not in _MASKLESS:
             if len(_MASKLESS) > 64:
                 _MASKLESS.clear()
-            mask_mod = flex_mask_mod(None, causal, n, m)
-            _MASKLESS[key] = None if mask_mod is None else create_block_mask(mask_mod, None, None, n, m, device=req.q.device)
+            _MASKLESS[key] = _create_block_mask(None, causal, b, h, n, m, req.q.device)
         return _MASKLESS[key]
-    key = ("block_mask", id(mask), mask._version if mask is not None else None, causal, b, h, n, m)
-    memo = req.score_mod.memo
-    if key not in memo:
-        mb, mh = _as_4d(mask).shape[:2]
-        memo[key] = (mask, create_block_mask(flex_mask_mod(mask, causal, n, m), b if mb > 1 else None,
-                                             h if mh > 1 else None, n, m, device=req.q.device))
-    return memo[key][1]
+    built = req.score_mod.memo.setdefault(("block_masks", causal, b, h, n, m), [])  # [(mask, BlockMask)]
+    for seen, block_mask in built:
+        if seen is mask:
+            return block_mask
+    block_mask = _create_block_mask(mask, causal, b, h, n, m, req.q.device)
+    built.append((mask, block_mask))  # the mask is held, so `is` never meets a recycled tensor
+    return block_mask
 
 
 class FlexBackend:
@@ -130,12 +139,12 @@ class FlexBackend:
     def __call__(self, req: AttendRequest):
         q, k, v, sm = req.q, req.k, req.v, req.score_mod
         score_mod, block_mask = sm.flex_score_mod(q.shape[0]), block_mask_for(req)
+        # inside a compiled region (the compiled decode step) the enclosing compile compiles flex too
+        kernel = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
         # q, k, v already carry the compute dtype; autocast around the higher-order op adds nothing
         with torch.autocast(q.device.type, enabled=False):
-            out = compiled_flex_attention()(
-                q, k, v, score_mod=score_mod, block_mask=block_mask, scale=req.scale,
-                enable_gqa=q.shape[1] != k.shape[1], kernel_options=sm.kernel_options,
-            )
+            out = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=req.scale,
+                         enable_gqa=req.heads_per_kv > 1, kernel_options=sm.kernel_options)
         return out, None
 
 
