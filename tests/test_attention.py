@@ -494,9 +494,9 @@ def test_backend_each_configuration_gets(kw, expected, monkeypatch):
                                         ("attn_use_entmax15", "not softmax"),
                                         ("attn_sparse_topk", "top-k")])
 def test_forcing_sdpa_on_a_score_feature_raises_with_the_reasons(kw, reason):
-    a = attention(**{kw: 3 if kw == "attn_sparse_topk" else True}, attn_backend="sdpa")
-    with pytest.raises(BackendNotSupported, match=reason):
-        a(inputs())
+    # forced by keyword: refused at construction (conflicts.py); forced at call time: the reasons
+    with pytest.raises(ConfigConflictError, match=f"attn_backend cannot be combined with {kw}"):
+        attention(**{kw: 3 if kw == "attn_sparse_topk" else True}, attn_backend="sdpa")
     q = k = v = torch.randn(1, HEADS, 4, D)
     with pytest.raises(BackendNotSupported, match="talking heads"):
         attend(q, k, v, force_backend="sdpa", pre_mix=torch.eye(HEADS))

@@ -101,3 +101,87 @@ def test_context_errors():
         enc(torch.randn(1, 3, 32), context=torch.randn(1, 2, 32))
     with pytest.raises(ValueError, match=r"shape \(batch, seq, 32\)"):
         enc(torch.randn(1, 3, 16))
+
+
+# --- bad input: one-line errors naming the keyword, raised at construction (issue 16) ---
+
+def _bad_value_for(f):
+    kinds = str(f.type).replace(" ", "").split("|")
+    if "bool" in kinds:
+        return "no"  # a string would read as truthy
+    if "int" in kinds or "float" in kinds:
+        return True  # a bool where a number is expected
+    return None
+
+
+def _typed_fields():
+    from dataclasses import fields
+
+    from x_transformers.config import AttentionConfig, FeedForwardConfig, LayersConfig
+
+    for cls, prefix in ((LayersConfig, ""), (AttentionConfig, "attn_"), (FeedForwardConfig, "ff_")):
+        for f in fields(cls):
+            # causal is consumed by Decoder / Encoder themselves (layers.py) before the config sees it
+            if f.name not in ("dim", "depth", "heads", "causal") and _bad_value_for(f) is not None:
+                yield prefix + f.name, _bad_value_for(f)
+
+
+@pytest.mark.parametrize("key, value", list(_typed_fields()))
+def test_every_bool_and_number_keyword_refuses_a_wrong_type(key, value):
+    with pytest.raises(ValueError, match=rf"^{key} must be") as info:
+        Decoder(dim=32, depth=1, heads=4, **{key: value})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rotary_pos_emb="no"), r"rotary_pos_emb must be True or False, got 'no'"),
+    (dict(ff_mult="4"), r"ff_mult must be a number, got '4'"),
+    (dict(heads=4.0), r"heads must be an integer"),
+    (dict(norm_eps=0.0), r"norm_eps must be a positive finite number"),
+    (dict(norm_eps=-1e-5), r"norm_eps must be a positive finite number"),
+    (dict(rotary_pos_emb=True, rotary_base=0.0), r"rotary_base must be a positive finite number"),
+    (dict(rotary_pos_emb=True, rotary_base=float("nan")), r"rotary_base must be a positive finite number"),
+    (dict(rotary_emb_dim=4), r"rotary_emb_dim configures rotary_pos_emb, which is off; set rotary_pos_emb=True"),
+    (dict(rotary_base=10000.0), r"rotary_base configures rotary_pos_emb"),  # the default, given: still given
+    (dict(rotary_pos_emb=False, rotary_base=500.0), r"rotary_base configures rotary_pos_emb"),
+    (dict(alibi_num_heads=2), r"alibi_num_heads configures alibi_pos_bias"),
+    (dict(rel_pos_num_buckets=32), r"rel_pos_num_buckets configures rel_pos_bias"),
+    (dict(rel_pos_max_distance=64), r"rel_pos_max_distance configures rel_pos_bias"),
+    (dict(tupe_untie_cls=False), r"tupe_untie_cls configures tupe"),
+])
+def test_bad_input_is_refused_at_construction_naming_the_keyword(kwargs, message):
+    kwargs = {"heads": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Decoder(dim=32, depth=1, **kwargs)
+
+
+def test_sub_keywords_with_their_feature_are_accepted():
+    Decoder(dim=32, depth=1, heads=4, rotary_pos_emb=True, rotary_base=500.0, rotary_emb_dim=4)
+    Decoder(dim=32, depth=1, heads=4, alibi_pos_bias=True, alibi_num_heads=2)
+    Decoder(dim=32, depth=1, heads=4, rel_pos_bias=True, rel_pos_num_buckets=16, rel_pos_max_distance=64)
+    # a shared sub-keyword serves the XTransformer side whose feature is on
+    model = XTransformer(dim=32, depth=1, heads=4, num_tokens=10, max_seq_len=8, rotary_base=500.0,
+                         dec_rotary_pos_emb=True)
+    assert model.decoder.attn_layers.rotary is not None and model.encoder.attn_layers.rotary is None
+    with pytest.raises(ValueError, match="rotary_base configures rotary_pos_emb"):
+        XTransformer(dim=32, depth=1, heads=4, num_tokens=10, max_seq_len=8, rotary_base=500.0)
+
+
+def test_wrapper_keywords_are_a_validated_dataclass():
+    from dataclasses import fields
+
+    from x_transformers.config import WRAPPER_KEYS, WrapperConfig
+    from x_transformers.wrappers import WRAPPER_KEYS as REEXPORTED
+
+    assert WRAPPER_KEYS == REEXPORTED == tuple(f.name for f in fields(WrapperConfig))
+    layers = Encoder(dim=32, depth=1, heads=4)
+    for bad, message in ((dict(num_tokens="10"), r"num_tokens must be an integer"),
+                         (dict(tie_embedding="yes"), r"tie_embedding must be True or False"),
+                         (dict(logits_scale=float("nan")), r"logits_scale must be a positive finite number"),
+                         (dict(emb_dropout=1.0), r"emb_dropout must be a probability")):
+        with pytest.raises(ValueError, match=message):
+            TransformerWrapper(attn_layers=layers, **{"num_tokens": 10, "max_seq_len": 8, **bad})
+    with pytest.raises(TypeError, match="needs num_tokens"):
+        TransformerWrapper(attn_layers=layers, max_seq_len=8)
+    wrapper = TransformerWrapper(attn_layers=layers, num_tokens=10, max_seq_len=8, emb_dim=16)
+    assert wrapper.cfg == WrapperConfig(num_tokens=10, max_seq_len=8, emb_dim=16)

@@ -84,3 +84,25 @@ def test_tied_embedding_and_memory_tokens_stripped():
 def test_repr_shows_layout_and_norm_placement():
     text = repr(Decoder(dim=32, depth=2, heads=4, sandwich_norm=True, macaron=True))
     assert "layout=f*0.5 a f*0.5 f*0.5 a f*0.5" in text and "placement=sandwich" in text
+
+
+def test_xtransformer_encoder_has_no_head_and_every_parameter_learns():
+    """The encoder's output head was never used: no gradient (DDP without find_unused_parameters
+    fails) and vocab x dim wasted parameters. Every parameter must get a gradient from a loss on
+    the decoder's logits, and the state dict must round-trip."""
+    torch.manual_seed(0)
+    kw = dict(dim=32, num_tokens=20, max_seq_len=16, depth=1, heads=4)
+    model = XTransformer(**kw)
+    assert model.encoder.to_logits is None and model.decoder.to_logits is not None
+    src, tgt = torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 5))
+    model(src, tgt).logsumexp(-1).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert model.encode(src).shape == (2, 6, 32)
+    assert model.encoder(src).shape == (2, 6, 32)  # hidden states: it has nothing else to give
+
+    again = XTransformer(**kw)
+    again.load_state_dict(model.state_dict())  # strict
+    model.eval(), again.eval()
+    torch.testing.assert_close(again(src, tgt), model(src, tgt))
+    assert not any(k.startswith("encoder.to_logits") for k in model.state_dict())

@@ -11,6 +11,7 @@ together raise :class:`ConfigConflictError` naming both.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -54,6 +55,38 @@ def _positive_int(name: str, value, allow_none=False, allow_zero=False):
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
 
 
+def _values(obj) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _field_kinds(f) -> set[str]:
+    return set(str(f.type).replace(" ", "").split("|"))
+
+
+def check_types(cls, kwargs: dict[str, Any], prefix: str = ""):
+    """A bool keyword must be a real bool, a number a real int / float (never a bool or a string):
+    ``rotary_pos_emb="no"`` would otherwise switch rotary on. Reads the dataclass annotations."""
+    by_name = {f.name: f for f in fields(cls)}
+    for key, value in kwargs.items():
+        f = by_name.get(key)
+        if f is None or value is None and "None" in _field_kinds(f):
+            continue
+        kinds, name = _field_kinds(f), prefix + key
+        if "bool" in kinds and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+        if "int" in kinds and "float" not in kinds and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        if "float" in kinds and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        if kinds == {"str"} and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+
+
+def _positive_number(name: str, value):
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
 def _probability(name: str, value):
     if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
@@ -85,6 +118,7 @@ class AttentionConfig:
     backend: str = "auto"  # "auto", or force one of attend.BACKENDS
 
     def __post_init__(self):
+        check_types(AttentionConfig, _values(self), "attn_")
         _positive_int("attn_dim_head", self.dim_head, allow_none=True)
         _positive_int("attn_kv_heads", self.kv_heads, allow_none=True)
         _positive_int("attn_num_mem_kv", self.num_mem_kv, allow_zero=True)
@@ -93,21 +127,10 @@ class AttentionConfig:
         if self.entmax_alpha is not None and not (1.0 + ENTMAX_MIN_GAP <= self.entmax_alpha <= 2.0):
             raise ValueError(f"attn_entmax_alpha must lie in [1 + {ENTMAX_MIN_GAP}, 2] (closer to 1 the bisection "
                              f"loses precision: leave it unset for softmax), got {self.entmax_alpha!r}")
-        sparse = [n for n, on in (("attn_use_entmax15", self.use_entmax15),
-                                  ("attn_entmax_alpha", self.entmax_alpha is not None),
-                                  ("attn_learned_entmax_alpha", self.learned_entmax_alpha)) if on]
-        if len(sparse) > 1:
-            raise conflict(sparse[0], sparse[1], "choose one entmax variant")
-        if sparse and self.sparse_topk is not None:
-            raise conflict(sparse[0], "attn_sparse_topk", "top-k sparsity is defined on softmax attention")
-        if self.shared_qk and self.kv_heads is not None:
-            raise conflict("attn_shared_qk", "attn_kv_heads", "shared-QK keys are the queries themselves, one per query head")
-        if not (isinstance(self.qk_norm_scale, (int, float)) and self.qk_norm_scale > 0):
-            raise ValueError(f"attn_qk_norm_scale must be positive, got {self.qk_norm_scale!r}")
-        if self.qk_norm and self.scale is not None:
-            raise conflict("attn_qk_norm", "attn_scale", "QK-norm learns its own logit scale (set attn_qk_norm_scale)")
-        if self.scale is not None and self.scale <= 0:
-            raise ValueError(f"attn_scale must be positive, got {self.scale!r}")
+        _positive_number("attn_qk_norm_scale", self.qk_norm_scale)
+        if self.scale is not None:
+            _positive_number("attn_scale", self.scale)
+        # combinations of these keywords: conflicts.py
 
     @property
     def pre_mix(self) -> bool:
@@ -120,8 +143,13 @@ class AttentionConfig:
     @property
     def needs_scores(self) -> bool:
         """Features that need the full score matrix, so only the explicit backend computes them."""
-        return (self.pre_mix or self.post_mix or self.use_entmax15 or self.entmax_alpha is not None
-                or self.learned_entmax_alpha or self.sparse_topk is not None)
+        return any(getattr(self, name) not in (None, False) for name in SCORE_FEATURES)
+
+
+# AttentionConfig fields that need the full score matrix (the one list: needs_scores and the
+# forced-backend conflicts in conflicts.py read it)
+SCORE_FEATURES = ("talking_heads", "pre_talking_heads", "post_talking_heads", "use_entmax15", "entmax_alpha",
+                  "learned_entmax_alpha", "sparse_topk")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,10 +167,10 @@ class FeedForwardConfig:
     def __post_init__(self):
         from .feedforward import ACTIVATIONS  # registry lives beside its users
 
+        check_types(FeedForwardConfig, _values(self), "ff_")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"ff_activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if not self.mult > 0:
-            raise ValueError(f"ff_mult must be positive, got {self.mult!r}")
+        _positive_number("ff_mult", self.mult)
         _positive_int("ff_inner_dim", self.inner_dim, allow_none=True)
         _positive_int("ff_chunks", self.chunks)
         _probability("ff_dropout", self.dropout)
@@ -188,48 +216,24 @@ class LayersConfig:
     tupe_untie_cls: bool = False  # TUPE's untied [CLS]: position 0 gets learned scores, not positional ones
 
     def __post_init__(self):
+        check_types(LayersConfig, _values(self))
         _positive_int("dim", self.dim)
         _positive_int("depth", self.depth)
         _positive_int("heads", self.heads)
         _positive_int("dim_context", self.dim_context, allow_none=True)
         _probability("layer_dropout", self.layer_dropout)
-        norms = [n for n, on in (("use_scalenorm", self.use_scalenorm), ("use_rmsnorm", self.use_rmsnorm)) if on]
-        if len(norms) > 1:
-            raise conflict(norms[0], norms[1], "choose one norm")
-        if self.use_rezero and (self.sandwich_norm or not self.pre_norm):
-            other = "sandwich_norm" if self.sandwich_norm else "pre_norm=False"
-            raise conflict("use_rezero", other, "ReZero removes the norms around residual branches")
-        if self.only_cross and self.causal:
-            raise conflict("only_cross", "causal", "a cross-attention-only stack has no self-attention to make causal")
+        _positive_number("norm_eps", self.norm_eps)
+        _positive_number("rotary_base", self.rotary_base)
         if self.custom_layers is not None:
             if isinstance(self.custom_layers, str) or not all(c in ("a", "c", "f") for c in self.custom_layers):
                 raise ValueError(f"custom_layers must be a sequence of 'a', 'c', 'f', got {self.custom_layers!r}")
-            if self.sandwich_coef is not None or self.macaron:
-                raise conflict("custom_layers", "sandwich_coef" if self.sandwich_coef is not None else "macaron",
-                               "custom_layers already fixes the whole layout")
         if self.sandwich_coef is not None:
             _positive_int("sandwich_coef", self.sandwich_coef)
             if self.sandwich_coef > self.depth:
                 raise ValueError(f"sandwich_coef ({self.sandwich_coef}) must be at most depth ({self.depth})")
-            if self.macaron:
-                raise conflict("sandwich_coef", "macaron", "both define the layer order")
         _positive_int("top_attn_to_ff", self.top_attn_to_ff, allow_zero=True)
-        if self.top_attn_to_ff:
-            if self.top_attn_to_ff > self.depth:
-                raise ValueError(f"top_attn_to_ff ({self.top_attn_to_ff}) must be at most depth ({self.depth})")
-            for other, on, why in (
-                ("only_cross", self.only_cross, "a cross-attention-only stack has no self-attention to replace"),
-                ("custom_layers", self.custom_layers is not None, "custom_layers already fixes the whole layout"),
-                ("sandwich_coef", self.sandwich_coef is not None, "a sandwich layout has no per-layer (a, f) pairs"),
-            ):
-                if on:
-                    raise conflict("top_attn_to_ff", other, why)
-        if self.reversible and not self.pre_norm:
-            raise conflict("reversible", "pre_norm=False", "post-norm normalises the sum x + f(x), which is not an "
-                           "additive coupling and cannot be inverted")
-        biases = [n for n, on in (("alibi_pos_bias", self.alibi_pos_bias), ("rel_pos_bias", self.rel_pos_bias)) if on]
-        if len(biases) > 1:
-            raise conflict(biases[0], biases[1], "choose one relative position bias")
+        if self.top_attn_to_ff > self.depth:
+            raise ValueError(f"top_attn_to_ff ({self.top_attn_to_ff}) must be at most depth ({self.depth})")
         if self.rotary_emb_dim is not None:
             _positive_int("rotary_emb_dim", self.rotary_emb_dim)
             if self.rotary_emb_dim % 2:
@@ -240,24 +244,12 @@ class LayersConfig:
                 raise ValueError(f"alibi_num_heads ({self.alibi_num_heads}) must be at most heads ({self.heads})")
         _positive_int("rel_pos_num_buckets", self.rel_pos_num_buckets)
         _positive_int("rel_pos_max_distance", self.rel_pos_max_distance)
-        self._check_tupe()
-
-    def _check_tupe(self):
-        if not self.tupe:
-            for sub, on in (("tupe_max_seq_len", self.tupe_max_seq_len is not None), ("tupe_untie_cls", self.tupe_untie_cls)):
-                if on:
-                    raise ValueError(f"{sub} configures TUPE; set tupe=True as well")
-            return
-        if self.tupe_max_seq_len is None:
-            raise ValueError("tupe=True needs tupe_max_seq_len, the length of its learned position table")
-        _positive_int("tupe_max_seq_len", self.tupe_max_seq_len)
-        # TUPE-R (TUPE + T5 bias, the paper's eq. 11) is supported; these two are not:
-        if self.rotary_pos_emb:
-            raise conflict("tupe", "rotary_pos_emb", "TUPE keeps position out of the word-to-word term, which rotary "
-                           "rotates by position; use rel_pos_bias=True for TUPE-R")
-        if self.alibi_pos_bias:
-            raise conflict("tupe", "alibi_pos_bias", "ALiBi exists to extrapolate past the training length, which "
-                           "TUPE's learned position table forbids; use rel_pos_bias=True for TUPE-R")
+        if self.tupe:
+            if self.tupe_max_seq_len is None:
+                raise ValueError("tupe=True needs tupe_max_seq_len, the length of its learned position table")
+            _positive_int("tupe_max_seq_len", self.tupe_max_seq_len)
+        # combinations of these keywords (and sub-keywords given without their feature): conflicts.py
+        # and check_given below, both run on the keywords as the user gave them
 
     @property
     def has_relative_positions(self) -> bool:
@@ -269,8 +261,65 @@ class LayersConfig:
         return self.has_relative_positions or self.tupe
 
 
+@dataclass(frozen=True, kw_only=True)
+class WrapperConfig:
+    """``TransformerWrapper``'s own keywords (the layer stack is passed built, as ``attn_layers``)."""
+
+    num_tokens: int
+    max_seq_len: int | None = None  # needed by learned absolute positions
+    emb_dim: int | None = None  # token embedding width, projected to dim when different
+    emb_dropout: float = 0.0
+    tie_embedding: bool = False  # logits through the token embedding, 1608.05859
+    use_abs_pos_emb: bool = True  # learned absolute positions, unless the stack carries positions
+    scaled_sinu_pos_emb: bool = False  # sinusoidal table with a learned scale
+    sinusoidal_pos_emb: bool = False  # fixed sinusoidal table, 1706.03762
+    num_memory_tokens: int = 0  # Memory Transformer, 2006.11527
+    logits_dim: int | None = None  # output width, default num_tokens
+    logits_scale: float = 1.0  # multiplies the hidden states before the head (T5's dim ** -0.5)
+    return_only_embed: bool = False  # no output head: forward returns hidden states (an encoder's side)
+
+    def __post_init__(self):
+        check_types(WrapperConfig, _values(self))
+        _positive_int("num_tokens", self.num_tokens)
+        _positive_int("max_seq_len", self.max_seq_len, allow_none=True)
+        _positive_int("emb_dim", self.emb_dim, allow_none=True)
+        _probability("emb_dropout", self.emb_dropout)
+        _positive_int("num_memory_tokens", self.num_memory_tokens, allow_zero=True)
+        _positive_int("logits_dim", self.logits_dim, allow_none=True)
+        _positive_number("logits_scale", self.logits_scale)
+
+
+WRAPPER_KEYS = tuple(f.name for f in fields(WrapperConfig))
+
+# sub-keyword -> the feature keyword it configures; given without it (even at its default value),
+# the sub-keyword would be silently ignored
+REQUIRES = {
+    "rotary_emb_dim": "rotary_pos_emb", "rotary_base": "rotary_pos_emb",
+    "alibi_num_heads": "alibi_pos_bias",
+    "rel_pos_num_buckets": "rel_pos_bias", "rel_pos_max_distance": "rel_pos_bias",
+    "tupe_max_seq_len": "tupe", "tupe_untie_cls": "tupe",
+}
+
+
+def check_given(kwargs: dict[str, Any]):
+    """Refuse a sub-keyword given without its feature switched on (``rotary_base`` without ``rotary_pos_emb``)."""
+    for sub, feature in REQUIRES.items():
+        if sub in kwargs and kwargs.get(feature) is not True:
+            raise ValueError(f"{sub} configures {feature}, which is off; set {feature}=True as well, or drop {sub}")
+
+
+def _kind(where: str, kwargs: dict) -> str:
+    return "cross" if where == "CrossAttender" else "decoder" if kwargs.get("causal") else "encoder"
+
+
 def split_layer_kwargs(kwargs: dict[str, Any], where: str) -> tuple[dict, dict, dict]:
-    """Route keywords: exact LayersConfig names first, then ``attn_`` and ``ff_`` prefixes."""
+    """Route keywords: exact LayersConfig names first, then ``attn_`` and ``ff_`` prefixes.
+
+    Before any module is built it checks the keywords as given: their types, sub-keywords
+    without their feature, and every declared conflict (conflicts.py) for this kind of stack.
+    """
+    from . import conflicts  # the table imports this module
+
     layer_names = field_names(LayersConfig)
     attn_names, ff_names = field_names(AttentionConfig), field_names(FeedForwardConfig)
     layers, attn, ff = {}, {}, {}
@@ -284,4 +333,9 @@ def split_layer_kwargs(kwargs: dict[str, Any], where: str) -> tuple[dict, dict, 
         else:
             valid = list(layer_names) + ["attn_" + n for n in attn_names] + ["ff_" + n for n in ff_names]
             raise unknown_keyword(key, valid, where)
+    check_types(LayersConfig, layers)
+    check_types(AttentionConfig, attn, "attn_")
+    check_types(FeedForwardConfig, ff, "ff_")
+    check_given(kwargs)
+    conflicts.check(_kind(where, kwargs), kwargs)
     return layers, attn, ff

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .config import ConfigConflictError
+from .config import SCORE_FEATURES, ConfigConflictError
 
 KINDS = ("decoder", "encoder", "cross", "funnel", "xtransformer", "wrapper")
 STACK_KINDS = ("decoder", "encoder", "cross", "funnel", "xtransformer")
@@ -64,9 +64,189 @@ def check(kind: str, settings: dict) -> None:
             raise error
 
 
+def off(s: dict, key: str) -> bool:
+    """Whether a keyword whose default is True was given as False (``pre_norm=False``)."""
+    return s.get(key, True) is False
+
+
+def blocks(s: dict) -> int:
+    """How many funnel blocks the keywords ask for (``depths``, default as the funnel's)."""
+    from .funnel import DEFAULT_DEPTHS  # the funnel imports the layers, which import this table
+
+    depths = s.get("depths", DEFAULT_DEPTHS)
+    return len(depths) if hasattr(depths, "__len__") else 1
+
+
+def side(s: dict, prefix: str, key: str):
+    """An XTransformer keyword as one side sees it: ``enc_key`` / ``dec_key`` over the shared ``key``."""
+    return s.get(f"{prefix}_{key}", s.get(key))
+
+
+def forced(s: dict) -> bool:
+    """attn_backend names one backend (not "auto", not the explicit one that computes everything)."""
+    return s.get("attn_backend", "auto") not in ("auto", "explicit")
+
+
+# a Decoder is causal, so only_cross there is refused by (only_cross, causal); a CrossAttender is
+# only_cross, so top_attn_to_ff there is refused by (top_attn_to_ff, only_cross)
+NOT_CROSS = ("decoder", "encoder", "funnel", "xtransformer")
+WRAPPER = ("wrapper",)
+XT = ("xtransformer",)
+ENTMAX = ("attn_use_entmax15", "attn_entmax_alpha", "attn_learned_entmax_alpha")
+EXAMPLE_ON = {"attn_use_entmax15": True, "attn_entmax_alpha": 1.5, "attn_learned_entmax_alpha": True,
+              "attn_talking_heads": True, "attn_pre_talking_heads": True, "attn_post_talking_heads": True,
+              "attn_sparse_topk": 2}
+
 # ----------------------------------------------------------------------------------------------
 # the table (one entry per refusal; keep the reason actionable)
 
+# attention keywords
 declare("attn_shared_qk", "attn_kv_heads", when=lambda s: on(s, "attn_shared_qk") and on(s, "attn_kv_heads"),
         reason="shared-QK keys are the queries themselves, one per query head",
         example=dict(attn_shared_qk=True, attn_kv_heads=2))
+for _i, _a in enumerate(ENTMAX):
+    for _b in ENTMAX[_i + 1:]:
+        declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b), reason="choose one entmax variant",
+                example={_a: EXAMPLE_ON[_a], _b: EXAMPLE_ON[_b]})
+    declare(_a, "attn_sparse_topk", when=lambda s, a=_a: on(s, a) and on(s, "attn_sparse_topk"),
+            reason="top-k sparsity is defined on softmax attention",
+            example={_a: EXAMPLE_ON[_a], "attn_sparse_topk": 2})
+declare("attn_qk_norm", "attn_scale", when=lambda s: on(s, "attn_qk_norm") and s.get("attn_scale") is not None,
+        reason="QK-norm learns its own logit scale (set attn_qk_norm_scale)",
+        example=dict(attn_qk_norm=True, attn_scale=0.5))
+# a forced kernel must compute every feature asked of it (config.SCORE_FEATURES need the score matrix)
+for _f in SCORE_FEATURES:
+    declare("attn_backend", f"attn_{_f}", when=lambda s, f=_f: forced(s) and on(s, f"attn_{f}"),
+            reason=f"the forced backend cannot compute attn_{_f}, which needs the full score matrix; "
+                   f"use attn_backend='auto' (it falls back) or 'explicit'",
+            example={"attn_backend": "sdpa", f"attn_{_f}": EXAMPLE_ON[f"attn_{_f}"]})
+
+# norms and residuals
+declare("use_scalenorm", "use_rmsnorm", when=lambda s: on(s, "use_scalenorm") and on(s, "use_rmsnorm"),
+        reason="choose one norm", example=dict(use_scalenorm=True, use_rmsnorm=True))
+declare("use_rezero", "sandwich_norm", when=lambda s: on(s, "use_rezero") and on(s, "sandwich_norm"),
+        reason="ReZero removes the norms around residual branches", example=dict(use_rezero=True, sandwich_norm=True))
+declare("use_rezero", "pre_norm=False", when=lambda s: on(s, "use_rezero") and off(s, "pre_norm"),
+        reason="ReZero removes the norms around residual branches", example=dict(use_rezero=True, pre_norm=False))
+declare("reversible", "pre_norm=False", when=lambda s: on(s, "reversible") and off(s, "pre_norm"),
+        reason="post-norm normalises the sum x + f(x), which is not an additive coupling and cannot be inverted",
+        example=dict(reversible=True, pre_norm=False))
+
+# layout
+declare("only_cross", "causal", when=lambda s: on(s, "only_cross") and on(s, "causal"),
+        reason="a cross-attention-only stack has no self-attention to make causal",
+        example=dict(only_cross=True, causal=True), kinds=("decoder", "cross", "xtransformer"))
+declare("custom_layers", "sandwich_coef", when=lambda s: s.get("custom_layers") is not None and on(s, "sandwich_coef"),
+        reason="custom_layers already fixes the whole layout", example=dict(custom_layers=("a", "f"), sandwich_coef=1))
+declare("custom_layers", "macaron", when=lambda s: s.get("custom_layers") is not None and on(s, "macaron"),
+        reason="custom_layers already fixes the whole layout", example=dict(custom_layers=("a", "f"), macaron=True))
+declare("sandwich_coef", "macaron", when=lambda s: on(s, "sandwich_coef") and on(s, "macaron"),
+        reason="both define the layer order", example=dict(sandwich_coef=1, macaron=True))
+declare("top_attn_to_ff", "only_cross", when=lambda s: on(s, "top_attn_to_ff") and on(s, "only_cross"),
+        reason="a cross-attention-only stack has no self-attention to replace",
+        example=dict(top_attn_to_ff=1, only_cross=True), kinds=("encoder", "cross", "xtransformer"))
+declare("top_attn_to_ff", "custom_layers",
+        when=lambda s: on(s, "top_attn_to_ff") and s.get("custom_layers") is not None,
+        reason="custom_layers already fixes the whole layout", example=dict(top_attn_to_ff=1, custom_layers=("a", "f")),
+        kinds=NOT_CROSS)
+declare("top_attn_to_ff", "sandwich_coef", when=lambda s: on(s, "top_attn_to_ff") and on(s, "sandwich_coef"),
+        reason="a sandwich layout has no per-layer (a, f) pairs", example=dict(top_attn_to_ff=1, sandwich_coef=1),
+        kinds=NOT_CROSS)
+
+# positions
+declare("alibi_pos_bias", "rel_pos_bias", when=lambda s: on(s, "alibi_pos_bias") and on(s, "rel_pos_bias"),
+        reason="choose one relative position bias", example=dict(alibi_pos_bias=True, rel_pos_bias=True))
+# TUPE-R (TUPE + T5 bias, the paper's eq. 11) is supported; these two are not
+declare("tupe", "rotary_pos_emb", when=lambda s: on(s, "tupe") and on(s, "rotary_pos_emb"),
+        reason="TUPE keeps position out of the word-to-word term, which rotary rotates by position; "
+               "use rel_pos_bias=True for TUPE-R",
+        example=dict(tupe=True, tupe_max_seq_len=16, rotary_pos_emb=True))
+declare("tupe", "alibi_pos_bias", when=lambda s: on(s, "tupe") and on(s, "alibi_pos_bias"),
+        reason="ALiBi exists to extrapolate past the training length, which TUPE's learned position table "
+               "forbids; use rel_pos_bias=True for TUPE-R",
+        example=dict(tupe=True, tupe_max_seq_len=16, alibi_pos_bias=True))
+
+# TransformerWrapper keywords (settings: its own keywords, the stack's resolved LayersConfig
+# fields and dim, and a funnel's depths / upsample)
+declare("scaled_sinu_pos_emb", "sinusoidal_pos_emb",
+        when=lambda s: on(s, "scaled_sinu_pos_emb") and on(s, "sinusoidal_pos_emb"),
+        reason="choose one absolute scheme", example=dict(scaled_sinu_pos_emb=True, sinusoidal_pos_emb=True),
+        kinds=WRAPPER)
+for _p in ("sinusoidal_pos_emb", "scaled_sinu_pos_emb"):
+    declare("tupe", _p, when=lambda s, p=_p: on(s, "tupe") and on(s, p),
+            reason="TUPE keeps positions out of the token embeddings",
+            example={"tupe": True, "tupe_max_seq_len": 16, _p: True}, kinds=WRAPPER)
+declare("tupe_untie_cls", "num_memory_tokens", when=lambda s: on(s, "tupe_untie_cls") and on(s, "num_memory_tokens"),
+        reason="memory tokens take position 0, the untied [CLS]",
+        example=dict(tupe=True, tupe_max_seq_len=16, tupe_untie_cls=True, num_memory_tokens=2), kinds=WRAPPER)
+declare("tie_embedding", "emb_dim", when=lambda s: on(s, "tie_embedding") and on(s, "emb_dim")
+        and s.get("emb_dim") != s.get("dim"),
+        reason="tied logits need emb_dim == dim", example=dict(tie_embedding=True, emb_dim=16), kinds=WRAPPER)
+declare("num_memory_tokens", "FunnelEncoder without upsample",
+        when=lambda s: on(s, "num_memory_tokens") and "depths" in s and blocks(s) > 1 and not on(s, "upsample"),
+        reason="pooling mixes memory tokens into the sequence, so they cannot be stripped; use upsample=True",
+        example=dict(num_memory_tokens=2, depths=(1, 1)), kinds=WRAPPER)
+for _k in ("tie_embedding", "logits_dim", "logits_scale"):
+    declare("return_only_embed", _k, when=lambda s, k=_k: on(s, "return_only_embed") and k in s,
+            reason="without an output head there are no logits to tie, size or scale",
+            example={"return_only_embed": True, _k: {"tie_embedding": True, "logits_dim": 8, "logits_scale": 0.5}[_k]},
+            kinds=WRAPPER)
+
+# XTransformer keywords (as passed: shared, enc_ and dec_ prefixed)
+declare("cross_attend", when=lambda s: on(s, "cross_attend") or on(s, "enc_cross_attend") or off(s, "dec_cross_attend"),
+        reason="the decoder of an XTransformer always cross-attends to the encoder, and the encoder has no "
+               "context to attend to; drop cross_attend", example=dict(cross_attend=True), kinds=XT)
+declare("only_cross", when=lambda s: on(s, "only_cross") or on(s, "enc_only_cross") or on(s, "dec_only_cross"),
+        reason="the encoder has no context to cross-attend to, and the decoder is causal self-attention plus "
+               "cross-attention; drop only_cross",
+        example=dict(only_cross=True), kinds=XT)
+declare("custom_layers", "XTransformer", when=lambda s: s.get("custom_layers") is not None,
+        reason="one layout cannot serve both sides (the decoder needs 'c' blocks, the encoder cannot have them); "
+               "give enc_custom_layers and dec_custom_layers", example=dict(custom_layers=("a", "c", "f")), kinds=XT)
+declare("dec_custom_layers", "XTransformer", when=lambda s: s.get("dec_custom_layers") is not None
+        and "c" not in s["dec_custom_layers"],
+        reason="the decoder needs at least one 'c' (cross-attention) block to read the encoder",
+        example=dict(dec_custom_layers=("a", "f")), kinds=XT)
+declare("enc_custom_layers", "XTransformer", when=lambda s: s.get("enc_custom_layers") is not None
+        and "c" in s["enc_custom_layers"],
+        reason="the encoder has no context to cross-attend to; drop its 'c' blocks",
+        example=dict(enc_custom_layers=("a", "c", "f")), kinds=XT)
+for _k in ("logits_dim", "logits_scale", "return_only_embed"):
+    declare(f"enc_{_k}", "XTransformer", when=lambda s, k=_k: f"enc_{k}" in s,
+            reason="the encoder of an encoder-decoder has no output head (its hidden states feed the decoder)",
+            example={f"enc_{_k}": {"logits_dim": 8, "logits_scale": 0.5, "return_only_embed": True}[_k]}, kinds=XT)
+declare("enc_depth", "enc_funnel", when=lambda s: on(s, "enc_funnel") and "enc_depth" in s,
+        reason="a funnel encoder takes enc_depths, one depth per block",
+        example=dict(enc_funnel=True, enc_depth=2), kinds=XT)
+declare("tie_token_emb", "enc_num_tokens / dec_num_tokens",
+        when=lambda s: on(s, "tie_token_emb") and (side(s, "enc", "num_tokens") != side(s, "dec", "num_tokens")
+                                                   or side(s, "enc", "emb_dim") != side(s, "dec", "emb_dim")),
+        reason="both sides need the same vocabulary (and emb_dim) to share one embedding",
+        example=dict(tie_token_emb=True, enc_num_tokens=12), kinds=XT)
+
+# ----------------------------------------------------------------------------------------------
+# layers.py / funnel.py call sites (to switch): declared here so the table is complete; the
+# stack entries already fire from config.split_layer_kwargs, ahead of layers.py's own check
+
+declare("attn_shared_qk", "only_cross", when=lambda s: on(s, "attn_shared_qk") and on(s, "only_cross"),
+        reason="shared-QK applies to self-attention; cross-attention keys come from the context",
+        example=dict(attn_shared_qk=True, only_cross=True), kinds=("encoder", "cross"))
+declare("tupe", "attn_scale", when=lambda s: on(s, "tupe") and s.get("attn_scale") is not None,
+        reason="TUPE fixes the self-attention scale at 1/sqrt(2 * dim_head)",
+        example=dict(tupe=True, tupe_max_seq_len=16, attn_scale=0.5))
+declare("only_cross", "cross_attend", when=lambda s: on(s, "only_cross") and on(s, "cross_attend"),
+        reason="only_cross already makes every attention cross-attention",
+        example=dict(only_cross=True, cross_attend=True), kinds=("encoder", "cross"))
+FUNNEL = ("funnel",)
+declare("upsample_depth", "upsample=False", when=lambda s: s.get("upsample_depth") is not None and not on(s, "upsample"),
+        reason="the decoder exists only with upsample=True", example=dict(upsample_depth=1), kinds=FUNNEL)
+declare("attn_shared_qk", "depths", when=lambda s: on(s, "attn_shared_qk") and blocks(s) > 1,
+        reason="pooled queries have no keys of their own to share (use a single block, depths=(n,), for shared-QK)",
+        example=dict(attn_shared_qk=True, depths=(1, 1)), kinds=FUNNEL)
+declare("only_cross", "depths", when=lambda s: on(s, "only_cross") and blocks(s) > 1,
+        reason="query pooling needs a self-attention layer in every block",
+        example=dict(only_cross=True, depths=(1, 1)), kinds=FUNNEL)
+declare("custom_layers", "depths", when=lambda s: s.get("custom_layers") is not None
+        and "a" not in s["custom_layers"] and blocks(s) > 1,
+        reason="query pooling needs a self-attention layer in every block",
+        example=dict(custom_layers=("f",), depths=(1, 1)), kinds=FUNNEL)

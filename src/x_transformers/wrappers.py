@@ -6,10 +6,13 @@ Legend: b batch, n tokens, M memory tokens, v vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import nn
 
-from .config import conflict, unknown_keyword
+from . import conflicts
+from .config import REQUIRES, WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import DEFAULT_DEPTHS, FunnelEncoder
 from .layers import AttentionLayers, Decoder, Encoder, check_mask, default_positions
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
@@ -22,39 +25,24 @@ def _is_compiling() -> bool:
 class TransformerWrapper(nn.Module):
     """Token embedding, positions, optional memory tokens, a layer stack and the output head."""
 
-    def __init__(self, *, num_tokens: int, max_seq_len: int | None = None, attn_layers: AttentionLayers,
-                 emb_dim: int | None = None, emb_dropout: float = 0.0, tie_embedding: bool = False,
-                 use_abs_pos_emb: bool = True, scaled_sinu_pos_emb: bool = False, sinusoidal_pos_emb: bool = False,
-                 num_memory_tokens: int = 0, logits_dim: int | None = None, logits_scale: float = 1.0, **unknown):
+    def __init__(self, *, attn_layers: AttentionLayers, **kwargs):
+        """Keywords: :class:`~x_transformers.config.WrapperConfig` names, and the built stack."""
         super().__init__()
-        for key in unknown:
-            raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",), "TransformerWrapper")
+        for key in kwargs:
+            if key not in WRAPPER_KEYS:
+                raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",), "TransformerWrapper")
+        if "num_tokens" not in kwargs:
+            raise TypeError("TransformerWrapper needs num_tokens, the vocabulary size")
         if not isinstance(attn_layers, (AttentionLayers, FunnelEncoder)):
             raise TypeError(f"attn_layers must be an Encoder, Decoder, AttentionLayers or FunnelEncoder, "
                             f"got {type(attn_layers).__name__}")
-        if num_memory_tokens and isinstance(attn_layers, FunnelEncoder) and attn_layers.pools_output:
-            raise conflict("num_memory_tokens", "FunnelEncoder without upsample",
-                           "pooling mixes memory tokens into the sequence, so they cannot be stripped")
-        if not isinstance(num_tokens, int) or num_tokens < 1:
-            raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
-        if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
-            raise ValueError(f"max_seq_len must be a positive integer or None, got {max_seq_len!r}")
-        if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
-            raise ValueError(f"num_memory_tokens must be an integer >= 0, got {num_memory_tokens!r}")
-        if not (isinstance(logits_scale, (int, float)) and logits_scale > 0):
-            raise ValueError(f"logits_scale must be a positive number, got {logits_scale!r}")
-        if scaled_sinu_pos_emb and sinusoidal_pos_emb:
-            raise conflict("scaled_sinu_pos_emb", "sinusoidal_pos_emb", "choose one absolute scheme")
+        check_types(WrapperConfig, kwargs)
+        conflicts.check("wrapper", {**stack_settings(attn_layers), **kwargs})
+        self.cfg = cfg = build(WrapperConfig, kwargs, "TransformerWrapper")
+        num_tokens, max_seq_len, num_memory_tokens = cfg.num_tokens, cfg.max_seq_len, cfg.num_memory_tokens
         lcfg = attn_layers.layer_cfg  # the LayersConfig (a funnel's: that of its blocks)
-        if lcfg.tupe and (scaled_sinu_pos_emb or sinusoidal_pos_emb):
-            other = "scaled_sinu_pos_emb" if scaled_sinu_pos_emb else "sinusoidal_pos_emb"
-            raise conflict("tupe", other, "TUPE keeps positions out of the token embeddings")
-        if lcfg.tupe_untie_cls and num_memory_tokens:
-            raise conflict("tupe_untie_cls", "num_memory_tokens", "memory tokens take position 0, the untied [CLS]")
         dim = attn_layers.dim
-        emb_dim = emb_dim or dim
-        if tie_embedding and emb_dim != dim:
-            raise conflict("tie_embedding", "emb_dim", f"tied logits need emb_dim == dim ({emb_dim} != {dim})")
+        emb_dim = cfg.emb_dim or dim
 
         self.num_tokens = num_tokens
         self.max_seq_len = max_seq_len
@@ -62,26 +50,28 @@ class TransformerWrapper(nn.Module):
         self.num_memory_tokens = num_memory_tokens
         # multiplies the final hidden states before the output head: T5 scales its tied decoder
         # head by dim ** -0.5 (1910.10683, mesh-tensorflow); 1.0 everywhere else
-        self.logits_scale = logits_scale
+        self.logits_scale = cfg.logits_scale
 
         self.token_emb = nn.Embedding(num_tokens, emb_dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
         # Absolute positions: learned by default, unless the stack carries relative positions
         # (rotary / ALiBi / T5), TUPE replaces it, or the user chose a sinusoidal table.
         self.pos_emb = None
-        if scaled_sinu_pos_emb or sinusoidal_pos_emb:
-            self.pos_emb = SinusoidalPositionalEmbedding(emb_dim, scaled=scaled_sinu_pos_emb)
-        elif use_abs_pos_emb and not lcfg.has_positions:
+        if cfg.scaled_sinu_pos_emb or cfg.sinusoidal_pos_emb:
+            self.pos_emb = SinusoidalPositionalEmbedding(emb_dim, scaled=cfg.scaled_sinu_pos_emb)
+        elif cfg.use_abs_pos_emb and not lcfg.has_positions:
             if max_seq_len is None:
                 raise ValueError("learned absolute positions need max_seq_len; set it, or use_abs_pos_emb=False")
             self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len)
-        self.emb_dropout = nn.Dropout(emb_dropout) if emb_dropout > 0 else nn.Identity()
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout) if cfg.emb_dropout > 0 else nn.Identity()
         self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
 
         # Memory Transformer (2006.11527): learned tokens prepended to every sequence
         self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim) * 0.02) if num_memory_tokens else None
 
-        self.to_logits = None if tie_embedding else nn.Linear(dim, logits_dim or num_tokens, bias=False)
+        # no head when tied (the embedding serves) or when only hidden states are wanted (an encoder's side)
+        head = not (cfg.tie_embedding or cfg.return_only_embed)
+        self.to_logits = nn.Linear(dim, cfg.logits_dim or num_tokens, bias=False) if head else None
         if self.to_logits is not None:
             nn.init.normal_(self.to_logits.weight, std=0.02)
 
@@ -103,6 +93,8 @@ class TransformerWrapper(nn.Module):
         """The output head's (vocab, dim) weight: ``to_logits.weight``, or the token embedding when
         tied. With ``forward(..., return_embeddings=True)`` it feeds
         :func:`x_transformers.loss.chunked_cross_entropy`, which never builds the full logits."""
+        if self.cfg.return_only_embed:
+            raise ValueError("this wrapper has no output head (return_only_embed=True)")
         return self.to_logits.weight if self.to_logits is not None else self.token_emb.weight
 
     def forward(self, x, mask=None, *, return_embeddings: bool = False, return_attn: bool = False, context=None,
@@ -145,14 +137,23 @@ class TransformerWrapper(nn.Module):
         out, attns = out if return_attn else (out, None)
         if M and first:
             out = out[:, M:]
-        if not return_embeddings:
+        if not (return_embeddings or self.cfg.return_only_embed):
             out = out * self.logits_scale if self.logits_scale != 1.0 else out
             out = self.to_logits(out) if self.to_logits is not None else out @ self.token_emb.weight.t()
         return (out, attns) if return_attn else out
 
 
-WRAPPER_KEYS = ("num_tokens", "max_seq_len", "emb_dim", "emb_dropout", "tie_embedding", "use_abs_pos_emb",
-                "scaled_sinu_pos_emb", "sinusoidal_pos_emb", "num_memory_tokens", "logits_dim", "logits_scale")
+def stack_settings(attn_layers) -> dict:
+    """What the wrapper's conflicts read of a built stack: its resolved LayersConfig fields and dim,
+    and a funnel's depths / upsample."""
+    settings = {f.name: getattr(attn_layers.layer_cfg, f.name) for f in fields(LayersConfig)}
+    settings["dim"] = attn_layers.dim
+    if isinstance(attn_layers, FunnelEncoder):
+        settings.update(depths=attn_layers.cfg.depths, upsample=attn_layers.cfg.upsample)
+    return settings
+
+
+HEAD_KEYS = ("tie_embedding", "logits_dim", "logits_scale")  # the output head's keywords
 
 
 class XTransformer(nn.Module):
@@ -162,6 +163,9 @@ class XTransformer(nn.Module):
 
     def __init__(self, *, dim: int, tie_token_emb: bool = False, **kwargs):
         super().__init__()
+        if not isinstance(tie_token_emb, bool):
+            raise ValueError(f"tie_token_emb must be True or False, got {tie_token_emb!r}")
+        conflicts.check("xtransformer", dict(dim=dim, tie_token_emb=tie_token_emb, **kwargs))
         shared, sides = {}, {"enc": {}, "dec": {}}
         for key, value in kwargs.items():
             prefix = key.split("_", 1)[0]
@@ -169,18 +173,24 @@ class XTransformer(nn.Module):
                 sides[prefix][key.split("_", 1)[1]] = value
             else:
                 shared[key] = value
-        enc, enc_cls = {**shared, **sides["enc"]}, Encoder
-        if enc.pop("funnel", False):  # Funnel Transformer encoder (2006.03236), enc_depths per block
-            if "depth" in sides["enc"]:
-                raise conflict("enc_depth", "enc_funnel", "a funnel encoder takes enc_depths, one depth per block")
-            enc["depth"], enc_cls = enc.pop("depths", DEFAULT_DEPTHS), FunnelEncoder
-        self.encoder = self._side(enc_cls, dim, enc, "XTransformer (encoder)")
+        # the encoder's hidden states feed the decoder: it has no output head, so the head keywords
+        # are the decoder's (enc_tie_embedding is accepted: tied or not, there is no head)
+        enc = {k: v for k, v in shared.items() if k not in HEAD_KEYS}
+        enc.update({k: v for k, v in sides["enc"].items() if k != "tie_embedding"}, return_only_embed=True)
         dec = {**shared, **sides["dec"]}
         dec.pop("cross_attend", None)
+        for mine, other, own in ((enc, dec, sides["enc"]), (dec, enc, sides["dec"])):
+            # a shared sub-keyword (rotary_base) serves the side whose feature is on
+            for sub, feature in REQUIRES.items():
+                if sub in mine and sub not in own and mine.get(feature) is not True and other.get(feature) is True:
+                    mine.pop(sub)
+        enc_cls = Encoder
+        if enc.pop("funnel", False):  # Funnel Transformer encoder (2006.03236), enc_depths per block
+            conflicts.check("funnel", enc)
+            enc["depth"], enc_cls = enc.pop("depths", DEFAULT_DEPTHS), FunnelEncoder
+        self.encoder = self._side(enc_cls, dim, enc, "XTransformer (encoder)")
         self.decoder = self._side(Decoder, dim, dec, "XTransformer (decoder)", cross_attend=True)
-        if tie_token_emb:
-            if self.encoder.token_emb.weight.shape != self.decoder.token_emb.weight.shape:
-                raise conflict("tie_token_emb", "enc_num_tokens / dec_num_tokens", "both sides need the same vocabulary")
+        if tie_token_emb:  # same shape: the conflict table compared num_tokens and emb_dim
             self.decoder.token_emb = self.encoder.token_emb
 
     @staticmethod
