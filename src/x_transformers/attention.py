@@ -34,11 +34,12 @@ class Attention(nn.Module):
         self.causal = causal and not cross
         self.cross = cross
         self.shared_qk = cfg.shared_qk and not cross  # a self-attention idea: keys are the queries
-        dim_context = dim_context or dim
+        # only cross-attention reads the context: self-attention keys/values come from x (dim)
+        dim_kv = (dim_context or dim) if cross else dim
 
         self.to_q = nn.Linear(dim, heads * d, bias=cfg.bias)
-        self.to_k = None if self.shared_qk else nn.Linear(dim_context, self.kv_heads * d, bias=cfg.bias)
-        self.to_v = nn.Linear(dim_context, self.kv_heads * d, bias=cfg.bias)
+        self.to_k = None if self.shared_qk else nn.Linear(dim_kv, self.kv_heads * d, bias=cfg.bias)
+        self.to_v = nn.Linear(dim_kv, self.kv_heads * d, bias=cfg.bias)
         self.to_out = nn.Linear(heads * d, dim, bias=cfg.bias)
 
         # persistent memory (1907.01470): learned key/value pairs every query can attend to
