@@ -136,7 +136,7 @@ def test_t5_bias_is_one_table_shared_by_every_layer():
     tables = [n for n, _ in layers.named_parameters() if "relative_attention_bias" in n]
     assert tables == ["rel_pos.relative_attention_bias.weight"]
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, a, k: seen.append(k["bias"]), with_kwargs=True)
+    hooks = [m.register_forward_pre_hook(lambda m, a, k: seen.append(k["score_mod"]), with_kwargs=True)
              for m in layers.modules() if isinstance(m, Attention)]
     layers(embeddings())
     for h in hooks:

@@ -24,7 +24,7 @@ CONFIGS = {
 def plain_autograd():
     """Run reversible stacks through the same coupling under ordinary autograd."""
     call = ReversibleStack.__call__
-    ReversibleStack.__call__ = lambda self, blocks, x, env, **kw: self.coupled(blocks, x, env, **kw)
+    ReversibleStack.__call__ = lambda self, *args, **kw: self.coupled(*args, **kw)
     try:
         yield
     finally:

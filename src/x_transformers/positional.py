@@ -310,6 +310,21 @@ class MemoryKeysScoreMod(ScoreMod):
         return score_mod
 
 
+class DenseScoreMod(ScoreMod):
+    """An already materialised (b|1, h, n, m) bias as a ScoreMod: the reversible coupling's
+    autograd Function takes the bias as a differentiable tensor and hands it back this way."""
+
+    name = "dense"
+    kernel_options = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1}
+
+    def __init__(self, bias):
+        super().__init__(None, None)
+        self._dense = bias
+
+    def flex_score_mod(self, batch: int):
+        return _dense_score_mod(self.dense())
+
+
 class AlibiScoreMod(ScoreMod):
     name = "alibi"
     prefer_flex = True  # H200, b16 h12 n1024 bf16 fwd+bwd: flex 0.96 ms, SDPA float bias 1.52 ms
