@@ -311,3 +311,19 @@ def test_reversible_funnel_is_the_reversible_coupling(kw):
             torch.testing.assert_close(g, r)
     plain_out = plain(x, context=ctx) if plain.needs_context else plain(x)
     assert not torch.allclose(out, plain_out, atol=1e-3)
+
+
+def test_funnel_refusals_are_declared_entries():
+    from x_transformers import conflicts
+
+    entries = [e for e in conflicts.CONFLICTS if "funnel" in e.kinds and "depths" in str(e.example)]
+    assert len(entries) >= 5
+    for entry in entries:
+        kw = dict(entry.example)
+        with pytest.raises(ConfigConflictError) as info:
+            FunnelEncoder(DIM, heads=HEADS, **kw)
+        assert info.value.conflict is entry
+    # pooling without a self-attention in a later block: top_attn_to_ff equal to that block's depth
+    with pytest.raises(ConfigConflictError, match="top_attn_to_ff.*depths"):
+        FunnelEncoder(DIM, depths=(2, 1), heads=HEADS, top_attn_to_ff=1)
+    assert FunnelEncoder(DIM, depths=(2, 2), heads=HEADS, top_attn_to_ff=1)(torch.randn(1, 4, DIM)).shape == (1, 2, DIM)

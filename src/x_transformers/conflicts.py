@@ -70,3 +70,35 @@ def check(kind: str, settings: dict) -> None:
 declare("attn_shared_qk", "attn_kv_heads", when=lambda s: on(s, "attn_shared_qk") and on(s, "attn_kv_heads"),
         reason="shared-QK keys are the queries themselves, one per query head",
         example=dict(attn_shared_qk=True, attn_kv_heads=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# funnel / reversible (runner)
+#
+# The funnel's blocks are Encoders run by the shared block runner (blocks.py), so every Encoder
+# keyword (TUPE, reversible, ...) is honoured in a funnel; what is refused is what query pooling
+# itself cannot do. FunnelEncoder passes its keywords with ``depths`` always set.
+
+
+def _pools(s: dict) -> bool:
+    return len(tuple(s.get("depths", ()))) > 1
+
+
+declare("attn_shared_qk", "depths", when=lambda s: on(s, "attn_shared_qk") and _pools(s),
+        reason="pooled queries have no keys of their own to share (use a single block, depths=(n,), for shared-QK)",
+        example=dict(attn_shared_qk=True, depths=(1, 1)), kinds=("funnel",))
+declare("upsample_depth", "upsample=False", when=lambda s: s.get("upsample_depth") is not None and not on(s, "upsample"),
+        reason="the decoder exists only with upsample=True",
+        example=dict(upsample_depth=3, depths=(1, 1)), kinds=("funnel",))
+declare("only_cross", "depths", when=lambda s: on(s, "only_cross") and _pools(s),
+        reason="query pooling needs a self-attention layer in every block",
+        example=dict(only_cross=True, depths=(1, 1)), kinds=("funnel",))
+declare("custom_layers", "depths",
+        when=lambda s: s.get("custom_layers") is not None and "a" not in tuple(s["custom_layers"]) and _pools(s),
+        reason="query pooling needs a self-attention layer in every block",
+        example=dict(custom_layers=("f",), depths=(1, 1)), kinds=("funnel",))
+declare("top_attn_to_ff", "depths",
+        when=lambda s: on(s, "top_attn_to_ff") and _pools(s) and any(d <= s["top_attn_to_ff"] for d in s["depths"]),
+        reason="a block whose every self-attention became a feed-forward cannot take pooled queries; "
+               "keep top_attn_to_ff below every block's depth",
+        example=dict(top_attn_to_ff=1, depths=(1, 1)), kinds=("funnel",))

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AttentionConfig, FeedForwardConfig, LayersConfig, conflict, field_names, unknown_keyword
+from . import conflicts
+from .config import AttentionConfig, FeedForwardConfig, LayersConfig, field_names, unknown_keyword
 from .layers import Encoder, check_stack_inputs, default_positions
 
 
@@ -56,9 +57,7 @@ class FunnelConfig:
         for d in self.depths:
             if not isinstance(d, int) or isinstance(d, bool) or d < 1:
                 raise ValueError(f"depths must hold integers >= 1, got {self.depths!r}")
-        if self.upsample_depth is not None:
-            if not self.upsample:
-                raise conflict("upsample_depth", "upsample=False", "the decoder exists only with upsample=True")
+        if self.upsample_depth is not None:  # (without upsample: conflicts.py)
             if not isinstance(self.upsample_depth, int) or isinstance(self.upsample_depth, bool) or self.upsample_depth < 1:
                 raise ValueError(f"upsample_depth must be an integer >= 1, got {self.upsample_depth!r}")
 
@@ -155,16 +154,12 @@ class FunnelEncoder(nn.Module):
                 raise unknown_keyword(key, valid + ["depths", "heads"], where)
         depths = tuple(depths) if isinstance(depths, list) else depths
         self.cfg = cfg = FunnelConfig(depths=depths, **own)
-        if cfg.poolings and kwargs.get("attn_shared_qk"):
-            raise conflict("attn_shared_qk", "depths", "pooled queries have no keys of their own to share "
-                           "(use a single block, depths=(n,), for shared-QK)")
+        conflicts.check("funnel", dict(kwargs, depths=depths, **own))
 
         self.dim = dim
         self.causal = False
         self.blocks = nn.ModuleList(Encoder(dim, d, heads, **kwargs) for d in cfg.depths)
-        if cfg.poolings and not any(s.kind == "a" for s in self.blocks[0].layout):
-            which = "only_cross" if kwargs.get("only_cross") else "custom_layers"
-            raise conflict(which, "depths", "query pooling needs a self-attention layer in every block")
+        # (every block has a self-attention under pooling: declared in conflicts.py)
         self.upsampler = Encoder(dim, cfg.upsample_depth or 2, heads, **kwargs) if cfg.upsample else None
 
         # GPT-2's residual scaling counts every layer of the funnel, not one block's
