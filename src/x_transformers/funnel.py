@@ -15,7 +15,12 @@ Rules under pooling (each holds at every level):
   kept (pad on the right).
 - positions: a pooled token sits at the position of its first kept source (the paper's stride
   pooling of position ids), in units of input tokens, so rotary, ALiBi and T5 buckets keep
-  measuring distances between input positions.
+  measuring distances between input positions, and TUPE reads its table at input positions
+  (with ``tupe_untie_cls`` and no ``separate_cls``, the first pooled token, at position 0, is the
+  untied [CLS]).
+- ``reversible``: each block is its own reversible coupling; the unpooled keys/values of the
+  first self-attention are an input of the block, like a cross-attention context, so every step
+  still inverts exactly.
 
 Each block is an :class:`~x_transformers.layers.Encoder` built from the same keywords, so every
 attention / feed-forward / norm / positional keyword of ``Encoder`` applies; relative-position

@@ -9,7 +9,8 @@ one stream a function of the other, the streams taking turns:
 For the plain layout ``a f a f ...`` the runs are exactly Reformer's (attention, feed-forward)
 pairs; macaron, sandwich and custom layouts cut into runs the same way. A run's function is its
 blocks' residual branches applied in sequence (``h + branch(h)``), minus the input: for
-``a c f`` it is F(x) = a(x) + c(x + a(x)).
+``a c f`` it is F(x) = a(x) + c(x + a(x)). Each branch is run by the shared block runner
+(``blocks.run_block``) under the forward's context, so the coupling honours what the plain stack does.
 
 Each step inverts exactly: x2 = y2 - G(y1), then x1 = y1 - F(x2). So the forward pass keeps no
 activations (only the two final streams); the backward pass walks the steps in reverse,
