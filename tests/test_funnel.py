@@ -241,3 +241,89 @@ def test_cross_attend_reads_the_context_in_every_block():
     assert not torch.allclose(model(x, context=ctx + 1), ref, atol=1e-3)
     with pytest.raises(ValueError, match="context"):
         model(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# every Encoder keyword is honoured in every block (the blocks run through the shared runner)
+
+
+def test_tupe_is_honoured_in_every_block():
+    # the funnel used to run its own layer loop without TUPE's positional term: TUPE's parameters
+    # got no gradient and, TUPE replacing the absolute embedding, the model had no position signal
+    model = funnel(depths=(1, 1, 1), tupe=True, tupe_max_seq_len=32, upsample=True).train()
+    x = torch.randn(2, 9, DIM)
+    ref = model(x)
+    ref.square().mean().backward()
+    for part in list(model.blocks) + [model.upsampler]:
+        for name, p in part.tupe.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    shifted = model(x, positions=torch.arange(9)[None] + 5)
+    assert (shifted - ref).abs().max() > 1e-5  # (small weights at init: a small, real difference)
+
+
+def test_tupe_funnel_through_the_wrapper_depends_on_token_order():
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, attn_layers=FunnelEncoder(
+        DIM, depths=(1,), heads=HEADS, tupe=True, tupe_max_seq_len=64)).eval()
+    t = tokens(1, 6)
+    perm = torch.tensor([5, 4, 3, 2, 1, 0])
+    # without positions an encoder is permutation-equivariant: out[perm] == f(t[perm])
+    assert (model(t)[:, perm] - model(t[:, perm])).abs().max() > 1e-5
+
+
+REVERSIBLE_KW = [dict(), dict(rel_pos_bias=True, separate_cls=True), dict(tupe=True, tupe_max_seq_len=32, upsample=True),
+                 dict(rotary_pos_emb=True, cross_attend=True)]
+
+
+def _funnel_grads(model, x, ctx, coupled):
+    from x_transformers.reversible import ReversibleStack
+    call = ReversibleStack.__call__
+    if coupled:  # the same coupling under ordinary autograd (keeps every activation)
+        ReversibleStack.__call__ = lambda self, *args, **kw: self.coupled(*args, **kw)
+    try:
+        kw = dict(context=ctx) if model.needs_context else {}
+        out = model(x, **kw)
+        inputs = [x] + ([ctx] if kw else []) + [p for p in model.parameters()]
+        return out, torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)).sum(),
+                                        inputs, allow_unused=True)
+    finally:
+        ReversibleStack.__call__ = call
+
+
+@pytest.mark.parametrize("kw", REVERSIBLE_KW)
+def test_reversible_funnel_is_the_reversible_coupling(kw):
+    # reversible=True used to give exactly the plain funnel. Query pooling is sound under the
+    # coupling: the unpooled keys/values are an input of the block (like a cross-attention
+    # context), so each step still inverts exactly; its gradient is returned by the Function.
+    torch.manual_seed(0)
+    model = FunnelEncoder(DIM, depths=(2, 1, 1), heads=HEADS, reversible=True, **kw).double()
+    plain = FunnelEncoder(DIM, depths=(2, 1, 1), heads=HEADS, **kw).double()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 9, DIM, dtype=torch.double, requires_grad=True)
+    ctx = torch.randn(2, 4, DIM, dtype=torch.double, requires_grad=True)
+    assert all(b.reversible is not None for b in model.blocks)
+    out, grads = _funnel_grads(model, x, ctx, coupled=False)
+    ref_out, ref_grads = _funnel_grads(model, x, ctx, coupled=True)
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r)
+    plain_out = plain(x, context=ctx) if plain.needs_context else plain(x)
+    assert not torch.allclose(out, plain_out, atol=1e-3)
+
+
+def test_funnel_refusals_are_declared_entries():
+    from x_transformers import conflicts
+
+    entries = [e for e in conflicts.CONFLICTS if "funnel" in e.kinds and "depths" in str(e.example)]
+    assert len(entries) >= 5
+    for entry in entries:
+        kw = dict(entry.example)
+        with pytest.raises(ConfigConflictError) as info:
+            FunnelEncoder(DIM, heads=HEADS, **kw)
+        assert info.value.conflict is entry
+    # pooling without a self-attention in a later block: top_attn_to_ff equal to that block's depth
+    with pytest.raises(ConfigConflictError, match="top_attn_to_ff.*depths"):
+        FunnelEncoder(DIM, depths=(2, 1), heads=HEADS, top_attn_to_ff=1)
+    assert FunnelEncoder(DIM, depths=(2, 2), heads=HEADS, top_attn_to_ff=1)(torch.randn(1, 4, DIM)).shape == (1, 2, DIM)

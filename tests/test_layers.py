@@ -128,3 +128,29 @@ def test_attn_dropout_drops_attention_weights_in_training_only():
     torch.testing.assert_close(model(x), plain(x))
     model.train()
     assert not torch.equal(model(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# dim_context: only cross-attention reads the context's width
+
+
+def test_dim_context_is_read_by_cross_attention_only():
+    torch.manual_seed(0)
+    dec = Decoder(dim=64, depth=1, heads=4, cross_attend=True, dim_context=96).eval()
+    out = dec(torch.randn(1, 8, 64), context=torch.randn(1, 12, 96))
+    assert out.shape == (1, 8, 64)
+    self_attn, cross_attn = dec.blocks[0].fn, dec.blocks[1].fn
+    assert self_attn.to_k.in_features == 64 and cross_attn.to_k.in_features == 96
+
+
+def test_dim_context_cache_decoding_matches_full_forward():
+    from x_transformers import KVCache, StaticKVCache
+
+    torch.manual_seed(0)
+    dec = Decoder(dim=32, depth=2, heads=4, cross_attend=True, dim_context=48).eval()
+    x, ctx = torch.randn(2, 7, 32), torch.randn(2, 5, 48)
+    full = dec(x, context=ctx)
+    for cache in (KVCache(), StaticKVCache.for_model(dec, 2, 7)):
+        steps = [dec(x[:, :3], context=ctx, cache=cache)]
+        steps += [dec(x[:, t:t + 1], context=ctx, cache=cache) for t in range(3, 7)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

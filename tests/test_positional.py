@@ -136,7 +136,7 @@ def test_t5_bias_is_one_table_shared_by_every_layer():
     tables = [n for n, _ in layers.named_parameters() if "relative_attention_bias" in n]
     assert tables == ["rel_pos.relative_attention_bias.weight"]
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, a, k: seen.append(k["bias"]), with_kwargs=True)
+    hooks = [m.register_forward_pre_hook(lambda m, a, k: seen.append(k["score_mod"]), with_kwargs=True)
              for m in layers.modules() if isinstance(m, Attention)]
     layers(embeddings())
     for h in hooks:
@@ -352,3 +352,21 @@ def test_rotary_angles_stay_float32_after_casting_the_model():
     cos16, sin16 = layers.to(torch.bfloat16).rotary(pos)
     assert cos16.dtype == torch.float32
     torch.testing.assert_close((cos16, sin16), (cos32, sin32), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cls, buckets", [(Decoder, 1), (Encoder, 1), (Encoder, 3)])
+def test_t5_too_few_buckets_is_refused_naming_the_keyword(cls, buckets):
+    # rel_pos_num_buckets=1 used to divide by zero in forward (NaN / garbage bucket indices)
+    with pytest.raises(ValueError, match="rel_pos_num_buckets"):
+        cls(dim=32, depth=1, heads=4, rel_pos_bias=True, rel_pos_num_buckets=buckets)
+
+
+@pytest.mark.parametrize("cls, buckets", [(Decoder, 2), (Encoder, 4)])
+def test_t5_fewest_buckets_run_finite(cls, buckets):
+    model = cls(dim=32, depth=1, heads=4, rel_pos_bias=True, rel_pos_num_buckets=buckets, rel_pos_max_distance=8)
+    out = model(torch.randn(1, 20, 32))
+    assert torch.isfinite(out).all()
+    rel = torch.arange(-20, 21)
+    from x_transformers.positional import t5_bucket
+    b = t5_bucket(rel[None], bidirectional=cls is Encoder, num_buckets=buckets, max_distance=8)
+    assert int(b.min()) >= 0 and int(b.max()) < buckets

@@ -17,6 +17,9 @@ CONFIGS = {
     "macaron_sandwich_norm": (Encoder, dict(macaron=True, sandwich_norm=True)),
     "rezero_rotary": (Decoder, dict(use_rezero=True, rotary_pos_emb=True)),
     "dropout_everywhere": (Decoder, dict(attn_dropout=0.3, ff_dropout=0.3, layer_dropout=0.3, cross_attend=True)),
+    # TUPE-R: TUPE's and T5's tables reach the blocks only through the bias input of the Function
+    "encoder_tupe_t5": (Encoder, dict(tupe=True, tupe_max_seq_len=16, rel_pos_bias=True)),
+    "decoder_alibi_mem_kv": (Decoder, dict(alibi_pos_bias=True, attn_num_mem_kv=2)),
 }
 
 
@@ -24,7 +27,7 @@ CONFIGS = {
 def plain_autograd():
     """Run reversible stacks through the same coupling under ordinary autograd."""
     call = ReversibleStack.__call__
-    ReversibleStack.__call__ = lambda self, blocks, x, env, **kw: self.coupled(blocks, x, env, **kw)
+    ReversibleStack.__call__ = lambda self, *args, **kw: self.coupled(*args, **kw)
     try:
         yield
     finally:

@@ -57,11 +57,6 @@ class AttendRequest:
         g = self.kv_heads if self.kv_heads is not None else self.k.shape[1]
         return self.q.shape[1] // g
 
-    @property
-    def needs_scores(self) -> bool:
-        return (self.normalizer != "softmax" or self.sparse_topk is not None or self.pre_mix is not None
-                or self.post_mix is not None or self.need_weights)
-
 
 class BackendNotSupported(RuntimeError):
     pass
@@ -100,7 +95,10 @@ def _expand_kv(req: AttendRequest):
 
 
 def score_matrix_reasons(req: AttendRequest) -> list[str]:
-    """Why a fused softmax-attention kernel cannot compute ``req``: the features that need scores."""
+    """Why a fused softmax-attention kernel cannot compute ``req``: the features that need scores.
+
+    The one statement of that rule at dispatch (SDPA and flex both ask it); ``AttentionConfig.
+    needs_scores`` states it over keywords, and test_attention checks the two agree."""
     reasons = []
     if req.normalizer != "softmax":
         reasons.append(f"normalizer {req.normalizer!r} is not softmax")

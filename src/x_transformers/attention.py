@@ -11,7 +11,7 @@ from torch import nn
 
 from .attend import attend
 from .config import ENTMAX_MIN_GAP, AttentionConfig
-from .positional import ScoreMod, apply_rotary
+from .positional import apply_rotary
 
 SELF_PENALTY = 5e4  # shared-QK: a token sees itself only when nothing else is visible (Reformer)
 
@@ -34,11 +34,12 @@ class Attention(nn.Module):
         self.causal = causal and not cross
         self.cross = cross
         self.shared_qk = cfg.shared_qk and not cross  # a self-attention idea: keys are the queries
-        dim_context = dim_context or dim
+        # only cross-attention reads the context: self-attention keys/values come from x (dim)
+        dim_kv = (dim_context or dim) if cross else dim
 
         self.to_q = nn.Linear(dim, heads * d, bias=cfg.bias)
-        self.to_k = None if self.shared_qk else nn.Linear(dim_context, self.kv_heads * d, bias=cfg.bias)
-        self.to_v = nn.Linear(dim_context, self.kv_heads * d, bias=cfg.bias)
+        self.to_k = None if self.shared_qk else nn.Linear(dim_kv, self.kv_heads * d, bias=cfg.bias)
+        self.to_v = nn.Linear(dim_kv, self.kv_heads * d, bias=cfg.bias)
         self.to_out = nn.Linear(heads * d, dim, bias=cfg.bias)
 
         # persistent memory (1907.01470): learned key/value pairs every query can attend to
@@ -77,13 +78,13 @@ class Attention(nn.Module):
         b = torch.cat((self.to_q.bias, self.to_k.bias, self.to_v.bias)) if self.to_q.bias is not None else None
         return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
 
-    def forward(self, x, context=None, *, mask=None, rotary=None, bias=None, cache=None, need_weights=False,
+    def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
                 kv=None, kv_rotary=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
-        new tokens' positions; bias: float (b|1, h, n, m), or a ScoreMod describing it (materialised
-        only if the chosen kernel needs the tensor); cache: a LayerKV.
+        new tokens' positions; score_mod: the position bias (b|1, h, n, m) as a ScoreMod, a
+        description materialised only if the chosen kernel needs the tensor; cache: a LayerKV.
         kv (b, m, dim): self-attention whose keys/values come from this sequence instead of x, with
         kv_rotary their (cos, sin) (query-only pooling, Funnel Transformer 2006.03236).
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
@@ -91,9 +92,7 @@ class Attention(nn.Module):
         if kv is not None and (self.cross or self.shared_qk or cache is not None):
             raise ValueError("kv= is for plain self-attention: not with cross-attention, shared-QK or a cache")
         h, g = self.heads, self.kv_heads
-        score_mod = None
-        if isinstance(bias, ScoreMod):  # a position scheme: passed to attend() as a description
-            bias, score_mod = None, bias
+        bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         qkv = self._fused_qkv(x) if not (self.cross or self.shared_qk or kv is not None) else None
         q = _heads(qkv[0] if qkv else self.to_q(x), h)  # (b, h, n, d)
         if self.qk_scale is not None:
@@ -126,7 +125,7 @@ class Attention(nn.Module):
             offset = cache.query_offset(n, m) if cache is not None else m - n  # where the new queries sit
             own = torch.arange(m, device=x.device)[None, :] == torch.arange(n, device=x.device)[:, None] + offset
             penalty = own.to(q.dtype) * -SELF_PENALTY
-            bias = penalty if bias is None else bias + penalty
+            bias = penalty
 
         if self.mem_k is not None:
             b, num_mem = q.shape[0], self.mem_k.shape[1]

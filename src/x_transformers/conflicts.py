@@ -225,8 +225,8 @@ declare("tie_token_emb", "enc_num_tokens / dec_num_tokens",
         example=dict(tie_token_emb=True, enc_num_tokens=12), kinds=XT)
 
 # ----------------------------------------------------------------------------------------------
-# layers.py / funnel.py call sites (to switch): declared here so the table is complete; the
-# stack entries already fire from config.split_layer_kwargs, ahead of layers.py's own check
+# stack and funnel entries: the stack's fire from config.split_layer_kwargs, the funnel's from
+# FunnelEncoder (with its depths)
 
 declare("attn_shared_qk", "only_cross", when=lambda s: on(s, "attn_shared_qk") and on(s, "only_cross"),
         reason="shared-QK applies to self-attention; cross-attention keys come from the context",
@@ -250,3 +250,9 @@ declare("custom_layers", "depths", when=lambda s: s.get("custom_layers") is not 
         and "a" not in s["custom_layers"] and blocks(s) > 1,
         reason="query pooling needs a self-attention layer in every block",
         example=dict(custom_layers=("f",), depths=(1, 1)), kinds=FUNNEL)
+# (runner) a block whose every self-attention became a feed-forward cannot take pooled queries
+declare("top_attn_to_ff", "depths",
+        when=lambda s: on(s, "top_attn_to_ff") and blocks(s) > 1 and any(d <= s["top_attn_to_ff"] for d in s["depths"]),
+        reason="a block whose every self-attention became a feed-forward cannot take pooled queries; "
+               "keep top_attn_to_ff below every block's depth",
+        example=dict(top_attn_to_ff=1, depths=(1, 1)), kinds=("funnel",))

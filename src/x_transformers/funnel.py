@@ -15,25 +15,32 @@ Rules under pooling (each holds at every level):
   kept (pad on the right).
 - positions: a pooled token sits at the position of its first kept source (the paper's stride
   pooling of position ids), in units of input tokens, so rotary, ALiBi and T5 buckets keep
-  measuring distances between input positions.
+  measuring distances between input positions, and TUPE reads its table at input positions
+  (with ``tupe_untie_cls`` and no ``separate_cls``, the first pooled token, at position 0, is the
+  untied [CLS]).
+- ``reversible``: each block is its own reversible coupling; the unpooled keys/values of the
+  first self-attention are an input of the block, like a cross-attention context, so every step
+  still inverts exactly.
 
 Each block is an :class:`~x_transformers.layers.Encoder` built from the same keywords, so every
 attention / feed-forward / norm / positional keyword of ``Encoder`` applies; relative-position
-tables (T5) are per block. This module runs the blocks' layers itself (``_run_block``) because
-one layer per block takes its keys/values from another sequence.
+tables (T5, TUPE) are per block. Each block runs through its own ``Encoder.run`` (the shared block
+runner, blocks.py, plain or reversible): the funnel only adds to the block's forward context the
+sequence its first self-attention takes keys/values from.
 
 Legend: b batch, n tokens at the current level, m tokens of the previous level (keys), d dim.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AttentionConfig, FeedForwardConfig, LayersConfig, conflict, field_names, unknown_keyword
+from . import conflicts
+from .config import AttentionConfig, FeedForwardConfig, LayersConfig, field_names, unknown_keyword
 from .layers import Encoder, check_stack_inputs, default_positions
 
 
@@ -55,9 +62,7 @@ class FunnelConfig:
         for d in self.depths:
             if not isinstance(d, int) or isinstance(d, bool) or d < 1:
                 raise ValueError(f"depths must hold integers >= 1, got {self.depths!r}")
-        if self.upsample_depth is not None:
-            if not self.upsample:
-                raise conflict("upsample_depth", "upsample=False", "the decoder exists only with upsample=True")
+        if self.upsample_depth is not None:  # (without upsample: conflicts.py)
             if not isinstance(self.upsample_depth, int) or isinstance(self.upsample_depth, bool) or self.upsample_depth < 1:
                 raise ValueError(f"upsample_depth must be an integer >= 1, got {self.upsample_depth!r}")
 
@@ -121,30 +126,19 @@ def upsample_index(n: int, poolings: int, separate_cls: bool, device):
     return i >> poolings
 
 
-def _run_block(block: Encoder, x, mask, positions, context, context_mask, kv=None, attns=None):
-    """The layers of one block over x (b, n, d). With kv = (seq (b, m, d), mask, positions), the
-    block's first self-attention takes its keys/values from that unpooled sequence."""
-    rotary = block.rotary(positions) if block.rotary is not None else None
-    bias = block.rel_pos(positions, positions) if block.rel_pos is not None else None
-    self_mask = mask[:, None, None, :] if mask is not None else None
-    need = attns is not None
-    for spec, layer in zip(block.layout, block.blocks):
-        if spec.kind == "a" and kv is not None:
-            src, src_mask, src_pos = kv
-            x, w = layer(x, mask=src_mask[:, None, None, :] if src_mask is not None else None, rotary=rotary,
-                         bias=block.rel_pos(positions, src_pos) if block.rel_pos is not None else None,
-                         kv=src, kv_rotary=block.rotary(src_pos) if block.rotary is not None else None,
-                         need_weights=need)
-            kv = None
-        elif spec.kind == "a":
-            x, w = layer(x, mask=self_mask, rotary=rotary, bias=bias, need_weights=need)
-        elif spec.kind == "c":
-            x, w = layer(x, context, mask=context_mask, need_weights=need)
-        else:
-            x, w = layer(x)
-        if w is not None and need:
-            attns.append(w)
-    return block.final_norm(x) if block.final_norm is not None else x
+def _block_context(block: Encoder, mask, positions, context, context_mask, kv=None, need_weights=False):
+    """The forward context of one block over tokens at ``positions`` (b|1, n). With kv = (seq (b, m, d),
+    mask, positions), the block's first self-attention takes its keys/values from that unpooled
+    sequence, with rotary angles and position bias (T5, TUPE) between pooled and unpooled positions."""
+    ctx = block.forward_context(positions, self_mask=mask[:, None, None, :] if mask is not None else None,
+                                context=context, context_mask=context_mask, need_weights=need_weights)
+    if kv is None:
+        return ctx
+    src, src_mask, src_pos = kv
+    first = next(i for i, spec in enumerate(block.layout) if spec.kind == "a")
+    return replace(ctx, kv=src, kv_block=first, kv_mask=src_mask[:, None, None, :] if src_mask is not None else None,
+                   kv_rotary=block.rotary(src_pos) if block.rotary is not None else None,
+                   kv_score_mod=block.score_mod(positions, src_pos))
 
 
 class FunnelEncoder(nn.Module):
@@ -165,16 +159,12 @@ class FunnelEncoder(nn.Module):
                 raise unknown_keyword(key, valid + ["depths", "heads"], where)
         depths = tuple(depths) if isinstance(depths, list) else depths
         self.cfg = cfg = FunnelConfig(depths=depths, **own)
-        if cfg.poolings and kwargs.get("attn_shared_qk"):
-            raise conflict("attn_shared_qk", "depths", "pooled queries have no keys of their own to share "
-                           "(use a single block, depths=(n,), for shared-QK)")
+        conflicts.check("funnel", dict(kwargs, depths=depths, **own))
 
         self.dim = dim
         self.causal = False
         self.blocks = nn.ModuleList(Encoder(dim, d, heads, **kwargs) for d in cfg.depths)
-        if cfg.poolings and not any(s.kind == "a" for s in self.blocks[0].layout):
-            which = "only_cross" if kwargs.get("only_cross") else "custom_layers"
-            raise conflict(which, "depths", "query pooling needs a self-attention layer in every block")
+        # (every block has a self-attention under pooling: declared in conflicts.py)
         self.upsampler = Encoder(dim, cfg.upsample_depth or 2, heads, **kwargs) if cfg.upsample else None
 
         # GPT-2's residual scaling counts every layer of the funnel, not one block's
@@ -238,7 +228,6 @@ class FunnelEncoder(nn.Module):
             raise ValueError("separate_cls keeps the first token unpooled, so it must be kept: pad on the right")
         if positions is None:
             positions = default_positions(mask, n, x.device)
-        ctx_mask = context_mask[:, None, None, :] if context_mask is not None else None
         attns = [] if return_attn else None
 
         h, h_mask, h_pos = x, mask, positions
@@ -248,7 +237,7 @@ class FunnelEncoder(nn.Module):
             if i > 0:  # query-only pooling: pooled queries, keys/values of the previous block
                 kv = (h, h_mask, h_pos)
                 h, h_mask, h_pos = mean_pool(h, h_mask, h_pos, self.cfg.separate_cls)
-            h = _run_block(block, h, h_mask, h_pos, context, ctx_mask, kv, attns)
+            h = block.run(h, _block_context(block, h_mask, h_pos, context, context_mask, kv, return_attn), attns)
             if i == 0:
                 first = h
 
@@ -256,5 +245,6 @@ class FunnelEncoder(nn.Module):
             # repeat each compressed token over the inputs it covers, add the first block's output
             idx = upsample_index(n, self.cfg.poolings, self.cfg.separate_cls, x.device)
             h = h.index_select(1, idx) + first
-            h = _run_block(self.upsampler, h, mask, positions, context, ctx_mask, None, attns)
+            ctx = _block_context(self.upsampler, mask, positions, context, context_mask, None, return_attn)
+            h = self.upsampler.run(h, ctx, attns)
         return (h, attns) if return_attn else h

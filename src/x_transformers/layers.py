@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, conflict, split_layer_kwargs
+from .blocks import ForwardContext, run_sequential
+from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward
 from .norms import make_norm
 from .positional import AlibiPositionalBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
@@ -161,12 +162,6 @@ class AttentionLayers(nn.Module):
         if cfg.rotary_pos_emb and (cfg.rotary_emb_dim or dim_head) % 2:
             raise ValueError(f"rotary needs an even number of rotated channels; the head dimension is {dim_head}, "
                              f"set rotary_emb_dim to an even value")
-        if cfg.only_cross and attn_cfg.shared_qk:
-            raise conflict("attn_shared_qk", "only_cross", "shared-QK applies to self-attention; cross-attention keys come from the context")
-        if cfg.tupe and attn_cfg.scale is not None:
-            raise conflict("tupe", "attn_scale", "TUPE fixes the self-attention scale at 1/sqrt(2 * dim_head)")
-        if cfg.only_cross and cfg.cross_attend:
-            raise conflict("only_cross", "cross_attend", "only_cross already makes every attention cross-attention")
 
     def _init_weights(self, module):
         # GPT-2's initialisation: N(0, 0.02) weights, zero biases; residual output projections
@@ -200,6 +195,35 @@ class AttentionLayers(nn.Module):
         rev = ", reversible" if self.reversible is not None else ""
         return f"layout={self.layout_string}, norm={self.norm_name}, placement={self.placement}{rev}"
 
+    def score_mod(self, q_pos, k_pos):
+        """The stack's position bias between query and key positions, as a ScoreMod (or None):
+        a description, materialised at most once per forward and only if the chosen attention
+        kernel needs the tensor (FlexAttention computes ALiBi / T5 in its kernel)."""
+        mod = self.rel_pos.score_mod(q_pos, k_pos) if self.rel_pos is not None else None
+        if self.tupe is not None:  # TUPE-R when a relative bias is on: it is reset with the rest at [CLS]
+            mod = self.tupe.score_mod(q_pos, k_pos, mod)
+        return mod
+
+    def forward_context(self, positions, *, key_positions=None, self_mask=None, context=None, context_mask=None,
+                        cache=None, need_weights=False) -> ForwardContext:
+        """The per-forward context every block reads: rotary angles and position bias at these
+        positions (keys at ``key_positions``, default the same), masks as (b, 1, 1, m)."""
+        key_positions = positions if key_positions is None else key_positions
+        return ForwardContext(
+            positions=positions, key_positions=key_positions, self_mask=self_mask,
+            rotary=self.rotary(positions) if self.rotary is not None else None,
+            score_mod=self.score_mod(positions, key_positions),
+            context=context, context_mask=context_mask[:, None, None, :] if context_mask is not None else None,
+            cache=cache, need_weights=need_weights)
+
+    def run(self, x, ctx: ForwardContext, attns: list | None = None):
+        """The blocks over x (b, n, dim) under ``ctx``: plain or reversible, then the final norm."""
+        if self.reversible is not None:  # reversible.py: the same runner, one branch at a time
+            x = self.reversible(self.blocks, x, ctx, attns)
+        else:
+            x = run_sequential(self.layout, self.blocks, x, ctx, attns)
+        return self.final_norm(x) if self.final_norm is not None else x
+
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
                 return_attn: bool = False):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
@@ -221,32 +245,10 @@ class AttentionLayers(nn.Module):
                                  "outputs change when later tokens arrive, so it cannot decode incrementally")
             key_positions, self_mask = cache.keys_and_mask(mask, positions)  # cached keys + the new ones
 
-        rotary = self.rotary(positions) if self.rotary is not None else None
-        # a ScoreMod: a description of the bias, materialised at most once, and only if the chosen
-        # attention kernel needs the tensor (FlexAttention computes ALiBi / T5 in its kernel)
-        bias = self.rel_pos.score_mod(positions, key_positions) if self.rel_pos is not None else None
-        if self.tupe is not None:  # TUPE-R when a relative bias is on: it is reset with the rest at [CLS]
-            bias = self.tupe.score_mod(positions, key_positions, bias)
-        ctx_mask = context_mask[:, None, None, :] if context_mask is not None else None
-
-        attns = []
-        if self.reversible is not None:  # reversible.py; the loop below then has nothing left to run
-            dense = bias.dense() if bias is not None else None  # an input of the recomputing autograd Function
-            env = dict(self_mask=self_mask, rotary=rotary, bias=dense, context=context, ctx_mask=ctx_mask)
-            x, attns = self.reversible(self.blocks, x, env, cache=cache, need_weights=return_attn)
-        sequential = zip(self.layout, self.blocks) if self.reversible is None else ()
-        for i, (spec, block) in enumerate(sequential):
-            layer_cache = cache.layer(i) if cache is not None else None
-            if spec.kind == "a":
-                x, w = block(x, mask=self_mask, rotary=rotary, bias=bias, cache=layer_cache, need_weights=return_attn)
-            elif spec.kind == "c":
-                x, w = block(x, context, mask=ctx_mask, cache=layer_cache, need_weights=return_attn)
-            else:
-                x, w = block(x)
-            if w is not None:
-                attns.append(w)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
+        ctx = self.forward_context(positions, key_positions=key_positions, self_mask=self_mask, context=context,
+                                   context_mask=context_mask, cache=cache, need_weights=return_attn)
+        attns = [] if return_attn else None
+        x = self.run(x, ctx, attns)
 
         if cache is not None:
             new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)

@@ -150,6 +150,16 @@ class T5RelativePositionBias(nn.Module):
 
     def __init__(self, heads: int, *, causal: bool, num_buckets: int = 32, max_distance: int = 128):
         super().__init__()
+        # t5_bucket gives half the buckets to exact offsets and spreads the rest log-spaced up to
+        # max_distance: that needs 2 buckets per direction and max_distance past the exact ones
+        per_side = num_buckets if causal else num_buckets // 2
+        if per_side < 2:
+            raise ValueError(f"rel_pos_num_buckets must be at least {2 if causal else 4} "
+                             f"({'a causal stack' if causal else 'a bidirectional stack: half per direction'}), "
+                             f"got {num_buckets}")
+        if max_distance <= per_side // 2:
+            raise ValueError(f"rel_pos_max_distance ({max_distance}) must exceed the {per_side // 2} exact offsets "
+                             f"of rel_pos_num_buckets={num_buckets}; raise it or lower rel_pos_num_buckets")
         self.causal = causal
         self.num_buckets = num_buckets
         self.max_distance = max_distance
@@ -298,6 +308,21 @@ class MemoryKeysScoreMod(ScoreMod):
             shifted = inner(score, b, h, q_idx, (kv_idx - num_mem).clamp(min=0))  # clamped: a safe read
             return torch.where(kv_idx < num_mem, score, shifted)
         return score_mod
+
+
+class DenseScoreMod(ScoreMod):
+    """An already materialised (b|1, h, n, m) bias as a ScoreMod: the reversible coupling's
+    autograd Function takes the bias as a differentiable tensor and hands it back this way."""
+
+    name = "dense"
+    kernel_options = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1}
+
+    def __init__(self, bias):
+        super().__init__(None, None)
+        self._dense = bias
+
+    def flex_score_mod(self, batch: int):
+        return _dense_score_mod(self.dense())
 
 
 class AlibiScoreMod(ScoreMod):

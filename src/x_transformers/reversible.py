@@ -9,7 +9,8 @@ one stream a function of the other, the streams taking turns:
 For the plain layout ``a f a f ...`` the runs are exactly Reformer's (attention, feed-forward)
 pairs; macaron, sandwich and custom layouts cut into runs the same way. A run's function is its
 blocks' residual branches applied in sequence (``h + branch(h)``), minus the input: for
-``a c f`` it is F(x) = a(x) + c(x + a(x)).
+``a c f`` it is F(x) = a(x) + c(x + a(x)). Each branch is run by the shared block runner
+(``blocks.run_block``) under the forward's context, so the coupling honours what the plain stack does.
 
 Each step inverts exactly: x2 = y2 - G(y1), then x1 = y1 - F(x2). So the forward pass keeps no
 activations (only the two final streams); the backward pass walks the steps in reverse,
@@ -28,9 +29,12 @@ under ordinary autograd: the cache and attention maps work, and the outputs are 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .blocks import ForwardContext, run_block
 
 FAMILY = {"a": "attention", "c": "attention", "f": "feedforward"}
 
@@ -46,23 +50,15 @@ def coupling_steps(layout) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(s) for s in steps)
 
 
-def run_step(blocks, layout, step, h, env, cache=None, attns=None):
-    """One coupling function of h: the sum of the step's residual branches applied in sequence.
+def run_step(blocks, layout, step, h, ctx: ForwardContext, attns=None):
+    """One coupling function of h: the sum of the step's residual branches applied in sequence,
+    each run by the block runner (blocks.py) under the forward's context.
 
     Returns None when layer dropout dropped every branch (the function is zero).
     """
     total = None
     for i in step:
-        kind, block = layout[i].kind, blocks[i]
-        layer_cache = cache.layer(i) if cache is not None else None
-        need = attns is not None
-        if kind == "a":
-            out, w = block.branch(h, mask=env["self_mask"], rotary=env["rotary"], bias=env["bias"],
-                                  cache=layer_cache, need_weights=need)
-        elif kind == "c":
-            out, w = block.branch(h, env["context"], mask=env["ctx_mask"], cache=layer_cache, need_weights=need)
-        else:
-            out, w = block.branch(h)
+        out, w = run_block(layout[i].kind, i, blocks[i], h, ctx, branch_only=True)
         if w is not None and attns is not None:
             attns.append(w)
         if out is None:
@@ -91,38 +87,38 @@ def _replay(state, device):
 
 
 class _ReversibleFunction(torch.autograd.Function):
-    """Inputs: x, context, bias (the differentiable tensors the steps read), then the stack, the
-    blocks, the other (non-differentiable) step inputs, each step's parameter indices, and every
-    trainable parameter."""
+    """Inputs: x, the stack, the blocks, the forward context without its differentiable tensors,
+    their names, each step's parameter indices, then those tensors (the context, position biases
+    as dense tensors, the funnel's key/value sequence) and every trainable parameter."""
 
     @staticmethod
-    def forward(ctx, x, context, bias, stack, blocks, env, step_params, *params):
+    def forward(ctx, x, stack, blocks, fctx, names, step_params, *rest):
+        tensors, params = rest[:len(names)], rest[len(names):]
         steps, layout = stack.steps, stack.layout
         training = any(m.training for m in blocks.modules())
         device = x.device
-        env = dict(env, context=context, bias=bias)
+        fctx = fctx.with_tensors(dict(zip(names, tensors)))
         streams, states = [x, x], []
         for k, step in enumerate(steps):
             states.append(_rng_state(device) if training else None)
-            out = run_step(blocks, layout, step, streams[1 - k % 2], env)  # grad is off in forward
+            out = run_step(blocks, layout, step, streams[1 - k % 2], fctx)  # grad is off in forward
             if out is not None:
                 streams[k % 2] = streams[k % 2] + out
-        ctx.stack, ctx.blocks, ctx.env, ctx.states = stack, blocks, env, states
-        ctx.params, ctx.step_params = params, step_params
+        ctx.stack, ctx.blocks, ctx.fctx, ctx.names, ctx.states = stack, blocks, fctx, names, states
+        ctx.params, ctx.step_params = params, step_params  # the Parameters themselves: grads are taken w.r.t. them
         ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        ctx.save_for_backward(streams[0], streams[1], context, bias)
+        ctx.save_for_backward(streams[0], streams[1], *tensors)
         return (streams[0] + streams[1]) / 2
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        y1, y2, context, bias = ctx.saved_tensors
-        stack, blocks = ctx.stack, ctx.blocks
-        params = ctx.params
-        need_ctx = context is not None and ctx.needs_input_grad[1]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
+        y1, y2, *tensors = ctx.saved_tensors
+        names, stack, blocks, params = ctx.names, ctx.stack, ctx.blocks, ctx.params
+        offset = 6  # x, stack, blocks, fctx, names, step_params
+        need = [ctx.needs_input_grad[offset + j] for j in range(len(names))]
         ys, gs = [y1, y2], [grad / 2, grad / 2]  # the output is the mean of the two streams
-        g_ctx = g_bias = None
+        g_tensors = [None] * len(tensors)
         g_params = [None] * len(params)
         device_type, enabled, dtype = ctx.autocast
         for k in reversed(range(len(stack.steps))):
@@ -130,25 +126,23 @@ class _ReversibleFunction(torch.autograd.Function):
             with torch.enable_grad(), _replay(ctx.states[k], y1.device), \
                     torch.autocast(device_type, dtype=dtype, enabled=enabled):
                 h = ys[s].detach().requires_grad_()
-                c = context.detach().requires_grad_() if need_ctx else context
-                b = bias.detach().requires_grad_() if need_bias else bias
-                out = run_step(blocks, stack.layout, stack.steps[k], h, dict(ctx.env, context=c, bias=b))
+                leaves = [v.detach().requires_grad_() if n else v for v, n in zip(tensors, need)]
+                out = run_step(blocks, stack.layout, stack.steps[k], h, ctx.fctx.with_tensors(dict(zip(names, leaves))))
             if out is None:
                 continue  # every branch of the step was dropped: y_t = x_t
             idx = ctx.step_params[k]
-            inputs = [h] + ([c] if need_ctx else []) + ([b] if need_bias else []) + [params[j] for j in idx]
+            wanted = [v for v, n in zip(leaves, need) if n]
+            inputs = [h] + wanted + [params[j] for j in idx]
             grads = list(torch.autograd.grad(out, inputs, gs[t].to(out.dtype), allow_unused=True))
             ys[t] = ys[t] - out.detach()  # the step's input, rebuilt
             g_h = grads.pop(0)
             if g_h is not None:
                 gs[s] = gs[s] + g_h
-            if need_ctx:
-                g_ctx = _add(g_ctx, grads.pop(0))
-            if need_bias:
-                g_bias = _add(g_bias, grads.pop(0))
+            for j in [j for j, n in enumerate(need) if n]:
+                g_tensors[j] = _add(g_tensors[j], grads.pop(0))
             for j, g in zip(idx, grads):
                 g_params[j] = _add(g_params[j], g)
-        return (gs[0] + gs[1], g_ctx, g_bias, None, None, None, None, *g_params)
+        return (gs[0] + gs[1], None, None, None, None, None, *g_tensors, *g_params)
 
 
 def _add(acc, g):
@@ -177,20 +171,21 @@ class ReversibleStack:
                        for step in self.steps]
         return params, step_params
 
-    def __call__(self, blocks, x, env, *, cache=None, need_weights=False):
-        """x (b, n, dim) -> ((b, n, dim), attention maps). env: self_mask, rotary, bias, context, ctx_mask."""
-        if cache is not None or need_weights or not torch.is_grad_enabled():
-            return self.coupled(blocks, x, env, cache=cache, need_weights=need_weights)
+    def __call__(self, blocks, x, ctx: ForwardContext, attns: list | None = None):
+        """x (b, n, dim) -> (b, n, dim) under the forward context; attention maps go to ``attns``."""
+        if ctx.cache is not None or ctx.need_weights or not torch.is_grad_enabled():
+            return self.coupled(blocks, x, ctx, attns)
         params, step_params = self._index_params(blocks)
-        rest = {k: v for k, v in env.items() if k not in ("context", "bias")}
-        out = _ReversibleFunction.apply(x, env["context"], env["bias"], self, blocks, rest, step_params, *params)
-        return out, []
+        tensors = ctx.differentiable()
+        rest = replace(ctx, **{name: None for name in tensors})
+        names = tuple(tensors)
+        return _ReversibleFunction.apply(x, self, blocks, rest, names, step_params, *tensors.values(), *params)
 
-    def coupled(self, blocks, x, env, *, cache=None, need_weights=False):
+    def coupled(self, blocks, x, ctx: ForwardContext, attns: list | None = None):
         """The same coupling under ordinary autograd (it keeps every activation)."""
-        streams, attns = [x, x], [] if need_weights else None
+        streams = [x, x]
         for k, step in enumerate(self.steps):
-            out = run_step(blocks, self.layout, step, streams[1 - k % 2], env, cache, attns)
+            out = run_step(blocks, self.layout, step, streams[1 - k % 2], ctx, attns)
             if out is not None:
                 streams[k % 2] = streams[k % 2] + out
-        return (streams[0] + streams[1]) / 2, attns or []
+        return (streams[0] + streams[1]) / 2

@@ -52,13 +52,6 @@ class Env:
         dist.all_reduce(t)
         return t.item() / self.world
 
-    def broadcast_object(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -1,0 +1,95 @@
+"""The block runner: one function runs one block of any stack, given a per-forward context.
+
+Every stack runs its blocks through :func:`run_block`: the plain loop (:func:`run_sequential`),
+the reversible coupling (``reversible.py``, one residual branch at a time) and the funnel
+(``funnel.py``, which adds the pooled-query key/value override to the context). A keyword a stack
+honours is therefore honoured by all of them.
+
+:class:`ForwardContext` is what a forward computes once and every block reads, passed by name:
+positions, the self-attention key mask, rotary angles, the position score modification (a
+:class:`~x_transformers.positional.ScoreMod`, a description that ``attend()`` materialises only
+when the chosen kernel needs the tensor), the cross-attention context and its mask, the cache,
+and (funnel) the sequence the first self-attention takes its keys/values from.
+
+Legend: b batch, n queries, m keys, h heads, r rotary dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import Tensor
+
+from .positional import DenseScoreMod, ScoreMod
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What every block of one forward reads (built once per forward by the stack)."""
+
+    positions: Tensor | None = None  # (b|1, n) long, the new tokens'
+    key_positions: Tensor | None = None  # (b|1, m) long, cached keys included
+    self_mask: Tensor | None = None  # (b, 1, 1, m) bool over self-attention keys, True = keep
+    rotary: tuple[Tensor, Tensor] | None = None  # (cos, sin), each (b|1, 1, n, r)
+    score_mod: ScoreMod | None = None  # the position bias of self-attention (ALiBi, T5, TUPE)
+    context: Tensor | None = None  # (b, m_ctx, dim_context) for cross-attention
+    context_mask: Tensor | None = None  # (b, 1, 1, m_ctx) bool
+    cache: object | None = None  # a KVCache (cache.py): block i reads and extends cache.layer(i)
+    need_weights: bool = False  # return attention maps
+    # Funnel's query-only pooling (2006.03236): self-attention block `kv_block` takes its keys and
+    # values from the unpooled sequence `kv`, with that sequence's mask, rotary and score mod
+    kv: Tensor | None = None  # (b, m, dim)
+    kv_block: int | None = None
+    kv_mask: Tensor | None = None  # (b, 1, 1, m) bool
+    kv_rotary: tuple[Tensor, Tensor] | None = None
+    kv_score_mod: ScoreMod | None = None
+
+    # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
+    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod")
+
+    def differentiable(self) -> dict[str, Tensor]:
+        """The differentiable tensors this context carries, score mods materialised."""
+        out = {}
+        for name in self.DIFFERENTIABLE:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.dense() if isinstance(value, ScoreMod) else value
+        return out
+
+    def with_tensors(self, tensors: dict[str, Tensor]) -> "ForwardContext":
+        """This context with the given differentiable tensors (score mods as dense biases)."""
+        new = {k: DenseScoreMod(t) if k.endswith("score_mod") else t for k, t in tensors.items()}
+        return replace(self, **new)
+
+
+def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
+    """The keywords block i of kind ``a`` / ``c`` / ``f`` is called with under ``ctx``."""
+    if kind == "f":
+        return {}
+    cache = ctx.cache.layer(i) if ctx.cache is not None else None
+    if kind == "c":
+        return dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights)
+    if ctx.kv is not None and i == ctx.kv_block:  # pooled queries over the previous level's keys
+        return dict(mask=ctx.kv_mask, rotary=ctx.rotary, score_mod=ctx.kv_score_mod, kv=ctx.kv,
+                    kv_rotary=ctx.kv_rotary, need_weights=ctx.need_weights)
+    return dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
+                need_weights=ctx.need_weights)
+
+
+def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: bool = False):
+    """Run block i (a :class:`~x_transformers.residual.Residual`) of kind ``a``, ``c`` or ``f``.
+
+    Returns (x + branch, weights or None); with ``branch_only`` (reversible coupling) the branch
+    alone, (None, None) when layer dropout dropped it.
+    """
+    call = block.branch if branch_only else block
+    return call(x, **block_kwargs(kind, i, ctx))
+
+
+def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = None):
+    """The plain stack: every block in layout order. Attention maps go to ``attns`` if given."""
+    for i, (spec, block) in enumerate(zip(layout, blocks)):
+        x, w = run_block(spec.kind, i, block, x, ctx)
+        if w is not None and attns is not None:
+            attns.append(w)
+    return x
