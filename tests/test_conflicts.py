@@ -14,7 +14,6 @@ from x_transformers.funnel import FunnelConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "x_transformers"
 # conflict() call sites in other modules still to be switched to conflicts.check (each has a table entry)
-TO_SWITCH = {"layers.py": 3, "funnel.py": 3}
 STACKS = {"decoder": Decoder, "encoder": Encoder, "cross": CrossAttender, "wrapper": Encoder}
 
 
@@ -67,13 +66,13 @@ def _conflict_calls(path: Path) -> int:
 
 
 def test_no_conflict_is_refused_outside_the_table():
-    """Every ConfigConflictError comes from conflicts.check, except the listed call sites to switch."""
+    """Every ConfigConflictError comes from conflicts.check: no ad-hoc conflict() call anywhere."""
     for path in sorted(SRC.rglob("*.py")):
         if path.name in ("conflicts.py", "config.py"):
             continue
-        assert _conflict_calls(path) == TO_SWITCH.get(path.name, 0), f"{path.name}: conflict() outside the table"
+        assert _conflict_calls(path) == 0, f"{path.name}: conflict() outside the table"
         assert "ConfigConflictError(" not in path.read_text(), path.name
-    assert _conflict_calls(SRC / "config.py") == 0  # only its definition, kept for the call sites to switch
+    assert _conflict_calls(SRC / "config.py") == 0
 
 
 def test_xtransformer_refuses_cross_attend_and_shared_custom_layers():

@@ -42,10 +42,6 @@ def build(cls, kwargs: dict[str, Any], where: str, prefix: str = ""):
     return cls(**kwargs)
 
 
-def conflict(a: str, b: str, why: str) -> ConfigConflictError:
-    return ConfigConflictError(f"{a} cannot be combined with {b}: {why}")
-
-
 def _positive_int(name: str, value, allow_none=False, allow_zero=False):
     if value is None and allow_none:
         return
