@@ -262,6 +262,8 @@ def test_generate_rejects_a_context_of_the_wrong_batch_or_width_before_any_work(
         ar.generate(start, 3, context=torch.randn(3, 5, 32))
     with pytest.raises(ValueError, match="context has width 16 but cross-attention expects 32"):
         ar.generate(start, 3, context=torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match="context contains NaN"):
+        ar.generate(start, 3, context=torch.randn(2, 5, 32).index_fill(1, torch.tensor([2]), float("nan")))
     with pytest.raises(ValueError, match=r"context_mask must be a bool tensor of shape \(2, 5\)"):
         ar.generate(start, 3, context=torch.randn(2, 5, 32), context_mask=torch.ones(2, 4, dtype=torch.bool))
     assert not calls

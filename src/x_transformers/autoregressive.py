@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import KVCache, StaticKVCache
-from .checks import check_context, check_not_empty
+from .checks import check_context, check_finite, check_not_empty
 from .sampling import check_filter_kwargs, check_temperature, get_filter, sample
 from .wrappers import TransformerWrapper
 
@@ -318,6 +318,9 @@ class AutoregressiveWrapper(nn.Module):
         Returns the new tokens (b, seq_len); with ``return_scores`` also each row's score (b,):
         the sum of the model's log-probabilities of the emitted tokens (up to and including eos)
         divided by their count ** length_penalty.
+
+        Every keyword is validated first, into a frozen :class:`GenerationConfig`, and the prompts
+        and context are checked, before the model runs: a bad value raises one line naming it.
         """
         cfg = GenerationConfig(seq_len=seq_len, num_tokens=self.net.num_tokens, temperature=temperature,
                                filter_logits_fn=filter_logits_fn, filter_kwargs=filter_kwargs or {},
@@ -344,6 +347,7 @@ class AutoregressiveWrapper(nn.Module):
                 raise ValueError("context_mask was given without context; pass context=(batch, ctx_len, dim)")
             return
         check_context(context, tokens.shape[0], getattr(layers.cfg, "dim_context", None) or layers.dim)
+        check_finite(context, "context")  # once per generate(), not per step
         if context_mask is not None and (context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]):
             raise ValueError(f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (True = keep), "
                              f"got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
