@@ -145,3 +145,15 @@ def test_generate_checks_the_static_cache_capacity_once_before_decoding(monkeypa
     with pytest.raises(ValueError, match="build it with a larger max_len"):
         ar.generate(torch.randint(0, V, (2, 4)), 6, temperature=0.0, static_cache=True)
     assert not calls
+
+
+def test_a_decode_step_compiled_by_the_caller_past_max_len_raises():
+    """A step compiled outside generate() (gpt-fast style) has no host counter around it: a
+    device-side assert in the graph stops the out-of-range write, again without a sync."""
+    model = net(seed=4)
+    cache = StaticKVCache.for_model(model, 1, 5)
+    prefill(model, torch.randint(0, V, (1, 4)), None, cache)
+    step = torch.compile(decode_step, backend="aot_eager", fullgraph=True)
+    step(model, torch.randint(0, V, (1, 1)), cache)
+    with pytest.raises(RuntimeError, match="static cache is full.*build it with a larger max_len"):
+        step(model, torch.randint(0, V, (1, 1)), cache)

@@ -242,6 +242,9 @@ class StaticKVCache:
         slots = self.slots(n)
         if not torch.compiler.is_compiling():  # the same host-side check on every device: no sync
             self.check_room(n)
+        else:  # in a graph the host cannot count: a device-side assert, also asynchronous (no sync)
+            # (a constant message: under dynamic shapes max_len may be symbolic)
+            torch._assert_async(self.index + n <= self.max_len, "the static cache is full; build it with a larger max_len")
         new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=positions.device)
         self.key_mask.index_copy_(1, slots, new)
         self.positions.index_copy_(1, slots, positions.expand(b, -1))
