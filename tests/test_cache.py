@@ -73,3 +73,87 @@ def test_static_decode_step_compiles_once_without_graph_breaks(layers):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
+
+
+class _ReportsCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: takes the cache down its GPU branch on a CPU machine.
+    What is computed from it is a plain tensor (no subclass propagation)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+
+def test_static_cache_overflow_raises_on_the_single_token_path_whatever_the_device():
+    """Issue 16: on CUDA the one-token step skipped the overflow check (it cost a host sync), so
+    decoding past max_len wrote out of range. The check now counts on the host, on every device."""
+    model = net()
+    cache = StaticKVCache.for_model(model, 1, 5)
+    cache.index = cache.index.as_subclass(_ReportsCuda)
+    model(torch.randint(0, V, (1, 4)), cache=cache)
+    model(torch.randint(0, V, (1, 1)), cache=cache)
+    with pytest.raises(ValueError, match="static cache is full: 5 of 5 slots used, 1 more needed; build it with a larger max_len"):
+        model(torch.randint(0, V, (1, 1)), cache=cache)
+    assert cache.length == 5 and int(cache.index) == 5  # the failed step wrote nothing
+
+
+def test_static_cache_overflow_check_needs_no_device_sync(monkeypatch):
+    model = net()
+    cache = StaticKVCache.for_model(model, 1, 5)
+    model(torch.randint(0, V, (1, 4)), cache=cache)
+
+    def no_sync(*_):
+        raise AssertionError("the overflow check read the slot index back to the host")
+
+    cache.index = cache.index.as_subclass(_ReportsCuda)
+    monkeypatch.setattr(_ReportsCuda, "__int__", no_sync, raising=False)
+    monkeypatch.setattr(_ReportsCuda, "item", no_sync, raising=False)
+    decode_step(model, torch.randint(0, V, (1, 1)), cache)
+    with pytest.raises(ValueError, match="larger max_len"):
+        decode_step(model, torch.randint(0, V, (1, 1)), cache)
+
+
+def test_compiled_decode_step_past_max_len_raises():
+    """Inside a compiled graph the cache cannot count; the compiled step counts for it."""
+    from x_transformers.autoregressive import compiled_decoder
+
+    model = net(seed=3)
+    cache = StaticKVCache.for_model(model, 1, 6)
+    prefill(model, torch.randint(0, V, (1, 4)), None, cache)
+    step = compiled_decoder(model, dict(backend="eager"))
+    step(model, torch.randint(0, V, (1, 1)), cache)
+    step(model, torch.randint(0, V, (1, 1)), cache)
+    assert cache.length == 6
+    with pytest.raises(ValueError, match="static cache is full.*build it with a larger max_len"):
+        step(model, torch.randint(0, V, (1, 1)), cache)
+    cache.reset()
+    assert cache.length == 0
+
+
+def test_generate_checks_the_static_cache_capacity_once_before_decoding(monkeypatch):
+    """generate() knows the prompt length and the steps: a cache too small for them fails before
+    the first forward, not after prefill and some steps."""
+    from x_transformers import AutoregressiveWrapper
+
+    ar = AutoregressiveWrapper(net())
+    real = AutoregressiveWrapper._static_cache
+    monkeypatch.setattr(AutoregressiveWrapper, "_static_cache", lambda self, b, n: real(self, b, n - 2))  # one slot is spare
+    calls = []
+    ar.net.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match="build it with a larger max_len"):
+        ar.generate(torch.randint(0, V, (2, 4)), 6, temperature=0.0, static_cache=True)
+    assert not calls
+
+
+def test_a_decode_step_compiled_by_the_caller_past_max_len_raises():
+    """A step compiled outside generate() (gpt-fast style) has no host counter around it: a
+    device-side assert in the graph stops the out-of-range write, again without a sync."""
+    model = net(seed=4)
+    cache = StaticKVCache.for_model(model, 1, 5)
+    prefill(model, torch.randint(0, V, (1, 4)), None, cache)
+    step = torch.compile(decode_step, backend="aot_eager", fullgraph=True)
+    step(model, torch.randint(0, V, (1, 1)), cache)
+    with pytest.raises(RuntimeError, match="static cache is full.*build it with a larger max_len"):
+        step(model, torch.randint(0, V, (1, 1)), cache)

@@ -160,3 +160,110 @@ def test_xtransformer_generate_equals_uncached_greedy():
         assert torch.equal(out, tgt[:, 1:])
     beam = model.generate(src, start, 7, mask=src_mask, beams=3)
     assert torch.equal(beam, model.generate(src, start, 7, mask=src_mask, beams=3, cache_kv=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 16: generate's keywords become one validated frozen GenerationConfig, checked before any work
+
+NAN, INF = float("nan"), float("inf")
+BAD_KEYWORDS = {  # keywords -> (error type, what the one-line message must say)
+    "temperature_nan": (dict(temperature=NAN), ValueError, "temperature must be a finite number >= 0"),
+    "temperature_inf": (dict(temperature=INF), ValueError, "temperature must be a finite number >= 0"),
+    "temperature_negative": (dict(temperature=-0.5), ValueError, "temperature must be a finite number >= 0"),
+    "eos_past_vocab": (dict(eos_token=V), ValueError, rf"eos_token must be a token id in \[0, {V}\)"),
+    "eos_negative": (dict(eos_token=-1), ValueError, rf"eos_token must be a token id in \[0, {V}\)"),
+    "length_penalty_nan": (dict(length_penalty=NAN), ValueError, "length_penalty must be a finite number"),
+    "length_penalty_inf": (dict(length_penalty=-INF), ValueError, "length_penalty must be a finite number"),
+    "beams_zero": (dict(beams=0), ValueError, "beams must be a positive integer"),
+    "beams_float": (dict(beams=2.0), ValueError, "beams must be a positive integer"),
+    "seq_len_zero": (dict(seq_len=0), ValueError, "seq_len must be a positive integer"),
+    "seq_len_bool": (dict(seq_len=True), ValueError, "seq_len must be a positive integer"),
+    "filter_kwarg_typo": (dict(filter_logits_fn="top_k", filter_kwargs=dict(kk=3)), TypeError,
+                          "top_k takes no keyword 'kk'; did you mean 'k'"),
+    "filter_kwarg_of_another_filter": (dict(filter_logits_fn="min_p", filter_kwargs=dict(k=3)), TypeError,
+                                       r"min_p takes no keyword 'k'.*valid: \['p'\]"),
+    "filter_kwargs_without_filter": (dict(filter_kwargs=dict(k=3)), TypeError, "without a filter_logits_fn"),
+    "unknown_filter": (dict(filter_logits_fn="topk"), ValueError, r"did you mean 'top_k'.*valid: \["),
+    "compile_without_static_cache": (dict(compile=True, static_cache=False), ValueError, "needs static_cache=True"),
+    "static_cache_without_cache": (dict(static_cache=True, cache_kv=False), ValueError, "need cache_kv=True"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_KEYWORDS))
+def test_generate_rejects_bad_keywords_in_one_line_before_any_work(case):
+    keywords, error, message = BAD_KEYWORDS[case]
+    keywords = dict(seq_len=4) | keywords
+    ar = model()
+    calls = []
+    ar.net.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(error, match=message) as info:
+        ar.generate(torch.randint(0, V, (2, 3)), **keywords)
+    assert "\n" not in str(info.value)
+    assert not calls, "the model ran before the keywords were checked"
+
+
+def test_generation_config_is_frozen_and_resolves_static_cache():
+    from dataclasses import FrozenInstanceError
+
+    from x_transformers.autoregressive import GenerationConfig
+
+    cfg = GenerationConfig(seq_len=4, num_tokens=V, compile=dict(backend="eager"),
+                           filter_logits_fn="top_k", filter_kwargs=dict(k=2))
+    assert cfg.static_cache is True  # on when compiling
+    assert GenerationConfig(seq_len=4, num_tokens=V).static_cache is False
+    with pytest.raises(FrozenInstanceError):
+        cfg.temperature = 0.0
+    with pytest.raises(TypeError):
+        cfg.filter_kwargs["k"] = 3  # read-only: the config cannot change under the decoding loop
+    with pytest.raises(TypeError):
+        GenerationConfig(4, V)  # keyword-only, like generate's own keywords
+
+
+def test_decoding_helpers_receive_the_config_by_name(monkeypatch):
+    from x_transformers.autoregressive import GenerationConfig
+
+    ar, seen = model(), []
+    real = AutoregressiveWrapper._stepper
+
+    def spy(self, tokens, mask, cfg, **inputs):
+        seen.append((cfg, sorted(inputs)))
+        return real(self, tokens, mask, cfg, **inputs)
+
+    monkeypatch.setattr(AutoregressiveWrapper, "_stepper", spy)
+    ar.generate(torch.randint(0, V, (2, 3)), 3, temperature=0.0)
+    ar.generate(torch.randint(0, V, (2, 3)), 3, beams=2, eos_token=1)
+    assert [type(c) for c, _ in seen] == [GenerationConfig] * 2
+    assert seen[1][0].beams == 2 and seen[1][0].eos_token == 1
+    assert all(names == ["context", "context_mask"] for _, names in seen)
+
+
+@pytest.mark.parametrize("prompts, message", [
+    (torch.zeros(0, 3, dtype=torch.long), r"prompts has an empty batch \(shape \(0, 3\)\); pass at least one row"),
+    (torch.zeros(2, 0, dtype=torch.long), "prompts has zero-length sequences"),
+    ([], "prompts is an empty list; pass at least one prompt"),
+    ([torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)], r"prompts\[1\] must be a non-empty 1-D token tensor"),
+])
+def test_generate_rejects_empty_prompts_naming_the_argument(prompts, message):
+    ar = model()
+    calls = []
+    ar.net.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match=message):
+        ar.generate(prompts, 3)
+    assert not calls
+
+
+def test_generate_rejects_a_context_of_the_wrong_batch_or_width_before_any_work():
+    xt = XTransformer(dim=32, depth=1, heads=4, num_tokens=V, max_seq_len=16).eval()
+    ar = AutoregressiveWrapper(xt.decoder)
+    start = torch.zeros(2, 1, dtype=torch.long)
+    calls = []
+    ar.net.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match="context has batch 3 but the input has 2; pass one context row per input"):
+        ar.generate(start, 3, context=torch.randn(3, 5, 32))
+    with pytest.raises(ValueError, match="context has width 16 but cross-attention expects 32"):
+        ar.generate(start, 3, context=torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match="context contains NaN"):
+        ar.generate(start, 3, context=torch.randn(2, 5, 32).index_fill(1, torch.tensor([2]), float("nan")))
+    with pytest.raises(ValueError, match=r"context_mask must be a bool tensor of shape \(2, 5\)"):
+        ar.generate(start, 3, context=torch.randn(2, 5, 32), context_mask=torch.ones(2, 4, dtype=torch.bool))
+    assert not calls

@@ -325,3 +325,18 @@ def test_tokenizer_json_loads_with_tokenizers(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     assert load_tokenizer(tmp_path).encode("hello world again").ids == [1, 2, 0]
+
+
+def test_nan_weights_on_load_warn_naming_the_tensors(tmp_path):
+    def poison(t):
+        t["transformer.h.1.ln_2.weight"][3] = float("nan")
+        t["transformer.wte.weight"][0, 0] = float("inf")
+
+    path = make_hf("gpt2", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean checkpoint loads without a warning
+        from_pretrained(path)
+    edit(path, tensors=poison)
+    with pytest.warns(UserWarning, match=r"weights with NaN/inf: .*token_emb.*blocks\.3\.") as caught:
+        from_pretrained(path)
+    assert len([w for w in caught if "NaN/inf" in str(w.message)]) == 1

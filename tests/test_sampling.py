@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from x_transformers.sampling import FILTERS, get_filter, min_p, sample, top_k, top_p
+from x_transformers.sampling import (FILTERS, check_filter_kwargs, filter_keywords, get_filter, min_p, sample, top_k,
+                                     top_p)
 
 
 def logits(b=4, v=50, seed=0):
@@ -77,3 +78,37 @@ def test_seeded_sampling_is_reproducible():
 
     assert torch.equal(draws(1), draws(1))
     assert not torch.equal(draws(1), draws(2))
+
+
+def test_each_filter_declares_its_keywords_through_its_signature():
+    assert filter_keywords(FILTERS["top_k"]) == {"k", "frac"}
+    assert filter_keywords(FILTERS["top_p"]) == {"p"}
+    assert filter_keywords(FILTERS["min_p"]) == {"p"}
+    assert filter_keywords(lambda x, **kw: x) is None  # takes anything
+
+
+def test_filter_kwargs_typo_raises_naming_the_closest_valid_keyword():
+    with pytest.raises(TypeError, match=r"top_p takes no keyword 'pp'; did you mean 'p'\? valid: \['p'\]"):
+        check_filter_kwargs("top_p", dict(pp=0.9))
+    with pytest.raises(TypeError, match=r"top_k takes no keyword 'fraction'; did you mean 'frac'"):
+        check_filter_kwargs("top_k", dict(fraction=0.2))
+
+    def custom(x, *, width):
+        return x
+
+    with pytest.raises(TypeError, match=r"custom takes no keyword 'widht'; did you mean 'width'"):
+        check_filter_kwargs(custom, dict(widht=2))
+    check_filter_kwargs(custom, dict(width=2))
+    check_filter_kwargs(lambda x, **kw: x, dict(anything=1))
+    check_filter_kwargs("top_k", dict(k=3, frac=0.5))
+
+
+def test_unknown_filter_name_suggests_the_closest_and_lists_all():
+    with pytest.raises(ValueError, match=r"unknown logit filter 'min-p' \(did you mean 'min_p'\?\); valid: \['min_p', 'top_k', 'top_p'\]"):
+        get_filter("min-p")
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0, "1.0"])
+def test_sample_rejects_a_temperature_that_is_not_a_finite_number_at_least_zero(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        sample(logits(), temperature=temperature)

@@ -14,19 +14,76 @@ Legend: b batch, k beams, n prompt length, v vocabulary.
 
 from __future__ import annotations
 
+import math
 import traceback
 import types
 import warnings
 import weakref
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import KVCache, StaticKVCache
-from .sampling import sample
+from .checks import check_context, check_finite, check_not_empty
+from .sampling import check_filter_kwargs, check_temperature, get_filter, sample
 from .wrappers import TransformerWrapper
+
+
+def _positive_int(name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """What :meth:`AutoregressiveWrapper.generate` was asked for (its keywords), validated once,
+    before any work, and passed by name to the decoding helpers. ``num_tokens`` is the model's
+    vocabulary (``eos_token`` must lie in it); ``static_cache=None`` resolves to ``bool(compile)``."""
+
+    seq_len: int
+    num_tokens: int
+    temperature: float = 1.0
+    filter_logits_fn: str | Callable | None = None
+    filter_kwargs: Mapping = field(default_factory=dict)
+    eos_token: int | None = None
+    cache_kv: bool = True
+    static_cache: bool | None = None
+    compile: bool | str | dict = False
+    beams: int | None = None
+    length_penalty: float = 1.0
+    return_scores: bool = False
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        _positive_int("seq_len", self.seq_len)
+        _positive_int("beams", self.beams, allow_none=True)
+        check_temperature(self.temperature)
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, (int, float)) \
+                or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number (1.0 is the mean log-probability), "
+                             f"got {self.length_penalty!r}")
+        if self.eos_token is not None and (isinstance(self.eos_token, bool) or not isinstance(self.eos_token, int)
+                                           or not 0 <= self.eos_token < self.num_tokens):
+            raise ValueError(f"eos_token must be a token id in [0, {self.num_tokens}) (num_tokens={self.num_tokens}), "
+                             f"got {self.eos_token!r}")
+        get_filter(self.filter_logits_fn)  # an unknown name lists the valid ones
+        check_filter_kwargs(self.filter_logits_fn, self.filter_kwargs)
+        object.__setattr__(self, "filter_kwargs", MappingProxyType(dict(self.filter_kwargs or {})))
+        if not isinstance(self.compile, (bool, str, dict)):
+            raise TypeError(f"compile must be a bool, a torch.compile mode name or a dict of torch.compile "
+                            f"keywords, got {type(self.compile).__name__}")
+        if self.static_cache is None:
+            object.__setattr__(self, "static_cache", bool(self.compile))
+        elif self.compile and not self.static_cache:
+            raise ValueError("compile=True needs static_cache=True: the dynamic cache changes shape every step")
+        if not self.cache_kv and (self.static_cache or self.compile):
+            raise ValueError("static_cache / compile need cache_kv=True")
 
 
 def left_pad(prompts, pad_value: int = 0) -> tuple[Tensor, Tensor | None]:
@@ -34,12 +91,17 @@ def left_pad(prompts, pad_value: int = 0) -> tuple[Tensor, Tensor | None]:
     keep-mask (b, n) (None when no row is padded). Padding goes on the left so every row's next
     token is in the last column."""
     if isinstance(prompts, Tensor):
-        if prompts.ndim != 2 or prompts.shape[1] == 0:
-            raise ValueError(f"prompts must be a (batch, seq) tensor with seq >= 1, got shape {tuple(prompts.shape)}")
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts must be a (batch, seq) tensor, got shape {tuple(prompts.shape)}")
+        check_not_empty(prompts, "prompts")
         return prompts, None
     prompts = list(prompts)
-    if not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty 1-D token tensors")
+    if not prompts:
+        raise ValueError("prompts is an empty list; pass at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, Tensor) or p.ndim != 1 or p.numel() == 0:
+            raise ValueError(f"prompts[{i}] must be a non-empty 1-D token tensor, got "
+                             f"{tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__}; drop it or give it a token")
     n = max(p.numel() for p in prompts)
     tokens = torch.full((len(prompts), n), pad_value, dtype=prompts[0].dtype, device=prompts[0].device)
     mask = torch.zeros(len(prompts), n, dtype=torch.bool, device=prompts[0].device)
@@ -92,9 +154,12 @@ def compiled_decoder(net, options: dict):
         steps[key] = torch.compile(own, **(dict(fullgraph=True, dynamic=False) | options))  # options may override
     compiled = steps[key]
 
-    def step(*args):
+    def step(net, token, cache, context=None, context_mask=None):
         nonlocal compiled
+        args = (net, token, cache, context, context_mask)
         try:
+            if compiled is not decode_step and isinstance(cache, StaticKVCache):
+                return cache.count_compiled(token.shape[1], lambda: compiled(*args))  # the graph cannot count
             return compiled(*args)
         except _COMPILE_ERRORS as e:
             # Raised while compiling, before the graph ran: the cache is as it was. Not tried again
@@ -197,12 +262,10 @@ class AutoregressiveWrapper(nn.Module):
         self._cache, self._cache_key = StaticKVCache.for_model(self.net, batch, max_len), key
         return self._cache
 
-    def _stepper(self, tokens, mask, cache_kv, static_cache, compile, max_new, context, context_mask):
-        """Returns (logits of the prompt's last column, step(token (b,) -> logits, cache))."""
+    def _stepper(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask):
+        """Returns (logits of the prompt's last column, step(token (b,) -> logits), the cache)."""
         net = self.net
-        if not cache_kv:
-            if static_cache or compile:
-                raise ValueError("static_cache / compile need cache_kv=True")
+        if not cfg.cache_kv:
             seq = [tokens]
             masks = [mask if mask is not None else torch.ones_like(tokens, dtype=torch.bool)]
 
@@ -214,13 +277,15 @@ class AutoregressiveWrapper(nn.Module):
 
             return net(tokens, mask, context=context, context_mask=context_mask)[:, -1], step, None
 
-        if static_cache:
-            max_len = net.num_memory_tokens + tokens.shape[1] + max_new
-            cache = self._static_cache(tokens.shape[0], _static_len(max_len) if compile else max_len)
+        if cfg.static_cache:
+            max_len = net.num_memory_tokens + tokens.shape[1] + cfg.seq_len
+            cache = self._static_cache(tokens.shape[0], _static_len(max_len) if cfg.compile else max_len)
+            # The capacity is known up front: check it once here (host-side), not with a sync per step.
+            cache.check_room(net.num_memory_tokens + tokens.shape[1] + cfg.seq_len - 1)
         else:
             cache = KVCache()
         logits = prefill(net, tokens, mask, cache, context, context_mask)
-        decode = compiled_decoder(net, self._compile_options(compile)) if compile else decode_step
+        decode = compiled_decoder(net, self._compile_options(cfg.compile)) if cfg.compile else decode_step
         cudagraphs = decode is not decode_step and logits.is_cuda
 
         def step(token):
@@ -253,43 +318,50 @@ class AutoregressiveWrapper(nn.Module):
         Returns the new tokens (b, seq_len); with ``return_scores`` also each row's score (b,):
         the sum of the model's log-probabilities of the emitted tokens (up to and including eos)
         divided by their count ** length_penalty.
+
+        Every keyword is validated first, into a frozen :class:`GenerationConfig`, and the prompts
+        and context are checked, before the model runs: a bad value raises one line naming it.
         """
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-        if beams is not None and (not isinstance(beams, int) or beams < 1):
-            raise ValueError(f"beams must be a positive integer, got {beams!r}")
-        if static_cache is None:
-            static_cache = bool(compile)
-        elif compile and not static_cache:
-            raise ValueError("compile=True needs static_cache=True: the dynamic cache changes shape every step")
+        cfg = GenerationConfig(seq_len=seq_len, num_tokens=self.net.num_tokens, temperature=temperature,
+                               filter_logits_fn=filter_logits_fn, filter_kwargs=filter_kwargs or {},
+                               eos_token=eos_token, cache_kv=cache_kv, static_cache=static_cache, compile=compile,
+                               beams=beams, length_penalty=length_penalty, return_scores=return_scores,
+                               generator=generator)
         tokens, mask = left_pad(prompts, self.pad_value)
+        self._check_context(tokens, context, context_mask)
         was_training = self.net.training
         self.net.eval()
         try:
-            if beams is not None:
-                out, scores = self._beam_search(tokens, mask, seq_len, beams, eos_token, length_penalty, cache_kv,
-                                                static_cache, compile, context, context_mask)
-            else:
-                out, scores = self._sample(tokens, mask, seq_len, temperature, filter_logits_fn, filter_kwargs,
-                                           eos_token, length_penalty, cache_kv, static_cache, compile, generator,
-                                           context, context_mask)
+            search = self._beam_search if cfg.beams is not None else self._sample
+            out, scores = search(tokens, mask, cfg, context=context, context_mask=context_mask)
         finally:
             self.net.train(was_training)
         if out.shape[1] < seq_len:  # every row stopped early
             out = F.pad(out, (0, seq_len - out.shape[1]), value=self.pad_value)
-        return (out, scores) if return_scores else out
+        return (out, scores) if cfg.return_scores else out
 
-    def _sample(self, tokens, mask, seq_len, temperature, filter_fn, filter_kwargs, eos_token, length_penalty,
-                cache_kv, static_cache, compile, generator, context, context_mask):
+    def _check_context(self, tokens, context, context_mask):
+        layers = self.net.attn_layers
+        if context is None:
+            if context_mask is not None:
+                raise ValueError("context_mask was given without context; pass context=(batch, ctx_len, dim)")
+            return
+        check_context(context, tokens.shape[0], getattr(layers.cfg, "dim_context", None) or layers.dim)
+        check_finite(context, "context")  # once per generate(), not per step
+        if context_mask is not None and (context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]):
+            raise ValueError(f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (True = keep), "
+                             f"got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
+
+    def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask):
         b = tokens.shape[0]
-        logits, step, _ = self._stepper(tokens, mask, cache_kv, static_cache, compile, seq_len, context, context_mask)
+        logits, step, _ = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask)
         done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
         logp_sum = torch.zeros(b, device=tokens.device)
         length = torch.zeros(b, device=tokens.device)
-        out = []
-        for i in range(seq_len):
-            token = sample(logits, temperature=temperature, filter_logits_fn=filter_fn, filter_kwargs=filter_kwargs,
-                           generator=generator)
+        eos_token, out = cfg.eos_token, []
+        for i in range(cfg.seq_len):
+            token = sample(logits, temperature=cfg.temperature, filter_logits_fn=cfg.filter_logits_fn,
+                           filter_kwargs=cfg.filter_kwargs, generator=cfg.generator)
             logp = logits.float().log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
             live = ~done
             logp_sum += logp * live
@@ -298,18 +370,16 @@ class AutoregressiveWrapper(nn.Module):
                 token = token.masked_fill(done, self.pad_value)
                 done = done | (token == eos_token)
             out.append(token)
-            if i == seq_len - 1 or (eos_token is not None and bool(done.all())):
+            if i == cfg.seq_len - 1 or (eos_token is not None and bool(done.all())):
                 break
             logits = step(token)
-        return torch.stack(out, dim=1), logp_sum / length.clamp(min=1) ** length_penalty
+        return torch.stack(out, dim=1), logp_sum / length.clamp(min=1) ** cfg.length_penalty
 
-    def _beam_search(self, tokens, mask, seq_len, k, eos_token, length_penalty, cache_kv, static_cache, compile,
-                     context, context_mask):
-        b = tokens.shape[0]
+    def _beam_search(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask):
+        b, k, eos_token, length_penalty = tokens.shape[0], cfg.beams, cfg.eos_token, cfg.length_penalty
         rows = lambda t: None if t is None else t.repeat_interleave(k, dim=0)  # noqa: E731
         tokens, mask, context, context_mask = rows(tokens), rows(mask), rows(context), rows(context_mask)
-        logits, step, cache = self._stepper(tokens, mask, cache_kv, static_cache, compile, seq_len, context,
-                                            context_mask)
+        logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask)
         dev = tokens.device
         scores = torch.zeros(b, k, device=dev)
         scores[:, 1:] = float("-inf")  # all beams start equal: expand the first one only
@@ -318,7 +388,7 @@ class AutoregressiveWrapper(nn.Module):
         done = torch.zeros(b * k, dtype=torch.bool, device=dev)
         seqs = torch.empty(b * k, 0, dtype=tokens.dtype, device=dev)
         base = torch.arange(b, device=dev)[:, None] * k
-        for i in range(seq_len):
+        for i in range(cfg.seq_len):
             logp = logits.float().log_softmax(dim=-1)  # (b*k, v)
             v = logp.shape[-1]
             # a finished beam continues with pad_value only, at no cost and no added length
@@ -335,7 +405,7 @@ class AutoregressiveWrapper(nn.Module):
             length, done, seqs = cand_len[src], done[src], torch.cat((seqs[src], token[:, None]), dim=1)
             if eos_token is not None:
                 done = done | (token == eos_token)
-            if i == seq_len - 1 or (eos_token is not None and bool(done.all())):
+            if i == cfg.seq_len - 1 or (eos_token is not None and bool(done.all())):
                 break
             if cache is not None:
                 cache.reorder(src)  # each survivor continues from its parent's keys/values
@@ -353,4 +423,4 @@ class AutoregressiveWrapper(nn.Module):
         return self.net(full, full_mask, context=context, context_mask=context_mask)[:, -1]
 
 
-__all__ = ["AutoregressiveWrapper", "left_pad", "prefill", "decode_step"]
+__all__ = ["AutoregressiveWrapper", "GenerationConfig", "left_pad", "prefill", "decode_step"]

@@ -164,6 +164,10 @@ class StaticKVCache:
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.slot_ids = torch.arange(max_len, device=device)
         self.started = False
+        # Slots used, counted on the host: the overflow check reads it, not ``index``, so it needs no
+        # device sync on any device. Eager forwards count here; a compiled step is counted by its caller
+        # (:meth:`count_compiled`), since inside a graph the host cannot count.
+        self.length = 0
         self.layers: dict[int, StaticLayerKV] = {}
         for i, shape in layer_shapes.items():
             if shape is None:
@@ -197,6 +201,7 @@ class StaticKVCache:
         self.key_mask.zero_()
         self.positions.zero_()
         self.started = False
+        self.length = 0
         for layer in self.layers.values():
             if layer.filled:
                 layer.k = layer.v = None
@@ -209,6 +214,21 @@ class StaticKVCache:
     def empty(self) -> bool:
         return not self.started
 
+    def check_room(self, n: int):
+        """Raise unless ``n`` more tokens fit. Host-side only (no sync), so callers can check the whole
+        generation once before decoding."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"the static cache is full: {self.length} of {self.max_len} slots used, {n} more "
+                             f"needed; build it with a larger max_len (at least {self.length + n})")
+
+    def count_compiled(self, n: int, step):
+        """Run ``step()``, a compiled forward of ``n`` new tokens through this cache, checking room first
+        and counting the slots after (inside the graph, keys_and_mask / extend cannot)."""
+        self.check_room(n)
+        out = step()
+        self.length += n
+        return out
+
     def slots(self, n: int) -> Tensor:
         return self.index + self.slot_ids[:n]
 
@@ -220,9 +240,11 @@ class StaticKVCache:
         and the mask (b, 1, n, L): a key is visible if filled, kept, and at or before the query's slot."""
         b, n = self.batch, positions.shape[-1]
         slots = self.slots(n)
-        if not torch.compiler.is_compiling() and (n > 1 or self.index.device.type == "cpu"):
-            if int(self.index) + n > self.max_len:  # a host sync: checked in prefill, or where it is free
-                raise ValueError(f"the static cache is full ({self.max_len} slots); build it with a larger max_len")
+        if not torch.compiler.is_compiling():  # the same host-side check on every device: no sync
+            self.check_room(n)
+        else:  # in a graph the host cannot count: a device-side assert, also asynchronous (no sync)
+            # (a constant message: under dynamic shapes max_len may be symbolic)
+            torch._assert_async(self.index + n <= self.max_len, "the static cache is full; build it with a larger max_len")
         new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=positions.device)
         self.key_mask.index_copy_(1, slots, new)
         self.positions.index_copy_(1, slots, positions.expand(b, -1))
@@ -233,6 +255,8 @@ class StaticKVCache:
         """The new tokens were written by keys_and_mask; advance the slot index past them."""
         self.index.add_(key_mask.shape[-1])
         self.started = True
+        if not torch.compiler.is_compiling():
+            self.length += key_mask.shape[-1]
 
     def reorder(self, index: Tensor):
         """Select/reorder batch rows (beam search); the batch size stays ``batch``."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import warn_nonfinite
 from .layers import Decoder
 from .wrappers import WRAPPER_KEYS, TransformerWrapper, XTransformer
 
@@ -472,6 +473,7 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, **overrides):
         if t.shape != expected[name].shape:
             raise ValueError(f"{family.model_type}: {name} has shape {tuple(t.shape)} in the checkpoint, "
                              f"{tuple(expected[name].shape)} in our model")
+    warn_nonfinite(ours, f"from_pretrained({str(path)!r})")
     model.load_state_dict(ours, strict=True)
     if dtype is not None:
         model.to(dtype)

@@ -9,6 +9,9 @@ Legend: b batch (rows), v vocabulary.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
 from typing import Callable
 
 import torch
@@ -69,8 +72,51 @@ def get_filter(fn: str | Callable | None) -> Callable | None:
     if fn is None or callable(fn):
         return fn
     if fn not in FILTERS:
-        raise ValueError(f"unknown logit filter {fn!r}; valid: {sorted(FILTERS)} or a callable")
+        close = difflib.get_close_matches(str(fn), FILTERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown logit filter {fn!r}{hint}; valid: {sorted(FILTERS)} or a callable")
     return FILTERS[fn]
+
+
+def filter_keywords(fn: Callable) -> set[str] | None:
+    """The keywords a filter accepts after the logits (read from its signature), or None when it
+    takes ``**kwargs`` (anything goes) or has no signature we can read."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())[1:]  # the first one is the logits
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_filter_kwargs(fn: str | Callable | None, kwargs: dict | None):
+    """Raise TypeError, before any sampling, for a keyword the filter does not take (naming the
+    closest one it does take)."""
+    kwargs = kwargs or {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"filter_kwargs must be a dict of keywords, got {type(kwargs).__name__}")
+    fn = get_filter(fn)
+    if fn is None:
+        if kwargs:
+            raise TypeError(f"filter_kwargs {sorted(kwargs)} were given without a filter_logits_fn; "
+                            f"pass one of {sorted(FILTERS)} or drop filter_kwargs")
+        return
+    accepted = filter_keywords(fn)
+    if accepted is None:
+        return
+    name = getattr(fn, "__name__", repr(fn))
+    for key in kwargs:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(f"filter_kwargs: {name} takes no keyword {key!r}; {hint}valid: {sorted(accepted)}")
+
+
+def check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
 
 
 def sample(logits: Tensor, *, temperature: float = 1.0, filter_logits_fn=None, filter_kwargs=None,
@@ -78,8 +124,7 @@ def sample(logits: Tensor, *, temperature: float = 1.0, filter_logits_fn=None, f
     """Next tokens (b,) from logits (b, v). Temperature 0 is greedy (argmax, no filter needed);
     otherwise the filter is applied to logits / temperature and a token drawn with ``generator``
     (a seeded ``torch.Generator`` makes the draw reproducible)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_temperature(temperature)
     if temperature == 0:
         return logits.argmax(dim=-1)
     fn = get_filter(filter_logits_fn)
@@ -90,4 +135,5 @@ def sample(logits: Tensor, *, temperature: float = 1.0, filter_logits_fn=None, f
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-__all__ = ["FILTERS", "register_filter", "top_k", "top_p", "min_p", "get_filter", "sample"]
+__all__ = ["FILTERS", "register_filter", "top_k", "top_p", "min_p", "get_filter", "filter_keywords", "check_filter_kwargs",
+           "check_temperature", "sample"]

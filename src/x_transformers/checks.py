@@ -1,0 +1,117 @@
+"""Run-time input checks: each raises one line naming the argument and the fix, before any work.
+
+Construction-time checks live in the config dataclasses; these look at what a forward is given.
+Two entry points, one per level, so wiring them in is one call each:
+
+- :func:`check_token_inputs` (``TransformerWrapper.check_inputs``): token ids (b, n).
+- :func:`check_stack_inputs` (``layers.check_stack_inputs``): embeddings (b, n, dim) and the
+  cross-attention ``context``.
+
+Value checks (NaN/inf) cost one reduction and a host sync, so they are skipped while
+``torch.compile`` traces (a sync would break the graph). :func:`warn_nonfinite` is for loading
+weights.
+
+Legend: b batch, n sequence, m context length.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+
+def check_not_empty(x: Tensor, name: str = "x"):
+    """An empty batch or a zero-length sequence has nothing to compute; say so before the
+    kernels fail (or silently return empty tensors)."""
+    if x.ndim >= 1 and x.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)}); pass at least one row")
+    if x.ndim >= 2 and x.shape[1] == 0:
+        raise ValueError(f"{name} has zero-length sequences (shape {tuple(x.shape)}); pass at least one token per row")
+
+
+def _param_dtype(module) -> torch.dtype | None:
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return None if param is None else param.dtype
+
+
+def check_dtype(x: Tensor, module, name: str = "x"):
+    """Embeddings fed to a stack must have its parameters' dtype (a float64 model takes float64).
+    Under autocast the parameters stay float32 and autocast casts per op, so the input may be the
+    parameters' dtype or the autocast dtype."""
+    want = _param_dtype(module)
+    if want is None or x.dtype == want:
+        return
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device):
+        return
+    raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters are {want}; "
+                    f"pass {name}.to({want}) or convert the model (model.to({x.dtype}))")
+
+
+def check_context(context: Tensor | None, batch: int, width: int, name: str = "context"):
+    """A cross-attention context must be (batch, m, width) with the queries' batch."""
+    if context is None:
+        return
+    if context.ndim != 3:
+        raise ValueError(f"{name} must have shape (batch, ctx_len, {width}), got {tuple(context.shape)}")
+    if context.shape[0] != batch:
+        raise ValueError(f"{name} has batch {context.shape[0]} but the input has {batch}; "
+                         f"pass one context row per input row")
+    if context.shape[-1] != width:
+        raise ValueError(f"{name} has width {context.shape[-1]} but cross-attention expects {width} "
+                         f"(dim_context, or dim); project the context or set dim_context={context.shape[-1]}")
+    if context.shape[1] == 0:
+        raise ValueError(f"{name} has zero length (shape {tuple(context.shape)}); pass at least one context position")
+
+
+def check_finite(x: Tensor | None, name: str = "x"):
+    """NaN/inf in a continuous input poisons every output it reaches. One pass (aminmax: NaN and
+    inf both reach the min or the max) and one sync; skipped while compiling."""
+    if x is None or not x.is_floating_point() or x.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = x.detach().aminmax()
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        what = "NaN" if bool(x.isnan().any()) else "inf"
+        raise ValueError(f"{name} contains {what}; check the upstream computation (or mask those positions "
+                         f"out and replace them with finite values)")
+
+
+def check_token_inputs(x: Tensor, name: str = "x"):
+    """TransformerWrapper's run-time checks beyond dtype/shape: no empty batch or sequence."""
+    check_not_empty(x, name)
+
+
+def check_stack_inputs(stack, x: Tensor, context: Tensor | None = None):
+    """A layer stack's run-time checks: x (b, n, dim) not empty, of the parameters' dtype, finite;
+    ``context`` (b, m, dim_context or dim) of the right batch and width, finite."""
+    check_not_empty(x, "x")
+    check_dtype(x, stack, "x")
+    check_finite(x, "x")
+    if context is not None:
+        width = getattr(stack.cfg, "dim_context", None) or stack.dim
+        check_context(context, x.shape[0], width)
+        check_dtype(context, stack, "context")
+        check_finite(context, "context")
+
+
+def nonfinite_tensors(tensors) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf, from a state dict or a module."""
+    items = tensors.state_dict().items() if hasattr(tensors, "state_dict") else tensors.items()
+    return [name for name, t in items
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def warn_nonfinite(tensors, where: str) -> list[str]:
+    """Warn, naming the tensors, when loaded weights hold NaN or inf; returns their names."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        warnings.warn(f"{where}: weights with NaN/inf: {shown}; the checkpoint is corrupt or was saved "
+                      f"after the loss diverged", stacklevel=3)
+    return bad
+
+
+__all__ = ["check_not_empty", "check_dtype", "check_context", "check_finite", "check_token_inputs",
+           "check_stack_inputs", "nonfinite_tensors", "warn_nonfinite"]
