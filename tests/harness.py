@@ -174,6 +174,22 @@ KNOWN_DEFECTS: dict[str, str] = {
     "build:*-num_memory_tokens=1+tupe_r": "undeclared refusal: tupe_untie_cls + num_memory_tokens",
     "build:*-memory_tokens+tupe_cls": "undeclared refusal: tupe_untie_cls + num_memory_tokens",
     "build:*-memory_tokens+tupe_r": "undeclared refusal: tupe_untie_cls + num_memory_tokens",
+    "build:*-post_norm+reversible": "undeclared refusal: reversible + pre_norm=False",
+    "build:*-post_norm+reversible_dropout": "undeclared refusal: reversible + pre_norm=False",
+    "build:*-sinusoidal+tupe": "undeclared refusal: tupe + sinusoidal_pos_emb",
+    "build:*-sinusoidal+tupe_cls": "undeclared refusal: tupe + sinusoidal_pos_emb",
+    "build:*-sinusoidal+tupe_r": "undeclared refusal: tupe + sinusoidal_pos_emb",
+    "build:*-scaled_sinu+tupe": "undeclared refusal: tupe + scaled_sinu_pos_emb",
+    "build:*-scaled_sinu+tupe_cls": "undeclared refusal: tupe + scaled_sinu_pos_emb",
+    "build:*-scaled_sinu+tupe_r": "undeclared refusal: tupe + scaled_sinu_pos_emb",
+    "build:encdec-enc_funnel+shared_qk": "undeclared refusal: attn_shared_qk + a funnel encoder's depths",
+    "build:encdec-enc_funnel+shared_qk_mem_kv": "undeclared refusal: attn_shared_qk + a funnel encoder's depths",
+    "build:encdec-enc_funnel_upsample+shared_qk": "undeclared refusal: attn_shared_qk + a funnel encoder's depths",
+    "build:encdec-enc_funnel_upsample+shared_qk_mem_kv": "undeclared refusal: attn_shared_qk + a funnel encoder's depths",
+    "build:encdec-enc_funnel+top_attn_to_ff": "undeclared refusal: top_attn_to_ff + a funnel encoder (reported as "
+                                              "custom_layers + depths)",
+    "build:encdec-enc_funnel_upsample+top_attn_to_ff": "as build:encdec-enc_funnel+top_attn_to_ff",
+    "build:encdec-enc_funnel+memory_tokens": "undeclared refusal: num_memory_tokens + a pooling funnel encoder",
 }
 
 
@@ -459,8 +475,12 @@ def run_properties(props, case):
 
 
 def fails(prop: str, case) -> BaseException | None:
-    """The failure of ``prop`` on ``case``, or None when it passes, does not apply or is refused."""
+    """The failure of ``prop`` on ``case``, or None when it passes, does not apply or is refused.
+    ``prop`` "build": an undeclared refusal at construction."""
     try:
+        if prop == "build":
+            build(*case)
+            return None
         run_property(prop, case)
     except (NotApplicable, Refused, SameKeyword):
         return None
