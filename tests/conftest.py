@@ -27,8 +27,9 @@ def pytest_terminal_summary(terminalreporter):
     if harness.FUZZ:
         f = harness.FUZZ
         w.section("fuzz")
-        w.line(f"{f['count']:,} configurations (seed {f['seed']}): {f['passed']:,} built and passed, "
-               f"{f['refused']:,} refused by the table, {f['known']:,} known defects, {len(f['failed']):,} failed")
+        w.line(f"{f['count']:,} configurations (seed {f['seed']}, {f.get('seconds', '?')} s): {f['passed']:,} built "
+               f"and passed, {f['refused']:,} refused by the table, {f['known']:,} known defects, "
+               f"{len(f['failed']):,} failed")
         for entry, n in sorted(f["by_entry"].items()):
             w.line(f"  refused by {entry}: {n}")
         for key, n in sorted(f["known_keys"].items()):

@@ -578,10 +578,11 @@ def known_defect(key: str) -> str | None:
     if key in KNOWN_DEFECTS:
         return key
 
-    def shape(k):
+    def shape(k):  # sizes (dim, depth, heads) a value needs, as top_attn_to_ff=3 needs depth=3, do not count
         prop, rest = k.split(":", 1)
         kind, names = rest.split("-", 1)
-        return prop, kind, tuple(sorted(n.split("=", 1)[0] for n in names.split("+")))
+        keys = (n.split("=", 1)[0] for n in names.split("+"))
+        return prop, kind, tuple(sorted(n for n in keys if n not in ("dim", "depth", "heads")))
 
     prop, kind, names = shape(key)
     return next((k for k in KNOWN_DEFECTS if shape(k) in ((prop, kind, names), (prop, "*", names))), None)
