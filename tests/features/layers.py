@@ -7,10 +7,11 @@ register("rmsnorm", layers=dict(use_rmsnorm=True), group="norm")
 register("post_norm", layers=dict(pre_norm=False), group="placement")
 register("sandwich_norm", layers=dict(sandwich_norm=True), group="placement")
 # ReZero (2003.04887): each branch sits behind a zero gate, so at init the branches, the stack-level
-# score terms they read (T5 bias, TUPE) and, under an encoder-decoder, the whole encoder get zero
+# score terms and memory tokens they read (T5 bias, TUPE) and, under an encoder-decoder, the whole encoder get zero
 # gradient; one step opens the gates
 register("rezero", layers=dict(use_rezero=True), group="placement",
-         zero_init=("gate", ".fn.", "rel_pos.", "tupe.", "encoder.token_emb", "encoder.pos_emb", "upsampler"))
+         zero_init=("gate", ".fn.", "rel_pos.", "tupe.", "memory_tokens", "encoder.token_emb", "encoder.pos_emb",
+                    "upsampler"))
 register("ff_glu", layers=dict(ff_glu=True, ff_activation="swish"))
 register("ff_relu_squared", layers=dict(ff_activation="relu_squared"))
 register("ff_no_bias", layers=dict(ff_no_bias=True))
