@@ -6,9 +6,9 @@ register("scalenorm", layers=dict(use_scalenorm=True), group="norm")
 register("rmsnorm", layers=dict(use_rmsnorm=True), group="norm")
 register("post_norm", layers=dict(pre_norm=False), group="placement")
 register("sandwich_norm", layers=dict(sandwich_norm=True), group="placement")
-# ReZero (2003.04887): each branch sits behind a zero gate, so at init the branches, the stack-level
-# score terms and memory tokens they read (T5 bias, TUPE) and, under an encoder-decoder, the whole encoder get zero
-# gradient; one step opens the gates
+# ReZero (2003.04887): each branch sits behind a zero gate, so at init no gradient reaches the
+# branches, what only they read (the T5 bias, TUPE's tables, memory tokens) or, under an
+# encoder-decoder, the encoder; one optimizer step opens the gates
 register("rezero", layers=dict(use_rezero=True), group="placement",
          zero_init=("gate", ".fn.", "rel_pos.", "tupe.", "memory_tokens", "encoder.token_emb", "encoder.pos_emb",
                     "upsampler"))
