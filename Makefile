@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test clean gpu-check
+.PHONY: run test fuzz clean gpu-check
 
 # torch is pinned to the CPU build on this machine's disk when none is present (an unpinned
 # install would fetch a multi-GB CUDA build).
@@ -25,6 +25,11 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 
 test: $(VENV)/.test
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
+
+# Large random draws of every documented keyword (tests/test_fuzz.py); FUZZ_COUNT=100000 for more.
+FUZZ_COUNT ?= 10000
+fuzz: $(VENV)/.test
+	FUZZ_COUNT=$(FUZZ_COUNT) OMP_NUM_THREADS=2 $(BIN)/python -m pytest -m fuzz tests/test_fuzz.py
 
 run: $(VENV)/.train
 	OMP_NUM_THREADS=2 $(BIN)/python -m x_transformers train --preset tiny

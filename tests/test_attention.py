@@ -17,7 +17,8 @@ from x_transformers import (BackendNotSupported, ConfigConflictError, CrossAtten
                             TransformerWrapper, XTransformer, attend, attend_backend)
 from x_transformers.attention import SELF_PENALTY
 
-from harness import FEATURES, build, load_features, run_property
+from harness import (FEATURES, Refused, UndeclaredRefusal, build, defect_key, known_defect, load_features,
+                     run_properties)
 
 attend_mod = importlib.import_module("x_transformers.attend")  # the package exports the function under that name
 
@@ -553,10 +554,15 @@ def _accepted_pairs():
     pairs = []
     for feature in ATTN_FEATURES:
         for positional in POSITIONAL:
+            case = ("decoder", (FEATURES[feature], FEATURES[positional]))
             try:
-                build("decoder", (FEATURES[feature], FEATURES[positional]))
-            except ConfigConflictError:
+                build(*case)
+            except Refused:
                 continue
+            except UndeclaredRefusal:
+                if known_defect(defect_key("build", case)):  # listed, and asserted still failing, in harness.py
+                    continue
+                raise
             pairs.append((feature, positional))
     return pairs
 
@@ -564,5 +570,4 @@ def _accepted_pairs():
 @pytest.mark.parametrize("feature, positional", _accepted_pairs())
 def test_each_attention_feature_with_each_positional_scheme(feature, positional):
     case = ("decoder", (FEATURES[feature], FEATURES[positional]))
-    for prop in ("finite", "causal", "padding", "backends"):
-        run_property(prop, case)
+    run_properties(("finite", "causal", "padding", "backends"), case)

@@ -1,0 +1,38 @@
+"""Session-wide reporting for the property harness: per-property counts, pair coverage, refusals
+and the fuzz counts, printed at the end of every run that used the harness."""
+
+import sys
+
+
+def pytest_terminal_summary(terminalreporter):
+    harness = sys.modules.get("harness")
+    if harness is None:
+        return
+    w = terminalreporter
+    if harness.STATS:
+        w.section("property harness")
+        for prop in harness.PROPERTIES:
+            counts = harness.STATS.get(prop)
+            if counts:
+                w.line(f"{prop}: " + ", ".join(f"{n:,} {what}" for what, n in sorted(counts.items())))
+    if harness.COVERAGE and harness.STATS:
+        w.line("pair coverage (covering array rows; same-group alternatives and keyword clashes are not pairs):")
+        for kind, c in harness.COVERAGE.items():
+            extra = ", ".join(f"{c[k]} {k}" for k in ("declared conflicts", "known undeclared refusals", "refused in a row")
+                              if c.get(k))
+            w.line(f"  {kind}: {c['covered']}/{c['coverable']} pairs in {c['rows']} rows"
+                   + (f" ({extra})" if extra else ""))
+    if harness.REFUSALS:
+        w.line("rows refused by a declared entry: " + ", ".join(f"{k}: {n}" for k, n in harness.REFUSALS.items()))
+    if harness.FUZZ:
+        f = harness.FUZZ
+        w.section("fuzz")
+        w.line(f"{f['count']:,} configurations (seed {f['seed']}, {f.get('seconds', '?')} s): {f['passed']:,} built "
+               f"and passed, {f['refused']:,} refused by the table, {f['known']:,} known defects, "
+               f"{len(f['failed']):,} failed")
+        for entry, n in sorted(f["by_entry"].items()):
+            w.line(f"  refused by {entry}: {n}")
+        for key, n in sorted(f["known_keys"].items()):
+            w.line(f"  known defect {key}: {n}")
+        for line in f["failed"][:30]:
+            w.line(f"  FAILED {line}")
