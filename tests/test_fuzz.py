@@ -65,9 +65,6 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
         "ff_inner_dim": lambda: rng.randint(8, 48),
         "ff_chunks": lambda: rng.randint(1, 4),
         "ff_activation": lambda: rng.choice(sorted(ACTIVATIONS)),
-        "rotary_base": lambda: float(rng.choice((100, 10000, 500000))),
-        "rel_pos_num_buckets": lambda: rng.randint(4, 32),
-        "rel_pos_max_distance": lambda: rng.randint(8, 128),
         "norm_eps": lambda: rng.choice((1e-6, 1e-5, 1e-3)),
         "num_memory_tokens": lambda: rng.randint(1, 3),
         "emb_dim": lambda: rng.choice((16, 24, dim)),
@@ -79,6 +76,10 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
     # keywords that refine a feature: drawn only when the feature is on
     if chosen.get("rotary_pos_emb"):
         draws["rotary_emb_dim"] = lambda: _even(rng, 2, dim_head)
+        draws["rotary_base"] = lambda: float(rng.choice((100, 10000, 500000)))
+    if chosen.get("rel_pos_bias"):  # max_distance past the exact offsets (buckets // 2, or // 4 both ways)
+        draws["rel_pos_num_buckets"] = lambda: rng.randint(4, 32)
+        draws["rel_pos_max_distance"] = lambda: rng.randint(40, 128)
     if chosen.get("alibi_pos_bias"):
         draws["alibi_num_heads"] = lambda: rng.randint(1, heads)
     if chosen.get("attn_entmax_alpha") is not None:
