@@ -1,7 +1,7 @@
 """Run-time input checks (checks.py): one line naming the argument and the fix, raised before work.
 
-The ``wired`` tests run the checks through the models' own forwards; they are strict xfails until
-``layers.check_stack_inputs`` / ``TransformerWrapper.check_inputs`` call checks.py (then remove the mark).
+The ``wired`` tests run the checks through the models' own forwards (``layers.check_stack_inputs``,
+``TransformerWrapper.check_inputs``).
 """
 
 import warnings
@@ -14,7 +14,6 @@ from x_transformers.checks import (check_context, check_dtype, check_finite, che
                                    check_token_inputs, nonfinite_tensors, warn_nonfinite)
 
 V = 17
-wired = pytest.mark.xfail(strict=True, reason="checks.py is called from layers.py / wrappers.py at merge")
 
 
 def one_line(info):
@@ -126,23 +125,20 @@ def test_nonfinite_weights_warn_naming_the_tensors():
 
 
 # ------------------------------------------------------------------------------------------------
-# through the models' forwards, once wired
+# through the models' forwards
 
-@wired
 def test_wired_wrapper_rejects_an_empty_batch():
     net = TransformerWrapper(num_tokens=V, max_seq_len=8, attn_layers=Decoder(dim=16, depth=1, heads=2))
     with pytest.raises(ValueError, match="x has an empty batch"):
         net(torch.zeros(0, 4, dtype=torch.long))
 
 
-@wired
 def test_wired_encoder_rejects_embeddings_of_another_dtype():
     enc = Encoder(dim=16, depth=1, heads=2).double()
     with pytest.raises(TypeError, match="x has dtype torch.float32 but the model's parameters are torch.float64"):
         enc(torch.randn(2, 3, 16))
 
 
-@wired
 def test_wired_encoder_rejects_nan_embeddings():
     x = torch.randn(2, 3, 16)
     x[0, 0, 0] = float("nan")
@@ -150,7 +146,6 @@ def test_wired_encoder_rejects_nan_embeddings():
         Encoder(dim=16, depth=1, heads=2)(x)
 
 
-@wired
 def test_wired_cross_attention_rejects_a_context_of_the_wrong_width():
     stack = Decoder(dim=16, depth=1, heads=2, cross_attend=True)
     with pytest.raises(ValueError, match="context has width 8 but cross-attention expects 16"):

@@ -142,6 +142,7 @@ def _load_trained(run: str, sets: dict):
     from .training import checkpoint as ckpt_io
     from .training.data import load_data
     from .training.distributed import Env
+    from .checks import warn_nonfinite
     from .training.model import build_model
 
     ckpt = ckpt_io.find(run)
@@ -149,7 +150,9 @@ def _load_trained(run: str, sets: dict):
     data = load_data(cfg)
     model = build_model(cfg, data.vocab_size)
     try:
-        model.load_state_dict(ckpt_io.load_weights(ckpt))
+        weights = ckpt_io.load_weights(ckpt)
+        warn_nonfinite(weights, f"checkpoint {ckpt}")
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise CLIError(f"checkpoint {ckpt} does not fit its model: {str(e).splitlines()[0]}")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else

@@ -256,3 +256,16 @@ declare("top_attn_to_ff", "depths",
         reason="a block whose every self-attention became a feed-forward cannot take pooled queries; "
                "keep top_attn_to_ff below every block's depth",
         example=dict(top_attn_to_ff=1, depths=(1, 1)), kinds=("funnel",))
+
+# A cross-attention-only stack (CrossAttender) has no self-attention: the relative position
+# schemes act on self-attention scores only, and memory tokens, prepended to the sequence, would
+# reach no other position. Refused rather than built and silently ignored.
+for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias", {}),
+                ("tupe", {"tupe_max_seq_len": 16})):
+    declare(_p, "only_cross", when=lambda s, p=_p: on(s, p) and on(s, "only_cross"),
+            reason="a cross-attention-only stack has no self-attention for relative positions to act on; "
+                   "give the context its positions before it reaches the CrossAttender",
+            example={_p: True, "only_cross": True, **_ex}, kinds=("encoder", "cross"))
+declare("num_memory_tokens", "only_cross", when=lambda s: on(s, "num_memory_tokens") and on(s, "only_cross"),
+        reason="without self-attention, memory tokens reach no other position and learn nothing",
+        example=dict(num_memory_tokens=2, only_cross=True), kinds=WRAPPER)

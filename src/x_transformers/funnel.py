@@ -221,7 +221,7 @@ class FunnelEncoder(nn.Module):
         """
         if cache is not None:
             raise ValueError("FunnelEncoder is a bidirectional encoder: it has no key/value cache")
-        check_stack_inputs(self, x, mask, context, context_mask)
+        check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
         if (self.cfg.separate_cls and mask is not None and not torch.compiler.is_compiling()
                 and not bool(mask[:, 0].all())):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from . import checks
 from .attention import Attention
 from .blocks import ForwardContext, run_sequential
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
@@ -74,11 +75,14 @@ def check_mask(mask, b: int, n: int, name: str = "mask"):
                          f"got {mask.dtype} of shape {tuple(mask.shape)}")
 
 
-def check_stack_inputs(stack, x, mask, context, context_mask):
-    """The call-time checks of a layer stack (``stack.dim``, ``stack.needs_context``)."""
+def check_stack_inputs(stack, x, mask, context, context_mask, *, direct: bool = True):
+    """The call-time checks of a layer stack (``stack.dim``, ``stack.needs_context``). ``direct``:
+    called on a user's embeddings (TransformerWrapper passes positions and its own embeddings),
+    so they are also checked for NaN/inf."""
     if x.ndim != 3 or x.shape[-1] != stack.dim:
         raise ValueError(f"expected embeddings of shape (batch, seq, {stack.dim}), got {tuple(x.shape)}")
     check_mask(mask, x.shape[0], x.shape[1])
+    checks.check_stack_inputs(stack, x, context, finite=direct)
     if stack.needs_context:
         if context is None:
             raise ValueError("this stack has cross-attention layers: pass context=(batch, ctx_len, dim)")
@@ -232,7 +236,7 @@ class AttentionLayers(nn.Module):
         positions: (b|1, n) long, computed from the mask (and cache) when omitted.
         cache: a :class:`~x_transformers.cache.KVCache`, read and extended in place.
         """
-        check_stack_inputs(self, x, mask, context, context_mask)
+        check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
 
         start = cache.next_positions() if cache is not None else None

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import conflicts
+from . import checks
 from .config import REQUIRES, WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import DEFAULT_DEPTHS, FunnelEncoder
 from .layers import AttentionLayers, Decoder, Encoder, check_mask, default_positions
@@ -81,6 +82,7 @@ class TransformerWrapper(nn.Module):
         if x.ndim != 2:
             raise ValueError(f"token ids must have shape (batch, seq), got {tuple(x.shape)}")
         check_mask(mask, x.shape[0], x.shape[1])
+        checks.check_token_inputs(x)
         if not _is_compiling() and x.numel():
             # before the embedding (no device-side assert); one reduction, so one host sync a step
             outside = (x < 0) | (x >= self.num_tokens)

@@ -5,15 +5,23 @@ from harness import register
 register("mem_kv", layers=dict(attn_num_mem_kv=3))
 register("talking_heads", layers=dict(attn_talking_heads=True))
 register("pre_talking_heads", layers=dict(attn_pre_talking_heads=True))
-register("entmax15", layers=dict(attn_use_entmax15=True), group="normalizer", tol=1e-4)
-register("entmax_alpha", layers=dict(attn_entmax_alpha=1.3), group="normalizer", tol=1e-4)
-register("learned_entmax_alpha", layers=dict(attn_learned_entmax_alpha=True), group="normalizer", tol=1e-4)
+# entmax is sparse: a key outside a query's support gets exactly zero weight and zero gradient,
+# so a memory key/value that no query selects can stay without gradient
+SPARSE_SUPPORT = ("mem_k", "mem_v")
+register("entmax15", layers=dict(attn_use_entmax15=True), group="normalizer", tol=1e-4, zero_grad=SPARSE_SUPPORT)
+register("entmax_alpha", layers=dict(attn_entmax_alpha=1.3), group="normalizer", tol=1e-4, zero_grad=SPARSE_SUPPORT)
+register("learned_entmax_alpha", layers=dict(attn_learned_entmax_alpha=True), group="normalizer", tol=1e-4,
+         zero_grad=SPARSE_SUPPORT)
 register("sparse_topk", layers=dict(attn_sparse_topk=3), group="normalizer")
 register("dim_head", layers=dict(attn_dim_head=12))
 register("shared_qk", layers=dict(attn_shared_qk=True), group="kv")
 register("kv_heads", layers=dict(attn_kv_heads=2), group="kv")
 register("multi_query", layers=dict(attn_kv_heads=1), group="kv")
-register("qk_norm", layers=dict(attn_qk_norm=True))
+# QK-norm normalises queries and keys: a ScaleNorm gain (one scalar) before an attention whose
+# keys/values come from elsewhere (cross-attention, a funnel's pooled layer) scales only the
+# queries and cancels, so its gradient is zero up to rounding
+QK_SCALE_INVARIANT = ("pre_norm.g",)
+register("qk_norm", layers=dict(attn_qk_norm=True), zero_grad=QK_SCALE_INVARIANT)
 register("attn_bias", layers=dict(attn_bias=True))
 register("memory_tokens", wrapper=dict(num_memory_tokens=2))
 register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
@@ -23,5 +31,5 @@ register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
 # and a memory value reaches the output only when its key is some query's top one
 register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer",
          zero_grad=("to_q", "to_k", "pre_norm", "mem_k", "mem_v", "pre_mix", "qk_scale", "rel_pos.", "tupe."))
-register("mem_kv_qk_norm", layers=dict(attn_num_mem_kv=2, attn_qk_norm=True))
+register("mem_kv_qk_norm", layers=dict(attn_num_mem_kv=2, attn_qk_norm=True), zero_grad=QK_SCALE_INVARIANT)
 register("shared_qk_mem_kv", layers=dict(attn_shared_qk=True, attn_num_mem_kv=1), group="kv")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checks import warn_nonfinite
 from ..loss import chunked_cross_entropy
 from . import checkpoint as ckpt_io
 from .config import CUDAGRAPH_MODES, CLIError, TrainConfig
@@ -104,7 +105,9 @@ class Trainer:
                 raise CLIError(f"the data differs from the checkpoint's (sha256 {str(saved)[:12]}... vs "
                                f"{self.data.digest[:12]}...); resume with the data the run was trained on")
             try:
-                self.inner.load_state_dict(ckpt_io.load_weights(resume))
+                weights = ckpt_io.load_weights(resume)
+                warn_nonfinite(weights, f"checkpoint {resume}")
+                self.inner.load_state_dict(weights)
             except RuntimeError as e:
                 raise CLIError(f"checkpoint {resume} does not fit the model: {str(e).splitlines()[0]}")
         self.attach()
