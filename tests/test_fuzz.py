@@ -70,7 +70,7 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
         "emb_dim": lambda: rng.choice((16, 24, dim)),
         "logits_scale": lambda: round(rng.uniform(0.2, 2.0), 2),
     }
-    if kind != "funnel":
+    if kind != "funnel" and not chosen.get("enc_funnel"):  # a funnel's blocks have depths of their own
         draws["sandwich_coef"] = lambda: rng.randint(1, depth)
         draws["top_attn_to_ff"] = lambda: rng.randint(1, depth)
     # keywords that refine a feature: drawn only when the feature is on
