@@ -40,8 +40,6 @@ def test_every_entry_refuses_its_example_on_every_kind_it_names(index, kind):
     with pytest.raises(ConfigConflictError) as info:
         build_kind(kind, entry.example)
     assert all(key in str(info.value) for key in entry.keys), str(info.value)
-    if getattr(info.value, "conflict", None) is None and kind == "funnel":
-        pytest.skip("funnel.py still raises its own conflict(); its call site is to switch to conflicts.check")
     assert info.value.conflict is entry, f"{info.value.conflict.keys} fired before {entry.keys}"
 
 
