@@ -154,3 +154,9 @@ def test_dim_context_cache_decoding_matches_full_forward():
         steps = [dec(x[:, :3], context=ctx, cache=cache)]
         steps += [dec(x[:, t:t + 1], context=ctx, cache=cache) for t in range(3, 7)]
         torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_of_the_wrong_type_is_refused_naming_it():
+    for cls in (Encoder, Decoder):
+        with pytest.raises(ValueError, match="causal must be True or False, got 'no'"):
+            cls(dim=16, depth=1, heads=2, causal="no")

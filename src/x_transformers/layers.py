@@ -260,10 +260,17 @@ class AttentionLayers(nn.Module):
         return (x, attns) if return_attn else x
 
 
+def _check_causal(kwargs):
+    # Encoder / Decoder take causal themselves (it names the class), so the config's type check never sees it
+    if "causal" in kwargs and not isinstance(kwargs["causal"], bool):
+        raise ValueError(f"causal must be True or False, got {kwargs['causal']!r}")
+
+
 class Encoder(AttentionLayers):
     """Bidirectional self-attention stack."""
 
     def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
+        _check_causal(kwargs)
         if kwargs.get("causal"):
             raise ValueError("an Encoder is bidirectional; use Decoder for causal attention")
         kwargs.pop("causal", None)
@@ -274,6 +281,7 @@ class Decoder(AttentionLayers):
     """Causal self-attention stack (``cross_attend=True`` adds cross-attention)."""
 
     def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
+        _check_causal(kwargs)
         if kwargs.get("causal") is False:
             raise ValueError("a Decoder is causal; use Encoder for bidirectional attention")
         kwargs.pop("causal", None)
