@@ -128,18 +128,9 @@ FUZZ: dict = {}  # filled by tests/test_fuzz.py
 # and says to remove the entry. "build" entries are undeclared refusals (the row is avoided when
 # the covering array is built, so the refusal does not cost coverage).
 KNOWN_DEFECTS: dict[str, str] = {
-    # found by the fuzz (tests/test_fuzz.py, seed 0, config #207)
-    "cache:encdec-depth=1+rotary+sparse_topk+top_attn_to_ff": "XTransformer(depth=1, top_attn_to_ff=1, rotary_pos_emb, "
-        "attn_sparse_topk=3): the decoder has only cross-attention; KVCache decoding differs from the full forward "
-        "at one position by 7e-3 (the others agree to 1e-7): a top-k selection that flips, unexplained",
-    "padding:encoder-mem_kv_qk_norm+no_positions+shared_qk+sparse_topk": "top-k attention under padding: "
-        "without positions a repeated token has identical (shared, normalised) keys, so scores tie exactly and "
-        "top-k breaks the tie by index, which left padding shifts (hypothesis: kept outputs differ by up to 0.1)",
     "grads:funnel-entmax15+funnel_upsample+mem_kv_qk_norm+sinusoidal": "entmax15 under QK-norm (learned scale 10) "
         "with memory key/values: every query's support collapses to one memory key in some pooled and upsampling "
         "layers, so q/k/v of those layers get no gradient; whether that scale is too sharp for entmax is open",
-    "padding:encoder-ff_chunks+no_positions+sparse_topk": "as padding:encoder-mem_kv_qk_norm+no_positions+"
-        "shared_qk+sparse_topk: exact score ties under top-k with no positions",
 }
 
 

@@ -169,7 +169,9 @@ def test_causal_bias_kernel_path_keeps_only_the_causal_bias_gradient(monkeypatch
                         and req.mask is None and req.q.shape[-2] == req.k.shape[-2])
     monkeypatch.setattr(mod, "_efficient_kernel", fake)
     q, k, v = qkv(h=4, g=2 if gqa else 4, n=n, m=n, seed=3)
-    table = torch.randn(1, n, n, 4)  # (1, n, m, h) as T5 builds it, then permuted: rows not contiguous
+    # (1, n, m, h) as T5 builds it, then permuted: rows not contiguous; seeded (it was drawn unseeded,
+    # and one draw in a few put a float32 gradient 1.4e-6 off, past the 1e-6 tolerance)
+    table = torch.randn(1, n, n, 4, generator=torch.Generator().manual_seed(4))
     results = {}
     for backend in ("sdpa", "explicit"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]

@@ -227,7 +227,11 @@ class ExplicitBackend:
             scores = scores.masked_fill(~keep_rows, 0.0)  # dead rows: finite for every normaliser, zeroed below
         if req.sparse_topk is not None and req.sparse_topk < scores.shape[-1]:
             kth = scores.topk(req.sparse_topk, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, torch.finfo(scores.dtype).min / 2)
+            # Ties at the k-th score are all kept, and so are near-ties within a few rounding
+            # errors: identical keys computed in different passes (prefill vs a decode step) differ
+            # in the last bits, and an exact tie in the full forward would split under a cache.
+            slack = torch.finfo(scores.dtype).eps * 16 * (1 + kth.abs())
+            scores = scores.masked_fill(scores < kth - slack, torch.finfo(scores.dtype).min / 2)
         attn = _normalize(scores, req)
         if req.post_mix is not None:
             attn = torch.einsum("bhnm,hg->bgnm", attn, req.post_mix.to(attn.dtype))
