@@ -106,3 +106,16 @@ def test_xtransformer_encoder_has_no_head_and_every_parameter_learns():
     model.eval(), again.eval()
     torch.testing.assert_close(again(src, tgt), model(src, tgt))
     assert not any(k.startswith("encoder.to_logits") for k in model.state_dict())
+
+
+def test_return_only_embed_has_no_head_and_returns_the_hidden_states():
+    import pytest as _pytest
+    torch.manual_seed(0)
+    m = TransformerWrapper(num_tokens=10, max_seq_len=8, return_only_embed=True,
+                           attn_layers=Encoder(dim=16, depth=1, heads=2))
+    x = torch.randint(0, 10, (2, 5))
+    assert m.to_logits is None
+    torch.testing.assert_close(m(x), m(x, return_embeddings=True), rtol=0, atol=0)
+    assert m(x).shape == (2, 5, 16)
+    with _pytest.raises(ValueError, match="no output head"):
+        m.logits_weight
