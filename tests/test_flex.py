@@ -137,6 +137,12 @@ def test_dispatch_prefers_flex_where_measured_faster(flex_on_cpu):
     assert choose_backend(t5).name == "sdpa"  # flex can, but was not measured faster: only when forced
     assert any("not measured faster" in r for r in rejection_reasons(t5)["flex"])
     assert choose_backend(t5, "flex").name == "flex"
+    # keys from a cache (fewer queries than keys): the dense bias, not flex, unless forced
+    q1 = q[:, :, -1:]
+    cached = AttendRequest(q=q1, k=k, v=v, causal=True, score_mod=AlibiPositionalBias(4).score_mod(q_pos[:, -1:], k_pos))
+    assert choose_backend(cached).name == "sdpa"
+    assert any("keys from a cache" in r for r in rejection_reasons(cached)["flex"])
+    assert choose_backend(cached, "flex").name == "flex"
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -201,9 +207,11 @@ def test_cpu_model_materialises_bias_once_per_forward(monkeypatch):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_compiled_static_decode_on_the_flex_path_equals_uncached(flex_on_cpu, monkeypatch):
     """The compiled decode step reaches block_mask_for with the static cache's mask: its memo must
-    trace (an id() of a tensor made in the graph did not: issue 25, ALiBi on GPU). ALiBi picks flex;
-    with memory key/values each layer pads the mask (a block mask per layer); with grouped key/value
-    heads flex gets enable_gqa. Two batch sizes, ragged prompts, one process."""
+    trace (an id() of a tensor made in the graph did not: issue 25, ALiBi on GPU). With keys from a
+    cache, automatic dispatch takes SDPA's dense bias (flex's score_mod failed inductor's lowering
+    in a GPU decode step); forced, flex must still trace. With memory key/values each layer pads the
+    mask (a block mask per layer); with grouped key/value heads flex gets enable_gqa. Two batch
+    sizes, ragged prompts, one process."""
     from torch.nn.attention import flex_attention as flex_api
 
     from x_transformers import AutoregressiveWrapper, TransformerWrapper
@@ -226,8 +234,11 @@ def test_compiled_static_decode_on_the_flex_path_equals_uncached(flex_on_cpu, mo
         for prompts in calls:
             with attend_backend("explicit"):
                 want = ar.generate(prompts, 4, temperature=0.0, cache_kv=False)
-            graphs.clear()
-            got = ar.generate(prompts, 4, temperature=0.0, compile=dict(backend=recording_backend))
-            assert len(graphs) == 1  # one graph for the whole generation
-            assert any(node.target is torch.ops.higher_order.flex_attention for node in graphs[0].graph.nodes)
-            assert torch.equal(got, want), layers
+            for forced in (None, "flex"):
+                graphs.clear()
+                with attend_backend(forced):
+                    got = ar.generate(prompts, 4, temperature=0.0, compile=dict(backend=recording_backend))
+                assert len(graphs) == 1  # one graph for the whole generation
+                used_flex = any(node.target is torch.ops.higher_order.flex_attention for node in graphs[0].graph.nodes)
+                assert used_flex == (forced == "flex"), (layers, forced)
+                assert torch.equal(got, want), (layers, forced)

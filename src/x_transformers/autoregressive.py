@@ -14,6 +14,7 @@ Legend: b batch, k beams, n prompt length, v vocabulary.
 
 from __future__ import annotations
 
+import logging
 import math
 import traceback
 import types
@@ -27,10 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import inductor_fix
 from .cache import KVCache, StaticKVCache
 from .checks import check_context, check_finite, check_not_empty
 from .sampling import check_filter_kwargs, check_temperature, get_filter, sample
 from .wrappers import TransformerWrapper
+
+log = logging.getLogger(__name__)
 
 
 def _positive_int(name: str, value, allow_none: bool = False):
@@ -150,6 +154,7 @@ def compiled_decoder(net, options: dict):
         warnings.warn(steps[key])
         return decode_step
     if key not in steps:
+        inductor_fix.maybe_apply(next(net.parameters()).device)  # a read-back race in GPU kernels (issue 24)
         own = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, decode_step.__name__)
         steps[key] = torch.compile(own, **(dict(fullgraph=True, dynamic=False) | options))  # options may override
     compiled = steps[key]
@@ -166,6 +171,7 @@ def compiled_decoder(net, options: dict):
             # for this model, except at the recompile limit (the graphs compiled so far still serve).
             reason = compile_failure(net, e)
             warnings.warn(reason)
+            log.debug("the decode step's compile error, in full", exc_info=e)
             if type(e) is not _RECOMPILE_LIMIT:
                 steps[key] = reason
             compiled = decode_step

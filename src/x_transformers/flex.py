@@ -134,6 +134,14 @@ class FlexBackend:
         if sm is not None and not sm.prefer_flex:
             return [f"{sm.name} bias: flex not measured faster than SDPA's float bias "
                     f"(benchmarks/results/attention_bias_gpu.json); force with attend_backend('flex')"]
+        if sm is not None and req.q.shape[-2] != req.k.shape[-2]:
+            # Measured faster for training (n == m). With keys from a cache the dense bias is a few
+            # rows (b, h, n, m); and inside a compiled decode step, a score_mod reading the cache's
+            # positions fails inductor's lowering (torch 2.11, H200: "convert FlexibleLayout to
+            # FixedLayout first"), so compiled decoding with ALiBi would fall back to uncompiled.
+            return [f"{sm.name} bias with keys from a cache ({req.q.shape[-2]} queries, {req.k.shape[-2]} keys): "
+                    f"the dense bias is small, and flex's score_mod does not compile in a decode step; "
+                    f"force with attend_backend('flex')"]
         return []
 
     def __call__(self, req: AttendRequest):

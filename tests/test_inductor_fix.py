@@ -1,0 +1,107 @@
+"""The guard against inductor's read-back race (issue 24): what it writes into a kernel, when, and
+that the compiled paths of this package install it on GPU only. The race itself needs a GPU:
+benchmarks/gpu_diag_issue24.py measures it (wrong compilations with and without the guard)."""
+
+import pytest
+import torch
+
+from x_transformers import inductor_fix
+from x_transformers.training.config import TrainConfig
+from x_transformers.training.distributed import compile_step
+
+
+class _Lines:
+    def __init__(self):
+        self.lines = []
+
+    def writeline(self, line):
+        self.lines.append(line)
+
+
+class _Kernel:
+    """The two attributes of inductor's TritonKernel the guard reads."""
+
+    def __init__(self, invalidated):
+        self.cse = type("CSE", (), {"invalidated_stores": set(invalidated)})()
+        self.loads = _Lines()
+
+
+def test_a_barrier_precedes_only_the_read_back_of_a_buffer_stored_in_an_earlier_loop():
+    kernel = _Kernel(invalidated={"buf7"})
+    assert inductor_fix.barrier_before_readback(kernel, "buf7")  # stored in loop 2, read in loop 3
+    assert kernel.loads.lines == ["tl.debug_barrier()"]
+    assert not inductor_fix.barrier_before_readback(kernel, "in_ptr0")  # a plain input: no barrier
+    assert not inductor_fix.barrier_before_readback(object(), "buf7")  # not a Triton kernel: untouched
+    assert kernel.loads.lines == ["tl.debug_barrier()"]
+
+
+@pytest.fixture
+def fresh_guard(monkeypatch):
+    """apply() on a stand-in kernel class, so the real inductor is left as it was."""
+    calls = []
+
+    class Kernel:
+        def load(self, name, index):
+            calls.append((name, index))
+            return f"tmp_{name}"
+
+    monkeypatch.setattr(inductor_fix, "_kernel_class", lambda: Kernel)
+    monkeypatch.setattr(inductor_fix, "_APPLIED", False)
+    monkeypatch.setattr(inductor_fix, "needed", lambda: True)
+    return Kernel, calls
+
+
+def test_apply_wraps_load_once_and_keeps_what_it_returns(fresh_guard):
+    Kernel, calls = fresh_guard
+    original = Kernel.load
+    assert inductor_fix.apply() and inductor_fix.apply()
+    assert Kernel.load.__wrapped__ is original  # wrapped once, not twice
+    k = Kernel()
+    k.cse, k.loads = _Kernel({"buf1"}).cse, _Lines()
+    assert k.load("buf1", 0) == "tmp_buf1" and calls == [("buf1", 0)]
+    assert k.loads.lines == ["tl.debug_barrier()"]
+
+
+def test_a_torch_that_has_the_barrier_is_left_alone(fresh_guard, monkeypatch):
+    Kernel, _ = fresh_guard
+    original = Kernel.load
+    monkeypatch.setattr(inductor_fix, "needed", lambda: False)
+    assert inductor_fix.apply()
+    assert Kernel.load is original
+
+
+def test_the_guard_is_installed_for_gpu_devices_only(fresh_guard):
+    Kernel, _ = fresh_guard
+    original = Kernel.load
+    assert not inductor_fix.maybe_apply("cpu") and Kernel.load is original
+    assert inductor_fix.maybe_apply(torch.device("cuda", 0)) and Kernel.load is not original
+
+
+def test_the_compiled_training_step_installs_the_guard_where_cuda_is(fresh_guard, monkeypatch):
+    Kernel, _ = fresh_guard
+    original = Kernel.load
+    cfg = TrainConfig(compile=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    compile_step(lambda x: x, cfg)
+    assert Kernel.load is original
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    compile_step(lambda x: x, cfg)
+    assert Kernel.load is not original
+
+
+class _WithoutBarrier:
+    def load(self, name, index):
+        return name
+
+
+class _WithBarrier:
+    def load(self, name, index):
+        if name in self.cse.invalidated_stores:  # torch with pytorch/pytorch#190519
+            self.loads.writeline("tl.debug_barrier()")
+        return name
+
+
+@pytest.mark.parametrize("cls, want", [(_WithoutBarrier, True), (_WithBarrier, False), (None, False)])
+def test_needed_reads_whether_torchs_load_already_guards_read_backs(cls, want, monkeypatch):
+    monkeypatch.setattr(inductor_fix, "_kernel_class", lambda: cls)
+    assert inductor_fix.needed() is want
