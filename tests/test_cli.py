@@ -236,3 +236,146 @@ def test_cudagraph_compile_mode_is_refused_with_ddp(capsys, tmp_path):
     assert "compile_mode reduce-overhead" in err and "ddp" in err and not (tmp_path / "r").exists()
     err = one_line_error(capsys, "train", *TINY, "--compile-mode", "fastest", "--out", tmp_path / "r")
     assert "compile_mode must be one of" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# the command explains itself (issue 23)
+
+
+def test_train_help_lists_every_config_key_with_type_default_and_a_line(capsys):
+    from x_transformers.training.config import FIELDS, field_help
+
+    with pytest.raises(SystemExit):
+        cli("train", "--help")
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    helps = field_help()
+    for name, f in FIELDS.items():
+        if name in ("model", "preset"):
+            continue
+        assert helps[name], name  # every key has its line beside it in TrainConfig
+        assert f"--{name.replace('_', '-')}" in out, name
+        assert " ".join(helps[name].split()[:4]) in out, name
+    assert "[float, default 0.001]" in out and "[bool, default False]" in out  # lr, compile
+    assert "ablate" in out  # every preset is named
+
+
+def test_a_run_prints_its_resolved_configuration_first(trained, tmp_path, capsys):
+    assert cli("train", *TINY, "--max-steps", 1, "--eval-every", 1, "--out", tmp_path / "r") == 0
+    out = capsys.readouterr().out
+    block = out[out.index("config:"):].split("\nstep")[0]
+    for key in ("lr=", "max_steps=1", "seq_len=16", '"dim": 32', "temperature="):
+        assert key in block, key
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--temperature", -1), "temperature must be a finite number >= 0"),
+    (("--temperature", ".nan"), "temperature must be a finite number >= 0"),
+    (("--token-dtype", "float32"), "token_dtype must be one of"),
+])
+def test_bad_training_values_fail_before_any_file_is_written(capsys, tmp_path, args, words):
+    err = one_line_error(capsys, "train", *TINY, *args, "--out", tmp_path / "r")
+    assert words in err and not (tmp_path / "r").exists()
+
+
+def test_an_unusable_out_is_one_line_before_anything_is_written(capsys, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    err = one_line_error(capsys, "train", *TINY, "--out", tmp_path / "file")
+    assert "is a file" in err
+    err = one_line_error(capsys, "train", *TINY, "--out", tmp_path / "file" / "run")
+    assert "not a folder" in err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    import os
+
+    real = os.access  # root ignores the mode bits, so the test says what the OS would answer a user
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real(path, mode))
+    err = one_line_error(capsys, "train", *TINY, "--out", locked / "run")
+    assert "not writable" in err and not (locked / "run").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_does_not_block_the_next(capsys, tmp_path, monkeypatch):
+    from x_transformers.training import loop
+
+    run = tmp_path / "r"
+
+    def boom(self):
+        raise RuntimeError("killed")
+    monkeypatch.setattr(loop.Trainer, "evaluate", boom)  # dies at the step-0 validation
+    with pytest.raises(RuntimeError, match="killed"):
+        cli("train", *TINY, "--max-steps", 2, "--out", run)
+    assert (run / "config.json").exists() and not (run / "checkpoints").exists()
+    monkeypatch.undo()
+    assert cli("train", *TINY, "--max-steps", 2, "--eval-every", 2, "--out", run) == 0
+    assert "starting it over" in capsys.readouterr().out
+    assert [r["step"] for r in records(run) if r["kind"] == "train"] == [1, 2]  # nothing of the dead run
+    # a folder that is not a run of ours is still never written into
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    err = one_line_error(capsys, "train", *TINY, "--out", other)
+    assert "already exists" in err and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_resume_refuses_a_changed_schedule_or_a_hand_edited_config(capsys, trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    before = snapshot(run)
+    err = one_line_error(capsys, "train", "--resume", run, "--max-steps", 80)
+    assert "max_steps cannot change" in err and "--stop-after" in err
+    for args in (("--lr", 1.0), ("--set", "model.dim=64"), ("--seed", 5)):
+        err = one_line_error(capsys, "train", "--resume", run, *args)
+        assert "cannot change" in err, args
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["lr"] = 0.5
+    (run / "config.json").write_text(json.dumps(cfg))
+    err = one_line_error(capsys, "train", "--resume", run)
+    assert "differs from the checkpoint's configuration in lr" in err
+    snapshot_after = snapshot(run)
+    snapshot_after.pop("config.json", None), before.pop("config.json", None)
+    assert snapshot_after == before
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--tokens", 0), "--tokens must be at least 1"),
+    (("--tokens", -3), "--tokens must be at least 1"),
+    (("--temperature", -1), "--temperature must be a finite number"),
+    (("--temperature", "nan"), "--temperature must be a finite number"),
+    (("--prompt", ""), "--prompt is empty"),
+])
+def test_generate_refuses_bad_arguments_in_one_line(capsys, trained, args, words):
+    assert words in one_line_error(capsys, "generate", trained, *args)
+
+
+def test_prepare_refuses_a_float_token_dtype(capsys, tmp_path):
+    err = one_line_error(capsys, "prepare", "stdlib", tmp_path / "t.bin", "--token-dtype", "float32")
+    assert "--token-dtype must be one of uint8, uint16, uint32" in err and not (tmp_path / "t.bin").exists()
+
+
+def test_a_token_file_read_with_the_wrong_dtype_is_one_line(capsys, tmp_path):
+    import numpy as np
+
+    np.arange(101, dtype=np.uint8).tofile(tmp_path / "odd.bin")  # 101 bytes: not whole uint16 tokens
+    err = one_line_error(capsys, "train", *TINY, "--data", tmp_path / "odd.bin", "--out", tmp_path / "r")
+    assert "not a whole number of uint16 tokens" in err
+    np.full(4096, 40000, dtype=np.uint16).tofile(tmp_path / "wide.bin")  # ids past the 256 bytes
+    err = one_line_error(capsys, "train", *TINY, "--data", tmp_path / "wide.bin", "--out", tmp_path / "r")
+    assert "token id 40000, beyond the tokenizer's 256" in err and not (tmp_path / "r").exists()
+
+
+def test_a_binary_data_file_is_named_not_trained_on(capsys, tmp_path):
+    (tmp_path / "blob.dat").write_bytes(bytes(range(256)) * 64)
+    err = one_line_error(capsys, "train", *TINY, "--data", tmp_path / "blob.dat", "--out", tmp_path / "r")
+    assert "looks binary" in err and "blob.dat" in err
+
+
+def test_a_broken_hugging_face_folder_names_the_file(tmp_path):
+    from x_transformers import hf
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        hf.read_config(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(ValueError, match="model.safetensors could not be read as safetensors"):
+        hf.read_tensors(tmp_path)

@@ -114,11 +114,12 @@ def test_model_overrides_without_weights_apply_conflicts_are_errors(tmp_path, ca
     gpt2, _ = hf_folder(tmp_path / "gpt2", "gpt2")
     err = one_line_error(capsys, *train_args(tmp_path, gpt2, "--seq-len", 64))
     assert "32 learned positions" in err
-    assert cli(*train_args(tmp_path, folder, "--set", "model.ff_dropout=0.1")) == 0
+    assert cli(*train_args(tmp_path, folder, "--set", "model.ff_dropout=0.1", "--max-steps", 3, "--stop-after", 2,
+                           "--save-every", 1)) == 0
     ckpt = ck.find(tmp_path / "run")
     assert ck.read_config(ckpt)["model"]["ff_dropout"] == 0.1
     # the resumed run needs neither the folder nor the flag again
-    assert cli("train", "--resume", tmp_path / "run", "--max-steps", 3) == 0
+    assert cli("train", "--resume", tmp_path / "run") == 0
     assert len(train_losses(tmp_path / "run")) == 3
 
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .training.config import FIELDS, CLIError, load_config, parse_value
+from .training.config import FIELDS, CLIError, field_help, load_config, parse_value
+from .training.presets import PRESETS
 
 
 @dataclass(frozen=True)
@@ -51,20 +52,33 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 # configuration flags, shared by every command that trains
 
 
+def _default_text(f) -> str:
+    from dataclasses import MISSING
+
+    default = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else None
+    return "unset" if default is None else repr(default)
+
+
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="a named preset: tiny, gpt2-small, 1b, seed")
+    p.add_argument("--preset", help="a named preset: " + ", ".join(sorted(PRESETS)))
     p.add_argument("--config", help="a YAML or JSON file of config keys")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, model keywords as model.KEY (e.g. --set model.rotary_pos_emb=true)")
+    keys = p.add_argument_group("config keys", "each also settable in --config FILE or as --set KEY=VALUE; "
+                                               "later wins: defaults < --preset < --config < flags")
+    helps = field_help()
     for name, f in FIELDS.items():
         if name in ("model", "preset"):
             continue
-        p.add_argument("--" + name.replace("_", "-"), dest="field_" + name, type=parse_value, metavar="VALUE",
-                       nargs="?" if f.type in ("bool", bool) else None, const=True if f.type in ("bool", bool) else None,
-                       help=argparse.SUPPRESS)
-        if f.type in ("bool", bool):
-            p.add_argument("--no-" + name.replace("_", "-"), dest="field_" + name, action="store_const", const=False,
-                           help=argparse.SUPPRESS)
+        flag, kind = "--" + name.replace("_", "-"), str(f.type).replace("'", "")
+        text = f"{helps.get(name, '')} [{kind}, default {_default_text(f)}]"
+        if kind == "bool":
+            keys.add_argument(flag, dest="field_" + name, type=parse_value, metavar="BOOL", nargs="?", const=True,
+                              help=text + f"; {flag} alone means true, --no-{flag[2:]} false")
+            keys.add_argument("--no-" + flag[2:], dest="field_" + name, action="store_const", const=False,
+                              help=argparse.SUPPRESS)
+        else:
+            keys.add_argument(flag, dest="field_" + name, type=parse_value, metavar=name.upper(), help=text)
 
 
 def config_overrides(args) -> dict:
@@ -84,15 +98,60 @@ def config_overrides(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # train
 
+# Keys a resumed run keeps: they fix the model, the data, its order, or the learning-rate schedule,
+# so changing them would not continue the run bit for bit.
+RESUME_FIXED = ("arch", "model", "init_from", "seq_len", "data", "task", "tokenizer", "token_dtype", "stdlib_bytes",
+                "val_fraction", "seed", "batch_size", "grad_accum", "max_steps", "lr", "min_lr_ratio",
+                "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
+
+
+def check_resume_config(run: Path, stored: dict, sets: dict) -> None:
+    """Refuse a resume that would not continue the run as configured: a changed fixed key, or a
+    fixed key of the run's config.json edited by hand since the checkpoint (it would be silently
+    overwritten by the checkpoint's)."""
+    import json
+
+    for key, value in sets.items():
+        top = key.split(".", 1)[0]
+        if top in RESUME_FIXED and (top != key or stored.get(key) != value):
+            why = ("the learning-rate schedule spans max_steps, so a resumed run keeps the run's "
+                   f"({stored.get('max_steps')}); to stop earlier this time use --stop-after STEP"
+                   if key == "max_steps" else
+                   "it fixes the model, the data, its order or the learning-rate schedule")
+            raise CLIError(f"--resume continues the run as it was configured: {key} cannot change ({why}); "
+                           f"keys such as stop_after, eval_every, save_every, progress may")
+    file = run / "config.json"
+    try:
+        on_disk = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return  # absent or unreadable: the checkpoint's copy is the configuration, rewritten as it was
+    edited = sorted(k for k in RESUME_FIXED if on_disk.get(k) != stored.get(k))
+    if edited:
+        raise CLIError(f"{file} differs from the checkpoint's configuration in {', '.join(edited)}: a resumed run "
+                       f"uses the checkpoint's; restore the file, or give allowed changes as flags")
+
+
+def check_out(run: Path) -> None:
+    """The run folder can be made and written, checked before anything is written."""
+    import os
+
+    if run.exists() and not run.is_dir():
+        raise CLIError(f"--out {run} is a file, not a folder: choose a folder path")
+    parent = run if run.exists() else next((a for a in run.absolute().parents if a.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise CLIError(f"--out {run}: {parent} is not a folder; choose a path inside a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {run}: {parent} is not writable; choose a folder you can write to")
+
+
 
 def _train_arguments(p):
     add_config_arguments(p)
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint")
-    p.epilog = ("every config key is also a flag: --max-steps 100 --lr 3e-4 --out runs/x --strategy ddp "
-                "--compile --no-progress --init-from HF_FOLDER")
+    p.epilog = "model keywords (any of the library's, e.g. rotary_pos_emb) go in --set model.KEY=VALUE or --config"
 
 
-@command("train", "train a model (presets: tiny, gpt2-small, 1b, seed)", _train_arguments)
+@command("train", "train a model (presets: " + ", ".join(sorted(PRESETS)) + ")", _train_arguments)
 def run_train(args) -> int:
     from .training import checkpoint as ckpt_io
     from .training.loop import Trainer
@@ -101,14 +160,11 @@ def run_train(args) -> int:
     resume = None
     if args.resume:
         resume = ckpt_io.find(args.resume)
-        for key in ("arch", "model", "init_from", "seq_len", "data", "task", "tokenizer", "seed") + tuple(
-                k for k in sets if k.startswith("model.")):
-            if key in sets:
-                raise CLIError(f"--resume continues the run as it was configured: drop {key!r} "
-                               f"(only keys such as max_steps, eval_every, save_every, progress may change)")
-        base = {**ckpt_io.read_config(resume), "stop_after": None}  # a stop belongs to one invocation
-        cfg = load_config(config_file=args.config, sets=sets, base=base)
         run = resume.parent.parent
+        stored = ckpt_io.read_config(resume)
+        check_resume_config(run, stored, sets)
+        base = {**stored, "stop_after": None}  # a stop belongs to one invocation
+        cfg = load_config(config_file=args.config, sets=sets, base=base)
         cfg.out = str(run)
     else:
         cfg = load_config(args.preset, args.config, sets)
@@ -117,6 +173,7 @@ def run_train(args) -> int:
                            "or --init-from HF_FOLDER")
         name = cfg.preset or (Path(cfg.init_from).name if cfg.init_from else "run")
         run = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        check_out(run)
         cfg.out = str(run)
     trainer = Trainer(cfg, run, resume)
     try:
@@ -236,10 +293,22 @@ def _generate_hf(args) -> str:
     return tokenizer.decode(out[0].tolist())
 
 
+def check_generate_args(args) -> None:
+    import math
+
+    if args.tokens < 1:
+        raise CLIError(f"--tokens must be at least 1, got {args.tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CLIError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.prompt is not None and not args.prompt:
+        raise CLIError("--prompt is empty: give some text to continue, or leave --prompt out for the run's sample_prompt")
+
+
 @command("generate", "sample text from a trained model or a Hugging Face folder", _generate_arguments)
 def run_generate(args) -> int:
     from .training.loop import sample_text
 
+    check_generate_args(args)
     if _is_hf_folder(args.run):
         print(_generate_hf(args))
         return 0
@@ -272,7 +341,7 @@ def _prepare_arguments(p):
     p.add_argument("data", help="a text file, a folder of text files, or 'stdlib'")
     p.add_argument("out", help="the token file to write, ending in .bin")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizers JSON (bytes when omitted)")
-    p.add_argument("--token-dtype", default="uint16", help="uint8, uint16 (default) or uint32")
+    p.add_argument("--token-dtype", default="uint16", help="uint8, uint16 (default) or uint32: the widest id must fit")
     p.add_argument("--stdlib-bytes", type=int, default=4_000_000)
 
 
@@ -282,8 +351,13 @@ def run_prepare(args) -> int:
 
     from .training.data import load_tokenizer, read_corpus, write_tokens
 
+    from .training.config import TOKEN_DTYPES
+
     if not args.out.endswith(".bin"):
         raise CLIError(f"the token file must end in .bin, got {args.out}")
+    if args.token_dtype not in TOKEN_DTYPES:
+        raise CLIError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, got {args.token_dtype!r}")
+    check_out(Path(args.out).parent)
     raw = read_corpus(args.data, args.stdlib_bytes)
     if not raw.strip():
         raise CLIError(f"corpus {args.data} is empty")

@@ -384,7 +384,10 @@ def read_config(path) -> dict:
     if not file.is_file():
         raise ValueError(f"{path} has no config.json (a Hugging Face checkpoint folder has config.json "
                          "and *.safetensors)")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
 
 
 def family_of(cfg: dict) -> Family:
@@ -402,7 +405,12 @@ def read_tensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} has no *.safetensors file{extra}")
     tensors = {}
     for file in files:
-        for name, t in _safetensors().load_file(str(file)).items():
+        try:
+            loaded = _safetensors().load_file(str(file))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, without the file's name
+            raise ValueError(f"{file} could not be read as safetensors ({str(e).splitlines()[0]}); "
+                             f"it may be truncated: download it again") from None
+        for name, t in loaded.items():
             if name in tensors:
                 raise ValueError(f"tensor {name!r} appears in more than one file of {path}")
             tensors[name] = t

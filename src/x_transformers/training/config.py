@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from .presets import PRESETS
 
 ARCHS = ("decoder", "xtransformer")
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # element types of a .bin token file
 STRATEGIES = ("none", "ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
@@ -39,46 +41,46 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # any model keyword of the library
     init_from: str | None = None  # a Hugging Face folder (GPT-2, Llama, T5): its architecture, weights and
     # tokenizer.json; model keys may only add what has no weights (dropout, kernels)
-    # data
+    # -- data --
     data: str = "stdlib"  # a text file, a folder of text files, a .bin token file, or "stdlib"
     task: str | None = None  # synthetic seq2seq task for xtransformer: copy, reverse, sort, addition
     tokenizer: str | None = None  # a Hugging Face tokenizers JSON; bytes (256 tokens) when unset
     token_dtype: str = "uint16"  # element type of a .bin token file
     stdlib_bytes: int = 4_000_000  # byte budget of the embedded default corpus
     val_fraction: float = 0.05  # the last fraction of the tokens is the validation split
-    seq_len: int = 256
-    # optimisation
+    seq_len: int = 256  # tokens per training sequence (the model's context)
+    # -- optimisation --
     batch_size: int = 16  # global: sequences per optimizer step, over all processes and micro-steps
-    grad_accum: int = 1
-    max_steps: int = 300
+    grad_accum: int = 1  # micro-steps per optimizer step (batch_size is split over them)
+    max_steps: int = 300  # optimizer steps of the whole run; the learning-rate schedule spans them
     stop_after: int | None = None  # end this invocation at this step (e.g. a time-limited job); the
     # schedule still spans max_steps, and --resume continues
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate (AdamW), reached after warmup_steps
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    warmup_steps: int = 30  # linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW weight decay, on matrices only
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # 0 disables clipping
-    # evaluation, sampling, logging, checkpoints
-    eval_every: int = 100
-    eval_batches: int = 8
-    sample_tokens: int = 160
-    sample_prompt: str = "def "
+    # -- evaluation, sampling, logging, checkpoints --
+    eval_every: int = 100  # validate (loss, bits per byte, a sample) every this many steps
+    eval_batches: int = 8  # validation batches per evaluation
+    sample_tokens: int = 160  # tokens sampled at each evaluation
+    sample_prompt: str = "def "  # the text each evaluation's sample continues
     temperature: float = 0.8  # 0 = greedy
-    log_every: int = 10
-    save_every: int = 100
-    keep_checkpoints: int = 1
-    progress: bool = True
-    # execution
-    seed: int = 0
+    log_every: int = 10  # write a metrics line every this many steps
+    save_every: int = 100  # checkpoint every this many steps (and at the end)
+    keep_checkpoints: int = 1  # checkpoints kept on disk, newest first
+    progress: bool = True  # the progress bar (--no-progress for plain lines)
+    # -- execution --
+    seed: int = 0  # seeds the model's initialisation, the data order and the samples
     device: str = "auto"  # auto = cuda when available
     precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16"
     compile: bool = False  # torch.compile the forward and the loss together (one graph)
     compile_mode: str = "default"  # default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
     strategy: str = "none"  # none, ddp, fsdp (launch with torchrun)
     out: str | None = None  # run folder; default runs/<preset>-<time>
-    preset: str | None = None
+    preset: str | None = None  # the named preset this configuration started from (set by --preset)
 
     def validate(self):
         def need(ok, msg):
@@ -99,6 +101,12 @@ class TrainConfig:
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{name} must be an integer >= 1, got {value!r}")
         need(0 < self.val_fraction < 1, f"val_fraction must lie in (0, 1), got {self.val_fraction!r}")
+        need(isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+             and math.isfinite(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        need(isinstance(self.sample_tokens, int) and not isinstance(self.sample_tokens, bool) and self.sample_tokens >= 0,
+             f"sample_tokens must be an integer >= 0, got {self.sample_tokens!r}")
+        need(self.token_dtype in TOKEN_DTYPES, f"token_dtype must be one of {TOKEN_DTYPES}, got {self.token_dtype!r}")
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         need(self.warmup_steps >= 0 and self.lr > 0, "lr must be positive and warmup_steps >= 0")
@@ -116,6 +124,27 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def field_help() -> dict[str, str]:
+    """Each TrainConfig field's one-line description: the comment beside it above (and the comment
+    lines continuing it), so the class stays the one place a key is documented."""
+    import inspect
+    import re
+
+    helps: dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(TrainConfig).splitlines():
+        stripped = line.strip()
+        m = re.match(r"(\w+): [^=]+=.*?#\s*(.*)$", stripped)
+        if m and m.group(1) in FIELDS:
+            last = m.group(1)
+            helps[last] = m.group(2)
+        elif stripped.startswith("#") and not stripped.startswith("# --") and last is not None:
+            helps[last] += " " + stripped.lstrip("# ")
+        else:
+            last = None
+    return helps
 
 
 def parse_value(text: str) -> Any:

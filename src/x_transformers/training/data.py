@@ -109,7 +109,11 @@ def read_corpus(source: str, budget: int) -> bytes:
         return _concat(stdlib_files(), budget)
     p = Path(source)
     if p.is_file():
-        return p.read_bytes()
+        raw = p.read_bytes()
+        if b"\x00" in raw[: 1 << 16]:
+            raise CLIError(f"data {source} looks binary (it has NUL bytes), not text: give a text file, or a .bin "
+                           f"token file written by `xtransformers prepare` (its name must end in .bin)")
+        return raw
     if p.is_dir():
         files = sorted((f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)),
                        key=lambda f: f.relative_to(p).as_posix())
@@ -225,8 +229,16 @@ def load_data(cfg: TrainConfig):
             raise CLIError(f"token_dtype {cfg.token_dtype!r} is not a numpy integer type (uint8, uint16, uint32)")
         if Path(cfg.data).stat().st_size == 0:
             raise CLIError(f"token file {cfg.data} is empty")
+        size = Path(cfg.data).stat().st_size
+        if size % dtype.itemsize:
+            raise CLIError(f"token file {cfg.data} has {size} bytes, not a whole number of {cfg.token_dtype} "
+                           f"tokens: it was written with another token_dtype")
         tokens = np.memmap(cfg.data, dtype=dtype, mode="r")
         head = np.asarray(tokens[: 1 << 20])
+        if head.size and int(head.max()) >= tokenizer.vocab_size:
+            raise CLIError(f"token file {cfg.data} holds token id {int(head.max())}, beyond the tokenizer's "
+                           f"{tokenizer.vocab_size}: it was written with another token_dtype or tokenizer "
+                           f"(set token_dtype / tokenizer as `xtransformers prepare` had them)")
         digest = hashlib.sha256(head.tobytes()).hexdigest()  # of the first MiB of tokens: cheap for huge files
         sample = head[: 1 << 16]
         bpt = len(tokenizer.decode(sample).encode()) / max(len(sample), 1)

@@ -73,6 +73,18 @@ def make_optimizer(model, cfg: TrainConfig, env: Env) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=env.device.type == "cuda")
 
 
+def config_line(cfg: TrainConfig, width: int = 100) -> str:
+    """The resolved configuration, every key, wrapped: what this run trains with."""
+    items = [f"{k}={json.dumps(v) if isinstance(v, (dict, list, str)) else v}" for k, v in cfg.to_dict().items()]
+    lines, line = [], "config:"
+    for item in items:
+        if len(line) + 1 + len(item) > width and line.strip():
+            lines.append(line)
+            line = "       "
+        line += " " + item
+    return "\n".join(lines + [line])
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run: Path, resume: Path | None = None, log=print):
         self.cfg, self.run, self.log = cfg, run, log
@@ -86,8 +98,11 @@ class Trainer:
     # -- set-up: validate everything before writing anything ---------------------------------
     def _build(self, resume: Path | None):
         cfg, env = self.cfg, self.env
+        self.restart = False
         if resume is None and self.run.exists() and any(self.run.iterdir()):
-            raise CLIError(f"run folder {self.run} already exists; choose another --out, or --resume {self.run}")
+            if (self.run / "checkpoints").is_dir() or not (self.run / "config.json").is_file():
+                raise CLIError(f"run folder {self.run} already exists; choose another --out, or --resume {self.run}")
+            self.restart = True  # a run of ours that stopped before its first checkpoint: nothing to resume
         pretrained = None
         if resume is None and cfg.init_from is not None:  # a resumed run rebuilds from the stored keywords
             cfg, pretrained = load_pretrained(cfg)
@@ -120,6 +135,8 @@ class Trainer:
             torch.manual_seed(cfg.seed + 1_000 * env.rank)  # dropout differs between ranks
         if env.main:  # only now does anything touch the run folder
             self.run.mkdir(parents=True, exist_ok=True)
+            if self.restart:
+                (self.run / "metrics.jsonl").unlink(missing_ok=True)
             ckpt_io.atomic_write_text(self.run / "config.json", json.dumps(cfg.to_dict(), indent=1))
             ckpt_io.atomic_write_text(self.run / "data.json", json.dumps(self.data.describe(), indent=1))
         env.barrier()
@@ -264,6 +281,9 @@ class Trainer:
         say(f"model: {cfg.arch}, {self.n_params / 1e6:.2f}M parameters; data: {self.data.source} "
             f"({self.data.describe().get('train_tokens', 'synthetic')} train tokens); {env.world} process(es) on "
             f"{env.device.type}; run folder {self.run}")
+        if self.restart:
+            say(f"note: {self.run} held a run that stopped before its first checkpoint; starting it over")
+        say(config_line(cfg))
         try:
             from tqdm.auto import tqdm
         except ImportError:
