@@ -379,3 +379,82 @@ def test_a_broken_hugging_face_folder_names_the_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(ValueError, match="model.safetensors could not be read as safetensors"):
         hf.read_tensors(tmp_path)
+
+
+def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained / "tensorboard"))
+    acc.Reload()
+    val = [(e.step, e.value) for e in acc.Scalars("val/val_loss")]
+    want = [(r["step"], r["val_loss"]) for r in records(trained) if r["kind"] == "val"]
+    assert [s for s, _ in val] == [s for s, _ in want]
+    assert all(math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(val, want))
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert len(lrs) == 40 and max(lrs) == pytest.approx(3e-3, rel=1e-6)  # warm-up, then the peak, then decay
+
+
+def test_logger_none_writes_only_metrics_and_lr_is_on_the_console(tmp_path, capsys):
+    assert cli("train", *TINY, "--max-steps", 2, "--eval-every", 2, "--logger", "none", "--out", tmp_path / "r") == 0
+    assert not (tmp_path / "r" / "tensorboard").exists() and (tmp_path / "r" / "metrics.jsonl").exists()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 2: loss")]
+    lr = [r["lr"] for r in records(tmp_path / "r") if r["kind"] == "train"][-1]
+    assert lines and f"lr {lr:.3e}" in lines[0]
+
+
+def test_wandb_logs_offline_into_the_run_folder(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = {"init": None, "log": [], "finish": 0}
+
+    class FakeRun:
+        def log(self, scalars, step):
+            calls["log"].append((step, scalars))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = types.SimpleNamespace(name="wandb")  # found by importlib.util.find_spec
+    fake.init = lambda **kw: calls.__setitem__("init", kw) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert cli("train", *TINY, "--max-steps", 2, "--eval-every", 2, "--logger", "wandb", "--out", tmp_path / "r") == 0
+    assert calls["init"]["mode"] == "offline" and calls["init"]["dir"] == str(tmp_path / "r")
+    assert calls["init"]["config"]["max_steps"] == 2 and calls["finish"] == 1
+    val = [(step, s["val/val_loss"]) for step, s in calls["log"] if "val/val_loss" in s]
+    assert val == [(r["step"], r["val_loss"]) for r in records(tmp_path / "r") if r["kind"] == "val"]
+
+
+def test_a_missing_logger_package_is_one_line_before_anything_is_written(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    err = one_line_error(capsys, "train", *TINY, "--logger", "wandb", "--out", tmp_path / "r")
+    assert "logger wandb needs the wandb package" in err and not (tmp_path / "r").exists()
+    err = one_line_error(capsys, "train", *TINY, "--logger", "mlflow", "--out", tmp_path / "r")
+    assert "logger must be one of" in err
+
+
+def test_keep_best_keeps_the_lowest_validation_and_patience_stops_early(tmp_path, capsys):
+    from x_transformers.training import checkpoint as ck
+
+    run = tmp_path / "r"
+    # lr 0.3 makes the loss climb after the first steps: validations stop improving
+    assert cli("train", *TINY, "--max-steps", 40, "--eval-every", 2, "--save-every", 100, "--lr", 0.3,
+               "--warmup-steps", 0, "--keep-best", "--patience", 2, "--logger", "none", "--out", run) == 0
+    vals = [(r["step"], r["val_loss"]) for r in records(run) if r["kind"] == "val"]
+    best_step, best_loss = min(vals, key=lambda sv: sv[1])
+    meta = ck.verify(run / "checkpoints" / "best")
+    assert meta["step"] == best_step and meta["val_loss"] == pytest.approx(best_loss)
+    # stopped after two validations in a row without a lower loss, with a checkpoint there
+    after = [loss for step, loss in vals if step > best_step]
+    assert len(after) == 2 and all(loss >= best_loss for loss in after) and vals[-1][0] < 40
+    assert ck.find(run).name == f"step-{vals[-1][0]:06d}"
+    assert "early stop" in capsys.readouterr().out
+    # the best checkpoint evaluates to its recorded loss
+    assert cli("eval", run / "checkpoints" / "best", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["val_loss"] == pytest.approx(best_loss, rel=1e-6)

@@ -94,24 +94,43 @@ def save_weights(state: dict, path: Path) -> None:
     save_file(out, str(path))
 
 
-def begin(ckpt_root: Path, step: int) -> Path:
-    """Rank 0: a fresh temporary folder for checkpoint ``step``."""
-    tmp = ckpt_root / f".tmp-step-{step:06d}"
+def begin(ckpt_root: Path, step: int | str) -> Path:
+    """Rank 0: a fresh temporary folder for checkpoint ``step`` (or "best")."""
+    tmp = ckpt_root / (f".tmp-step-{step:06d}" if isinstance(step, int) else f".tmp-{step}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
 
 
-def commit(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
-    """Rank 0, after every rank has written into ``tmp``: hash, fsync, rename, point LATEST at it."""
+def _seal(tmp: Path, meta: dict) -> None:
+    """Hash and fsync every file of ``tmp``, then its meta.json (what ``verify`` checks)."""
     files = {p.relative_to(tmp).as_posix(): sha256(p) for p in _files(tmp)}
     for p in _files(tmp):
         fsync_file(p)
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": files}, indent=1))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=1))
     fsync_file(tmp / "meta.json")
     for d in [tmp, *sorted({p.parent for p in _files(tmp)})]:
         fsync_dir(d)
+
+
+def commit_best(ckpt_root: Path, tmp: Path, step: int, val_loss: float) -> Path:
+    """Rank 0: ``tmp`` becomes ``checkpoints/best``; the previous best is removed only after."""
+    _seal(tmp, {"step": step, "val_loss": val_loss, "best": True})
+    final, old = ckpt_root / "best", ckpt_root / ".old-best"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(ckpt_root)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def commit(ckpt_root: Path, tmp: Path, step: int, meta: dict, keep: int) -> Path:
+    """Rank 0, after every rank has written into ``tmp``: hash, fsync, rename, point LATEST at it."""
+    _seal(tmp, {**meta, "step": step})
     final = ckpt_root / f"step-{step:06d}"
     if final.exists():  # a checkpoint of the same step that LATEST may not point at
         if read_latest(ckpt_root) == final:

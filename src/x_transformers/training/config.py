@@ -21,6 +21,7 @@ from .presets import PRESETS
 
 ARCHS = ("decoder", "xtransformer")
 TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # element types of a .bin token file
+LOGGERS = ("tensorboard", "wandb", "none")
 STRATEGIES = ("none", "ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
@@ -71,6 +72,10 @@ class TrainConfig:
     log_every: int = 10  # write a metrics line every this many steps
     save_every: int = 100  # checkpoint every this many steps (and at the end)
     keep_checkpoints: int = 1  # checkpoints kept on disk, newest first
+    keep_best: bool = False  # also keep the weights of the lowest validation loss in checkpoints/best
+    patience: int = 0  # stop after this many validations in a row without a lower loss (0 = never stop early)
+    logger: str = "tensorboard"  # where metrics also go: tensorboard (RUN/tensorboard), wandb (offline unless
+    # WANDB_MODE says otherwise) or none; metrics.jsonl is always written
     progress: bool = True  # the progress bar (--no-progress for plain lines)
     # -- execution --
     seed: int = 0  # seeds the model's initialisation, the data order and the samples
@@ -106,6 +111,9 @@ class TrainConfig:
              f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         need(isinstance(self.sample_tokens, int) and not isinstance(self.sample_tokens, bool) and self.sample_tokens >= 0,
              f"sample_tokens must be an integer >= 0, got {self.sample_tokens!r}")
+        need(self.logger in LOGGERS, f"logger must be one of {LOGGERS}, got {self.logger!r}")
+        need(isinstance(self.patience, int) and not isinstance(self.patience, bool) and self.patience >= 0,
+             f"patience must be an integer >= 0 (0 = never stop early), got {self.patience!r}")
         need(self.token_dtype in TOKEN_DTYPES, f"token_dtype must be one of {TOKEN_DTYPES}, got {self.token_dtype!r}")
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")

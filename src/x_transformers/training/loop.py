@@ -21,7 +21,7 @@ from . import checkpoint as ckpt_io
 from .config import CUDAGRAPH_MODES, CLIError, TrainConfig
 from .data import BOS, TaskData, bits_per_byte, load_data
 from .distributed import Env, autocast, compile_step, no_sync, parallelize, setup, teardown
-from .metrics import MetricsLog, plot
+from .metrics import MetricsLog, check_logger, plot
 from .model import build_model, count_params, load_pretrained
 from .sampler import greedy_seq2seq, sample
 
@@ -98,6 +98,7 @@ class Trainer:
     # -- set-up: validate everything before writing anything ---------------------------------
     def _build(self, resume: Path | None):
         cfg, env = self.cfg, self.env
+        check_logger(cfg.logger)
         self.restart = False
         if resume is None and self.run.exists() and any(self.run.iterdir()):
             if (self.run / "checkpoints").is_dir() or not (self.run / "config.json").is_file():
@@ -140,7 +141,10 @@ class Trainer:
             ckpt_io.atomic_write_text(self.run / "config.json", json.dumps(cfg.to_dict(), indent=1))
             ckpt_io.atomic_write_text(self.run / "data.json", json.dumps(self.data.describe(), indent=1))
         env.barrier()
-        self.metrics = MetricsLog(self.run, env.main, resume_step=self.step if state is not None else None)
+        self.metrics = MetricsLog(self.run, env.main, resume_step=self.step if state is not None else None,
+                                  logger=cfg.logger, config=cfg.to_dict())
+        self.best = state.get("best_val_loss", math.inf) if state is not None else math.inf
+        self.stale = state.get("validations_without_gain", 0) if state is not None else 0
 
     def _restore(self, resume: Path, state: dict):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
@@ -259,6 +263,7 @@ class Trainer:
             rng = {"cpu": [r["cpu"][0] for r in gathered], "cuda": [c for r in gathered for c in r["cuda"]]}
         if env.main:
             state = {"step": self.step, "scheduler": self.sched.state_dict(), "rng": rng,
+                     "best_val_loss": self.best, "validations_without_gain": self.stale,
                      "data_sha256": self.data.digest, "data_batch_index": self.step * cfg.grad_accum}
             if not sharded:
                 state["optimizer"] = get_optimizer_state_dict(self.inner, self.opt)
@@ -271,6 +276,26 @@ class Trainer:
         if env.main:
             final = ckpt_io.commit(root, tmp, self.step, {"world_size": env.world, "strategy": cfg.strategy},
                                    cfg.keep_checkpoints)
+        env.barrier()
+        return final
+
+    def save_best(self) -> Path | None:
+        """The current weights as checkpoints/best (weights and config: enough for eval and generate),
+        replacing the previous best atomically. Every process calls it (FSDP gathers the weights)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        cfg, env = self.cfg, self.env
+        if cfg.strategy == "fsdp":
+            weights = get_model_state_dict(self.inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            weights = self.inner.state_dict()
+        final = None
+        if env.main:
+            root = self.run / "checkpoints"
+            tmp = ckpt_io.begin(root, "best")
+            ckpt_io.save_weights(weights, tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            final = ckpt_io.commit_best(root, tmp, self.step, self.best)
         env.barrier()
         return final
 
@@ -303,6 +328,13 @@ class Trainer:
             say(f"step {self.step}: val loss {ev['val_loss']:.4f}, val bits/byte {ev['val_bpb']:.4f}{extra}")
             say(f"sample: {text!r}")
             evals.append(ev)
+            if ev["val_loss"] < self.best:
+                self.best, self.stale = ev["val_loss"], 0
+                if cfg.keep_best:
+                    path = self.save_best()
+                    say(f"best checkpoint (val loss {ev['val_loss']:.4f}): {path}") if path else None
+            else:
+                self.stale += 1
 
         if self.step == 0:
             validate()
@@ -318,15 +350,22 @@ class Trainer:
                 rec["tokens_per_s"] = tokens / max(dt, 1e-9)
                 self.metrics.log({"kind": "train", "step": self.step, **rec})
                 if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                else:
+                    say(f"step {self.step}: loss {rec['loss']:.4f}, lr {rec['lr']:.3e}, {rec['tokens_per_s']:.0f} tokens/s")
                 t0, tokens = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 validate()
-            if self.step % cfg.save_every == 0 or self.step == end:
+            stop = bool(cfg.patience) and self.stale >= cfg.patience
+            if self.step % cfg.save_every == 0 or self.step == end or stop:
                 path = self.save()
                 say(f"checkpoint: {path}") if path else None
+            if stop:
+                say(f"early stop at step {self.step}: {self.stale} validations without a lower loss than "
+                    f"{self.best:.4f} (patience {cfg.patience})")
+                break
         if bar is not None:
             bar.close()
         self.metrics.close()

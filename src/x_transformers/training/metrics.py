@@ -12,10 +12,11 @@ from .config import CLIError
 class MetricsLog:
     """Appends records ``{"step": ..., "kind": "train"|"val", ...}``; only the main process writes."""
 
-    def __init__(self, run: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, run: Path, enabled: bool, resume_step: int | None = None, logger: str = "none",
+                 config: dict | None = None):
         self.path = run / "metrics.jsonl"
         self.enabled = enabled
-        self.tb = None
+        self.tb = self.wandb = None
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -23,12 +24,10 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-        except Exception:  # tensorboard not installed
-            self.tb = None
+        if logger == "tensorboard":
+            self.tb = tensorboard_writer(run / "tensorboard")
+        elif logger == "wandb":
+            self.wandb = wandb_run(run, config or {}, resume_step is not None)
         self.file = open(self.path, "a")
 
     def log(self, record: dict) -> None:
@@ -36,16 +35,53 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {f"{record.get('kind', 'train')}/{key}": value for key, value in record.items()
+                   if key not in ("step", "kind") and isinstance(value, (int, float))}
         if self.tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "kind") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def check_logger(logger: str) -> None:
+    """Refuse a logger whose package is missing, before anything is written."""
+    import importlib.util
+
+    need = {"tensorboard": ("tensorboard", "pip install 'x-transformers[train]'"),
+            "wandb": ("wandb", "pip install wandb (it logs offline by default)")}.get(logger)
+    if need and importlib.util.find_spec(need[0]) is None:
+        raise CLIError(f"logger {logger} needs the {need[0]} package: {need[1]}, or set logger none")
+
+
+def tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CLIError("logger tensorboard needs the tensorboard package: pip install 'x-transformers[train]', "
+                       "or set logger none")
+    return SummaryWriter(str(folder))
+
+
+def wandb_run(run: Path, config: dict, resumed: bool):
+    """A Weights & Biases run in RUN/wandb: offline (no account, no network) unless WANDB_MODE is set."""
+    import os
+
+    try:
+        import wandb
+    except ImportError:
+        raise CLIError("logger wandb needs the wandb package: pip install wandb (it logs offline by default; "
+                       "`wandb sync RUN/wandb/offline-run-*` uploads later), or set logger none")
+    return wandb.init(project="x-transformers", name=run.name, dir=str(run), config=config,
+                      mode=os.environ.get("WANDB_MODE", "offline"), resume="allow" if resumed else None)
 
 
 def read(run: str | Path) -> list[dict]:
