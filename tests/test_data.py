@@ -106,3 +106,56 @@ def test_hugging_face_tokenizer(tmp_path):
                "--eval-every", 2, "--out", run) == 0
     val = [r for r in records(run) if r["kind"] == "val"][-1]
     assert val["val_bpb"] == pytest.approx(val["val_loss"] / math.log(2) / data.bytes_per_token)
+
+
+# ----------------------------------------------------------------------------------------------
+# a byte-level BPE trained on the corpus (issue 23)
+
+
+def test_bpe_trained_on_the_corpus_round_trips_and_is_cached(tmp_path, monkeypatch):
+    from x_transformers.training import data
+
+    monkeypatch.setenv("XT_CACHE", str(tmp_path / "cache"))
+    corpus = data.read_corpus("stdlib", 200_000)
+    tok = data.load_tokenizer("bpe:600", corpus)
+    assert tok.vocab_size == 600
+    text = corpus[:5000].decode("utf-8", errors="replace")
+    ids = tok.encode(text.encode())
+    assert tok.decode(ids) == text  # byte-level: nothing is lost, not even whitespace
+    assert len(ids) < 0.6 * len(text.encode())  # merges compress Python source
+    cached = list((tmp_path / "cache" / "tokenizers").glob("bpe-600-*.json"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    assert data.load_tokenizer("bpe:600", corpus).vocab_size == 600 and cached[0].stat().st_mtime_ns == stamp
+    for bad in ("bpe:100", "bpe:lots"):
+        with pytest.raises(data.CLIError, match="N > 256"):
+            data.load_tokenizer(bad, corpus)
+    with pytest.raises(data.CLIError, match="already tokenized"):
+        data.load_tokenizer("bpe:600")
+
+
+def test_prepare_trains_a_tokenizer_and_training_reads_its_tokens(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from train_helpers import TINY, cli, records
+    from x_transformers.training import data
+
+    out = tmp_path / "tokens.bin"
+    assert cli("prepare", "stdlib", out, "--stdlib-bytes", 100_000, "--train-tokenizer", 500) == 0
+    tok_file = tmp_path / "tokens.tokenizer.json"
+    assert str(tok_file) in capsys.readouterr().out
+    tok = data.load_tokenizer(str(tok_file))
+    ids = np.fromfile(out, dtype=np.uint16)
+    assert tok.vocab_size == 500 and ids.max() < 500
+    assert tok.decode(ids[:2000]) == tok.decode(tok.encode(data.read_corpus("stdlib", 100_000))[:2000])
+    run = tmp_path / "r"
+    assert cli("train", *TINY, "--data", out, "--tokenizer", tok_file, "--max-steps", 2, "--eval-every", 2,
+               "--logger", "none", "--out", run) == 0
+    assert [r["step"] for r in records(run) if r["kind"] == "val"] == [0, 2]
+
+
+def test_the_gpt2_small_preset_uses_a_bpe_of_gpt2s_size():
+    from x_transformers.training.config import load_config
+
+    cfg = load_config("gpt2-small")
+    assert cfg.tokenizer == "bpe:50304" and cfg.model["num_tokens"] == 50304

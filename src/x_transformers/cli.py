@@ -341,6 +341,9 @@ def _prepare_arguments(p):
     p.add_argument("data", help="a text file, a folder of text files, or 'stdlib'")
     p.add_argument("out", help="the token file to write, ending in .bin")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizers JSON (bytes when omitted)")
+    p.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                   help="train a byte-level BPE of VOCAB_SIZE entries on the corpus, write it beside OUT "
+                        "(OUT without .bin + .tokenizer.json) and tokenize with it")
     p.add_argument("--token-dtype", default="uint16", help="uint8, uint16 (default) or uint32: the widest id must fit")
     p.add_argument("--stdlib-bytes", type=int, default=4_000_000)
 
@@ -349,7 +352,7 @@ def _prepare_arguments(p):
 def run_prepare(args) -> int:
     import os
 
-    from .training.data import load_tokenizer, read_corpus, write_tokens
+    from .training.data import BPE_PREFIX, bpe_size, bpe_tokenizer, load_tokenizer, read_corpus, write_tokens
 
     from .training.config import TOKEN_DTYPES
 
@@ -358,14 +361,25 @@ def run_prepare(args) -> int:
     if args.token_dtype not in TOKEN_DTYPES:
         raise CLIError(f"--token-dtype must be one of {', '.join(TOKEN_DTYPES)}, got {args.token_dtype!r}")
     check_out(Path(args.out).parent)
+    if args.train_tokenizer is not None and args.tokenizer is not None:
+        raise CLIError("give --tokenizer FILE or --train-tokenizer VOCAB_SIZE, not both")
+    if args.train_tokenizer is not None:
+        bpe_size(f"{BPE_PREFIX}{args.train_tokenizer}")  # checked before the corpus is read
     raw = read_corpus(args.data, args.stdlib_bytes)
     if not raw.strip():
         raise CLIError(f"corpus {args.data} is empty")
-    tokens = load_tokenizer(args.tokenizer).encode(raw)
+    tokenizer_file = args.tokenizer
+    if args.train_tokenizer is not None:
+        tokenizer_file = str(bpe_tokenizer(raw, args.train_tokenizer, Path(args.out[:-len(".bin")] + ".tokenizer.json")))
+    tokenizer = load_tokenizer(tokenizer_file)
+    tokens = tokenizer.encode(raw)
     tmp = f"{args.out}.tmp-{os.getpid()}"
     write_tokens(tmp, tokens, args.token_dtype)
     os.replace(tmp, args.out)
     print(f"{len(tokens)} tokens -> {args.out} ({args.token_dtype})")
+    if args.train_tokenizer is not None:
+        print(f"tokenizer ({tokenizer.vocab_size} entries) -> {tokenizer_file}; train with "
+              f"--data {args.out} --tokenizer {tokenizer_file} --token-dtype {args.token_dtype}")
     return 0
 
 

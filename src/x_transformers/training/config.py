@@ -45,7 +45,8 @@ class TrainConfig:
     # -- data --
     data: str = "stdlib"  # a text file, a folder of text files, a .bin token file, or "stdlib"
     task: str | None = None  # synthetic seq2seq task for xtransformer: copy, reverse, sort, addition
-    tokenizer: str | None = None  # a Hugging Face tokenizers JSON; bytes (256 tokens) when unset
+    tokenizer: str | None = None  # a Hugging Face tokenizers JSON, or bpe:N (a byte-level BPE of N entries trained
+    # on the corpus, cached by its digest); bytes (256 tokens) when unset
     token_dtype: str = "uint16"  # element type of a .bin token file
     stdlib_bytes: int = 4_000_000  # byte budget of the embedded default corpus
     val_fraction: float = 0.05  # the last fraction of the tokens is the validation split

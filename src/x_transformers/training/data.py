@@ -13,7 +13,8 @@ Corpora (``data`` in the config):
   a .bin file    a flat array of token ids (``token_dtype``), memory-mapped, so it may exceed RAM;
                  write one with :func:`write_tokens` or ``xtransformers prepare``
 
-Tokens are bytes (256 ids) unless ``tokenizer`` names a Hugging Face ``tokenizers`` JSON file.
+Tokens are bytes (256 ids) unless ``tokenizer`` names a Hugging Face ``tokenizers`` JSON file, or
+is ``bpe:N``: a byte-level BPE of N entries trained on the corpus and cached by its digest.
 The last ``val_fraction`` of the tokens is the validation split.
 
 Batches are a pure function of (seed, split, batch index): a resumed run, or N processes that each
@@ -75,8 +76,62 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids])
 
 
-def load_tokenizer(path: str | None):
-    return ByteTokenizer() if path is None else HFTokenizer(path)
+BPE_PREFIX = "bpe:"
+
+
+def load_tokenizer(spec: str | None, corpus: bytes | None = None):
+    """Bytes (``None``), a ``tokenizers`` JSON file, or ``bpe:N``: a byte-level BPE of N entries
+    trained on ``corpus`` (see :func:`bpe_tokenizer`)."""
+    if spec is None:
+        return ByteTokenizer()
+    if spec.startswith(BPE_PREFIX):
+        if corpus is None:
+            raise CLIError(f"tokenizer {spec} is trained on a text corpus; a .bin token file is already "
+                           f"tokenized: give the tokenizer JSON that `xtransformers prepare` wrote beside it")
+        return HFTokenizer(str(bpe_tokenizer(corpus, bpe_size(spec))))
+    return HFTokenizer(spec)
+
+
+def bpe_size(spec: str) -> int:
+    try:
+        size = int(spec[len(BPE_PREFIX):])
+    except ValueError:
+        size = 0
+    if size < 257:
+        raise CLIError(f"tokenizer {spec!r}: bpe:N needs a whole number of entries N > 256 (the 256 bytes come first)")
+    return size
+
+
+def tokenizer_cache() -> Path:
+    base = os.environ.get("XT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "x-transformers"
+    return Path(base) / "tokenizers"
+
+
+def bpe_tokenizer(corpus: bytes, vocab_size: int, out: Path | None = None) -> Path:
+    """A byte-level BPE (GPT-2's scheme: every byte is a token, merges learned on top) of
+    ``vocab_size`` entries trained on ``corpus`` with Hugging Face ``tokenizers``; written to ``out``,
+    or cached by the corpus's SHA-256 so a run, its resume, ``eval`` and ``generate`` share it. A
+    corpus too small for that many merges gives fewer entries."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise CLIError("a BPE tokenizer needs the 'tokenizers' package: pip install tokenizers")
+    digest = hashlib.sha256(corpus).hexdigest()[:16]
+    path = out or tokenizer_cache() / f"bpe-{vocab_size}-{digest}.json"
+    if out is None and path.is_file():
+        return path
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=[])
+    text = corpus.decode("utf-8", errors="replace")
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tok.save(str(tmp))
+    os.replace(tmp, path)  # atomic: processes training the same tokenizer at once agree
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,8 +274,8 @@ class TaskData:
 def load_data(cfg: TrainConfig):
     if cfg.task is not None:
         return TaskData(cfg.task, cfg.seq_len, cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer)
     if cfg.data.endswith(".bin"):
+        tokenizer = load_tokenizer(cfg.tokenizer)
         if not Path(cfg.data).is_file():
             raise CLIError(f"token file {cfg.data} does not exist")
         try:
@@ -246,6 +301,7 @@ def load_data(cfg: TrainConfig):
     raw = read_corpus(cfg.data, cfg.stdlib_bytes)
     if not raw.strip():
         raise CLIError(f"corpus {cfg.data} is empty: give a file or folder with text in it")
+    tokenizer = load_tokenizer(cfg.tokenizer, raw)
     tokens = tokenizer.encode(raw)
     bpt = len(raw) / max(len(tokens), 1)  # bits per byte = nats per token / ln 2 / bytes per token
     return TextData(tokens, cfg.seq_len, cfg.val_fraction, cfg.seed, tokenizer, bpt,

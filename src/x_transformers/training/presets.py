@@ -1,7 +1,8 @@
 """Named presets: partial configurations applied over the :class:`TrainConfig` defaults.
 
 ``tiny``        a byte-level decoder (dim 256, depth 4, rotary) that trains on 2 CPU cores in ~4 minutes (``make run``)
-``gpt2-small``  the GPT-2-small shape (vocab 50304, dim 768, depth 12, heads 12, seq 1024, batch 16)
+``gpt2-small``  the GPT-2-small shape (vocab 50304, dim 768, depth 12, heads 12, seq 1024, batch 16), on a
+                byte-level BPE of 50,304 entries trained on the corpus (``tokenizer: bpe:50304``)
 ``1b``          a ~0.9B-parameter decoder (vocab 50304, dim 2048, depth 16, heads 16, seq 2048, batch 8, tied
                 head): the compiled-vs-eager training guard and the speed benchmarks' large shape (one GPU)
 ``ablate``        the base of ``xtransformers ablate``'s language-model table: a plain byte-level decoder
@@ -22,6 +23,7 @@ PRESETS: dict[str, dict] = {
     "gpt2-small": dict(
         arch="decoder",
         model=dict(num_tokens=50304, dim=768, depth=12, heads=12, attn_bias=True, tie_embedding=True),
+        tokenizer="bpe:50304",  # GPT-2's vocabulary size, trained on the corpus (cached)
         seq_len=1024, batch_size=16, max_steps=5000, lr=6e-4, warmup_steps=200,
         eval_every=500, save_every=1000, stdlib_bytes=32_000_000,
     ),
