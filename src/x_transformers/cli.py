@@ -7,6 +7,7 @@
     xtransformers train --init-from HF_FOLDER --data FILE     start from a GPT-2 / Llama / T5 checkpoint
     xtransformers plot RUN [RUN...] -o curves.png            loss curves of one or more runs
     xtransformers prepare DATA OUT.bin                       tokenize a corpus into a memory-mappable file
+    xtransformers export RUN --onnx model.onnx               ONNX with dynamic batch and length
     torchrun --nproc_per_node=N -m x_transformers train --strategy ddp|fsdp ...
 
 Subcommands live in a registry: decorate ``run(args) -> int`` with :func:`command` (giving a function
@@ -315,6 +316,30 @@ def run_generate(args) -> int:
     cfg, data, model, env, _ = _load_trained(args.run, {})
     cfg.sample_tokens, cfg.temperature, cfg.seed = args.tokens, args.temperature, args.seed
     print(sample_text(model, data, cfg, env, 0, args.prompt, strict=True))
+    return 0
+
+
+def _export_arguments(p):
+    p.add_argument("run", help="a run folder or checkpoint folder")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    p.add_argument("--mask", action="store_true", help="take a padding mask as an input too")
+
+
+@command("export", "export a trained model to ONNX (dynamic batch and length), checked in onnxruntime",
+         _export_arguments)
+def run_export(args) -> int:
+    from .export import export_onnx
+
+    if not args.onnx.endswith(".onnx"):
+        raise CLIError(f"--onnx must name a .onnx file, got {args.onnx}")
+    check_out(Path(args.onnx).absolute().parent)
+    _, _, model, _, ckpt = _load_trained(args.run, {"device": "cpu"})
+    try:
+        report = export_onnx(model.float().cpu(), args.onnx, with_mask=args.mask)
+    except ImportError as e:
+        raise CLIError(str(e))
+    diffs = ", ".join(f"{k} {v:.1e}" for k, v in report["max_abs_diff"].items())
+    print(f"{ckpt} -> {args.onnx} (inputs {', '.join(report['inputs'])}; onnxruntime vs PyTorch, max abs diff: {diffs})")
     return 0
 
 
