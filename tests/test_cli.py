@@ -163,6 +163,7 @@ def test_corrupt_checkpoint(capsys, trained, tmp_path):
     for args in (("train", "--resume", run, "--max-steps", 50), ("eval", run), ("generate", run)):
         err = one_line_error(capsys, *args)
         assert "corrupt or truncated" in err and "model.safetensors" in err
+        assert "no earlier checkpoint is kept" in err  # keep_checkpoints=1: nothing earlier to point at
     assert snapshot(run) == before
 
 
@@ -458,3 +459,15 @@ def test_keep_best_keeps_the_lowest_validation_and_patience_stops_early(tmp_path
     assert cli("eval", run / "checkpoints" / "best", "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["val_loss"] == pytest.approx(best_loss, rel=1e-6)
+
+
+def test_a_resumed_run_reports_bits_per_byte_from_the_runs_first_validation(tmp_path, capsys):
+    run = tmp_path / "r"
+    args = (*TINY, "--max-steps", 4, "--eval-every", 2, "--save-every", 2, "--logger", "none")
+    assert cli("train", *args, "--stop-after", 2, "--out", run) == 0
+    capsys.readouterr()
+    assert cli("train", "--resume", run) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("validation bits per byte")][0]
+    vals = [r["val_bpb"] for r in records(run) if r["kind"] == "val"]
+    assert [r["step"] for r in records(run) if r["kind"] == "val"] == [0, 2, 4]
+    assert line.startswith(f"validation bits per byte: {vals[0]:.3f} -> {vals[-1]:.3f}")

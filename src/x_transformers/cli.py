@@ -7,6 +7,7 @@
     xtransformers train --init-from HF_FOLDER --data FILE     start from a GPT-2 / Llama / T5 checkpoint
     xtransformers plot RUN [RUN...] -o curves.png            loss curves of one or more runs
     xtransformers prepare DATA OUT.bin                       tokenize a corpus into a memory-mappable file
+    xtransformers ablate --preset ablate                     keyword variants against a baseline, seeds, one table
     xtransformers export RUN --onnx model.onnx               ONNX with dynamic batch and length
     torchrun --nproc_per_node=N -m x_transformers train --strategy ddp|fsdp ...
 
@@ -182,7 +183,10 @@ def run_train(args) -> int:
     finally:
         trainer.close()
     if trainer.env.main and summary["evals"]:
-        first, last = summary["evals"][0], summary["evals"][-1]
+        from .training.metrics import read
+
+        vals = [r for r in read(run) if r.get("kind") == "val"]  # the run's whole history, resumes included
+        first, last = (vals or summary["evals"])[0], summary["evals"][-1]
         print(f"validation bits per byte: {first['val_bpb']:.3f} -> {last['val_bpb']:.3f} "
               f"({summary['steps_run']} steps in {summary['seconds']:.0f} s)")
         if "plot" in summary:

@@ -174,7 +174,9 @@ def find(path: str | Path) -> Path:
 
 
 def verify(ckpt: Path) -> dict:
-    fix = "delete it and resume from an earlier checkpoint, or start a new run"
+    earlier = sorted(p.name for p in ckpt.parent.glob("step-*") if p.is_dir() and p.name < ckpt.name)
+    fix = (f"resume from an earlier one (--resume {ckpt.parent / earlier[-1]}), or start a new run" if earlier else
+           "no earlier checkpoint is kept (keep_checkpoints decides how many): start a new run")
     try:
         meta = json.loads((ckpt / "meta.json").read_text())
         files = meta["files"]
