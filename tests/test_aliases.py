@@ -270,3 +270,110 @@ def test_xtransformer_still_returns_logits():
     m = XTransformer(dim=DIM, depth=1, heads=4, num_tokens=20, max_seq_len=16).eval()
     out = m(torch.randint(0, 20, (2, 7)), torch.randint(0, 20, (2, 5)))
     assert out.shape == (2, 5, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/migration.md: every deliberate deviation has a row, every row a test; every alias is listed
+
+from pathlib import Path  # noqa: E402
+
+DOC = (Path(__file__).resolve().parent.parent / "docs" / "migration.md").read_text()
+
+
+def _doc_rows(section: str) -> list[str]:
+    body = DOC.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return [line.split("|")[1].strip().strip("`") for line in body.splitlines()
+            if line.startswith("| `")]
+
+
+def _counts_delta(layers_kwargs, wrapper=None):
+    """(ours, upstream's) parameter counts for one configuration."""
+    case = ("Decoder", layers_kwargs, wrapper or {})
+    return _ours(*case), upstream.upstream_param_counts([_payload(*case)])[0]
+
+
+def _qk_norm_scale():
+    ours, theirs = _counts_delta(dict(attn_qk_norm=True))
+    assert ours - theirs == BASE["depth"] * BASE["heads"]  # one learned scale per head and layer
+
+
+def _single_head_out():
+    ours, theirs = _counts_delta(dict(heads=1, attn_dim_head=BASE["dim"]))
+    assert ours - theirs == BASE["depth"] * BASE["dim"] ** 2  # our output projections
+
+
+def _glu_no_bias():
+    ours, theirs = _counts_delta(dict(ff_glu=True, ff_no_bias=True))
+    inner = 4 * BASE["dim"]
+    assert theirs - ours == BASE["depth"] * 2 * inner  # upstream keeps the GLU projection's bias
+    ff = Decoder(dim=DIM, depth=1, heads=4, ff_glu=True, ff_no_bias=True).blocks[1].fn
+    assert ff.proj_in.bias is None and ff.proj_out.bias is None
+
+
+def _xtransformer_logits():
+    test_xtransformer_still_returns_logits()
+
+
+def _norm_gain():
+    layers = Decoder(dim=DIM, depth=1, heads=4, norm_add_unit_offset=True)
+    assert torch.equal(layers.blocks[0].pre_norm.weight, torch.ones(DIM))  # stored directly, at 1
+    same_model(build(norm_add_unit_offset=True), build(norm_add_unit_offset=False))
+
+
+def _rmsnorm_eps():
+    norm = Decoder(dim=DIM, depth=1, heads=4, use_rmsnorm=True).blocks[0].pre_norm
+    x = torch.randn(3, DIM)
+    theirs = torch.nn.functional.normalize(x, dim=-1) * DIM ** 0.5  # upstream's, gain 1
+    assert torch.allclose(norm(x), theirs, atol=1e-4)
+    tiny = torch.full((1, DIM), 1e-4)
+    assert norm(tiny).abs().max() < 0.1  # eps dominates near zero, where upstream's output is all ones
+    assert Decoder(dim=DIM, depth=1, heads=4, use_rmsnorm=True, norm_eps=1e-3).blocks[0].pre_norm.eps == 1e-3
+
+
+def _sinusoidal_kept():
+    m = TransformerWrapper(num_tokens=20, max_seq_len=0, scaled_sinu_pos_emb=True,
+                           attn_layers=Decoder(dim=DIM, depth=1, heads=4, rotary_pos_emb=True))
+    assert m.pos_emb is not None and m.pos_emb.scale is not None
+
+
+def _init():
+    torch.manual_seed(0)
+    m = TransformerWrapper(num_tokens=4000, max_seq_len=512, attn_layers=Decoder(dim=64, depth=1, heads=4))
+    assert abs(m.token_emb.weight.std().item() - 0.02) < 1e-3
+    assert abs(m.pos_emb.emb.weight.std().item() - 0.02) < 1e-3
+
+
+def _rotary_even():
+    layers = Decoder(dim=DIM, depth=1, heads=4, attn_dim_head=6, rotary_pos_emb=True)
+    assert layers.rotary.rot_dim == 2  # 6 // 2 = 3, rounded down to an even count
+
+
+def _max_seq_len_optional():
+    m = TransformerWrapper(num_tokens=20, attn_layers=Decoder(dim=DIM, depth=1, heads=4, rotary_pos_emb=True))
+    assert m.pos_emb is None
+    assert m(torch.randint(0, 20, (1, 40))).shape == (1, 40, 20)
+    with pytest.raises(ValueError, match="need max_seq_len"):
+        TransformerWrapper(num_tokens=20, attn_layers=Decoder(dim=DIM, depth=1, heads=4))
+
+
+DEVIATIONS = {
+    "qk-norm-scale": _qk_norm_scale, "single-head-out": _single_head_out, "glu-no-bias": _glu_no_bias,
+    "xtransformer-logits": _xtransformer_logits, "norm-gain": _norm_gain, "rmsnorm-eps": _rmsnorm_eps,
+    "sinusoidal-kept": _sinusoidal_kept, "init": _init, "rotary-even": _rotary_even,
+    "max-seq-len-optional": _max_seq_len_optional,
+}
+
+
+def test_every_deviation_row_has_a_test():
+    assert _doc_rows("Deliberate deviations") == list(DEVIATIONS)
+
+
+@pytest.mark.parametrize("row", list(DEVIATIONS))
+def test_deviation(row):
+    DEVIATIONS[row]()
+
+
+def test_doc_lists_every_alias_and_no_op():
+    aliases = {row.split("=")[0] for row in _doc_rows("How upstream's keywords are taken")}
+    assert aliases == set(ALIASES) | set(NO_OPS)
+    assert str(len(NOT_YET) - len([1 for s, _ in NOT_YET if s == "xtransformer"])) in DOC
