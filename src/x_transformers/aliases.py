@@ -5,7 +5,8 @@ Three tables, one place:
 - :data:`ALIASES`: an upstream name (or one of our older names) for a feature we have -> our
   keyword, with the value transform where the two spell it differently
   (``attn_one_kv_head=True`` -> ``attn_kv_heads=1``). Giving an alias together with its target,
-  or two aliases of one target, is a :class:`ConfigConflictError` naming both.
+  or two aliases of one target, is a ``TypeError`` naming both (two values for one keyword, as
+  Python says of a function called with one argument twice).
 - :data:`NO_OPS`: upstream names that change nothing here (``attn_flash``: our dispatcher always
   picks the kernel; the result is the same function). Any value of the right type is accepted.
 - :data:`NOT_YET`: upstream names of features we do not have yet, with upstream's default. At that
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
-
-from .config import ConfigConflictError
 
 DROP = object()  # a transform's answer when the upstream value asks for nothing (the default)
 
@@ -177,7 +176,7 @@ def upstream_names(scope: str) -> set[str]:
 def resolve(kwargs: dict[str, Any], scope: str | tuple[str, ...], where: str, prefix: str = "") -> dict[str, Any]:
     """``kwargs`` with every upstream name replaced by ours (or dropped when it asks for nothing).
 
-    Raises ConfigConflictError when an alias and its target (or two aliases of one target) are
+    Raises TypeError when an alias and its target (or two aliases of one target) are
     both given, ValueError when a not-yet-implemented feature is asked for. ``prefix`` (``enc_`` /
     ``dec_``) is how the caller's user spelled these keywords, for the messages.
     """
@@ -203,8 +202,8 @@ def resolve(kwargs: dict[str, Any], scope: str | tuple[str, ...], where: str, pr
         else:
             resolved, target = value, key
         if target in source:
-            raise ConfigConflictError(f"{where}: {prefix}{source[target]} and {prefix}{key} both set "
-                                      f"{prefix}{target}; give one of them")
+            raise TypeError(f"{where} got {prefix}{source[target]} and {prefix}{key}, two values for "
+                            f"{prefix}{target}; give one of them")
         if resolved is DROP:  # the upstream value asks for nothing (its default)
             continue
         source[target] = key
