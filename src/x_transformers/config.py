@@ -318,8 +318,6 @@ REQUIRES = {
     "rel_pos_num_buckets": "rel_pos_bias", "rel_pos_max_distance": "rel_pos_bias",
     "tupe_max_seq_len": "tupe", "tupe_untie_cls": "tupe",
 }
-# the wrapper's: given without its feature, ignored
-WRAPPER_REQUIRES = {"tie_embedding_scale": "tie_embedding"}
 
 
 def check_given(kwargs: dict[str, Any]):
