@@ -11,23 +11,26 @@
                 max_seq_len=1024)`` on the synthetic ``reverse`` task
 """
 
+# Shapes are spelled out where a default changed to upstream's (issue 17: attn_dim_head 64, rotary on
+# half the head, a tied head scaled by dim ** -0.5), so each preset stays the model it was.
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         arch="decoder",
-        model=dict(dim=256, depth=4, heads=4, rotary_pos_emb=True),
+        model=dict(dim=256, depth=4, heads=4, rotary_pos_emb=True, rotary_emb_dim=64),
         # ~6k tokens/s on 2 shared CPU cores: 350 steps of 4,096 tokens take about 4 minutes
         seq_len=256, batch_size=16, max_steps=350, lr=2e-3, warmup_steps=30,
         eval_every=70, eval_batches=8, save_every=70, sample_tokens=160,
     ),
     "gpt2-small": dict(
         arch="decoder",
-        model=dict(num_tokens=50304, dim=768, depth=12, heads=12, attn_bias=True, tie_embedding=True),
+        model=dict(num_tokens=50304, dim=768, depth=12, heads=12, attn_bias=True, tie_embedding=True, logits_scale=1.0),
         seq_len=1024, batch_size=16, max_steps=5000, lr=6e-4, warmup_steps=200,
         eval_every=500, save_every=1000, stdlib_bytes=32_000_000,
     ),
     "1b": dict(
         arch="decoder",
-        model=dict(num_tokens=50304, dim=2048, depth=16, heads=16, tie_embedding=True),
+        model=dict(num_tokens=50304, dim=2048, depth=16, heads=16, attn_dim_head=128, tie_embedding=True,
+                   logits_scale=1.0),
         seq_len=2048, batch_size=8, max_steps=5000, lr=3e-4, warmup_steps=200,
         eval_every=500, save_every=1000, stdlib_bytes=32_000_000,
     ),
@@ -46,7 +49,7 @@ PRESETS: dict[str, dict] = {
     ),
     "ablate-seq2seq": dict(
         arch="xtransformer",
-        model=dict(dim=128, depth=2, heads=4),
+        model=dict(dim=128, depth=2, heads=4, attn_dim_head=32),
         task="reverse", seq_len=16, batch_size=64, max_steps=300, lr=2e-3, warmup_steps=30, eval_batches=4,
     ),
 }
