@@ -60,7 +60,7 @@ def test_settings_change_the_model_they_name(smoke):
     by = {(r["kind"], r["setting"]): r for r in records(smoke)}
     base = by["lm", "baseline"]["model"]
     assert base == {"dim": 32, "depth": 2, "heads": 4}
-    assert by["lm", "gqa"]["model"]["attn_kv_heads"] == 2 and by["lm", "dim_head_x2"]["model"]["attn_dim_head"] == 16
+    assert by["lm", "gqa"]["model"]["attn_kv_heads"] == 2 and by["lm", "dim_head_x2"]["model"]["attn_dim_head"] == 2 * 64
     assert by["lm", "swiglu"]["params"] == pytest.approx(by["lm", "baseline"]["params"], rel=0.01)  # matched
     assert by["lm", "macaron"]["params"] == pytest.approx(by["lm", "baseline"]["params"], rel=0.01)  # matched
     assert by["seq2seq", "funnel"]["model"]["enc_depths"] == [1, 1]

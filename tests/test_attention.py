@@ -28,6 +28,7 @@ DIM, HEADS, D = 32, 4, 8
 def attention(causal=False, seed=0, **kw):
     """The first self-attention block of a one-layer Encoder / Decoder built with ``kw``."""
     torch.manual_seed(seed)
+    kw.setdefault("attn_dim_head", D)  # the tests' shapes use d = DIM // HEADS
     stack = (Decoder if causal else Encoder)(dim=DIM, depth=1, heads=HEADS, **kw)
     return stack.blocks[0].fn.eval()
 
@@ -401,7 +402,8 @@ def test_grouped_kv_heads_equal_mha_with_shared_kv_weights(g, backend):
 def test_kv_heads_shrink_the_cache(g):
     torch.manual_seed(0)
     model = TransformerWrapper(num_tokens=29, max_seq_len=16,
-                               attn_layers=Decoder(dim=DIM, depth=2, heads=HEADS, attn_kv_heads=g)).eval()
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=HEADS, attn_kv_heads=g,
+                                                                   attn_dim_head=D)).eval()
     x = torch.randint(0, 29, (2, 6))
     cache = KVCache()
     logits = model(x, cache=cache)

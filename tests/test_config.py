@@ -21,12 +21,12 @@ def test_unknown_keyword_names_closest():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(dim=30, depth=1, heads=4), r"dim \(30\) must be divisible by heads \(4\)"),
     (dict(dim=32, depth=0, heads=4), r"depth must be an integer >= 1"),
     (dict(dim=32, depth=1, heads=4, attn_kv_heads=3), r"attn_kv_heads \(3\) must divide heads \(4\)"),
     (dict(dim=32, depth=1, heads=4, attn_dropout=1.5), r"attn_dropout must be a probability"),
     (dict(dim=32, depth=1, heads=4, ff_activation="gelux"), r"ff_activation must be one of"),
-    (dict(dim=32, depth=1, heads=4, rotary_pos_emb=True, rotary_emb_dim=16), r"rotary_emb_dim \(16\) must be at most"),
+    (dict(dim=32, depth=1, heads=4, attn_dim_head=8, rotary_pos_emb=True, rotary_emb_dim=16),
+     r"rotary_emb_dim \(16\) must be at most"),
     (dict(dim=32, depth=2, heads=4, sandwich_coef=3), r"sandwich_coef \(3\) must be at most depth"),
     (dict(dim=32, depth=1, heads=4, custom_layers=("a", "x")), r"custom_layers must be a sequence"),
 ])

@@ -224,8 +224,8 @@ def test_t5_untied_head_checkpoint(tmp_path):
 def test_save_our_llama_shaped_decoder(tmp_path):
     torch.manual_seed(0)
     model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=32, attn_layers=Decoder(
-        dim=32, depth=2, heads=4, attn_kv_heads=2, rotary_pos_emb=True, use_rmsnorm=True,
-        ff_glu=True, ff_activation="swish", ff_mult=2, ff_no_bias=True)).eval()
+        dim=32, depth=2, heads=4, attn_kv_heads=2, attn_dim_head=8, rotary_pos_emb=True, rotary_emb_dim=8,
+        use_rmsnorm=True, ff_glu=True, ff_activation="swish", ff_mult=2, ff_no_bias=True)).eval()
     for p in model.parameters():  # non-trivial norms, so a misplaced norm weight would show
         torch.nn.init.normal_(p, std=0.3)
     save_pretrained(model, tmp_path)

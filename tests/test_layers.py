@@ -76,12 +76,13 @@ def test_custom_layers_any_order():
 def test_top_attn_to_ff_removes_attention_from_top_layers():
     # 2005.13895: the top n layers' self-attention becomes a feed-forward sublayer
     depth, n, dim = 4, 2, 32
-    model = Encoder(dim=dim, depth=depth, heads=4, top_attn_to_ff=n)
+    sizes = dict(attn_dim_head=dim // 4, norm_bias=True)  # the counts below are for these
+    model = Encoder(dim=dim, depth=depth, heads=4, top_attn_to_ff=n, **sizes)
     assert model.layout_string == "a f a f f f f f"
     top = model.blocks[2 * (depth - n):]
     assert not [m for m in top.modules() if isinstance(m, Attention)]
     # parameter count: each replaced layer trades one attention block for one feed-forward block
-    plain = Encoder(dim=dim, depth=depth, heads=4)
+    plain = Encoder(dim=dim, depth=depth, heads=4, **sizes)
     attn = count(plain.blocks[0])  # LayerNorm + q, k, v, out (4 dim^2)
     ff = count(plain.blocks[1])  # LayerNorm + 2 * 4 dim^2 + biases
     assert attn == 4 * dim * dim + 2 * dim

@@ -115,7 +115,10 @@ def test_model_hidden_and_logits_weight_give_the_logits_loss():
         x = torch.randint(0, 50, (2, 13))
         assert model.logits_weight is (model.token_emb.weight if tie else model.to_logits.weight)
         plain = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        fused = chunked_cross_entropy(model(x[:, :-1], return_embeddings=True), model.logits_weight, x[:, 1:])
+        # a tied head scales the hidden states by dim ** -0.5 (upstream's default), as the training loop does
+        hidden = model(x[:, :-1], return_embeddings=True) * model.logits_scale
+        assert model.logits_scale == (16 ** -0.5 if tie else 1.0)
+        fused = chunked_cross_entropy(hidden, model.logits_weight, x[:, 1:])
         torch.testing.assert_close(fused, plain)
 
 

@@ -87,7 +87,8 @@ def test_alibi_bias_is_a_linear_distance_penalty():
 @pytest.mark.parametrize("kw", [dict(alibi_pos_bias=True), dict(rotary_pos_emb=True)], ids=["alibi", "rotary"])
 def test_trained_at_length_L_runs_at_4L(kw):
     L = 8
-    model = lm(max_seq_len=L, **kw).train()  # max_seq_len only sizes absolute tables; there are none here
+    # no absolute table (ALiBi keeps one by default, as upstream): max_seq_len is no cap
+    model = lm(max_seq_len=L, wrapper=dict(use_abs_pos_emb=False), **kw).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = torch.randint(0, 20, (8, L + 1), generator=torch.Generator().manual_seed(0))
     for _ in range(5):
@@ -229,7 +230,8 @@ def test_tupe_hand_computed_three_tokens():
 
 def test_tupe_attention_is_word_term_plus_position_term_over_sqrt_2d():
     torch.manual_seed(0)
-    layers = Encoder(dim=DIM, depth=1, heads=HEADS, tupe=True, tupe_max_seq_len=16, tupe_untie_cls=True).eval()
+    layers = Encoder(dim=DIM, depth=1, heads=HEADS, attn_dim_head=DIM // HEADS, tupe=True, tupe_max_seq_len=16,
+                     tupe_untie_cls=True).eval()
     with torch.no_grad():
         layers.tupe.cls_theta.normal_()
     x = embeddings(n=5, b=1)
@@ -255,11 +257,11 @@ def test_tupe_is_shared_across_layers_and_replaces_the_absolute_embedding():
     assert model.pos_emb is None  # p_i are not added to the tokens
     names = [n for n, _ in model.named_parameters() if ".tupe." in n]
     assert sorted(names) == ["attn_layers.tupe.emb.weight", "attn_layers.tupe.to_k.weight", "attn_layers.tupe.to_q.weight"]
-    assert all(b.fn.cfg.scale == (2 * DIM // HEADS) ** -0.5 for b in model.attn_layers.blocks if isinstance(b.fn, Attention))
+    assert all(b.fn.cfg.scale == (2 * 64) ** -0.5 for b in model.attn_layers.blocks if isinstance(b.fn, Attention))
     # cross-attention keeps the usual scale
     xt = XTransformer(dim=DIM, depth=1, heads=HEADS, num_tokens=20, max_seq_len=16, tupe=True, tupe_max_seq_len=16)
     scales = {b.fn.cross: b.fn.cfg.scale for b in xt.decoder.attn_layers.blocks if isinstance(b.fn, Attention)}
-    assert scales == {False: (2 * DIM // HEADS) ** -0.5, True: None}
+    assert scales == {False: (2 * 64) ** -0.5, True: None}  # attn_dim_head's default 64
 
 
 @pytest.mark.parametrize("kw", [dict(tupe_untie_cls=True), dict(tupe_untie_cls=True, rel_pos_bias=True)],

@@ -72,8 +72,8 @@ def test_layers_callable_on_embeddings_and_cross_attender():
 
 def test_tied_embedding_and_memory_tokens_stripped():
     torch.manual_seed(0)
-    model = TransformerWrapper(num_tokens=20, max_seq_len=16, tie_embedding=True, num_memory_tokens=3,
-                               attn_layers=Encoder(dim=32, depth=1, heads=4)).eval()
+    model = TransformerWrapper(num_tokens=20, max_seq_len=16, tie_embedding=True, logits_scale=1.0,
+                               num_memory_tokens=3, attn_layers=Encoder(dim=32, depth=1, heads=4)).eval()
     x = torch.randint(0, 20, (2, 6))
     hidden = model(x, return_embeddings=True)
     assert hidden.shape == (2, 6, 32)

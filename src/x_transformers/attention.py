@@ -30,7 +30,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.heads = heads
         self.kv_heads = cfg.kv_heads or heads
-        self.dim_head = d = cfg.dim_head or dim // heads
+        self.dim_head = d = cfg.dim_head
         self.causal = causal and not cross
         self.cross = cross
         self.shared_qk = cfg.shared_qk and not cross  # a self-attention idea: keys are the queries

@@ -95,7 +95,7 @@ ENTMAX_MIN_GAP = 1e-3  # alpha >= 1 + this: entmax_bisect is inaccurate nearer 1
 class AttentionConfig:
     """Options of one attention block; the keywords are these names with an ``attn_`` prefix."""
 
-    dim_head: int | None = None  # free head dimension, 2002.07028
+    dim_head: int = 64  # head dimension, free of dim / heads (2002.07028); upstream's default 64
     kv_heads: int | None = None  # grouped / multi-query key-value heads, 2305.13245, 1911.02150
     dropout: float = 0.0
     bias: bool = False  # bias on the q/k/v and output projections (GPT-2 has them)
@@ -115,7 +115,7 @@ class AttentionConfig:
 
     def __post_init__(self):
         check_types(AttentionConfig, _values(self), "attn_")
-        _positive_int("attn_dim_head", self.dim_head, allow_none=True)
+        _positive_int("attn_dim_head", self.dim_head)
         _positive_int("attn_kv_heads", self.kv_heads, allow_none=True)
         _positive_int("attn_num_mem_kv", self.num_mem_kv, allow_zero=True)
         _positive_int("attn_sparse_topk", self.sparse_topk, allow_none=True)
@@ -185,11 +185,13 @@ class LayersConfig:
     dim_context: int | None = None
     # norms and residuals
     pre_norm: bool = True
+    pre_norm_has_final_norm: bool = True  # a pre-norm stack ends with a norm (upstream's switch to drop it)
     sandwich_norm: bool = False  # 2105.13290
     use_scalenorm: bool = False  # 1910.05895
     use_rmsnorm: bool = False  # 1910.07467
     norm_eps: float = 1e-5
-    norm_bias: bool = True  # LayerNorm's additive bias
+    norm_bias: bool = False  # LayerNorm's additive bias (upstream's LayerNorm has none; GPT-2's has)
+    use_simple_rmsnorm: bool = False  # RMSNorm without a learned gain (x / rms(x))
     use_rezero: bool = False  # 2003.04887
     layer_dropout: float = 0.0
     # layer layout
@@ -200,7 +202,7 @@ class LayersConfig:
     reversible: bool = False  # two-stream reversible coupling, recomputed in backward, 2001.04451
     # positions
     rotary_pos_emb: bool = False  # 2104.09864
-    rotary_emb_dim: int | None = None
+    rotary_emb_dim: int | None = None  # rotated channels per head; default half the head dimension, as upstream
     rotary_base: float = 10000.0
     alibi_pos_bias: bool = False  # 2108.12409
     alibi_num_heads: int | None = None
@@ -210,6 +212,9 @@ class LayersConfig:
     tupe: bool = False  # untied positional correlation, TUPE, 2006.15595
     tupe_max_seq_len: int | None = None  # size of TUPE's learned position table (required with tupe)
     tupe_untie_cls: bool = False  # TUPE's untied [CLS]: position 0 gets learned scores, not positional ones
+    # whether the wrapper's absolute positions are dropped; default: with rotary or T5 bias (or TUPE),
+    # as upstream (ALiBi keeps them there, so it does here)
+    disable_abs_pos_emb: bool | None = None
 
     def __post_init__(self):
         check_types(LayersConfig, _values(self))
@@ -253,8 +258,23 @@ class LayersConfig:
 
     @property
     def has_positions(self) -> bool:
-        """The stack itself carries position (relative schemes or TUPE): no absolute embedding needed."""
+        """The stack itself carries position (relative schemes or TUPE)."""
         return self.has_relative_positions or self.tupe
+
+    @property
+    def drops_abs_pos_emb(self) -> bool:
+        """Whether a wrapper over this stack leaves out learned absolute positions: as upstream, by
+        default with rotary or T5 bias (not ALiBi); with TUPE, which replaces them."""
+        if self.disable_abs_pos_emb is not None:
+            return self.disable_abs_pos_emb
+        return self.rotary_pos_emb or self.rel_pos_bias or self.tupe
+
+    def rotary_dim(self, dim_head: int) -> int:
+        """Rotated channels per head: rotary_emb_dim, else half the head dimension (upstream's
+        default), rounded down to an even count."""
+        if self.rotary_emb_dim is not None:
+            return self.rotary_emb_dim
+        return max(2, dim_head // 2 // 2 * 2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,27 +282,30 @@ class WrapperConfig:
     """``TransformerWrapper``'s own keywords (the layer stack is passed built, as ``attn_layers``)."""
 
     num_tokens: int
-    max_seq_len: int | None = None  # needed by learned absolute positions
+    max_seq_len: int | None = None  # needed by learned absolute positions; 0: none (as upstream)
     emb_dim: int | None = None  # token embedding width, projected to dim when different
     emb_dropout: float = 0.0
     tie_embedding: bool = False  # logits through the token embedding, 1608.05859
     use_abs_pos_emb: bool = True  # learned absolute positions, unless the stack carries positions
     scaled_sinu_pos_emb: bool = False  # sinusoidal table with a learned scale
     sinusoidal_pos_emb: bool = False  # fixed sinusoidal table, 1706.03762
-    num_memory_tokens: int = 0  # Memory Transformer, 2006.11527
+    num_memory_tokens: int | None = 0  # Memory Transformer, 2006.11527 (None: 0, upstream's spelling)
     logits_dim: int | None = None  # output width, default num_tokens
-    logits_scale: float = 1.0  # multiplies the hidden states before the head (T5's dim ** -0.5)
+    # multiplies the hidden states before the head (T5's dim ** -0.5); default dim ** -0.5 when the
+    # head is tied to the embedding (upstream's tie_embedding_scale), else 1
+    logits_scale: float | None = None
     return_only_embed: bool = False  # no output head: forward returns hidden states (an encoder's side)
 
     def __post_init__(self):
         check_types(WrapperConfig, _values(self))
         _positive_int("num_tokens", self.num_tokens)
-        _positive_int("max_seq_len", self.max_seq_len, allow_none=True)
+        _positive_int("max_seq_len", self.max_seq_len, allow_none=True, allow_zero=True)
         _positive_int("emb_dim", self.emb_dim, allow_none=True)
         _probability("emb_dropout", self.emb_dropout)
-        _positive_int("num_memory_tokens", self.num_memory_tokens, allow_zero=True)
+        _positive_int("num_memory_tokens", self.num_memory_tokens, allow_none=True, allow_zero=True)
         _positive_int("logits_dim", self.logits_dim, allow_none=True)
-        _positive_number("logits_scale", self.logits_scale)
+        if self.logits_scale is not None:
+            _positive_number("logits_scale", self.logits_scale)
 
 
 WRAPPER_KEYS = tuple(f.name for f in fields(WrapperConfig))
@@ -309,13 +332,15 @@ def _kind(where: str, kwargs: dict) -> str:
 
 
 def split_layer_kwargs(kwargs: dict[str, Any], where: str) -> tuple[dict, dict, dict]:
-    """Route keywords: exact LayersConfig names first, then ``attn_`` and ``ff_`` prefixes.
+    """Route keywords: upstream names resolved to ours (aliases.py), then exact LayersConfig
+    names, then ``attn_`` and ``ff_`` prefixes.
 
     Before any module is built it checks the keywords as given: their types, sub-keywords
     without their feature, and every declared conflict (conflicts.py) for this kind of stack.
     """
-    from . import conflicts  # the table imports this module
+    from . import aliases, conflicts  # both import this module
 
+    kwargs = aliases.resolve(kwargs, "layers", where)
     layer_names = field_names(LayersConfig)
     attn_names, ff_names = field_names(AttentionConfig), field_names(FeedForwardConfig)
     layers, attn, ff = {}, {}, {}

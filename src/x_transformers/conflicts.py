@@ -124,6 +124,15 @@ for _f in SCORE_FEATURES:
 # norms and residuals
 declare("use_scalenorm", "use_rmsnorm", when=lambda s: on(s, "use_scalenorm") and on(s, "use_rmsnorm"),
         reason="choose one norm", example=dict(use_scalenorm=True, use_rmsnorm=True))
+for _n in ("use_scalenorm", "use_rmsnorm"):
+    declare(_n, "use_simple_rmsnorm", when=lambda s, n=_n: on(s, n) and on(s, "use_simple_rmsnorm"),
+            reason="choose one norm", example={_n: True, "use_simple_rmsnorm": True})
+declare("pre_norm_has_final_norm=False", "pre_norm=False",
+        when=lambda s: off(s, "pre_norm_has_final_norm") and off(s, "pre_norm"),
+        reason="a post-norm stack has no final norm to drop", example=dict(pre_norm_has_final_norm=False, pre_norm=False))
+declare("pre_norm_has_final_norm=False", "use_rezero",
+        when=lambda s: off(s, "pre_norm_has_final_norm") and on(s, "use_rezero"),
+        reason="a ReZero stack has no final norm to drop", example=dict(pre_norm_has_final_norm=False, use_rezero=True))
 declare("use_rezero", "sandwich_norm", when=lambda s: on(s, "use_rezero") and on(s, "sandwich_norm"),
         reason="ReZero removes the norms around residual branches", example=dict(use_rezero=True, sandwich_norm=True))
 declare("use_rezero", "pre_norm=False", when=lambda s: on(s, "use_rezero") and off(s, "pre_norm"),

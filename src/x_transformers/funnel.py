@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import conflicts
+from . import aliases, conflicts
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, field_names, unknown_keyword
 from .layers import Encoder, check_stack_inputs, default_positions
 
@@ -152,6 +152,7 @@ class FunnelEncoder(nn.Module):
     def __init__(self, dim: int, depths=DEFAULT_DEPTHS, heads: int = 8, **kwargs):
         super().__init__()
         where = type(self).__name__
+        kwargs = aliases.resolve(kwargs, "layers", where)  # upstream names -> ours
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names(FunnelConfig)}
         valid = _valid_keywords()
         for key in kwargs:

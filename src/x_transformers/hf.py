@@ -140,8 +140,9 @@ class GPT2(Family):
         dim = _need(cfg, "n_embd", n)
         return TransformerWrapper, dict(
             num_tokens=_need(cfg, "vocab_size", n), max_seq_len=_need(cfg, "n_positions", n),
-            tie_embedding=not untied_head, emb_dropout=cfg.get("embd_pdrop", 0.0),
+            tie_embedding=not untied_head, logits_scale=1.0, emb_dropout=cfg.get("embd_pdrop", 0.0),
             dim=dim, depth=_need(cfg, "n_layer", n), heads=_need(cfg, "n_head", n),
+            attn_dim_head=dim // _need(cfg, "n_head", n), norm_bias=True,
             attn_bias=True, attn_scale=None if cfg.get("scale_attn_weights", True) else 1.0,
             attn_dropout=cfg.get("attn_pdrop", 0.0),
             ff_inner_dim=cfg.get("n_inner") or 4 * dim,
@@ -222,11 +223,11 @@ class Llama(Family):
         dim, heads = _need(cfg, "hidden_size", n), _need(cfg, "num_attention_heads", n)
         return TransformerWrapper, dict(
             num_tokens=_need(cfg, "vocab_size", n), max_seq_len=cfg.get("max_position_embeddings"),
-            tie_embedding=not untied_head, use_abs_pos_emb=False,
+            tie_embedding=not untied_head, logits_scale=1.0, use_abs_pos_emb=False,
             dim=dim, depth=_need(cfg, "num_hidden_layers", n), heads=heads,
             attn_kv_heads=cfg.get("num_key_value_heads") or heads, attn_dim_head=cfg.get("head_dim") or dim // heads,
             attn_bias=cfg.get("attention_bias", False), attn_dropout=cfg.get("attention_dropout", 0.0),
-            rotary_pos_emb=True, rotary_base=float(theta),
+            rotary_pos_emb=True, rotary_base=float(theta), rotary_emb_dim=cfg.get("head_dim") or dim // heads,
             ff_glu=True, ff_activation=_activation(cfg.get("hidden_act", "silu"), n, "hidden_act"),
             ff_inner_dim=_need(cfg, "intermediate_size", n), ff_no_bias=not cfg.get("mlp_bias", False),
             use_rmsnorm=True, norm_eps=cfg.get("rms_norm_eps", 1e-6),

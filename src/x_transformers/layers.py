@@ -112,7 +112,8 @@ class AttentionLayers(nn.Module):
         self.dim = dim
         self.causal = cfg.causal
         self.layout = build_layout(cfg)
-        norm = "scalenorm" if cfg.use_scalenorm else "rmsnorm" if cfg.use_rmsnorm else "layernorm"
+        norm = ("scalenorm" if cfg.use_scalenorm else "rmsnorm" if cfg.use_rmsnorm
+                else "simple_rmsnorm" if cfg.use_simple_rmsnorm else "layernorm")
         self.norm_name = norm
         placement = "rezero" if cfg.use_rezero else "sandwich" if cfg.sandwich_norm else "pre" if cfg.pre_norm else "post"
         self.placement = placement
@@ -123,7 +124,7 @@ class AttentionLayers(nn.Module):
         # TUPE scales the word-to-word logits of self-attention by 1/sqrt(2d), like its positional term
         # TUPE scales the word-to-word logits by 1/sqrt(2d); under QK-norm the learned scale stands in for it
         tupe_scale = cfg.tupe and not attn_cfg.qk_norm
-        self_cfg = replace(attn_cfg, scale=(2 * (attn_cfg.dim_head or dim // heads)) ** -0.5) if tupe_scale else attn_cfg
+        self_cfg = replace(attn_cfg, scale=(2 * attn_cfg.dim_head) ** -0.5) if tupe_scale else attn_cfg
         blocks = []
         for spec in self.layout:
             if spec.kind == "f":
@@ -134,14 +135,14 @@ class AttentionLayers(nn.Module):
             blocks.append(Residual(fn, placement=placement, make_norm=make, scale=spec.scale,
                                    layer_dropout=cfg.layer_dropout))
         self.blocks = nn.ModuleList(blocks)
-        self.final_norm = make() if placement in ("pre", "sandwich") else None
+        self.final_norm = make() if placement in ("pre", "sandwich") and cfg.pre_norm_has_final_norm else None
         # 2001.04451: run the blocks as a two-stream coupling, activations recomputed in backward
         self.reversible = ReversibleStack(self.layout) if cfg.reversible else None
 
-        dim_head = attn_cfg.dim_head or dim // heads
+        dim_head = attn_cfg.dim_head
         self.rotary = None
         if cfg.rotary_pos_emb:
-            self.rotary = RotaryEmbedding(cfg.rotary_emb_dim or dim_head, base=cfg.rotary_base)
+            self.rotary = RotaryEmbedding(cfg.rotary_dim(dim_head), base=cfg.rotary_base)
         self.rel_pos = None
         if cfg.alibi_pos_bias:
             self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads)
@@ -155,17 +156,12 @@ class AttentionLayers(nn.Module):
 
     @staticmethod
     def _check(cfg: LayersConfig, attn_cfg: AttentionConfig):
-        if attn_cfg.dim_head is None and cfg.dim % cfg.heads:
-            raise ValueError(f"dim ({cfg.dim}) must be divisible by heads ({cfg.heads}); "
-                             f"change one of them or set attn_dim_head")
         if attn_cfg.kv_heads is not None and cfg.heads % attn_cfg.kv_heads:
             raise ValueError(f"attn_kv_heads ({attn_cfg.kv_heads}) must divide heads ({cfg.heads})")
-        dim_head = attn_cfg.dim_head or cfg.dim // cfg.heads
-        if cfg.rotary_pos_emb and (cfg.rotary_emb_dim or dim_head) > dim_head:
-            raise ValueError(f"rotary_emb_dim ({cfg.rotary_emb_dim}) must be at most the head dimension ({dim_head})")
-        if cfg.rotary_pos_emb and (cfg.rotary_emb_dim or dim_head) % 2:
-            raise ValueError(f"rotary needs an even number of rotated channels; the head dimension is {dim_head}, "
-                             f"set rotary_emb_dim to an even value")
+        dim_head = attn_cfg.dim_head
+        if cfg.rotary_pos_emb and cfg.rotary_dim(dim_head) > dim_head:
+            raise ValueError(f"rotary_emb_dim ({cfg.rotary_emb_dim}) must be at most the head dimension "
+                             f"(attn_dim_head={dim_head})")
 
     def _init_weights(self, module):
         # GPT-2's initialisation: N(0, 0.02) weights, zero biases; residual output projections

@@ -50,7 +50,21 @@ class ScaleNorm(nn.Module):
         return self.g * x / x.norm(dim=-1, keepdim=True).clamp(min=self.eps)
 
 
-NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "scalenorm": ScaleNorm}
+class SimpleRMSNorm(nn.Module):
+    """RMSNorm without a gain: x / rms(x) (upstream's ``use_simple_rmsnorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, **_):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, x.shape[-1:], None, self.eps)
+
+    def extra_repr(self):
+        return f"eps={self.eps}"
+
+
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "scalenorm": ScaleNorm, "simple_rmsnorm": SimpleRMSNorm}
 
 
 def make_norm(name: str, dim: int, eps: float = 1e-5, bias: bool = True) -> nn.Module:

@@ -11,8 +11,7 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-from . import conflicts
-from . import checks
+from . import aliases, checks, conflicts
 from .config import REQUIRES, WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import DEFAULT_DEPTHS, FunnelEncoder
 from .layers import AttentionLayers, Decoder, Encoder, check_mask, default_positions
@@ -29,6 +28,10 @@ class TransformerWrapper(nn.Module):
     def __init__(self, *, attn_layers: AttentionLayers, **kwargs):
         """Keywords: :class:`~x_transformers.config.WrapperConfig` names, and the built stack."""
         super().__init__()
+        if "tie_embedding_scale" in kwargs and kwargs.get("tie_embedding") is not True:
+            raise ValueError("tie_embedding_scale scales a tied head's logits; set tie_embedding=True as well, "
+                             "or use logits_scale")
+        kwargs = aliases.resolve(kwargs, "wrapper", "TransformerWrapper")
         for key in kwargs:
             if key not in WRAPPER_KEYS:
                 raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",), "TransformerWrapper")
@@ -40,7 +43,7 @@ class TransformerWrapper(nn.Module):
         check_types(WrapperConfig, kwargs)
         conflicts.check("wrapper", {**stack_settings(attn_layers), **kwargs})
         self.cfg = cfg = build(WrapperConfig, kwargs, "TransformerWrapper")
-        num_tokens, max_seq_len, num_memory_tokens = cfg.num_tokens, cfg.max_seq_len, cfg.num_memory_tokens
+        num_tokens, max_seq_len, num_memory_tokens = cfg.num_tokens, cfg.max_seq_len, cfg.num_memory_tokens or 0
         lcfg = attn_layers.layer_cfg  # the LayersConfig (a funnel's: that of its blocks)
         dim = attn_layers.dim
         emb_dim = cfg.emb_dim or dim
@@ -50,19 +53,23 @@ class TransformerWrapper(nn.Module):
         self.attn_layers = attn_layers
         self.num_memory_tokens = num_memory_tokens
         # multiplies the final hidden states before the output head: T5 scales its tied decoder
-        # head by dim ** -0.5 (1910.10683, mesh-tensorflow); 1.0 everywhere else
-        self.logits_scale = cfg.logits_scale
+        # head by dim ** -0.5 (1910.10683, mesh-tensorflow), and so does upstream's tied head by
+        # default (its tie_embedding_scale); 1.0 for an untied head
+        default_scale = dim ** -0.5 if cfg.tie_embedding else 1.0
+        self.logits_scale = cfg.logits_scale if cfg.logits_scale is not None else default_scale
 
         self.token_emb = nn.Embedding(num_tokens, emb_dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
-        # Absolute positions: learned by default, unless the stack carries relative positions
-        # (rotary / ALiBi / T5), TUPE replaces it, or the user chose a sinusoidal table.
+        # Absolute positions: learned by default, as upstream: unless the stack carries rotary or T5
+        # bias (ALiBi keeps them), TUPE replaces them, the stack's disable_abs_pos_emb says so,
+        # max_seq_len=0, or the user chose a sinusoidal table.
         self.pos_emb = None
         if cfg.scaled_sinu_pos_emb or cfg.sinusoidal_pos_emb:
             self.pos_emb = SinusoidalPositionalEmbedding(emb_dim, scaled=cfg.scaled_sinu_pos_emb)
-        elif cfg.use_abs_pos_emb and not lcfg.has_positions:
+        elif cfg.use_abs_pos_emb and not lcfg.drops_abs_pos_emb and max_seq_len != 0:
             if max_seq_len is None:
-                raise ValueError("learned absolute positions need max_seq_len; set it, or use_abs_pos_emb=False")
+                raise ValueError("learned absolute positions need max_seq_len; set it, or max_seq_len=0 / "
+                                 "use_abs_pos_emb=False for none")
             self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len)
         self.emb_dropout = nn.Dropout(cfg.emb_dropout) if cfg.emb_dropout > 0 else nn.Identity()
         self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
@@ -158,6 +165,20 @@ def stack_settings(attn_layers) -> dict:
 HEAD_KEYS = ("tie_embedding", "logits_dim", "logits_scale")  # the output head's keywords
 
 
+def resolve_prefixed(kwargs: dict) -> dict:
+    """XTransformer's keywords with upstream names resolved (aliases.py), shared and per side:
+    ``enc_attn_one_kv_head=True`` -> ``enc_attn_kv_heads=1``."""
+    groups = {"": {}, "enc_": {}, "dec_": {}}
+    for key, value in kwargs.items():
+        prefix = key[:4] if key[:4] in ("enc_", "dec_") else ""
+        groups[prefix][key[len(prefix):]] = value
+    out = {}
+    for prefix, group in groups.items():
+        resolved = aliases.resolve(group, ("layers", "wrapper", "xtransformer"), "XTransformer", prefix)
+        out.update({prefix + k: v for k, v in resolved.items()})
+    return out
+
+
 class XTransformer(nn.Module):
     """Encoder-decoder. Shared keywords (``num_tokens, dim, depth, heads, max_seq_len`` and any
     other model keyword) apply to both sides; ``enc_*`` / ``dec_*`` keywords to one side only and
@@ -167,6 +188,7 @@ class XTransformer(nn.Module):
         super().__init__()
         if not isinstance(tie_token_emb, bool):
             raise ValueError(f"tie_token_emb must be True or False, got {tie_token_emb!r}")
+        kwargs = resolve_prefixed(kwargs)
         conflicts.check("xtransformer", dict(dim=dim, tie_token_emb=tie_token_emb, **kwargs))
         shared, sides = {}, {"enc": {}, "dec": {}}
         for key, value in kwargs.items():

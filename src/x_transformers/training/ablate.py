@@ -109,7 +109,8 @@ LM_SETTINGS: tuple[Setting, ...] = (
     Setting("reversible", {"reversible": True}, "2001.04451", "Reversible layers", MATCHED),
     # positions (each replaces the base's scheme)
     Setting("rotary", {"rotary_pos_emb": True}, "2104.09864", "Rotary", "replaces the learned absolute table"),
-    Setting("alibi", {"alibi_pos_bias": True}, "2108.12409", "ALiBi", "replaces the learned absolute table"),
+    Setting("alibi", {"alibi_pos_bias": True, "disable_abs_pos_emb": True}, "2108.12409", "ALiBi",
+            "replaces the learned absolute table"),
     Setting("t5_bias", {"rel_pos_bias": True}, "1910.10683", "T5 relative bias", "replaces the learned absolute table"),
     Setting("tupe", {"tupe": True, "tupe_max_seq_len": lambda c: c["seq_len"]}, "2006.15595", "TUPE",
             "replaces the learned absolute table"),
@@ -127,7 +128,7 @@ SEQ2SEQ_SETTINGS: tuple[Setting, ...] = (
     Setting("funnel", {"enc_funnel": True, "enc_depths": lambda c: (max(1, c["depth"] // 2),) * 2}, "2006.03236",
             "Funnel Transformer", "encoder depths (d/2, d/2), pooled once: same layer count"),
     Setting("rotary", {"rotary_pos_emb": True}, "2104.09864", "Rotary", "both sides"),
-    Setting("alibi", {"alibi_pos_bias": True}, "2108.12409", "ALiBi", "both sides"),
+    Setting("alibi", {"alibi_pos_bias": True, "disable_abs_pos_emb": True}, "2108.12409", "ALiBi", "both sides"),
     Setting("t5_bias", {"rel_pos_bias": True}, "1910.10683", "T5 relative bias", "both sides"),
     Setting("tupe_encoder", {"enc_tupe": True, "enc_tupe_max_seq_len": _same_len}, "2006.15595", "TUPE",
             "encoder TUPE, decoder keeps the learned table"),
@@ -142,7 +143,7 @@ NOT_RUN = {"Chunked feed-forward": "not ablated: `ff_chunks` gives identical out
 # positional setting replaces the base's scheme (e.g. the tiny preset's rotary) instead of conflicting
 EXCLUSIVE = (
     frozenset({"rotary_pos_emb", "alibi_pos_bias", "rel_pos_bias", "tupe", "tupe_max_seq_len", "tupe_untie_cls",
-               "sinusoidal_pos_emb", "scaled_sinu_pos_emb", "use_abs_pos_emb"}),
+               "sinusoidal_pos_emb", "scaled_sinu_pos_emb", "use_abs_pos_emb", "disable_abs_pos_emb"}),
     frozenset({"use_scalenorm", "use_rmsnorm", "use_rezero"}),
     frozenset({"attn_use_entmax15", "attn_entmax_alpha", "attn_learned_entmax_alpha", "attn_sparse_topk"}),
 )
@@ -157,7 +158,7 @@ def setting_model(setting: Setting, cfg: TrainConfig) -> dict:
     base = dict(cfg.model)
     heads = base.get("heads", 8)
     shape = dict(dim=base["dim"], heads=heads, depth=base.get("depth", 1), seq_len=cfg.seq_len,
-                 dim_head=base.get("attn_dim_head") or base["dim"] // heads)
+                 dim_head=base.get("attn_dim_head", 64))  # AttentionConfig's default
     changes = {k: (v(shape) if callable(v) else v) for k, v in setting.model.items()}
     for group in EXCLUSIVE:
         if any(_bare(k) in group for k in changes):

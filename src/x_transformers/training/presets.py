@@ -12,6 +12,9 @@
                 max_seq_len=1024)`` on the synthetic ``reverse`` task
 """
 
+# Shapes are spelled out where a default changed to upstream's (issue 17: attn_dim_head 64, a tied head
+# scaled by dim ** -0.5), so each preset keeps its model; tiny takes upstream's rotary default (half the
+# head) because a rotary_emb_dim in the preset would refuse a config that turns rotary off.
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         arch="decoder",
@@ -22,14 +25,15 @@ PRESETS: dict[str, dict] = {
     ),
     "gpt2-small": dict(
         arch="decoder",
-        model=dict(num_tokens=50304, dim=768, depth=12, heads=12, attn_bias=True, tie_embedding=True),
+        model=dict(num_tokens=50304, dim=768, depth=12, heads=12, attn_bias=True, tie_embedding=True, logits_scale=1.0),
         tokenizer="bpe:50304",  # GPT-2's vocabulary size, trained on the corpus (cached)
         seq_len=1024, batch_size=16, max_steps=5000, lr=6e-4, warmup_steps=200,
         eval_every=500, save_every=1000, stdlib_bytes=32_000_000,
     ),
     "1b": dict(
         arch="decoder",
-        model=dict(num_tokens=50304, dim=2048, depth=16, heads=16, tie_embedding=True),
+        model=dict(num_tokens=50304, dim=2048, depth=16, heads=16, attn_dim_head=128, tie_embedding=True,
+                   logits_scale=1.0),
         seq_len=2048, batch_size=8, max_steps=5000, lr=3e-4, warmup_steps=200,
         eval_every=500, save_every=1000, stdlib_bytes=32_000_000,
     ),
@@ -48,7 +52,7 @@ PRESETS: dict[str, dict] = {
     ),
     "ablate-seq2seq": dict(
         arch="xtransformer",
-        model=dict(dim=128, depth=2, heads=4),
+        model=dict(dim=128, depth=2, heads=4, attn_dim_head=32),
         task="reverse", seq_len=16, batch_size=64, max_steps=300, lr=2e-3, warmup_steps=30, eval_batches=4,
     ),
 }

@@ -1,0 +1,211 @@
+"""Upstream x-transformers keyword names, resolved to ours once, before validation.
+
+Three tables, one place:
+
+- :data:`ALIASES`: an upstream name (or one of our older names) for a feature we have -> our
+  keyword, with the value transform where the two spell it differently
+  (``attn_one_kv_head=True`` -> ``attn_kv_heads=1``). Giving an alias together with its target,
+  or two aliases of one target, is a ``TypeError`` naming both (two values for one keyword, as
+  Python says of a function called with one argument twice).
+- :data:`NO_OPS`: upstream names that change nothing here (``attn_flash``: our dispatcher always
+  picks the kernel; the result is the same function). Any value of the right type is accepted.
+- :data:`NOT_YET`: upstream names of features we do not have yet, with upstream's default. At that
+  default they are a no-op (an upstream config that spells its defaults out still builds); any
+  other value raises, naming the keyword. Nothing is ignored silently.
+
+Names that are the same here and upstream (``rotary_pos_emb``, ``attn_dim_head``, ``ff_glu`` ...)
+need no entry: the constructors read them directly. The scope of an entry is where it is passed:
+``layers`` (Encoder / Decoder / CrossAttender / AttentionLayers / FunnelEncoder, and either side
+of XTransformer with ``enc_`` / ``dec_``) or ``wrapper`` (TransformerWrapper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+DROP = object()  # a transform's answer when the upstream value asks for nothing (the default)
+
+
+@dataclass(frozen=True)
+class Alias:
+    name: str  # as a user writes it (prefix included)
+    target: str  # our keyword
+    transform: Callable[[Any], Any] | None = None  # upstream value -> ours (or DROP); None: the same value
+    scope: str = "layers"
+    note: str = ""
+
+    def resolve(self, value):
+        return value if self.transform is None else self.transform(value)
+
+
+def _flag(name: str, value_when_on):
+    """An upstream bool that selects one value of our keyword: True -> that value, False -> nothing."""
+    def transform(value):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+        return value_when_on if value else DROP
+    return transform
+
+
+ALIASES: dict[str, Alias] = {a.name: a for a in (
+    Alias("attn_one_kv_head", "attn_kv_heads", _flag("attn_one_kv_head", 1),
+          note="multi-query attention: one key/value head"),
+    Alias("ff_swish", "ff_activation", _flag("ff_swish", "swish"), note="SiLU activation (SwiGLU with ff_glu)"),
+    Alias("ff_relu_squared", "ff_activation", _flag("ff_relu_squared", "relu_squared"),
+          note="squared ReLU activation, 2109.08668"),
+    Alias("cross_attn_dim_context", "dim_context", note="width of the cross-attention context"),
+    Alias("tie_embedding_scale", "logits_scale", scope="wrapper",
+          note="scale of the tied head's logits (needs tie_embedding=True)"),
+)}
+
+
+@dataclass(frozen=True)
+class NoOp:
+    name: str
+    kinds: tuple[type, ...]  # accepted value types
+    reason: str
+    scope: str = "layers"
+
+
+NO_OPS: dict[str, NoOp] = {n.name: n for n in (
+    NoOp("attn_flash", (bool,), "the attention dispatcher picks the kernel (flash / fused SDPA when it can "
+                                "compute the request); the result is the same function either way"),
+    NoOp("verbose", (bool,), "upstream's warnings switch; nothing here is logged at construction"),
+    NoOp("norm_add_unit_offset", (bool,), "how a norm's gain is stored (upstream: 1 + a zero-initialised "
+                                          "parameter); the function is the same, see docs/migration.md"),
+)}
+
+
+# Upstream (2.31.10) names of features we do not have yet -> upstream's default. The issue that
+# will add them: #20 attention variants, #21 residual / norm / position / feed-forward variants,
+# #17 (this issue) the wrapper's and XTransformer's own variants.
+_ATTN_NOT_YET = dict(
+    pre_scale_post_talking_heads=False, head_scale=False, sparse_topk_straight_through=False,
+    sublayer_dropout=0.0, on_attn=False, gate_value_heads=False, swiglu_values=False, gate_values=False,
+    gate_values_rank=None, gate_values_headwise=False, output_gate=False, output_gate_rank=None,
+    output_gate_headwise=False, low_rank_silu_gates=True, zero_init_output=False, output_proj_depth=None,
+    hard=False, max_attend_past=None, qk_norm_groups=1, qk_norm_dim_scale=False, qk_rmsnorm=False,
+    k_rmsnorm=False, value_rmsnorm=False, l2_distance=False, sigmoid=False, gumbel_softmax=False,
+    gumbel_softmax_temp=1.0, gumbel_softmax_hard=True, selective=False, cog_signed=False, custom_attn_fn=None,
+    hybrid_module=None, hybrid_mask_kwarg=None, hybrid_fold_axial_dim=None, hybrid_learned_mix=False,
+    value_dim_head=None, dim_out=None, add_zero_kv=False, head_learned_sink=False, rotate_num_heads=None,
+    data_dependent_alibi=False, data_dependent_alibi_per_row=False, data_dependent_alibi_per_row_dim_head=8,
+    data_dependent_alibi_kwargs={}, use_rel_proj_pos_bias=False, rel_proj_num_distance_basis=16,
+    rel_proj_max_dist=1024, use_cope=False, cope_max_pos=16, cope_soft_onehot_pos=False,
+    cope_talking_heads=False, softclamp_logits=False, logit_softclamp_value=50.0,
+    learned_value_residual_mix=False, orthog_projected_values=False, orthog_projected_values_per_head=False,
+    laser=False, laser_softclamp_value=15.0, qkv_receive_diff_residuals=False, project_out=None,
+    use_latent_q=False, dim_latent_q=None, use_latent_kv=False, dim_latent_kv=None, latent_rope_subheads=None,
+    onnxable=False, inverted_attention=False,
+    attend_sdp_kwargs=dict(enable_flash=True, enable_math=True, enable_mem_efficient=True), flash_pack_seq=False,
+    # upstream's Attention takes the context width too, but through attn_ it would reach self-attention
+    # as well; cross_attn_dim_context (an alias of dim_context) is the cross-attention one
+    dim_context=None,
+)
+_FF_NOT_YET = dict(
+    dim_out=None, glu_mult_bias=False, solu=False, custom_activation=None, post_act_ln=False,
+    sublayer_dropout=0.0, zero_init_output=False, output_proj_depth=None, softclamp_value=None,
+    glu_softclamp=False, glu_gate_softclamp_value=4.0, glu_up_softclamp_value=25.0,
+)
+_LAYERS_NOT_YET = dict(
+    only_attn=False, use_dynamic_tanh=False, use_derf=False, dynamic_tanh_init_alpha=1.0,
+    use_adaptive_layernorm=False, use_adaptive_rmsnorm=False, use_adaptive_layerscale=False, dim_condition=None,
+    adaptive_condition_mlp=False, adaptive_condition_mlp_expansion=4, dynamic_pos_bias=False,
+    dynamic_pos_bias_log_distance=False, dynamic_pos_bias_mlp_depth=2, dynamic_pos_bias_norm=False,
+    rotary_xpos=False, rotary_interpolation_factor=1.0, rotary_xpos_scale_base=512, rotary_base_rescale_factor=1.0,
+    rotate_num_heads=None, polar_pos_emb=False, polar_bias_uniform_init=False, weight_tie_layers=False,
+    layers_execute_order=None, par_ratio=None, residual_attn=False, cross_residual_attn=False,
+    pre_and_post_norm=False, attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
+    gate_residual=False, orthog_residual=False, mv_split_residual=False, gated_multi_residual=False,
+    scale_residual=False, scale_residual_constant=1.0, depth_scale_residual=False, shift_tokens=0,
+    softclamp_output=False, softclamp_output_value=30.0, zero_init_branch_output=False,
+    cross_attn_tokens_dropout=0.0, use_layerscale=False, layerscale_init_value=0.0, unet_skips=False,
+    integrate_layers=False, layer_integrate_use_softmax=True, num_residual_streams=1,
+    qkv_receive_diff_residuals=False, reinject_input=False, learned_reinject_input_gate=False,
+    add_value_residual=False, learned_value_residual_mix=True, rel_pos_kwargs={}, residual_fn_kwargs={},
+    hyper_conn_sinkhorn_iters=5,
+)
+_WRAPPER_NOT_YET = dict(
+    embed_num_tokens={}, max_mem_len=0, shift_mem_down=0, post_emb_norm=False,
+    memory_tokens_interspersed_every=None, num_output_heads=1, l2norm_embed=False, recycling=False,
+    train_max_recycle_steps=4, looped=False, max_looped_steps=4, emb_frac_gradient=1.0, attn_z_loss_weight=1e-4,
+    average_pool_embed=False, use_cls_token=False, num_cls_tokens=1, attn_pool=False, num_pooled_tokens=1,
+    attn_pool_depth=1, dim_pooled_tokens=None, squeeze_out_last_dim=False, token_emb=None,
+    mixture_of_softmax=False, mixture_of_softmax_k=4, sigsoftmax_logits=False, ff_deep_embed=False,
+    to_logits=None, add_continuous_pred_head=False, input_not_include_cache=False,
+)
+# XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)
+_XTRANSFORMER_NOT_YET = dict(ignore_index=-100, pad_value=0, cross_attn_tokens_dropout=0.0)
+
+
+@dataclass(frozen=True)
+class NotYet:
+    name: str
+    default: Any
+    issue: int
+    scope: str = "layers"
+
+
+NOT_YET: dict[tuple[str, str], NotYet] = {}
+for _names, _prefix, _issue, _scope in ((_ATTN_NOT_YET, "attn_", 20, "layers"), (_FF_NOT_YET, "ff_", 21, "layers"),
+                                        (_LAYERS_NOT_YET, "", 21, "layers"), (_WRAPPER_NOT_YET, "", 17, "wrapper"),
+                                        (_XTRANSFORMER_NOT_YET, "", 17, "xtransformer")):
+    for _name, _default in _names.items():
+        NOT_YET[(_scope, _prefix + _name)] = NotYet(_prefix + _name, _default, _issue, _scope)
+
+
+def _is_default(value, default) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool) and value == default
+    if default is None:
+        return value is None
+    try:
+        return type(value) in (int, float, dict) and value == default
+    except Exception:  # a tensor or module compares elementwise
+        return False
+
+
+def upstream_names(scope: str) -> set[str]:
+    """Every name these tables accept in ``scope``."""
+    return ({a.name for a in ALIASES.values() if a.scope == scope}
+            | {n.name for n in NO_OPS.values() if n.scope == scope}
+            | {e.name for (s, _), e in NOT_YET.items() if s == scope})
+
+
+def resolve(kwargs: dict[str, Any], scope: str | tuple[str, ...], where: str, prefix: str = "") -> dict[str, Any]:
+    """``kwargs`` with every upstream name replaced by ours (or dropped when it asks for nothing).
+
+    Raises TypeError when an alias and its target (or two aliases of one target) are
+    both given, ValueError when a not-yet-implemented feature is asked for. ``prefix`` (``enc_`` /
+    ``dec_``) is how the caller's user spelled these keywords, for the messages.
+    """
+    scopes = (scope,) if isinstance(scope, str) else scope
+    out, source = {}, {}  # source: our key -> the name the user wrote
+    for key, value in kwargs.items():
+        alias, noop = ALIASES.get(key), NO_OPS.get(key)
+        later = next((NOT_YET[(s, key)] for s in scopes if (s, key) in NOT_YET), None)
+        if alias is not None and alias.scope in scopes:
+            resolved = alias.resolve(value)
+            target = alias.target
+        elif noop is not None and noop.scope in scopes:
+            if not isinstance(value, noop.kinds):
+                kinds = " or ".join(k.__name__ for k in noop.kinds)
+                raise ValueError(f"{prefix}{key} must be {kinds}, got {value!r} ({type(value).__name__})")
+            continue
+        elif later is not None:
+            if not _is_default(value, later.default):
+                raise ValueError(f"{where}: {prefix}{key}={value!r} asks for an upstream x-transformers feature "
+                                 f"that is not implemented here yet (issue #{later.issue}); only its default "
+                                 f"{later.default!r} is accepted")
+            continue
+        else:
+            resolved, target = value, key
+        if target in source:
+            raise TypeError(f"{where} got {prefix}{source[target]} and {prefix}{key}, two values for "
+                            f"{prefix}{target}; give one of them")
+        if resolved is DROP:  # the upstream value asks for nothing (its default)
+            continue
+        source[target] = key
+        out[target] = resolved
+    return out
