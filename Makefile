@@ -23,7 +23,13 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-test: $(VENV)/.test
+# The real upstream x-transformers, for the checkpoint-parity tests (tests/test_upstream_checkpoint.py
+# runs it in a child process with PYTHONPATH=.upstream): never imported beside ours.
+$(VENV)/.upstream: | $(BIN)/python
+	$(BIN)/pip install -q --no-deps --target .upstream x-transformers==2.31.10 einx einops loguru torch-einops-utils frozendict
+	touch $@
+
+test: $(VENV)/.test $(VENV)/.upstream
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
 
 # Large random draws of every documented keyword (tests/test_fuzz.py); FUZZ_COUNT=100000 for more.
@@ -41,4 +47,4 @@ gpu-check:
 	PYTHONPATH=src python3 benchmarks/gpu_train_guard.py --steps 50
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .upstream
