@@ -50,8 +50,9 @@ WRAP = dict(num_tokens=TOKENS, max_seq_len=32)
 ALWAYS = dict(norm_bias=False)  # our LayerNorm's bias; upstream's LayerNorm has none
 
 
-def C(name, kind="Decoder", up=None, wrap=None, ours=None, wrap_ours=None, alias=None, extra_params=0, **flags):
-    return dict(name=name, kind=kind, up={**BASE, **(up or {})}, wrap={**WRAP, **(wrap or {})}, ours=ours or {},
+def C(name, kind="Decoder", up=None, wrap=None, ours=None, wrap_ours=None, alias=None, extra_params=0, base=BASE,
+      **flags):
+    return dict(name=name, kind=kind, up={**base, **(up or {})}, wrap={**WRAP, **(wrap or {})}, ours=ours or {},
                 wrap_ours=wrap_ours or {}, alias=alias, extra_params=extra_params, seed=len(name) * 7 + 3,
                 batch=2, seq=SEQ, num_tokens=TOKENS, **flags)
 
@@ -123,6 +124,19 @@ CONFIGS += [
          up={**XT, "enc_rel_pos_bias": True, "dec_rotary_pos_emb": True, "dec_rotary_emb_dim": 4}),
 ]
 
+# The same keywords on both sides, none of them explicit where our defaults differ: these load and
+# agree only once branch p17-aliases brings upstream's defaults (head width 64, rotary over half the
+# head, absolute positions kept beside ALiBi). Expected failures until then (strict: a pass fails,
+# so the entry is removed when the defaults land).
+DEFAULTS = dict(dim=DIM, depth=2, heads=HEADS)
+NEEDS_ALIAS_DEFAULTS = [
+    C("decoder_upstream_defaults", base=DEFAULTS),
+    C("decoder_rotary_upstream_defaults", base=DEFAULTS, up=dict(rotary_pos_emb=True)),
+    C("decoder_alibi_upstream_defaults", base=DEFAULTS, up=dict(alibi_pos_bias=True)),
+]
+CONFIGS += NEEDS_ALIAS_DEFAULTS
+NEEDS_ALIAS = {c["name"] for c in NEEDS_ALIAS_DEFAULTS}
+
 
 def build_ours(cfg):
     def merged(base, over):
@@ -167,10 +181,12 @@ def upstream_results(tmp_path_factory):
 
 
 def test_at_least_30_configurations():
-    assert len(CONFIGS) >= 30 and len({c["name"] for c in CONFIGS}) == len(CONFIGS)
+    assert len(CONFIGS) - len(NEEDS_ALIAS) >= 30 and len({c["name"] for c in CONFIGS}) == len(CONFIGS)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=[c["name"] for c in CONFIGS])
+@pytest.mark.parametrize("cfg", [pytest.param(c, marks=pytest.mark.xfail(
+    strict=True, reason="upstream's defaults arrive with branch p17-aliases")) if c["name"] in NEEDS_ALIAS else c
+    for c in CONFIGS], ids=[c["name"] for c in CONFIGS])
 def test_upstream_parity(cfg, upstream_results):
     res = upstream_results[cfg["name"]]
     assert "error" not in res, f"upstream could not build {cfg['name']}: {res.get('error')}"
