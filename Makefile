@@ -23,8 +23,9 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-# The real upstream x-transformers, for the tests that compare with it (tests/upstream.py runs it in
-# a child process: it has our import name). An ignored folder, never imported by the package.
+# The real upstream x-transformers, for the tests that compare with it (tests/upstream.py and
+# tests/upstream_child.py run it in a child process with PYTHONPATH=.upstream: it has our import
+# name). An ignored folder, never imported by the package.
 UPSTREAM_VERSION := 2.31.10
 $(VENV)/.upstream: | $(BIN)/python
 	$(BIN)/pip install -q --no-deps --target .upstream x-transformers==$(UPSTREAM_VERSION) einx einops loguru torch-einops-utils frozendict

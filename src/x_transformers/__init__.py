@@ -8,10 +8,13 @@ from . import flex as _flex  # noqa: F401 - registers the FlexAttention backend 
 from .funnel import FunnelEncoder
 from .hf import from_pretrained, load_tokenizer, save_pretrained
 from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
+from .multi_input import MultiInputTransformerWrapper
+from .neo_mlp import NeoMLP
 from .wrappers import TransformerWrapper, XTransformer
 
 __all__ = [
     "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "FunnelEncoder", "TransformerWrapper", "XTransformer",
+    "MultiInputTransformerWrapper", "NeoMLP",
     "KVCache", "StaticKVCache", "AutoregressiveWrapper",
     "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
     "from_pretrained", "save_pretrained", "load_tokenizer",

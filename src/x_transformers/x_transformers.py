@@ -1,0 +1,118 @@
+"""Upstream's module path ``x_transformers.x_transformers``, over this package's modules.
+
+Code written against upstream (``from x_transformers.x_transformers import Decoder, ...``) imports
+from here. The model classes are ours. ``Attention``, ``FeedForward`` and ``Attend`` take
+upstream's constructor keywords (``Attention(dim, dim_head=64, heads=8, ...)``) and return what
+upstream's return (``Attention(x)`` is the output tensor; ``Attend(q, k, v)`` is
+``(out, intermediates)``), built on our :class:`~x_transformers.attention.Attention`,
+:class:`~x_transformers.feedforward.FeedForward` and :func:`~x_transformers.attend.attend`.
+Upstream names with no equivalent here are absent, never stubs. Norms keep our constructors
+(``RMSNorm(dim)``, ``ScaleNorm(dim)`` compute upstream's function; our ``LayerNorm(dim)`` has an
+additive bias, upstream's none). Checkpoints: :mod:`x_transformers.upstream`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import attention as _attention
+from . import feedforward as _feedforward
+from .attend import attend
+from .config import AttentionConfig, FeedForwardConfig, build
+from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
+from .norms import LayerNorm, RMSNorm, ScaleNorm
+from .wrappers import TransformerWrapper, XTransformer
+
+__all__ = [
+    "TransformerWrapper", "XTransformer", "AttentionLayers", "Encoder", "Decoder", "CrossAttender",
+    "Attention", "FeedForward", "Attend", "AttendIntermediates", "LinearNoBias", "DEFAULT_DIM_HEAD",
+    "LayerNorm", "RMSNorm", "ScaleNorm",
+]
+
+DEFAULT_DIM_HEAD = 64  # upstream's attention head width
+LinearNoBias = partial(nn.Linear, bias=False)
+
+
+def _key_mask(mask: Tensor | None, name: str) -> Tensor | None:
+    """(b, m) bool, True = keep -> (b, 1, 1, m), the shape our attention reads."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.ndim != 2:
+        raise ValueError(f"{name} must be a (batch, seq) bool tensor with True = keep, got {mask.dtype} "
+                         f"of shape {tuple(mask.shape)}")
+    return mask[:, None, None, :]
+
+
+class Attention(_attention.Attention):
+    """Upstream's ``Attention(dim, dim_head=64, heads=8, causal=False, dim_context=None, ...)``.
+
+    Other keywords are those of :class:`~x_transformers.config.AttentionConfig` (``kv_heads``,
+    ``num_mem_kv``, ``qk_norm``, ``pre_talking_heads``, ...); ``one_kv_head=True`` is
+    ``kv_heads=1``. ``forward(x, context=None, mask=None, context_mask=None)`` returns the output.
+    """
+
+    def __init__(self, dim: int, dim_head: int = DEFAULT_DIM_HEAD, heads: int = 8, causal: bool = False,
+                 dim_context: int | None = None, one_kv_head: bool = False, **kwargs):
+        if one_kv_head:
+            if kwargs.get("kv_heads") not in (None, 1):
+                raise ValueError(f"one_kv_head=True is kv_heads=1; got kv_heads={kwargs['kv_heads']} as well")
+            kwargs["kv_heads"] = 1
+        cfg = build(AttentionConfig, dict(dim_head=dim_head, **kwargs), "Attention")
+        if cfg.kv_heads is not None and heads % cfg.kv_heads:
+            raise ValueError(f"kv_heads ({cfg.kv_heads}) must divide heads ({heads})")
+        cross = dim_context is not None
+        super().__init__(dim, heads, cfg, causal=causal, cross=cross, dim_context=dim_context)
+
+    def forward(self, x, context=None, mask=None, context_mask=None):
+        if self.cross and context is None:
+            raise ValueError("this Attention was built with dim_context: pass context=(batch, ctx_len, dim_context)")
+        keys_mask = context_mask if self.cross else mask
+        out, _ = super().forward(x, context, mask=_key_mask(keys_mask, "context_mask" if self.cross else "mask"))
+        return out
+
+
+class FeedForward(_feedforward.FeedForward):
+    """Upstream's ``FeedForward(dim, dim_out=None, mult=4, glu=False, swish=False,
+    relu_squared=False, dropout=0., no_bias=False)``: GELU unless ``swish`` / ``relu_squared``."""
+
+    def __init__(self, dim: int, dim_out: int | None = None, mult: float = 4, glu: bool = False, swish: bool = False,
+                 relu_squared: bool = False, dropout: float = 0.0, no_bias: bool = False):
+        if swish and relu_squared:
+            raise ValueError("choose one activation: swish=True or relu_squared=True, not both")
+        activation = "swish" if swish else "relu_squared" if relu_squared else "gelu"
+        cfg = FeedForwardConfig(mult=mult, glu=glu, activation=activation, dropout=dropout, no_bias=no_bias)
+        super().__init__(dim, cfg, dim_out=dim_out)
+
+
+class AttendIntermediates(NamedTuple):
+    """What ``Attend`` returns beside its output: the post-softmax weights (b, h, n, m) when asked."""
+
+    post_softmax_attn: Tensor | None = None
+
+
+class Attend(nn.Module):
+    """Upstream's core attention module: ``Attend(causal=False, dropout=0., scale=None,
+    sparse_topk=None)(q, k, v, mask=None, attn_bias=None) -> (out, intermediates)``, through our
+    :func:`~x_transformers.attend.attend` (q (b, h, n, d), k / v (b, g, m, d), g dividing h).
+    ``mask``: bool, True = keep, (b, m) or broadcastable to (b, h, n, m)."""
+
+    def __init__(self, *, causal: bool = False, dropout: float = 0.0, scale: float | None = None,
+                 sparse_topk: int | None = None, heads: int | None = None):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.causal, self.dropout, self.scale, self.sparse_topk, self.heads = causal, dropout, scale, sparse_topk, heads
+
+    def forward(self, q, k, v, mask=None, attn_bias=None, *, return_attn: bool = False):
+        if self.heads is not None and q.shape[1] != self.heads:
+            raise ValueError(f"Attend was built for {self.heads} heads, q has {q.shape[1]}")
+        if mask is not None and mask.ndim == 2:
+            mask = _key_mask(mask, "mask")
+        out, weights = attend(q, k, v, mask=mask, causal=self.causal, bias=attn_bias, scale=self.scale,
+                              dropout=self.dropout if self.training else 0.0, sparse_topk=self.sparse_topk,
+                              need_weights=return_attn)
+        return out, AttendIntermediates(post_softmax_attn=weights)
