@@ -7,16 +7,11 @@ input and saves its state dict and output. Here the same keywords build our mode
 goes through :func:`x_transformers.upstream.load_state_dict`, and the outputs must agree to 1e-5
 (fp32, CPU) with equal parameter counts.
 
-Each configuration gives its keywords as upstream spells them (``up``, ``wrap``). ``ours`` holds
-what our side needs differently:
-- ``ALWAYS``: our LayerNorm has an additive bias by default (upstream's has none);
-- entries marked ``alias``: upstream keyword spellings (``attn_one_kv_head``, ``ff_swish``,
-  ``ff_relu_squared``) or defaults (tied head scale) that branch p17-aliases brings; until it
-  lands our spelling is given here. ``attn_dim_head`` and ``rotary_emb_dim`` are given on both sides
-  (our defaults differ until then), and ALiBi configurations pass ``use_abs_pos_emb=False`` to both
-  (upstream keeps absolute positions beside ALiBi, ours drops them until then).
-``RMS_EPS`` and ``extra_params`` are documented deviations (see there); ``extra_params``: our QK-norm logit scale is a learned per-head
-parameter, upstream's a constant (the loader sets ours to that constant).
+Each configuration gives its keywords as upstream spells them (``up``, ``wrap``); our side takes
+the same keywords, upstream's names and defaults included (the alias table). ``ours`` holds what
+our side needs differently: ``RMS_EPS`` and ``extra_params`` are documented deviations (see there);
+``extra_params``: our QK-norm logit scale is a learned per-head parameter, upstream's a constant
+(the loader sets ours to that constant).
 """
 
 from __future__ import annotations
@@ -47,13 +42,12 @@ def upstream_dir() -> Path | None:
 DIM, HEADS, DH, TOKENS, SEQ = 32, 4, 8, 64, 12
 BASE = dict(dim=DIM, depth=2, heads=HEADS, attn_dim_head=DH)
 WRAP = dict(num_tokens=TOKENS, max_seq_len=32)
-ALWAYS = dict(norm_bias=False)  # our LayerNorm's bias; upstream's LayerNorm has none
 
 
-def C(name, kind="Decoder", up=None, wrap=None, ours=None, wrap_ours=None, alias=None, extra_params=0, base=BASE,
+def C(name, kind="Decoder", up=None, wrap=None, ours=None, wrap_ours=None, extra_params=0, base=BASE,
       **flags):
     return dict(name=name, kind=kind, up={**base, **(up or {})}, wrap={**WRAP, **(wrap or {})}, ours=ours or {},
-                wrap_ours=wrap_ours or {}, alias=alias, extra_params=extra_params, seed=len(name) * 7 + 3,
+                wrap_ours=wrap_ours or {}, extra_params=extra_params, seed=len(name) * 7 + 3,
                 batch=2, seq=SEQ, num_tokens=TOKENS, **flags)
 
 
@@ -78,8 +72,7 @@ CONFIGS = [
     C("decoder_t5", up=dict(rel_pos_bias=True)),
     C("encoder_t5", "Encoder", up=dict(rel_pos_bias=True, rel_pos_num_buckets=16, rel_pos_max_distance=64)),
     C("decoder_gqa", up=dict(attn_kv_heads=2)),
-    C("decoder_mqa", up=dict(attn_one_kv_head=True), ours=dict(attn_one_kv_head=None, attn_kv_heads=1),
-      alias="attn_one_kv_head"),
+    C("decoder_mqa", up=dict(attn_one_kv_head=True)),
     C("decoder_gqa_rotary", up=dict(attn_kv_heads=2, **ROT)),
     C("decoder_gqa_t5_post_talking_heads", up=dict(attn_kv_heads=2, rel_pos_bias=True, attn_post_talking_heads=True,
                                                    attn_num_mem_kv=1)),
@@ -92,11 +85,9 @@ CONFIGS = [
     C("decoder_qk_norm", up=dict(attn_qk_norm=True), extra_params=qk()),
     C("decoder_qk_norm_rotary_mem_kv", up=dict(attn_qk_norm=True, attn_num_mem_kv=2, **ROT), extra_params=qk()),
     C("decoder_geglu", up=dict(ff_glu=True)),
-    C("decoder_swiglu", up=dict(ff_glu=True, ff_swish=True), ours=dict(ff_swish=None, ff_activation="swish"),
-      alias="ff_swish"),
-    C("decoder_swish", up=dict(ff_swish=True), ours=dict(ff_swish=None, ff_activation="swish"), alias="ff_swish"),
-    C("decoder_relu_squared", up=dict(ff_relu_squared=True),
-      ours=dict(ff_relu_squared=None, ff_activation="relu_squared"), alias="ff_relu_squared"),
+    C("decoder_swiglu", up=dict(ff_glu=True, ff_swish=True)),
+    C("decoder_swish", up=dict(ff_swish=True)),
+    C("decoder_relu_squared", up=dict(ff_relu_squared=True)),
     C("decoder_ff_no_bias_mult2", up=dict(ff_no_bias=True, ff_mult=2)),
     C("decoder_rmsnorm", up=dict(use_rmsnorm=True), ours=dict(norm_eps=RMS_EPS)),
     C("decoder_scalenorm", up=dict(use_scalenorm=True)),
@@ -105,8 +96,7 @@ CONFIGS = [
     C("decoder_sandwich_norm", up=dict(sandwich_norm=True)),
     C("decoder_sandwich_coef", up=dict(depth=3, sandwich_coef=1)),
     C("decoder_custom_layers", up=dict(custom_layers=("a", "a", "f", "f"))),
-    C("decoder_tied_embedding", wrap=dict(tie_embedding=True), wrap_ours=dict(logits_scale=DIM ** -0.5),
-      alias="tie_embedding's dim ** -0.5 head scale"),
+    C("decoder_tied_embedding", wrap=dict(tie_embedding=True)),
     C("decoder_emb_dim", wrap=dict(emb_dim=16)),
     C("decoder_scaled_sinusoidal", wrap=dict(scaled_sinu_pos_emb=True)),
     C("decoder_padding_mask", up=ROT, mask=True),
@@ -124,18 +114,14 @@ CONFIGS += [
          up={**XT, "enc_rel_pos_bias": True, "dec_rotary_pos_emb": True, "dec_rotary_emb_dim": 4}),
 ]
 
-# The same keywords on both sides, none of them explicit where our defaults differ: these load and
-# agree only once branch p17-aliases brings upstream's defaults (head width 64, rotary over half the
-# head, absolute positions kept beside ALiBi). Expected failures until then (strict: a pass fails,
-# so the entry is removed when the defaults land).
+# The same keywords on both sides, none of them explicit where upstream's defaults apply (head
+# width 64, rotary over half the head, absolute positions kept beside ALiBi).
 DEFAULTS = dict(dim=DIM, depth=2, heads=HEADS)
-NEEDS_ALIAS_DEFAULTS = [
+CONFIGS += [
     C("decoder_upstream_defaults", base=DEFAULTS),
     C("decoder_rotary_upstream_defaults", base=DEFAULTS, up=dict(rotary_pos_emb=True)),
     C("decoder_alibi_upstream_defaults", base=DEFAULTS, up=dict(alibi_pos_bias=True)),
 ]
-CONFIGS += NEEDS_ALIAS_DEFAULTS
-NEEDS_ALIAS = {c["name"] for c in NEEDS_ALIAS_DEFAULTS}
 
 
 def build_ours(cfg):
@@ -144,12 +130,9 @@ def build_ours(cfg):
         return {k: v for k, v in out.items() if v is not None}
 
     if cfg["kind"] == "XTransformer":
-        kw = dict(cfg["up"])
-        for side in ("enc_", "dec_"):
-            kw.update({side + k: v for k, v in ALWAYS.items()})
-        return XTransformer(**merged(kw, cfg["ours"]))
+        return XTransformer(**merged(cfg["up"], cfg["ours"]))
     cls = {"Decoder": Decoder, "Encoder": Encoder}[cfg["kind"]]
-    layers = cls(**merged({**cfg["up"], **ALWAYS}, cfg["ours"]))
+    layers = cls(**merged(cfg["up"], cfg["ours"]))
     return TransformerWrapper(attn_layers=layers, **merged(cfg["wrap"], cfg["wrap_ours"]))
 
 
@@ -181,12 +164,10 @@ def upstream_results(tmp_path_factory):
 
 
 def test_at_least_30_configurations():
-    assert len(CONFIGS) - len(NEEDS_ALIAS) >= 30 and len({c["name"] for c in CONFIGS}) == len(CONFIGS)
+    assert len(CONFIGS) >= 30 and len({c["name"] for c in CONFIGS}) == len(CONFIGS)
 
 
-@pytest.mark.parametrize("cfg", [pytest.param(c, marks=pytest.mark.xfail(
-    strict=True, reason="upstream's defaults arrive with branch p17-aliases")) if c["name"] in NEEDS_ALIAS else c
-    for c in CONFIGS], ids=[c["name"] for c in CONFIGS])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c["name"] for c in CONFIGS])
 def test_upstream_parity(cfg, upstream_results):
     res = upstream_results[cfg["name"]]
     assert "error" not in res, f"upstream could not build {cfg['name']}: {res.get('error')}"

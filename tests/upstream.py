@@ -2,8 +2,7 @@
 
 The package has our import name, so it never shares a process with ours: a child with the
 upstream folder first on its path and its working directory outside this repository. The folder
-is ``$XT_UPSTREAM``, else ``.upstream`` at the repository root (``make test`` installs it there),
-else ``/work/upstream/pkg``.
+is ``$XT_UPSTREAM``, else ``.upstream`` at the repository root (``make test`` installs it there).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ VERSION = "2.31.10"
 
 
 def upstream_path() -> Path | None:
-    for candidate in (os.environ.get("XT_UPSTREAM"), ROOT / ".upstream", "/work/upstream/pkg"):
+    for candidate in (os.environ.get("XT_UPSTREAM"), ROOT / ".upstream"):
         if candidate and (Path(candidate) / "x_transformers" / "x_transformers.py").is_file():
             return Path(candidate)
     return None
