@@ -79,10 +79,11 @@ class KVCache:
         return self.seq_len == 0
 
     def next_positions(self) -> Tensor | None:
-        """(b, 1): one past the last kept position of each row (the count of kept tokens)."""
+        """(b, 1): one past the last kept position of each row (the count of kept tokens, unless
+        :meth:`keep_last` dropped the oldest: positions go on from where they were)."""
         if self.key_mask is None:
             return None
-        return self.key_mask.sum(dim=-1, keepdim=True)
+        return self.positions.masked_fill(~self.key_mask, -1).amax(dim=-1, keepdim=True) + 1
 
     def keys_and_mask(self, mask: Tensor | None, positions: Tensor):
         """Positions of every key (cached + new) and the self-attention mask (b, 1, 1, m) or None.
