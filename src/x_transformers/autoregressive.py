@@ -453,13 +453,14 @@ class AutoregressiveWrapper(nn.Module):
                 out, scores = seqs[:, 0], scores[:, 0]
             else:
                 out, scores, cache = self._sample(tokens, mask, cfg, context=context, context_mask=context_mask)
+        run = tokens.shape[1] + out.shape[1] - 1  # the columns the cache has seen (the last token not yet)
         if out.shape[1] < seq_len:  # every row stopped early
             out = F.pad(out, (0, seq_len - out.shape[1]), value=self.pad_value)
         result = [out[0] if unbatched else out]
         if cfg.return_scores:
             result.append(scores)
         if return_intermediates:
-            result.append(Intermediates(cache=cache, cache_length=cache.seq_len - self.net.num_memory_tokens))
+            result.append(Intermediates(cache=cache, cache_length=run))
         return tuple(result) if len(result) > 1 else result[0]
 
     @torch.no_grad()
