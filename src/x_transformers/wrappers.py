@@ -138,6 +138,8 @@ class TransformerWrapper(nn.Module):
                                                                    self_attn_kv_mask=self_attn_kv_mask),
                                                     input_not_include_cache, want_inter and self_attn_kv_mask is None)
         mask, pos, sum_embeds, kv_mask = new["mask"], new["pos"], new["sum_embeds"], new["self_attn_kv_mask"]
+        if offset is None and (seq_start_pos is not None or want_inter):
+            offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
         if seq_start_pos is not None:
             mask = self._start_mask(seq_start_pos, mask, x, offset)
         if kv_mask is not None:
@@ -201,11 +203,14 @@ class TransformerWrapper(nn.Module):
             if input_not_include_cache is False:
                 raise ValueError("input_not_include_cache=False with a KVCache: x holds only the new tokens here; "
                                  "pass an Intermediates (from return_intermediates=True) for upstream's convention")
-            M = self.num_memory_tokens if not cache.empty else 0
-            seen = cache.seq_len if isinstance(cache, KVCache) else cache.length
-            return cache, max(seen - M, 0), x, per_token
+            return cache, None, x, per_token  # columns seen: counted only where needed (_columns_seen)
         raise TypeError(f"cache must be a KVCache, StaticKVCache or the Intermediates of return_intermediates=True, "
                         f"got {type(cache).__name__}")
+
+    def _columns_seen(self, cache) -> int:
+        """Token columns a KVCache / StaticKVCache holds (memory tokens not counted)."""
+        seen = cache.seq_len if isinstance(cache, KVCache) else cache.length
+        return max(seen - (self.num_memory_tokens if not cache.empty else 0), 0)
 
     @staticmethod
     def _start_mask(seq_start_pos, mask, x, offset):
