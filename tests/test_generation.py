@@ -181,7 +181,7 @@ BAD_KEYWORDS = {  # keywords -> (error type, what the one-line message must say)
     "filter_kwarg_typo": (dict(filter_logits_fn="top_k", filter_kwargs=dict(kk=3)), TypeError,
                           "top_k takes no keyword 'kk'; did you mean 'k'"),
     "filter_kwarg_of_another_filter": (dict(filter_logits_fn="min_p", filter_kwargs=dict(k=3)), TypeError,
-                                       r"min_p takes no keyword 'k'.*valid: \['p'\]"),
+                                       r"min_p takes no keyword 'k'.*valid: \['min_p', 'p'\]"),
     "filter_kwargs_without_filter": (dict(filter_kwargs=dict(k=3)), TypeError, "without a filter_logits_fn"),
     "unknown_filter": (dict(filter_logits_fn="topk"), ValueError, r"did you mean 'top_k'.*valid: \["),
     "compile_without_static_cache": (dict(compile=True, static_cache=False), ValueError, "needs static_cache=True"),

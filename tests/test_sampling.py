@@ -81,14 +81,15 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_each_filter_declares_its_keywords_through_its_signature():
-    assert filter_keywords(FILTERS["top_k"]) == {"k", "frac"}
-    assert filter_keywords(FILTERS["top_p"]) == {"p"}
-    assert filter_keywords(FILTERS["min_p"]) == {"p"}
+    assert filter_keywords(FILTERS["top_k"]) == {"k", "frac", "frac_num_tokens"}  # upstream's names too
+    assert filter_keywords(FILTERS["top_p"]) == {"p", "thres"}
+    assert filter_keywords(FILTERS["min_p"]) == {"p", "min_p"}
+    assert filter_keywords(FILTERS["top_a"]) == {"min_p_pow", "min_p_ratio"}
     assert filter_keywords(lambda x, **kw: x) is None  # takes anything
 
 
 def test_filter_kwargs_typo_raises_naming_the_closest_valid_keyword():
-    with pytest.raises(TypeError, match=r"top_p takes no keyword 'pp'; did you mean 'p'\? valid: \['p'\]"):
+    with pytest.raises(TypeError, match=r"top_p takes no keyword 'pp'; did you mean 'p'\? valid: \['p', 'thres'\]"):
         check_filter_kwargs("top_p", dict(pp=0.9))
     with pytest.raises(TypeError, match=r"top_k takes no keyword 'fraction'; did you mean 'frac'"):
         check_filter_kwargs("top_k", dict(fraction=0.2))
@@ -104,7 +105,7 @@ def test_filter_kwargs_typo_raises_naming_the_closest_valid_keyword():
 
 
 def test_unknown_filter_name_suggests_the_closest_and_lists_all():
-    with pytest.raises(ValueError, match=r"unknown logit filter 'min-p' \(did you mean 'min_p'\?\); valid: \['min_p', 'top_k', 'top_p'\]"):
+    with pytest.raises(ValueError, match=r"unknown logit filter 'min-p' \(did you mean 'min_p'\?\); valid: \['min_p', 'top_a', 'top_k', 'top_p'\]"):
         get_filter("min-p")
 
 

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import inductor_fix
-from .cache import KVCache, StaticKVCache
+from .cache import Intermediates, KVCache, StaticKVCache
 from .checks import check_context, check_finite, check_not_empty
 from .sampling import check_filter_kwargs, check_temperature, get_filter, sample
-from .wrappers import TransformerWrapper
+from .positional import AbsolutePositionalEmbedding
+from .wrappers import TransformerWrapper, refuse_upstream
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class GenerationConfig:
     length_penalty: float = 1.0
     return_scores: bool = False
     generator: torch.Generator | None = None
+    restrict_to_max_seq_len: bool = False
+    stochastic: bool = False
 
     def __post_init__(self):
         _positive_int("seq_len", self.seq_len)
@@ -219,31 +222,82 @@ def compile_failure(net, error) -> str:
             f"[{why}]; decoding with the static cache uncompiled")
 
 
+# upstream AutoregressiveWrapper keywords of features absent here: accepted at their default only
+_ABSENT_DEFAULTS = {
+    "add_attn_z_loss": (False, "the attention z-loss is not implemented"),
+    "next_embed_loss_weight": (0.1, "the continuous next-embedding head is not implemented"),
+    "looped_loss_threshold_exit": (0.05, "the looped transformer is not implemented"),
+    "looped_loss_slope": (50, "the looped transformer is not implemented"),
+    "looped_exit_loss_weight": (1.0, "the looped transformer is not implemented"),
+}
+
+
 class AutoregressiveWrapper(nn.Module):
     """Next-token training loss and generation for a causal ``TransformerWrapper``."""
 
-    def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0):
+    def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0, mask_prob: float = 0.0,
+                 **upstream):
+        """``mask_prob``: in the loss, hide that fraction of each row's tokens from self-attention
+        (upstream's "autoregressive + MLM" of 2210.13432: ``int(n * mask_prob)`` random keys per row,
+        never the first, are masked for every query; positions do not move). Upstream's other
+        keywords (``add_attn_z_loss``, ``next_embed_loss_weight``, ``looped_*``) belong to features
+        absent here: accepted at their defaults, refused otherwise."""
         super().__init__()
         if not isinstance(net, TransformerWrapper):
             raise TypeError(f"AutoregressiveWrapper wraps a TransformerWrapper, got {type(net).__name__}")
         if not net.attn_layers.causal:
             raise ValueError("AutoregressiveWrapper needs a causal stack (Decoder); this one is bidirectional "
                              "(Encoder), so it cannot predict the next token or decode with a cache")
+        for key, value in upstream.items():
+            if key not in _ABSENT_DEFAULTS:
+                raise TypeError(f"AutoregressiveWrapper got an unexpected keyword {key!r}")
+            default, why = _ABSENT_DEFAULTS[key]
+            if value != default:
+                raise ValueError(f"AutoregressiveWrapper: {key}={value!r} is not supported ({why}); "
+                                 f"only upstream's default {default!r} is accepted")
+        if isinstance(mask_prob, bool) or not isinstance(mask_prob, (int, float)) or not 0.0 <= mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be a number in [0, 1), got {mask_prob!r}")
         self.net = net
+        self.max_seq_len = net.max_seq_len
         self.ignore_index = ignore_index
         self.pad_value = pad_value
+        self.mask_prob = float(mask_prob)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, **kwargs) -> Tensor:
+    def kv_mask(self, x: Tensor) -> Tensor:
+        """(b, n) -> the keys self-attention may see (True) under ``mask_prob``: per row exactly
+        ``min(int(n * mask_prob), n - 1)`` columns hidden, drawn uniformly, never the first."""
+        b, n = x.shape
+        rand = torch.rand(b, n, device=x.device)
+        rand[:, 0] = -1.0  # the first token is never hidden: every query keeps a key to attend to
+        hidden = rand.topk(min(int(n * self.mask_prob), n - 1), dim=-1).indices
+        return torch.ones(b, n, dtype=torch.bool, device=x.device).scatter(1, hidden, False)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, lens: Tensor | None = None,
+                return_outputs: bool = False, prepend_embeds=None, **kwargs):
         """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets equal to
-        ``ignore_index`` (or masked out) do not count; such inputs are fed as ``pad_value``."""
+        ``ignore_index`` (or masked out) do not count; such inputs are fed as ``pad_value``.
+        ``lens`` (b,): upstream's right-padded lengths (columns from ``lens`` on are padding).
+        ``return_outputs``: also (logits (b, n-1, v), the Intermediates of the forward)."""
+        if prepend_embeds is not None:
+            raise TypeError("AutoregressiveWrapper.forward: upstream's keyword 'prepend_embeds' is not supported: "
+                            "prepended embeddings are not implemented")
+        if lens is not None:
+            within = torch.arange(x.shape[1], device=x.device)[None] < lens.to(x.device)[:, None]
+            mask = within if mask is None else mask & within
         inp, target = x[:, :-1], x[:, 1:]
         inp = inp.masked_fill(inp == self.ignore_index, self.pad_value)
         inp_mask = None
         if mask is not None:
             inp_mask = mask[:, :-1]
             target = target.masked_fill(~mask[:, 1:], self.ignore_index)
-        logits = self.net(inp, inp_mask, **kwargs)
-        return F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        if self.mask_prob > 0:  # drawn over the whole row, as upstream; the last column is only a target
+            hidden = self.kv_mask(x)[:, :-1]
+            given = kwargs.pop("self_attn_kv_mask", None)
+            kwargs["self_attn_kv_mask"] = hidden if given is None else hidden & given
+        out = self.net(inp, inp_mask, return_intermediates=return_outputs, **kwargs)
+        logits, inter = out if return_outputs else (out, None)
+        loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        return (loss, (logits, inter)) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------
     # generation
@@ -268,18 +322,38 @@ class AutoregressiveWrapper(nn.Module):
         self._cache, self._cache_key = StaticKVCache.for_model(self.net, batch, max_len), key
         return self._cache
 
-    def _stepper(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask):
+    def _window(self, cfg: GenerationConfig, prompt_len: int) -> int | None:
+        """Upstream's ``restrict_to_max_seq_len``: the model sees at most ``max_seq_len`` tokens (the
+        latest ones), or None where nothing is cropped. Refused where a window cannot be honoured."""
+        max_len = self.net.max_seq_len
+        if not cfg.restrict_to_max_seq_len or max_len is None or prompt_len + cfg.seq_len - 1 <= max_len:
+            return None
+        if cfg.cache_kv and isinstance(self.net.pos_emb, AbsolutePositionalEmbedding):
+            raise ValueError(f"restrict_to_max_seq_len: {prompt_len} + {cfg.seq_len} tokens exceed max_seq_len "
+                             f"({max_len}) and learned absolute positions cannot slide with a cache; pass "
+                             f"cache_kv=False (each step re-embeds the window) or use rotary positions")
+        if cfg.static_cache:
+            raise ValueError("restrict_to_max_seq_len: a static cache cannot drop its oldest keys; "
+                             "use the dynamic cache (static_cache=False, compile=False)")
+        return max_len
+
+    def _stepper(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, net=None):
         """Returns (logits of the prompt's last column, step(token (b,) -> logits), the cache)."""
-        net = self.net
+        net = net or self.net
+        window = self._window(cfg, tokens.shape[1])
+        if window is not None and tokens.shape[1] > window:  # upstream crops the prompt too
+            tokens, mask = tokens[:, -window:], None if mask is None else mask[:, -window:]
         if not cfg.cache_kv:
             seq = [tokens]
             masks = [mask if mask is not None else torch.ones_like(tokens, dtype=torch.bool)]
 
-            def step(token):  # the uncached reference: the whole sequence again
+            def step(token):  # the uncached reference: the whole sequence (its last window) again
                 seq.append(token[:, None])
                 masks.append(torch.ones_like(token[:, None], dtype=torch.bool))
-                full_mask = torch.cat(masks, dim=1) if mask is not None else None
-                return net(torch.cat(seq, dim=1), full_mask, context=context, context_mask=context_mask)[:, -1]
+                full, full_mask = torch.cat(seq, dim=1), torch.cat(masks, dim=1) if mask is not None else None
+                if window is not None:
+                    full, full_mask = full[:, -window:], None if full_mask is None else full_mask[:, -window:]
+                return net(full, full_mask, context=context, context_mask=context_mask)[:, -1]
 
             return net(tokens, mask, context=context, context_mask=context_mask)[:, -1], step, None
 
@@ -297,54 +371,131 @@ class AutoregressiveWrapper(nn.Module):
         def step(token):
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
+            if window is not None:  # keep the latest window - 1 keys (memory tokens stay), as upstream
+                cache.keep_last(window - 1, keep_first=net.num_memory_tokens)
             return decode(net, token[:, None], cache, context, context_mask)
 
         return logits, step, cache
 
-    @torch.no_grad()
-    def generate(self, prompts, seq_len: int, *, temperature: float = 1.0, filter_logits_fn=None,
-                 filter_kwargs: dict | None = None, eos_token: int | None = None, cache_kv: bool = True,
-                 static_cache: bool | None = None, compile: bool | str | dict = False, beams: int | None = None,
-                 length_penalty: float = 1.0, return_scores: bool = False,
-                 generator: torch.Generator | None = None, context: Tensor | None = None,
-                 context_mask: Tensor | None = None):
-        """Generate ``seq_len`` new tokens after each prompt.
+    def _prompts(self, prompts, prompt_lens):
+        """Upstream's prompt forms -> (tokens (b, n) left-padded, mask or None, whether the batch
+        dimension was added). A 1-D tensor is one prompt; ``prompt_lens`` (b,) gives the lengths of
+        a right-padded (b, n) batch (upstream's ragged form)."""
+        unbatched = isinstance(prompts, Tensor) and prompts.ndim == 1
+        if unbatched:
+            prompts = prompts[None]
+        if prompt_lens is not None:
+            if not isinstance(prompts, Tensor):
+                raise ValueError("prompt_lens is for a padded (b, n) tensor of prompts; a list of prompts "
+                                 "carries its own lengths")
+            lens = [int(n) for n in prompt_lens.tolist()]
+            if len(lens) != prompts.shape[0] or not all(1 <= n <= prompts.shape[1] for n in lens):
+                raise ValueError(f"prompt_lens must hold {prompts.shape[0]} lengths in [1, {prompts.shape[1]}], "
+                                 f"got {lens}")
+            prompts = [row[:n] for row, n in zip(prompts, lens)]
+        tokens, mask = left_pad(prompts, self.pad_value)
+        return tokens, mask, unbatched
 
-        prompts: (b, n) tokens or a list of 1-D tensors (ragged; left-padded internally).
-        temperature 0 is greedy; ``filter_logits_fn`` a name in ``sampling.FILTERS`` or a callable,
-        with ``filter_kwargs``; ``generator`` seeds the draws. Rows that emit ``eos_token`` stop and
-        are padded with ``pad_value``. ``beams=k``: beam search (k = 1 is greedy) with scores
-        length-normalised by ``length ** length_penalty``; temperature and filters do not apply. ``static_cache``
-        preallocates the cache (default: on when compiling); ``compile`` compiles the decode step
-        (True: CUDA graphs on GPU; a torch.compile mode name; or a dict of torch.compile keywords):
-        the model's own copy, a graph per batch size and cache length (rounded up to a power of two);
-        where it cannot compile, a one-line warning and the uncompiled static cache. ``context`` / ``context_mask``
-        feed cross-attention (encoder-decoder).
+    @torch.no_grad()
+    def generate(self, prompts, seq_len: int, eos_token: int | None = None, temperature: float = 1.0,
+                 prompt_lens: Tensor | None = None, filter_logits_fn=None, restrict_to_max_seq_len: bool = False,
+                 amateur_model=None, filter_kwargs: dict | None = None, contrastive_decode_kwargs=None,
+                 cache_kv: bool = True, return_intermediates: bool = False, *, static_cache: bool | None = None,
+                 compile: bool | str | dict = False, beams: int | None = None, length_penalty: float = 1.0,
+                 return_scores: bool = False, generator: torch.Generator | None = None,
+                 context: Tensor | None = None, context_mask: Tensor | None = None, **upstream):
+        """Generate ``seq_len`` new tokens after each prompt. The positional order is upstream
+        x-transformers' (prompts, seq_len, eos_token, temperature, prompt_lens, filter_logits_fn, ...).
+
+        prompts: (b, n) tokens, one 1-D prompt (the result is then 1-D), a list of 1-D tensors
+        (ragged; left-padded internally), or a right-padded (b, n) batch with ``prompt_lens`` (b,).
+        temperature 0 is greedy; ``filter_logits_fn`` a name in ``sampling.FILTERS`` (upstream's
+        ``top_k``, ``top_p``, ``min_p``, ``top_a``) or a callable (upstream's functions too), with
+        ``filter_kwargs`` under our or upstream's names; applied to logits / temperature. No filter
+        by default (upstream's default is top_k). ``generator`` seeds the draws. Rows that emit
+        ``eos_token`` stop and are padded with ``pad_value``. ``restrict_to_max_seq_len``: the model
+        sees only the latest ``max_seq_len`` tokens (a sliding window; off by default, upstream's is
+        on). ``beams=k``: beam search (k = 1 is greedy) with scores length-normalised by
+        ``length ** length_penalty``; temperature and filters do not apply (see :meth:`beam_search`
+        for upstream's). ``static_cache`` preallocates the cache (default: on when compiling);
+        ``compile`` compiles the decode step (True: CUDA graphs on GPU; a torch.compile mode name; or
+        a dict of torch.compile keywords): the model's own copy, a graph per batch size and cache
+        length (rounded up to a power of two); where it cannot compile, a one-line warning and the
+        uncompiled static cache. ``context`` / ``context_mask`` feed cross-attention.
 
         Returns the new tokens (b, seq_len); with ``return_scores`` also each row's score (b,):
         the sum of the model's log-probabilities of the emitted tokens (up to and including eos)
-        divided by their count ** length_penalty.
+        divided by their count ** length_penalty; with ``return_intermediates`` (upstream's) also an
+        :class:`~x_transformers.cache.Intermediates` whose cache holds the (left-padded) prompt and
+        every generated token but the last: ``net(cat(prompt, out), cache=it)`` decodes on.
+        ``amateur_model`` (contrastive decoding) is not implemented and refused.
 
         Every keyword is validated first, into a frozen :class:`GenerationConfig`, and the prompts
         and context are checked, before the model runs: a bad value raises one line naming it.
         """
+        refuse_upstream(upstream, "AutoregressiveWrapper.generate")
+        if amateur_model is not None or contrastive_decode_kwargs is not None:
+            raise TypeError("AutoregressiveWrapper.generate: upstream's contrastive decoding (amateur_model, "
+                            "contrastive_decode_kwargs) is not implemented")
+        if return_intermediates and (beams is not None or not cache_kv or static_cache or compile):
+            raise ValueError("return_intermediates returns the dynamic cache of sampling: not with beams, "
+                             "cache_kv=False, static_cache or compile")
         cfg = GenerationConfig(seq_len=seq_len, num_tokens=self.net.num_tokens, temperature=temperature,
                                filter_logits_fn=filter_logits_fn, filter_kwargs=filter_kwargs or {},
                                eos_token=eos_token, cache_kv=cache_kv, static_cache=static_cache, compile=compile,
                                beams=beams, length_penalty=length_penalty, return_scores=return_scores,
-                               generator=generator)
-        tokens, mask = left_pad(prompts, self.pad_value)
+                               generator=generator, restrict_to_max_seq_len=restrict_to_max_seq_len)
+        tokens, mask, unbatched = self._prompts(prompts, prompt_lens)
         self._check_context(tokens, context, context_mask)
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            search = self._beam_search if cfg.beams is not None else self._sample
-            out, scores = search(tokens, mask, cfg, context=context, context_mask=context_mask)
-        finally:
-            self.net.train(was_training)
+        with _eval(self.net):
+            if cfg.beams is not None:
+                seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask)
+                out, scores = seqs[:, 0], scores[:, 0]
+            else:
+                out, scores, cache = self._sample(tokens, mask, cfg, context=context, context_mask=context_mask)
+        run = tokens.shape[1] + out.shape[1] - 1  # the columns the cache has seen (the last token not yet)
         if out.shape[1] < seq_len:  # every row stopped early
             out = F.pad(out, (0, seq_len - out.shape[1]), value=self.pad_value)
-        return (out, scores) if cfg.return_scores else out
+        result = [out[0] if unbatched else out]
+        if cfg.return_scores:
+            result.append(scores)
+        if return_intermediates:
+            result.append(Intermediates(cache=cache, cache_length=run))
+        return tuple(result) if len(result) > 1 else result[0]
+
+    @torch.no_grad()
+    def beam_search(self, prompts, seq_len: int, beams: int = 4, return_beams_and_scores: bool = False,
+                    eos_token: int | None = None, temperature: float = 1.0, stochastic: bool = False,
+                    prompt_lens: Tensor | None = None, filter_logits_fn=None, restrict_to_max_seq_len: bool = False,
+                    filter_kwargs: dict | None = None, cache_kv: bool = True, *,
+                    generator: torch.Generator | None = None, context: Tensor | None = None,
+                    context_mask: Tensor | None = None, **upstream):
+        """Upstream x-transformers' beam search, on this package's cache: each step keeps the
+        ``beams`` continuations of highest total log-probability (the sum over the new tokens, no
+        length normalisation). ``stochastic``: each beam proposes its candidates by the Gumbel top-k
+        of ``filter(logits) / temperature`` (seeded by ``generator``) instead of its most likely
+        tokens; scores stay the model's log-probabilities. ``eos_token`` (which upstream refuses):
+        a beam that emits it stops, is padded with ``pad_value`` and keeps its score.
+
+        Returns the best beam's tokens (b, seq_len); with ``return_beams_and_scores`` every beam
+        (beams, b, seq_len), best first, and their total log-probabilities (beams, b).
+        """
+        refuse_upstream(upstream, "AutoregressiveWrapper.beam_search")
+        cfg = GenerationConfig(seq_len=seq_len, num_tokens=self.net.num_tokens, temperature=temperature,
+                               filter_logits_fn=filter_logits_fn, filter_kwargs=filter_kwargs or {},
+                               eos_token=eos_token, cache_kv=cache_kv, beams=beams, length_penalty=0.0,
+                               generator=generator, restrict_to_max_seq_len=restrict_to_max_seq_len,
+                               stochastic=bool(stochastic))
+        tokens, mask, unbatched = self._prompts(prompts, prompt_lens)
+        self._check_context(tokens, context, context_mask)
+        with _eval(self.net):
+            seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask)
+        if seqs.shape[-1] < seq_len:
+            seqs = F.pad(seqs, (0, seq_len - seqs.shape[-1]), value=self.pad_value)
+        seqs, scores = seqs.transpose(0, 1), scores.transpose(0, 1)  # (beams, b, n), (beams, b)
+        if unbatched:
+            seqs = seqs[:, 0]
+        return (seqs, scores) if return_beams_and_scores else seqs[0]
 
     def _check_context(self, tokens, context, context_mask):
         layers = self.net.attn_layers
@@ -360,7 +511,7 @@ class AutoregressiveWrapper(nn.Module):
 
     def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask):
         b = tokens.shape[0]
-        logits, step, _ = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask)
+        logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask)
         done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
         logp_sum = torch.zeros(b, device=tokens.device)
         length = torch.zeros(b, device=tokens.device)
@@ -379,9 +530,24 @@ class AutoregressiveWrapper(nn.Module):
             if i == cfg.seq_len - 1 or (eos_token is not None and bool(done.all())):
                 break
             logits = step(token)
-        return torch.stack(out, dim=1), logp_sum / length.clamp(min=1) ** cfg.length_penalty
+        return torch.stack(out, dim=1), logp_sum / length.clamp(min=1) ** cfg.length_penalty, cache
+
+    def _candidates(self, logp, logits, done, k: int, cfg: GenerationConfig):
+        """Each beam's k candidate tokens (b*k, k): its most likely, or (stochastic) the Gumbel top-k
+        of its filtered, tempered logits. A finished beam proposes pad_value first."""
+        k = min(k, logp.shape[-1])
+        if not (cfg.stochastic and cfg.temperature > 0):
+            return logp.topk(k, dim=-1).indices
+        fn = get_filter(cfg.filter_logits_fn)
+        keyed = logits.float() if fn is None else fn(logits.float(), **cfg.filter_kwargs)
+        u = torch.rand(keyed.shape, generator=cfg.generator, device=keyed.device)
+        keyed = keyed / cfg.temperature - (-u.clamp(min=1e-20).log()).clamp(min=1e-20).log()
+        keyed = torch.where(done[:, None], logp, keyed)  # finished: pad first (logp is 0 there)
+        return keyed.topk(k, dim=-1).indices
 
     def _beam_search(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask):
+        """-> every beam (b, k, n), best first, and its score (b, k) (total log-probability divided
+        by length ** length_penalty)."""
         b, k, eos_token, length_penalty = tokens.shape[0], cfg.beams, cfg.eos_token, cfg.length_penalty
         rows = lambda t: None if t is None else t.repeat_interleave(k, dim=0)  # noqa: E731
         tokens, mask, context, context_mask = rows(tokens), rows(mask), rows(context), rows(context_mask)
@@ -396,18 +562,19 @@ class AutoregressiveWrapper(nn.Module):
         base = torch.arange(b, device=dev)[:, None] * k
         for i in range(cfg.seq_len):
             logp = logits.float().log_softmax(dim=-1)  # (b*k, v)
-            v = logp.shape[-1]
             # a finished beam continues with pad_value only, at no cost and no added length
             finished = torch.full_like(logp[:1], float("-inf"))
             finished[:, self.pad_value] = 0.0
             logp = torch.where(done[:, None], finished, logp)
-            cand = scores[:, None] + logp  # (b*k, v)
+            cand_tok = self._candidates(logp, logits, done, k, cfg)  # (b*k, c)
+            c = cand_tok.shape[-1]
+            cand = scores[:, None] + logp.gather(-1, cand_tok)  # (b*k, c)
             cand_len = length + (~done).float()
             norm = cand / cand_len[:, None].clamp(min=1) ** length_penalty
-            best = norm.view(b, k * v).topk(k, dim=-1).indices  # (b, k)
-            src = (base + best // v).view(-1)  # the beam each survivor extends
-            token = (best % v).view(-1)
-            scores = cand.view(b, k * v).gather(-1, best).view(-1)
+            best = norm.view(b, k * c).topk(k, dim=-1).indices  # (b, k), best first
+            src = (base + best // c).view(-1)  # the beam each survivor extends
+            token = cand_tok.view(b, k * c).gather(-1, best).view(-1)
+            scores = cand.view(b, k * c).gather(-1, best).view(-1)
             length, done, seqs = cand_len[src], done[src], torch.cat((seqs[src], token[:, None]), dim=1)
             if eos_token is not None:
                 done = done | (token == eos_token)
@@ -417,16 +584,32 @@ class AutoregressiveWrapper(nn.Module):
                 cache.reorder(src)  # each survivor continues from its parent's keys/values
                 logits = step(token)
             else:  # the uncached reference recomputes every row from its whole sequence
-                logits = self._uncached_beam_logits(tokens, mask, seqs, context, context_mask)
+                logits = self._uncached_beam_logits(tokens, mask, seqs, context, context_mask, cfg)
         final = (scores / length.clamp(min=1) ** length_penalty).view(b, k)
-        pick = final.argmax(dim=-1)
-        best_rows = torch.arange(b, device=dev) * k + pick
-        return seqs[best_rows], final.gather(-1, pick[:, None]).squeeze(-1)
+        order = final.argsort(dim=-1, descending=True)  # finished beams may have been overtaken
+        rows_idx = (base + order).view(-1)
+        return seqs[rows_idx].view(b, k, -1), final.gather(-1, order)
 
-    def _uncached_beam_logits(self, tokens, mask, seqs, context, context_mask):
+    def _uncached_beam_logits(self, tokens, mask, seqs, context, context_mask, cfg):
         full = torch.cat((tokens, seqs), dim=1)
         full_mask = None if mask is None else F.pad(mask, (0, seqs.shape[1]), value=True)
+        window = self._window(cfg, tokens.shape[1])
+        if window is not None:
+            full, full_mask = full[:, -window:], None if full_mask is None else full_mask[:, -window:]
         return self.net(full, full_mask, context=context, context_mask=context_mask)[:, -1]
+
+
+class _eval:
+    """Eval mode for the duration of a generation, then the mode it was in."""
+
+    def __init__(self, net):
+        self.net, self.was_training = net, net.training
+
+    def __enter__(self):
+        self.net.eval()
+
+    def __exit__(self, *exc):
+        self.net.train(self.was_training)
 
 
 __all__ = ["AutoregressiveWrapper", "GenerationConfig", "left_pad", "prefill", "decode_step"]

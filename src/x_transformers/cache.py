@@ -18,6 +18,8 @@ Legend: b batch, g kv heads, n new tokens, m keys so far (dynamic) or L slots (s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -28,6 +30,7 @@ class LayerKV:
     def __init__(self):
         self.k: Tensor | None = None
         self.v: Tensor | None = None
+        self.cross = False  # set by store(): the context's keys/values, not a growing sequence
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Self-attention: add the new keys/values, return all of them."""
@@ -43,7 +46,7 @@ class LayerKV:
         return self.k is not None
 
     def store(self, k: Tensor, v: Tensor):
-        self.k, self.v = k, v
+        self.k, self.v, self.cross = k, v, True
 
     def query_offset(self, n: int, m: int):
         """Index of the first new query among the m keys (shared-QK finds each query's own key)."""
@@ -76,10 +79,11 @@ class KVCache:
         return self.seq_len == 0
 
     def next_positions(self) -> Tensor | None:
-        """(b, 1): one past the last kept position of each row (the count of kept tokens)."""
+        """(b, 1): one past the last kept position of each row (the count of kept tokens, unless
+        :meth:`keep_last` dropped the oldest: positions go on from where they were)."""
         if self.key_mask is None:
             return None
-        return self.key_mask.sum(dim=-1, keepdim=True)
+        return self.positions.masked_fill(~self.key_mask, -1).amax(dim=-1, keepdim=True) + 1
 
     def keys_and_mask(self, mask: Tensor | None, positions: Tensor):
         """Positions of every key (cached + new) and the self-attention mask (b, 1, 1, m) or None.
@@ -107,6 +111,29 @@ class KVCache:
             layer.reorder(index)
         if self.key_mask is not None:
             self.key_mask, self.positions = self.key_mask[index], self.positions[index]
+
+    def copy(self) -> "KVCache":
+        """A new cache over the same tensors: extending it (which concatenates, making new tensors)
+        leaves this one as it is. What makes upstream-style ``cache=`` calls functional."""
+        new = KVCache()
+        for i, layer in self.layers.items():
+            new.layers[i] = LayerKV()
+            new.layers[i].k, new.layers[i].v, new.layers[i].cross = layer.k, layer.v, layer.cross
+        new.key_mask, new.positions = self.key_mask, self.positions
+        return new
+
+    def keep_last(self, n: int, keep_first: int = 0):
+        """Drop the oldest self-attention keys so that ``keep_first + n`` remain: the first
+        ``keep_first`` (memory tokens) and the last ``n`` (a sliding window, as upstream's
+        ``restrict_to_max_seq_len`` crops its cache). Positions of the kept keys do not change."""
+        m = self.seq_len
+        if m <= keep_first + n:
+            return
+        index = torch.cat((torch.arange(keep_first), torch.arange(m - n, m))).to(self.positions.device)
+        for layer in self.layers.values():
+            if layer.k is not None and not layer.cross:
+                layer.k, layer.v = layer.k.index_select(-2, index), layer.v.index_select(-2, index)
+        self.key_mask, self.positions = self.key_mask[:, index], self.positions[:, index]
 
 
 class StaticLayerKV:
@@ -264,3 +291,26 @@ class StaticKVCache:
             layer.reorder(index)
         self.key_mask.copy_(self.key_mask[index])
         self.positions.copy_(self.positions[index])
+
+
+@dataclass
+class Intermediates:
+    """What ``TransformerWrapper.forward(..., return_intermediates=True)`` returns next to the
+    logits, in the place of upstream x-transformers' ``LayerIntermediates``: pass it back as
+    ``cache=`` to decode incrementally, upstream's way (the input then holds the whole sequence so
+    far, of which the first ``cache_length`` tokens are already in the cache, unless
+    ``input_not_include_cache=True``). Calls are functional: the cache given is not extended, the
+    returned object holds the extended one.
+
+    cache: our :class:`KVCache` (None where the stack cannot cache: a bidirectional one).
+    cache_length: how many token columns of the input the cache holds (memory tokens not counted).
+    last_hidden: (b, n, dim) the final hidden states (after the final norm), the new tokens'.
+    attn_maps: with ``return_attn``, each attention layer's post-softmax maps.
+    logit_entropies: with ``return_logit_entropies``, (b, n) entropy of each position's softmax.
+    """
+
+    cache: KVCache | None = None
+    cache_length: int = 0
+    last_hidden: Tensor | None = None
+    attn_maps: list | None = None
+    logit_entropies: Tensor | None = None

@@ -1,8 +1,11 @@
 """Sampling: logit filters as a registry, and one seeded ``sample()``.
 
 A filter maps logits (b, v) to logits of the same shape where dropped tokens are ``-inf``; it
-never renormalises (softmax does). Names: ``top_k``, ``top_p`` (nucleus), ``min_p``; any callable
-``fn(logits, **kwargs)`` is accepted too. Temperature 0 is greedy decoding.
+never renormalises (softmax does). Names: ``top_k``, ``top_p`` (nucleus), ``min_p``, ``top_a``; any callable
+``fn(logits, **kwargs)`` is accepted too (upstream x-transformers' own filter functions included).
+Each filter also takes upstream's keyword names (``frac_num_tokens``, ``thres``, ``min_p``,
+``min_p_ratio`` / ``min_p_pow``) and keeps the same set as upstream's on the same logits.
+Temperature 0 is greedy decoding.
 
 Legend: b batch (rows), v vocabulary.
 """
@@ -28,12 +31,22 @@ def register_filter(name: str):
     return add
 
 
+def _one_of(filter_name: str, ours: str, value, upstream: str, upstream_value, default):
+    """A filter keyword given under our name or upstream x-transformers' name, not both."""
+    if value is not None and upstream_value is not None:
+        raise TypeError(f"{filter_name}: pass {ours}= or {upstream}= (upstream's name for it), not both")
+    return default if value is None and upstream_value is None else (value if value is not None else upstream_value)
+
+
 @register_filter("top_k")
-def top_k(logits: Tensor, k: int | None = None, frac: float = 0.1) -> Tensor:
-    """Keep the k largest logits (default: ``frac`` of the vocabulary, at least 1). Fan et al.,
-    1805.04833. Ties at the k-th value are broken by index, so exactly k tokens survive."""
+def top_k(logits: Tensor, k: int | None = None, frac: float | None = None, *,
+          frac_num_tokens: float | None = None) -> Tensor:
+    """Keep the k largest logits (default: ``ceil(frac * vocabulary)``, frac 0.1; ``frac_num_tokens``
+    is upstream's name for ``frac``). Fan et al., 1805.04833. Ties at the k-th value are broken by
+    index, so exactly min(k, v) tokens survive."""
     v = logits.shape[-1]
-    k = max(1, int(frac * v)) if k is None else k
+    frac = _one_of("top_k", "frac", frac, "frac_num_tokens", frac_num_tokens, 0.1)
+    k = math.ceil(frac * v) if k is None else k  # upstream's rounding, so both keep the same set
     if k < 1:
         raise ValueError(f"top_k needs k >= 1, got {k}")
     if k >= v:
@@ -44,9 +57,10 @@ def top_k(logits: Tensor, k: int | None = None, frac: float = 0.1) -> Tensor:
 
 
 @register_filter("top_p")
-def top_p(logits: Tensor, p: float = 0.9) -> Tensor:
+def top_p(logits: Tensor, p: float | None = None, *, thres: float | None = None) -> Tensor:
     """Nucleus sampling (Holtzman et al., 1904.09751): keep the smallest set of most likely tokens
-    whose probability mass reaches ``p``."""
+    whose probability mass reaches ``p`` (default 0.9; ``thres`` is upstream's name for it)."""
+    p = _one_of("top_p", "p", p, "thres", thres, 0.9)
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top_p needs 0 < p <= 1, got {p}")
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -58,13 +72,26 @@ def top_p(logits: Tensor, p: float = 0.9) -> Tensor:
 
 
 @register_filter("min_p")
-def min_p(logits: Tensor, p: float = 0.1) -> Tensor:
+def min_p(logits: Tensor, p: float | None = None, *, min_p: float | None = None) -> Tensor:
     """Min-p sampling (Nguyen et al., 2407.01082): keep tokens whose probability is at least
-    ``p`` times the most likely token's."""
+    ``p`` (default 0.1; ``min_p`` is upstream's name for it) times the most likely token's."""
+    p = _one_of("min_p", "p", p, "min_p", min_p, 0.1)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"min_p needs 0 <= p <= 1, got {p}")
     probs = logits.float().softmax(dim=-1)
     limit = p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < limit, float("-inf"))
+
+
+@register_filter("top_a")
+def top_a(logits: Tensor, min_p_pow: float = 2.0, min_p_ratio: float = 0.02) -> Tensor:
+    """Top-a sampling (BlinkDL, RWKV; no paper): keep tokens whose probability is at least
+    ``min_p_ratio * max_prob ** min_p_pow``, a cut that tightens as the model grows confident.
+    Upstream x-transformers' keyword names."""
+    if min_p_ratio < 0 or min_p_pow <= 0:
+        raise ValueError(f"top_a needs min_p_ratio >= 0 and min_p_pow > 0, got {min_p_ratio}, {min_p_pow}")
+    probs = logits.float().softmax(dim=-1)
+    limit = probs.amax(dim=-1, keepdim=True) ** min_p_pow * min_p_ratio
     return logits.masked_fill(probs < limit, float("-inf"))
 
 
@@ -135,5 +162,5 @@ def sample(logits: Tensor, *, temperature: float = 1.0, filter_logits_fn=None, f
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-__all__ = ["FILTERS", "register_filter", "top_k", "top_p", "min_p", "get_filter", "filter_keywords", "check_filter_kwargs",
+__all__ = ["FILTERS", "register_filter", "top_k", "top_p", "min_p", "top_a", "get_filter", "filter_keywords", "check_filter_kwargs",
            "check_temperature", "sample"]

@@ -14,6 +14,7 @@ from torch import nn
 from . import aliases, checks, conflicts
 from .config import REQUIRES, WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import DEFAULT_DEPTHS, FunnelEncoder
+from .cache import Intermediates, KVCache, StaticKVCache
 from .layers import AttentionLayers, Decoder, Encoder, check_mask, default_positions
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
 
@@ -106,50 +107,221 @@ class TransformerWrapper(nn.Module):
             raise ValueError("this wrapper has no output head (return_only_embed=True)")
         return self.to_logits.weight if self.to_logits is not None else self.token_emb.weight
 
+    @property
+    def can_cache_kv(self) -> bool:
+        """Whether this model decodes with a key/value cache (a causal stack: a Decoder)."""
+        return isinstance(self.attn_layers, AttentionLayers) and self.attn_layers.causal
+
     def forward(self, x, mask=None, *, return_embeddings: bool = False, return_attn: bool = False, context=None,
-                context_mask=None, cache=None):
+                context_mask=None, cache=None, return_intermediates: bool = False,
+                return_logits_and_embeddings: bool = False, return_embeddings_and_intermediates: bool = False,
+                return_logit_entropies: bool = False, seq_start_pos=None, pos=None, self_attn_kv_mask=None,
+                sum_embeds=None, input_not_include_cache: bool | None = None, causal: bool | None = None,
+                **upstream):
         """x (b, n) token ids -> logits (b, n, v), or hidden states (b, n, dim) with return_embeddings.
 
-        With ``return_attn`` also returns the list of every attention layer's post-softmax maps
-        (b, h, n, m), computed on the explicit path. ``cache`` (a KVCache) decodes incrementally.
+        ``return_attn``: also every attention layer's post-softmax maps (b, h, n, m), computed on the
+        explicit path. ``cache``: a :class:`~x_transformers.cache.KVCache` (x holds only the new
+        tokens; extended in place) or an :class:`~x_transformers.cache.Intermediates` returned by
+        an earlier call (upstream's way: x holds the whole sequence so far unless
+        ``input_not_include_cache``; the one given is left as it was).
+
+        Upstream x-transformers' keywords: ``return_intermediates`` (also returns an Intermediates,
+        whose cache decodes on), ``return_logits_and_embeddings``, ``return_embeddings_and_intermediates``,
+        ``return_logit_entropies``, ``seq_start_pos`` (b,) (each row's count of left padding: those
+        columns are masked and positions start after them), ``pos`` (custom long positions (b|1, n),
+        or a float tensor (b|1, n, emb_dim) used in place of the absolute position embedding),
+        ``self_attn_kv_mask`` (b, n) (keys hidden from self-attention, positions unchanged),
+        ``sum_embeds`` (b, n, emb_dim) added to the token embeddings, ``causal`` (only the stack's own
+        value). Upstream keywords of features absent here raise a TypeError naming them.
         """
+        refuse_upstream(upstream, "TransformerWrapper.forward")
+        if causal is not None and causal != getattr(self.attn_layers, "causal", None):
+            raise ValueError(f"causal={causal!r} at forward: causality is fixed when the stack is built here "
+                             f"(Decoder causal, Encoder not); build the other stack instead")
+        want_inter = return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
         self.check_inputs(x, mask)
+        cache, offset, x, new = self._resolve_cache(cache, x, dict(mask=mask, pos=pos, sum_embeds=sum_embeds,
+                                                                   self_attn_kv_mask=self_attn_kv_mask),
+                                                    input_not_include_cache, want_inter and self_attn_kv_mask is None)
+        mask, pos, sum_embeds, kv_mask = new["mask"], new["pos"], new["sum_embeds"], new["self_attn_kv_mask"]
+        if offset is None and (seq_start_pos is not None or want_inter):
+            offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
+        if seq_start_pos is not None:
+            mask = self._start_mask(seq_start_pos, mask, x, offset)
+        if kv_mask is not None:
+            check_mask(kv_mask, *x.shape, name="self_attn_kv_mask")
+            if cache is not None:
+                raise ValueError("self_attn_kv_mask cannot be used with a cache: the cache counts positions by its "
+                                 "key mask, and hidden keys must not move positions (a training-time mask)")
+        out, attns = self._run(x, mask, kv_mask, pos, sum_embeds, context, context_mask, cache, return_attn)
+        hidden = out
+        logits = None
+        if not (return_embeddings or return_embeddings_and_intermediates or self.cfg.return_only_embed) \
+                or return_logits_and_embeddings or return_logit_entropies:
+            logits = self.logits_from(hidden)
+        if return_logits_and_embeddings:
+            out = (logits, hidden)
+        elif return_embeddings or return_embeddings_and_intermediates or self.cfg.return_only_embed:
+            out = hidden
+        else:
+            out = logits
+        if want_inter:
+            inter = Intermediates(cache=cache if isinstance(cache, KVCache) else None, cache_length=offset + x.shape[1],
+                                  last_hidden=hidden, attn_maps=attns)
+            if return_logit_entropies:
+                logp = logits.float().log_softmax(dim=-1)
+                inter.logit_entropies = -(logp.exp() * logp).nan_to_num().sum(dim=-1)
+            return out, inter
+        return (out, attns) if return_attn else out
+
+    def logits_from(self, hidden):
+        """Final hidden states (b, n, dim) -> logits (b, n, v) through the head (or the tied embedding)."""
+        if self.cfg.return_only_embed:
+            raise ValueError("this wrapper has no output head (return_only_embed=True); it returns hidden states")
+        hidden = hidden * self.logits_scale if self.logits_scale != 1.0 else hidden
+        return self.to_logits(hidden) if self.to_logits is not None else hidden @ self.token_emb.weight.t()
+
+    def _resolve_cache(self, cache, x, per_token: dict, input_not_include_cache, build: bool):
+        """-> (the cache to run with, token columns already in it, the new tokens, their per-token
+        inputs). An Intermediates is copied (functional calls, as upstream); its input may hold the
+        whole sequence so far, whose first ``cache_length`` columns are dropped here. ``build``: no
+        cache given but intermediates wanted, so a fresh one is filled where the stack can cache."""
+        if cache is None:
+            if input_not_include_cache:
+                raise ValueError("input_not_include_cache=True needs cache=")
+            return (KVCache() if build and self.can_cache_kv else None), 0, x, per_token
+        if isinstance(cache, Intermediates):
+            if cache.cache is None:
+                raise ValueError("cache=: this Intermediates holds no key/value cache (it came from a bidirectional "
+                                 "stack, or a call with self_attn_kv_mask)")
+            offset, kv = cache.cache_length, cache.cache.copy()
+            if input_not_include_cache is None:
+                input_not_include_cache = getattr(self.cfg, "input_not_include_cache", False)
+            if not input_not_include_cache:
+                if x.shape[1] <= offset:
+                    raise ValueError(f"cache= holds {offset} tokens and x holds the whole sequence so far "
+                                     f"(input_not_include_cache=False): give more than {offset} tokens, or only "
+                                     f"the new ones with input_not_include_cache=True")
+                x = x[:, offset:]
+                per_token = {k: _drop_cached(v, offset) for k, v in per_token.items()}
+            return kv, offset, x, per_token
+        if isinstance(cache, (KVCache, StaticKVCache)):
+            if input_not_include_cache is False:
+                raise ValueError("input_not_include_cache=False with a KVCache: x holds only the new tokens here; "
+                                 "pass an Intermediates (from return_intermediates=True) for upstream's convention")
+            return cache, None, x, per_token  # columns seen: counted only where needed (_columns_seen)
+        raise TypeError(f"cache must be a KVCache, StaticKVCache or the Intermediates of return_intermediates=True, "
+                        f"got {type(cache).__name__}")
+
+    def _columns_seen(self, cache) -> int:
+        """Token columns a KVCache / StaticKVCache holds (memory tokens not counted)."""
+        seen = cache.seq_len if isinstance(cache, KVCache) else cache.length
+        return max(seen - (self.num_memory_tokens if not cache.empty else 0), 0)
+
+    @staticmethod
+    def _start_mask(seq_start_pos, mask, x, offset):
+        """Upstream's seq_start_pos (b,): each row's left padding; those columns become masked."""
+        if not isinstance(seq_start_pos, torch.Tensor) or seq_start_pos.shape != (x.shape[0],) \
+                or seq_start_pos.dtype.is_floating_point or seq_start_pos.dtype == torch.bool:
+            raise ValueError(f"seq_start_pos must be an integer tensor of shape ({x.shape[0]},), each row's count "
+                             f"of left padding; got {seq_start_pos!r}")
+        cols = offset + torch.arange(x.shape[1], device=x.device)
+        start = cols[None, :] >= seq_start_pos.to(x.device)[:, None]
+        return start if mask is None else mask & start
+
+    def _positions(self, x, mask, pos, cache):
+        """Token positions (b|1, n) and, where ``pos`` is a float tensor, the embedding it replaces."""
+        if pos is not None and pos.dtype.is_floating_point:
+            return default_positions(mask, x.shape[1], x.device, self._start(cache)), pos
+        if pos is not None:
+            if pos.dtype == torch.bool or pos.shape[-1] != x.shape[1] or pos.ndim not in (1, 2):
+                raise ValueError(f"pos must be long positions of shape ({x.shape[1]},) or (b, {x.shape[1]}), "
+                                 f"or a float (b, n, emb_dim) embedding; got {pos.dtype} {tuple(pos.shape)}")
+            return (pos if pos.ndim == 2 else pos[None]).long(), None
+        return default_positions(mask, x.shape[1], x.device, self._start(cache)), None
+
+    def _start(self, cache):
+        if cache is None or cache.empty:
+            return None
+        return cache.next_positions() - self.num_memory_tokens  # real tokens are counted without memory
+
+    def _run(self, x, mask, kv_mask, pos, sum_embeds, context, context_mask, cache, return_attn):
+        """Embed, run the stack, strip memory tokens: (hidden states (b, n, dim), attention maps)."""
         b, n = x.shape
         M = self.num_memory_tokens
         first = cache is None or cache.empty
-        start = None
-        if cache is not None and not cache.empty:
-            start = cache.next_positions() - M  # positions of real tokens are counted without memory
-        positions = default_positions(mask, n, x.device, start)
+        positions, external = self._positions(x, mask, pos, cache)
 
         h = self.token_emb(x)
-        if self.pos_emb is not None:
+        if external is not None:
+            h = h + external
+        elif self.pos_emb is not None:
             if self.max_seq_len is not None and not _is_compiling():
-                last = n if start is None else int(positions.max().item()) + 1
+                last = n if pos is None and first else int(positions.max().item()) + 1
                 if last > self.max_seq_len:
                     raise ValueError(f"sequence length {last} exceeds max_seq_len ({self.max_seq_len}) of the "
                                      f"absolute position embedding; shorten the input or raise max_seq_len")
             h = h + self.pos_emb(positions)
+        if sum_embeds is not None:
+            h = h + sum_embeds
         h = self.project_emb(self.emb_dropout(h))
 
         layer_positions = positions + M
+        layer_mask = mask if kv_mask is None else (kv_mask if mask is None else mask & kv_mask)
         if M and first:
             mem = self.memory_tokens.to(h.dtype).expand(b, -1, -1)
             h = torch.cat((mem, h), dim=1)
             mem_pos = torch.arange(M, device=x.device)[None].expand(layer_positions.shape[0], -1)
             layer_positions = torch.cat((mem_pos, layer_positions), dim=-1)
-            if mask is not None:
-                mask = torch.cat((torch.ones(b, M, dtype=torch.bool, device=x.device), mask), dim=-1)
+            if layer_mask is not None:
+                layer_mask = torch.cat((torch.ones(b, M, dtype=torch.bool, device=x.device), layer_mask), dim=-1)
 
-        out = self.attn_layers(h, mask, context, context_mask, positions=layer_positions, cache=cache,
+        out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
                                return_attn=return_attn)
         out, attns = out if return_attn else (out, None)
-        if M and first:
-            out = out[:, M:]
-        if not (return_embeddings or self.cfg.return_only_embed):
-            out = out * self.logits_scale if self.logits_scale != 1.0 else out
-            out = self.to_logits(out) if self.to_logits is not None else out @ self.token_emb.weight.t()
-        return (out, attns) if return_attn else out
+        return (out[:, M:] if M and first else out), attns
+
+
+def _drop_cached(t, offset: int):
+    """A per-token input over the whole sequence -> over the new tokens only (columns >= offset):
+    the token axis is the last of a 1-D long ``pos``, else the second."""
+    if t is None:
+        return None
+    return t[offset:] if t.ndim == 1 else t[:, offset:]
+
+
+# upstream x-transformers' forward keywords of features this package does not have: why, in a line
+UPSTREAM_ABSENT = {
+    **dict.fromkeys(("mems", "return_mems", "mem_masks", "detach_mems"),
+                    "Transformer-XL memories (upstream's max_mem_len) are not implemented"),
+    **dict.fromkeys(("recycle_steps",), "recycling (upstream's recycling=True) is not implemented"),
+    **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
+                     "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
+    **dict.fromkeys(("prepend_embeds", "prepend_mask", "excise_prepend_embeds"),
+                    "prepended embeddings are not implemented; prepend them to the stack's input yourself"),
+    "embed_ids": "extra token embeddings (upstream's embed_num_tokens) are not implemented; add them through sum_embeds=",
+    **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
+    **dict.fromkeys(("return_attn_z_loss", "attn_z_loss_weight"), "the attention z-loss is not implemented"),
+    "return_next_embed_pred": "the continuous next-embedding head is not implemented",
+    **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no keywords here"),
+    "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
+    **dict.fromkeys(("cache_age", "seq_pos_offset"), "the new tokens are those after the cache's cache_length"),
+    **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "context_pos", "condition", "in_attn_cond",
+                     "layers_execute_order", "repeat_blocks", "self_attn_additional_kv", "additional_kv_mask",
+                     "self_attn_kv_residuals", "cross_attn_kv_residuals", "flash_pack_seq_kwargs",
+                     "flash_pack_seq_context_kwargs", "return_hiddens", "deep_embeds_and_ids"),
+                    "this per-call input of upstream's layer stack is not supported here"),
+}
+
+
+def refuse_upstream(kwargs: dict, where: str):
+    """Raise a TypeError for the first keyword left over: an upstream one of a feature absent here
+    (saying so), or an unknown one."""
+    for key in kwargs:
+        if key in UPSTREAM_ABSENT:
+            raise TypeError(f"{where}: upstream x-transformers' keyword {key!r} is not supported: {UPSTREAM_ABSENT[key]}")
+        raise TypeError(f"{where} got an unexpected keyword {key!r}")
 
 
 def stack_settings(attn_layers) -> dict:
