@@ -44,7 +44,7 @@ def get_schedule(schedule) -> Callable[[Tensor], Tensor]:
 
 def random_subset(keep: Tensor, frac: Tensor, generator=None, min_count: float = 0.0) -> Tensor:
     """(b, n) bool, (b, 1) fractions -> a uniformly random subset of each row's True positions,
-    of size ``floor(max(frac * count, min_count))`` (never more than the count)."""
+    of size ``ceil(max(frac * count, min_count))`` (never more than the count)."""
     b, n = keep.shape
     noise = torch.rand(b, n, generator=generator, device=keep.device).masked_fill(~keep, 2.0)  # excluded last
     ranks = noise.argsort(dim=-1).argsort(dim=-1)  # (b, n) rank of each position
@@ -54,7 +54,7 @@ def random_subset(keep: Tensor, frac: Tensor, generator=None, min_count: float =
 
 def gumbel_noise(shape, *, generator=None, device=None, dtype=torch.float32) -> Tensor:
     u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-    return -torch.log(-torch.log(u.clamp(min=1e-10)).clamp(min=1e-10))
+    return -torch.log((-torch.log(u.clamp(min=1e-10))).clamp(min=1e-10))
 
 
 def keep_top_fraction(logits: Tensor, thres: float) -> Tensor:
