@@ -106,6 +106,18 @@ def test_generate_is_deterministic_under_a_seed():
     assert nar.generate(seq_len=5).shape == (5,)
 
 
+@pytest.mark.parametrize("can_remask", [False, True])
+def test_inpainting_keeps_given_tokens(can_remask):
+    nar = make(can_mask_prev_unmasked=can_remask, self_token_critic=True)
+    start = data(b=3)
+    holes = torch.zeros(3, N, dtype=torch.bool)
+    holes[0, :4], holes[1, 5:], holes[2, ::2] = True, True, True  # a different number per row
+    out = nar.generate(start=start.masked_fill(holes, MASK), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[~holes], start[~holes]) and (out != MASK).all()
+    counts = nar.masked_counts(holes.sum(-1))
+    assert counts.shape == (6, 3) and (counts[-1] == 0).all() and (counts[0] <= holes.sum(-1)).all()
+
+
 def test_one_step_greedy_is_the_argmax():
     nar = make(steps=1).eval()
     out = nar.generate(2, start_temperature=0.0, filter_thres=None)

@@ -264,43 +264,57 @@ class NonAutoregressiveWrapper(nn.Module):
         col[self.mask_id] = True
         return col
 
-    def masked_counts(self, seq_len: int) -> list[int]:
+    def masked_counts(self, seq_len: int | Tensor) -> list[int] | Tensor:
         """How many positions stay masked after each of the ``steps`` rounds: the schedule at
-        t = 1/steps .. 1, never increasing, and 0 after the last round whatever the schedule."""
-        times = torch.linspace(0.0, 1.0, self.steps + 1)[1:]
-        counts = (self.schedule_fn(times) * seq_len).long().clamp(0, seq_len).tolist()
-        counts = [min(counts[: i + 1]) for i in range(len(counts))]
+        t = 1/steps .. 1 times the positions to fill, never increasing, and 0 after the last round
+        whatever the schedule. An int gives a list; a (b,) tensor of per-row counts a (steps, b) tensor."""
+        total = torch.as_tensor(seq_len)
+        times = torch.linspace(0.0, 1.0, self.steps + 1, device=total.device)[1:]
+        frac = self.schedule_fn(times).to(torch.float64)  # (steps,)
+        counts = (frac[:, None] * total.reshape(1, -1)).long().clamp(min=0)
+        counts = torch.minimum(counts, total.reshape(1, -1)).cummin(dim=0).values
         counts[-1] = 0
-        return counts
+        return counts[:, 0].tolist() if total.ndim == 0 else counts
 
     @torch.no_grad()
     def generate(self, batch_size: int | None = None, start_temperature: float = 1.0, filter_thres: float | None = 0.7,
-                 noise_level_scale: float = 1.0, *, seq_len: int | None = None, generator: torch.Generator | None = None,
-                 **kwargs) -> Tensor:
-        """Demask ``steps`` rounds from all mask tokens -> (batch_size, seq_len) token ids ((seq_len,)
-        when batch_size is None). ``seq_len`` defaults to the net's max_seq_len. Each round samples
-        every masked position (temperature annealed from ``start_temperature`` to 0, after keeping
-        the top (1 - filter_thres) of the vocabulary), then masks again the least confident
-        (highest critic score, with Gumbel noise scaled by ``noise_level_scale``). ``kwargs`` go to
-        the net (e.g. context)."""
-        sample_one = batch_size is None
-        b = 1 if sample_one else batch_size
-        _positive_int("batch_size", b)
-        n = seq_len if seq_len is not None else self.max_seq_len
-        if n is None:
-            raise ValueError("the net has no max_seq_len; pass seq_len")
-        _positive_int("seq_len", n)
+                 noise_level_scale: float = 1.0, *, seq_len: int | None = None, start: Tensor | None = None,
+                 generator: torch.Generator | None = None, **kwargs) -> Tensor:
+        """Demask ``steps`` rounds -> (batch_size, seq_len) token ids ((seq_len,) when batch_size is
+        None). From all mask tokens (``seq_len`` defaults to the net's max_seq_len), or from ``start``
+        (b, n): its ``mask_id`` positions are filled, its other tokens are given and never changed
+        (inpainting; each row fills its own count). Each round samples every masked position
+        (temperature annealed from ``start_temperature`` to 0, after keeping the top
+        (1 - filter_thres) of the vocabulary), then masks again the least confident (highest critic
+        score, with Gumbel noise scaled by ``noise_level_scale``); none after the last round.
+        ``kwargs`` go to the net (e.g. mask, context)."""
         if filter_thres is not None and not 0 <= filter_thres < 1:
             raise ValueError(f"filter_thres must be in [0, 1) or None, got {filter_thres!r}")
         device = next(self.net.parameters()).device
+        sample_one = batch_size is None and start is None
+        if start is not None:
+            if start.ndim != 2 or start.is_floating_point() or start.dtype == torch.bool:
+                raise ValueError(f"start must be (batch, seq) token ids, got {start.dtype} {tuple(start.shape)}")
+            if batch_size is not None and batch_size != start.shape[0] or seq_len is not None and seq_len != start.shape[1]:
+                raise ValueError("start fixes the batch size and length; drop batch_size / seq_len")
+            seq = start.to(device=device, dtype=torch.long).clone()
+        else:
+            b = 1 if batch_size is None else batch_size
+            _positive_int("batch_size", b)
+            n = seq_len if seq_len is not None else self.max_seq_len
+            if n is None:
+                raise ValueError("the net has no max_seq_len; pass seq_len")
+            _positive_int("seq_len", n)
+            seq = torch.full((b, n), self.mask_id, dtype=torch.long, device=device)
+        masked = seq == self.mask_id
+        given = ~masked  # never resampled, never masked again
+        counts = self.masked_counts(masked.sum(-1))  # (steps, b)
 
         was_training = self.training
         self.eval()
         try:
-            seq = torch.full((b, n), self.mask_id, dtype=torch.long, device=device)
-            masked = torch.ones(b, n, dtype=torch.bool, device=device)
             last_embed = self.null_embed
-            for step, n_masked in enumerate(self.masked_counts(n)):
+            for step in range(self.steps):
                 extra = self.to_self_cond(last_embed) if self.self_cond else None
                 with added_to_token_embedding(self.net, extra):
                     if self.self_cond:
@@ -314,8 +328,7 @@ class NonAutoregressiveWrapper(nn.Module):
                 anneal = (self.steps - 1 - step) / self.steps  # 1 - 1/steps .. 0
                 sampled = self.sample(logits, max(start_temperature * anneal, 1e-3), generator)
                 seq = torch.where(masked, sampled, seq)
-                if n_masked == 0:
-                    masked = torch.zeros_like(masked)
+                if step == self.steps - 1:
                     break
                 if self.token_critic is not None:
                     scores = self.token_critic(seq, **kwargs)[..., 0]
@@ -323,11 +336,14 @@ class NonAutoregressiveWrapper(nn.Module):
                         scores.shape, generator=generator, device=device, dtype=scores.dtype)
                 else:  # 1 - the probability of the sampled token: high = unsure
                     scores = 1 - logits.softmax(dim=-1).gather(-1, sampled[..., None])[..., 0]
-                if not self.can_mask_prev_unmasked:
-                    scores = scores.masked_fill(~masked, -torch.finfo(scores.dtype).max)
-                remask = scores.topk(n_masked, dim=-1).indices
-                masked = torch.zeros_like(masked).scatter(1, remask, True)
+                lowest = -torch.finfo(scores.dtype).max
+                scores = scores.masked_fill(given if self.can_mask_prev_unmasked else ~masked, lowest)
+                # each row masks again its counts[step] least confident positions
+                ranks = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+                masked = ranks < counts[step][:, None]
                 seq = seq.masked_fill(masked, self.mask_id)
+                if not bool(masked.any()):  # the schedule reached 0 early
+                    break
         finally:
             self.train(was_training)
         return seq[0] if sample_one else seq
