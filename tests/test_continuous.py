@@ -1,7 +1,12 @@
 """ContinuousTransformerWrapper and ContinuousAutoregressiveWrapper: cached generation equals the
 uncached loop, masks are honoured, every parameter learns, the losses are the ones documented."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +187,35 @@ def test_call_errors():
         ContinuousAutoregressiveWrapper(make(stack=Encoder)).generate(torch.randn(1, 2, 6), 2)
     with pytest.raises(ValueError, match="NaN"):
         model.net(torch.full((1, 2, 6), math.nan))
+
+
+UPSTREAM = Path("/work/upstream/pkg")
+UPSTREAM_COUNT = r"""
+import json, sys, torch
+from x_transformers import Decoder
+from x_transformers.continuous import ContinuousTransformerWrapper
+kw = json.loads(sys.argv[1])
+stack = json.loads(sys.argv[2])
+m = ContinuousTransformerWrapper(attn_layers=Decoder(dim=32, depth=1, heads=4, **stack), **kw)
+print(json.dumps({n: p.numel() for n, p in m.named_parameters() if not n.startswith("attn_layers.")}))
+"""
+
+
+@pytest.mark.skipif(not UPSTREAM.exists(), reason="upstream x-transformers not installed at /work/upstream/pkg")
+@pytest.mark.parametrize("kw, stack", [
+    (dict(dim_in=7, dim_out=5, max_seq_len=64), {}),
+    (dict(dim_in=7, dim_out=5, max_seq_len=64, num_memory_tokens=3, post_emb_norm=True, probabilistic=True), {}),
+    (dict(dim_in=32, dim_out=32, max_seq_len=64, use_identity_if_same_dim=True), {"rotary_pos_emb": True}),
+    (dict(dim_in=7, max_seq_len=64, scaled_sinu_pos_emb=True), {}),
+])
+def test_wrapper_parameters_match_upstream(kw, stack):
+    """The wrapper's own parameters (projections, positions, memory tokens, norms) have upstream's
+    count for the same keywords; the stacks differ by design."""
+    env = {**os.environ, "PYTHONPATH": str(UPSTREAM), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", UPSTREAM_COUNT, json.dumps(kw), json.dumps(stack)], cwd="/tmp",
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    net = ContinuousTransformerWrapper(attn_layers=Decoder(dim=32, depth=1, heads=4, **stack), **kw)
+    ours = {n: p.numel() for n, p in net.named_parameters() if not n.startswith("attn_layers.")}
+    assert sum(ours.values()) == sum(theirs.values()), (ours, theirs)

@@ -89,7 +89,7 @@ class ContinuousTransformerWrapper(nn.Module):
             self.pos_emb = SinusoidalPositionalEmbedding(dim, scaled=True)
         elif cfg.use_abs_pos_emb and not attn_layers.layer_cfg.has_positions and cfg.max_seq_len is not None:
             self.pos_emb = AbsolutePositionalEmbedding(dim, cfg.max_seq_len)
-        self.post_emb_norm = LayerNorm(dim) if cfg.post_emb_norm else None
+        self.post_emb_norm = LayerNorm(dim, bias=False) if cfg.post_emb_norm else None  # bias-less, as upstream's
         self.emb_dropout = nn.Dropout(cfg.emb_dropout) if cfg.emb_dropout > 0 else nn.Identity()
         self.memory_tokens = nn.Parameter(torch.randn(M, dim) * 0.02) if M else None
 
