@@ -164,7 +164,8 @@ class ContinuousTransformerWrapper(nn.Module):
         if P:
             kept = prepend_mask if prepend_mask is not None else torch.ones(b, P, dtype=torch.bool, device=x.device)
             pre_pos = default_positions(kept, P, x.device) + M
-            layer_positions = torch.cat((pre_pos.expand(b, -1), layer_positions.expand(b, -1) + kept.sum(-1, keepdim=True)), -1)
+            frame_pos = layer_positions.expand(b, -1) + kept.sum(-1, keepdim=True)  # after the kept prefix
+            layer_positions = torch.cat((pre_pos.expand(b, -1), frame_pos), dim=-1)
             h = torch.cat((prepend_embeds.to(h.dtype), h), dim=1)
             if mask is not None or prepend_mask is not None:
                 frames = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
@@ -295,7 +296,8 @@ class ContinuousAutoregressiveWrapper(nn.Module):
         no_batch = start_tokens.ndim == 2
         x = start_tokens[None] if no_batch else start_tokens
         if x.ndim != 3:
-            raise ValueError(f"start_tokens must be (batch, seq, features) or (seq, features), got {tuple(start_tokens.shape)}")
+            raise ValueError(f"start_tokens must be (batch, seq, features) or (seq, features), "
+                             f"got {tuple(start_tokens.shape)}")
         if cache_kv and not self.net.attn_layers.causal:
             raise ValueError("cache_kv=True needs a causal stack (Decoder); pass cache_kv=False for a bidirectional one")
         total = x.shape[1] + seq_len - 1  # the most frames the net ever sees at once
