@@ -1,0 +1,221 @@
+"""ContinuousTransformerWrapper and ContinuousAutoregressiveWrapper: cached generation equals the
+uncached loop, masks are honoured, every parameter learns, the losses are the ones documented."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from x_transformers import Decoder, Encoder
+from x_transformers.continuous import ContinuousAutoregressiveWrapper, ContinuousTransformerWrapper
+
+
+def make(dim_in=6, dim_out=6, stack=Decoder, stack_kw=None, **kw):
+    kw.setdefault("max_seq_len", 64)
+    return ContinuousTransformerWrapper(dim_in=dim_in, dim_out=dim_out,
+                                        attn_layers=stack(dim=32, depth=2, heads=4, **(stack_kw or {})), **kw)
+
+
+VARIANTS = {
+    "learned": ({}, {}),
+    "memory": ({"num_memory_tokens": 3}, {}),
+    "rotary": ({}, {"rotary_pos_emb": True}),
+    "sinusoidal+postnorm": ({"scaled_sinu_pos_emb": True, "post_emb_norm": True}, {}),
+    "alibi+memory": ({"num_memory_tokens": 2}, {"alibi_pos_bias": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("probabilistic", [False, True])
+def test_cached_generate_equals_uncached_loop(name, probabilistic):
+    wrapper_kw, stack_kw = VARIANTS[name]
+    torch.manual_seed(0)
+    net = make(stack_kw=stack_kw, probabilistic=probabilistic, **wrapper_kw).double()
+    model = ContinuousAutoregressiveWrapper(net)
+    prompt = torch.randn(2, 5, 6, dtype=torch.float64)
+    outs = []
+    for cache_kv in (True, False):
+        g = torch.Generator().manual_seed(7)
+        outs.append(model.generate(prompt, 9, cache_kv=cache_kv, generator=g))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=1e-10)
+    # and the uncached loop is what it says: each frame the net's last output on everything so far
+    if not probabilistic:
+        seq = prompt
+        for _ in range(9):
+            seq = torch.cat((seq, net.eval()(seq)[:, -1:]), dim=1)
+        torch.testing.assert_close(outs[1], seq[:, 5:], atol=1e-12, rtol=1e-12)
+
+
+def test_generate_unbatched_and_restores_training_mode():
+    torch.manual_seed(0)
+    model = ContinuousAutoregressiveWrapper(make()).train()
+    out = model.generate(torch.randn(4, 6), 3)
+    assert out.shape == (3, 6) and model.net.training
+
+
+def test_generate_temperature_zero_takes_the_mean():
+    torch.manual_seed(0)
+    net = make(probabilistic=True).double().eval()
+    model = ContinuousAutoregressiveWrapper(net)
+    prompt = torch.randn(1, 4, 6, dtype=torch.float64)
+    out = model.generate(prompt, 1, temperature=0)
+    torch.testing.assert_close(out[:, 0], net(prompt)[0][:, -1])
+
+
+@pytest.mark.parametrize("stack", [Encoder, Decoder])
+@pytest.mark.parametrize("memory", [0, 2])
+def test_padding_invariance(stack, memory):
+    torch.manual_seed(0)
+    net = make(stack=stack, num_memory_tokens=memory).double().eval()
+    x = torch.randn(1, 5, 6, dtype=torch.float64)
+    alone = net(x)
+    pad = torch.randn(1, 3, 6, dtype=torch.float64) * 100  # garbage that must not leak
+    kept = torch.ones(1, 5, dtype=torch.bool)
+    dropped = torch.zeros(1, 3, dtype=torch.bool)
+    right = net(torch.cat((x, pad), 1), torch.cat((kept, dropped), 1))[:, :5]
+    left = net(torch.cat((pad, x), 1), torch.cat((dropped, kept), 1))[:, 3:]
+    torch.testing.assert_close(right, alone)
+    torch.testing.assert_close(left, alone)
+    # lens is the same mask (right padding)
+    torch.testing.assert_close(net(torch.cat((x, pad), 1), lens=torch.tensor([5]))[:, :5], alone)
+
+
+def test_average_pool_ignores_padding():
+    torch.manual_seed(0)
+    net = make(stack=Encoder, average_pool_embed=True).double().eval()
+    x = torch.randn(1, 5, 6, dtype=torch.float64)
+    padded = torch.cat((x, torch.randn(1, 2, 6, dtype=torch.float64)), 1)
+    out = net(padded, lens=torch.tensor([5]))
+    assert out.shape == (1, 6)
+    torch.testing.assert_close(out, net(x))
+
+
+@pytest.mark.parametrize("kw", [dict(num_memory_tokens=2, post_emb_norm=True), dict(scaled_sinu_pos_emb=True),
+                                dict(probabilistic=True)])
+def test_gradients_reach_every_parameter(kw):
+    torch.manual_seed(0)
+    model = ContinuousAutoregressiveWrapper(make(**kw))
+    x = torch.randn(2, 8, 6)
+    model(x, mask=torch.tensor([[True] * 8, [True] * 6 + [False] * 2])).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_loss_counts_only_kept_predictions():
+    torch.manual_seed(0)
+    model = ContinuousAutoregressiveWrapper(make().eval())
+    x = torch.randn(2, 8, 6)
+    mask = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    loss = model(x, mask=mask)
+    y = x.clone()
+    y[1, 5:] = 1e3  # padded frames: neither inputs nor targets count
+    torch.testing.assert_close(model(y, mask=mask), loss)
+    # by hand: per-element squared errors of the kept (input, target) pairs, averaged
+    out = model.net(x[:, :-1], mask[:, :-1])
+    keep = mask[:, :-1] & mask[:, 1:]
+    torch.testing.assert_close(loss, ((out - x[:, 1:]) ** 2)[keep].mean())
+    # equal_loss_weight_batch: each row's mean, then the mean of rows
+    eq = ContinuousAutoregressiveWrapper(model.net, equal_loss_weight_batch=True)(x, mask=mask)
+    rows = [((out[i] - x[i, 1:]) ** 2)[keep[i]].mean() for i in range(2)]
+    torch.testing.assert_close(eq, torch.stack(rows).mean())
+
+
+def test_probabilistic_loss_is_gaussian_nll():
+    torch.manual_seed(0)
+    net = make(probabilistic=True).double().eval()
+    model = ContinuousAutoregressiveWrapper(net)
+    x = torch.randn(2, 6, 6, dtype=torch.float64)
+    mean, var = net(x[:, :-1])
+    assert (var > 0).all()
+    nll = 0.5 * (torch.log(var) + (x[:, 1:] - mean) ** 2 / var)
+    torch.testing.assert_close(model(x), nll.mean())
+    l1 = ContinuousAutoregressiveWrapper(make(), use_l1_loss=True)
+    torch.testing.assert_close(l1(x.float()), (l1.net(x[:, :-1].float()) - x[:, 1:].float()).abs().mean())
+
+
+def test_external_projections_and_identity():
+    torch.manual_seed(0)
+    net = ContinuousTransformerWrapper(project_in=nn.Linear(16, 32, bias=False), project_out=nn.Linear(32, 16),
+                                       attn_layers=Encoder(dim=32, depth=1, heads=4), max_seq_len=32)
+    assert net(torch.randn(1, 16, 16)).shape == (1, 16, 16)
+    same = make(dim_in=32, dim_out=32, use_identity_if_same_dim=True)
+    assert isinstance(same.project_in, nn.Identity) and isinstance(same.project_out, nn.Identity)
+    assert make(dim_in=None, dim_out=None)(torch.randn(1, 3, 32)).shape == (1, 3, 32)
+
+
+def test_prepend_embeds_are_a_prefix():
+    torch.manual_seed(0)
+    net = make(stack=Decoder, stack_kw={"rotary_pos_emb": True}).double().eval()
+    x = torch.randn(1, 4, 6, dtype=torch.float64)
+    prefix = torch.randn(1, 2, 32, dtype=torch.float64)
+    out = net(x, prepend_embeds=prefix)
+    assert out.shape == (1, 4, 6)
+    assert not torch.allclose(out, net(x))  # the frames see the prefix
+    # a masked-out prefix is as if absent (rotary positions count kept tokens only)
+    torch.testing.assert_close(net(x, prepend_embeds=prefix, prepend_mask=torch.zeros(1, 2, dtype=torch.bool)), net(x))
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: make(project_in=nn.Linear(6, 32)), "pass dim_in or project_in"),
+    (lambda: make(dim_out=None, probabilistic=True), "probabilistic=True needs dim_out"),
+    (lambda: make(emb_dropout=1.5), "emb_dropout"),
+    (lambda: make(max_seq_len="64"), "max_seq_len"),
+    (lambda: make(dim_inn=3), "did you mean 'dim_in'"),
+    (lambda: ContinuousAutoregressiveWrapper(make(probabilistic=True), use_l1_loss=True), "use_l1_loss"),
+])
+def test_construction_errors(build, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+
+
+def test_call_errors():
+    model = ContinuousAutoregressiveWrapper(make(max_seq_len=8))
+    with pytest.raises(ValueError, match="7 features per frame but this wrapper takes 6"):
+        model.net(torch.randn(1, 3, 7))
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        model.generate(torch.randn(1, 4, 6), 6)
+    assert model.generate(torch.randn(1, 4, 6), 6, cache_kv=False).shape == (1, 6, 6)  # a sliding window
+    with pytest.raises(ValueError, match="dim_out must equal dim_in"):
+        ContinuousAutoregressiveWrapper(make(dim_out=3)).generate(torch.randn(1, 2, 6), 2)
+    with pytest.raises(ValueError, match="causal"):
+        ContinuousAutoregressiveWrapper(make(stack=Encoder)).generate(torch.randn(1, 2, 6), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        model.net(torch.full((1, 2, 6), math.nan))
+
+
+UPSTREAM = Path("/work/upstream/pkg")
+UPSTREAM_COUNT = r"""
+import json, sys, torch
+from x_transformers import Decoder
+from x_transformers.continuous import ContinuousTransformerWrapper
+kw = json.loads(sys.argv[1])
+stack = json.loads(sys.argv[2])
+m = ContinuousTransformerWrapper(attn_layers=Decoder(dim=32, depth=1, heads=4, **stack), **kw)
+print(json.dumps({n: p.numel() for n, p in m.named_parameters() if not n.startswith("attn_layers.")}))
+"""
+
+
+@pytest.mark.skipif(not UPSTREAM.exists(), reason="upstream x-transformers not installed at /work/upstream/pkg")
+@pytest.mark.parametrize("kw, stack", [
+    (dict(dim_in=7, dim_out=5, max_seq_len=64), {}),
+    (dict(dim_in=7, dim_out=5, max_seq_len=64, num_memory_tokens=3, post_emb_norm=True, probabilistic=True), {}),
+    (dict(dim_in=32, dim_out=32, max_seq_len=64, use_identity_if_same_dim=True), {"rotary_pos_emb": True}),
+    (dict(dim_in=7, max_seq_len=64, scaled_sinu_pos_emb=True), {}),
+])
+def test_wrapper_parameters_match_upstream(kw, stack):
+    """The wrapper's own parameters (projections, positions, memory tokens, norms) have upstream's
+    count for the same keywords; the stacks differ by design."""
+    env = {**os.environ, "PYTHONPATH": str(UPSTREAM), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", UPSTREAM_COUNT, json.dumps(kw), json.dumps(stack)], cwd="/tmp",
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    theirs = json.loads(res.stdout.strip().splitlines()[-1])
+    net = ContinuousTransformerWrapper(attn_layers=Decoder(dim=32, depth=1, heads=4, **stack), **kw)
+    ours = {n: p.numel() for n, p in net.named_parameters() if not n.startswith("attn_layers.")}
+    assert sum(ours.values()) == sum(theirs.values()), (ours, theirs)
