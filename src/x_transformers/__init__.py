@@ -4,17 +4,21 @@ from .attend import BackendNotSupported, attend, attend_backend
 from .autoregressive import AutoregressiveWrapper
 from .cache import KVCache, StaticKVCache
 from .config import ConfigConflictError
+from .continuous import ContinuousAutoregressiveWrapper, ContinuousTransformerWrapper
 from . import flex as _flex  # noqa: F401 - registers the FlexAttention backend ahead of sdpa
 from .funnel import FunnelEncoder
 from .hf import from_pretrained, load_tokenizer, save_pretrained
 from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
 from .multi_input import MultiInputTransformerWrapper
 from .neo_mlp import NeoMLP
+from .nonautoregressive_wrapper import NonAutoregressiveWrapper
+from .vit import ViTransformerWrapper
 from .wrappers import TransformerWrapper, XTransformer
 
 __all__ = [
     "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "FunnelEncoder", "TransformerWrapper", "XTransformer",
-    "MultiInputTransformerWrapper", "NeoMLP",
+    "MultiInputTransformerWrapper", "NeoMLP", "ContinuousTransformerWrapper", "ContinuousAutoregressiveWrapper",
+    "ViTransformerWrapper", "NonAutoregressiveWrapper",
     "KVCache", "StaticKVCache", "AutoregressiveWrapper",
     "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
     "from_pretrained", "save_pretrained", "load_tokenizer",

@@ -25,12 +25,13 @@ from .attend import attend
 from .config import AttentionConfig, FeedForwardConfig, build
 from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
 from .norms import LayerNorm, RMSNorm, ScaleNorm
+from .vit import ViTransformerWrapper
 from .wrappers import TransformerWrapper, XTransformer
 
 __all__ = [
     "TransformerWrapper", "XTransformer", "AttentionLayers", "Encoder", "Decoder", "CrossAttender",
     "Attention", "FeedForward", "Attend", "AttendIntermediates", "LinearNoBias", "DEFAULT_DIM_HEAD",
-    "LayerNorm", "RMSNorm", "ScaleNorm",
+    "LayerNorm", "RMSNorm", "ScaleNorm", "ViTransformerWrapper",
 ]
 
 DEFAULT_DIM_HEAD = 64  # upstream's attention head width
