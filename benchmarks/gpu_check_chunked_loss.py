@@ -60,8 +60,12 @@ LOSS_TOL, GRAD_TOL = 0.01, 0.01
 
 def build(cfg):
     torch.manual_seed(0)
+    # the shape the issue measured: head width dim // heads, LayerNorm with bias, an unscaled tied head
+    # (the library's defaults became upstream's since: 64-wide heads, no norm bias, tied logits * dim ** -0.5)
     model = TransformerWrapper(num_tokens=cfg["vocab"], max_seq_len=cfg["seq"], tie_embedding=cfg["tied"],
-                               attn_layers=Decoder(dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"]))
+                               logits_scale=1.0,
+                               attn_layers=Decoder(dim=cfg["dim"], depth=cfg["depth"], heads=cfg["heads"],
+                                                   attn_dim_head=cfg["dim"] // cfg["heads"], norm_bias=True))
     return model.cuda()
 
 
