@@ -7,7 +7,8 @@ from .config import ConfigConflictError
 from .continuous import ContinuousAutoregressiveWrapper, ContinuousTransformerWrapper
 from . import flex as _flex  # noqa: F401 - registers the FlexAttention backend ahead of sdpa
 from .funnel import FunnelEncoder
-from .hf import from_pretrained, load_tokenizer, save_pretrained
+from .hf import load_tokenizer, save_pretrained
+from .hub import from_pretrained
 from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
 from .multi_input import MultiInputTransformerWrapper
 from .neo_mlp import NeoMLP

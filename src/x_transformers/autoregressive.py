@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hub import Pretrained
 from . import inductor_fix
 from .cache import Intermediates, KVCache, StaticKVCache
 from .checks import check_context, check_finite, check_not_empty
@@ -232,7 +233,7 @@ _ABSENT_DEFAULTS = {
 }
 
 
-class AutoregressiveWrapper(nn.Module):
+class AutoregressiveWrapper(Pretrained, nn.Module):
     """Next-token training loss and generation for a causal ``TransformerWrapper``."""
 
     def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0, mask_prob: float = 0.0,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hub import Pretrained
 from .cache import KVCache
 from .checks import check_dtype, check_finite, check_not_empty
 from .config import _positive_int, _probability, build, check_types
@@ -51,7 +52,7 @@ class ContinuousConfig:
             raise ValueError("probabilistic=True needs dim_out, the width of the predicted mean and variance")
 
 
-class ContinuousTransformerWrapper(nn.Module):
+class ContinuousTransformerWrapper(Pretrained, nn.Module):
     """Vectors (b, n, i) -> vectors (b, n, o): an input projection, positions, optional memory
     tokens, a layer stack and an output projection. ``probabilistic=True`` returns the stacked
     mean and variance (2, b, n, o)."""
@@ -211,7 +212,7 @@ class GaussianNLL(nn.Module):
         return F.gaussian_nll_loss(mean, target, var, reduction="none")
 
 
-class ContinuousAutoregressiveWrapper(nn.Module):
+class ContinuousAutoregressiveWrapper(Pretrained, nn.Module):
     """Next-frame prediction around a causal ``ContinuousTransformerWrapper``: ``forward(x)`` is
     the loss of predicting x[:, 1:] from x[:, :-1]; ``generate`` continues a sequence of frames."""
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hub import Pretrained
 from . import aliases, conflicts
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, field_names, unknown_keyword
 from .layers import Encoder, check_stack_inputs, default_positions
@@ -141,7 +142,7 @@ def _block_context(block: Encoder, mask, positions, context, context_mask, kv=No
                    kv_score_mod=block.score_mod(positions, src_pos))
 
 
-class FunnelEncoder(nn.Module):
+class FunnelEncoder(Pretrained, nn.Module):
     """Funnel Transformer encoder (2006.03236): ``len(depths)`` blocks, sequence halved between them.
 
     ``FunnelEncoder(dim, depths=(4, 4, 4), heads=8, separate_cls=False, upsample=False,

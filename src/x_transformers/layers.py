@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from .hub import Pretrained
 from . import checks
 from .attention import Attention
 from .blocks import ForwardContext, run_sequential
@@ -91,7 +92,7 @@ def check_stack_inputs(stack, x, mask, context, context_mask, *, direct: bool = 
         raise ValueError("context was given but this stack has no cross-attention (set cross_attend=True)")
 
 
-class AttentionLayers(nn.Module):
+class AttentionLayers(Pretrained, nn.Module):
     """A stack of attention and feed-forward blocks over embeddings x (b, n, dim).
 
     Keywords: :class:`LayersConfig` names; ``attn_*`` for :class:`AttentionConfig`; ``ff_*`` for

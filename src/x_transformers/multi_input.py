@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .hub import Pretrained
 from .layers import AttentionLayers, check_mask, default_positions
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
 
 
-class MultiInputTransformerWrapper(nn.Module):
+class MultiInputTransformerWrapper(Pretrained, nn.Module):
     """``num_tokens``: {name: vocabulary size}; ``forward({name: (b, n) ids}, mask=None)`` returns
     {name: (b, n, vocab) logits}, or the hidden states (b, n, dim) with ``return_embeddings`` /
     ``return_only_embed``. Positions (learned unless the stack carries its own, or scaled

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .hub import Pretrained
 from .layers import Encoder
 
 
@@ -31,7 +32,7 @@ class RandomFourierEmbed(nn.Module):
         return torch.cos(2 * math.pi * (x[..., None] * self.weight + self.bias))
 
 
-class NeoMLP(nn.Module):
+class NeoMLP(Pretrained, nn.Module):
     """``NeoMLP(dim_in=, dim_hidden=, dim_out=, dim_model=, depth=, encoder_kwargs=)``: (b, i) or
     (i,) -> (b, o) or (o,). ``encoder_kwargs`` go to the Encoder (default 4 heads of width 16)."""
 

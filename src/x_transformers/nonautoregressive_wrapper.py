@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hub import Pretrained
 from .config import _positive_int, _probability
 from .wrappers import TransformerWrapper
 
@@ -97,7 +98,7 @@ class SelfCritic(nn.Module):
         return self.to_logits(self.net(x, return_embeddings=True, **kwargs))  # (b, n, 1)
 
 
-class NonAutoregressiveWrapper(nn.Module):
+class NonAutoregressiveWrapper(Pretrained, nn.Module):
     """Masked-token training and iterative demasking (MaskGIT) for a bidirectional token model."""
 
     def __init__(self, net: TransformerWrapper, *, mask_id: int, steps: int = 18, self_cond: bool = False,

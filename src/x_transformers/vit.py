@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .hub import Pretrained
 from .config import _positive_int, _probability, build, check_types
 from .layers import AttentionLayers
 from .norms import LayerNorm
@@ -66,7 +67,7 @@ def patchify(img: Tensor, patch_size: int) -> Tensor:
     return x.reshape(b, (H // p) * (W // p), p * p * c)
 
 
-class ViTransformerWrapper(nn.Module):
+class ViTransformerWrapper(Pretrained, nn.Module):
     """Image (b, c, H, W) -> class logits (b, num_classes), or patch embeddings (b, N, d)."""
 
     def __init__(self, *, attn_layers: AttentionLayers, **kwargs):

@@ -11,6 +11,7 @@ from dataclasses import fields
 import torch
 from torch import nn
 
+from .hub import Pretrained
 from . import aliases, checks, conflicts
 from .config import REQUIRES, WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import DEFAULT_DEPTHS, FunnelEncoder
@@ -23,7 +24,7 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-class TransformerWrapper(nn.Module):
+class TransformerWrapper(Pretrained, nn.Module):
     """Token embedding, positions, optional memory tokens, a layer stack and the output head."""
 
     def __init__(self, *, attn_layers: AttentionLayers, **kwargs):
@@ -351,7 +352,7 @@ def resolve_prefixed(kwargs: dict) -> dict:
     return out
 
 
-class XTransformer(nn.Module):
+class XTransformer(Pretrained, nn.Module):
     """Encoder-decoder. Shared keywords (``num_tokens, dim, depth, heads, max_seq_len`` and any
     other model keyword) apply to both sides; ``enc_*`` / ``dec_*`` keywords to one side only and
     win over shared ones. ``tie_token_emb=True`` shares the token embedding of both sides."""
