@@ -255,10 +255,12 @@ class NonAutoregressiveWrapper(Pretrained, nn.Module):
     # -- generation ------------------------------------------------------------------------------
 
     def sample(self, logits: Tensor, temperature: float, generator=None) -> Tensor:
-        """Gumbel-max sampling at ``temperature`` (argmax as it nears 0), never the mask token."""
+        """Gumbel-max sampling at ``temperature`` (the argmax at 0), never the mask token."""
         logits = logits.masked_fill(self._mask_column(logits), float("-inf"))
+        if temperature <= 0:  # greedy: no noise at all (a clamped tiny temperature still flips near-ties)
+            return logits.argmax(dim=-1)
         noise = gumbel_noise(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-        return (logits / max(temperature, 1e-10) + noise).argmax(dim=-1)
+        return (logits / temperature + noise).argmax(dim=-1)
 
     def _mask_column(self, logits: Tensor) -> Tensor:
         col = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -327,7 +329,7 @@ class NonAutoregressiveWrapper(Pretrained, nn.Module):
                 if filter_thres is not None:
                     logits = keep_top_fraction(logits, filter_thres)
                 anneal = (self.steps - 1 - step) / self.steps  # 1 - 1/steps .. 0
-                sampled = self.sample(logits, max(start_temperature * anneal, 1e-3), generator)
+                sampled = self.sample(logits, start_temperature * anneal, generator)
                 seq = torch.where(masked, sampled, seq)
                 if step == self.steps - 1:
                     break
