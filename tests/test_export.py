@@ -48,3 +48,30 @@ def test_the_export_command_writes_a_checked_file_for_a_trained_run(tmp_path, ca
     out = capsys.readouterr().out
     assert "max abs diff" in out and (tmp_path / "lm.onnx").stat().st_size > 10_000
     assert cli("export", run, "--onnx", tmp_path / "lm.txt") == 2  # not a .onnx name
+
+
+def test_a_decoder_exports_with_its_kv_cache_and_decodes_like_the_full_forward(tmp_path, capsys):
+    from x_transformers.export import export_onnx_with_cache
+
+    torch.manual_seed(0)
+    lm = TransformerWrapper(num_tokens=60, max_seq_len=40, num_memory_tokens=2,
+                            attn_layers=Decoder(dim=32, depth=2, heads=4, rotary_pos_emb=True, attn_kv_heads=2)).eval()
+    report = export_onnx_with_cache(lm, tmp_path / "lm.onnx")
+    assert report["cache"] == ["key_mask", "positions", "keys_0", "values_0", "keys_2", "values_2"]
+    assert max(report["max_abs_diff"].values()) < 1e-5
+    # greedy decoding in onnxruntime alone equals our cached generate
+    prefill, decode = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                       for p in (tmp_path / "lm.onnx", tmp_path / "lm.decode.onnx"))
+    prompt = torch.randint(0, 60, (2, 4), generator=torch.Generator().manual_seed(3))
+    outs, tokens = prefill.run(None, {"ids": prompt.numpy()}), []
+    for _ in range(8):
+        token = outs[0][:, -1:].argmax(-1)
+        tokens.append(token)
+        outs = decode.run(None, {"ids": token, **{i.name: v for i, v in zip(decode.get_inputs()[1:], outs[1:])}})
+    from x_transformers import AutoregressiveWrapper
+
+    want = AutoregressiveWrapper(lm).generate(prompt, 8, temperature=0.0)
+    assert torch.equal(torch.from_numpy(__import__("numpy").concatenate(tokens, axis=1)), want)
+    with pytest.raises(TypeError, match="takes a decoder"):
+        export_onnx_with_cache(TransformerWrapper(num_tokens=20, max_seq_len=16,
+                                                  attn_layers=Encoder(dim=16, depth=1, heads=2)), tmp_path / "e.onnx")

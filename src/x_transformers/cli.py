@@ -327,20 +327,29 @@ def _export_arguments(p):
     p.add_argument("run", help="a run folder or checkpoint folder")
     p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
     p.add_argument("--mask", action="store_true", help="take a padding mask as an input too")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="a decoder as two graphs with the KV cache as inputs/outputs: FILE (prefill) and "
+                        "FILE's stem + .decode.onnx (one decode step)")
 
 
 @command("export", "export a trained model to ONNX (dynamic batch and length), checked in onnxruntime",
          _export_arguments)
 def run_export(args) -> int:
-    from .export import export_onnx
+    from .export import export_onnx, export_onnx_with_cache
 
     if not args.onnx.endswith(".onnx"):
         raise CLIError(f"--onnx must name a .onnx file, got {args.onnx}")
     check_out(Path(args.onnx).absolute().parent)
     _, _, model, _, ckpt = _load_trained(args.run, {"device": "cpu"})
+    if args.kv_cache and args.mask:
+        raise CLIError("--kv-cache and --mask do not combine: the cached graphs carry the mask as their key_mask input")
     try:
-        report = export_onnx(model.float().cpu(), args.onnx, with_mask=args.mask)
-    except ImportError as e:
+        if args.kv_cache:
+            report = export_onnx_with_cache(model.float().cpu(), args.onnx)
+            report["inputs"] = ["ids", *report["cache"]]
+        else:
+            report = export_onnx(model.float().cpu(), args.onnx, with_mask=args.mask)
+    except (ImportError, TypeError) as e:
         raise CLIError(str(e))
     diffs = ", ".join(f"{k} {v:.1e}" for k, v in report["max_abs_diff"].items())
     print(f"{ckpt} -> {args.onnx} (inputs {', '.join(report['inputs'])}; onnxruntime vs PyTorch, max abs diff: {diffs})")
