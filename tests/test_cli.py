@@ -471,3 +471,10 @@ def test_a_resumed_run_reports_bits_per_byte_from_the_runs_first_validation(tmp_
     vals = [r["val_bpb"] for r in records(run) if r["kind"] == "val"]
     assert [r["step"] for r in records(run) if r["kind"] == "val"] == [0, 2, 4]
     assert line.startswith(f"validation bits per byte: {vals[0]:.3f} -> {vals[-1]:.3f}")
+
+
+def test_generate_on_a_folder_with_a_broken_config_names_the_file(capsys, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{not json")
+    err = one_line_error(capsys, "generate", tmp_path / "hf")
+    assert "config.json is not valid JSON" in err

@@ -256,10 +256,16 @@ def _generate_arguments(p):
 def _is_hf_folder(path: str) -> bool:
     import json
 
+    file = Path(path) / "config.json"
+    if not file.is_file() or (Path(path) / "checkpoints").is_dir() or (Path(path) / "meta.json").is_file():
+        return False  # not a model folder, or one of our runs / checkpoints (their config.json is ours)
     try:
-        return "model_type" in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
+        config = json.loads(file.read_text())
+    except ValueError as e:
+        raise CLIError(f"{file} is not valid JSON ({e})")
+    except OSError:
         return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 def _generate_hf(args) -> str:
