@@ -77,6 +77,15 @@ def check_mask(mask, b: int, n: int, name: str = "mask"):
                          f"got {mask.dtype} of shape {tuple(mask.shape)}")
 
 
+def check_attn_mask(attn_mask, b: int, n: int):
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.ndim != 4 \
+            or attn_mask.shape[1] != 1 or attn_mask.shape[2:] != (n, n) or attn_mask.shape[0] not in (1, b):
+        got = f"{attn_mask.dtype} of shape {tuple(attn_mask.shape)}" if isinstance(attn_mask, torch.Tensor) \
+            else type(attn_mask).__name__
+        raise ValueError(f"attn_mask must be a bool tensor of shape ({b} or 1, 1, {n}, {n}), True = may attend; "
+                         f"got {got}")
+
+
 def check_stack_inputs(stack, x, mask, context, context_mask, *, direct: bool = True):
     """The call-time checks of a layer stack (``stack.dim``, ``stack.needs_context``). ``direct``:
     called on a user's embeddings (TransformerWrapper passes positions and its own embeddings),
@@ -241,10 +250,7 @@ class AttentionLayers(Pretrained, nn.Module):
         if attn_mask is not None:
             if cache is not None:
                 raise ValueError("attn_mask cannot be combined with a cache (it is over this call's n x n pairs)")
-            if attn_mask.dtype != torch.bool or attn_mask.ndim != 4 or attn_mask.shape[1] != 1 \
-                    or attn_mask.shape[2:] != (n, n) or attn_mask.shape[0] not in (1, b):
-                raise ValueError(f"attn_mask must be a bool tensor of shape ({b} or 1, 1, {n}, {n}), True = may "
-                                 f"attend; got {attn_mask.dtype} of shape {tuple(attn_mask.shape)}")
+            check_attn_mask(attn_mask, b, n)
 
         start = cache.next_positions() if cache is not None else None
         if positions is None:
@@ -341,6 +347,7 @@ class PrefixDecoder(AttentionLayers):
                 raise ValueError(f"prefix_attn_len ({longest}) is longer than the sequence ({x.shape[1]} positions)")
         allowed = self.prefix_mask(x.shape[0], x.shape[1], x.device, prefix_attn_len)
         if attn_mask is not None:
+            check_attn_mask(attn_mask, x.shape[0], x.shape[1])
             allowed = allowed & attn_mask
         return super().forward(x, mask, context, context_mask, attn_mask=allowed, **kwargs)
 
