@@ -5,7 +5,6 @@ on the same weights, and for cached generation."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
