@@ -10,7 +10,8 @@ import torch
 import x_transformers as xt
 from x_transformers import (AutoregressiveWrapper, ContinuousAutoregressiveWrapper, ContinuousTransformerWrapper,
                             Decoder, Encoder, FunnelEncoder, MultiInputTransformerWrapper, NeoMLP,
-                            NonAutoregressiveWrapper, TransformerWrapper, ViTransformerWrapper, XTransformer)
+                            NonAutoregressiveWrapper, PrefixDecoder, TransformerWrapper, ViTransformerWrapper, XTransformer,
+                            DPO, XValAutoregressiveWrapper, XValTransformerWrapper)
 from x_transformers.hub import Pretrained
 
 
@@ -55,6 +56,15 @@ CASES = {
                                                          attn_layers=Decoder(dim=32, depth=1, heads=2)),
                     lambda m: m(dict(a=torch.randint(0, 10, (2, 5), generator=g()),
                                      b=torch.randint(0, 7, (2, 5), generator=g(1))))),
+    "prefix_decoder": (lambda: PrefixDecoder(dim=32, depth=1, heads=2, prefix_attn_len=3),
+                       lambda m: m(torch.randn(2, 7, 32, generator=g()))),
+    "xval": (lambda: XValAutoregressiveWrapper(XValTransformerWrapper(
+                 num_tokens=12, max_seq_len=16, numerical_token_id=3, attn_layers=Decoder(dim=32, depth=1, heads=2)),
+                 numerical_loss_weight=0.5),
+             lambda m: m.net(torch.arange(8).repeat(2, 1), torch.randn(2, 8, generator=g()))),
+    "dpo": (lambda: DPO(lm(), beta=0.2, pad_id=0),
+            lambda m: m(torch.randint(1, 40, (2, 9), generator=g()), torch.randint(1, 40, (2, 9), generator=g(1)),
+                        prompt_mask=torch.arange(9).expand(2, -1) < 3)),
 }
 
 

@@ -5,21 +5,24 @@ from .autoregressive import AutoregressiveWrapper
 from .cache import KVCache, StaticKVCache
 from .config import ConfigConflictError
 from .continuous import ContinuousAutoregressiveWrapper, ContinuousTransformerWrapper
+from .dpo import DPO
 from . import flex as _flex  # noqa: F401 - registers the FlexAttention backend ahead of sdpa
 from .funnel import FunnelEncoder
 from .hf import load_tokenizer, save_pretrained
 from .hub import from_pretrained
-from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
+from .layers import AttentionLayers, CrossAttender, Decoder, Encoder, PrefixDecoder
 from .multi_input import MultiInputTransformerWrapper
 from .neo_mlp import NeoMLP
 from .nonautoregressive_wrapper import NonAutoregressiveWrapper
 from .vit import ViTransformerWrapper
 from .wrappers import TransformerWrapper, XTransformer
+from .xval import XValAutoregressiveWrapper, XValTransformerWrapper
 
 __all__ = [
     "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "FunnelEncoder", "TransformerWrapper", "XTransformer",
     "MultiInputTransformerWrapper", "NeoMLP", "ContinuousTransformerWrapper", "ContinuousAutoregressiveWrapper",
-    "ViTransformerWrapper", "NonAutoregressiveWrapper",
+    "ViTransformerWrapper", "NonAutoregressiveWrapper", "PrefixDecoder", "XValTransformerWrapper",
+    "XValAutoregressiveWrapper", "DPO",
     "KVCache", "StaticKVCache", "AutoregressiveWrapper",
     "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
     "from_pretrained", "save_pretrained", "load_tokenizer",

@@ -23,13 +23,13 @@ from . import attention as _attention
 from . import feedforward as _feedforward
 from .attend import attend
 from .config import AttentionConfig, FeedForwardConfig, build
-from .layers import AttentionLayers, CrossAttender, Decoder, Encoder
+from .layers import AttentionLayers, CrossAttender, Decoder, Encoder, PrefixDecoder
 from .norms import LayerNorm, RMSNorm, ScaleNorm
 from .vit import ViTransformerWrapper
 from .wrappers import TransformerWrapper, XTransformer
 
 __all__ = [
-    "TransformerWrapper", "XTransformer", "AttentionLayers", "Encoder", "Decoder", "CrossAttender",
+    "TransformerWrapper", "XTransformer", "AttentionLayers", "Encoder", "Decoder", "PrefixDecoder", "CrossAttender",
     "Attention", "FeedForward", "Attend", "AttendIntermediates", "LinearNoBias", "DEFAULT_DIM_HEAD",
     "LayerNorm", "RMSNorm", "ScaleNorm", "ViTransformerWrapper",
 ]
