@@ -127,12 +127,8 @@ _LAYERS_NOT_YET = dict(
     hyper_conn_sinkhorn_iters=5,
 )
 _WRAPPER_NOT_YET = dict(
-    embed_num_tokens={}, max_mem_len=0, shift_mem_down=0, post_emb_norm=False,
-    memory_tokens_interspersed_every=None, num_output_heads=1, l2norm_embed=False, recycling=False,
-    train_max_recycle_steps=4, looped=False, max_looped_steps=4, emb_frac_gradient=1.0, attn_z_loss_weight=1e-4,
-    average_pool_embed=False, use_cls_token=False, num_cls_tokens=1, attn_pool=False, num_pooled_tokens=1,
-    attn_pool_depth=1, dim_pooled_tokens=None, squeeze_out_last_dim=False, token_emb=None,
-    mixture_of_softmax=False, mixture_of_softmax_k=4, sigsoftmax_logits=False, ff_deep_embed=False,
+    max_mem_len=0, shift_mem_down=0, memory_tokens_interspersed_every=None, recycling=False,
+    train_max_recycle_steps=4, looped=False, max_looped_steps=4, token_emb=None, ff_deep_embed=False,
     to_logits=None, add_continuous_pred_head=False, input_not_include_cache=False,
 )
 # XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)

@@ -50,6 +50,9 @@ class AttendRequest:
     # g as the configuration says it (a Python int), None: read from k. Under torch.compile k's
     # sizes may be symbolic, and a decision on them a SymBool that a kernel's bool argument refuses.
     kv_heads: int | None = None
+    # the pre-softmax scores' logsumexp per query (b, h, n) goes to the active record_logsumexp
+    # sink (the attention z-loss, 2202.08906): the scores must exist, so the explicit path computes it
+    need_lse: bool = False
 
     @property
     def heads_per_kv(self) -> int:
@@ -108,6 +111,8 @@ def score_matrix_reasons(req: AttendRequest) -> list[str]:
         reasons.append("talking heads mix the score matrix across heads")
     if req.need_weights:
         reasons.append("attention weights were requested")
+    if req.need_lse:
+        reasons.append("the scores' logsumexp was requested (attention z-loss)")
     return reasons
 
 
@@ -225,6 +230,9 @@ class ExplicitBackend:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min / 2)
             keep_rows = mask.any(dim=-1, keepdim=True)
             scores = scores.masked_fill(~keep_rows, 0.0)  # dead rows: finite for every normaliser, zeroed below
+        if req.need_lse and _lse_sink is not None:
+            lse = scores.float().logsumexp(dim=-1)  # (b, h, n), pre-softmax: bias, mixing and masks applied
+            _lse_sink.append(lse if keep_rows is None else lse * keep_rows[..., 0])  # a row seeing nothing: 0
         if req.sparse_topk is not None and req.sparse_topk < scores.shape[-1]:
             kth = scores.topk(req.sparse_topk, dim=-1).values[..., -1:]
             # Ties at the k-th score are all kept, and so are near-ties within a few rounding
@@ -260,6 +268,22 @@ def register_backend(backend, *, before: str | None = None):
 
 register_backend(SDPABackend())
 register_backend(ExplicitBackend())
+
+# Where attend() records the pre-softmax logsumexp while record_logsumexp is active (None: nowhere).
+_lse_sink: list | None = None
+
+
+@contextlib.contextmanager
+def record_logsumexp(sink: list):
+    """Every attend() in this block computes on the explicit path and appends its scores'
+    logsumexp over the keys, (b, h, n), to ``sink`` in call order (the attention z-loss)."""
+    global _lse_sink
+    previous, _lse_sink = _lse_sink, sink
+    try:
+        yield sink
+    finally:
+        _lse_sink = previous
+
 
 # A plain module global, not a ContextVar: torch.compile cannot trace ContextVar.get (a graph
 # break in every attention layer), while a global is read at trace time and guarded on.
@@ -313,6 +337,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, force_backend: str | None = None,
     Options are the fields of :class:`AttendRequest`. Returns (out (b, h, n, e), weights or None);
     weights (b, h, n, m) only when ``need_weights=True``.
     """
+    if _lse_sink is not None:
+        options["need_lse"] = True
     req = AttendRequest(q=q, k=k, v=v, **options)
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
@@ -324,4 +350,4 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, force_backend: str | None = None,
 
 
 __all__ = ["attend", "attend_backend", "AttendRequest", "BackendNotSupported", "BACKENDS", "register_backend",
-           "rejection_reasons", "choose_backend", "causal_mask", "combined_mask"]
+           "record_logsumexp", "rejection_reasons", "choose_backend", "causal_mask", "combined_mask"]

@@ -295,9 +295,49 @@ class WrapperConfig:
     # head is tied to the embedding (upstream's tie_embedding_scale), else 1
     logits_scale: float | None = None
     return_only_embed: bool = False  # no output head: forward returns hidden states (an encoder's side)
+    # inputs (upstream's names)
+    post_emb_norm: bool = False  # LayerNorm on the summed embeddings, before the stack
+    l2norm_embed: bool = False  # unit-norm token (and learned position) embeddings, initialised at std 1e-5 (upstream)
+    emb_frac_gradient: float = 1.0  # fraction of the gradient reaching the embeddings (CogView 2105.13290, GLM-130B)
+    embed_num_tokens: dict | None = None  # {name: vocabulary} extra tables summed in, ids given as forward(embed_ids=)
+    # pooling and heads
+    use_cls_token: bool = False  # learned [CLS] token(s) prepended; forward returns their outputs (BERT, 1810.04805)
+    num_cls_tokens: int = 1
+    average_pool_embed: bool = False  # forward returns the mean of the final hidden states over kept tokens
+    attn_pool: bool = False  # learned queries cross-attend to the final hidden states (1810.00825)
+    num_pooled_tokens: int = 1
+    attn_pool_depth: int = 1
+    dim_pooled_tokens: int | None = None  # the pooled vectors' width, default dim
+    num_output_heads: int = 1  # several independent output heads; logits become a tuple
+    squeeze_out_last_dim: bool = False  # logits (..., 1) -> (...)
+    mixture_of_softmax: bool = False  # mixture of softmaxes, 1711.03953; logits are log-probabilities
+    mixture_of_softmax_k: int = 4
+    sigsoftmax_logits: bool = False  # sigsoftmax, 1805.10829: logits + log sigmoid(logits)
+    attn_z_loss_weight: float = 1e-4  # forward(return_attn_z_loss=True)'s default weight
 
     def __post_init__(self):
         check_types(WrapperConfig, _values(self))
+        for name in ("num_cls_tokens", "num_pooled_tokens", "attn_pool_depth", "num_output_heads",
+                     "mixture_of_softmax_k"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("dim_pooled_tokens", self.dim_pooled_tokens, allow_none=True)
+        if not (isinstance(self.emb_frac_gradient, (int, float)) and 0.0 < self.emb_frac_gradient <= 1.0):
+            raise ValueError(f"emb_frac_gradient must lie in (0, 1], got {self.emb_frac_gradient!r}")
+        if not (isinstance(self.attn_z_loss_weight, (int, float)) and self.attn_z_loss_weight >= 0):
+            raise ValueError(f"attn_z_loss_weight must be a number >= 0, got {self.attn_z_loss_weight!r}")
+        if self.embed_num_tokens is not None:
+            if not isinstance(self.embed_num_tokens, dict):
+                raise ValueError(f"embed_num_tokens must be a dict {{name: vocabulary size}}, got "
+                                 f"{self.embed_num_tokens!r}")
+            for name, n in self.embed_num_tokens.items():
+                if not isinstance(name, str) or not name.isidentifier():
+                    raise ValueError(f"embed_num_tokens: names must be identifiers, got {name!r}")
+                _positive_int(f"embed_num_tokens[{name!r}]", n)
+        for sub, feature, default in (("num_cls_tokens", "use_cls_token", 1), ("num_pooled_tokens", "attn_pool", 1),
+                                      ("attn_pool_depth", "attn_pool", 1), ("dim_pooled_tokens", "attn_pool", None),
+                                      ("mixture_of_softmax_k", "mixture_of_softmax", 4)):
+            if getattr(self, sub) != default and not getattr(self, feature):
+                raise ValueError(f"{sub} configures {feature}, which is off; set {feature}=True as well, or drop {sub}")
         _positive_int("num_tokens", self.num_tokens)
         _positive_int("max_seq_len", self.max_seq_len, allow_none=True, allow_zero=True)
         _positive_int("emb_dim", self.emb_dim, allow_none=True)

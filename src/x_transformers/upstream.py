@@ -233,11 +233,35 @@ def _wrapper(plan: _Plan, w: TransformerWrapper, ours: str, up: str):
         plan.add(ours + "project_emb.bias", _same(up + "project_emb.bias"))
     if w.memory_tokens is not None:
         plan.add(ours + "memory_tokens", _same(up + "memory_tokens"))
-    if w.to_logits is not None:
+    if isinstance(w.to_logits, nn.ModuleList):
+        for i in range(len(w.to_logits)):
+            plan.add(f"{ours}to_logits.{i}.weight", _same(f"{up}to_logits.{i}.weight"))
+    elif w.to_logits is not None:
         plan.add(ours + "to_logits.weight", _same(up + "to_logits.weight"))
+    _wrapper_extras(plan, w, ours, up)
     if not isinstance(w.attn_layers, AttentionLayers):
         raise UpstreamCheckpointError(f"upstream has no {type(w.attn_layers).__name__}")
     _layers(plan, w.attn_layers, ours + "attn_layers.", up + "attn_layers.")
+
+
+def _wrapper_extras(plan: _Plan, w: TransformerWrapper, ours: str, up: str):
+    """The pooling, head and input tables of heads.py (upstream keeps the same names)."""
+    if w.post_emb_norm is not None:  # upstream's wrapper builds this LayerNorm without the unit offset
+        plan.add(ours + "post_emb_norm.weight", _same(up + "post_emb_norm.gamma"))
+    for key in ("cls_token", "attn_pool.queries", "mixture.combine_mixture.weight"):
+        if key in dict(w.named_parameters()):
+            plan.add(ours + key, _same(up + key.removeprefix("mixture.")))
+    if w.mixture is not None:  # upstream: Sequential(linear, rearrange)
+        plan.add(ours + "mixture.to_mixture.weight", _same(up + "to_mixture.0.weight"))
+    if w.embeds is not None:
+        for name in w.embeds:
+            plan.add(f"{ours}embeds.{name}.weight", _same(f"{up}embeds.{name}.weight"))
+    if w.attn_pool is not None:
+        pooler = w.attn_pool.pooler
+        if isinstance(pooler, Attention):
+            _attention(plan, pooler, ours + "attn_pool.pooler.", up + "attn_pool.pooler.", None)
+        else:
+            _layers(plan, pooler, ours + "attn_pool.pooler.", up + "attn_pool.pooler.")
 
 
 def make_plan(model: nn.Module, unit_offset: bool = True) -> _Plan:

@@ -6,17 +6,22 @@ Legend: b batch, n tokens, M memory tokens, v vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .attend import record_logsumexp
 from .hub import Pretrained
 from . import aliases, checks, conflicts
 from .config import REQUIRES, WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import DEFAULT_DEPTHS, FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
 from .layers import AttentionLayers, Decoder, Encoder, check_mask, default_positions
+from .heads import POOLING, AttentionPool, Mixture, calc_z_loss, finish_logits, masked_mean, output_heads
+from .norms import LayerNorm
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
 
 
@@ -61,7 +66,9 @@ class TransformerWrapper(Pretrained, nn.Module):
         self.logits_scale = cfg.logits_scale if cfg.logits_scale is not None else default_scale
 
         self.token_emb = nn.Embedding(num_tokens, emb_dim)
-        nn.init.normal_(self.token_emb.weight, std=0.02)
+        # l2norm_embed normalises the lookups, so only the direction is learned: upstream starts
+        # the tables at std 1e-5
+        nn.init.normal_(self.token_emb.weight, std=1e-5 if cfg.l2norm_embed else 0.02)
         # Absolute positions: learned by default, as upstream: unless the stack carries rotary or T5
         # bias (ALiBi keeps them), TUPE replaces them, the stack's disable_abs_pos_emb says so,
         # max_seq_len=0, or the user chose a sinusoidal table.
@@ -73,17 +80,40 @@ class TransformerWrapper(Pretrained, nn.Module):
                 raise ValueError("learned absolute positions need max_seq_len; set it, or max_seq_len=0 / "
                                  "use_abs_pos_emb=False for none")
             self.pos_emb = AbsolutePositionalEmbedding(emb_dim, max_seq_len)
+            if cfg.l2norm_embed:
+                nn.init.normal_(self.pos_emb.emb.weight, std=1e-5)
+        # extra tables summed into the token embeddings (BERT's segment / type ids): forward(embed_ids=)
+        self.embeds = None
+        if cfg.embed_num_tokens:
+            self.embeds = nn.ModuleDict({f"{name}_embed": nn.Embedding(n, emb_dim)
+                                         for name, n in cfg.embed_num_tokens.items()})
+            for table in self.embeds.values():
+                nn.init.normal_(table.weight, std=0.02)
+        self.post_emb_norm = LayerNorm(emb_dim, bias=False) if cfg.post_emb_norm else None
         self.emb_dropout = nn.Dropout(cfg.emb_dropout) if cfg.emb_dropout > 0 else nn.Identity()
         self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
 
         # Memory Transformer (2006.11527): learned tokens prepended to every sequence
         self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim) * 0.02) if num_memory_tokens else None
 
+        # pooling of the final hidden states (heads.py): [CLS] tokens, a masked mean, learned queries
+        self.num_cls_tokens = cfg.num_cls_tokens if cfg.use_cls_token else 0
+        if (cfg.use_cls_token or cfg.average_pool_embed) and getattr(attn_layers, "causal", False):
+            which = "use_cls_token" if cfg.use_cls_token else "average_pool_embed"
+            raise ValueError(f"{which} pools a sequence into one vector: a causal stack (Decoder) "
+                             f"{'shows a leading [CLS] token nothing' if cfg.use_cls_token else 'cannot decode that'}; "
+                             f"use an Encoder")
+        self.cls_token = nn.Parameter(torch.randn(cfg.num_cls_tokens, dim) * 0.02) if cfg.use_cls_token else None
+        self.attn_pool = None
+        if cfg.attn_pool:
+            acfg = attn_layers.blocks[0].attn_cfg if isinstance(attn_layers, FunnelEncoder) else attn_layers.attn_cfg
+            self.attn_pool = AttentionPool(cfg.dim_pooled_tokens or dim, dim, num_pooled_tokens=cfg.num_pooled_tokens,
+                                           depth=cfg.attn_pool_depth, heads=lcfg.heads, dim_head=acfg.dim_head)
+
         # no head when tied (the embedding serves) or when only hidden states are wanted (an encoder's side)
         head = not (cfg.tie_embedding or cfg.return_only_embed)
-        self.to_logits = nn.Linear(dim, cfg.logits_dim or num_tokens, bias=False) if head else None
-        if self.to_logits is not None:
-            nn.init.normal_(self.to_logits.weight, std=0.02)
+        self.to_logits = output_heads(dim, cfg.logits_dim or num_tokens, cfg.num_output_heads) if head else None
+        self.mixture = Mixture(dim, cfg.mixture_of_softmax_k) if cfg.mixture_of_softmax else None
 
     def check_inputs(self, x, mask):
         if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dtype == torch.bool:
@@ -106,6 +136,9 @@ class TransformerWrapper(Pretrained, nn.Module):
         :func:`x_transformers.loss.chunked_cross_entropy`, which never builds the full logits."""
         if self.cfg.return_only_embed:
             raise ValueError("this wrapper has no output head (return_only_embed=True)")
+        for key in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits"):
+            if getattr(self.cfg, key) not in (False, 1):
+                raise ValueError(f"logits_weight: with {key} the logits are not hidden states times one weight")
         return self.to_logits.weight if self.to_logits is not None else self.token_emb.weight
 
     @property
@@ -117,8 +150,9 @@ class TransformerWrapper(Pretrained, nn.Module):
                 context_mask=None, cache=None, return_intermediates: bool = False,
                 return_logits_and_embeddings: bool = False, return_embeddings_and_intermediates: bool = False,
                 return_logit_entropies: bool = False, seq_start_pos=None, pos=None, self_attn_kv_mask=None,
-                sum_embeds=None, input_not_include_cache: bool | None = None, causal: bool | None = None,
-                **upstream):
+                sum_embeds=None, prepend_embeds=None, prepend_mask=None, excise_prepend_embeds: bool = False,
+                embed_ids: dict | None = None, return_attn_z_loss: bool = False, attn_z_loss_weight=None,
+                input_not_include_cache: bool | None = None, causal: bool | None = None, **upstream):
         """x (b, n) token ids -> logits (b, n, v), or hidden states (b, n, dim) with return_embeddings.
 
         ``return_attn``: also every attention layer's post-softmax maps (b, h, n, m), computed on the
@@ -127,24 +161,36 @@ class TransformerWrapper(Pretrained, nn.Module):
         an earlier call (upstream's way: x holds the whole sequence so far unless
         ``input_not_include_cache``; the one given is left as it was).
 
+        With pooling (``use_cls_token``, ``average_pool_embed``) the hidden states and logits are
+        per sequence: (b, dim) / (b, v), or (b, C, ...) for several [CLS] tokens. An Encoder with
+        ``attn_pool`` returns the pooled vectors (b, q, dim_pooled) (logits in the intermediates).
+
         Upstream x-transformers' keywords: ``return_intermediates`` (also returns an Intermediates,
         whose cache decodes on), ``return_logits_and_embeddings``, ``return_embeddings_and_intermediates``,
         ``return_logit_entropies``, ``seq_start_pos`` (b,) (each row's count of left padding: those
         columns are masked and positions start after them), ``pos`` (custom long positions (b|1, n),
         or a float tensor (b|1, n, emb_dim) used in place of the absolute position embedding),
         ``self_attn_kv_mask`` (b, n) (keys hidden from self-attention, positions unchanged),
-        ``sum_embeds`` (b, n, emb_dim) added to the token embeddings, ``causal`` (only the stack's own
-        value). Upstream keywords of features absent here raise a TypeError naming them.
+        ``sum_embeds`` (b, n, emb_dim) added to the token embeddings, ``prepend_embeds`` (b, P,
+        emb_dim) put ahead of the tokens (PaLI's image embeddings; ``prepend_mask`` (b, P), and
+        ``excise_prepend_embeds`` drops their outputs), ``embed_ids`` {name: (b, n) ids} of the
+        ``embed_num_tokens`` tables, ``return_attn_z_loss`` (the intermediates' ``attn_z_loss``,
+        weighted by ``attn_z_loss_weight``), ``causal`` (only the stack's own value). Upstream
+        keywords of features absent here raise a TypeError naming them.
         """
         refuse_upstream(upstream, "TransformerWrapper.forward")
         if causal is not None and causal != getattr(self.attn_layers, "causal", None):
             raise ValueError(f"causal={causal!r} at forward: causality is fixed when the stack is built here "
                              f"(Decoder causal, Encoder not); build the other stack instead")
-        want_inter = return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
+        want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
+                      or return_attn_z_loss)
         self.check_inputs(x, mask)
+        self._check_extra_inputs(x, prepend_embeds, prepend_mask, embed_ids, cache, return_attn_z_loss)
+        build = want_inter and self_attn_kv_mask is None and prepend_embeds is None
         cache, offset, x, new = self._resolve_cache(cache, x, dict(mask=mask, pos=pos, sum_embeds=sum_embeds,
-                                                                   self_attn_kv_mask=self_attn_kv_mask),
-                                                    input_not_include_cache, want_inter and self_attn_kv_mask is None)
+                                                                   self_attn_kv_mask=self_attn_kv_mask,
+                                                                   embed_ids=embed_ids),
+                                                    input_not_include_cache, build)
         mask, pos, sum_embeds, kv_mask = new["mask"], new["pos"], new["sum_embeds"], new["self_attn_kv_mask"]
         if offset is None and (seq_start_pos is not None or want_inter):
             offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
@@ -155,33 +201,103 @@ class TransformerWrapper(Pretrained, nn.Module):
             if cache is not None:
                 raise ValueError("self_attn_kv_mask cannot be used with a cache: the cache counts positions by its "
                                  "key mask, and hidden keys must not move positions (a training-time mask)")
-        out, attns = self._run(x, mask, kv_mask, pos, sum_embeds, context, context_mask, cache, return_attn)
-        hidden = out
+        prefix = (prepend_embeds, prepend_mask)
+        lse = [] if return_attn_z_loss else None
+        with record_logsumexp(lse) if lse is not None else contextlib.nullcontext():
+            out, attns = self._run(x, mask, kv_mask, pos, sum_embeds, new["embed_ids"], prefix, context, context_mask,
+                                   cache, return_attn)
+        hidden, seq, seq_mask, pooled_tokens = self._pool(out, x, mask, prefix, want_inter)
+        if prepend_embeds is not None and excise_prepend_embeds and hidden.ndim == 3 and hidden is seq:
+            hidden = hidden[:, prepend_embeds.shape[1]:]
         logits = None
-        if not (return_embeddings or return_embeddings_and_intermediates or self.cfg.return_only_embed) \
-                or return_logits_and_embeddings or return_logit_entropies:
+        embeddings = return_embeddings or return_embeddings_and_intermediates or self.cfg.return_only_embed
+        if not embeddings or return_logits_and_embeddings or return_logit_entropies:
             logits = self.logits_from(hidden)
         if return_logits_and_embeddings:
             out = (logits, hidden)
-        elif return_embeddings or return_embeddings_and_intermediates or self.cfg.return_only_embed:
+        elif embeddings:
             out = hidden
+        elif pooled_tokens is not None and not self.attn_layers.causal:
+            out = pooled_tokens  # an encoder's attention pool (its logits: the intermediates')
         else:
             out = logits
         if want_inter:
             inter = Intermediates(cache=cache if isinstance(cache, KVCache) else None, cache_length=offset + x.shape[1],
-                                  last_hidden=hidden, attn_maps=attns)
+                                  last_hidden=seq, attn_maps=attns)
+            inter.logits, inter.attn_pooled_tokens = logits, pooled_tokens
             if return_logit_entropies:
                 logp = logits.float().log_softmax(dim=-1)
                 inter.logit_entropies = -(logp.exp() * logp).nan_to_num().sum(dim=-1)
+            if return_attn_z_loss:
+                weight = self.cfg.attn_z_loss_weight if attn_z_loss_weight is None else attn_z_loss_weight
+                inter.attn_z_loss = calc_z_loss(lse, weight)
             return out, inter
         return (out, attns) if return_attn else out
 
+    def _check_extra_inputs(self, x, prepend_embeds, prepend_mask, embed_ids, cache, z_loss):
+        b, emb_dim = x.shape[0], self.token_emb.weight.shape[1]
+        if prepend_embeds is not None:
+            if not (isinstance(prepend_embeds, torch.Tensor) and prepend_embeds.is_floating_point()
+                    and prepend_embeds.ndim == 3 and prepend_embeds.shape[0] == b and prepend_embeds.shape[2] == emb_dim):
+                raise ValueError(f"prepend_embeds must be a float tensor (b={b}, P, emb_dim={emb_dim}), got "
+                                 f"{getattr(prepend_embeds, 'dtype', type(prepend_embeds))} "
+                                 f"{tuple(getattr(prepend_embeds, 'shape', ()))}")
+            if cache is not None:
+                raise ValueError("prepend_embeds with cache=: run the prompt with its prepended embeddings and a "
+                                 "KVCache() first; later calls then give only new tokens")
+            check_mask(prepend_mask, b, prepend_embeds.shape[1], name="prepend_mask")
+        elif prepend_mask is not None:
+            raise ValueError("prepend_mask without prepend_embeds")
+        names = set(self.cfg.embed_num_tokens or {})
+        given = set(embed_ids or {})
+        if names != given:
+            raise ValueError(f"embed_ids must give ids for exactly the embed_num_tokens tables {sorted(names)}, "
+                             f"got {sorted(given)}")
+        for name, ids in (embed_ids or {}).items():
+            if not isinstance(ids, torch.Tensor) or ids.shape != x.shape or ids.is_floating_point():
+                raise ValueError(f"embed_ids[{name!r}] must be integer ids shaped like x {tuple(x.shape)}")
+            if not _is_compiling() and ids.numel() and ((ids < 0) | (ids >= self.cfg.embed_num_tokens[name])).any():
+                raise ValueError(f"embed_ids[{name!r}] has ids outside [0, {self.cfg.embed_num_tokens[name]})")
+        if z_loss and isinstance(self.attn_layers, AttentionLayers) and self.attn_layers.reversible is not None:
+            raise ValueError("return_attn_z_loss with reversible=True: the reversible stack runs its forward "
+                             "without gradients, so the loss could not train anything")
+
+    def _pool(self, out, x, mask, prefix, want_inter):
+        """The stack's output (b, C + P + n, dim) -> (hidden: pooled or per token, the sequence
+        (b, P + n, dim) without [CLS], its mask, attention-pooled vectors or None)."""
+        prepend, prepend_mask = prefix
+        C = self.num_cls_tokens
+        cls_out, seq = out[:, :C], out[:, C:]
+        seq_mask = mask
+        if prepend is not None and (mask is not None or prepend_mask is not None):
+            ones = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+            seq_mask = torch.cat((prepend_mask if prepend_mask is not None else ones.expand(-1, prepend.shape[1]),
+                                  mask if mask is not None else ones.expand(-1, x.shape[1])), dim=-1)
+        hidden = seq
+        if self.cfg.average_pool_embed:
+            hidden = masked_mean(seq, seq_mask)
+        elif C:
+            hidden = cls_out[:, 0] if C == 1 else cls_out
+        pooled = None
+        if self.attn_pool is not None and (want_inter or not self.attn_layers.causal):
+            pooled = self.attn_pool(seq, seq_mask)
+        return hidden, seq, seq_mask, pooled
+
     def logits_from(self, hidden):
-        """Final hidden states (b, n, dim) -> logits (b, n, v) through the head (or the tied embedding)."""
+        """Final hidden states (..., dim) -> logits (..., v) through the head (or the tied
+        embedding); a tuple of them with ``num_output_heads`` > 1."""
         if self.cfg.return_only_embed:
             raise ValueError("this wrapper has no output head (return_only_embed=True); it returns hidden states")
+        weights = None
+        if self.mixture is not None:
+            hidden, weights = self.mixture(hidden)  # (..., k, dim), (..., k)
         hidden = hidden * self.logits_scale if self.logits_scale != 1.0 else hidden
-        return self.to_logits(hidden) if self.to_logits is not None else hidden @ self.token_emb.weight.t()
+        finish = dict(mixture_weights=weights, sigsoftmax=self.cfg.sigsoftmax_logits,
+                      squeeze=self.cfg.squeeze_out_last_dim)
+        if isinstance(self.to_logits, nn.ModuleList):
+            return tuple(finish_logits(head(hidden), **finish) for head in self.to_logits)
+        raw = self.to_logits(hidden) if self.to_logits is not None else hidden @ self.token_emb.weight.t()
+        return finish_logits(raw, **finish)
 
     def _resolve_cache(self, cache, x, per_token: dict, input_not_include_cache, build: bool):
         """-> (the cache to run with, token columns already in it, the new tokens, their per-token
@@ -247,14 +363,12 @@ class TransformerWrapper(Pretrained, nn.Module):
             return None
         return cache.next_positions() - self.num_memory_tokens  # real tokens are counted without memory
 
-    def _run(self, x, mask, kv_mask, pos, sum_embeds, context, context_mask, cache, return_attn):
-        """Embed, run the stack, strip memory tokens: (hidden states (b, n, dim), attention maps)."""
-        b, n = x.shape
-        M = self.num_memory_tokens
-        first = cache is None or cache.empty
-        positions, external = self._positions(x, mask, pos, cache)
-
+    def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids):
+        """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
+        n = x.shape[1]
         h = self.token_emb(x)
+        if self.cfg.l2norm_embed:
+            h = F.normalize(h, dim=-1)
         if external is not None:
             h = h + external
         elif self.pos_emb is not None:
@@ -263,13 +377,48 @@ class TransformerWrapper(Pretrained, nn.Module):
                 if last > self.max_seq_len:
                     raise ValueError(f"sequence length {last} exceeds max_seq_len ({self.max_seq_len}) of the "
                                      f"absolute position embedding; shorten the input or raise max_seq_len")
-            h = h + self.pos_emb(positions)
+            p = self.pos_emb(positions)
+            if self.cfg.l2norm_embed and isinstance(self.pos_emb, AbsolutePositionalEmbedding):
+                p = F.normalize(p, dim=-1)
+            h = h + p
+        for name, ids in (embed_ids or {}).items():
+            h = h + self.embeds[f"{name}_embed"](ids)
         if sum_embeds is not None:
             h = h + sum_embeds
+        return self.post_emb_norm(h) if self.post_emb_norm is not None else h
+
+    def _run(self, x, mask, kv_mask, pos, sum_embeds, embed_ids, prefix, context, context_mask, cache, return_attn):
+        """Embed, run the stack, strip memory tokens: (hidden states (b, C + P + n, dim) with the
+        [CLS] and prepended columns first, attention maps)."""
+        b, n = x.shape
+        M = self.num_memory_tokens
+        first = cache is None or cache.empty
+        positions, external = self._positions(x, mask, pos, cache)
+        h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids)
+
+        prepend, prepend_mask = prefix
+        if prepend is not None:  # PaLI-style prefix (2209.06794), ahead of the tokens
+            h = torch.cat((prepend.to(h.dtype), h), dim=1)
+        frac = self.cfg.emb_frac_gradient
+        if frac < 1:  # the forward value is unchanged; the embeddings get frac of their gradient (2105.13290)
+            h = h * frac + h.detach() * (1 - frac)
         h = self.project_emb(self.emb_dropout(h))
+        if self.cls_token is not None:
+            h = torch.cat((self.cls_token.to(h.dtype).expand(b, -1, -1), h), dim=1)
 
         layer_positions = positions + M
         layer_mask = mask if kv_mask is None else (kv_mask if mask is None else mask & kv_mask)
+        P = h.shape[1] - n  # [CLS] + prepended columns
+        if P:
+            ones = torch.ones(b, P, dtype=torch.bool, device=x.device)
+            pmask = ones if prepend_mask is None else torch.cat((ones[:, :self.num_cls_tokens], prepend_mask), dim=-1)
+            prefix_pos = default_positions(pmask if prepend_mask is not None else None, P, x.device)
+            kept = pmask.sum(dim=-1, keepdim=True) if prepend_mask is not None else P
+            layer_positions = torch.cat((prefix_pos.expand(layer_positions.shape[0] if prepend_mask is None else b, -1)
+                                         + M, layer_positions + kept), dim=-1)
+            if layer_mask is not None or prepend_mask is not None:
+                layer_mask = torch.cat((pmask, layer_mask if layer_mask is not None
+                                        else torch.ones(b, n, dtype=torch.bool, device=x.device)), dim=-1)
         if M and first:
             mem = self.memory_tokens.to(h.dtype).expand(b, -1, -1)
             h = torch.cat((mem, h), dim=1)
@@ -289,6 +438,8 @@ def _drop_cached(t, offset: int):
     the token axis is the last of a 1-D long ``pos``, else the second."""
     if t is None:
         return None
+    if isinstance(t, dict):
+        return {k: _drop_cached(v, offset) for k, v in t.items()}
     return t[offset:] if t.ndim == 1 else t[:, offset:]
 
 
@@ -299,11 +450,7 @@ UPSTREAM_ABSENT = {
     **dict.fromkeys(("recycle_steps",), "recycling (upstream's recycling=True) is not implemented"),
     **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
                      "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
-    **dict.fromkeys(("prepend_embeds", "prepend_mask", "excise_prepend_embeds"),
-                    "prepended embeddings are not implemented; prepend them to the stack's input yourself"),
-    "embed_ids": "extra token embeddings (upstream's embed_num_tokens) are not implemented; add them through sum_embeds=",
     **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
-    **dict.fromkeys(("return_attn_z_loss", "attn_z_loss_weight"), "the attention z-loss is not implemented"),
     "return_next_embed_pred": "the continuous next-embedding head is not implemented",
     **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no keywords here"),
     "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
@@ -393,6 +540,11 @@ class XTransformer(Pretrained, nn.Module):
     @staticmethod
     def _side(layers_cls, dim, kwargs, where, **extra):
         wrapper = {k: kwargs.pop(k) for k in list(kwargs) if k in WRAPPER_KEYS}
+        for key in (*POOLING, "embed_num_tokens"):
+            if wrapper.get(key):
+                raise ValueError(f"{where}: {key} is not for an encoder-decoder (the encoder's hidden states feed "
+                                 f"cross-attention per token; the decoder's forward takes no embed_ids); build the "
+                                 f"TransformerWrapper yourself")
         for required in ("num_tokens", "depth"):
             if required not in (wrapper if required == "num_tokens" else kwargs):
                 raise TypeError(f"{where} needs {required!r} (shared, or with its enc_/dec_ prefix)")
