@@ -167,6 +167,16 @@ def declared_refusal(kind: str, features):
     return None
 
 
+def applies(kind: str, features) -> bool:
+    """Whether ``features`` can apply to ``kind`` at all: no declared entry refuses them together
+    with only the kind's implied keywords (a CrossAttender's only_cross). The fuzz draws one
+    feature or keyword at a time through this: one refused alone is not a valid value for the kind."""
+    try:
+        return declared_refusal(kind, features) is None
+    except SameKeyword:
+        return False
+
+
 def construct(kind: str, layers: dict, wrapper: dict):
     """The model of ``kind``; ``layers`` may override the sizes (dim, depth, heads: the fuzz does)."""
     layers = dict(dict(dim=DIM, depth=DEPTH, heads=HEADS), **layers)
