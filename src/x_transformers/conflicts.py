@@ -69,12 +69,17 @@ def off(s: dict, key: str) -> bool:
     return s.get(key, True) is False
 
 
-def blocks(s: dict) -> int:
-    """How many funnel blocks the keywords ask for (``depths``, default as the funnel's)."""
+def depths(s: dict) -> tuple:
+    """The funnel's depths the keywords ask for (``depths``, default as the funnel's)."""
     from .funnel import DEFAULT_DEPTHS  # the funnel imports the layers, which import this table
 
-    depths = s.get("depths", DEFAULT_DEPTHS)
-    return len(depths) if hasattr(depths, "__len__") else 1
+    d = s.get("depths", DEFAULT_DEPTHS)
+    return tuple(d) if hasattr(d, "__len__") else (d,)
+
+
+def blocks(s: dict) -> int:
+    """How many funnel blocks the keywords ask for."""
+    return len(depths(s))
 
 
 def side(s: dict, prefix: str, key: str):
@@ -244,6 +249,13 @@ declare("only_cross", "cross_attend", when=lambda s: on(s, "only_cross") and on(
 FUNNEL = ("funnel",)
 declare("upsample_depth", "upsample=False", when=lambda s: s.get("upsample_depth") is not None and not on(s, "upsample"),
         reason="the decoder exists only with upsample=True", example=dict(upsample_depth=1), kinds=FUNNEL)
+for _p, _ex in (("rel_pos_bias", {}), ("tupe", {"tupe_max_seq_len": 16})):
+    declare(_p, "top_attn_to_ff", "depths",
+            when=lambda s, p=_p: on(s, p) and on(s, "top_attn_to_ff") and blocks(s) > 1
+            and any(d <= s["top_attn_to_ff"] for d in depths(s)),
+            reason="a funnel block whose every self-attention became a feed-forward has no attention scores "
+                   "for its own position table to act on; keep top_attn_to_ff below every block's depth",
+            example={_p: True, "top_attn_to_ff": 1, "depths": (1, 1), **_ex}, kinds=FUNNEL)
 # (a funnel block without self-attention, from only_cross, custom_layers or top_attn_to_ff, is
 # mean-pooled and runs its blocks over the pooled sequence; shared-QK's pooled queries take as keys
 # the unit-normalised query projections of the unpooled sequence: funnel.py)
