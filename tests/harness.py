@@ -25,6 +25,7 @@ Properties (each a function of one built model):
 The coverage rule: a property that does not apply raises :class:`NotApplicable` (counted and
 printed, never a pass); a build refused by a declared conflict entry is counted as refused; a
 refusal without a declared entry fails; a failure names its minimal failing feature subset.
+The cases (every feature alone, the pairwise covering array) are built in harness_cases.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import ast
 import importlib
 import io
-import itertools
 import pkgutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -118,7 +118,7 @@ class SameKeyword(Exception):
 
 STATS: dict[str, Counter] = defaultdict(Counter)  # property -> outcome -> count
 REFUSALS: Counter = Counter()  # declared entry's keys -> rows refused
-COVERAGE: dict[str, dict] = {}  # kind -> pair-coverage numbers (filled by covering_rows)
+COVERAGE: dict[str, dict] = {}  # kind -> pair-coverage numbers (filled by harness_cases.covering_rows)
 FUZZ: dict = {}  # filled by tests/test_fuzz.py
 
 
@@ -151,11 +151,13 @@ def merge(features) -> tuple[dict, dict]:
     return layers, wrapper
 
 
-def declared_refusal(kind: str, features):
+def declared_refusal(kind: str, features, *, sizes: bool = True):
     """The declared conflict entry that refuses ``features`` on ``kind`` (or None): the table's
-    predicates evaluated over the merged keywords, as the constructors will."""
+    predicates evaluated over the merged keywords, as the constructors will. ``sizes``: with the
+    harness's own sizes (the funnel kind's FUNNEL_DEPTHS); without, only what the kind implies."""
     layers, wrapper = merge(features)
-    settings = {**IMPLIED[kind], **layers, **wrapper}
+    own = dict(depths=FUNNEL_DEPTHS) if sizes and kind == "funnel" else {}
+    settings = {**IMPLIED[kind], **own, **layers, **wrapper}
     kinds = (TABLE_KIND[kind], "wrapper")
     for entry in CONFLICTS:
         if any(k in entry.kinds for k in kinds):
@@ -165,6 +167,16 @@ def declared_refusal(kind: str, features):
             except Exception:  # a predicate that cannot read these settings refuses nothing here
                 continue
     return None
+
+
+def applies(kind: str, features) -> bool:
+    """Whether ``features`` can apply to ``kind`` at all: no declared entry refuses them together
+    with only the kind's implied keywords (a CrossAttender's only_cross). The fuzz draws one
+    feature or keyword at a time through this: one refused alone is not a valid value for the kind."""
+    try:  # (without the harness's funnel depths: memory tokens apply to an upsampling funnel)
+        return declared_refusal(kind, features, sizes=False) is None
+    except SameKeyword:
+        return False
 
 
 def construct(kind: str, layers: dict, wrapper: dict):
@@ -527,91 +539,6 @@ def known_defect(key: str) -> str | None:
 
     prop, kind, names = shape(key)
     return next((k for k in KNOWN_DEFECTS if shape(k) in ((prop, kind, names), (prop, "*", names))), None)
-
-
-# ----------------------------------------------------------------------------------------------
-# cases: every feature alone on every kind it supports, plus a pairwise covering array
-
-
-def single_cases():
-    return [(kind, (f,)) for f in FEATURES.values() for kind in f.kinds]
-
-
-def _known_refusals(kind):
-    return [frozenset(n for n in key.split("-", 1)[1].split("+")) for key in KNOWN_DEFECTS
-            if key.startswith((f"build:{kind}-", "build:*-"))]
-
-
-def _compatible(kind, feats, known) -> bool:
-    """Mutually compatible: distinct groups, no keyword set twice, no declared refusal, no known
-    undeclared refusal among them."""
-    groups = [f.group for f in feats if f.group]
-    if len(groups) != len(set(groups)):
-        return False
-    try:
-        if declared_refusal(kind, feats) is not None:
-            return False
-    except SameKeyword:
-        return False
-    names = {f.name for f in feats}
-    return not any(k <= names for k in known)
-
-
-def covering_rows(kind: str, max_size: int = 6):
-    """A deterministic greedy pairwise covering array over the features supporting ``kind``: each
-    row a set of mutually compatible features covering as many uncovered pairs as it can. Records
-    the pair accounting in COVERAGE[kind]."""
-    feats = sorted((f for f in FEATURES.values() if kind in f.kinds and f.name != "plain"), key=lambda f: f.name)
-    known = _known_refusals(kind)
-    uncovered, acct = set(), Counter()
-    for a, b in itertools.combinations(feats, 2):
-        acct["pairs"] += 1
-        if a.group and a.group == b.group:
-            acct["alternatives (same group)"] += 1
-            continue
-        try:
-            entry = declared_refusal(kind, (a, b))
-        except SameKeyword:
-            acct["same keyword"] += 1
-            continue
-        if entry is not None:
-            acct["declared conflicts"] += 1
-        elif any(k <= {a.name, b.name} for k in known):
-            acct["known undeclared refusals"] += 1
-        else:
-            uncovered.add((a.name, b.name))
-    acct["coverable"] = len(uncovered)
-    rows = []
-    while uncovered:
-        first = min(uncovered)  # deterministic seed pair
-        row = [FEATURES[first[0]], FEATURES[first[1]]]
-        if not _compatible(kind, row, known):  # a pair refused only with the kind's implied keywords
-            uncovered.discard(first)
-            acct["refused in a row"] += 1
-            continue
-        while len(row) < max_size:
-            names = {f.name for f in row}
-            best, gain = None, 0
-            for f in feats:
-                if f.name in names:
-                    continue
-                g = sum(1 for r in row if tuple(sorted((r.name, f.name))) in uncovered)
-                if g > gain and _compatible(kind, row + [f], known):
-                    best, gain = f, g
-            if best is None:
-                break
-            row.append(best)
-        for a, b in itertools.combinations(row, 2):
-            uncovered.discard(tuple(sorted((a.name, b.name))))
-        rows.append((kind, tuple(sorted(row, key=lambda f: f.name))))
-    acct["rows"] = len(rows)
-    acct["covered"] = acct["coverable"] - acct["refused in a row"]
-    COVERAGE[kind] = dict(acct)
-    return rows
-
-
-def combination_cases(max_size: int = 6):
-    return [row for kind in KINDS for row in covering_rows(kind, max_size)]
 
 
 def case_id(case) -> str:

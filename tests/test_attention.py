@@ -288,6 +288,29 @@ def test_sparse_topk_keeps_exactly_the_k_largest_renormalised():
     torch.testing.assert_close(w, ref * support / (ref * support).sum(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("normalizer", [dict(attn_use_entmax15=True), dict(attn_entmax_alpha=1.3),
+                                        dict(attn_learned_entmax_alpha=True)])
+def test_sparse_topk_with_entmax_keeps_the_k_largest_then_entmax(normalizer):
+    """As upstream's Attend: top-k picks the candidate keys, then entmax normalises over them; the
+    weights sum to one, only top-k keys get weight, and they are entmax of the top-k scores."""
+    import entmax
+
+    k = 3
+    a = attention(attn_sparse_topk=k, **normalizer)
+    sharpen(a, factor=3.0)
+    x = inputs()
+    w = weights(a, x)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, HEADS, 8))
+    logits = plain_logits(a, x)
+    top = logits.topk(k, dim=-1).indices
+    support = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top, True)
+    assert not (w[~support]).any(), "only top-k keys get weight"
+    if "attn_use_entmax15" in normalizer:
+        expected = entmax.entmax15(logits.masked_fill(~support, torch.finfo(logits.dtype).min / 2), dim=-1)
+        torch.testing.assert_close(w, expected)
+    w.sum().backward() if w.requires_grad else None
+
+
 def test_sparse_topk_never_counts_masked_keys():
     k = 3
     a = attention(attn_sparse_topk=k)
@@ -344,6 +367,27 @@ def test_shared_qk_keys_are_normalised_queries_one_projection_fewer():
     w = weights(shared, x)
     torch.testing.assert_close(w, logits.masked_fill(own, -SELF_PENALTY).softmax(-1))
     assert w[..., own].max() < 1e-6, "a token does not attend to itself"
+
+
+def test_shared_qk_over_another_sequence_keys_are_its_normalised_queries():
+    """A funnel's pooled queries (kv=): the keys are the unit-normalised query projections of the
+    unpooled sequence, and no key is a pooled query's own, so none is penalised."""
+    a = attention(attn_shared_qk=True)
+    sharpen(a)
+    x, src = inputs(n=4), inputs(n=8, seed=2)
+    q, ks = heads(a.to_q(x), HEADS), F.normalize(heads(a.to_q(src), HEADS), dim=-1)
+    out, w = a(x, kv=src, need_weights=True)
+    torch.testing.assert_close(w, (q @ ks.transpose(-1, -2) * D ** -0.5).softmax(-1))
+    v = heads(a.to_v(src), HEADS)
+    torch.testing.assert_close(out, a.to_out((w @ v).transpose(1, 2).reshape(2, 4, -1)))
+
+
+def test_shared_qk_with_kv_heads_equal_to_heads_is_plain_shared_qk():
+    with pytest.raises(ConfigConflictError, match="attn_shared_qk.*attn_kv_heads"):
+        attention(attn_shared_qk=True, attn_kv_heads=2)
+    same, ref = attention(attn_shared_qk=True, attn_kv_heads=HEADS), attention(attn_shared_qk=True)
+    x = inputs()
+    torch.testing.assert_close(same(x)[0], ref(x)[0])
 
 
 def test_shared_qk_attends_to_itself_only_when_nothing_else_is_visible():
@@ -514,8 +558,6 @@ REFUSED = [
     (dict(attn_use_entmax15=True, attn_entmax_alpha=1.3), ("attn_use_entmax15", "attn_entmax_alpha")),
     (dict(attn_use_entmax15=True, attn_learned_entmax_alpha=True), ("attn_use_entmax15", "attn_learned_entmax_alpha")),
     (dict(attn_entmax_alpha=1.3, attn_learned_entmax_alpha=True), ("attn_entmax_alpha", "attn_learned_entmax_alpha")),
-    (dict(attn_use_entmax15=True, attn_sparse_topk=2), ("attn_use_entmax15", "attn_sparse_topk")),
-    (dict(attn_learned_entmax_alpha=True, attn_sparse_topk=2), ("attn_learned_entmax_alpha", "attn_sparse_topk")),
     (dict(attn_shared_qk=True, attn_kv_heads=2), ("attn_shared_qk", "attn_kv_heads")),
     (dict(attn_qk_norm=True, attn_scale=0.1), ("attn_qk_norm", "attn_scale")),
 ]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from x_transformers import ConfigConflictError, Encoder, FunnelEncoder, TransformerWrapper, XTransformer
 from x_transformers.attention import Attention
@@ -208,12 +209,8 @@ def test_refusals_name_the_keywords():
         FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, upsampel=True)
     with pytest.raises(TypeError, match="'depths'"):
         FunnelEncoder(DIM, (1, 1), HEADS, depth=3)
-    with pytest.raises(ConfigConflictError, match="attn_shared_qk.*depths"):
-        FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, attn_shared_qk=True)
     with pytest.raises(ConfigConflictError, match="upsample_depth.*upsample=False"):
         FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, upsample_depth=3)
-    with pytest.raises(ConfigConflictError, match="custom_layers.*depths"):
-        FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, custom_layers=("f",))
     with pytest.raises(ValueError, match="depths"):
         FunnelEncoder(DIM, depths=(2, 0), heads=HEADS)
     with pytest.raises(ValueError, match="bidirectional"):
@@ -226,8 +223,6 @@ def test_refusals_name_the_keywords():
     model = funnel(separate_cls=True)
     with pytest.raises(ValueError, match="separate_cls"):
         model(torch.randn(1, 4, DIM), torch.tensor([[False, True, True, True]]))
-    # single block: nothing is pooled, so shared-QK is fine
-    assert FunnelEncoder(DIM, depths=(1,), heads=HEADS, attn_shared_qk=True)(torch.randn(1, 3, DIM)).shape == (1, 3, DIM)
 
 
 def test_cross_attend_reads_the_context_in_every_block():
@@ -317,13 +312,65 @@ def test_funnel_refusals_are_declared_entries():
     from x_transformers import conflicts
 
     entries = [e for e in conflicts.CONFLICTS if e.kinds == ("funnel",)]
-    assert len(entries) >= 5
+    assert entries
     for entry in entries:
         kw = dict(entry.example)
         with pytest.raises(ConfigConflictError) as info:
             FunnelEncoder(DIM, heads=HEADS, **kw)
         assert info.value.conflict is entry
-    # pooling without a self-attention in a later block: top_attn_to_ff equal to that block's depth
-    with pytest.raises(ConfigConflictError, match="top_attn_to_ff.*depths"):
-        FunnelEncoder(DIM, depths=(2, 1), heads=HEADS, top_attn_to_ff=1)
-    assert FunnelEncoder(DIM, depths=(2, 2), heads=HEADS, top_attn_to_ff=1)(torch.randn(1, 4, DIM)).shape == (1, 2, DIM)
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks without self-attention, shared-QK under pooling
+
+
+@pytest.mark.parametrize("kw", [dict(depths=(2, 1), top_attn_to_ff=1), dict(depths=(1, 1), custom_layers=("f",)),
+                                dict(depths=(1, 1), custom_layers=("a", "f"), top_attn_to_ff=1)])
+def test_a_block_without_self_attention_runs_over_the_mean_pooled_sequence(kw):
+    """No query to pool: the block's feed-forwards read the mean-pooled sequence, so the funnel's
+    output is the next block run over mean_pool(previous block's output), token by token."""
+    model = funnel(**kw)
+    assert not any(s.kind == "a" for s in model.blocks[1].layout)
+    x = torch.randn(2, 7, DIM)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, 5:] = False
+    pos = torch.arange(7)[None]
+    h = model.blocks[0](x, keep)
+    pooled, pooled_keep, _ = mean_pool(h, keep, pos, False)
+    torch.testing.assert_close(model(x, keep), model.blocks[1](pooled, pooled_keep))
+    # position-wise: changing one pooled window changes only its own output
+    x2 = x.clone()
+    x2[:, 6] += 1.0
+    out, out2 = model(x, keep), model(x2, keep)
+    if all(s.kind != "a" for s in model.blocks[0].layout):
+        torch.testing.assert_close(out[:, :3], out2[:, :3])
+
+
+def test_only_cross_funnel_pools_and_reads_the_context_in_every_block():
+    model = funnel(depths=(1, 1), only_cross=True)
+    x, ctx = torch.randn(2, 6, DIM), torch.randn(2, 5, DIM)
+    out = model(x, context=ctx)
+    assert out.shape == (2, 3, DIM)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_shared_qk_funnel_keys_are_the_unpooled_sequences_normalised_queries():
+    """Under pooling the first self-attention of a later block takes pooled queries; with shared-QK
+    its keys are the unit-normalised query projections of the unpooled sequence (no to_k), and
+    every parameter gets a gradient."""
+    model = funnel(depths=(1, 1), attn_shared_qk=True)
+    attn = model.blocks[1].blocks[0].fn
+    assert attn.shared_qk and attn.to_k is None
+    x = torch.randn(2, 6, DIM)
+    h = model.blocks[0](x)
+    pooled, _, _ = mean_pool(h, None, torch.arange(6)[None], False)
+    norm = model.blocks[1].blocks[0].pre_norm
+    _, w = attn(norm(pooled), kv=norm(h), need_weights=True)
+    q = attn.to_q(norm(pooled)).view(2, 3, HEADS, -1).transpose(1, 2)
+    k = F.normalize(attn.to_q(norm(h)).view(2, 6, HEADS, -1).transpose(1, 2), dim=-1)
+    torch.testing.assert_close(w, (q @ k.transpose(-1, -2) * attn.dim_head ** -0.5).softmax(-1))
+    out = model(x)
+    assert out.shape == (2, 3, DIM)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.parameters())

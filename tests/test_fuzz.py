@@ -35,8 +35,9 @@ def _even(rng, lo, hi):
 
 
 def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
-    """Random values for documented keywords, each valid given the sizes and the features chosen.
-    Keywords the features already set keep the features' values."""
+    """Random values for documented keywords, each valid given the sizes and the features chosen,
+    and only keywords that can apply to the kind (harness.applies). Keywords the features already
+    set keep the features' values."""
     # heads: a multiple of every head count the features fix (kv heads, ALiBi heads)
     fixed = [chosen[k] for k in ("attn_kv_heads", "alibi_num_heads") if chosen.get(k)]
     heads = rng.choice([h for h in (1, 2, 4) if all(h % f == 0 for f in fixed if f != 0) and h >= max(fixed, default=1)])
@@ -72,7 +73,10 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
     }
     if kind != "funnel" and not chosen.get("enc_funnel"):  # a funnel's blocks have depths of their own
         draws["sandwich_coef"] = lambda: rng.randint(1, depth)
-        draws["top_attn_to_ff"] = lambda: rng.randint(1, depth)
+        # at most the self-attention blocks there are (a custom layout may have fewer than depth)
+        attn_blocks = list(chosen["custom_layers"]).count("a") if chosen.get("custom_layers") else depth
+        if attn_blocks:
+            draws["top_attn_to_ff"] = lambda: rng.randint(1, min(depth, attn_blocks))
     # keywords that refine a feature: drawn only when the feature is on
     if chosen.get("rotary_pos_emb"):
         draws["rotary_emb_dim"] = lambda: _even(rng, 2, dim_head)
@@ -86,7 +90,7 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
         draws["attn_entmax_alpha"] = lambda: round(rng.uniform(1.1, 2.0), 2)
     if chosen.get("tupe"):
         draws["tupe_max_seq_len"] = lambda: rng.randint(16, 64)
-    names = [n for n in sorted(draws) if n not in chosen]
+    names = [n for n in sorted(draws) if n not in chosen and harness.applies(kind, (keyword_feature(n, 1),))]
     for name in rng.sample(names, rng.randint(0, min(4, len(names)))):
         kw[name] = draws[name]()
     return kw
@@ -96,7 +100,10 @@ def draw(rng: random.Random):
     """One configuration: (kind, features), the numeric keywords as one-keyword pseudo-features
     (so shrinking can drop them one at a time)."""
     kind = rng.choice(KINDS + ("decoder", "decoder"))
-    pool = sorted((f for f in FEATURES.values() if kind in f.kinds and f.name != "plain"), key=lambda f: f.name)
+    # valid values only: a feature or keyword that a declared entry refuses on this kind by itself
+    # (rotary on a CrossAttender: no self-attention to act on) can never apply to it
+    pool = sorted((f for f in FEATURES.values() if kind in f.kinds and f.name != "plain" and harness.applies(kind, (f,))),
+                  key=lambda f: f.name)
     feats, groups = [], set()
     for f in rng.sample(pool, rng.randint(0, min(5, len(pool)))):
         if f.group and f.group in groups:

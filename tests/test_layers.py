@@ -108,10 +108,38 @@ def test_top_attn_to_ff_keeps_cross_attention_and_macaron():
     assert mac.layout_string == "f*0.5 a f*0.5 f*0.5 f f*0.5"
 
 
-def test_top_attn_to_ff_refuses_layouts_without_layers():
-    for other in (dict(custom_layers=("a", "f")), dict(sandwich_coef=1)):
-        with pytest.raises(ConfigConflictError, match="top_attn_to_ff.*" + next(iter(other))):
-            Encoder(dim=32, depth=2, heads=4, top_attn_to_ff=1, **other)
+@pytest.mark.parametrize("kw, before, after", [
+    (dict(depth=3, sandwich_coef=1, top_attn_to_ff=1), "a a f a f f", "a a f f f f"),
+    (dict(depth=3, sandwich_coef=2, top_attn_to_ff=2), "a a a f f f", "a f f f f f"),
+    (dict(depth=2, custom_layers=("a", "f", "f", "a", "f"), top_attn_to_ff=1), "a f f a f", "a f f f f"),
+    (dict(depth=2, custom_layers=("a", "c", "f", "a"), top_attn_to_ff=2), "a c f a", "f c f f"),
+])
+def test_top_attn_to_ff_replaces_the_last_self_attentions_of_any_layout(kw, before, after):
+    """2005.13895 on a sandwich or custom layout: its top (last) n self-attention blocks become
+    feed-forwards, cross-attention stays; the model is the layout's with those blocks swapped."""
+    n = kw.pop("top_attn_to_ff")
+    base = Decoder(dim=32, heads=4, **kw) if "c" in before else Encoder(dim=32, heads=4, **kw)
+    model = type(base)(dim=32, heads=4, top_attn_to_ff=n, **kw)
+    assert base.layout_string == before and model.layout_string == after
+    attn = lambda m: sum(isinstance(b.fn, Attention) and not b.fn.cross for b in m.blocks)  # noqa: E731
+    assert attn(model) == attn(base) - n
+    # everything above the last remaining self-attention is position-wise (or cross-attention)
+    last = max((i for i, s in enumerate(model.layout) if s.kind == "a"), default=-1)
+    x, ctx = torch.randn(1, 6, 32), torch.randn(1, 3, 32)
+    h = x
+    for spec, block in list(zip(model.layout, model.blocks))[: last + 1]:
+        h, _ = block(h, ctx) if spec.kind == "c" else block(h)
+    h2 = h.clone()
+    h2[:, 0] += 1.0
+    for spec, block in list(zip(model.layout, model.blocks))[last + 1:]:
+        h, _ = block(h, ctx) if spec.kind == "c" else block(h)
+        h2, _ = block(h2, ctx) if spec.kind == "c" else block(h2)
+    torch.testing.assert_close(h[:, 1:], h2[:, 1:])
+
+
+def test_top_attn_to_ff_is_at_most_the_self_attentions_there_are():
+    with pytest.raises(ValueError, match="top_attn_to_ff.*self-attention blocks"):
+        Encoder(dim=32, depth=3, heads=4, custom_layers=("a", "f", "a", "f"), top_attn_to_ff=3)
     with pytest.raises(ValueError, match="top_attn_to_ff"):
         Encoder(dim=32, depth=2, heads=4, top_attn_to_ff=3)
     with pytest.raises(TypeError, match="top_attn_to_ff"):

@@ -252,6 +252,26 @@ def test_tupe_attention_is_word_term_plus_position_term_over_sqrt_2d():
     torch.testing.assert_close(attn, want, atol=1e-5, rtol=1e-5)
 
 
+def test_tupe_with_attn_scale_scales_the_word_term_by_it_and_keeps_the_position_term():
+    """attn_scale given: the word-to-word logits take it in place of TUPE's 1/sqrt(2d); the
+    position term keeps its own 1/sqrt(2d)."""
+    torch.manual_seed(0)
+    layers = Encoder(dim=DIM, depth=1, heads=HEADS, attn_dim_head=DIM // HEADS, tupe=True, tupe_max_seq_len=16,
+                     attn_scale=0.05).eval()
+    x = embeddings(n=5, b=1)
+    _, (attn,) = layers(x, return_attn=True)
+    block, d = layers.blocks[0], DIM // HEADS
+    assert block.fn.cfg.scale == 0.05
+    h = block.pre_norm(x)
+    q = block.fn.to_q(h).view(1, 5, HEADS, d).transpose(1, 2)
+    k = block.fn.to_k(h).view(1, 5, HEADS, d).transpose(1, 2)
+    p = layers.tupe.emb(torch.arange(5)[None])
+    pq = layers.tupe.to_q(p).view(1, 5, HEADS, d).transpose(1, 2)
+    pk = layers.tupe.to_k(p).view(1, 5, HEADS, d).transpose(1, 2)
+    want = (q @ k.transpose(-1, -2) * 0.05 + pq @ pk.transpose(-1, -2) / math.sqrt(2 * d)).softmax(dim=-1)
+    torch.testing.assert_close(attn, want, atol=1e-5, rtol=1e-5)
+
+
 def test_tupe_is_shared_across_layers_and_replaces_the_absolute_embedding():
     model = lm(tupe=True, tupe_max_seq_len=16)
     assert model.pos_emb is None  # p_i are not added to the tokens
@@ -291,7 +311,6 @@ def test_tupe_enforces_its_table_length():
 @pytest.mark.parametrize("kw, a, b", [
     (dict(rotary_pos_emb=True), "tupe", "rotary_pos_emb"),
     (dict(alibi_pos_bias=True), "tupe", "alibi_pos_bias"),
-    (dict(attn_scale=0.1), "tupe", "attn_scale"),
 ])
 def test_tupe_refuses_what_it_cannot_combine_with(kw, a, b):
     with pytest.raises(ConfigConflictError, match=f"{a} cannot be combined with {b}"):

@@ -3,8 +3,9 @@ combinations (see harness.py for the coverage rule)."""
 
 import pytest
 
-from harness import (FEATURES, KINDS, KNOWN_DEFECTS, PROPERTIES, case_id, check_case, combination_cases, declared_refusal,
-                     defect_key, fails, known_defect, load_features, parse_defect_key, single_cases)
+from harness import (FEATURES, KINDS, KNOWN_DEFECTS, PROPERTIES, case_id, check_case, declared_refusal, defect_key, fails,
+                     known_defect, load_features, parse_defect_key)
+from harness_cases import combination_cases, single_cases
 
 load_features()
 SINGLES = single_cases()

@@ -89,8 +89,8 @@ class Attention(nn.Module):
         kv_rotary their (cos, sin) (query-only pooling, Funnel Transformer 2006.03236).
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
         """
-        if kv is not None and (self.cross or self.shared_qk or cache is not None):
-            raise ValueError("kv= is for plain self-attention: not with cross-attention, shared-QK or a cache")
+        if kv is not None and (self.cross or cache is not None):
+            raise ValueError("kv= is for self-attention without a cache: not with cross-attention or a cache")
         h, g = self.heads, self.kv_heads
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         qkv = self._fused_qkv(x) if not (self.cross or self.shared_qk or kv is not None) else None
@@ -103,7 +103,11 @@ class Attention(nn.Module):
         else:
             src = context if self.cross else x if kv is None else kv
             # shared-QK (Reformer): the keys are the queries scaled to unit length; queries keep their norm
-            k = F.normalize(q, dim=-1) if self.shared_qk else _heads(qkv[1] if qkv else self.to_k(src), g)  # (b, g, m, d)
+            # (over kv=, a funnel's pooled queries: the keys are the unpooled sequence's queries)
+            if self.shared_qk:
+                k = F.normalize(q if kv is None else _heads(self.to_q(kv), h), dim=-1)  # (b, h, m, d)
+            else:
+                k = _heads(qkv[1] if qkv else self.to_k(src), g)  # (b, g, m, d)
             v = _heads(qkv[2] if qkv else self.to_v(src), g)
             if self.qk_scale is not None and not self.shared_qk:
                 k = F.normalize(k, dim=-1)
@@ -119,7 +123,7 @@ class Attention(nn.Module):
         scale = self.cfg.scale  # None: dim_head ** -0.5
         if self.qk_scale is not None:
             q, scale = q * self.qk_scale.to(q.dtype), 1.0
-        if self.shared_qk:
+        if self.shared_qk and kv is None:
             # keys are the unit-normalised queries; a query's own key is penalised, not removed
             n, m = q.shape[-2], k.shape[-2]
             offset = cache.query_offset(n, m) if cache is not None else m - n  # where the new queries sit

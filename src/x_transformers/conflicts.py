@@ -69,12 +69,17 @@ def off(s: dict, key: str) -> bool:
     return s.get(key, True) is False
 
 
-def blocks(s: dict) -> int:
-    """How many funnel blocks the keywords ask for (``depths``, default as the funnel's)."""
+def depths(s: dict) -> tuple:
+    """The funnel's depths the keywords ask for (``depths``, default as the funnel's)."""
     from .funnel import DEFAULT_DEPTHS  # the funnel imports the layers, which import this table
 
-    depths = s.get("depths", DEFAULT_DEPTHS)
-    return len(depths) if hasattr(depths, "__len__") else 1
+    d = s.get("depths", DEFAULT_DEPTHS)
+    return tuple(d) if hasattr(d, "__len__") else (d,)
+
+
+def blocks(s: dict) -> int:
+    """How many funnel blocks the keywords ask for."""
+    return len(depths(s))
 
 
 def side(s: dict, prefix: str, key: str):
@@ -82,14 +87,16 @@ def side(s: dict, prefix: str, key: str):
     return s.get(f"{prefix}_{key}", s.get(key))
 
 
+def head_counts(s: dict) -> set:
+    """The head counts the keywords give: ``heads`` (default 8), or per side of an XTransformer."""
+    return {side(s, "enc", "heads") or 8, side(s, "dec", "heads") or 8}
+
+
 def forced(s: dict) -> bool:
     """attn_backend names one backend (not "auto", not the explicit one that computes everything)."""
     return s.get("attn_backend", "auto") not in ("auto", "explicit")
 
 
-# a Decoder is causal, so only_cross there is refused by (only_cross, causal); a CrossAttender is
-# only_cross, so top_attn_to_ff there is refused by (top_attn_to_ff, only_cross)
-NOT_CROSS = ("decoder", "encoder", "funnel", "xtransformer")
 WRAPPER = ("wrapper",)
 XT = ("xtransformer",)
 ENTMAX = ("attn_use_entmax15", "attn_entmax_alpha", "attn_learned_entmax_alpha")
@@ -101,16 +108,17 @@ EXAMPLE_ON = {"attn_use_entmax15": True, "attn_entmax_alpha": 1.5, "attn_learned
 # the table (one entry per refusal; keep the reason actionable)
 
 # attention keywords
-declare("attn_shared_qk", "attn_kv_heads", when=lambda s: on(s, "attn_shared_qk") and on(s, "attn_kv_heads"),
-        reason="shared-QK keys are the queries themselves, one per query head",
+# (attn_kv_heads equal to heads is plain multi-head attention: one key per query head, as shared-QK's)
+declare("attn_shared_qk", "attn_kv_heads",
+        when=lambda s: on(s, "attn_shared_qk") and on(s, "attn_kv_heads") and any(
+            s["attn_kv_heads"] != h for h in head_counts(s)),
+        reason="shared-QK keys are the queries themselves, one per query head (attn_kv_heads must equal heads)",
         example=dict(attn_shared_qk=True, attn_kv_heads=2))
+# (top-k with entmax: the top k scores are kept, then entmax normalises them, as upstream's Attend)
 for _i, _a in enumerate(ENTMAX):
     for _b in ENTMAX[_i + 1:]:
         declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b), reason="choose one entmax variant",
                 example={_a: EXAMPLE_ON[_a], _b: EXAMPLE_ON[_b]})
-    declare(_a, "attn_sparse_topk", when=lambda s, a=_a: on(s, a) and on(s, "attn_sparse_topk"),
-            reason="top-k sparsity is defined on softmax attention",
-            example={_a: EXAMPLE_ON[_a], "attn_sparse_topk": 2})
 declare("attn_qk_norm", "attn_scale", when=lambda s: on(s, "attn_qk_norm") and s.get("attn_scale") is not None,
         reason="QK-norm learns its own logit scale (set attn_qk_norm_scale)",
         example=dict(attn_qk_norm=True, attn_scale=0.5))
@@ -154,13 +162,7 @@ declare("sandwich_coef", "macaron", when=lambda s: on(s, "sandwich_coef") and on
 declare("top_attn_to_ff", "only_cross", when=lambda s: on(s, "top_attn_to_ff") and on(s, "only_cross"),
         reason="a cross-attention-only stack has no self-attention to replace",
         example=dict(top_attn_to_ff=1, only_cross=True), kinds=("encoder", "cross", "xtransformer"))
-declare("top_attn_to_ff", "custom_layers",
-        when=lambda s: on(s, "top_attn_to_ff") and s.get("custom_layers") is not None,
-        reason="custom_layers already fixes the whole layout", example=dict(top_attn_to_ff=1, custom_layers=("a", "f")),
-        kinds=NOT_CROSS)
-declare("top_attn_to_ff", "sandwich_coef", when=lambda s: on(s, "top_attn_to_ff") and on(s, "sandwich_coef"),
-        reason="a sandwich layout has no per-layer (a, f) pairs", example=dict(top_attn_to_ff=1, sandwich_coef=1),
-        kinds=NOT_CROSS)
+# (top_attn_to_ff on a sandwich or custom layout replaces its last n self-attention blocks: layers.attn_to_ff)
 
 # positions
 declare("alibi_pos_bias", "rel_pos_bias", when=lambda s: on(s, "alibi_pos_bias") and on(s, "rel_pos_bias"),
@@ -240,31 +242,23 @@ declare("tie_token_emb", "enc_num_tokens / dec_num_tokens",
 declare("attn_shared_qk", "only_cross", when=lambda s: on(s, "attn_shared_qk") and on(s, "only_cross"),
         reason="shared-QK applies to self-attention; cross-attention keys come from the context",
         example=dict(attn_shared_qk=True, only_cross=True), kinds=("encoder", "cross"))
-declare("tupe", "attn_scale", when=lambda s: on(s, "tupe") and s.get("attn_scale") is not None,
-        reason="TUPE fixes the self-attention scale at 1/sqrt(2 * dim_head)",
-        example=dict(tupe=True, tupe_max_seq_len=16, attn_scale=0.5))
+# (TUPE with attn_scale: attn_scale scales the word-to-word logits instead of TUPE's 1/sqrt(2 * dim_head))
 declare("only_cross", "cross_attend", when=lambda s: on(s, "only_cross") and on(s, "cross_attend"),
         reason="only_cross already makes every attention cross-attention",
         example=dict(only_cross=True, cross_attend=True), kinds=("encoder", "cross"))
 FUNNEL = ("funnel",)
 declare("upsample_depth", "upsample=False", when=lambda s: s.get("upsample_depth") is not None and not on(s, "upsample"),
         reason="the decoder exists only with upsample=True", example=dict(upsample_depth=1), kinds=FUNNEL)
-declare("attn_shared_qk", "depths", when=lambda s: on(s, "attn_shared_qk") and blocks(s) > 1,
-        reason="pooled queries have no keys of their own to share (use a single block, depths=(n,), for shared-QK)",
-        example=dict(attn_shared_qk=True, depths=(1, 1)), kinds=FUNNEL)
-declare("only_cross", "depths", when=lambda s: on(s, "only_cross") and blocks(s) > 1,
-        reason="query pooling needs a self-attention layer in every block",
-        example=dict(only_cross=True, depths=(1, 1)), kinds=FUNNEL)
-declare("custom_layers", "depths", when=lambda s: s.get("custom_layers") is not None
-        and "a" not in s["custom_layers"] and blocks(s) > 1,
-        reason="query pooling needs a self-attention layer in every block",
-        example=dict(custom_layers=("f",), depths=(1, 1)), kinds=FUNNEL)
-# (runner) a block whose every self-attention became a feed-forward cannot take pooled queries
-declare("top_attn_to_ff", "depths",
-        when=lambda s: on(s, "top_attn_to_ff") and blocks(s) > 1 and any(d <= s["top_attn_to_ff"] for d in s["depths"]),
-        reason="a block whose every self-attention became a feed-forward cannot take pooled queries; "
-               "keep top_attn_to_ff below every block's depth",
-        example=dict(top_attn_to_ff=1, depths=(1, 1)), kinds=("funnel",))
+for _p, _ex in (("rel_pos_bias", {}), ("tupe", {"tupe_max_seq_len": 16})):
+    declare(_p, "top_attn_to_ff", "depths",
+            when=lambda s, p=_p: on(s, p) and on(s, "top_attn_to_ff") and blocks(s) > 1
+            and any(d <= s["top_attn_to_ff"] for d in depths(s)),
+            reason="a funnel block whose every self-attention became a feed-forward has no attention scores "
+                   "for its own position table to act on; keep top_attn_to_ff below every block's depth",
+            example={_p: True, "top_attn_to_ff": 1, "depths": (1, 1), **_ex}, kinds=FUNNEL)
+# (a funnel block without self-attention, from only_cross, custom_layers or top_attn_to_ff, is
+# mean-pooled and runs its blocks over the pooled sequence; shared-QK's pooled queries take as keys
+# the unit-normalised query projections of the unpooled sequence: funnel.py)
 
 # A cross-attention-only stack (CrossAttender) has no self-attention: the relative position
 # schemes act on self-attention scores only, and memory tokens, prepended to the sequence, would

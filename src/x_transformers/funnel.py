@@ -18,6 +18,11 @@ Rules under pooling (each holds at every level):
   measuring distances between input positions, and TUPE reads its table at input positions
   (with ``tupe_untie_cls`` and no ``separate_cls``, the first pooled token, at position 0, is the
   untied [CLS]).
+- a block without self-attention (``only_cross``, a ``custom_layers`` without ``a``, or
+  ``top_attn_to_ff`` as deep as the block) has no query to pool: it runs over the mean-pooled
+  sequence.
+- shared-QK: the pooled queries' keys are the unit-normalised query projections of the unpooled
+  sequence; no key is a pooled query's own, so none takes Reformer's self penalty.
 - ``reversible``: each block is its own reversible coupling; the unpooled keys/values of the
   first self-attention are an input of the block, like a cross-attention context, so every step
   still inverts exactly.
@@ -135,8 +140,10 @@ def _block_context(block: Encoder, mask, positions, context, context_mask, kv=No
                                 context=context, context_mask=context_mask, need_weights=need_weights)
     if kv is None:
         return ctx
+    first = next((i for i, spec in enumerate(block.layout) if spec.kind == "a"), None)
+    if first is None:  # no self-attention to take the unpooled keys: the block reads the pooled sequence
+        return ctx
     src, src_mask, src_pos = kv
-    first = next(i for i, spec in enumerate(block.layout) if spec.kind == "a")
     return replace(ctx, kv=src, kv_block=first, kv_mask=src_mask[:, None, None, :] if src_mask is not None else None,
                    kv_rotary=block.rotary(src_pos) if block.rotary is not None else None,
                    kv_score_mod=block.score_mod(positions, src_pos))
@@ -161,12 +168,11 @@ class FunnelEncoder(Pretrained, nn.Module):
                 raise unknown_keyword(key, valid + ["depths", "heads"], where)
         depths = tuple(depths) if isinstance(depths, list) else depths
         self.cfg = cfg = FunnelConfig(depths=depths, **own)
-        conflicts.check("funnel", dict(kwargs, depths=depths, **own))
+        conflicts.check("funnel", dict(kwargs, depths=depths, heads=heads, **own))
 
         self.dim = dim
         self.causal = False
         self.blocks = nn.ModuleList(Encoder(dim, d, heads, **kwargs) for d in cfg.depths)
-        # (every block has a self-attention under pooling: declared in conflicts.py)
         self.upsampler = Encoder(dim, cfg.upsample_depth or 2, heads, **kwargs) if cfg.upsample else None
 
         # GPT-2's residual scaling counts every layer of the funnel, not one block's

@@ -41,19 +41,30 @@ def build_layout(cfg: LayersConfig) -> tuple[LayerSpec, ...]:
     """Resolve the layout keywords into the explicit sequence of blocks."""
     attn = ("c",) if cfg.only_cross else ("a", "c") if cfg.cross_attend else ("a",)
     if cfg.custom_layers is not None:
-        return tuple(LayerSpec(k) for k in cfg.custom_layers)
-    if cfg.sandwich_coef is not None:  # 1911.03864: k attentions first, k feed-forwards last
+        layout = tuple(LayerSpec(k) for k in cfg.custom_layers)
+    elif cfg.sandwich_coef is not None:  # 1911.03864: k attentions first, k feed-forwards last
         k = cfg.sandwich_coef
         kinds = attn * k + (attn + ("f",)) * (cfg.depth - k) + ("f",) * k
-        return tuple(LayerSpec(x) for x in kinds)
-    if cfg.macaron:  # 1906.02762: half-step FF, attention, half-step FF
-        unit = (LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)
+        layout = tuple(LayerSpec(x) for x in kinds)
+    elif cfg.macaron:  # 1906.02762: half-step FF, attention, half-step FF
+        layout = ((LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)) * cfg.depth
     else:
-        unit = tuple(LayerSpec(x) for x in attn + ("f",))
-    # 2005.13895: the top n layers' self-attention becomes a feed-forward (cross-attention stays)
-    top = tuple(LayerSpec("f") if s.kind == "a" else s for s in unit)
-    n = cfg.top_attn_to_ff
-    return unit * (cfg.depth - n) + top * n
+        layout = tuple(LayerSpec(x) for x in attn + ("f",)) * cfg.depth
+    return attn_to_ff(layout, cfg.top_attn_to_ff)
+
+
+def attn_to_ff(layout: tuple[LayerSpec, ...], n: int) -> tuple[LayerSpec, ...]:
+    """2005.13895: the top (last) n self-attention blocks of any layout become feed-forwards;
+    cross-attention stays. On ``a f`` units that is the top n layers' attention; on a sandwich or
+    custom layout, its last n ``a`` blocks."""
+    if not n:
+        return layout
+    where = [i for i, s in enumerate(layout) if s.kind == "a"]
+    if n > len(where):
+        raise ValueError(f"top_attn_to_ff ({n}) must be at most the number of self-attention blocks of the "
+                         f"layout ({len(where)}: {' '.join(str(s) for s in layout)})")
+    top = set(where[len(where) - n:])
+    return tuple(LayerSpec("f") if i in top else s for i, s in enumerate(layout))
 
 
 def default_positions(mask, n: int, device, start=None):
@@ -112,7 +123,8 @@ class AttentionLayers(Pretrained, nn.Module):
     def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
         super().__init__()
         where = type(self).__name__
-        lk, ak, fk = split_layer_kwargs(kwargs, where)
+        lk, ak, fk = split_layer_kwargs(dict(kwargs, heads=heads), where)  # (the conflict table reads heads)
+        lk.pop("heads")
         if isinstance(lk.get("custom_layers"), list):
             lk["custom_layers"] = tuple(lk["custom_layers"])
         self.cfg = cfg = build(LayersConfig, dict(dim=dim, depth=depth, heads=heads, **lk), where)
@@ -132,9 +144,9 @@ class AttentionLayers(Pretrained, nn.Module):
         def make():
             return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
-        # TUPE scales the word-to-word logits of self-attention by 1/sqrt(2d), like its positional term
-        # TUPE scales the word-to-word logits by 1/sqrt(2d); under QK-norm the learned scale stands in for it
-        tupe_scale = cfg.tupe and not attn_cfg.qk_norm
+        # TUPE scales the word-to-word logits by 1/sqrt(2d), like its positional term; under QK-norm the
+        # learned scale stands in for it, and a given attn_scale replaces it
+        tupe_scale = cfg.tupe and not attn_cfg.qk_norm and attn_cfg.scale is None
         self_cfg = replace(attn_cfg, scale=(2 * attn_cfg.dim_head) ** -0.5) if tupe_scale else attn_cfg
         blocks = []
         for spec in self.layout:
