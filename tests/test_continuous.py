@@ -6,11 +6,12 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+from upstream import required_path
 
 from x_transformers import Decoder, Encoder
 from x_transformers.continuous import ContinuousAutoregressiveWrapper, ContinuousTransformerWrapper
@@ -189,7 +190,6 @@ def test_call_errors():
         model.net(torch.full((1, 2, 6), math.nan))
 
 
-UPSTREAM = Path("/work/upstream/pkg")
 UPSTREAM_COUNT = r"""
 import json, sys, torch
 from x_transformers import Decoder
@@ -201,7 +201,6 @@ print(json.dumps({n: p.numel() for n, p in m.named_parameters() if not n.startsw
 """
 
 
-@pytest.mark.skipif(not UPSTREAM.exists(), reason="upstream x-transformers not installed at /work/upstream/pkg")
 @pytest.mark.parametrize("kw, stack", [
     (dict(dim_in=7, dim_out=5, max_seq_len=64), {}),
     (dict(dim_in=7, dim_out=5, max_seq_len=64, num_memory_tokens=3, post_emb_norm=True, probabilistic=True), {}),
@@ -211,7 +210,7 @@ print(json.dumps({n: p.numel() for n, p in m.named_parameters() if not n.startsw
 def test_wrapper_parameters_match_upstream(kw, stack):
     """The wrapper's own parameters (projections, positions, memory tokens, norms) have upstream's
     count for the same keywords; the stacks differ by design."""
-    env = {**os.environ, "PYTHONPATH": str(UPSTREAM), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(required_path()), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", UPSTREAM_COUNT, json.dumps(kw), json.dumps(stack)], cwd="/tmp",
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

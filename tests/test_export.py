@@ -1,14 +1,13 @@
 """ONNX export (issue 23): the file onnxruntime runs gives the PyTorch model's logits at batch sizes
 and lengths the export never saw, with and without a padding mask; the command does it for a run."""
 
+import onnxruntime as ort  # in the test extra
 import pytest
 import torch
 from train_helpers import TINY, cli
 
 from x_transformers import Decoder, Encoder, TransformerWrapper, XTransformer
 from x_transformers.export import export_onnx
-
-ort = pytest.importorskip("onnxruntime")  # in the test extra: the suite has it
 
 
 def run_onnx(path, *inputs):

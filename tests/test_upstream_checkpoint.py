@@ -1,7 +1,7 @@
 """Upstream x-transformers checkpoints load into our models and give the same outputs.
 
 A child process whose only ``x_transformers`` is the real upstream package (2.31.10, installed by
-``make .venv/.upstream`` into ``<repo>/.upstream``; ``X_TRANSFORMERS_UPSTREAM`` overrides the
+``make .venv/.upstream`` into ``<repo>/.upstream``; ``XT_UPSTREAM`` overrides the
 folder) builds each configuration below with a seed, perturbs every parameter, runs a fixed
 input and saves its state dict and output. Here the same keywords build our model, the state dict
 goes through :func:`x_transformers.upstream.load_state_dict`, and the outputs must agree to 1e-5
@@ -27,16 +27,12 @@ import pytest
 import torch
 
 from x_transformers import Decoder, Encoder, TransformerWrapper, XTransformer
+from upstream import required_path
 from x_transformers.upstream import UpstreamCheckpointError, convert_state_dict, load_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("upstream_child.py")
 TOL = 1e-5
-
-
-def upstream_dir() -> Path | None:
-    path = Path(os.environ.get("X_TRANSFORMERS_UPSTREAM", REPO / ".upstream"))
-    return path if (path / "x_transformers" / "x_transformers.py").exists() else None
 
 
 DIM, HEADS, DH, TOKENS, SEQ = 32, 4, 8, 64, 12
@@ -146,10 +142,7 @@ def run_ours(model, cfg, inputs):
 
 @pytest.fixture(scope="module")
 def upstream_results(tmp_path_factory):
-    path = upstream_dir()
-    if path is None:
-        pytest.skip("upstream x-transformers is not installed: run `make .venv/.upstream` "
-                    "(or set X_TRANSFORMERS_UPSTREAM to a folder holding it)")
+    path = required_path()
     tmp = tmp_path_factory.mktemp("upstream")
     spec = [{k: v for k, v in c.items() if k not in ("ours", "wrap_ours")} for c in CONFIGS]
     (tmp / "spec.json").write_text(json.dumps(spec))

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from upstream import required_path
+
 from x_transformers import AutoregressiveWrapper, Decoder, Encoder, TransformerWrapper
 from x_transformers.cache import Intermediates
 from x_transformers.sampling import FILTERS
 
 V = 23
-UPSTREAM = "/work/upstream/pkg"
 SCHEMES = {
     "learned_abs": (dict(), dict()),
     "rotary": (dict(), dict(rotary_pos_emb=True)),
@@ -194,14 +195,13 @@ def upstream_kept_sets():
         "cases, logits = json.loads(sys.stdin.read())\n"
         "logits = torch.tensor(logits)\n"
         "print(json.dumps([torch.isfinite(FILTER_LOGITS_FN[n](logits.clone(), **kw)).tolist() for n, kw in cases]))\n")
-    env = dict(os.environ, PYTHONPATH=UPSTREAM)
+    env = dict(os.environ, PYTHONPATH=str(required_path()))
     done = subprocess.run([sys.executable, "-c", script], input=json.dumps([FILTER_CASES, fixed_logits().tolist()]),
                           capture_output=True, text=True, cwd="/tmp", env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
 
-@pytest.mark.skipif(not os.path.isdir(UPSTREAM), reason="the upstream package is not installed here")
 def test_filters_keep_the_same_sets_as_upstream_under_upstream_keyword_names():
     theirs = upstream_kept_sets()
     logits = fixed_logits()

@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 VERSION = "2.31.10"
 
 
+def required_path() -> Path:
+    """The upstream folder, or a test failure saying how to install it."""
+    path = upstream_path()
+    if path is None:
+        pytest.fail(f"upstream x-transformers {VERSION} is not installed: run `make .venv/.upstream` "
+                    f"(make test does), or set XT_UPSTREAM to a folder holding it")
+    return path
+
+
 def upstream_path() -> Path | None:
     for candidate in (os.environ.get("XT_UPSTREAM"), ROOT / ".upstream"):
         if candidate and (Path(candidate) / "x_transformers" / "x_transformers.py").is_file():
@@ -30,8 +39,9 @@ def upstream_path() -> Path | None:
 def run(script: str, payload) -> object:
     """Run ``script`` (reads ``PAYLOAD``, prints one JSON line) under upstream; skip if it is absent."""
     path = upstream_path()
-    if path is None:
-        pytest.skip(f"upstream x-transformers {VERSION} not installed (make test puts it in .upstream/)")
+    if path is None:  # make test installs it; a skip here would hide every comparison with upstream
+        pytest.fail(f"upstream x-transformers {VERSION} is not installed: run `make .venv/.upstream` "
+                    f"(make test does), or set XT_UPSTREAM to a folder holding it")
     env = {**os.environ, "PYTHONPATH": str(path), "PAYLOAD": json.dumps(payload)}
     with tempfile.TemporaryDirectory() as cwd:
         proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,

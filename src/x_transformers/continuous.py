@@ -21,7 +21,7 @@ from .checks import check_dtype, check_finite, check_not_empty
 from .config import _positive_int, _probability, build, check_types
 from .layers import AttentionLayers, check_mask, default_positions
 from .norms import LayerNorm
-from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
+from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding, check_cache_reach
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,12 +301,8 @@ class ContinuousAutoregressiveWrapper(Pretrained, nn.Module):
                              f"got {tuple(start_tokens.shape)}")
         if cache_kv and not self.net.attn_layers.causal:
             raise ValueError("cache_kv=True needs a causal stack (Decoder); pass cache_kv=False for a bidirectional one")
-        total = x.shape[1] + seq_len - 1  # the most frames the net ever sees at once
-        if cache_kv and self.net.pos_emb is not None and isinstance(self.net.pos_emb, AbsolutePositionalEmbedding) \
-                and total > self.max_seq_len:
-            raise ValueError(f"the prompt and the generated frames ({total}) exceed max_seq_len ({self.max_seq_len}) "
-                             f"of the learned positions, which a cache cannot slide; pass cache_kv=False "
-                             f"(a sliding window) or generate fewer frames")
+        if cache_kv:  # x.shape[1] + seq_len - 1: the most frames the net ever sees at once
+            check_cache_reach(self.net.pos_emb, self.max_seq_len, x.shape[1] + seq_len - 1, "frames")
 
         was_training = self.net.training
         self.net.eval()

@@ -70,7 +70,7 @@ class Pretrained:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-        save_file(_untied(self.state_dict()), str(folder / "model.safetensors"))
+        save_file(untied(self.state_dict()), str(folder / "model.safetensors"))
         return folder
 
     def push_to_hub(self, repo_id: str, *, folder: str | Path | None = None, private: bool = True, **kwargs):
@@ -219,7 +219,7 @@ def _decode_model(config: dict, where: str):
     return cls(*args, **keywords)
 
 
-def _untied(state: dict) -> dict:
+def untied(state: dict) -> dict:
     """safetensors refuses tensors sharing storage (tied embeddings): store copies, on CPU."""
     seen, out = set(), {}
     for k, v in state.items():

@@ -38,6 +38,15 @@ def sinusoids(positions, dim: int, base: float = 10000.0):
     return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
+def check_cache_reach(pos_emb, max_seq_len: int | None, total: int, what: str = "tokens"):
+    """Refuse a cached generation that would run past learned absolute positions: a key/value
+    cache cannot slide them (the uncached loop re-embeds a sliding window instead)."""
+    if isinstance(pos_emb, AbsolutePositionalEmbedding) and max_seq_len is not None and total > max_seq_len:
+        raise ValueError(f"the prompt and the generated {what} ({total}) exceed max_seq_len ({max_seq_len}) of the "
+                         f"learned positions, which a cache cannot slide; pass cache_kv=False (a sliding window) "
+                         f"or generate fewer {what}")
+
+
 class SinusoidalPositionalEmbedding(nn.Module):
     """Fixed sinusoidal positions; ``scaled=True`` multiplies by one learned scalar (init dim**-0.5)."""
 

@@ -22,7 +22,7 @@ from .cache import KVCache
 from .config import _positive_int
 from .hub import Pretrained
 from .layers import AttentionLayers
-from .positional import AbsolutePositionalEmbedding
+from .positional import check_cache_reach
 from .sampling import check_filter_kwargs, sample, top_k
 from .wrappers import TransformerWrapper
 
@@ -208,11 +208,8 @@ class XValAutoregressiveWrapper(Pretrained, nn.Module):
             raise ValueError(f"start_numbers must have the shape of start_tokens, {tuple(start_tokens.shape)}, got "
                              f"{tuple(start_numbers.shape) if isinstance(start_numbers, Tensor) else start_numbers!r}")
         n0 = start_tokens.shape[1]
-        if cache_kv and isinstance(self.net.pos_emb, AbsolutePositionalEmbedding) \
-                and n0 + seq_len - 1 > self.max_seq_len:
-            raise ValueError(f"the prompt and the generated tokens ({n0 + seq_len - 1}) exceed max_seq_len "
-                             f"({self.max_seq_len}) of the learned positions, which a cache cannot slide; pass "
-                             f"cache_kv=False (a sliding window) or generate fewer tokens")
+        if cache_kv:
+            check_cache_reach(self.net.pos_emb, self.max_seq_len, n0 + seq_len - 1)
         was_training = self.net.training
         self.net.eval()
         try:

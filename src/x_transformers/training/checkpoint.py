@@ -85,13 +85,9 @@ def save_weights(state: dict, path: Path) -> None:
     """safetensors refuses tensors that share storage (tied embeddings): store copies instead."""
     from safetensors.torch import save_file
 
-    seen, out = set(), {}
-    for k, v in state.items():
-        v = v.detach().to("cpu").contiguous()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        out[k] = v.clone() if key in seen else v
-        seen.add(key)
-    save_file(out, str(path))
+    from ..hub import untied
+
+    save_file(untied(state), str(path))
 
 
 def begin(ckpt_root: Path, step: int | str) -> Path:
