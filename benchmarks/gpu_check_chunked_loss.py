@@ -18,6 +18,8 @@ against the reference and against the eager chunked loss, and the step time. A c
 passes when every compiled variant's loss is within 0.01 of eager's and every parameter's gradient
 within 1% of eager's, on the first call (which compiles and autotunes) and on the second. Results go to one JSON (``check_chunked_loss_gpu.json``), rewritten after every
 configuration; with ``--resume FILE`` the configurations already in FILE are kept, not rerun.
+Compilation runs with the library's guard against pytorch#190517 (``x_transformers.inductor_fix``,
+installed on import, as users get it); ``XT_INDUCTOR_FIX=0`` checks torch's own code generation.
 
     PYTHONPATH=src python benchmarks/gpu_check_chunked_loss.py [--only NAME ...] [--resume FILE]
 """
@@ -194,6 +196,11 @@ def check(name, overrides, variants):
     return row
 
 
+def _guarded() -> bool:
+    from x_transformers import inductor_fix
+    return inductor_fix._APPLIED
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", help=f"configurations to run, of {list(CONFIGS)}")
@@ -210,7 +217,7 @@ def main():
         if name in done:
             continue
         results[name] = check(name, CONFIGS[name], args.variants)
-        path = write_result(args.name, {"env": environment(), "tolerances": {"loss": LOSS_TOL, "grad": GRAD_TOL},
+        path = write_result(args.name, {"env": environment(), "inductor_fix": _guarded(), "tolerances": {"loss": LOSS_TOL, "grad": GRAD_TOL},
                                         "results": results,
                                         "all_passed": all(r["passed"] for r in results.values())})
     if args.train:

@@ -9,7 +9,11 @@ Modes switch one suspect off at a time:
 - ``default``: as ``xtransformers train --compile`` runs;
 - ``always_clone``: the autotuner never takes its copy-to-CPU-and-restore path;
 - ``deterministic``: ``torch._inductor.config.deterministic`` (no benchmarking of configs);
-- ``no_pointwise_autotune``: ``torch._inductor.config.triton.autotune_pointwise = False``.
+- ``no_pointwise_autotune``: ``torch._inductor.config.triton.autotune_pointwise = False``;
+- ``barrier_fix``: ``x_transformers.inductor_fix`` applied (the fix).
+
+``--force`` makes every LayerNorm kernel run with the config that all wrong compilations had
+(R0_BLOCK 2048, 16 warps), so one repetition shows what 1 in 11 shows unforced.
 
     PYTHONPATH=src python benchmarks/gpu_diag_issue24.py --mode default --config untied_ignored_depth4 --reps 8
 """
@@ -34,15 +38,27 @@ MODES = ("default", "always_clone", "deterministic", "no_pointwise_autotune", "n
          "no_mix_order_reduction", "no_split_reductions", "barrier_fix")
 
 
-def instrument_autotuner(mode: str) -> dict:
-    """Count how the autotuner protected mutated buffers (and, in always_clone, force cloning)."""
+def _is_forced(config, forced: tuple[int, int]) -> bool:
+    return config.kwargs.get("R0_BLOCK") == forced[0] and config.num_warps == forced[1]
+
+
+def instrument_autotuner(mode: str, forced: tuple[int, int] | None = None) -> dict:
+    """Count how the autotuner protected mutated buffers (and, in always_clone, force cloning).
+    With ``forced`` = (R0_BLOCK, warps), every LayerNorm kernel that has that config among its
+    candidates runs with it, instead of the one autotuning would pick."""
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
-    counts = {"benches": 0, "cpu_restore": 0, "cpu_restore_bytes": 0, "chosen": {}}
+    counts = {"benches": 0, "cpu_restore": 0, "cpu_restore_bytes": 0, "chosen": {}, "forced": 0}
     original = CachingAutotuner.copy_args_to_cpu_if_needed
     original_tune = CachingAutotuner.autotune_to_one_config
 
     def recorded_tune(self, *args, **kwargs):  # which config won, per kernel
+        name = self.inductor_meta.get("kernel_name", "")
+        if forced and "native_layer_norm" in name:
+            keep = [launcher for launcher in self.launchers if _is_forced(launcher.config, forced)]
+            if keep:
+                self.launchers = keep
+                counts["forced"] += 1
         out = original_tune(self, *args, **kwargs)
         c = self.launchers[0].config
         counts["chosen"][self.inductor_meta.get("kernel_name", "?")] = (
@@ -81,6 +97,11 @@ def main():
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap.add_argument("--force", action="store_true",
+                    help="run every LayerNorm kernel with R0_BLOCK 2048 and 16 warps where that is a candidate "
+                         "(the config all wrong compilations had)")
+    ap.add_argument("--keep-code", action="store_true",
+                    help="also write a tarball of the generated code of 2 right and 2 wrong compilations")
     args = ap.parse_args()
 
     import torch._inductor.config as ic
@@ -95,10 +116,12 @@ def main():
         ic.triton.mix_order_reduction = False
     if args.mode == "no_split_reductions":
         ic.split_reductions = False
+    from x_transformers import inductor_fix
     if args.mode == "barrier_fix":
-        from x_transformers import inductor_fix
         print("inductor_fix needed:", inductor_fix.needed(), "applied:", inductor_fix.apply(), flush=True)
-    counts = instrument_autotuner(args.mode)
+    else:  # importing x_transformers guards compilation: diagnose torch's own code generation
+        inductor_fix.remove()
+    counts = instrument_autotuner(args.mode, (2048, 16) if args.force else None)
 
     cfg = {**BASE, **CONFIGS[args.config]}
     model = build(cfg)
@@ -145,11 +168,13 @@ def main():
         row["seconds"] = round(time.perf_counter() - t0, 1)
         reps.append(row)
         print(args.mode, json.dumps(row), flush=True)
-    out = {"env": environment(), "mode": args.mode, "config": cfg, "eager_loss": e_before, "reps": reps,
+    out = {"env": environment(), "mode": args.mode, "forced": args.force, "config": cfg, "eager_loss": e_before, "reps": reps,
            "wrong": sum(r["wrong"] for r in reps), "of": len(reps)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"diag24_{args.config}_{args.mode}_{os.getpid()}.json").write_text(json.dumps(out, indent=1))
-    print(args.mode, "wrong", out["wrong"], "of", out["of"])
+    (args.out / f"diag24_{args.config}_{args.mode}{'_forced' if args.force else ''}_{os.getpid()}.json").write_text(json.dumps(out, indent=1))
+    print(args.mode, "forced" if args.force else "", "wrong", out["wrong"], "of", out["of"])
+    if not args.keep_code:
+        return
     with tarfile.open(args.out / f"diag24_code_{args.mode}_{os.getpid()}.tar.gz", "w:gz") as tar:
         for kind, entries in kept.items():
             for rep, files in entries:

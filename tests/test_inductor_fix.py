@@ -105,3 +105,49 @@ class _WithBarrier:
 def test_needed_reads_whether_torchs_load_already_guards_read_backs(cls, want, monkeypatch):
     monkeypatch.setattr(inductor_fix, "_kernel_class", lambda: cls)
     assert inductor_fix.needed() is want
+
+
+def test_importing_the_library_guards_the_first_gpu_compilation_and_never_cpu(fresh_guard, monkeypatch):
+    """A user's own torch.compile is guarded: importing x_transformers installs the guard, which
+    applies the barrier once inductor's Triton code generation is loaded, only where CUDA is."""
+    Kernel, _ = fresh_guard
+    original = Kernel.load
+    monkeypatch.setattr(inductor_fix, "_gpu_present", lambda: False)
+    inductor_fix._on_codegen_import()
+    assert Kernel.load is original
+    monkeypatch.setattr(inductor_fix, "_gpu_present", lambda: True)
+    inductor_fix._on_codegen_import()
+    assert Kernel.load.__wrapped__ is original
+
+
+_IMPORT_PROBE = """
+import sys, torch
+from x_transformers import inductor_fix
+inductor_fix._gpu_present = lambda: True
+inductor_fix.needed = lambda: True
+assert "torch._inductor.codegen.triton" not in sys.modules
+torch._dynamo.reset()  # clears dynamo's callbacks: the guard must not depend on them
+from torch._inductor.codegen.triton import TritonKernel
+print(hasattr(TritonKernel.load, "__wrapped__"), inductor_fix._FINDER in sys.meta_path)
+"""
+
+
+@pytest.mark.parametrize("opt_out, want", [(None, "True False"), ("0", "False False")])
+def test_the_guard_lands_when_inductor_codegen_is_first_imported_unless_opted_out(opt_out, want):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XT_INDUCTOR_FIX"}
+    if opt_out is not None:
+        env["XT_INDUCTOR_FIX"] = opt_out
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == want
+
+
+def test_remove_restores_torchs_code_generation(fresh_guard):
+    Kernel, _ = fresh_guard
+    original = Kernel.load
+    inductor_fix.apply()
+    inductor_fix.remove()
+    assert Kernel.load is original and inductor_fix._FINDER not in __import__("sys").meta_path

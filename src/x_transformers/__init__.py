@@ -7,6 +7,7 @@ from .config import ConfigConflictError
 from .continuous import ContinuousAutoregressiveWrapper, ContinuousTransformerWrapper
 from .dpo import DPO
 from . import flex as _flex  # noqa: F401 - registers the FlexAttention backend ahead of sdpa
+from . import inductor_fix as _inductor_fix
 from .funnel import FunnelEncoder
 from .hf import load_tokenizer, save_pretrained
 from .hub import from_pretrained
@@ -28,3 +29,5 @@ __all__ = [
     "from_pretrained", "save_pretrained", "load_tokenizer",
 ]
 __version__ = "0.1.0"
+
+_inductor_fix.install()  # guards torch.compile on GPUs against pytorch#190517 (XT_INDUCTOR_FIX=0: off)

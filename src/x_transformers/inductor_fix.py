@@ -11,13 +11,21 @@ wrong forward and wrong gradients near the output, different from one compilatio
 :func:`apply` adds that barrier to torch's Triton code generation when the installed torch lacks
 it: before a load of a buffer that the kernel stored in an earlier loop, ``tl.debug_barrier()``.
 It changes generated code only where that pattern occurs, costs one block-wide barrier per loop
-iteration there, and touches nothing on CPU. The training command and ``generate(compile=True)``
-apply it; call it yourself before ``torch.compile`` elsewhere.
+iteration there, and touches nothing on CPU.
+
+Importing ``x_transformers`` calls :func:`install`: where a GPU is present, the barrier is applied
+as soon as inductor's Triton code generation is imported (by the first compilation), so a user's own
+``torch.compile(AutoregressiveWrapper(lm))`` is guarded as well as the training command and
+``generate(compile=True)``. Set ``XT_INDUCTOR_FIX=0`` to leave torch's code generation untouched
+(:func:`remove` undoes both the hook and the barrier in a running process).
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import inspect
+import os
+import sys
 
 import torch
 
@@ -80,4 +88,74 @@ def apply() -> bool:
     return True
 
 
-__all__ = ["apply", "barrier_before_readback", "maybe_apply", "needed"]
+_TARGET = "torch._inductor.codegen.triton"  # the module whose TritonKernel.load is guarded
+
+
+def _gpu_present() -> bool:
+    return torch.cuda.is_available()
+
+
+def _on_codegen_import() -> None:
+    if _gpu_present():
+        apply()
+
+
+class _ApplyOnImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`_on_codegen_import` right after inductor's Triton code generation is imported
+    (the first GPU compilation imports it), so the library's import stays light and no later
+    ``torch._dynamo.reset()`` can drop the guard."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TARGET:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                break
+        else:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_then_guard(module):
+            exec_module(module)
+            _unhook()
+            _on_codegen_import()
+
+        spec.loader.exec_module = exec_then_guard
+        return spec
+
+
+_FINDER = _ApplyOnImport()
+
+
+def _unhook() -> None:
+    if _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+
+
+def install() -> bool:
+    """Guard every ``torch.compile`` of this process on GPUs: apply the barrier now if inductor's
+    Triton code generation is loaded, else the moment it is. Importing ``x_transformers`` calls
+    this. False where ``XT_INDUCTOR_FIX=0`` opts out."""
+    if os.environ.get("XT_INDUCTOR_FIX", "1") == "0":
+        return False
+    if _TARGET in sys.modules:
+        _on_codegen_import()
+    elif _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+    return True
+
+
+def remove() -> None:
+    """Undo :func:`install` and :func:`apply`: torch's own code generation again (for diagnosis)."""
+    global _APPLIED
+    _unhook()
+    cls = _kernel_class() if _APPLIED else None
+    if cls is not None and hasattr(cls.load, "__wrapped__"):
+        cls.load = cls.load.__wrapped__
+    _APPLIED = False
+
+
+__all__ = ["apply", "barrier_before_readback", "install", "maybe_apply", "needed", "remove"]
