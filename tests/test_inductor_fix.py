@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from x_transformers import inductor_fix
-from x_transformers.training.config import TrainConfig
-from x_transformers.training.distributed import compile_step
 
 
 class _Lines:
@@ -75,18 +73,6 @@ def test_the_guard_is_installed_for_gpu_devices_only(fresh_guard):
     original = Kernel.load
     assert not inductor_fix.maybe_apply("cpu") and Kernel.load is original
     assert inductor_fix.maybe_apply(torch.device("cuda", 0)) and Kernel.load is not original
-
-
-def test_the_compiled_training_step_installs_the_guard_where_cuda_is(fresh_guard, monkeypatch):
-    Kernel, _ = fresh_guard
-    original = Kernel.load
-    cfg = TrainConfig(compile=True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    compile_step(lambda x: x, cfg)
-    assert Kernel.load is original
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    compile_step(lambda x: x, cfg)
-    assert Kernel.load is not original
 
 
 class _WithoutBarrier:

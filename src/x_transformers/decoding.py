@@ -22,7 +22,6 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from . import inductor_fix
 from .cache import StaticKVCache
 from .checks import check_not_empty
 from .sampling import check_filter_kwargs, check_temperature, get_filter
@@ -149,7 +148,6 @@ def compiled_decoder(net, options: dict):
         warnings.warn(steps[key])
         return decode_step
     if key not in steps:
-        inductor_fix.maybe_apply(next(net.parameters()).device)  # a read-back race in GPU kernels (issue 24)
         own = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, decode_step.__name__)
         steps[key] = torch.compile(own, **(dict(fullgraph=True, dynamic=False) | options))  # options may override
     compiled = steps[key]

@@ -17,8 +17,6 @@ import math
 import torch
 from torch import Tensor
 
-from . import inductor_fix
-
 # A chunk's float32 log-probabilities are at most this many elements (1 GiB).
 CHUNK_ELEMENTS = 2 ** 28
 
@@ -55,7 +53,6 @@ def _fused_step(logits: Tensor):
     fn = _COMPILED.get("cuda")
     if fn is None:
         try:
-            inductor_fix.apply()  # a read-back race in inductor's GPU kernels (issue 24)
             fn = torch.compile(chunk_step, dynamic=False)
         except Exception:  # noqa: BLE001 - no compiler available: the eager loop is exact too
             fn = False

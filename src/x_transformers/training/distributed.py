@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import inductor_fix
 from .config import CLIError, TrainConfig
 
 
@@ -120,7 +119,6 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: Env) -> nn.Module:
 
         model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     if cfg.compile and cfg.strategy != "none":
-        inductor_fix.maybe_apply(env.device)  # issue 24: a read-back race in inductor's GPU kernels
         model = torch.compile(model)  # with DDP / FSDP the documented form: compile the wrapped module
     return model
 
@@ -132,8 +130,6 @@ def compile_step(fn, cfg: TrainConfig):
     is bound by kernel launches). Under DDP / FSDP the module itself is compiled (parallelize)."""
     if not cfg.compile or cfg.strategy != "none":
         return fn
-    if torch.cuda.is_available():
-        inductor_fix.apply()  # issue 24: a read-back race in inductor's GPU kernels (inductor_fix.py)
     return torch.compile(fn, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
 
