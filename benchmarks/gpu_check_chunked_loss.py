@@ -15,8 +15,10 @@ vocabulary 50304, tied head, 8 x 2048 tokens, bf16 autocast) and each variant:
 
 It records the loss, every parameter's relative gradient error ``||g - g_ref|| / ||g_ref||``
 against the reference and against the eager chunked loss, and the step time. A configuration
-passes when every compiled variant's loss is within 0.01 of eager's and every parameter's gradient
-within 1% of eager's, on the first call (which compiles and autotunes) and on the second. Results go to one JSON (``check_chunked_loss_gpu.json``), rewritten after every
+passes when every compiled variant's loss is within 1e-3 of eager's and every parameter's gradient
+within the bf16 noise floor of eager's (1%, or twice eager's own worst error against the float32
+reference if larger), on the first call (which compiles and autotunes) and on the second.
+``--judge FILE`` re-applies that rule to a result file. Results go to one JSON (``check_chunked_loss_gpu.json``), rewritten after every
 configuration; with ``--resume FILE`` the configurations already in FILE are kept, not rerun.
 Compilation runs with the library's guard against pytorch#190517 (``x_transformers.inductor_fix``,
 installed on import, as users get it); ``XT_INDUCTOR_FIX=0`` checks torch's own code generation.
@@ -57,7 +59,34 @@ CONFIGS = {
     "gpt2_small": dict(dim=768, depth=12, heads=12, batch=16, seq=1024),
     "untied_ignored_depth4": dict(tied=False, ignored=0.3, depth=4),
 }
-LOSS_TOL, GRAD_TOL = 0.01, 0.01
+# A compiled variant passes when its loss is within LOSS_TOL of eager's and every parameter's gradient
+# within the bf16 noise floor of eager's: GRAD_TOL, or twice eager's own worst error against the
+# float32 reference when that is larger (two bf16 computations that sum in different orders each
+# err by about that much, so they may differ from each other by up to twice it). The race of issue
+# 24 gave loss errors of 0.047-0.054 and gradient errors of 9-14%; bf16 noise at depth 32 and dim
+# 4096 gives loss errors below 1e-4 and gradient errors of 1.0-1.3% (eager vs float32: 0.7-0.9%).
+LOSS_TOL, GRAD_TOL = 1e-3, 0.01
+
+
+def grad_tolerance(row: dict) -> float:
+    eager = row["variants"].get("eager", {})
+    return max(GRAD_TOL, 2 * eager.get("worst_vs_reference", 0.0))
+
+
+def judge(row: dict) -> dict:
+    """Set each compiled variant's ``passed`` and the row's, by the rule above."""
+    tol = grad_tolerance(row)
+    row["grad_tolerance"] = tol
+    for v, e in row["variants"].items():
+        if v == "eager" or "error" in e:
+            continue
+        second_loss = e.get("second_call_loss_vs_eager", e["loss_vs_eager"])  # older files: first call only
+        second_grad = e.get("second_call_worst_vs_eager", e["worst_vs_eager"])
+        e["passed"] = (e["loss_vs_eager"] <= LOSS_TOL and second_loss <= LOSS_TOL
+                       and e["worst_vs_eager"] <= tol and second_grad <= tol
+                       and not e["missing_grads"] and not e.get("missing_vs_eager"))
+    row["passed"] = all(e.get("passed", False) for v, e in row["variants"].items() if v != "eager")
+    return row
 
 
 def build(cfg):
@@ -185,12 +214,10 @@ def check(name, overrides, variants):
                          worst5_vs_eager=sorted(errs_e.items(), key=lambda kv: -kv[1])[:5])
             errs_2, _ = rel_errors(grads2, eager_grads)
             entry.update(second_call_loss_vs_eager=abs(loss2 - eager_loss), second_call_worst_vs_eager=max(errs_2.values()))
-            entry["passed"] = (entry["loss_vs_eager"] <= LOSS_TOL and entry["worst_vs_eager"] <= GRAD_TOL
-                               and entry["second_call_loss_vs_eager"] <= LOSS_TOL
-                               and entry["second_call_worst_vs_eager"] <= GRAD_TOL and not missing and not missing_e)
+            entry["missing_vs_eager"] = missing_e
         row["variants"][v] = entry
         print(name, v, json.dumps({k: entry[k] for k in entry if k != "worst5_vs_eager"}), flush=True)
-    row["passed"] = all(e.get("passed", False) for v, e in row["variants"].items() if v not in ("eager",))
+    judge(row)
     del model, fns
     torch.cuda.empty_cache()
     return row
@@ -208,8 +235,19 @@ def main():
                     help="variants besides eager/reference: compiled, aot_eager, compiled_plain")
     ap.add_argument("--resume", type=Path, help="a previous result file: its configurations are kept")
     ap.add_argument("--name", default="check_chunked_loss")
+    ap.add_argument("--judge", type=Path, help="re-judge a result file by the current rule (no GPU) and rewrite it")
     ap.add_argument("--train", type=int, default=0, help="also train this many steps eager and compiled (base shape)")
     args = ap.parse_args()
+    if args.judge:
+        record = json.loads(args.judge.read_text())
+        for row in record["results"].values():
+            judge(row)
+        record["all_passed"] = all(r["passed"] for r in record["results"].values())
+        record["tolerances"] = {"loss": LOSS_TOL, "grad": f"max({GRAD_TOL}, 2 x eager's worst vs float32)"}
+        args.judge.write_text(json.dumps(record, indent=2) + "\n")
+        for name, row in record["results"].items():
+            print(f"{name:24s} tol {row['grad_tolerance']:.4f}", "passed" if row["passed"] else "FAILED")
+        sys.exit(0 if record["all_passed"] else 1)
     torch.backends.cuda.matmul.allow_tf32 = True
     done = json.loads(args.resume.read_text())["results"] if args.resume and args.resume.exists() else {}
     results = dict(done)
@@ -217,7 +255,8 @@ def main():
         if name in done:
             continue
         results[name] = check(name, CONFIGS[name], args.variants)
-        path = write_result(args.name, {"env": environment(), "inductor_fix": _guarded(), "tolerances": {"loss": LOSS_TOL, "grad": GRAD_TOL},
+        path = write_result(args.name, {"env": environment(), "inductor_fix": _guarded(),
+                                        "tolerances": {"loss": LOSS_TOL, "grad": f"max({GRAD_TOL}, 2 x eager's worst vs float32)"},
                                         "results": results,
                                         "all_passed": all(r["passed"] for r in results.values())})
     if args.train:
