@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hub import Pretrained
+from .loss import chunked_cross_entropy, head_weight
 from .cache import Intermediates, KVCache, StaticKVCache
 from .checks import check_context, check_finite
 from .decoding import GenerationConfig, _static_len, compiled_decoder, decode_step, left_pad, prefill
@@ -40,10 +41,14 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
     """Next-token training loss and generation for a causal ``TransformerWrapper``."""
 
     def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0, mask_prob: float = 0.0,
-                 **upstream):
+                 fused_loss: bool = True, **upstream):
         """``mask_prob``: in the loss, hide that fraction of each row's tokens from self-attention
         (upstream's "autoregressive + MLM" of 2210.13432: ``int(n * mask_prob)`` random keys per row,
-        never the first, are masked for every query; positions do not move). Upstream's other
+        never the first, are masked for every query; positions do not move). ``fused_loss``: where
+        the head is one plain linear map (or the tied embedding), the loss is computed from the
+        hidden states with :func:`~x_transformers.loss.chunked_cross_entropy` and the (b, n, vocab)
+        logits are never built (same value and gradients as ``F.cross_entropy``; False: always the
+        plain loss on the logits, e.g. for double backward). Upstream's other
         keywords (``add_attn_z_loss``, ``next_embed_loss_weight``, ``looped_*``) belong to features
         absent here: accepted at their defaults, refused otherwise."""
         super().__init__()
@@ -66,6 +71,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         self.ignore_index = ignore_index
         self.pad_value = pad_value
         self.mask_prob = float(mask_prob)
+        self.fused_loss = bool(fused_loss)
 
     def kv_mask(self, x: Tensor) -> Tensor:
         """(b, n) -> the keys self-attention may see (True) under ``mask_prob``: per row exactly
@@ -98,10 +104,26 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             hidden = self.kv_mask(x)[:, :-1]
             given = kwargs.pop("self_attn_kv_mask", None)
             kwargs["self_attn_kv_mask"] = hidden if given is None else hidden & given
+        weight = None if return_outputs or any(k.startswith("return_") for k in kwargs) else self._fused_weight()
+        if weight is not None:  # the head's product and the loss in one pass, chunk by chunk
+            hidden = self.net(inp, inp_mask, return_embeddings=True, **kwargs)  # (b, n-1, d)
+            if self.net.logits_scale != 1.0:  # the forward scales the hidden states before its head
+                hidden = hidden * self.net.logits_scale
+            return chunked_cross_entropy(hidden, weight, target, ignore_index=self.ignore_index)
         out = self.net(inp, inp_mask, return_intermediates=return_outputs, **kwargs)
         logits, inter = out if return_outputs else (out, None)
         loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
         return (loss, (logits, inter)) if return_outputs else loss
+
+    def _fused_weight(self) -> Tensor | None:
+        return head_weight(self.net) if self.fused_loss else None
+        head = net.to_logits
+        if head is not None and not (type(head) is nn.Linear and head.bias is None):
+            return None
+        try:
+            return net.logits_weight
+        except ValueError:
+            return None
 
     # ------------------------------------------------------------------------------------------
     # generation

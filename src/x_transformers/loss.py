@@ -156,4 +156,20 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ig
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, ignore_index, rows, compute_dtype)
 
 
-__all__ = ["chunked_cross_entropy"]
+def head_weight(net) -> Tensor | None:
+    """A TransformerWrapper's (vocab, dim) head weight when its logits are exactly
+    ``hidden_states @ weight.T`` (times ``logits_scale``), so the loss can be fused with the head;
+    None where they are more than that (a custom or biased head, several heads, a mixture of
+    softmaxes, sigsoftmax, a squeezed last dimension, no head): then the plain loss on the logits."""
+    if net.cfg.squeeze_out_last_dim:
+        return None
+    head = net.to_logits
+    if head is not None and not (type(head) is torch.nn.Linear and head.bias is None):
+        return None
+    try:
+        return net.logits_weight
+    except ValueError:
+        return None
+
+
+__all__ = ["chunked_cross_entropy", "head_weight"]

@@ -136,8 +136,10 @@ class TransformerWrapper(Pretrained, nn.Module):
         :func:`x_transformers.loss.chunked_cross_entropy`, which never builds the full logits."""
         if self.cfg.return_only_embed:
             raise ValueError("this wrapper has no output head (return_only_embed=True)")
-        for key in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits"):
-            if getattr(self.cfg, key) not in (False, 1):
+        other = {"num_output_heads": self.cfg.num_output_heads != 1, "mixture_of_softmax": self.cfg.mixture_of_softmax,
+                 "sigsoftmax_logits": self.cfg.sigsoftmax_logits}  # (True == 1: no membership test on these)
+        for key, on in other.items():
+            if on:
                 raise ValueError(f"logits_weight: with {key} the logits are not hidden states times one weight")
         return self.to_logits.weight if self.to_logits is not None else self.token_emb.weight
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import warn_nonfinite
-from ..loss import chunked_cross_entropy
+from ..loss import chunked_cross_entropy, head_weight
 from . import checkpoint as ckpt_io
 from .config import CUDAGRAPH_MODES, CLIError, TrainConfig
 from .data import BOS, TaskData, bits_per_byte, load_data
@@ -50,17 +50,19 @@ def _has_dropout(model) -> bool:
 def lm_loss(model, head, inputs: list, target: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy. ``model`` is what runs the forward (maybe DDP / FSDP /
     compiled), ``head`` the plain module whose output head it uses. A decoder's loss is fused with
-    its head (:func:`~x_transformers.loss.chunked_cross_entropy`: the (tokens, vocab) logits are
-    never built); the encoder-decoder goes through its logits."""
+    its head where that is one weight (:func:`~x_transformers.loss.head_weight`;
+    :func:`~x_transformers.loss.chunked_cross_entropy`: the (tokens, vocab) logits are never
+    built); other heads and the encoder-decoder go through the logits."""
     from ..wrappers import TransformerWrapper
 
-    if isinstance(head, TransformerWrapper):
+    weight = head_weight(head) if isinstance(head, TransformerWrapper) else None
+    if weight is not None:
         hidden = model(*inputs, return_embeddings=True)  # (b, n, d); memory tokens already removed
         if head.logits_scale != 1.0:  # the forward scales the hidden states before its head
             hidden = hidden * head.logits_scale
         # under FSDP the root keeps its parameters gathered after forward (its reshard_after_forward
         # is off), so this is the full (vocab, d) weight and its gradient is reduced with the rest
-        return chunked_cross_entropy(hidden, head.logits_weight, target)
+        return chunked_cross_entropy(hidden, weight, target)
     logits = model(*inputs)
     return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
 
