@@ -16,6 +16,8 @@ matrix-product peak measured on the same card in the same run.
     ... --features all --feature-modes eager,compiled      # feature rows against the plain model
     ... --budget-s 540   # skip rows that would not end in time (a device call has 10 minutes)
     ... --loss plain  # ours with F.cross_entropy on full float32 logits (default: fused chunked loss)
+    ... --loss wrapper --modes eager,model   # the user's path, both packages: AutoregressiveWrapper(lm)(x),
+                                             # eager and torch.compile(wrapper)
     ... --pypi DIR   # a folder holding PyPI x-transformers (pip install --target DIR x-transformers)
 
 The PyPI package shares our import name, so it runs in a child process whose PYTHONPATH is only
@@ -91,23 +93,30 @@ def build(impl, name, quick, extra_layers=None, extra_wrapper=None, loss="plain"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     if kind == "lm":
+        n_pos = n + 1 if loss == "wrapper" else n  # PyPI's wrapper embeds all n + 1 tokens, then shifts
         if impl == "pypi":
             pk = {k: v_ for k, v_ in lk.items() if k != "ff_activation"}
             if lk.get("ff_activation") == "swish":
                 pk["ff_swish"] = True
-            model = xt.TransformerWrapper(num_tokens=v, max_seq_len=n, attn_layers=xt.Decoder(
+            model = xt.TransformerWrapper(num_tokens=v, max_seq_len=n_pos, attn_layers=xt.Decoder(
                 dim=d, depth=L, heads=h, attn_flash=True, **pk), **wk)
         else:
-            model = xt.TransformerWrapper(num_tokens=v, max_seq_len=n, attn_layers=xt.Decoder(dim=d, depth=L, heads=h, **lk), **wk)
+            model = xt.TransformerWrapper(num_tokens=v, max_seq_len=n_pos, attn_layers=xt.Decoder(
+                dim=d, depth=L, heads=h, **lk), **wk)
         x = torch.randint(0, v, (b, n + 1), generator=g).to(dev)
+        lm = model
+        if loss == "wrapper":  # the user's path: loss = AutoregressiveWrapper(lm)(x), eager or compiled whole
+            model = xt.AutoregressiveWrapper(lm)
 
         def loss_fn(m):
+            if loss == "wrapper":
+                return m(x)
             if loss == "fused":
                 hidden = m(x[:, :-1], return_embeddings=True)
-                return chunked_cross_entropy(hidden, model.logits_weight, x[:, 1:], chunk_size=chunk_size)
+                return chunked_cross_entropy(hidden, lm.logits_weight, x[:, 1:], chunk_size=chunk_size)
             logits = m(x[:, :-1])
             return F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
-        emb = v * d * (1 if model.to_logits is None else 2) + (n * d if getattr(model, "pos_emb", None) is not None else 0)
+        emb = v * d * (1 if lm.to_logits is None else 2) + (n_pos * d if getattr(lm, "pos_emb", None) is not None else 0)
     else:
         src = torch.randint(0, v, (b, n), generator=g).to(dev)
         tgt = torch.randint(0, v, (b, n + 1), generator=g).to(dev)
@@ -198,7 +207,7 @@ def run_pypi(args, peak) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pypi.json"
         cmd = [sys.executable, __file__, "--impl", "pypi", "--out", str(out), "--peak", str(peak or 0),
-               "--shapes", args.shapes, "--pypi-modes", args.pypi_modes] + (["--quick"] if args.quick else [])
+               "--shapes", args.shapes, "--pypi-modes", args.pypi_modes, "--loss", args.loss] + (["--quick"] if args.quick else [])
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["PYTHONPATH"] = args.pypi
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -213,8 +222,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="small shapes (CPU)")
     p.add_argument("--shapes", default="gpt2,llama,seed")
     p.add_argument("--modes", default="eager,compiled,cudagraphs", help=f"our modes, from {sorted(COMPILE_MODES)}")
-    p.add_argument("--loss", default="fused", choices=["fused", "plain"],
-                   help="our loss: chunked_cross_entropy on hidden states (fused) or F.cross_entropy on logits")
+    p.add_argument("--loss", default="fused", choices=["fused", "plain", "wrapper"],
+                   help="our loss: chunked_cross_entropy on hidden states (fused), F.cross_entropy on logits "
+                        "(plain), or the user's path, AutoregressiveWrapper(lm)(x) for both packages (wrapper; "
+                        "mode 'model' is then torch.compile of the wrapper)")
     p.add_argument("--loss-chunk", type=int, default=None, help="tokens per chunk of the fused loss (default: auto)")
     p.add_argument("--pypi-modes", default="gpt2:eager,gpt2:model,gpt2:compiled,llama:eager,seed:eager",
                    help="PyPI rows as shape:mode; 'model' is torch.compile(model) as in ANCHORS.md")
@@ -234,7 +245,9 @@ def main():
         for item in args.pypi_modes.split(","):
             name, mode = item.split(":")
             if name in shapes:
-                rows.append(measure("pypi", name, args.quick, mode, args.peak or None))
+                # PyPI has no fused loss: its rows are the plain loss, or its own AutoregressiveWrapper
+                loss = "wrapper" if args.loss == "wrapper" and SHAPES[name][0] == "lm" else "plain"
+                rows.append(measure("pypi", name, args.quick, mode, args.peak or None, loss=loss))
                 print(rows[-1], flush=True)
         Path(args.out).write_text(json.dumps(rows))
         return
