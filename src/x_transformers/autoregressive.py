@@ -104,12 +104,13 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             hidden = self.kv_mask(x)[:, :-1]
             given = kwargs.pop("self_attn_kv_mask", None)
             kwargs["self_attn_kv_mask"] = hidden if given is None else hidden & given
-        weight = None if return_outputs or any(k.startswith("return_") for k in kwargs) else self._fused_weight()
-        if weight is not None:  # the head's product and the loss in one pass, chunk by chunk
+        fused = not return_outputs and not any(k.startswith("return_") for k in kwargs) and self._fused_weight() is not None
+        if fused:  # the head's product and the loss in one pass, chunk by chunk
             hidden = self.net(inp, inp_mask, return_embeddings=True, **kwargs)  # (b, n-1, d)
             if self.net.logits_scale != 1.0:  # the forward scales the hidden states before its head
                 hidden = hidden * self.net.logits_scale
-            return chunked_cross_entropy(hidden, weight, target, ignore_index=self.ignore_index)
+            # the weight is read after the forward: under FSDP that is when it is gathered
+            return chunked_cross_entropy(hidden, self._fused_weight(), target, ignore_index=self.ignore_index)
         out = self.net(inp, inp_mask, return_intermediates=return_outputs, **kwargs)
         logits, inter = out if return_outputs else (out, None)
         loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..checks import warn_nonfinite
@@ -55,14 +56,13 @@ def lm_loss(model, head, inputs: list, target: torch.Tensor) -> torch.Tensor:
     built); other heads and the encoder-decoder go through the logits."""
     from ..wrappers import TransformerWrapper
 
-    weight = head_weight(head) if isinstance(head, TransformerWrapper) else None
-    if weight is not None:
+    if isinstance(head, TransformerWrapper) and head_weight(head) is not None:
         hidden = model(*inputs, return_embeddings=True)  # (b, n, d); memory tokens already removed
         if head.logits_scale != 1.0:  # the forward scales the hidden states before its head
             hidden = hidden * head.logits_scale
         # under FSDP the root keeps its parameters gathered after forward (its reshard_after_forward
         # is off), so this is the full (vocab, d) weight and its gradient is reduced with the rest
-        return chunked_cross_entropy(hidden, weight, target)
+        return chunked_cross_entropy(hidden, head_weight(head), target)  # read after the forward
     logits = model(*inputs)
     return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
 
@@ -176,9 +176,10 @@ class Trainer:
         self.forward_loss = compile_step(self._forward_loss, cfg)
         self.cudagraphs = cfg.compile and cfg.compile_mode in CUDAGRAPH_MODES and env.device.type == "cuda"
         # The compiled step's first losses are checked against the eager forward on the same batch:
-        # on an H200 some compilations of a 1B-shaped step computed a wrong loss and gradients and
-        # training diverged (issue #24, cause not yet found; benchmarks/gpu_train_guard.py). With
-        # dropout the two draw different masks, so there is nothing to compare.
+        # on an H200 some compilations of a 1B-shaped step once computed a wrong loss and gradients
+        # (issue #24: a race in an inductor kernel, guarded by inductor_fix since; the check stays
+        # as a guard against the next such compiler bug). With dropout the two draw different
+        # masks, so there is nothing to compare.
         compiled = self.forward_loss is not self._forward_loss
         self.compile_checks = COMPILE_CHECKS if compiled and not _has_dropout(self.inner) else 0
 
@@ -187,7 +188,10 @@ class Trainer:
             return lm_loss(self.model, self.inner, inputs, target)
 
     # -- one optimizer step ------------------------------------------------------------------
-    def train_step(self) -> dict:
+    def train_step(self, sync: bool = True) -> dict:
+        """One optimizer step -> {"loss", "lr", "tokens", "grad_norm" (with clipping)}. ``sync=False``
+        leaves the loss and norm as device tensors, so the host does not wait for the GPU: the
+        training loop reads them (:meth:`read`) only on the steps it logs."""
         cfg, env = self.cfg, self.env
         self.model.train()
         micro = cfg.batch_size // cfg.grad_accum  # global sequences per micro-step
@@ -213,10 +217,26 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        out = {"loss": env.mean(total.item()), "lr": lr, "tokens": tokens}
+        out = {"loss": total, "lr": lr, "tokens": tokens}
         if norm is not None:
-            out["grad_norm"] = norm.item()
-        return out
+            out["grad_norm"] = norm.detach()
+        return self.read([out])[0] if sync else out
+
+    def read(self, recs: list[dict]) -> list[dict]:
+        """Replace the device tensors of step records by floats: one host sync (and, across
+        processes, one all-reduce of the losses) for all of them."""
+        todo = [(r, k) for r in recs for k in ("loss", "grad_norm") if torch.is_tensor(r.get(k))]
+        if not todo:
+            return recs
+        values = torch.stack([r[k].float() for r, k in todo])
+        is_loss = torch.tensor([k == "loss" for _, k in todo], device=values.device)
+        if self.env.distributed:  # grad norms are already global; losses are each process's own
+            summed = values.masked_fill(~is_loss, 0.0).double()
+            dist.all_reduce(summed)
+            values = torch.where(is_loss, (summed / self.env.world).to(values.dtype), values)
+        for (r, k), v in zip(todo, values.tolist()):
+            r[k] = v
+        return recs
 
     def _check_compiled(self, loss: torch.Tensor, inputs: list, target: torch.Tensor) -> torch.Tensor:
         """The compiled loss if it agrees with the eager forward's; otherwise a warning, the eager
@@ -343,10 +363,14 @@ class Trainer:
         t0, tokens, start_step, started = time.perf_counter(), 0, self.step, time.perf_counter()
         losses = []
         end = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
+        pending = []  # steps not yet read back from the device
         while self.step < end:
-            rec = self.train_step()
+            rec = self.train_step(sync=False)
             tokens += rec.pop("tokens")
-            losses.append(rec["loss"])
+            pending.append(rec)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or self.step == end:
+                losses.extend(r["loss"] for r in self.read(pending))
+                pending = []
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 dt = time.perf_counter() - t0
                 rec["tokens_per_s"] = tokens / max(dt, 1e-9)
@@ -368,6 +392,7 @@ class Trainer:
                 say(f"early stop at step {self.step}: {self.stale} validations without a lower loss than "
                     f"{self.best:.4f} (patience {cfg.patience})")
                 break
+        losses.extend(r["loss"] for r in self.read(pending))  # steps after the last read (an early stop)
         if bar is not None:
             bar.close()
         self.metrics.close()
