@@ -538,10 +538,13 @@ def merge_outputs(dirs: list[Path], out: Path, log=print) -> int:
         sorted({str(m.get("status")) for m in metas}))
     meta["merged_from"] = [str(d) for d in dirs]
     meta["seconds"] = max((m.get("seconds") or 0) for m in metas)
-    experiments = {}
-    for m in metas:
+    experiments: dict = {}
+    for m in metas:  # the first folder's base; every folder's settings and learning rates
         for kind, exp in m.get("experiments", {}).items():
-            experiments.setdefault(kind, exp)
+            merged = experiments.setdefault(kind, {**exp, "settings": [], "lrs": {}})
+            merged["settings"] += [s for s in exp.get("settings", []) if s not in merged["settings"]]
+            for name, lrs in (exp.get("lrs") or {}).items():
+                merged["lrs"][name] = sorted(set(merged["lrs"].get(name, [])) | set(lrs))
     meta["experiments"] = experiments
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
