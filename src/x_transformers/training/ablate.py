@@ -96,6 +96,9 @@ LM_SETTINGS: tuple[Setting, ...] = (
     Setting("rmsnorm", {"use_rmsnorm": True}, "1910.07467", "RMSNorm", ""),
     Setting("post_norm", {"pre_norm": False}, "1706.03762", "Norm placement", "original post-LN"),
     Setting("sandwich_norm", {"sandwich_norm": True}, "2105.13290", "Norm placement", ""),
+    Setting("sandwich_norm_unit_emb", {"sandwich_norm": True, "post_emb_norm": True}, "2105.13290", "Norm placement",
+            "each branch's output is LayerNorm-ed to unit scale: the embeddings too, so the first branch does not "
+            "drown the std-0.02 token embeddings"),
     Setting("rezero", {"use_rezero": True}, "2003.04887", "ReZero", "no norms"),
     Setting("rezero_unit_emb", {"use_rezero": True, "post_emb_norm": True}, "2003.04887", "ReZero",
             "no norms in the stack; the summed embeddings LayerNorm-ed to unit scale, as the paper's "
