@@ -228,3 +228,9 @@ def test_parallel_seed_folders_merge_into_one_table(tmp_path):
     rows = {r["setting"]: r for r in report.summarize(recs, "lm")}
     assert rows["rotary"]["seeds"] == 2 and "val_loss_se" in rows["rotary"]  # judged over both seeds
     assert "| rotary |" in (out / "table.md").read_text()
+
+
+def test_merge_leaves_out_a_folder_without_a_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli("ablate", "--merge", str(tmp_path / "empty"), "--out", tmp_path / "m") == 2
+    assert "holds an ablate run" in capsys.readouterr().err

@@ -531,9 +531,13 @@ def merge_outputs(dirs: list[Path], out: Path, log=print) -> int:
     records, metas = [], []
     for d in dirs:
         if not (d / "runs.jsonl").exists() or not (d / "meta.json").exists():
-            raise CLIError(f"--merge: {d} has no runs.jsonl and meta.json of an ablate run")
+            log(f"note: {d} has no runs.jsonl and meta.json of an ablate run (a process that failed to start?); "
+                f"left out")
+            continue
         records += report.read_records(d / "runs.jsonl")
         metas.append(json.loads((d / "meta.json").read_text()))
+    if not metas:
+        raise CLIError(f"--merge: none of {', '.join(map(str, dirs))} holds an ablate run")
     meta = dict(metas[0])
     meta["seeds"] = sorted({s for m in metas for s in m.get("seeds", [])})
     meta["skipped"] = [s for m in metas for s in m.get("skipped", [])]
