@@ -64,6 +64,11 @@ def test_settings_change_the_model_they_name(smoke):
     assert by["lm", "swiglu"]["params"] == pytest.approx(by["lm", "baseline"]["params"], rel=0.01)  # matched
     assert by["lm", "macaron"]["params"] == pytest.approx(by["lm", "baseline"]["params"], rel=0.01)  # matched
     assert by["seq2seq", "funnel"]["model"]["enc_depths"] == [1, 1]
+    # issue 26: the paper-setting rows
+    assert by["lm", "rezero_unit_emb"]["model"] == {**base, "use_rezero": True, "post_emb_norm": True}
+    assert by["lm", "sandwich_norm_unit_emb"]["model"] == {**base, "sandwich_norm": True, "post_emb_norm": True}
+    assert by["lm", "sandwich_coef_quarter"]["model"]["sandwich_coef"] == 1  # depth 2 // 4, at least 1
+    assert by["seq2seq", "memory_tokens"]["model"]["enc_num_memory_tokens"] == 10
 
 
 def test_a_positional_setting_replaces_the_base_scheme():
@@ -234,3 +239,22 @@ def test_merge_leaves_out_a_folder_without_a_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli("ablate", "--merge", str(tmp_path / "empty"), "--out", tmp_path / "m") == 2
     assert "holds an ablate run" in capsys.readouterr().err
+
+
+def test_rezero_unit_emb_starts_the_norm_free_stream_at_unit_scale():
+    """ReZero's stack is the identity at init and has no norm, so the hidden states it hands to the
+    head are the embeddings: std 0.02 by default (the `rezero` row), unit scale with post_emb_norm
+    (the `rezero_unit_emb` row, the paper's embedding scale)."""
+    import torch
+
+    from x_transformers import Decoder, TransformerWrapper
+
+    x = torch.randint(0, 256, (2, 32))
+    stds = {}
+    for post in (False, True):
+        torch.manual_seed(0)
+        net = TransformerWrapper(num_tokens=256, max_seq_len=32, post_emb_norm=post,
+                                 attn_layers=Decoder(dim=64, depth=2, heads=4, use_rezero=True))
+        stds[post] = net(x, return_embeddings=True).std(-1).mean().item()
+    assert 0.02 < stds[False] < 0.04  # token (0.02) + position (0.02) tables summed
+    assert abs(stds[True] - 1.0) < 0.02
