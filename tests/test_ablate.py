@@ -64,6 +64,11 @@ def test_settings_change_the_model_they_name(smoke):
     assert by["lm", "swiglu"]["params"] == pytest.approx(by["lm", "baseline"]["params"], rel=0.01)  # matched
     assert by["lm", "macaron"]["params"] == pytest.approx(by["lm", "baseline"]["params"], rel=0.01)  # matched
     assert by["seq2seq", "funnel"]["model"]["enc_depths"] == [1, 1]
+    # issue 26: the paper-setting rows
+    assert by["lm", "rezero_unit_emb"]["model"] == {**base, "use_rezero": True, "post_emb_norm": True}
+    assert by["lm", "sandwich_norm_unit_emb"]["model"] == {**base, "sandwich_norm": True, "post_emb_norm": True}
+    assert by["lm", "sandwich_coef_quarter"]["model"]["sandwich_coef"] == 1  # depth 2 // 4, at least 1
+    assert by["seq2seq", "memory_tokens"]["model"]["enc_num_memory_tokens"] == 10
 
 
 def test_a_positional_setting_replaces_the_base_scheme():
@@ -147,3 +152,109 @@ def test_evidence_fills_every_features_section(smoke, tmp_path):
     # idempotent: a second update replaces the lines instead of adding more
     report.update_features(docs / "features.md", lines)
     assert (docs / "features.md").read_text() == text
+
+
+# ----------------------------------------------------------------------------------------------
+# learning-rate sweep (issue 26): every setting at each lr, reported at its best
+
+
+def lr_rec(setting, seed, loss, lr, status="ok", kind="lm", em=None):
+    r = rec(setting, seed, loss, em)
+    r.update(kind=kind, lr=lr, status=status)
+    if status != "ok":
+        r.pop("val_loss")
+        r["error"] = "non-finite training loss at step 3"
+    return r
+
+
+def test_each_setting_is_reported_at_its_best_lr_and_compared_best_with_best():
+    sweep = {"baseline": {1e-3: (1.30, 1.32, 1.34), 2e-3: (1.20, 1.21, 1.22), 4e-3: (1.25, 1.25, 1.25)},
+             "rezero": {1e-3: (1.10, 1.12, 1.14), 2e-3: (1.50, 1.50, 1.50), 4e-3: None}}  # None: diverged
+    recs = []
+    for name, by_lr in sweep.items():
+        for lr, losses in by_lr.items():
+            for seed in range(3):
+                recs.append(lr_rec(name, seed, None if losses is None else losses[seed], lr,
+                                   status="ok" if losses else "diverged"))
+    recs.append(lr_rec("rezero", 0, 0.2, 8e-3))  # one seed only (a time limit): never chosen
+    rows = {r["setting"]: r for r in report.summarize(recs, "lm")}
+    base, rz = rows["baseline"], rows["rezero"]
+    assert base["lr"] == 2e-3 and rz["lr"] == 1e-3
+    assert base["val_loss"] == pytest.approx(1.21) and rz["val_loss"] == pytest.approx(1.12)
+    assert rz["val_loss_diff"] == pytest.approx(1.12 - 1.21)  # best with best
+    assert rz["val_loss_se"] == pytest.approx(math.sqrt(0.02 ** 2 / 3 + 0.01 ** 2 / 3))
+    assert rz["seeds"] == 3 and rz["failures"] == []  # the diverged lr is not the row's failure
+    assert rz["lr_info"][4e-3] == (None, 0, 3) and rz["lr_info"][8e-3] == (0.2, 1, 1)
+    md = report.markdown(recs, {}, "lm")
+    line = next(x for x in md.splitlines() if x.startswith("| rezero |"))
+    assert "**0.001** (loss by lr: 0.001: 1.120; 0.002: 1.500; 0.004: failed (0/3 ok); " in line
+    assert "0.008: 0.200 (1 seeds: not compared)" in line and "-0.0900" in line
+    # the curves use the same choice
+    kept = report.at_best_lr(recs)
+    assert {(r["setting"], r["lr"]) for r in kept} == {("baseline", 2e-3), ("rezero", 1e-3)}
+
+
+def test_seq2seq_best_lr_is_the_highest_exact_match_then_the_lowest_loss():
+    recs = [lr_rec("baseline", s, 0.5, 1e-3, kind="seq2seq", em=0.6) for s in range(2)]
+    recs += [lr_rec("baseline", s, 0.9, 2e-3, kind="seq2seq", em=0.8) for s in range(2)]
+    recs += [lr_rec("baseline", s, 0.4, 4e-3, kind="seq2seq", em=0.8) for s in range(2)]
+    (row,) = report.summarize(recs, "seq2seq")
+    assert row["lr"] == 4e-3 and row["val_exact_match"] == pytest.approx(0.8) and row["val_loss"] == 0.4
+
+
+def test_cli_lr_sweep_depth_and_a_setting_lr(tmp_path):
+    out = tmp_path / "s"
+    assert cli("ablate", "--out", out, "--seeds", 1, "--experiments", "lm", "--settings", "rezero,rotary",
+               "--lrs", "1e-3,3e-3", "--lr-for", "rotary=5e-3", "--depth", 3, *MICRO_LM) == 0
+    got = sorted((r["setting"], r["lr"]) for r in records(out))
+    assert got == [("baseline", 1e-3), ("baseline", 3e-3), ("rezero", 1e-3), ("rezero", 3e-3), ("rotary", 5e-3)]
+    assert all(r["model"]["depth"] == 3 and r["status"] == "ok" for r in records(out))
+    table = (out / "table.md").read_text()
+    assert "lr sweep 0.001, 0.003, 0.005" in table and "(loss by lr: 0.001: " in table
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["experiments"]["lm"]["lrs"] == {"baseline": [1e-3, 3e-3], "rezero": [1e-3, 3e-3], "rotary": [5e-3]}
+    assert cli("ablate", "--out", tmp_path / "bad", "--lrs", "1e-3,x") == 2
+    assert cli("ablate", "--out", tmp_path / "bad", "--experiments", "lm", "--settings", "rotary",
+               "--lr-for", "alibi=1e-3") == 2
+
+
+def test_parallel_seed_folders_merge_into_one_table(tmp_path):
+    parts = []
+    for seed in (0, 1):
+        parts.append(tmp_path / f"seed{seed}")
+        assert cli("ablate", "--out", parts[-1], "--seeds", 1, "--first-seed", seed, "--experiments", "lm",
+                   "--settings", "rotary", "--lrs", "1e-3,2e-3", *MICRO_LM) == 0
+    out = tmp_path / "all"
+    assert cli("ablate", "--merge", ",".join(map(str, parts)), "--out", out) == 0
+    recs = records(out)
+    assert len(recs) == 8 and {r["seed"] for r in recs} == {0, 1}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["seeds"] == [0, 1] and meta["status"] == "complete"
+    rows = {r["setting"]: r for r in report.summarize(recs, "lm")}
+    assert rows["rotary"]["seeds"] == 2 and "val_loss_se" in rows["rotary"]  # judged over both seeds
+    assert "| rotary |" in (out / "table.md").read_text()
+
+
+def test_merge_leaves_out_a_folder_without_a_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli("ablate", "--merge", str(tmp_path / "empty"), "--out", tmp_path / "m") == 2
+    assert "holds an ablate run" in capsys.readouterr().err
+
+
+def test_rezero_unit_emb_starts_the_norm_free_stream_at_unit_scale():
+    """ReZero's stack is the identity at init and has no norm, so the hidden states it hands to the
+    head are the embeddings: std 0.02 by default (the `rezero` row), unit scale with post_emb_norm
+    (the `rezero_unit_emb` row, the paper's embedding scale)."""
+    import torch
+
+    from x_transformers import Decoder, TransformerWrapper
+
+    x = torch.randint(0, 256, (2, 32))
+    stds = {}
+    for post in (False, True):
+        torch.manual_seed(0)
+        net = TransformerWrapper(num_tokens=256, max_seq_len=32, post_emb_norm=post,
+                                 attn_layers=Decoder(dim=64, depth=2, heads=4, use_rezero=True))
+        stds[post] = net(x, return_embeddings=True).std(-1).mean().item()
+    assert 0.02 < stds[False] < 0.04  # token (0.02) + position (0.02) tables summed
+    assert abs(stds[True] - 1.0) < 0.02

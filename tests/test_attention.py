@@ -633,3 +633,21 @@ def test_sparse_topk_keeps_near_ties_so_cached_decoding_equals_the_full_forward(
         cache = KVCache()
         steps = [net(x[:, :3], cache=cache)] + [net(x[:, t:t + 1], cache=cache) for t in range(3, 8)]
         torch.testing.assert_close(torch.cat(steps, dim=1), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_topk_keeps_exactly_k_in_bfloat16():
+    """1912.11637 keeps the k largest scores of each query. The near-tie slack (above) is a few
+    float32 rounding errors, not a few of the score dtype's: under bf16 autocast (the GPU default)
+    16 bf16 epsilons of a score near 10 are 1.3, which kept every score within 1.3 of the k-th."""
+    from x_transformers.attend import attend
+
+    scores = torch.tensor([10.0, 9.5, 9.0, 8.5, 8.0, 7.0, 1.0, 0.0])
+    q = torch.ones(1, 1, 1, 1, dtype=torch.bfloat16)
+    k = scores.to(torch.bfloat16).view(1, 1, 8, 1)
+    v = torch.eye(8, dtype=torch.bfloat16).view(1, 1, 8, 8)
+    _, w = attend(q, k, v, scale=1.0, sparse_topk=2, need_weights=True)
+    w = w.float().view(8)
+    assert (w > 0).sum() == 2
+    expected = torch.zeros(8)
+    expected[:2] = torch.softmax(scores[:2], dim=0)
+    torch.testing.assert_close(w, expected, atol=1e-2, rtol=0)

@@ -60,6 +60,7 @@ class Setting:
     paper: str = ""
     section: str = ""
     notes: str = ""
+    lrs: tuple[float, ...] = ()  # this setting's own learning rates (default: the sweep's, --lrs)
 
 
 def _half_heads(c):
@@ -95,7 +96,13 @@ LM_SETTINGS: tuple[Setting, ...] = (
     Setting("rmsnorm", {"use_rmsnorm": True}, "1910.07467", "RMSNorm", ""),
     Setting("post_norm", {"pre_norm": False}, "1706.03762", "Norm placement", "original post-LN"),
     Setting("sandwich_norm", {"sandwich_norm": True}, "2105.13290", "Norm placement", ""),
+    Setting("sandwich_norm_unit_emb", {"sandwich_norm": True, "post_emb_norm": True}, "2105.13290", "Norm placement",
+            "each branch's output is LayerNorm-ed to unit scale: the embeddings too, so the first branch does not "
+            "drown the std-0.02 token embeddings"),
     Setting("rezero", {"use_rezero": True}, "2003.04887", "ReZero", "no norms"),
+    Setting("rezero_unit_emb", {"use_rezero": True, "post_emb_norm": True}, "2003.04887", "ReZero",
+            "no norms in the stack; the summed embeddings LayerNorm-ed to unit scale, as the paper's "
+            "sqrt(d)-scaled embeddings (ours start at std 0.02)"),
     Setting("geglu", {"ff_glu": True, "ff_activation": "gelu", "ff_mult": 8 / 3}, "2002.05202", "GLU feed-forwards",
             "ff_mult=8/3 to match the FF weights, as the paper"),
     Setting("swiglu", {"ff_glu": True, "ff_activation": "swish", "ff_mult": 8 / 3}, "2002.05202",
@@ -104,6 +111,8 @@ LM_SETTINGS: tuple[Setting, ...] = (
             "ff_mult=2: two half-size FFs per layer, matched"),
     Setting("sandwich_coef", {"sandwich_coef": lambda c: max(1, c["depth"] // 2)}, "1911.03864",
             "Sandwich transformer", "k = depth/2; " + MATCHED),
+    Setting("sandwich_coef_quarter", {"sandwich_coef": lambda c: max(1, c["depth"] // 4)}, "1911.03864",
+            "Sandwich transformer", "k = depth/4 (the paper's best k is 6 of 16 on WikiText-103); " + MATCHED),
     Setting("top_attn_to_ff", {"top_attn_to_ff": 1}, "2005.13895", "Feed-forwards in place of the top",
             "top layer's attention -> FF"),
     Setting("reversible", {"reversible": True}, "2001.04451", "Reversible layers", MATCHED),
@@ -133,6 +142,8 @@ SEQ2SEQ_SETTINGS: tuple[Setting, ...] = (
     Setting("tupe_encoder", {"enc_tupe": True, "enc_tupe_max_seq_len": _same_len}, "2006.15595", "TUPE",
             "encoder TUPE, decoder keeps the learned table"),
     Setting("no_positions", {"use_abs_pos_emb": False}, "1706.03762", "Absolute positions", "both sides"),
+    Setting("memory_tokens", {"enc_num_memory_tokens": 10}, "2006.11527", "Memory tokens",
+            "10 memory tokens in the encoder, the paper's MemTransformer placement"),
 )
 
 EXPERIMENTS = {"lm": ("ablate", LM_SETTINGS), "seq2seq": ("ablate-seq2seq", SEQ2SEQ_SETTINGS)}
@@ -221,12 +232,14 @@ def _make_trainer(cfg: TrainConfig, train_data, val_data, env):
     return AblationTrainer()
 
 
-def run_one(kind: str, setting: Setting, base: TrainConfig, data, env, seed: int) -> dict:
-    """Train one (setting, seed) for ``base.max_steps`` steps; a failure is recorded, not raised."""
+def run_one(kind: str, setting: Setting, base: TrainConfig, data, env, seed: int, lr: float | None = None) -> dict:
+    """Train one (setting, seed) at learning rate ``lr`` (default the base's) for ``base.max_steps``
+    steps; a failure is recorded, not raised."""
     import torch
 
-    cfg = dataclasses.replace(base, seed=seed, sample_tokens=1)
-    rec: dict[str, Any] = dict(kind=kind, setting=setting.name, seed=seed, paper=setting.paper,
+    lr = base.lr if lr is None else lr
+    cfg = dataclasses.replace(base, seed=seed, sample_tokens=1, lr=lr)
+    rec: dict[str, Any] = dict(kind=kind, setting=setting.name, seed=seed, lr=lr, paper=setting.paper,
                                section=setting.section, notes=setting.notes, status="ok")
     train_data = copy.copy(data)
     train_data.seed = seed  # this seed's data order; validation stays on the base seed's batches
@@ -314,10 +327,19 @@ class Sweep:
     time_limit: float | None = None
     meta: dict = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
+    lrs: list[float] | None = None  # the learning-rate sweep (default: the base's lr alone)
+    setting_lrs: dict[str, list[float]] = field(default_factory=dict)  # --lr-for NAME=LR,...: one setting's own
 
-    def plan(self) -> list[tuple[int, str, Setting]]:
-        # seed-major: a time limit leaves every setting with the same seeds
-        return [(seed, kind, s) for seed in self.seeds for kind in self.settings for s in self.settings[kind]]
+    def lrs_of(self, kind: str, setting: Setting) -> list[float]:
+        """A setting's learning rates: --lr-for, else its own, else the sweep's, else the base's."""
+        if setting.name in self.setting_lrs:
+            return list(self.setting_lrs[setting.name])
+        return list(setting.lrs or self.lrs or [self.bases[kind].lr])
+
+    def plan(self) -> list[tuple[int, str, Setting, float]]:
+        # seed-major: a time limit leaves every setting (at every learning rate) with the same seeds
+        return [(seed, kind, s, lr) for seed in self.seeds for kind in self.settings for s in self.settings[kind]
+                for lr in self.lrs_of(kind, s)]
 
     def run(self, log=print) -> list[dict]:
         import torch
@@ -335,22 +357,23 @@ class Sweep:
             seeds=self.seeds, status="running", time_limit_s=self.time_limit, skipped=[],
             experiments={kind: dict(base=cfg.to_dict(), data=data[kind].describe(),
                                     tokens_per_run=cfg.max_steps * cfg.batch_size * cfg.seq_len,
-                                    settings=[s.name for s in self.settings[kind]])
+                                    settings=[s.name for s in self.settings[kind]],
+                                    lrs={s.name: self.lrs_of(kind, s) for s in self.settings[kind]})
                          for kind, cfg in self.bases.items()})
         self.out.mkdir(parents=True, exist_ok=True)
         self._write_meta()
         plan = self.plan()
         started = time.perf_counter()
-        last: dict[tuple[str, str], float] = {}
+        last: dict[tuple[str, str, float], float] = {}
         with open(self.out / "runs.jsonl", "a") as jsonl:
-            for i, (seed, kind, setting) in enumerate(plan):
+            for i, (seed, kind, setting, lr) in enumerate(plan):
                 elapsed = time.perf_counter() - started
-                guess = last.get((kind, setting.name), 0.0)
+                guess = last.get((kind, setting.name, lr), 0.0)
                 if self.time_limit and elapsed + guess > self.time_limit:
-                    self.meta["skipped"].append(f"{kind}/{setting.name}/seed{seed}")
+                    self.meta["skipped"].append(f"{kind}/{setting.name}/seed{seed}/lr{lr:g}")
                     continue
-                rec = run_one(kind, setting, self.bases[kind], data[kind], env, seed)
-                last[(kind, setting.name)] = rec["seconds"]
+                rec = run_one(kind, setting, self.bases[kind], data[kind], env, seed, lr)
+                last[(kind, setting.name, lr)] = rec["seconds"]
                 self.records.append(rec)
                 jsonl.write(json.dumps(rec) + "\n")
                 jsonl.flush()
@@ -381,7 +404,7 @@ class Sweep:
 
 
 def _describe(rec: dict) -> str:
-    head = f"{rec['kind']} {rec['setting']} seed {rec['seed']}: "
+    head = f"{rec['kind']} {rec['setting']} seed {rec['seed']} lr {rec.get('lr', 0):g}: "
     if rec["status"] == "error":
         return head + f"ERROR {rec['error']}"
     if rec["status"] == "diverged":
@@ -404,6 +427,13 @@ def _arguments(p):
     p.add_argument("--first-seed", type=int, default=0,
                    help="index of the first seed (to finish a sweep a time limit cut: --first-seed 2 --seeds 1)")
     p.add_argument("--tokens", type=float, help="training tokens per LM run (sets max_steps; default the preset's)")
+    p.add_argument("--lrs", help="learning-rate sweep, e.g. 1e-3,2e-3,4e-3: every setting runs at each; the tables "
+                                 "report each setting at its best (default: the base's lr alone)")
+    p.add_argument("--lr-for", dest="lr_for", action="append", default=[], metavar="NAME=LR[,LR...]",
+                   help="one setting's own learning rate(s), in place of the sweep (repeatable)")
+    p.add_argument("--depth", type=int, help="the LM base's depth (e.g. 12 for ReZero's deep comparison)")
+    p.add_argument("--merge", help="comma-separated output folders of parallel ablate runs (e.g. one a seed): "
+                                   "write their records together into --out, tables and figures, and exit")
     p.add_argument("--task-preset", default="ablate-seq2seq", help="base of the seq2seq experiment")
     p.add_argument("--task-set", dest="task_sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a config key of the seq2seq base, e.g. --task-set task=sort --task-set max_steps=100")
@@ -418,6 +448,8 @@ def run_ablate(args) -> int:
     for k in kinds:
         if k not in EXPERIMENTS:
             raise CLIError(f"unknown experiment {k!r}; choose from {', '.join(EXPERIMENTS)}")
+    if args.merge:
+        return merge_outputs([Path(d) for d in args.merge.split(",") if d.strip()], _fresh_out(args))
     settings = select(args.settings, kinds)
     if args.list:
         for kind in kinds:
@@ -427,17 +459,24 @@ def run_ablate(args) -> int:
         return 0
     if args.seeds < 1:
         raise CLIError(f"--seeds must be at least 1, got {args.seeds}")
+    lrs = _floats(args.lrs, "--lrs") if args.lrs else None
+    setting_lrs = {}
+    for item in args.lr_for:
+        name, _, values = item.partition("=")
+        if name.strip() not in {s.name for k in kinds for s in settings[k]}:
+            raise CLIError(f"--lr-for {item!r}: no setting {name.strip()!r} in this sweep")
+        setting_lrs[name.strip()] = _floats(values, f"--lr-for {name.strip()}")
+    out = _fresh_out(args)
     sets = config_overrides(args)
-    out = sets.pop("out", None)
-    if out is None:
-        raise CLIError("give the output folder: --out DIR")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise CLIError(f"output folder {out} already exists and is not empty; choose another --out")
+    sets.pop("out", None)
     sets.setdefault("progress", False)
     bases = {}
     if "lm" in kinds:
         bases["lm"] = load_config(args.preset or EXPERIMENTS["lm"][0], args.config, sets)
+        if args.depth is not None:
+            if args.depth < 1:
+                raise CLIError(f"--depth must be at least 1, got {args.depth}")
+            bases["lm"].model = {**bases["lm"].model, "depth": args.depth}
         if args.tokens is not None:
             cfg = bases["lm"]
             cfg.max_steps = max(1, math.ceil(args.tokens / (cfg.batch_size * cfg.seq_len)))
@@ -452,14 +491,78 @@ def run_ablate(args) -> int:
             raise CLIError(f"the {kind} experiment needs arch {'xtransformer' if kind == 'seq2seq' else 'decoder'}, "
                            f"its base has arch {cfg.arch}")
     base_seed = next(iter(bases.values())).seed
-    sweep = Sweep(out, bases, settings, [base_seed + args.first_seed + i for i in range(args.seeds)], args.time_limit)
-    n = sum(len(v) for v in settings.values()) * args.seeds
-    print(f"ablate: {n} runs ({', '.join(f'{len(settings[k])} {k} settings' for k in kinds)}, {args.seeds} seeds) "
-          f"-> {out}")
+    sweep = Sweep(out, bases, settings, [base_seed + args.first_seed + i for i in range(args.seeds)], args.time_limit,
+                  lrs=lrs, setting_lrs=setting_lrs)
+    n = len(sweep.plan())
+    print(f"ablate: {n} runs ({', '.join(f'{len(settings[k])} {k} settings' for k in kinds)}, {args.seeds} seeds"
+          f"{', lrs ' + ','.join(f'{x:g}' for x in lrs) if lrs else ''}) -> {out}")
     records = sweep.run()
     bad = [r for r in records if r["status"] != "ok"]
     print(f"done in {sweep.meta['seconds']:.0f} s: {len(records) - len(bad)} runs ok, {len(bad)} failed or diverged, "
           f"{len(sweep.meta['skipped'])} skipped (time limit); table: {out / 'table.md'}")
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise CLIError(f"{flag} takes positive learning rates, got {text!r}")
+    return values
+
+
+def _fresh_out(args) -> Path:
+    out = config_overrides(args).get("out")  # --out, or --set out=DIR
+    if out is None:
+        raise CLIError("give the output folder: --out DIR")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise CLIError(f"output folder {out} already exists and is not empty; choose another --out")
+    return out
+
+
+def merge_outputs(dirs: list[Path], out: Path, log=print) -> int:
+    """Write the records of several ablate output folders (parallel processes, e.g. one a seed) into
+    ``out``: runs.jsonl, meta.json (seeds and skipped runs joined), the tables and figures."""
+    from . import ablate_report as report
+
+    records, metas = [], []
+    for d in dirs:
+        if not (d / "runs.jsonl").exists() or not (d / "meta.json").exists():
+            log(f"note: {d} has no runs.jsonl and meta.json of an ablate run (a process that failed to start?); "
+                f"left out")
+            continue
+        records += report.read_records(d / "runs.jsonl")
+        metas.append(json.loads((d / "meta.json").read_text()))
+    if not metas:
+        raise CLIError(f"--merge: none of {', '.join(map(str, dirs))} holds an ablate run")
+    meta = dict(metas[0])
+    meta["seeds"] = sorted({s for m in metas for s in m.get("seeds", [])})
+    meta["skipped"] = [s for m in metas for s in m.get("skipped", [])]
+    meta["status"] = "complete" if all(m.get("status") == "complete" for m in metas) else "; ".join(
+        sorted({str(m.get("status")) for m in metas}))
+    meta["merged_from"] = [str(d) for d in dirs]
+    meta["seconds"] = max((m.get("seconds") or 0) for m in metas)
+    experiments: dict = {}
+    for m in metas:  # the first folder's base; every folder's settings and learning rates
+        for kind, exp in m.get("experiments", {}).items():
+            merged = experiments.setdefault(kind, {**exp, "settings": [], "lrs": {}})
+            merged["settings"] += [s for s in exp.get("settings", []) if s not in merged["settings"]]
+            for name, lrs in (exp.get("lrs") or {}).items():
+                merged["lrs"][name] = sorted(set(merged["lrs"].get(name, [])) | set(lrs))
+    meta["experiments"] = experiments
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    report.write_tables(records, meta, out)
+    try:
+        report.plot_curves(records, out / "loss_curves.png")
+        report.plot_bars(records, out / "bars.png")
+    except Exception as e:  # noqa: BLE001: the numbers matter more than the pictures
+        log(f"note: figures not written: {type(e).__name__}: {e}")
+    log(f"merged {len(records)} runs from {len(dirs)} folders -> {out / 'table.md'}")
     return 0
 
 

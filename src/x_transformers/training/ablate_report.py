@@ -5,6 +5,12 @@ Statistics: per setting, the mean and the sample standard deviation over seeds. 
 the baseline counts as beyond noise when |mean - baseline mean| > 2 x its standard error,
 sqrt(sd^2 / n + sd_base^2 / n_base) (unpaired, so conservative: seeds share the data order with the
 baseline but not the initialisation); with fewer than 2 seeds on either side it is not judged.
+
+Learning-rate sweep (``--lrs``): a setting run at several learning rates is reported at its best one:
+the lowest mean validation loss (seq2seq: the highest mean exact match, then the lowest loss), among
+the learning rates with the most successful seeds (a time limit that cut one lr's seeds leaves it out
+of the choice, so every compared mean has the same seeds). The baseline is chosen the same way, and
+every Δ compares best with best. The table shows the chosen lr and each lr's mean.
 """
 
 from __future__ import annotations
@@ -25,17 +31,67 @@ def _mean_sd(xs: list[float]) -> tuple[float, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
+def _score(recs: list[dict], kind: str) -> tuple:
+    """What the best learning rate minimises: (-mean exact match, mean loss) for seq2seq, mean loss for LM."""
+    loss = sum(r["val_loss"] for r in recs) / len(recs)
+    if kind == "seq2seq":
+        return (-sum(r.get("val_exact_match", 0.0) for r in recs) / len(recs), loss)
+    return (loss,)
+
+
+def best_lr(recs: list[dict], kind: str) -> tuple[float | None, dict]:
+    """One setting's records -> (its best learning rate, {lr: (mean metric, ok seeds, runs)}).
+
+    Candidates are the lrs with the most successful seeds; None when no run succeeded or no run
+    names its lr (a sweep without --lrs)."""
+    groups: dict = {}
+    for r in recs:
+        groups.setdefault(r.get("lr"), []).append(r)
+    info = {}
+    for lr, rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok" and r.get("val_loss") is not None
+              and math.isfinite(r["val_loss"])]
+        metric = None
+        if ok:
+            metric = _score(ok, kind)[0]
+            metric = -metric if kind == "seq2seq" else metric
+        info[lr] = (metric, len(ok), len(rs))
+    most = max((n for _, n, _ in info.values()), default=0)
+    if most == 0:
+        return None, info
+    candidates = [lr for lr, (_, n, _) in info.items() if n == most]
+    best = min(candidates, key=lambda lr: _score([r for r in groups[lr] if r["status"] == "ok"
+                                                  and r.get("val_loss") is not None
+                                                  and math.isfinite(r["val_loss"])], kind))
+    return best, info
+
+
+def at_best_lr(records: list[dict]) -> list[dict]:
+    """The records of each (experiment, setting) at its best learning rate (every record where a
+    setting ran at one lr, or none succeeded)."""
+    by: dict[tuple, list[dict]] = {}
+    for r in records:
+        by.setdefault((r["kind"], r["setting"]), []).append(r)
+    out = []
+    for (kind, _), recs in by.items():
+        best, info = best_lr(recs, kind)
+        out += recs if best is None or len(info) < 2 else [r for r in recs if r.get("lr") == best]
+    return out
+
+
 def summarize(records: list[dict], kind: str) -> list[dict]:
-    """One row per setting of ``kind``: sorted by validation loss (exact match first for seq2seq),
-    failed settings last."""
+    """One row per setting of ``kind`` at its best learning rate: sorted by validation loss (exact
+    match first for seq2seq), failed settings last."""
     by: dict[str, list[dict]] = {}
     for r in records:
         if r["kind"] == kind:
             by.setdefault(r["setting"], []).append(r)
     rows = []
-    for name, recs in by.items():
+    for name, all_recs in by.items():
+        best, lr_info = best_lr(all_recs, kind)
+        recs = all_recs if best is None or len(lr_info) < 2 else [r for r in all_recs if r.get("lr") == best]
         ok = [r for r in recs if r["status"] == "ok"]
-        row = dict(setting=name, paper=recs[0].get("paper", ""), section=recs[0].get("section", ""),
+        row = dict(setting=name, lr=best if best is not None else all_recs[0].get("lr"), lr_info=lr_info, paper=recs[0].get("paper", ""), section=recs[0].get("section", ""),
                    notes=recs[0].get("notes", ""), seeds=len(ok), runs=len(recs),
                    failures=[f"seed {r['seed']}: {r.get('error', r['status'])}" for r in recs if r["status"] != "ok"],
                    params=next((r["params"] for r in recs if "params" in r), None), model=recs[0].get("model"))
@@ -108,8 +164,11 @@ def _header(meta: dict, kind: str) -> list[str]:
         lines.append(f"- task: `{base.get('task', '?')}`, source length {base.get('seq_len', '?')}; exact match of "
                      f"the greedy decode over {base.get('eval_batches', '?')} x {base.get('batch_size', '?')} "
                      f"validation examples")
+    lrs = sorted({x for v in (exp.get("lrs") or {}).values() for x in v})
+    lr_text = (f"lr sweep {', '.join(f'{x:g}' for x in lrs)} (each row at its best lr)" if len(lrs) > 1
+               else f"lr {base.get('lr')}")
     lines.append(f"- budget per run: {exp.get('tokens_per_run', 0):,} training tokens ({base.get('max_steps')} steps "
-                 f"x {base.get('batch_size')} x {base.get('seq_len')}), lr {base.get('lr')}, warmup "
+                 f"x {base.get('batch_size')} x {base.get('seq_len')}), {lr_text}, warmup "
                  f"{base.get('warmup_steps')}, precision {base.get('precision')}; base model `{base.get('model')}` "
                  f"(preset `{base.get('preset')}`); seeds {meta.get('seeds')}")
     lines.append("- Δ: difference of the means to the baseline; beyond 2 SE: |Δ| > 2 x sqrt(sd²/n + sd_base²/n_base). "
@@ -118,18 +177,39 @@ def _header(meta: dict, kind: str) -> list[str]:
     return lines
 
 
+def _lr_cell(row: dict, kind: str, default) -> str:
+    """The chosen lr; with a sweep, each lr's mean (its ok seeds / runs where some failed)."""
+    lr = row.get("lr", default)
+    if lr is None:
+        lr = default
+    head = _f(lr, "g")
+    info = row.get("lr_info") or {}
+    if len(info) < 2:
+        return head
+    fmt = ".3f"
+    parts = []
+    most = max(n for _, n, _ in info.values())
+    for x, (metric, n, runs) in sorted(info.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        seeds = "" if n == runs else f" ({n}/{runs} ok)"
+        seeds += f" ({n} seeds: not compared)" if 0 < n < most else ""
+        parts.append(f"{_f(x, 'g')}: {_f(metric, fmt, 'failed')}{seeds}")
+    what = "exact match" if kind == "seq2seq" else "loss"
+    return f"**{head}** ({what} by lr: {'; '.join(parts)})"
+
+
 def markdown(records: list[dict], meta: dict, kind: str) -> str:
     rows = summarize(records, kind)
+    base_lr = meta.get("experiments", {}).get(kind, {}).get("base", {}).get("lr")
     title = "Language-model ablation" if kind == "lm" else "Encoder-decoder ablation"
     out = [f"# {title}", "", *_header(meta, kind), ""]
     if kind == "lm":
-        out += ["| setting | val loss (mean ± sd) | Δ vs baseline | beyond 2 SE | bits/byte | tokens/s | peak MiB "
-                "| params | seeds | paper | notes |",
-                "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
-    else:
-        out += ["| setting | exact match (mean ± sd) | Δ vs baseline | beyond 2 SE | val loss | Δ loss | tokens/s "
+        out += ["| setting | val loss (mean ± sd) | Δ vs baseline | beyond 2 SE | lr | bits/byte | tokens/s "
                 "| peak MiB | params | seeds | paper | notes |",
-                "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |"]
+                "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
+    else:
+        out += ["| setting | exact match (mean ± sd) | Δ vs baseline | beyond 2 SE | lr | val loss | Δ loss "
+                "| tokens/s | peak MiB | params | seeds | paper | notes |",
+                "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |"]
     failed = []
     for r in rows:
         if "val_loss" not in r:
@@ -138,13 +218,14 @@ def markdown(records: list[dict], meta: dict, kind: str) -> str:
         common = (f"{_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('peak_mem_mib'), ',.0f')} | {_params(r)} | "
                   f"{r['seeds']} | {r['paper']} | {r['notes']}{'; ' + '; '.join(r['failures']) if r['failures'] else ''} |")
         loss = f"{r['val_loss']:.4f} ± {_f(r.get('val_loss_sd'))}"
+        lr = _lr_cell(r, kind, base_lr)
         if kind == "lm":
             out.append(f"| {r['setting']} | {loss} | {_f(r.get('val_loss_diff'), '+.4f')} | "
-                       f"{_verdict(r, 'val_loss', True)} | {_f(r.get('val_bpb'), '.3f')} | {common}")
+                       f"{_verdict(r, 'val_loss', True)} | {lr} | {_f(r.get('val_bpb'), '.3f')} | {common}")
         else:
             em = f"{r.get('val_exact_match', 0):.3f} ± {_f(r.get('val_exact_match_sd'), '.3f')}"
             out.append(f"| {r['setting']} | {em} | {_f(r.get('val_exact_match_diff'), '+.3f')} | "
-                       f"{_verdict(r, 'val_exact_match', False)} | {r['val_loss']:.4f} | "
+                       f"{_verdict(r, 'val_exact_match', False)} | {lr} | {r['val_loss']:.4f} | "
                        f"{_f(r.get('val_loss_diff'), '+.4f')} | {common}")
     if failed:
         out += ["", "Failed or diverged (no validation loss):", ""]
@@ -197,6 +278,7 @@ def plot_curves(records: list[dict], path: Path):
     kinds = [k for k in ("lm", "seq2seq") if any(r["kind"] == k and r.get("train_loss") for r in records)]
     if not kinds:
         return
+    records = at_best_lr(records)  # each setting's curve at its best learning rate
     fig, axes = plt.subplots(1, len(kinds), figsize=(9 * len(kinds), 6), squeeze=False)
     styles = ["-", "--", ":", "-."]
     for ax, kind in zip(axes[0], kinds):
