@@ -57,6 +57,11 @@ class Attention(nn.Module):
 
         # adaptively sparse attention (1909.00015): alpha = 1 + sigmoid(w), init 1.5, floored at
         # 1 + ENTMAX_MIN_GAP: in float32 sigmoid(w) underflows and entmax_bisect at alpha = 1 is uniform
+        # attention sink (gpt-oss; 2309.17453): a learned per-head logit in every softmax, with a zero value
+        self.sink = nn.Parameter(torch.zeros(heads)) if cfg.head_learned_sink else None
+        self.softclamp = cfg.logit_softclamp_value if cfg.softclamp_logits else None  # Gemma 2 (2408.00118)
+        self.max_attend_past = None if cross else cfg.max_attend_past  # a window over the sequence's own keys
+
         self.entmax_alpha_logit = nn.Parameter(torch.zeros(heads)) if cfg.learned_entmax_alpha else None
         if cfg.use_entmax15:
             self.normalizer = "entmax15"
@@ -79,7 +84,7 @@ class Attention(nn.Module):
         return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
-                kv=None, kv_rotary=None):
+                kv=None, kv_rotary=None, positions=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
@@ -87,10 +92,15 @@ class Attention(nn.Module):
         description materialised only if the chosen kernel needs the tensor; cache: a LayerKV.
         kv (b, m, dim): self-attention whose keys/values come from this sequence instead of x, with
         kv_rotary their (cos, sin) (query-only pooling, Funnel Transformer 2006.03236).
+        positions: (queries (b|1, n), keys (b|1, m)) long, what the sliding window counts (None:
+        indices, the queries the last n keys).
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
         """
         if kv is not None and (self.cross or cache is not None):
             raise ValueError("kv= is for self-attention without a cache: not with cross-attention or a cache")
+        if kv is not None and self.max_attend_past is not None:
+            raise ValueError("attn_max_attend_past counts places back along one sequence; kv= (a funnel's "
+                             "pooled queries) reads keys from another")
         h, g = self.heads, self.kv_heads
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         qkv = self._fused_qkv(x) if not (self.cross or self.shared_qk or kv is not None) else None
@@ -131,19 +141,24 @@ class Attention(nn.Module):
             penalty = own.to(q.dtype) * -SELF_PENALTY
             bias = penalty
 
+        prefix = 0  # always-visible keys prepended: memory key/values, the zero key/value
         if self.mem_k is not None:
-            b, num_mem = q.shape[0], self.mem_k.shape[1]
+            b, prefix = q.shape[0], self.mem_k.shape[1]
             mem_k, mem_v = self.mem_k.to(k.dtype), self.mem_v.to(v.dtype)
             if self.qk_scale is not None or self.shared_qk:
                 mem_k = F.normalize(mem_k, dim=-1)
             k = torch.cat((mem_k.expand(b, -1, -1, -1), k), dim=-2)
             v = torch.cat((mem_v.expand(b, -1, -1, -1), v), dim=-2)
+        if self.cfg.add_zero_kv:
+            # a key and value of zeros (logit 0): attention can put its mass on nothing
+            k, v, prefix = F.pad(k, (0, 0, 1, 0)), F.pad(v, (0, 0, 1, 0)), prefix + 1
+        if prefix:
             if mask is not None:
-                mask = F.pad(mask, (num_mem, 0), value=True)
+                mask = F.pad(mask, (prefix, 0), value=True)
             if bias is not None:
-                bias = F.pad(bias, (num_mem, 0), value=0.0)
+                bias = F.pad(bias, (prefix, 0), value=0.0)
             if score_mod is not None:
-                score_mod = score_mod.with_memory(num_mem)
+                score_mod = score_mod.with_memory(prefix)
 
         out, weights = attend(
             q, k, v, mask=mask, causal=self.causal, bias=bias, score_mod=score_mod, scale=scale,
@@ -151,6 +166,9 @@ class Attention(nn.Module):
             normalizer=self.normalizer, entmax_alpha=self.entmax_alpha, sparse_topk=self.cfg.sparse_topk,
             pre_mix=self.pre_mix, post_mix=self.post_mix, need_weights=need_weights,
             kv_heads=h if self.shared_qk else g, force_backend=self.cfg.backend,
+            softclamp=self.softclamp, max_attend_past=self.max_attend_past,
+            window_positions=positions if self.max_attend_past is not None else None,
+            window_exempt=prefix, sink=self.sink,
         )
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)

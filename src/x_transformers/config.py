@@ -112,6 +112,12 @@ class AttentionConfig:
     qk_norm: bool = False  # query-key normalisation, 2010.04245
     qk_norm_scale: float = 10.0
     backend: str = "auto"  # "auto", or force one of attend.BACKENDS
+    # score modifications (attention_variants.py)
+    softclamp_logits: bool = False  # logit softcapping c * tanh(logits / c), Gemma 2, 2408.00118
+    logit_softclamp_value: float = 50.0
+    max_attend_past: int | None = None  # sliding window: keys at most this many places back (Longformer 2004.05150)
+    head_learned_sink: bool = False  # a learned per-head softmax sink logit (gpt-oss, 2309.17453)
+    add_zero_kv: bool = False  # a zero key/value every query sees (PyTorch's add_zero_attn)
 
     def __post_init__(self):
         check_types(AttentionConfig, _values(self), "attn_")
@@ -126,6 +132,8 @@ class AttentionConfig:
         _positive_number("attn_qk_norm_scale", self.qk_norm_scale)
         if self.scale is not None:
             _positive_number("attn_scale", self.scale)
+        _positive_number("attn_logit_softclamp_value", self.logit_softclamp_value)
+        _positive_int("attn_max_attend_past", self.max_attend_past, allow_none=True, allow_zero=True)
         # combinations of these keywords: conflicts.py
 
     @property
@@ -357,6 +365,7 @@ REQUIRES = {
     "alibi_num_heads": "alibi_pos_bias",
     "rel_pos_num_buckets": "rel_pos_bias", "rel_pos_max_distance": "rel_pos_bias",
     "tupe_max_seq_len": "tupe", "tupe_untie_cls": "tupe",
+    "attn_logit_softclamp_value": "attn_softclamp_logits",
 }
 
 

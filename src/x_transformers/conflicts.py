@@ -272,3 +272,26 @@ for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias",
 declare("num_memory_tokens", "only_cross", when=lambda s: on(s, "num_memory_tokens") and on(s, "only_cross"),
         reason="without self-attention, memory tokens reach no other position and learn nothing",
         example=dict(num_memory_tokens=2, only_cross=True), kinds=WRAPPER)
+
+# attention score modifications (attention_variants in docs/features.md): a forced kernel must
+# compute them; the sliding window counts places back along the sequence's own keys
+declare("attn_backend='sdpa'", "attn_softclamp_logits",
+        when=lambda s: s.get("attn_backend") == "sdpa" and on(s, "attn_softclamp_logits"),
+        reason="SDPA takes only an additive bias, and softcapping is tanh of the scores; use attn_backend='auto' "
+               "(flex on CUDA, else explicit), 'flex' or 'explicit'",
+        example={"attn_backend": "sdpa", "attn_softclamp_logits": True})
+declare("attn_backend='flex'", "attn_head_learned_sink",
+        when=lambda s: s.get("attn_backend") == "flex" and on(s, "attn_head_learned_sink"),
+        reason="the sink is one more softmax column, which flex cannot add; use attn_backend='auto' (SDPA takes "
+               "it as a bias column), 'sdpa' or 'explicit'",
+        example={"attn_backend": "flex", "attn_head_learned_sink": True})
+declare("attn_max_attend_past", "only_cross", when=lambda s: s.get("attn_max_attend_past") is not None
+        and on(s, "only_cross"),
+        reason="a sliding window counts places back along the sequence's own keys, and a cross-attention-only "
+               "stack attends to a context instead; window the context's own encoder",
+        example=dict(attn_max_attend_past=2, only_cross=True), kinds=("encoder", "cross"))
+declare("attn_max_attend_past", "depths", when=lambda s: s.get("attn_max_attend_past") is not None
+        and blocks(s) > 1,
+        reason="a funnel's pooled queries read the unpooled sequence's keys, where places back along one "
+               "sequence do not line up; use a single block or drop the window",
+        example=dict(attn_max_attend_past=2, depths=(1, 1)), kinds=("funnel",))
