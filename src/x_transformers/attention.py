@@ -11,6 +11,7 @@ from torch import nn
 
 from .attend import attend
 from .config import ENTMAX_MIN_GAP, AttentionConfig
+from .gating import HeadScale, OutputGates, ValueHeadGate, depth_scaled_
 from .positional import apply_rotary
 
 SELF_PENALTY = 5e4  # shared-QK: a token sees itself only when nothing else is visible (Reformer)
@@ -40,7 +41,26 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, heads * d, bias=cfg.bias)
         self.to_k = None if self.shared_qk else nn.Linear(dim_kv, self.kv_heads * d, bias=cfg.bias)
         self.to_v = nn.Linear(dim_kv, self.kv_heads * d, bias=cfg.bias)
-        self.to_out = nn.Linear(heads * d, dim, bias=cfg.bias)
+        self.dim_out = dim_out = cfg.dim_out or dim
+        inner = heads * d
+        if cfg.project_out is False:  # the heads' concatenation is the output
+            if inner != dim_out:
+                raise ValueError(f"attn_project_out=False leaves the heads' output ({heads} heads x {d} = {inner}) "
+                                 f"as the block's output, which must be {dim_out} wide; set attn_dim_head to "
+                                 f"{dim_out / heads:g} or drop attn_project_out")
+            self.to_out = None
+        elif cfg.on_attn:  # attention on attention (1908.06954): a GLU of the heads' output, gated by itself
+            self.to_out = nn.Sequential(nn.Linear(inner, dim_out * 2, bias=cfg.bias), nn.GLU())
+        else:
+            self.to_out = nn.Linear(inner, dim_out, bias=cfg.bias)
+        self.head_scale = HeadScale(heads) if cfg.head_scale else None
+        self.value_head_gate = ValueHeadGate(dim, heads) if cfg.gate_value_heads else None
+        self.gates = OutputGates(
+            dim, heads, d, input_gate=cfg.gate_values, input_rank=cfg.gate_values_rank,
+            input_headwise=cfg.gate_values_headwise, output_gate=cfg.output_gate, output_rank=cfg.output_gate_rank,
+            output_headwise=cfg.output_gate_headwise, silu_low_rank=cfg.low_rank_silu_gates,
+            swiglu=cfg.swiglu_values) if cfg.gate_values or cfg.output_gate else None
+        self.sublayer_dropout = nn.Dropout(cfg.sublayer_dropout) if cfg.sublayer_dropout > 0 else None
 
         # persistent memory (1907.01470): learned key/value pairs every query can attend to
         self.mem_k = self.mem_v = None
@@ -69,6 +89,20 @@ class Attention(nn.Module):
             self.normalizer = "entmax_bisect"
         else:
             self.normalizer = "softmax"
+
+        self.reset_variant_parameters()
+
+    def reset_variant_parameters(self):
+        """The initialisations the variants ask for; the layer stack calls this again after its own
+        (GPT-2) initialisation of every linear map, which would otherwise overwrite them."""
+        for part in (self.value_head_gate, self.gates):
+            if part is not None:
+                part.reset_parameters()
+        out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
+        if out is not None and self.cfg.zero_init_output:
+            nn.init.zeros_(out.weight)
+        elif out is not None and self.cfg.output_proj_depth is not None:
+            depth_scaled_(out, self.cfg.output_proj_depth)
 
     @property
     def entmax_alpha(self):
@@ -170,9 +204,19 @@ class Attention(nn.Module):
             window_positions=positions if self.max_attend_past is not None else None,
             window_exempt=prefix, sink=self.sink,
         )
+        if self.head_scale is not None:
+            out = self.head_scale(out)
+        if self.value_head_gate is not None:
+            out = self.value_head_gate(x, out)
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)
-        return self.to_out(out), weights
+        if self.gates is not None:
+            out = self.gates(x, out)
+        if self.to_out is not None:
+            out = self.to_out(out)
+        if self.sublayer_dropout is not None:
+            out = self.sublayer_dropout(out)
+        return out, weights
 
     def extra_repr(self):
         parts = [f"heads={self.heads}", f"dim_head={self.dim_head}"]

@@ -295,3 +295,17 @@ declare("attn_max_attend_past", "depths", when=lambda s: s.get("attn_max_attend_
         reason="a funnel's pooled queries read the unpooled sequence's keys, where places back along one "
                "sequence do not line up; use a single block or drop the window",
         example=dict(attn_max_attend_past=2, depths=(1, 1)), kinds=("funnel",))
+# gates and output projection (gating.py)
+declare("attn_dim_out", "a layer stack", when=lambda s: s.get("attn_dim_out") is not None,
+        reason="a stack adds each block's output to its input, so the output is dim wide; attn_dim_out is for a "
+               "standalone Attention (x_transformers.x_transformers.Attention(dim, dim_out=...))",
+        example=dict(attn_dim_out=16))
+declare("attn_zero_init_output", "attn_output_proj_depth",
+        when=lambda s: on(s, "attn_zero_init_output") and s.get("attn_output_proj_depth") is not None,
+        reason="two initialisations of the output projection; choose one",
+        example=dict(attn_zero_init_output=True, attn_output_proj_depth=2))
+for _k in ("attn_on_attn", "attn_zero_init_output", "attn_output_proj_depth"):
+    declare(_k, "attn_project_out=False", when=lambda s, k=_k: on(s, k) and s.get("attn_project_out") is False,
+            reason="it configures the output projection, which attn_project_out=False removes",
+            example={_k: {"attn_on_attn": True, "attn_zero_init_output": True, "attn_output_proj_depth": 2}[_k],
+                     "attn_project_out": False})

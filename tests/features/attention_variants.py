@@ -7,5 +7,27 @@ register("softclamp", layers=dict(attn_softclamp_logits=True, attn_logit_softcla
 # a window shorter than the harness's sequences; refused (declared) on a cross-attention-only stack
 # and on a pooling funnel
 register("sliding_window", layers=dict(attn_max_attend_past=2), kinds=("decoder", "encoder", "encdec"))
-register("head_sink", layers=dict(attn_head_learned_sink=True))
+# under entmax (sparse) a sink outside every query's support gets exactly zero weight and gradient,
+# as memory key/values do; its gradient under softmax is tested in test_attention_variants.py
+register("head_sink", layers=dict(attn_head_learned_sink=True), zero_grad=(".sink",))
 register("zero_kv", layers=dict(attn_add_zero_kv=True))
+
+# gates and scales around the output (gating.py). A low-rank gate's up-projection starts at zero,
+# so its down-projection has no gradient at init. Left out: attn_zero_init_output and
+# attn_swiglu_values, whose attention output is exactly zero at init (every parameter before it
+# then has no gradient at init, a list no feature can declare): tests/test_attention_gating.py
+register("gate_values", layers=dict(attn_gate_values=True), group="attn_gates")
+# (a low-rank gate is one more zero-initialised link: under ReZero an encoder-decoder's chain of
+# gates, cross-attention's then the encoder's, then the up then the down projection, opens in four
+# optimizer steps, one more than the grads property allows; the encdec kind runs the linear gate)
+LOW_RANK_KINDS = ("decoder", "encoder", "cross", "funnel")
+register("gates_low_rank_headwise", layers=dict(attn_gate_values=True, attn_gate_values_rank=4, attn_output_gate=True,
+                                                attn_output_gate_headwise=True), zero_init=("input_gate.down",),
+         group="attn_gates", kinds=LOW_RANK_KINDS)
+register("output_gate", layers=dict(attn_output_gate=True, attn_output_gate_rank=4, attn_low_rank_silu_gates=False),
+         zero_init=("output_gate.down",), group="attn_gates", kinds=LOW_RANK_KINDS)
+register("gate_value_heads", layers=dict(attn_gate_value_heads=True))
+register("head_scale", layers=dict(attn_head_scale=True))
+register("on_attn", layers=dict(attn_on_attn=True))
+register("output_proj_depth", layers=dict(attn_output_proj_depth=3))
+register("sublayer_dropout", layers=dict(attn_sublayer_dropout=0.1))
