@@ -82,8 +82,8 @@ NO_OPS: dict[str, NoOp] = {n.name: n for n in (
 # #17 (this issue) the wrapper's and XTransformer's own variants.
 _ATTN_NOT_YET = dict(
     pre_scale_post_talking_heads=False, sparse_topk_straight_through=False, hard=False, qk_norm_groups=1,
-    qk_norm_dim_scale=False, qk_rmsnorm=False, k_rmsnorm=False, value_rmsnorm=False, l2_distance=False, sigmoid=False, gumbel_softmax=False,
-    gumbel_softmax_temp=1.0, gumbel_softmax_hard=True, selective=False, cog_signed=False, custom_attn_fn=None,
+    qk_norm_dim_scale=False, gumbel_softmax=False,
+    gumbel_softmax_temp=1.0, gumbel_softmax_hard=True, selective=False, custom_attn_fn=None,
     hybrid_module=None, hybrid_mask_kwarg=None, hybrid_fold_axial_dim=None, hybrid_learned_mix=False,
     value_dim_head=None, rotate_num_heads=None,
     data_dependent_alibi=False, data_dependent_alibi_per_row=False, data_dependent_alibi_per_row_dim_head=8,
@@ -91,7 +91,7 @@ _ATTN_NOT_YET = dict(
     rel_proj_max_dist=1024, use_cope=False, cope_max_pos=16, cope_soft_onehot_pos=False,
     cope_talking_heads=False,
     learned_value_residual_mix=False, orthog_projected_values=False, orthog_projected_values_per_head=False,
-    laser=False, laser_softclamp_value=15.0, qkv_receive_diff_residuals=False,
+    qkv_receive_diff_residuals=False,
     use_latent_q=False, dim_latent_q=None, use_latent_kv=False, dim_latent_kv=None, latent_rope_subheads=None,
     onnxable=False, inverted_attention=False,
     attend_sdp_kwargs=dict(enable_flash=True, enable_math=True, enable_mem_efficient=True), flash_pack_seq=False,

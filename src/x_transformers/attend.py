@@ -39,9 +39,9 @@ class AttendRequest:
     causal: bool = False
     bias: Tensor | None = None  # float, broadcastable to (b, h, n, m), added to scaled scores
     score_mod: object | None = None  # a positional ScoreMod: added to the scores like bias (both may be set)
-    scale: float | None = None
+    scale: float | Tensor | None = None  # a tensor (1, h, 1, 1) only where the explicit backend computes
     dropout: float = 0.0
-    normalizer: str = "softmax"  # "softmax", "entmax15", "entmax_bisect"
+    normalizer: str = "softmax"  # "softmax", "entmax15", "entmax_bisect", "sigmoid" (unnormalised, 2409.04431)
     entmax_alpha: Tensor | float | None = None  # for entmax_bisect; tensor broadcastable to (1, h, 1, 1)
     sparse_topk: int | None = None
     pre_mix: Tensor | None = None  # (h, h) head mixing of the logits (talking heads)
@@ -63,6 +63,10 @@ class AttendRequest:
     window_exempt: int = 0
     # attention sink (gpt-oss): a learned per-head logit (h,) in the softmax with a zero value
     sink: Tensor | None = None
+    # scores as the negative squared distance -|q - k|^2 * scale (2102.06813's L2 attention)
+    l2_distance: bool = False
+    # signed weights (cog attention, 2411.07176): normalise |logits|, then give each weight its logit's sign
+    signed: bool = False
 
     @property
     def heads_per_kv(self) -> int:
@@ -144,6 +148,10 @@ def score_matrix_reasons(req: AttendRequest) -> list[str]:
         reasons.append("attention weights were requested")
     if req.need_lse:
         reasons.append("the scores' logsumexp was requested (attention z-loss)")
+    if req.l2_distance:
+        reasons.append("L2-distance scores are not dot products")
+    if req.signed:
+        reasons.append("signed weights normalise |scores| and need their signs")
     return reasons
 
 
@@ -247,6 +255,8 @@ def _with_sink_column(bias: Tensor, sink: Tensor, b: int, h: int, n: int) -> Ten
 def _normalize(scores: Tensor, req: AttendRequest) -> Tensor:
     if req.normalizer == "softmax":
         return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
+    if req.normalizer == "sigmoid":
+        return torch.sigmoid(scores)
     try:
         import entmax
     except ImportError as e:  # pragma: no cover - an install problem, said plainly
@@ -270,13 +280,19 @@ class ExplicitBackend:
         q = req.q
         k, v = _expand_kv(req)
         scale = req.scale if req.scale is not None else q.shape[-1] ** -0.5
-        scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
+        scores = torch.einsum("bhnd,bhmd->bhnm", q, k)
+        if req.l2_distance:  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
+            scores = 2 * scores - q.square().sum(-1, keepdim=True) - k.square().sum(-1)[:, :, None, :]
+        scores = scores * scale
         if req.bias is not None:
             scores = scores + req.bias.to(scores.dtype)
         if req.pre_mix is not None:
             scores = torch.einsum("bhnm,hg->bgnm", scores, req.pre_mix.to(scores.dtype))
         if req.softclamp is not None:
             scores = softclamp(scores, req.softclamp)
+        sign = None
+        if req.signed:  # before masking: a masked score must stay at the bottom, not flip to the top
+            sign, scores = scores.sign(), scores.abs()
         mask = combined_mask(req)
         keep_rows = None
         if mask is not None:
@@ -299,10 +315,13 @@ class ExplicitBackend:
             scores = scores.masked_fill(scores < kth - slack, torch.finfo(scores.dtype).min / 2)
         if req.sink is not None:  # one more softmax column, the learned logit, dropped after normalising
             b, h, n = scores.shape[:3]
-            scores = torch.cat((req.sink.to(scores.dtype).view(1, h, 1, 1).expand(b, h, n, 1), scores), dim=-1)
+            sink = req.sink.abs() if req.signed else req.sink  # (signed: the sink's magnitude competes)
+            scores = torch.cat((sink.to(scores.dtype).view(1, h, 1, 1).expand(b, h, n, 1), scores), dim=-1)
         attn = _normalize(scores, req)
         if req.sink is not None:
             attn = attn[..., 1:]
+        if sign is not None:
+            attn = attn * sign
         if req.post_mix is not None:
             attn = torch.einsum("bhnm,hg->bgnm", attn, req.post_mix.to(attn.dtype))
         if keep_rows is not None:

@@ -9,12 +9,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attend import attend
+from .attend import attend, softclamp
 from .config import ENTMAX_MIN_GAP, AttentionConfig
 from .gating import HeadScale, OutputGates, ValueHeadGate, depth_scaled_
 from .positional import apply_rotary
 
+LASER_EPS = 1e-20  # the smallest attention output LASER takes the log of (a row seeing nothing: log(eps))
 SELF_PENALTY = 5e4  # shared-QK: a token sees itself only when nothing else is visible (Reformer)
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over each head's channels, t (b, h, n, d) / rms * g, g (h, 1, d) learned, init 1."""
+
+    def __init__(self, heads: int, dim_head: int):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(heads, 1, dim_head))
+
+    def forward(self, t):
+        return F.normalize(t, dim=-1) * t.shape[-1] ** 0.5 * self.g.to(t.dtype)
 
 
 def _heads(t, heads):
@@ -77,6 +89,12 @@ class Attention(nn.Module):
 
         # adaptively sparse attention (1909.00015): alpha = 1 + sigmoid(w), init 1.5, floored at
         # 1 + ENTMAX_MIN_GAP: in float32 sigmoid(w) underflows and entmax_bisect at alpha = 1 is uniform
+        # RMSNorm of queries / keys / values per head (2302.05442): bounded logits at a learned gain
+        # (named as parts of the projections: what rules out gradients to to_q / to_k rules out theirs)
+        self.to_q_norm = HeadRMSNorm(heads, d) if cfg.qk_rmsnorm else None
+        self.to_k_norm = HeadRMSNorm(self.kv_heads, d) if (cfg.qk_rmsnorm or cfg.k_rmsnorm) and not self.shared_qk \
+            else None
+        self.to_v_norm = HeadRMSNorm(self.kv_heads, d) if cfg.value_rmsnorm else None
         # attention sink (gpt-oss; 2309.17453): a learned per-head logit in every softmax, with a zero value
         self.sink = nn.Parameter(torch.zeros(heads)) if cfg.head_learned_sink else None
         self.softclamp = cfg.logit_softclamp_value if cfg.softclamp_logits else None  # Gemma 2 (2408.00118)
@@ -87,6 +105,8 @@ class Attention(nn.Module):
             self.normalizer = "entmax15"
         elif cfg.entmax_alpha is not None or cfg.learned_entmax_alpha:
             self.normalizer = "entmax_bisect"
+        elif cfg.sigmoid:
+            self.normalizer = "sigmoid"
         else:
             self.normalizer = "softmax"
 
@@ -139,6 +159,8 @@ class Attention(nn.Module):
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         qkv = self._fused_qkv(x) if not (self.cross or self.shared_qk or kv is not None) else None
         q = _heads(qkv[0] if qkv else self.to_q(x), h)  # (b, h, n, d)
+        if self.to_q_norm is not None:
+            q = self.to_q_norm(q)
         if self.qk_scale is not None:
             q = F.normalize(q, dim=-1)
 
@@ -153,6 +175,10 @@ class Attention(nn.Module):
             else:
                 k = _heads(qkv[1] if qkv else self.to_k(src), g)  # (b, g, m, d)
             v = _heads(qkv[2] if qkv else self.to_v(src), g)
+            if self.to_k_norm is not None:
+                k = self.to_k_norm(k)
+            if self.to_v_norm is not None:
+                v = self.to_v_norm(v)
             if self.qk_scale is not None and not self.shared_qk:
                 k = F.normalize(k, dim=-1)
             if rotary is not None and not self.cross:
@@ -165,7 +191,11 @@ class Attention(nn.Module):
             q = apply_rotary(q, *rotary)
 
         scale = self.cfg.scale  # None: dim_head ** -0.5
-        if self.qk_scale is not None:
+        if self.qk_scale is not None and self.cfg.l2_distance:
+            # L2 distance between unit q and k, then the per-head scale (as upstream): folded into
+            # q, the scale would enter the distance squared
+            scale = self.qk_scale.to(q.dtype).unsqueeze(0)  # (1, h, 1, 1)
+        elif self.qk_scale is not None:
             q, scale = q * self.qk_scale.to(q.dtype), 1.0
         if self.shared_qk and kv is None:
             # keys are the unit-normalised queries; a query's own key is penalised, not removed
@@ -183,6 +213,9 @@ class Attention(nn.Module):
                 mem_k = F.normalize(mem_k, dim=-1)
             k = torch.cat((mem_k.expand(b, -1, -1, -1), k), dim=-2)
             v = torch.cat((mem_v.expand(b, -1, -1, -1), v), dim=-2)
+        if self.cfg.laser:
+            # LASER (2411.03493): attend over exp(v) (softcapped first, so exp stays finite), log after
+            v = softclamp(v, self.cfg.laser_softclamp_value).exp()
         if self.cfg.add_zero_kv:
             # a key and value of zeros (logit 0): attention can put its mass on nothing
             k, v, prefix = F.pad(k, (0, 0, 1, 0)), F.pad(v, (0, 0, 1, 0)), prefix + 1
@@ -202,8 +235,10 @@ class Attention(nn.Module):
             kv_heads=h if self.shared_qk else g, force_backend=self.cfg.backend,
             softclamp=self.softclamp, max_attend_past=self.max_attend_past,
             window_positions=positions if self.max_attend_past is not None else None,
-            window_exempt=prefix, sink=self.sink,
+            window_exempt=prefix, sink=self.sink, l2_distance=self.cfg.l2_distance, signed=self.cfg.cog_signed,
         )
+        if self.cfg.laser:
+            out = out.clamp(min=LASER_EPS).log()
         if self.head_scale is not None:
             out = self.head_scale(out)
         if self.value_head_gate is not None:

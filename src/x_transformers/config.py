@@ -118,6 +118,15 @@ class AttentionConfig:
     max_attend_past: int | None = None  # sliding window: keys at most this many places back (Longformer 2004.05150)
     head_learned_sink: bool = False  # a learned per-head softmax sink logit (gpt-oss, 2309.17453)
     add_zero_kv: bool = False  # a zero key/value every query sees (PyTorch's add_zero_attn)
+    # logits and values (attend.py, attention.py)
+    sigmoid: bool = False  # sigmoid attention, weights sigmoid(logits), unnormalised (2409.04431)
+    cog_signed: bool = False  # signed weights: softmax(|logits|) * sign(logits) (cog attention, 2411.07176)
+    l2_distance: bool = False  # logits -|q - k|^2 * scale (L2 attention, 2006.04710)
+    qk_rmsnorm: bool = False  # RMSNorm of q and k per head, a learned gain per channel (2302.05442)
+    k_rmsnorm: bool = False  # RMSNorm of k only
+    value_rmsnorm: bool = False  # RMSNorm of v per head
+    laser: bool = False  # attention in exp(v) space, log of the output (LASER, 2411.03493)
+    laser_softclamp_value: float = 15.0  # v softcapped at this before exp
     # gates and scales around the output (gating.py)
     gate_values: bool = False  # input gate on the heads' output from x (gated attention, 2505.06708)
     gate_values_rank: int | None = None  # low-rank input gate; None: a linear map
@@ -154,6 +163,7 @@ class AttentionConfig:
         for name in ("gate_values_rank", "output_gate_rank", "dim_out", "output_proj_depth"):
             _positive_int(f"attn_{name}", getattr(self, name), allow_none=True)
         _probability("attn_sublayer_dropout", self.sublayer_dropout)
+        _positive_number("attn_laser_softclamp_value", self.laser_softclamp_value)
         for gate in ("gate_values", "output_gate"):
             if getattr(self, f"{gate}_headwise") and getattr(self, f"{gate}_rank") is not None:
                 raise ValueError(f"attn_{gate}_rank and attn_{gate}_headwise: a headwise gate projects to one "
@@ -183,7 +193,7 @@ class AttentionConfig:
 # AttentionConfig fields that need the full score matrix (the one list: needs_scores and the
 # forced-backend conflicts in conflicts.py read it)
 SCORE_FEATURES = ("talking_heads", "pre_talking_heads", "post_talking_heads", "use_entmax15", "entmax_alpha",
-                  "learned_entmax_alpha", "sparse_topk")
+                  "learned_entmax_alpha", "sparse_topk", "sigmoid", "cog_signed", "l2_distance")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -396,6 +406,7 @@ REQUIRES = {
     "rel_pos_num_buckets": "rel_pos_bias", "rel_pos_max_distance": "rel_pos_bias",
     "tupe_max_seq_len": "tupe", "tupe_untie_cls": "tupe",
     "attn_logit_softclamp_value": "attn_softclamp_logits",
+    "attn_laser_softclamp_value": "attn_laser",
     "attn_gate_values_rank": "attn_gate_values", "attn_gate_values_headwise": "attn_gate_values",
     "attn_output_gate_rank": "attn_output_gate", "attn_output_gate_headwise": "attn_output_gate",
 }

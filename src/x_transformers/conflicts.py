@@ -102,7 +102,7 @@ XT = ("xtransformer",)
 ENTMAX = ("attn_use_entmax15", "attn_entmax_alpha", "attn_learned_entmax_alpha")
 EXAMPLE_ON = {"attn_use_entmax15": True, "attn_entmax_alpha": 1.5, "attn_learned_entmax_alpha": True,
               "attn_talking_heads": True, "attn_pre_talking_heads": True, "attn_post_talking_heads": True,
-              "attn_sparse_topk": 2}
+              "attn_sparse_topk": 2, "attn_sigmoid": True, "attn_cog_signed": True, "attn_l2_distance": True}
 
 # ----------------------------------------------------------------------------------------------
 # the table (one entry per refusal; keep the reason actionable)
@@ -309,3 +309,27 @@ for _k in ("attn_on_attn", "attn_zero_init_output", "attn_output_proj_depth"):
             reason="it configures the output projection, which attn_project_out=False removes",
             example={_k: {"attn_on_attn": True, "attn_zero_init_output": True, "attn_output_proj_depth": 2}[_k],
                      "attn_project_out": False})
+# logits and values: upstream's one-normaliser rule (sigmoid, L2 distance, top-k: at most one; sigmoid
+# against the entmax family), and the two RMSNorm switches of the keys
+for _a, _b in [("attn_sigmoid", _e) for _e in ENTMAX + ("attn_sparse_topk", "attn_l2_distance")] + \
+        [("attn_l2_distance", "attn_sparse_topk")]:
+    declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b),
+            reason="each sets how scores become weights; choose one (as upstream)",
+            example={_a: EXAMPLE_ON[_a], _b: EXAMPLE_ON[_b]})
+declare("attn_qk_rmsnorm", "attn_k_rmsnorm", when=lambda s: on(s, "attn_qk_rmsnorm") and on(s, "attn_k_rmsnorm"),
+        reason="attn_qk_rmsnorm already normalises the keys; choose one", example=dict(attn_qk_rmsnorm=True,
+                                                                                       attn_k_rmsnorm=True))
+for _r in ("attn_qk_rmsnorm", "attn_k_rmsnorm"):
+    declare(_r, "attn_qk_norm", when=lambda s, r=_r: on(s, r) and on(s, "attn_qk_norm"),
+            reason="QK-norm scales q and k to unit length, which undoes the RMSNorm; choose one",
+            example={_r: True, "attn_qk_norm": True})
+declare("attn_k_rmsnorm", "attn_shared_qk", when=lambda s: on(s, "attn_k_rmsnorm") and on(s, "attn_shared_qk"),
+        reason="shared-QK's keys are the unit-normalised queries; use attn_qk_rmsnorm to normalise both",
+        example=dict(attn_k_rmsnorm=True, attn_shared_qk=True), kinds=("decoder", "encoder", "funnel", "xtransformer"))
+declare("attn_cog_signed", "attn_shared_qk", when=lambda s: on(s, "attn_cog_signed") and on(s, "attn_shared_qk"),
+        reason="shared-QK hides a query's own key behind a large negative logit, which signed attention's "
+               "|logits| would make the largest",
+        example=dict(attn_cog_signed=True, attn_shared_qk=True), kinds=("decoder", "encoder", "funnel", "xtransformer"))
+declare("attn_laser", "attn_cog_signed", when=lambda s: on(s, "attn_laser") and on(s, "attn_cog_signed"),
+        reason="LASER takes the log of the attention output over exp(v), which signed weights can make negative",
+        example=dict(attn_laser=True, attn_cog_signed=True))

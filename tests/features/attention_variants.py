@@ -31,3 +31,12 @@ register("head_scale", layers=dict(attn_head_scale=True))
 register("on_attn", layers=dict(attn_on_attn=True))
 register("output_proj_depth", layers=dict(attn_output_proj_depth=3))
 register("sublayer_dropout", layers=dict(attn_sublayer_dropout=0.1))
+
+# how scores become weights, and the norms of q, k, v (tests/test_attention_logits.py)
+register("sigmoid_attn", layers=dict(attn_sigmoid=True), group="normalizer")
+register("cog_signed", layers=dict(attn_cog_signed=True))
+register("l2_distance", layers=dict(attn_l2_distance=True))
+register("laser", layers=dict(attn_laser=True), tol=1e-4)
+# q, k and v all RMS-normalised: a ScaleNorm gain (one scalar) before the attention cancels, so its
+# gradient is zero up to rounding (as with QK-norm)
+register("qk_rmsnorm", layers=dict(attn_qk_rmsnorm=True, attn_value_rmsnorm=True), zero_grad=("pre_norm.g",))
