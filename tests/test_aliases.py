@@ -108,8 +108,8 @@ def _kv_heads(module):
 def test_every_model_kind_resolves_aliases(make):
     assert _kv_heads(make(attn_one_kv_head=True)) == {1}
     assert _kv_heads(make()) == {4}
-    with pytest.raises(ValueError, match="attn_gate_values=True.*not implemented"):
-        make(attn_gate_values=True)
+    with pytest.raises(ValueError, match="attn_use_cope=True.*not implemented"):
+        make(attn_use_cope=True)
 
 
 def test_xtransformer_per_side_alias_and_conflict():

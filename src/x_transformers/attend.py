@@ -39,9 +39,9 @@ class AttendRequest:
     causal: bool = False
     bias: Tensor | None = None  # float, broadcastable to (b, h, n, m), added to scaled scores
     score_mod: object | None = None  # a positional ScoreMod: added to the scores like bias (both may be set)
-    scale: float | None = None
+    scale: float | Tensor | None = None  # a tensor (1, h, 1, 1) only where the explicit backend computes
     dropout: float = 0.0
-    normalizer: str = "softmax"  # "softmax", "entmax15", "entmax_bisect"
+    normalizer: str = "softmax"  # "softmax", "entmax15", "entmax_bisect", "sigmoid" (unnormalised, 2409.04431)
     entmax_alpha: Tensor | float | None = None  # for entmax_bisect; tensor broadcastable to (1, h, 1, 1)
     sparse_topk: int | None = None
     pre_mix: Tensor | None = None  # (h, h) head mixing of the logits (talking heads)
@@ -53,6 +53,20 @@ class AttendRequest:
     # the pre-softmax scores' logsumexp per query (b, h, n) goes to the active record_logsumexp
     # sink (the attention z-loss, 2202.08906): the scores must exist, so the explicit path computes it
     need_lse: bool = False
+    # score modifications (``attention_variants.py`` documents each):
+    softclamp: float | None = None  # logits -> c * tanh(logits / c) after any bias (Gemma 2 softcapping)
+    # sliding window: a query sees keys at most this many positions back (upstream's max_attend_past),
+    # positions given as (q_pos (b|1, n), k_pos (b|1, m - window_exempt)) longs (None: indices, the
+    # queries the last n keys); the first ``window_exempt`` keys (memory / zero key-values) always visible
+    max_attend_past: int | None = None
+    window_positions: tuple[Tensor, Tensor] | None = None
+    window_exempt: int = 0
+    # attention sink (gpt-oss): a learned per-head logit (h,) in the softmax with a zero value
+    sink: Tensor | None = None
+    # scores as the negative squared distance -|q - k|^2 * scale (2102.06813's L2 attention)
+    l2_distance: bool = False
+    # signed weights (cog attention, 2411.07176): normalise |logits|, then give each weight its logit's sign
+    signed: bool = False
 
     @property
     def heads_per_kv(self) -> int:
@@ -76,14 +90,35 @@ def causal_mask(n: int, m: int, device) -> Tensor:
     return j <= i + (m - n)
 
 
+def window_mask(req: AttendRequest) -> Tensor:
+    """(b|1, 1, n, m) bool, the sliding window: query i sees key j when pos(i) - pos(j) <=
+    max_attend_past (keys ahead stay visible: only the past is limited), and always the first
+    ``window_exempt`` keys. Positions count kept tokens, so padding moves no window."""
+    n, m, e, device = req.q.shape[-2], req.k.shape[-2], req.window_exempt, req.q.device
+    if req.window_positions is None:
+        q_pos, k_pos = torch.arange(m - n, m, device=device)[None], torch.arange(e, m, device=device)[None]
+    else:
+        q_pos, k_pos = req.window_positions
+    keep = q_pos[:, None, :, None] - k_pos[:, None, None, :] <= req.max_attend_past  # (b|1, 1, n, m - e)
+    return F.pad(keep, (e, 0), value=True)
+
+
 def combined_mask(req: AttendRequest) -> Tensor | None:
-    """The key-padding / explicit mask and the causal mask as one bool tensor, or None."""
+    """The key-padding / explicit mask, the causal mask and the sliding window as one bool tensor, or None."""
     n, m = req.q.shape[-2], req.k.shape[-2]
     mask = req.mask
     if req.causal and n > 1:  # one query at the bottom row sees every key
         cm = causal_mask(n, m, req.q.device)
         mask = cm if mask is None else mask & cm
+    if req.max_attend_past is not None:
+        wm = window_mask(req)
+        mask = wm if mask is None else mask & wm
     return mask
+
+
+def softclamp(scores: Tensor, value: float) -> Tensor:
+    """Gemma 2's logit softcapping (2408.00118): value * tanh(scores / value), inside (-value, value)."""
+    return torch.tanh(scores / value) * value
 
 
 def _expand_kv(req: AttendRequest):
@@ -113,6 +148,10 @@ def score_matrix_reasons(req: AttendRequest) -> list[str]:
         reasons.append("attention weights were requested")
     if req.need_lse:
         reasons.append("the scores' logsumexp was requested (attention z-loss)")
+    if req.l2_distance:
+        reasons.append("L2-distance scores are not dot products")
+    if req.signed:
+        reasons.append("signed weights normalise |scores| and need their signs")
     return reasons
 
 
@@ -122,6 +161,7 @@ def _causal_bias_kernel_applies(req: AttendRequest) -> bool:
     and the kernel would compute every tile; its memory-efficient kernel takes both directly."""
     q, k = req.q, req.k
     return (req.bias is not None and req.causal and req.mask is None and q.is_cuda
+            and req.max_attend_past is None and req.sink is None
             and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1
             and q.shape[-1] % 8 == 0 and req.v.shape[-1] % 8 == 0 and q.dtype in _EFFICIENT_DTYPES)
 
@@ -161,7 +201,10 @@ class SDPABackend:
     name = "sdpa"
 
     def not_supported_reasons(self, req: AttendRequest) -> list[str]:
-        return score_matrix_reasons(req)
+        reasons = score_matrix_reasons(req)
+        if req.softclamp is not None:
+            reasons.append("logit softcapping (tanh of the scores) is not an additive bias SDPA can take")
+        return reasons
 
     def __call__(self, req: AttendRequest):
         q, k, v = req.q, req.k, req.v
@@ -170,10 +213,11 @@ class SDPABackend:
             return _efficient_causal_with_bias(req), None
         mask = req.mask
         is_causal = False
-        if req.causal and mask is None and req.bias is None and n == m:
+        if req.causal and mask is None and req.bias is None and n == m and req.max_attend_past is None \
+                and req.sink is None:
             is_causal = True  # the flash / cuDNN fast path
         else:
-            mask = combined_mask(req)
+            mask = combined_mask(req)  # the sliding window is a bool mask here
         keep_rows = None
         if mask is not None:
             keep_rows = mask.any(dim=-1, keepdim=True)  # rows with no visible key
@@ -182,6 +226,14 @@ class SDPABackend:
         if req.bias is not None:
             bias = req.bias.to(q.dtype)
             attn_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        if req.sink is not None:
+            # the sink as one more key: a zero key and value whose logit is the bias column sink[h]
+            k, v = F.pad(k, (0, 0, 1, 0)), F.pad(v, (0, 0, 1, 0))
+            if attn_mask is None:
+                attn_mask = torch.zeros(1, 1, 1, m, dtype=q.dtype, device=q.device)
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+            attn_mask = _with_sink_column(attn_mask, req.sink.to(q.dtype), q.shape[0], q.shape[1], n)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=req.dropout, is_causal=is_causal, scale=req.scale,
             enable_gqa=req.heads_per_kv > 1,
@@ -191,9 +243,20 @@ class SDPABackend:
         return out, None
 
 
+def _with_sink_column(bias: Tensor, sink: Tensor, b: int, h: int, n: int) -> Tensor:
+    """A float bias (..., n|1, m) with the per-head sink logits (h,) prepended as column 0."""
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    bias = bias.expand(bias.shape[0], h, bias.shape[2], bias.shape[3])
+    column = sink.view(1, h, 1, 1).expand(bias.shape[0], h, bias.shape[2], 1)
+    return torch.cat((column, bias), dim=-1)
+
+
 def _normalize(scores: Tensor, req: AttendRequest) -> Tensor:
     if req.normalizer == "softmax":
         return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
+    if req.normalizer == "sigmoid":
+        return torch.sigmoid(scores)
     try:
         import entmax
     except ImportError as e:  # pragma: no cover - an install problem, said plainly
@@ -217,11 +280,19 @@ class ExplicitBackend:
         q = req.q
         k, v = _expand_kv(req)
         scale = req.scale if req.scale is not None else q.shape[-1] ** -0.5
-        scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
+        scores = torch.einsum("bhnd,bhmd->bhnm", q, k)
+        if req.l2_distance:  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
+            scores = 2 * scores - q.square().sum(-1, keepdim=True) - k.square().sum(-1)[:, :, None, :]
+        scores = scores * scale
         if req.bias is not None:
             scores = scores + req.bias.to(scores.dtype)
         if req.pre_mix is not None:
             scores = torch.einsum("bhnm,hg->bgnm", scores, req.pre_mix.to(scores.dtype))
+        if req.softclamp is not None:
+            scores = softclamp(scores, req.softclamp)
+        sign = None
+        if req.signed:  # before masking: a masked score must stay at the bottom, not flip to the top
+            sign, scores = scores.sign(), scores.abs()
         mask = combined_mask(req)
         keep_rows = None
         if mask is not None:
@@ -232,6 +303,8 @@ class ExplicitBackend:
             scores = scores.masked_fill(~keep_rows, 0.0)  # dead rows: finite for every normaliser, zeroed below
         if req.need_lse and _lse_sink is not None:
             lse = scores.float().logsumexp(dim=-1)  # (b, h, n), pre-softmax: bias, mixing and masks applied
+            if req.sink is not None:  # the sink's logit is one more term of the normaliser
+                lse = torch.logaddexp(lse, req.sink.float().view(1, -1, 1))
             _lse_sink.append(lse if keep_rows is None else lse * keep_rows[..., 0])  # a row seeing nothing: 0
         if req.sparse_topk is not None and req.sparse_topk < scores.shape[-1]:
             kth = scores.topk(req.sparse_topk, dim=-1).values[..., -1:]
@@ -241,7 +314,15 @@ class ExplicitBackend:
             # float32 epsilons whatever the dtype: 16 bf16 epsilons are 12% of a score (issue 26)
             slack = torch.finfo(torch.float32).eps * 16 * (1 + kth.abs())
             scores = scores.masked_fill(scores < kth - slack, torch.finfo(scores.dtype).min / 2)
+        if req.sink is not None:  # one more softmax column, the learned logit, dropped after normalising
+            b, h, n = scores.shape[:3]
+            sink = req.sink.abs() if req.signed else req.sink  # (signed: the sink's magnitude competes)
+            scores = torch.cat((sink.to(scores.dtype).view(1, h, 1, 1).expand(b, h, n, 1), scores), dim=-1)
         attn = _normalize(scores, req)
+        if req.sink is not None:
+            attn = attn[..., 1:]
+        if sign is not None:
+            attn = attn * sign
         if req.post_mix is not None:
             attn = torch.einsum("bhnm,hg->bgnm", attn, req.post_mix.to(attn.dtype))
         if keep_rows is not None:
@@ -351,4 +432,5 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, force_backend: str | None = None,
 
 
 __all__ = ["attend", "attend_backend", "AttendRequest", "BackendNotSupported", "BACKENDS", "register_backend",
-           "record_logsumexp", "rejection_reasons", "choose_backend", "causal_mask", "combined_mask"]
+           "record_logsumexp", "rejection_reasons", "choose_backend", "causal_mask", "combined_mask", "softclamp",
+           "window_mask"]

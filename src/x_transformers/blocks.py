@@ -73,7 +73,7 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
         return dict(mask=ctx.kv_mask, rotary=ctx.rotary, score_mod=ctx.kv_score_mod, kv=ctx.kv,
                     kv_rotary=ctx.kv_rotary, need_weights=ctx.need_weights)
     return dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
-                need_weights=ctx.need_weights)
+                need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions))
 
 
 def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: bool = False):

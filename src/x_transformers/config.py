@@ -112,6 +112,38 @@ class AttentionConfig:
     qk_norm: bool = False  # query-key normalisation, 2010.04245
     qk_norm_scale: float = 10.0
     backend: str = "auto"  # "auto", or force one of attend.BACKENDS
+    # score modifications (attention_variants.py)
+    softclamp_logits: bool = False  # logit softcapping c * tanh(logits / c), Gemma 2, 2408.00118
+    logit_softclamp_value: float = 50.0
+    max_attend_past: int | None = None  # sliding window: keys at most this many places back (Longformer 2004.05150)
+    head_learned_sink: bool = False  # a learned per-head softmax sink logit (gpt-oss, 2309.17453)
+    add_zero_kv: bool = False  # a zero key/value every query sees (PyTorch's add_zero_attn)
+    # logits and values (attend.py, attention.py)
+    sigmoid: bool = False  # sigmoid attention, weights sigmoid(logits), unnormalised (2409.04431)
+    cog_signed: bool = False  # signed weights: softmax(|logits|) * sign(logits) (cog attention, 2411.07176)
+    l2_distance: bool = False  # logits -|q - k|^2 * scale (L2 attention, 2006.04710)
+    qk_rmsnorm: bool = False  # RMSNorm of q and k per head, a learned gain per channel (2302.05442)
+    k_rmsnorm: bool = False  # RMSNorm of k only
+    value_rmsnorm: bool = False  # RMSNorm of v per head
+    laser: bool = False  # attention in exp(v) space, log of the output (LASER, 2411.03493)
+    laser_softclamp_value: float = 15.0  # v softcapped at this before exp
+    # gates and scales around the output (gating.py)
+    gate_values: bool = False  # input gate on the heads' output from x (gated attention, 2505.06708)
+    gate_values_rank: int | None = None  # low-rank input gate; None: a linear map
+    gate_values_headwise: bool = False  # one input-gate logit per head
+    output_gate: bool = False  # output gate from the heads' output itself (hybrid gated attention)
+    output_gate_rank: int | None = None
+    output_gate_headwise: bool = False
+    low_rank_silu_gates: bool = True  # SiLU inside the low-rank gates
+    swiglu_values: bool = False  # the gates' activation SiLU instead of sigmoid
+    gate_value_heads: bool = False  # per-head sigmoid gate, open at init (2306.12929)
+    head_scale: bool = False  # NormFormer's learned per-head scale, 2110.09456
+    on_attn: bool = False  # attention on attention: a GLU output projection, 1908.06954
+    project_out: bool | None = None  # False: no output projection (needs heads * dim_head == dim_out)
+    dim_out: int | None = None  # output width, default dim (in a stack it must be dim)
+    zero_init_output: bool = False  # output projection initialised at zero
+    output_proj_depth: int | None = None  # output projection init N(0, 1 / (2 fan_in depth)), OLMo
+    sublayer_dropout: float = 0.0  # dropout on the block's output
 
     def __post_init__(self):
         check_types(AttentionConfig, _values(self), "attn_")
@@ -126,6 +158,22 @@ class AttentionConfig:
         _positive_number("attn_qk_norm_scale", self.qk_norm_scale)
         if self.scale is not None:
             _positive_number("attn_scale", self.scale)
+        _positive_number("attn_logit_softclamp_value", self.logit_softclamp_value)
+        _positive_int("attn_max_attend_past", self.max_attend_past, allow_none=True, allow_zero=True)
+        for name in ("gate_values_rank", "output_gate_rank", "dim_out", "output_proj_depth"):
+            _positive_int(f"attn_{name}", getattr(self, name), allow_none=True)
+        _probability("attn_sublayer_dropout", self.sublayer_dropout)
+        _positive_number("attn_laser_softclamp_value", self.laser_softclamp_value)
+        for gate in ("gate_values", "output_gate"):
+            if getattr(self, f"{gate}_headwise") and getattr(self, f"{gate}_rank") is not None:
+                raise ValueError(f"attn_{gate}_rank and attn_{gate}_headwise: a headwise gate projects to one "
+                                 f"logit per head directly; drop attn_{gate}_rank")
+        if self.swiglu_values and not (self.gate_values or self.output_gate):
+            raise ValueError("attn_swiglu_values sets the activation of attn_gate_values / attn_output_gate, both "
+                             "off; switch one on, or drop attn_swiglu_values")
+        if not self.low_rank_silu_gates and self.gate_values_rank is None and self.output_gate_rank is None:
+            raise ValueError("attn_low_rank_silu_gates=False configures the low-rank gates (attn_gate_values_rank "
+                             "/ attn_output_gate_rank), none of which is set; drop it")
         # combinations of these keywords: conflicts.py
 
     @property
@@ -145,7 +193,7 @@ class AttentionConfig:
 # AttentionConfig fields that need the full score matrix (the one list: needs_scores and the
 # forced-backend conflicts in conflicts.py read it)
 SCORE_FEATURES = ("talking_heads", "pre_talking_heads", "post_talking_heads", "use_entmax15", "entmax_alpha",
-                  "learned_entmax_alpha", "sparse_topk")
+                  "learned_entmax_alpha", "sparse_topk", "sigmoid", "cog_signed", "l2_distance")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -357,6 +405,10 @@ REQUIRES = {
     "alibi_num_heads": "alibi_pos_bias",
     "rel_pos_num_buckets": "rel_pos_bias", "rel_pos_max_distance": "rel_pos_bias",
     "tupe_max_seq_len": "tupe", "tupe_untie_cls": "tupe",
+    "attn_logit_softclamp_value": "attn_softclamp_logits",
+    "attn_laser_softclamp_value": "attn_laser",
+    "attn_gate_values_rank": "attn_gate_values", "attn_gate_values_headwise": "attn_gate_values",
+    "attn_output_gate_rank": "attn_output_gate", "attn_output_gate_headwise": "attn_output_gate",
 }
 
 

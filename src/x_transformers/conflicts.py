@@ -102,7 +102,7 @@ XT = ("xtransformer",)
 ENTMAX = ("attn_use_entmax15", "attn_entmax_alpha", "attn_learned_entmax_alpha")
 EXAMPLE_ON = {"attn_use_entmax15": True, "attn_entmax_alpha": 1.5, "attn_learned_entmax_alpha": True,
               "attn_talking_heads": True, "attn_pre_talking_heads": True, "attn_post_talking_heads": True,
-              "attn_sparse_topk": 2}
+              "attn_sparse_topk": 2, "attn_sigmoid": True, "attn_cog_signed": True, "attn_l2_distance": True}
 
 # ----------------------------------------------------------------------------------------------
 # the table (one entry per refusal; keep the reason actionable)
@@ -272,3 +272,64 @@ for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias",
 declare("num_memory_tokens", "only_cross", when=lambda s: on(s, "num_memory_tokens") and on(s, "only_cross"),
         reason="without self-attention, memory tokens reach no other position and learn nothing",
         example=dict(num_memory_tokens=2, only_cross=True), kinds=WRAPPER)
+
+# attention score modifications (attention_variants in docs/features.md): a forced kernel must
+# compute them; the sliding window counts places back along the sequence's own keys
+declare("attn_backend='sdpa'", "attn_softclamp_logits",
+        when=lambda s: s.get("attn_backend") == "sdpa" and on(s, "attn_softclamp_logits"),
+        reason="SDPA takes only an additive bias, and softcapping is tanh of the scores; use attn_backend='auto' "
+               "(flex on CUDA, else explicit), 'flex' or 'explicit'",
+        example={"attn_backend": "sdpa", "attn_softclamp_logits": True})
+declare("attn_backend='flex'", "attn_head_learned_sink",
+        when=lambda s: s.get("attn_backend") == "flex" and on(s, "attn_head_learned_sink"),
+        reason="the sink is one more softmax column, which flex cannot add; use attn_backend='auto' (SDPA takes "
+               "it as a bias column), 'sdpa' or 'explicit'",
+        example={"attn_backend": "flex", "attn_head_learned_sink": True})
+declare("attn_max_attend_past", "only_cross", when=lambda s: s.get("attn_max_attend_past") is not None
+        and on(s, "only_cross"),
+        reason="a sliding window counts places back along the sequence's own keys, and a cross-attention-only "
+               "stack attends to a context instead; window the context's own encoder",
+        example=dict(attn_max_attend_past=2, only_cross=True), kinds=("encoder", "cross"))
+declare("attn_max_attend_past", "depths", when=lambda s: s.get("attn_max_attend_past") is not None
+        and blocks(s) > 1,
+        reason="a funnel's pooled queries read the unpooled sequence's keys, where places back along one "
+               "sequence do not line up; use a single block or drop the window",
+        example=dict(attn_max_attend_past=2, depths=(1, 1)), kinds=("funnel",))
+# gates and output projection (gating.py)
+declare("attn_dim_out", "a layer stack", when=lambda s: s.get("attn_dim_out") is not None,
+        reason="a stack adds each block's output to its input, so the output is dim wide; attn_dim_out is for a "
+               "standalone Attention (x_transformers.x_transformers.Attention(dim, dim_out=...))",
+        example=dict(attn_dim_out=16))
+declare("attn_zero_init_output", "attn_output_proj_depth",
+        when=lambda s: on(s, "attn_zero_init_output") and s.get("attn_output_proj_depth") is not None,
+        reason="two initialisations of the output projection; choose one",
+        example=dict(attn_zero_init_output=True, attn_output_proj_depth=2))
+for _k in ("attn_on_attn", "attn_zero_init_output", "attn_output_proj_depth"):
+    declare(_k, "attn_project_out=False", when=lambda s, k=_k: on(s, k) and s.get("attn_project_out") is False,
+            reason="it configures the output projection, which attn_project_out=False removes",
+            example={_k: {"attn_on_attn": True, "attn_zero_init_output": True, "attn_output_proj_depth": 2}[_k],
+                     "attn_project_out": False})
+# logits and values: upstream's one-normaliser rule (sigmoid, L2 distance, top-k: at most one; sigmoid
+# against the entmax family), and the two RMSNorm switches of the keys
+for _a, _b in [("attn_sigmoid", _e) for _e in ENTMAX + ("attn_sparse_topk", "attn_l2_distance")] + \
+        [("attn_l2_distance", "attn_sparse_topk")]:
+    declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b),
+            reason="each sets how scores become weights; choose one (as upstream)",
+            example={_a: EXAMPLE_ON[_a], _b: EXAMPLE_ON[_b]})
+declare("attn_qk_rmsnorm", "attn_k_rmsnorm", when=lambda s: on(s, "attn_qk_rmsnorm") and on(s, "attn_k_rmsnorm"),
+        reason="attn_qk_rmsnorm already normalises the keys; choose one", example=dict(attn_qk_rmsnorm=True,
+                                                                                       attn_k_rmsnorm=True))
+for _r in ("attn_qk_rmsnorm", "attn_k_rmsnorm"):
+    declare(_r, "attn_qk_norm", when=lambda s, r=_r: on(s, r) and on(s, "attn_qk_norm"),
+            reason="QK-norm scales q and k to unit length, which undoes the RMSNorm; choose one",
+            example={_r: True, "attn_qk_norm": True})
+declare("attn_k_rmsnorm", "attn_shared_qk", when=lambda s: on(s, "attn_k_rmsnorm") and on(s, "attn_shared_qk"),
+        reason="shared-QK's keys are the unit-normalised queries; use attn_qk_rmsnorm to normalise both",
+        example=dict(attn_k_rmsnorm=True, attn_shared_qk=True), kinds=("decoder", "encoder", "funnel", "xtransformer"))
+declare("attn_cog_signed", "attn_shared_qk", when=lambda s: on(s, "attn_cog_signed") and on(s, "attn_shared_qk"),
+        reason="shared-QK hides a query's own key behind a large negative logit, which signed attention's "
+               "|logits| would make the largest",
+        example=dict(attn_cog_signed=True, attn_shared_qk=True), kinds=("decoder", "encoder", "funnel", "xtransformer"))
+declare("attn_laser", "attn_cog_signed", when=lambda s: on(s, "attn_laser") and on(s, "attn_cog_signed"),
+        reason="LASER takes the log of the attention output over exp(v), which signed weights can make negative",
+        example=dict(attn_laser=True, attn_cog_signed=True))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .attend import AttendRequest, register_backend, score_matrix_reasons
+from .attend import AttendRequest, register_backend, score_matrix_reasons, window_mask
 
 try:  # prototype API: absent from old torch builds
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -89,6 +89,12 @@ def block_mask_for(req: AttendRequest):
     m = req.k.shape[-2]
     causal = req.causal and n > 1  # one query at the bottom row sees every key
     mask = req.mask
+    if req.max_attend_past is not None:
+        # the sliding window (over positions, which padding does not move) joins the mask: the
+        # block mask then skips every tile outside it. Built per layer (the positions differ in
+        # the memory / zero key-value prefix a layer adds).
+        window = window_mask(req)
+        return _create_block_mask(window if mask is None else mask & window, causal, b, h, n, m, req.q.device)
     if mask is None and not torch.compiler.is_compiling():
         key = (causal, n, m, str(req.q.device))
         if key not in _MASKLESS:
@@ -96,6 +102,8 @@ def block_mask_for(req: AttendRequest):
                 _MASKLESS.clear()
             _MASKLESS[key] = _create_block_mask(None, causal, b, h, n, m, req.q.device)
         return _MASKLESS[key]
+    if req.score_mod is None:  # softcapping without a position bias: no per-forward memo to hold it
+        return _create_block_mask(mask, causal, b, h, n, m, req.q.device)
     built = req.score_mod.memo.setdefault(("block_masks", causal, b, h, n, m), [])  # [(mask, BlockMask)]
     for seen, block_mask in built:
         if seen is mask:
@@ -103,6 +111,20 @@ def block_mask_for(req: AttendRequest):
     block_mask = _create_block_mask(mask, causal, b, h, n, m, req.q.device)
     built.append((mask, block_mask))  # the mask is held, so `is` never meets a recycled tensor
     return block_mask
+
+
+def _score_mod(req: AttendRequest):
+    """The request's position bias then its softcapping, as one flex score_mod (None: neither)."""
+    bias = req.score_mod.flex_score_mod(req.q.shape[0]) if req.score_mod is not None else None
+    cap = req.softclamp
+    if cap is None:
+        return bias
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if bias is not None:
+            score = bias(score, b, h, q_idx, kv_idx)
+        return torch.tanh(score / cap) * cap
+    return score_mod
 
 
 class FlexBackend:
@@ -116,8 +138,12 @@ class FlexBackend:
         if req.q.device.type != "cuda":
             reasons.append(f"FlexAttention is used on CUDA only; inputs are on {req.q.device.type} "
                            f"(on CPU it has no backward and its fused kernel is inference-only)")
-        if req.score_mod is None:
-            reasons.append("no position-bias score_mod in the request (without one SDPA's flash kernel is faster)")
+        if req.score_mod is None and req.softclamp is None and req.max_attend_past is None:
+            reasons.append("no score modification in the request (a position bias, softcapping or a sliding "
+                           "window; without one SDPA's flash kernel is faster)")
+        if req.sink is not None:
+            reasons.append("an attention sink is one more softmax column, which flex cannot add "
+                           "(SDPA takes it as a bias column)")
         if req.bias is not None:
             reasons.append("a dense bias tensor is added (e.g. shared-QK's self penalty); flex reads only score_mods")
         reasons += score_matrix_reasons(req)
@@ -131,6 +157,11 @@ class FlexBackend:
 
     def slower_reasons(self, req: AttendRequest) -> list[str]:
         sm = req.score_mod
+        if req.q.shape[-2] != req.k.shape[-2] and sm is None:
+            return [f"keys from a cache ({req.q.shape[-2]} queries, {req.k.shape[-2]} keys): a few rows of "
+                    f"scores, computed without compiling a kernel; force with attend_backend('flex')"]
+        if req.softclamp is not None or req.max_attend_past is not None:
+            return []  # SDPA cannot softcap, and takes a window only as a dense mask without flash
         if sm is not None and not sm.prefer_flex:
             return [f"{sm.name} bias: flex not measured faster than SDPA's float bias "
                     f"(benchmarks/results/attention_bias_gpu.json); force with attend_backend('flex')"]
@@ -146,13 +177,13 @@ class FlexBackend:
 
     def __call__(self, req: AttendRequest):
         q, k, v, sm = req.q, req.k, req.v, req.score_mod
-        score_mod, block_mask = sm.flex_score_mod(q.shape[0]), block_mask_for(req)
+        score_mod, block_mask = _score_mod(req), block_mask_for(req)
         # inside a compiled region (the compiled decode step) the enclosing compile compiles flex too
         kernel = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
         # q, k, v already carry the compute dtype; autocast around the higher-order op adds nothing
         with torch.autocast(q.device.type, enabled=False):
             out = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=req.scale,
-                         enable_gqa=req.heads_per_kv > 1, kernel_options=sm.kernel_options)
+                         enable_gqa=req.heads_per_kv > 1, kernel_options=sm.kernel_options if sm else None)
         return out, None
 
 

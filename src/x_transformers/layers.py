@@ -197,6 +197,8 @@ class AttentionLayers(Pretrained, nn.Module):
             layer = getattr(module, name, None)
             if isinstance(layer, nn.Linear) and module is not self:
                 nn.init.normal_(layer.weight, std=0.02 / (2 * self.cfg.depth) ** 0.5)
+        if hasattr(module, "reset_variant_parameters") and module is not self:
+            module.reset_variant_parameters()  # zero-initialised gates and outputs stay so
 
     @property
     def layer_cfg(self) -> LayersConfig:

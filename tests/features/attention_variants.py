@@ -1,0 +1,42 @@
+"""Attention score modifications (issue 20): softcapping, sliding window, sinks, zero key/value."""
+
+from harness import register
+
+# a cap that QK-norm's logits (up to its scale, 10) reach without saturating tanh in float32
+register("softclamp", layers=dict(attn_softclamp_logits=True, attn_logit_softclamp_value=5.0))
+# a window shorter than the harness's sequences; refused (declared) on a cross-attention-only stack
+# and on a pooling funnel
+register("sliding_window", layers=dict(attn_max_attend_past=2), kinds=("decoder", "encoder", "encdec"))
+# under entmax (sparse) a sink outside every query's support gets exactly zero weight and gradient,
+# as memory key/values do; its gradient under softmax is tested in test_attention_variants.py
+register("head_sink", layers=dict(attn_head_learned_sink=True), zero_grad=(".sink",))
+register("zero_kv", layers=dict(attn_add_zero_kv=True))
+
+# gates and scales around the output (gating.py). A low-rank gate's up-projection starts at zero,
+# so its down-projection has no gradient at init. Left out: attn_zero_init_output and
+# attn_swiglu_values, whose attention output is exactly zero at init (every parameter before it
+# then has no gradient at init, a list no feature can declare): tests/test_attention_gating.py
+register("gate_values", layers=dict(attn_gate_values=True), group="attn_gates")
+# (a low-rank gate is one more zero-initialised link: under ReZero an encoder-decoder's chain of
+# gates, cross-attention's then the encoder's, then the up then the down projection, opens in four
+# optimizer steps, one more than the grads property allows; the encdec kind runs the linear gate)
+LOW_RANK_KINDS = ("decoder", "encoder", "cross", "funnel")
+register("gates_low_rank_headwise", layers=dict(attn_gate_values=True, attn_gate_values_rank=4, attn_output_gate=True,
+                                                attn_output_gate_headwise=True), zero_init=("input_gate.down",),
+         group="attn_gates", kinds=LOW_RANK_KINDS)
+register("output_gate", layers=dict(attn_output_gate=True, attn_output_gate_rank=4, attn_low_rank_silu_gates=False),
+         zero_init=("output_gate.down",), group="attn_gates", kinds=LOW_RANK_KINDS)
+register("gate_value_heads", layers=dict(attn_gate_value_heads=True))
+register("head_scale", layers=dict(attn_head_scale=True))
+register("on_attn", layers=dict(attn_on_attn=True))
+register("output_proj_depth", layers=dict(attn_output_proj_depth=3))
+register("sublayer_dropout", layers=dict(attn_sublayer_dropout=0.1))
+
+# how scores become weights, and the norms of q, k, v (tests/test_attention_logits.py)
+register("sigmoid_attn", layers=dict(attn_sigmoid=True), group="normalizer")
+register("cog_signed", layers=dict(attn_cog_signed=True))
+register("l2_distance", layers=dict(attn_l2_distance=True))
+register("laser", layers=dict(attn_laser=True), tol=1e-4)
+# q, k and v all RMS-normalised: a ScaleNorm gain (one scalar) before the attention cancels, so its
+# gradient is zero up to rounding (as with QK-norm)
+register("qk_rmsnorm", layers=dict(attn_qk_rmsnorm=True, attn_value_rmsnorm=True), zero_grad=("pre_norm.g",))
