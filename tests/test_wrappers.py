@@ -119,3 +119,60 @@ def test_return_only_embed_has_no_head_and_returns_the_hidden_states():
     assert m(x).shape == (2, 5, 16)
     with _pytest.raises(ValueError, match="no output head"):
         m.logits_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# memory tokens under TUPE's untied [CLS] (tupe_untie_cls): they share position 0 with the [CLS]
+
+
+def _tupe_model(M, causal=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    stack = (Decoder if causal else Encoder)(dim=32, depth=2, heads=4, tupe=True, tupe_max_seq_len=32,
+                                             tupe_untie_cls=True, **kw)
+    model = TransformerWrapper(num_tokens=29, max_seq_len=32, num_memory_tokens=M, attn_layers=stack).eval()
+    with torch.no_grad():  # distinct thetas, so the [CLS] row and column are recognisable
+        stack.tupe.cls_theta.copy_(torch.tensor([[3.0, -2.0, 1.5, 0.5], [-1.0, 2.5, 0.25, -3.0]]))
+    return model
+
+
+def _stack_positions(model, x, mask=None):
+    seen = {}
+    handle = model.attn_layers.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        model(x, mask)
+    finally:
+        handle.remove()
+    return seen["positions"]
+
+
+def test_tupe_untie_cls_with_memory_tokens_the_cls_is_the_first_real_token():
+    """Memory tokens sit at position 0 with the [CLS]; the tokens keep the positions (so TUPE's
+    table entries) they have without memory tokens, and the first real token is the untied [CLS]."""
+    x = torch.randint(0, 29, (2, 6), generator=torch.Generator().manual_seed(1))
+    with_mem, without = _tupe_model(3), _tupe_model(0)
+    pos, pos0 = _stack_positions(with_mem, x), _stack_positions(without, x)
+    assert pos.tolist()[0] == [0, 0, 0, 0, 1, 2, 3, 4, 5] and torch.equal(pos[:, 3:], pos0)
+    # the positional term of TUPE: theta_1 on the rows of position 0 (memory + [CLS]), theta_2 on their
+    # columns elsewhere, the learned correlation between the tokens exactly as without memory tokens
+    tupe = with_mem.attn_layers.tupe
+    tupe.load_state_dict(without.attn_layers.tupe.state_dict())
+    bias, bias0 = tupe(pos, pos), tupe(pos0, pos0)
+    theta = tupe.cls_theta.detach()
+    assert torch.equal(bias[:, :, :4], theta[0].view(1, 4, 1, 1).expand(pos.shape[0], -1, 4, 9))
+    assert torch.equal(bias[:, :, 4:, :4], theta[1].view(1, 4, 1, 1).expand(pos.shape[0], -1, 5, 4))
+    torch.testing.assert_close(bias[:, :, 3:, 3:], bias0)
+
+
+def test_tupe_untie_cls_with_memory_tokens_decodes_exactly_with_a_cache():
+    """Causal decoding with KVCache and StaticKVCache (left-padded prompt, then one token at a time)
+    gives the full forward's logits: positions continue after the kept tokens, memory not counted."""
+    from x_transformers.cache import KVCache, StaticKVCache
+
+    model = _tupe_model(2, causal=True, rel_pos_bias=True)  # TUPE-R: the T5 term is reset at the [CLS] too
+    x = torch.randint(0, 29, (2, 8), generator=torch.Generator().manual_seed(2))
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1, :3] = False
+    ref = model(x, keep)
+    for cache in (KVCache(), StaticKVCache.for_model(model, 2, 2 + 8)):
+        outs = [model(x[:, :4], keep[:, :4], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(4, 8)]
+        torch.testing.assert_close(torch.cat(outs, dim=1)[keep], ref[keep], atol=1e-5, rtol=1e-5)

@@ -187,16 +187,11 @@ for _p in ("sinusoidal_pos_emb", "scaled_sinu_pos_emb"):
     declare("tupe", _p, when=lambda s, p=_p: on(s, "tupe") and on(s, p),
             reason="TUPE keeps positions out of the token embeddings",
             example={"tupe": True, "tupe_max_seq_len": 16, _p: True}, kinds=WRAPPER)
-declare("tupe_untie_cls", "num_memory_tokens", when=lambda s: on(s, "tupe_untie_cls") and on(s, "num_memory_tokens"),
-        reason="memory tokens take position 0, the untied [CLS]",
-        example=dict(tupe=True, tupe_max_seq_len=16, tupe_untie_cls=True, num_memory_tokens=2), kinds=WRAPPER)
+# (tupe_untie_cls with memory tokens: they share position 0 with the [CLS], the first real token: wrappers.py)
 declare("tie_embedding", "emb_dim", when=lambda s: on(s, "tie_embedding") and on(s, "emb_dim")
         and s.get("emb_dim") != s.get("dim"),
         reason="tied logits need emb_dim == dim", example=dict(tie_embedding=True, emb_dim=16), kinds=WRAPPER)
-declare("num_memory_tokens", "FunnelEncoder without upsample",
-        when=lambda s: on(s, "num_memory_tokens") and "depths" in s and blocks(s) > 1 and not on(s, "upsample"),
-        reason="pooling mixes memory tokens into the sequence, so they cannot be stripped; use upsample=True",
-        example=dict(num_memory_tokens=2, depths=(1, 1)), kinds=WRAPPER)
+# (memory tokens on a funnel are never pooled: funnel.py)
 for _k in ("tie_embedding", "logits_dim", "logits_scale"):
     declare("return_only_embed", _k, when=lambda s, k=_k: on(s, "return_only_embed") and k in s,
             reason="without an output head there are no logits to tie, size or scale",

@@ -93,8 +93,13 @@ class TransformerWrapper(Pretrained, nn.Module):
         self.emb_dropout = nn.Dropout(cfg.emb_dropout) if cfg.emb_dropout > 0 else nn.Identity()
         self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
 
-        # Memory Transformer (2006.11527): learned tokens prepended to every sequence
+        # Memory Transformer (2006.11527): learned tokens prepended to every sequence, at positions
+        # 0..M-1 before the tokens' own. Under TUPE's untied [CLS] (tupe_untie_cls) they are as
+        # position-free as the [CLS]: all M sit at position 0 with it, the first real token is the
+        # [CLS] and the tokens keep the positions they have without memory tokens.
         self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim) * 0.02) if num_memory_tokens else None
+        self.memory_at_cls = bool(num_memory_tokens and lcfg.tupe and lcfg.tupe_untie_cls)
+        self.memory_shift = 0 if self.memory_at_cls else num_memory_tokens  # the tokens' position offset
 
         # pooling of the final hidden states (heads.py): [CLS] tokens, a masked mean, learned queries
         self.num_cls_tokens = cfg.num_cls_tokens if cfg.use_cls_token else 0
@@ -359,9 +364,16 @@ class TransformerWrapper(Pretrained, nn.Module):
         return default_positions(mask, x.shape[1], x.device, self._start(cache)), None
 
     def _start(self, cache):
+        """(b, 1): the next token's position (memory tokens not counted), or None before any."""
         if cache is None or cache.empty:
             return None
-        return cache.next_positions() - self.num_memory_tokens  # real tokens are counted without memory
+        M = self.num_memory_tokens
+        if self.memory_at_cls and isinstance(cache, KVCache):
+            # memory tokens share position 0 with the [CLS]: one past the last kept token's position
+            # (the memory columns stay first, keep_last keeps them)
+            kept = cache.positions[:, M:].masked_fill(~cache.key_mask[:, M:], -1)
+            return kept.amax(dim=-1, keepdim=True) + 1 if kept.shape[1] else torch.zeros_like(kept[:, :1])
+        return cache.next_positions() - M  # a KVCache: the last position + 1; a static one: kept slots
 
     def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids):
         """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
@@ -406,7 +418,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         if self.cls_token is not None:
             h = torch.cat((self.cls_token.to(h.dtype).expand(b, -1, -1), h), dim=1)
 
-        layer_positions = positions + M
+        layer_positions = positions + self.memory_shift
         layer_mask = mask if kv_mask is None else (kv_mask if mask is None else mask & kv_mask)
         P = h.shape[1] - n  # [CLS] + prepended columns
         if P:
@@ -415,7 +427,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             prefix_pos = default_positions(pmask if prepend_mask is not None else None, P, x.device)
             kept = pmask.sum(dim=-1, keepdim=True) if prepend_mask is not None else P
             layer_positions = torch.cat((prefix_pos.expand(layer_positions.shape[0] if prepend_mask is None else b, -1)
-                                         + M, layer_positions + kept), dim=-1)
+                                         + self.memory_shift, layer_positions + kept), dim=-1)
             if layer_mask is not None or prepend_mask is not None:
                 layer_mask = torch.cat((pmask, layer_mask if layer_mask is not None
                                         else torch.ones(b, n, dtype=torch.bool, device=x.device)), dim=-1)
@@ -423,12 +435,15 @@ class TransformerWrapper(Pretrained, nn.Module):
             mem = self.memory_tokens.to(h.dtype).expand(b, -1, -1)
             h = torch.cat((mem, h), dim=1)
             mem_pos = torch.arange(M, device=x.device)[None].expand(layer_positions.shape[0], -1)
+            mem_pos = mem_pos * 0 if self.memory_at_cls else mem_pos
             layer_positions = torch.cat((mem_pos, layer_positions), dim=-1)
             if layer_mask is not None:
                 layer_mask = torch.cat((torch.ones(b, M, dtype=torch.bool, device=x.device), layer_mask), dim=-1)
 
+        # a funnel keeps the memory tokens out of its pooling windows
+        funnel = dict(num_memory_tokens=M) if M and isinstance(self.attn_layers, FunnelEncoder) else {}
         out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
-                               return_attn=return_attn)
+                               return_attn=return_attn, **funnel)
         out, attns = out if return_attn else (out, None)
         return (out[:, M:] if M and first else out), attns
 
