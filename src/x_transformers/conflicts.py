@@ -198,6 +198,25 @@ for _k in ("tie_embedding", "logits_dim", "logits_scale"):
             example={"return_only_embed": True, _k: {"tie_embedding": True, "logits_dim": 8, "logits_scale": 0.5}[_k]},
             kinds=WRAPPER)
 
+# pooling of the final hidden states and the output head's variants (heads.py)
+POOLING = ("use_cls_token", "average_pool_embed", "attn_pool")
+for _i, _a in enumerate(POOLING):
+    for _b in POOLING[_i + 1:]:
+        declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b),
+                reason="choose one pooling of the final hidden states", example={_a: True, _b: True}, kinds=WRAPPER)
+declare("num_output_heads", "tie_embedding", when=lambda s: s.get("num_output_heads", 1) > 1 and on(s, "tie_embedding"),
+        reason="a tied head is the one token embedding; untie it for several heads",
+        example=dict(num_output_heads=2, tie_embedding=True), kinds=WRAPPER)
+declare("num_output_heads", "mixture_of_softmax",
+        when=lambda s: s.get("num_output_heads", 1) > 1 and on(s, "mixture_of_softmax"),
+        reason="the mixture of softmaxes has one head", example=dict(num_output_heads=2, mixture_of_softmax=True),
+        kinds=WRAPPER)
+for _k in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits", "squeeze_out_last_dim"):
+    declare("return_only_embed", _k, when=lambda s, k=_k: on(s, "return_only_embed") and on(s, k)
+            and not (k == "num_output_heads" and s[k] == 1),
+            reason="without an output head there are no logits to shape",
+            example={"return_only_embed": True, _k: 2 if _k == "num_output_heads" else True}, kinds=WRAPPER)
+
 # XTransformer keywords (as passed: shared, enc_ and dec_ prefixed)
 declare("cross_attend", when=lambda s: on(s, "cross_attend") or on(s, "enc_cross_attend") or off(s, "dec_cross_attend"),
         reason="the decoder of an XTransformer always cross-attends to the encoder, and the encoder has no "
