@@ -176,3 +176,81 @@ def test_tupe_untie_cls_with_memory_tokens_decodes_exactly_with_a_cache():
     for cache in (KVCache(), StaticKVCache.for_model(model, 2, 2 + 8)):
         outs = [model(x[:, :4], keep[:, :4], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(4, 8)]
         torch.testing.assert_close(torch.cat(outs, dim=1)[keep], ref[keep], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom token embedding and output head (upstream's token_emb / to_logits modules)
+
+
+class Factorised(torch.nn.Module):
+    """A token embedding of our own: a small table times a projection (ALBERT's factorisation)."""
+
+    def __init__(self, num_tokens, dim, rank=4):
+        super().__init__()
+        self.table = torch.nn.Embedding(num_tokens, rank)
+        self.up = torch.nn.Linear(rank, dim, bias=False)
+
+    def forward(self, x):
+        return self.up(self.table(x))
+
+
+def test_custom_token_emb_is_what_the_model_consumes():
+    torch.manual_seed(0)
+    emb = Factorised(29, 32)
+    model = TransformerWrapper(num_tokens=29, max_seq_len=16, token_emb=emb,
+                               attn_layers=Decoder(dim=32, depth=1, heads=4)).eval()
+    assert model.token_emb is emb
+    x = torch.randint(0, 29, (2, 7), generator=torch.Generator().manual_seed(3))
+    logits = model(x)
+    # the module's output, and nothing else, is the token embedding: replacing its output replaces the input
+    seen = {}
+    handle = model.attn_layers.register_forward_pre_hook(lambda m, a: seen.update(h=a[0]))
+    model(x)
+    handle.remove()
+    torch.testing.assert_close(seen["h"], emb(x) + model.pos_emb(torch.arange(7)[None]))
+    logits.square().mean().backward()
+    assert emb.table.weight.grad[x.unique()].abs().sum(dim=-1).min() > 0 and emb.up.weight.grad.abs().sum() > 0
+    unused = torch.ones(29, dtype=torch.bool)
+    unused[x.unique()] = False
+    assert not emb.table.weight.grad[unused].any()  # only the rows of the tokens given
+
+
+def test_custom_to_logits_is_the_head():
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 29))
+    model = TransformerWrapper(num_tokens=29, max_seq_len=16, to_logits=head,
+                               attn_layers=Encoder(dim=32, depth=1, heads=4)).eval()
+    x = torch.randint(0, 29, (2, 7), generator=torch.Generator().manual_seed(3))
+    logits, hidden = model(x, return_logits_and_embeddings=True)
+    torch.testing.assert_close(logits, head(hidden))
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def test_custom_modules_refused_where_ambiguous():
+    import pytest
+
+    from x_transformers import ConfigConflictError
+
+    def build(**kw):
+        return TransformerWrapper(num_tokens=29, max_seq_len=16, attn_layers=Encoder(dim=32, depth=1, heads=4), **kw)
+
+    with pytest.raises(ConfigConflictError, match="token_emb.*tie_embedding"):
+        build(token_emb=torch.nn.Embedding(29, 32), tie_embedding=True)
+    with pytest.raises(ConfigConflictError, match="to_logits.*num_output_heads"):
+        build(to_logits=torch.nn.Linear(32, 29), num_output_heads=2)
+    with pytest.raises(TypeError, match="token_emb must be an nn.Module"):
+        build(token_emb=lambda x: x)
+    model = build(token_emb=torch.nn.Embedding(29, 16))  # emb_dim is 32 (dim): the wrong width
+    with pytest.raises(ValueError, match="token_emb must map"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+    # a bias-free linear custom head still gives the chunked loss its weight; another head does not
+    assert build(to_logits=torch.nn.Linear(32, 29, bias=False)).logits_weight.shape == (29, 32)
+    with pytest.raises(ValueError, match="logits_weight"):
+        build(to_logits=torch.nn.Linear(32, 29)).logits_weight
+
+
+def test_xtransformer_routes_custom_modules_to_a_side():
+    emb = torch.nn.Embedding(20, 32)
+    model = XTransformer(dim=32, depth=1, heads=4, num_tokens=20, max_seq_len=16, dec_token_emb=emb)
+    assert model.decoder.token_emb is emb and model.encoder.token_emb is not emb

@@ -217,6 +217,28 @@ for _k in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits", "squee
             reason="without an output head there are no logits to shape",
             example={"return_only_embed": True, _k: 2 if _k == "num_output_heads" else True}, kinds=WRAPPER)
 
+# a custom token embedding / output head (TransformerWrapper(token_emb=, to_logits=): built modules)
+def _module(name):
+    """An example module for the entries' examples (the tests build dim=32, num_tokens=10 models)."""
+    from torch import nn
+
+    return nn.Embedding(10, 32) if name == "token_emb" else nn.Linear(32, 10)
+
+
+for _k, _why in (("tie_embedding", "a tied head is the built-in embedding table's weight"),
+                 ("l2norm_embed", "the custom embedding replaces the table and its normalisation; normalise in "
+                                  "the module")):
+    declare("token_emb", _k, when=lambda s, k=_k: on(s, "token_emb") and on(s, k), reason=_why,
+            example={"token_emb": _module("token_emb"), _k: True}, kinds=WRAPPER)
+for _k, _v, _why in (("tie_embedding", True, "the head is tied to the embedding; untie it for a custom head"),
+                     ("num_output_heads", 2, "a custom head is one module; build several inside it"),
+                     ("logits_dim", 8, "the custom head's output sets the logits' width"),
+                     ("logits_scale", 0.5, "scale inside the custom head"),
+                     ("return_only_embed", True, "return_only_embed has no output head")):
+    declare("to_logits", _k, when=lambda s, k=_k: on(s, "to_logits") and k in s and s[k] is not None
+            and not (k == "num_output_heads" and s[k] == 1) and s[k] is not False,
+            reason=_why, example={"to_logits": _module("to_logits"), _k: _v}, kinds=WRAPPER)
+
 # XTransformer keywords (as passed: shared, enc_ and dec_ prefixed)
 declare("cross_attend", when=lambda s: on(s, "cross_attend") or on(s, "enc_cross_attend") or off(s, "dec_cross_attend"),
         reason="the decoder of an XTransformer always cross-attends to the encoder, and the encoder has no "

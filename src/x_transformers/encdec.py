@@ -13,7 +13,7 @@ from .funnel import DEFAULT_DEPTHS, FunnelEncoder
 from .heads import POOLING
 from .hub import Pretrained
 from .layers import Decoder, Encoder
-from .wrappers import TransformerWrapper
+from .wrappers import MODULE_KEYS, TransformerWrapper
 
 
 HEAD_KEYS = ("tie_embedding", "logits_dim", "logits_scale")  # the output head's keywords
@@ -73,7 +73,7 @@ class XTransformer(Pretrained, nn.Module):
 
     @staticmethod
     def _side(layers_cls, dim, kwargs, where, **extra):
-        wrapper = {k: kwargs.pop(k) for k in list(kwargs) if k in WRAPPER_KEYS}
+        wrapper = {k: kwargs.pop(k) for k in list(kwargs) if k in WRAPPER_KEYS or k in MODULE_KEYS}
         for key in (*POOLING, "embed_num_tokens"):
             if wrapper.get(key):
                 raise ValueError(f"{where}: {key} is not for an encoder-decoder (the encoder's hidden states feed "

@@ -183,7 +183,10 @@ def _wrapper_differences(ours: TransformerWrapper, want: TransformerWrapper, pre
     if ours.logits_scale != want.logits_scale:
         out.append(f"{prefix}logits_scale={ours.logits_scale} (needs {want.logits_scale})")
     if not isinstance(ours.project_emb, nn.Identity):
-        out.append(f"{prefix}emb_dim={ours.token_emb.weight.shape[1]} (needs dim)")
+        out.append(f"{prefix}emb_dim={ours.emb_dim} (needs dim)")
+    for name in ("token_emb", "to_logits"):
+        if getattr(ours, f"custom_{name}", False):
+            out.append(f"{prefix}a custom {name} module (needs the built-in one)")
     return out
 
 

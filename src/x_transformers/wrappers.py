@@ -25,6 +25,9 @@ from .norms import LayerNorm
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
 
 
+MODULE_KEYS = ("token_emb", "to_logits")  # built modules TransformerWrapper takes besides attn_layers
+
+
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -32,23 +35,31 @@ def _is_compiling() -> bool:
 class TransformerWrapper(Pretrained, nn.Module):
     """Token embedding, positions, optional memory tokens, a layer stack and the output head."""
 
-    def __init__(self, *, attn_layers: AttentionLayers, **kwargs):
-        """Keywords: :class:`~x_transformers.config.WrapperConfig` names, and the built stack."""
+    def __init__(self, *, attn_layers: AttentionLayers, token_emb: nn.Module | None = None,
+                 to_logits: nn.Module | None = None, **kwargs):
+        """Keywords: :class:`~x_transformers.config.WrapperConfig` names, and built modules: the stack
+        (``attn_layers``) and, as upstream, optionally the token embedding (``token_emb``: token ids
+        (b, n) -> (b, n, emb_dim), in place of the embedding table) and the output head
+        (``to_logits``: hidden states (..., dim) -> logits, in place of the linear head)."""
         super().__init__()
+        for name, module in (("token_emb", token_emb), ("to_logits", to_logits)):
+            if module is not None and not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module (or None for the built-in one), got {type(module).__name__}")
         if "tie_embedding_scale" in kwargs and kwargs.get("tie_embedding") is not True:
             raise ValueError("tie_embedding_scale scales a tied head's logits; set tie_embedding=True as well, "
                              "or use logits_scale")
         kwargs = aliases.resolve(kwargs, "wrapper", "TransformerWrapper")
         for key in kwargs:
             if key not in WRAPPER_KEYS:
-                raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",), "TransformerWrapper")
+                raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",) + MODULE_KEYS, "TransformerWrapper")
         if "num_tokens" not in kwargs:
             raise TypeError("TransformerWrapper needs num_tokens, the vocabulary size")
         if not isinstance(attn_layers, (AttentionLayers, FunnelEncoder)):
             raise TypeError(f"attn_layers must be an Encoder, Decoder, AttentionLayers or FunnelEncoder, "
                             f"got {type(attn_layers).__name__}")
         check_types(WrapperConfig, kwargs)
-        conflicts.check("wrapper", {**stack_settings(attn_layers), **kwargs})
+        custom = {k: m for k, m in (("token_emb", token_emb), ("to_logits", to_logits)) if m is not None}
+        conflicts.check("wrapper", {**stack_settings(attn_layers), **kwargs, **custom})
         self.cfg = cfg = build(WrapperConfig, kwargs, "TransformerWrapper")
         num_tokens, max_seq_len, num_memory_tokens = cfg.num_tokens, cfg.max_seq_len, cfg.num_memory_tokens or 0
         lcfg = attn_layers.layer_cfg  # the LayersConfig (a funnel's: that of its blocks)
@@ -65,10 +76,14 @@ class TransformerWrapper(Pretrained, nn.Module):
         default_scale = dim ** -0.5 if cfg.tie_embedding else 1.0
         self.logits_scale = cfg.logits_scale if cfg.logits_scale is not None else default_scale
 
-        self.token_emb = nn.Embedding(num_tokens, emb_dim)
-        # l2norm_embed normalises the lookups, so only the direction is learned: upstream starts
-        # the tables at std 1e-5
-        nn.init.normal_(self.token_emb.weight, std=1e-5 if cfg.l2norm_embed else 0.02)
+        self.emb_dim = emb_dim
+        if token_emb is None:
+            token_emb = nn.Embedding(num_tokens, emb_dim)
+            # l2norm_embed normalises the lookups, so only the direction is learned: upstream starts
+            # the tables at std 1e-5
+            nn.init.normal_(token_emb.weight, std=1e-5 if cfg.l2norm_embed else 0.02)
+        self.token_emb = token_emb
+        self.custom_token_emb = "token_emb" in custom
         # Absolute positions: learned by default, as upstream: unless the stack carries rotary or T5
         # bias (ALiBi keeps them), TUPE replaces them, the stack's disable_abs_pos_emb says so,
         # max_seq_len=0, or the user chose a sinusoidal table.
@@ -117,7 +132,10 @@ class TransformerWrapper(Pretrained, nn.Module):
 
         # no head when tied (the embedding serves) or when only hidden states are wanted (an encoder's side)
         head = not (cfg.tie_embedding or cfg.return_only_embed)
-        self.to_logits = output_heads(dim, cfg.logits_dim or num_tokens, cfg.num_output_heads) if head else None
+        if to_logits is None and head:
+            to_logits = output_heads(dim, cfg.logits_dim or num_tokens, cfg.num_output_heads)
+        self.to_logits = to_logits
+        self.custom_to_logits = "to_logits" in custom
         self.mixture = Mixture(dim, cfg.mixture_of_softmax_k) if cfg.mixture_of_softmax else None
 
     def check_inputs(self, x, mask):
@@ -141,6 +159,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         :func:`x_transformers.loss.chunked_cross_entropy`, which never builds the full logits."""
         if self.cfg.return_only_embed:
             raise ValueError("this wrapper has no output head (return_only_embed=True)")
+        if self.custom_to_logits and not (isinstance(self.to_logits, nn.Linear) and self.to_logits.bias is None):
+            raise ValueError("logits_weight: the custom to_logits is not one bias-free linear layer")
         for key in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits"):
             if getattr(self.cfg, key) not in (False, 1):
                 raise ValueError(f"logits_weight: with {key} the logits are not hidden states times one weight")
@@ -240,7 +260,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         return (out, attns) if return_attn else out
 
     def _check_extra_inputs(self, x, prepend_embeds, prepend_mask, embed_ids, cache, z_loss):
-        b, emb_dim = x.shape[0], self.token_emb.weight.shape[1]
+        b, emb_dim = x.shape[0], self.emb_dim
         if prepend_embeds is not None:
             if not (isinstance(prepend_embeds, torch.Tensor) and prepend_embeds.is_floating_point()
                     and prepend_embeds.ndim == 3 and prepend_embeds.shape[0] == b and prepend_embeds.shape[2] == emb_dim):
@@ -379,6 +399,11 @@ class TransformerWrapper(Pretrained, nn.Module):
         """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
         n = x.shape[1]
         h = self.token_emb(x)
+        if self.custom_token_emb and not _is_compiling() and (
+                not isinstance(h, torch.Tensor) or h.shape != (*x.shape, self.emb_dim) or not h.is_floating_point()):
+            raise ValueError(f"token_emb must map token ids {tuple(x.shape)} to float embeddings "
+                             f"{(*x.shape, self.emb_dim)} (emb_dim), got {getattr(h, 'dtype', type(h).__name__)} "
+                             f"{tuple(getattr(h, 'shape', ()))}")
         if self.cfg.l2norm_embed:
             h = F.normalize(h, dim=-1)
         if external is not None:
@@ -467,7 +492,8 @@ UPSTREAM_ABSENT = {
                      "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
     **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
     "return_next_embed_pred": "the continuous next-embedding head is not implemented",
-    **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no keywords here"),
+    **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no per-call keywords "
+                    "here (bind them in your module)"),
     "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
     **dict.fromkeys(("cache_age", "seq_pos_offset"), "the new tokens are those after the cache's cache_length"),
     **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "context_pos", "condition", "in_attn_cond",
