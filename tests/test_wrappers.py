@@ -254,3 +254,79 @@ def test_xtransformer_routes_custom_modules_to_a_side():
     emb = torch.nn.Embedding(20, 32)
     model = XTransformer(dim=32, depth=1, heads=4, num_tokens=20, max_seq_len=16, dec_token_emb=emb)
     assert model.decoder.token_emb is emb and model.encoder.token_emb is not emb
+
+
+# ---------------------------------------------------------------------------------------------
+# memory tokens interspersed every n tokens (upstream's memory_tokens_interspersed_every)
+
+
+def _interspersed(every=3, M=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    return TransformerWrapper(num_tokens=29, max_seq_len=32, num_memory_tokens=M, memory_tokens_interspersed_every=every,
+                              attn_layers=Decoder(dim=32, depth=2, heads=4, **kw)).eval()
+
+
+def test_interspersed_memory_tokens_appear_before_every_nth_token():
+    model = _interspersed(every=3, M=2)
+    x = torch.randint(0, 29, (2, 7), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    handle = model.attn_layers.register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0], **k), with_kwargs=True)
+    out = model(x)
+    handle.remove()
+    h, mem = seen["h"], model.memory_tokens
+    # columns: [m m] x0 x1 x2 [m m] x3 x4 x5 [m m] x6
+    assert h.shape[1] == 7 + 3 * 2
+    for group in (0, 5, 10):
+        assert torch.equal(h[:, group:group + 2], mem.expand(2, -1, -1))
+    tokens_at = [2, 3, 4, 7, 8, 9, 12]
+    assert torch.equal(h[:, tokens_at], model.token_emb(x) + model.pos_emb(torch.arange(7)[None]))
+    assert seen["positions"].tolist()[0] == list(range(13))  # each memory group just before its chunk
+    assert out.shape == (2, 7, 29)
+    # the memory tokens are read: a chunk's tokens change when the memory tokens do
+    with torch.no_grad():
+        model.memory_tokens.add_(1.0)
+    assert not torch.allclose(model(x)[:, 3:], out[:, 3:])
+
+
+def test_interspersed_memory_tokens_stay_causal():
+    model = _interspersed(every=2, M=1, rotary_pos_emb=True)
+    x = torch.randint(0, 29, (1, 7), generator=torch.Generator().manual_seed(2))
+    ref = model(x)
+    for t in range(1, 7):
+        torch.testing.assert_close(model(x[:, :t]), ref[:, :t], atol=1e-5, rtol=1e-5)
+
+
+def test_interspersed_memory_tokens_decode_exactly_with_a_cache():
+    """A left-padded prompt, then one token at a time: the memory group enters the cache when a
+    chunk's first token arrives; KVCache and StaticKVCache give the full forward's logits."""
+    from x_transformers import AutoregressiveWrapper
+    from x_transformers.cache import KVCache, StaticKVCache
+
+    for kw in (dict(), dict(rotary_pos_emb=True), dict(alibi_pos_bias=True)):
+        model = _interspersed(every=3, M=2, **kw)
+        x = torch.randint(0, 29, (2, 9), generator=torch.Generator().manual_seed(3))
+        keep = torch.ones(2, 9, dtype=torch.bool)
+        keep[1, :2] = False
+        ref = model(x, keep)
+        for cache in (KVCache(), StaticKVCache.for_model(model, 2, 9 + 2 * 3)):
+            outs = [model(x[:, :4], keep[:, :4], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(4, 9)]
+            torch.testing.assert_close(torch.cat(outs, dim=1)[keep], ref[keep], atol=1e-5, rtol=1e-5)
+        ar = AutoregressiveWrapper(model)
+        prompt = x[:, :2]
+        assert torch.equal(ar.generate(prompt, 6, temperature=0.0, cache_kv=True),
+                           ar.generate(prompt, 6, temperature=0.0, cache_kv=False))
+
+
+def test_interspersed_memory_tokens_refusals():
+    import pytest
+
+    from x_transformers import ConfigConflictError
+
+    with pytest.raises(ConfigConflictError, match="num_memory_tokens"):
+        TransformerWrapper(num_tokens=29, max_seq_len=16, memory_tokens_interspersed_every=2,
+                           attn_layers=Decoder(dim=32, depth=1, heads=4))
+    with pytest.raises(ConfigConflictError, match="bidirectional"):
+        TransformerWrapper(num_tokens=29, max_seq_len=16, memory_tokens_interspersed_every=2, num_memory_tokens=1,
+                           attn_layers=Encoder(dim=32, depth=1, heads=4))
+    with pytest.raises(ValueError, match="memory_tokens_interspersed_every"):
+        _interspersed(every=0)

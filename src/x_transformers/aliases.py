@@ -127,7 +127,7 @@ _LAYERS_NOT_YET = dict(
     hyper_conn_sinkhorn_iters=5,
 )
 _WRAPPER_NOT_YET = dict(
-    max_mem_len=0, shift_mem_down=0, memory_tokens_interspersed_every=None, recycling=False,
+    max_mem_len=0, shift_mem_down=0, recycling=False,
     train_max_recycle_steps=4, looped=False, max_looped_steps=4, ff_deep_embed=False,
     add_continuous_pred_head=False, input_not_include_cache=False,
 )

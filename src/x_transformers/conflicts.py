@@ -217,6 +217,22 @@ for _k in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits", "squee
             reason="without an output head there are no logits to shape",
             example={"return_only_embed": True, _k: 2 if _k == "num_output_heads" else True}, kinds=WRAPPER)
 
+# memory tokens interspersed in the sequence (upstream: decoders only)
+declare("memory_tokens_interspersed_every", "num_memory_tokens=0",
+        when=lambda s: on(s, "memory_tokens_interspersed_every") and not on(s, "num_memory_tokens"),
+        reason="there are no memory tokens to intersperse; set num_memory_tokens",
+        example=dict(memory_tokens_interspersed_every=4), kinds=WRAPPER)
+declare("memory_tokens_interspersed_every", "tupe_untie_cls",
+        when=lambda s: on(s, "memory_tokens_interspersed_every") and on(s, "tupe_untie_cls"),
+        reason="memory tokens take the untied [CLS] position 0; interspersed ones would untie positions mid-sequence",
+        example=dict(memory_tokens_interspersed_every=4, num_memory_tokens=1, tupe=True, tupe_max_seq_len=16,
+                     tupe_untie_cls=True), kinds=WRAPPER)
+declare("memory_tokens_interspersed_every", "a bidirectional stack",
+        when=lambda s: on(s, "memory_tokens_interspersed_every") and not s.get("causal", False),
+        reason="interspersed memory tokens summarise the tokens before them, for a causal stack (Decoder), as "
+               "upstream; an encoder reads memory tokens once, at the front",
+        example=dict(memory_tokens_interspersed_every=4, num_memory_tokens=1, causal=False), kinds=WRAPPER)
+
 # a custom token embedding / output head (TransformerWrapper(token_emb=, to_logits=): built modules)
 def _module(name):
     """An example module for the entries' examples (the tests build dim=32, num_tokens=10 models)."""

@@ -359,7 +359,12 @@ class TransformerWrapper(Pretrained, nn.Module):
     def _columns_seen(self, cache) -> int:
         """Token columns a KVCache / StaticKVCache holds (memory tokens not counted)."""
         seen = cache.seq_len if isinstance(cache, KVCache) else cache.length
-        return max(seen - (self.num_memory_tokens if not cache.empty else 0), 0)
+        if cache.empty:
+            return 0
+        every, M = self.cfg.memory_tokens_interspersed_every, self.num_memory_tokens
+        if every and M:  # seen = c + M * ceil(c / every): each group of every + M columns holds one memory group
+            return seen - M * -(-seen // (every + M))
+        return max(seen - M, 0)
 
     @staticmethod
     def _start_mask(seq_start_pos, mask, x, offset):
@@ -388,6 +393,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         if cache is None or cache.empty:
             return None
         M = self.num_memory_tokens
+        if self.cfg.memory_tokens_interspersed_every and M:  # a memory group before every every-th column
+            return cache.next_positions() - M * -(-self._columns_seen(cache) // self.cfg.memory_tokens_interspersed_every)
         if self.memory_at_cls and isinstance(cache, KVCache):
             # memory tokens share position 0 with the [CLS]: one past the last kept token's position
             # (the memory columns stay first, keep_last keeps them)
@@ -456,6 +463,15 @@ class TransformerWrapper(Pretrained, nn.Module):
             if layer_mask is not None or prepend_mask is not None:
                 layer_mask = torch.cat((pmask, layer_mask if layer_mask is not None
                                         else torch.ones(b, n, dtype=torch.bool, device=x.device)), dim=-1)
+        if M and self.cfg.memory_tokens_interspersed_every:
+            if P:
+                raise ValueError("memory_tokens_interspersed_every with prepend_embeds is not supported")
+            offset = 0 if first else self._columns_seen(cache)
+            h, layer_positions, layer_mask, real = self._intersperse(h, positions, layer_mask, offset)
+            out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
+                                   return_attn=return_attn)
+            out, attns = out if return_attn else (out, None)
+            return out.index_select(1, real), attns
         if M and first:
             mem = self.memory_tokens.to(h.dtype).expand(b, -1, -1)
             h = torch.cat((mem, h), dim=1)
@@ -471,6 +487,36 @@ class TransformerWrapper(Pretrained, nn.Module):
                                return_attn=return_attn, **funnel)
         out, attns = out if return_attn else (out, None)
         return (out[:, M:] if M and first else out), attns
+
+    def _intersperse(self, h, positions, mask, offset: int):
+        """The memory tokens before every ``every``-th token column (upstream's memory_tokens_interspersed_every):
+        h (b, n, dim) of the token columns offset..offset+n-1 -> the stack's input (b, n + M * groups, dim),
+        its positions and mask, and the indices of the token rows in it. A token's position moves up by M
+        for each memory group up to it; a group sits at the M positions just before its chunk's first token."""
+        every, M = self.cfg.memory_tokens_interspersed_every, self.num_memory_tokens
+        b, n, _ = h.shape
+        cols = offset + torch.arange(n, device=h.device)
+        tok_pos = positions + M * (cols // every + 1)  # (b|1, n)
+        mem = self.memory_tokens.to(h.dtype)[None].expand(b, -1, -1)
+        steps = torch.arange(M, device=h.device) - M
+        pieces, pos, keep, real, at = [], [], [], [], 0
+        starts = [i for i in range(n) if (offset + i) % every == 0]
+        for lo, hi in zip([0] + starts, starts + [n]):
+            if hi > lo:  # tokens lo..hi-1
+                pieces.append(h[:, lo:hi])
+                pos.append(tok_pos[:, lo:hi])
+                keep.append(mask[:, lo:hi] if mask is not None else None)
+                real.extend(range(at, at + hi - lo))
+                at += hi - lo
+            if hi < n:  # a memory group before token hi
+                pieces.append(mem)
+                pos.append(tok_pos[:, hi:hi + 1] + steps)
+                keep.append(torch.ones(b, M, dtype=torch.bool, device=h.device) if mask is not None else None)
+                at += M
+        rows = max(p.shape[0] for p in pos)
+        positions = torch.cat([p.expand(rows, -1) for p in pos], dim=1)
+        mask = torch.cat(keep, dim=1) if mask is not None else None
+        return torch.cat(pieces, dim=1), positions, mask, torch.tensor(real, device=h.device, dtype=torch.long)
 
 
 def _drop_cached(t, offset: int):
