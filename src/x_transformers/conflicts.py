@@ -92,6 +92,15 @@ def head_counts(s: dict) -> set:
     return {side(s, "enc", "heads") or 8, side(s, "dec", "heads") or 8}
 
 
+def self_attention(s: dict) -> bool:
+    """Whether some block attends to the sequence itself: the wrapper's settings say so from the
+    built layouts (``self_attention``); from keywords alone, a custom layout without 'a' has none."""
+    if "self_attention" in s:
+        return bool(s["self_attention"])
+    layers = s.get("custom_layers")
+    return layers is None or "a" in layers
+
+
 def forced(s: dict) -> bool:
     """attn_backend names one backend (not "auto", not the explicit one that computes everything)."""
     return s.get("attn_backend", "auto") not in ("auto", "explicit")
@@ -324,3 +333,8 @@ for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias",
 declare("num_memory_tokens", "only_cross", when=lambda s: on(s, "num_memory_tokens") and on(s, "only_cross"),
         reason="without self-attention, memory tokens reach no other position and learn nothing",
         example=dict(num_memory_tokens=2, only_cross=True), kinds=WRAPPER)
+declare("num_memory_tokens", "a layout without self-attention",
+        when=lambda s: on(s, "num_memory_tokens") and not on(s, "only_cross") and not self_attention(s),
+        reason="no block attends to the sequence itself (custom_layers without 'a', or top_attn_to_ff replacing "
+               "every self-attention), so memory tokens reach no other position and learn nothing",
+        example=dict(num_memory_tokens=2, custom_layers=("f",)), kinds=WRAPPER)

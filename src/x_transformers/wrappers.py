@@ -561,11 +561,15 @@ def refuse_upstream(kwargs: dict, where: str):
 
 def stack_settings(attn_layers) -> dict:
     """What the wrapper's conflicts read of a built stack: its resolved LayersConfig fields and dim,
-    and a funnel's depths / upsample."""
+    a funnel's depths / upsample, and whether any block attends to the sequence itself
+    (``self_attention``: the resolved layouts, after custom_layers / top_attn_to_ff)."""
     settings = {f.name: getattr(attn_layers.layer_cfg, f.name) for f in fields(LayersConfig)}
     settings["dim"] = attn_layers.dim
+    stacks = [attn_layers]
     if isinstance(attn_layers, FunnelEncoder):
         settings.update(depths=attn_layers.cfg.depths, upsample=attn_layers.cfg.upsample)
+        stacks = list(attn_layers.blocks) + ([attn_layers.upsampler] if attn_layers.upsampler is not None else [])
+    settings["self_attention"] = any(spec.kind == "a" for stack in stacks for spec in stack.layout)
     return settings
 
 
