@@ -12,6 +12,7 @@ from x_transformers.aliases import ALIASES, NO_OPS, NOT_YET
 from x_transformers.config import AttentionConfig, FeedForwardConfig, LayersConfig, WRAPPER_KEYS, field_names
 from x_transformers.funnel import FunnelEncoder
 from x_transformers.layers import AttentionLayers
+from x_transformers.wrappers import MODULE_KEYS
 
 DIM = 32
 
@@ -167,7 +168,7 @@ def test_tables_do_not_overlap_our_names():
 
 def _our_names() -> set[str]:
     return (field_names(LayersConfig) | {"attn_" + n for n in field_names(AttentionConfig)}
-            | {"ff_" + n for n in field_names(FeedForwardConfig)} | set(WRAPPER_KEYS) | {"attn_layers"})
+            | {"ff_" + n for n in field_names(FeedForwardConfig)} | set(WRAPPER_KEYS) | {"attn_layers"} | set(MODULE_KEYS))
 
 
 def classify(sig: dict[str, list[str]]) -> dict[str, set[str]]:

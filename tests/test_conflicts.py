@@ -11,6 +11,7 @@ from x_transformers import (ConfigConflictError, CrossAttender, Decoder, Encoder
 from x_transformers.config import WRAPPER_KEYS, field_names
 from x_transformers.conflicts import CONFLICTS, KINDS, check
 from x_transformers.funnel import FunnelConfig
+from x_transformers.wrappers import MODULE_KEYS
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "x_transformers"
 # conflict() call sites in other modules still to be switched to conflicts.check (each has a table entry)
@@ -22,7 +23,7 @@ def build_kind(kind: str, keywords: dict):
     kw = dict(keywords)
     if kind == "xtransformer":
         return XTransformer(**{**dict(dim=32, depth=1, heads=4, num_tokens=10, max_seq_len=16), **kw})
-    wrapper = {k: kw.pop(k) for k in list(kw) if k in WRAPPER_KEYS}
+    wrapper = {k: kw.pop(k) for k in list(kw) if k in WRAPPER_KEYS or k in MODULE_KEYS}
     funnel = {k: kw.pop(k) for k in list(kw) if k in field_names(FunnelConfig)}
     if kind == "funnel" or funnel:
         layers = FunnelEncoder(32, heads=4, **{"depths": (1,), **funnel}, **kw)

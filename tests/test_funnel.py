@@ -72,7 +72,7 @@ def test_upsample_index_inverts_pooling():
                 owner = torch.arange(n)
                 for _ in range(k):
                     owner = torch.where(owner < int(cls), owner, int(cls) + (owner - int(cls)) // 2)
-                assert torch.equal(upsample_index(n, k, cls, "cpu"), owner)
+                assert torch.equal(upsample_index(n, k, int(cls), "cpu"), owner)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,12 +90,12 @@ def test_mean_over_kept_sources_and_first_kept_position():
     x = torch.arange(10.0).view(1, 5, 2)  # tokens (0,1) (2,3) (4,5) (6,7) (8,9)
     mask = torch.tensor([[False, True, True, True, True]])
     pos = torch.tensor([[0, 0, 1, 2, 3]])
-    pooled, pmask, ppos = mean_pool(x, mask, pos, separate_cls=False)
+    pooled, pmask, ppos = mean_pool(x, mask, pos, lead=0)
     # window 0 keeps only token 1; window 1 averages tokens 2, 3; window 2 is token 4 alone (odd)
     assert pooled.tolist() == [[[2.0, 3.0], [5.0, 6.0], [8.0, 9.0]]]
     assert pmask.tolist() == [[True, True, True]] and ppos.tolist() == [[0, 1, 3]]
     # no mask: plain means, odd tail alone; positions are the first source's
-    pooled, pmask, ppos = mean_pool(x, None, torch.arange(5)[None], separate_cls=True)
+    pooled, pmask, ppos = mean_pool(x, None, torch.arange(5)[None], lead=1)
     assert pooled.tolist() == [[[0.0, 1.0], [3.0, 4.0], [7.0, 8.0]]]
     assert pmask is None and ppos.tolist() == [[0, 1, 3]]
 
@@ -215,14 +215,89 @@ def test_refusals_name_the_keywords():
         FunnelEncoder(DIM, depths=(2, 0), heads=HEADS)
     with pytest.raises(ValueError, match="bidirectional"):
         FunnelEncoder(DIM, depths=(1, 1), heads=HEADS, causal=True)
-    with pytest.raises(ConfigConflictError, match="num_memory_tokens"):
-        TransformerWrapper(num_tokens=VOCAB, max_seq_len=16, num_memory_tokens=2,
-                           attn_layers=FunnelEncoder(DIM, depths=(1, 1), heads=HEADS))
+    with pytest.raises(ValueError, match="num_memory_tokens"):
+        funnel()(torch.randn(1, 4, DIM), num_memory_tokens=5)
     with pytest.raises(ConfigConflictError, match="enc_depth.*enc_funnel"):
         XTransformer(dim=DIM, depth=1, heads=HEADS, num_tokens=VOCAB, max_seq_len=16, enc_funnel=True, enc_depth=2)
     model = funnel(separate_cls=True)
     with pytest.raises(ValueError, match="separate_cls"):
         model(torch.randn(1, 4, DIM), torch.tensor([[False, True, True, True]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory tokens (TransformerWrapper's num_memory_tokens): never pooled
+
+
+def _stack_inputs(model, x, mask=None):
+    """What the wrapper hands its stack: (embedded sequence with memory tokens first, mask, positions)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(h=args[0], mask=args[1], positions=kwargs["positions"])
+
+    handle = model.attn_layers.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = model(x, mask, return_embeddings=True)
+    finally:
+        handle.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(rotary_pos_emb=True), dict(rel_pos_bias=True)])
+def test_one_memory_token_is_pooled_like_a_separate_cls(kwargs):
+    """A leading memory token is never pooled, so a funnel over [memory; tokens] computes exactly
+    what the same weights compute with separate_cls=True, the memory token in the [CLS]'s place
+    (an older, independently tested path)."""
+    torch.manual_seed(0)
+    stack = FunnelEncoder(DIM, depths=(1, 1, 1), heads=HEADS, **kwargs)
+    model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, num_memory_tokens=1, attn_layers=stack).eval()
+    ref_stack = FunnelEncoder(DIM, depths=(1, 1, 1), heads=HEADS, separate_cls=True, **kwargs).eval()
+    ref_stack.load_state_dict(stack.state_dict())
+    x = tokens(2, 9)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 6:] = False
+    out, seen = _stack_inputs(model, x, keep)
+    ref = ref_stack(seen["h"], seen["mask"], positions=seen["positions"])
+    assert out.shape == (2, model.attn_layers.output_length(9), DIM)
+    kept = model.attn_layers.output_mask(keep)
+    torch.testing.assert_close(out[kept], ref[:, 1:][kept], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [False, True])
+def test_memory_tokens_survive_every_pooling(cls):
+    """Every block sees all M memory tokens: the attention maps' key lengths are M + the pooled
+    length at each level, and the memory rows are in the output before the pooled tokens."""
+    model = funnel(separate_cls=cls)
+    M, n = 3, 9
+    out, attns = model(torch.randn(2, M + n, DIM), num_memory_tokens=M, return_attn=True)
+    lengths = [n]
+    for _ in range(2):
+        lengths.append(ceil_half(lengths[-1], int(cls)))
+    assert [tuple(a.shape[-2:]) for a in attns] == [(M + lengths[0], M + lengths[0]), (M + lengths[1], M + lengths[0]),
+                                                    (M + lengths[2], M + lengths[1])]
+    assert out.shape == (2, M + model.output_length(n), DIM)
+
+
+def test_memory_tokens_on_an_unpooled_funnel_equal_the_encoder():
+    """depths=(d,): no pooling, so with memory tokens the funnel is the Encoder of the same weights."""
+    torch.manual_seed(0)
+    enc = TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, num_memory_tokens=2,
+                             attn_layers=Encoder(DIM, 2, HEADS, rotary_pos_emb=True)).eval()
+    fun = TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, num_memory_tokens=2,
+                             attn_layers=FunnelEncoder(DIM, depths=(2,), heads=HEADS, rotary_pos_emb=True)).eval()
+    state = {(k.replace("attn_layers.", "attn_layers.blocks.0.", 1) if k.startswith("attn_layers.") else k): v
+             for k, v in enc.state_dict().items()}
+    fun.load_state_dict(state)
+    x = tokens(2, 7)
+    torch.testing.assert_close(fun(x), enc(x), atol=1e-6, rtol=1e-6)
+
+
+def test_memory_tokens_get_gradients_through_a_pooling_funnel():
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=VOCAB, max_seq_len=64, num_memory_tokens=2,
+                               attn_layers=FunnelEncoder(DIM, depths=(1, 1, 1), heads=HEADS))
+    model(tokens(2, 9)).square().mean().backward()
+    assert model.memory_tokens.grad is not None and model.memory_tokens.grad.abs().min() > 0
 
 
 def test_cross_attend_reads_the_context_in_every_block():

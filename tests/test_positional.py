@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from harness import FEATURES, Refused, UndeclaredRefusal, load_features, run_properties, run_property
+from harness import FEATURES, load_features, run_properties
 from x_transformers import Decoder, Encoder, TransformerWrapper, XTransformer
 from x_transformers.attention import Attention
 from x_transformers.cache import KVCache
@@ -321,9 +321,7 @@ def test_tupe_wrapper_conflicts_and_missing_sub_keywords():
     with pytest.raises(ConfigConflictError, match="tupe cannot be combined with sinusoidal_pos_emb"):
         TransformerWrapper(num_tokens=20, sinusoidal_pos_emb=True,
                            attn_layers=Decoder(dim=DIM, depth=1, tupe=True, tupe_max_seq_len=8))
-    with pytest.raises(ConfigConflictError, match="tupe_untie_cls cannot be combined with num_memory_tokens"):
-        TransformerWrapper(num_tokens=20, num_memory_tokens=2,
-                           attn_layers=Decoder(dim=DIM, depth=1, tupe=True, tupe_max_seq_len=8, tupe_untie_cls=True))
+    # (tupe_untie_cls with memory tokens composes: they share the [CLS]'s position 0, test_wrappers.py)
     with pytest.raises(ValueError, match="needs tupe_max_seq_len"):
         Decoder(dim=DIM, depth=1, tupe=True)
     with pytest.raises(ValueError, match="set tupe=True"):
@@ -355,11 +353,6 @@ PARTNERS = ["mem_kv", "memory_tokens", "kv_heads", "talking_heads"]
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_scheme_composes_with_attention_features(scheme, partner):
     feats = (FEATURES[scheme], FEATURES[partner])
-    if scheme in ("tupe_cls", "tupe_r") and partner == "memory_tokens":
-        # memory tokens would take position 0: refused (harness.KNOWN_DEFECTS while the table lacks the entry)
-        with pytest.raises((Refused, UndeclaredRefusal), match="tupe_untie_cls"):
-            run_property("finite", ("decoder", feats))
-        return
     run_properties(("finite", "causal", "padding", "backends"), ("decoder", feats))
 
 

@@ -123,9 +123,9 @@ _LAYERS_NOT_YET = dict(
     hyper_conn_sinkhorn_iters=5,
 )
 _WRAPPER_NOT_YET = dict(
-    max_mem_len=0, shift_mem_down=0, memory_tokens_interspersed_every=None, recycling=False,
-    train_max_recycle_steps=4, looped=False, max_looped_steps=4, token_emb=None, ff_deep_embed=False,
-    to_logits=None, add_continuous_pred_head=False, input_not_include_cache=False,
+    max_mem_len=0, shift_mem_down=0, recycling=False,
+    train_max_recycle_steps=4, looped=False, max_looped_steps=4, ff_deep_embed=False,
+    add_continuous_pred_head=False, input_not_include_cache=False,
 )
 # XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)
 _XTRANSFORMER_NOT_YET = dict(ignore_index=-100, pad_value=0, cross_attn_tokens_dropout=0.0)

@@ -338,6 +338,7 @@ class WrapperConfig:
     scaled_sinu_pos_emb: bool = False  # sinusoidal table with a learned scale
     sinusoidal_pos_emb: bool = False  # fixed sinusoidal table, 1706.03762
     num_memory_tokens: int | None = 0  # Memory Transformer, 2006.11527 (None: 0, upstream's spelling)
+    memory_tokens_interspersed_every: int | None = None  # the memory tokens again before every n-th token (decoders)
     logits_dim: int | None = None  # output width, default num_tokens
     # multiplies the hidden states before the head (T5's dim ** -0.5); default dim ** -0.5 when the
     # head is tied to the embedding (upstream's tie_embedding_scale), else 1
@@ -369,6 +370,7 @@ class WrapperConfig:
                      "mixture_of_softmax_k"):
             _positive_int(name, getattr(self, name))
         _positive_int("dim_pooled_tokens", self.dim_pooled_tokens, allow_none=True)
+        _positive_int("memory_tokens_interspersed_every", self.memory_tokens_interspersed_every, allow_none=True)
         if not (isinstance(self.emb_frac_gradient, (int, float)) and 0.0 < self.emb_frac_gradient <= 1.0):
             raise ValueError(f"emb_frac_gradient must lie in (0, 1], got {self.emb_frac_gradient!r}")
         if not (isinstance(self.attn_z_loss_weight, (int, float)) and self.attn_z_loss_weight >= 0):

@@ -92,6 +92,15 @@ def head_counts(s: dict) -> set:
     return {side(s, "enc", "heads") or 8, side(s, "dec", "heads") or 8}
 
 
+def self_attention(s: dict) -> bool:
+    """Whether some block attends to the sequence itself: the wrapper's settings say so from the
+    built layouts (``self_attention``); from keywords alone, a custom layout without 'a' has none."""
+    if "self_attention" in s:
+        return bool(s["self_attention"])
+    layers = s.get("custom_layers")
+    return layers is None or "a" in layers
+
+
 def forced(s: dict) -> bool:
     """attn_backend names one backend (not "auto", not the explicit one that computes everything)."""
     return s.get("attn_backend", "auto") not in ("auto", "explicit")
@@ -187,21 +196,73 @@ for _p in ("sinusoidal_pos_emb", "scaled_sinu_pos_emb"):
     declare("tupe", _p, when=lambda s, p=_p: on(s, "tupe") and on(s, p),
             reason="TUPE keeps positions out of the token embeddings",
             example={"tupe": True, "tupe_max_seq_len": 16, _p: True}, kinds=WRAPPER)
-declare("tupe_untie_cls", "num_memory_tokens", when=lambda s: on(s, "tupe_untie_cls") and on(s, "num_memory_tokens"),
-        reason="memory tokens take position 0, the untied [CLS]",
-        example=dict(tupe=True, tupe_max_seq_len=16, tupe_untie_cls=True, num_memory_tokens=2), kinds=WRAPPER)
+# (tupe_untie_cls with memory tokens: they share position 0 with the [CLS], the first real token: wrappers.py)
 declare("tie_embedding", "emb_dim", when=lambda s: on(s, "tie_embedding") and on(s, "emb_dim")
         and s.get("emb_dim") != s.get("dim"),
         reason="tied logits need emb_dim == dim", example=dict(tie_embedding=True, emb_dim=16), kinds=WRAPPER)
-declare("num_memory_tokens", "FunnelEncoder without upsample",
-        when=lambda s: on(s, "num_memory_tokens") and "depths" in s and blocks(s) > 1 and not on(s, "upsample"),
-        reason="pooling mixes memory tokens into the sequence, so they cannot be stripped; use upsample=True",
-        example=dict(num_memory_tokens=2, depths=(1, 1)), kinds=WRAPPER)
+# (memory tokens on a funnel are never pooled: funnel.py)
 for _k in ("tie_embedding", "logits_dim", "logits_scale"):
     declare("return_only_embed", _k, when=lambda s, k=_k: on(s, "return_only_embed") and k in s,
             reason="without an output head there are no logits to tie, size or scale",
             example={"return_only_embed": True, _k: {"tie_embedding": True, "logits_dim": 8, "logits_scale": 0.5}[_k]},
             kinds=WRAPPER)
+
+# pooling of the final hidden states and the output head's variants (heads.py)
+POOLING = ("use_cls_token", "average_pool_embed", "attn_pool")
+for _i, _a in enumerate(POOLING):
+    for _b in POOLING[_i + 1:]:
+        declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b),
+                reason="choose one pooling of the final hidden states", example={_a: True, _b: True}, kinds=WRAPPER)
+declare("num_output_heads", "tie_embedding", when=lambda s: s.get("num_output_heads", 1) > 1 and on(s, "tie_embedding"),
+        reason="a tied head is the one token embedding; untie it for several heads",
+        example=dict(num_output_heads=2, tie_embedding=True), kinds=WRAPPER)
+declare("num_output_heads", "mixture_of_softmax",
+        when=lambda s: s.get("num_output_heads", 1) > 1 and on(s, "mixture_of_softmax"),
+        reason="the mixture of softmaxes has one head", example=dict(num_output_heads=2, mixture_of_softmax=True),
+        kinds=WRAPPER)
+for _k in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits", "squeeze_out_last_dim"):
+    declare("return_only_embed", _k, when=lambda s, k=_k: on(s, "return_only_embed") and on(s, k)
+            and not (k == "num_output_heads" and s[k] == 1),
+            reason="without an output head there are no logits to shape",
+            example={"return_only_embed": True, _k: 2 if _k == "num_output_heads" else True}, kinds=WRAPPER)
+
+# memory tokens interspersed in the sequence (upstream: decoders only)
+declare("memory_tokens_interspersed_every", "num_memory_tokens=0",
+        when=lambda s: on(s, "memory_tokens_interspersed_every") and not on(s, "num_memory_tokens"),
+        reason="there are no memory tokens to intersperse; set num_memory_tokens",
+        example=dict(memory_tokens_interspersed_every=4), kinds=WRAPPER)
+declare("memory_tokens_interspersed_every", "tupe_untie_cls",
+        when=lambda s: on(s, "memory_tokens_interspersed_every") and on(s, "tupe_untie_cls"),
+        reason="memory tokens take the untied [CLS] position 0; interspersed ones would untie positions mid-sequence",
+        example=dict(memory_tokens_interspersed_every=4, num_memory_tokens=1, tupe=True, tupe_max_seq_len=16,
+                     tupe_untie_cls=True), kinds=WRAPPER)
+declare("memory_tokens_interspersed_every", "a bidirectional stack",
+        when=lambda s: on(s, "memory_tokens_interspersed_every") and not s.get("causal", False),
+        reason="interspersed memory tokens summarise the tokens before them, for a causal stack (Decoder), as "
+               "upstream; an encoder reads memory tokens once, at the front",
+        example=dict(memory_tokens_interspersed_every=4, num_memory_tokens=1, causal=False), kinds=WRAPPER)
+
+# a custom token embedding / output head (TransformerWrapper(token_emb=, to_logits=): built modules)
+def _module(name):
+    """An example module for the entries' examples (the tests build dim=32, num_tokens=10 models)."""
+    from torch import nn
+
+    return nn.Embedding(10, 32) if name == "token_emb" else nn.Linear(32, 10)
+
+
+for _k, _why in (("tie_embedding", "a tied head is the built-in embedding table's weight"),
+                 ("l2norm_embed", "the custom embedding replaces the table and its normalisation; normalise in "
+                                  "the module")):
+    declare("token_emb", _k, when=lambda s, k=_k: on(s, "token_emb") and on(s, k), reason=_why,
+            example={"token_emb": _module("token_emb"), _k: True}, kinds=WRAPPER)
+for _k, _v, _why in (("tie_embedding", True, "the head is tied to the embedding; untie it for a custom head"),
+                     ("num_output_heads", 2, "a custom head is one module; build several inside it"),
+                     ("logits_dim", 8, "the custom head's output sets the logits' width"),
+                     ("logits_scale", 0.5, "scale inside the custom head"),
+                     ("return_only_embed", True, "return_only_embed has no output head")):
+    declare("to_logits", _k, when=lambda s, k=_k: on(s, "to_logits") and k in s and s[k] is not None
+            and not (k == "num_output_heads" and s[k] == 1) and s[k] is not False,
+            reason=_why, example={"to_logits": _module("to_logits"), _k: _v}, kinds=WRAPPER)
 
 # XTransformer keywords (as passed: shared, enc_ and dec_ prefixed)
 declare("cross_attend", when=lambda s: on(s, "cross_attend") or on(s, "enc_cross_attend") or off(s, "dec_cross_attend"),
@@ -272,6 +333,11 @@ for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias",
 declare("num_memory_tokens", "only_cross", when=lambda s: on(s, "num_memory_tokens") and on(s, "only_cross"),
         reason="without self-attention, memory tokens reach no other position and learn nothing",
         example=dict(num_memory_tokens=2, only_cross=True), kinds=WRAPPER)
+declare("num_memory_tokens", "a layout without self-attention",
+        when=lambda s: on(s, "num_memory_tokens") and not on(s, "only_cross") and not self_attention(s),
+        reason="no block attends to the sequence itself (custom_layers without 'a', or top_attn_to_ff replacing "
+               "every self-attention), so memory tokens reach no other position and learn nothing",
+        example=dict(num_memory_tokens=2, custom_layers=("f",)), kinds=WRAPPER)
 
 # attention score modifications (attention_variants in docs/features.md): a forced kernel must
 # compute them; the sliding window counts places back along the sequence's own keys

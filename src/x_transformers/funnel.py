@@ -13,6 +13,10 @@ Rules under pooling (each holds at every level):
 - odd lengths: the last window holds one source; the output length is ceil(n / 2) per pooling.
 - ``separate_cls``: the first token is never pooled (length 1 + ceil((n - 1) / 2)); it must be
   kept (pad on the right).
+- memory tokens (``TransformerWrapper(num_memory_tokens=M)``, passed as ``forward(...,
+  num_memory_tokens=M)``) lead the sequence and are never pooled either: every block sees all M,
+  and the pooling windows start at the first real token (after them the separate [CLS], if any),
+  exactly as without memory tokens.
 - positions: a pooled token sits at the position of its first kept source (the paper's stride
   pooling of position ids), in units of input tokens, so rotary, ALiBi and T5 buckets keep
   measuring distances between input positions, and TUPE reads its table at input positions
@@ -83,26 +87,29 @@ def _valid_keywords() -> list[str]:
             + ["ff_" + n for n in sorted(field_names(FeedForwardConfig))])
 
 
-def pool_mask(mask, separate_cls: bool):
-    """(b, n) bool -> (b, ceil) bool: a pooled position is kept if any of its sources is kept."""
+def pool_mask(mask, lead: int):
+    """(b, n) bool -> (b, lead + ceil((n - lead) / 2)) bool: the first ``lead`` positions (memory
+    tokens, a separate [CLS]) stay; a pooled position is kept if any of its sources is kept."""
     if mask is None:
         return None
-    cls, rest = (mask[:, :1], mask[:, 1:]) if separate_cls else (None, mask)
+    head, rest = mask[:, :int(lead)], mask[:, int(lead):]
     rest = F.pad(rest, (0, rest.shape[1] % 2), value=False)
     pooled = rest.view(rest.shape[0], -1, 2).any(dim=-1)
-    return pooled if cls is None else torch.cat((cls, pooled), dim=1)
+    return torch.cat((head, pooled), dim=1)
 
 
-def mean_pool(x, mask, positions, separate_cls: bool):
-    """Mean-pool x (b, n, d) with window and stride 2 over kept sources only.
+def mean_pool(x, mask, positions, lead: int):
+    """Mean-pool x (b, n, d) with window and stride 2 over kept sources only; the first ``lead``
+    positions (memory tokens, a separate [CLS]) are never pooled.
 
     mask: (b, n) bool or None; positions: (b|1, n) long. Returns pooled x, mask and positions
     (each pooled token at its first kept source's position).
     """
-    if separate_cls:
-        cls_x, cls_m, cls_p = x[:, :1], None if mask is None else mask[:, :1], positions[:, :1]
-        x, positions = x[:, 1:], positions[:, 1:]
-        mask = None if mask is None else mask[:, 1:]
+    lead = int(lead)
+    head_x, head_p = x[:, :lead], positions[:, :lead]
+    head_m = None if mask is None else mask[:, :lead]
+    x, positions = x[:, lead:], positions[:, lead:]
+    mask = None if mask is None else mask[:, lead:]
     b, n, d = x.shape
     keep = mask if mask is not None else torch.ones(1, n, dtype=torch.bool, device=x.device)
     odd = n % 2  # the padded slot is no source: the last window then holds one token
@@ -116,20 +123,20 @@ def mean_pool(x, mask, positions, separate_cls: bool):
     pooled_pos = torch.where(first_kept, pos2[..., 0], pos2[..., 1])
     pooled_mask = keep2.any(dim=-1) if mask is not None else None
 
-    if separate_cls:
-        pooled = torch.cat((cls_x, pooled), dim=1)
-        pooled_pos = torch.cat((cls_p.expand(pooled_pos.shape[0], -1), pooled_pos), dim=1)
+    if lead:
+        pooled = torch.cat((head_x, pooled), dim=1)
+        rows = max(pooled_pos.shape[0], head_p.shape[0])
+        pooled_pos = torch.cat((head_p.expand(rows, -1), pooled_pos.expand(rows, -1)), dim=1)
         if pooled_mask is not None:
-            pooled_mask = torch.cat((cls_m, pooled_mask), dim=1)
+            pooled_mask = torch.cat((head_m, pooled_mask), dim=1)
     return pooled, pooled_mask, pooled_pos
 
 
-def upsample_index(n: int, poolings: int, separate_cls: bool, device):
-    """For each of n input positions, the index of the token that holds it after the poolings."""
-    i = torch.arange(n, device=device)
-    if separate_cls:
-        return torch.where(i == 0, 0, 1 + ((i - 1) >> poolings))
-    return i >> poolings
+def upsample_index(n: int, poolings: int, lead: int, device):
+    """For each of n input positions, the index of the token that holds it after the poolings
+    (the first ``lead`` positions are never pooled)."""
+    i, lead = torch.arange(n, device=device), int(lead)
+    return torch.where(i < lead, i, lead + ((i - lead) >> poolings))
 
 
 def _block_context(block: Encoder, mask, positions, context, context_mask, kv=None, need_weights=False):
@@ -203,6 +210,7 @@ class FunnelEncoder(Pretrained, nn.Module):
         return self.cfg.poolings > 0 and not self.cfg.upsample
 
     def output_length(self, n: int) -> int:
+        """The output length for n tokens (memory tokens not counted: they are never pooled)."""
         if self.cfg.upsample:
             return n
         cls = int(self.cfg.separate_cls)
@@ -215,24 +223,30 @@ class FunnelEncoder(Pretrained, nn.Module):
         if mask is None or self.cfg.upsample:
             return mask
         for _ in range(self.cfg.poolings):
-            mask = pool_mask(mask, self.cfg.separate_cls)
+            mask = pool_mask(mask, int(self.cfg.separate_cls))
         return mask
 
     def extra_repr(self):
         return (f"depths={self.cfg.depths}, separate_cls={self.cfg.separate_cls}, upsample={self.cfg.upsample}")
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
-                return_attn: bool = False):
+                return_attn: bool = False, num_memory_tokens: int = 0):
         """x (b, n, dim) -> (b, output_length(n), dim); with ``return_attn`` also the attention maps.
 
         mask: (b, n) bool, True = keep. positions: (b|1, n) long, from the mask when omitted.
+        ``num_memory_tokens``: the first M tokens of x are memory tokens (TransformerWrapper's),
+        never pooled: the output is (b, M + output_length(n - M), dim), the M rows first.
         """
         if cache is not None:
             raise ValueError("FunnelEncoder is a bidirectional encoder: it has no key/value cache")
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
+        M = num_memory_tokens
+        if not isinstance(M, int) or isinstance(M, bool) or not 0 <= M <= n:
+            raise ValueError(f"num_memory_tokens must be an integer in [0, {n}] (the sequence's length), got {M!r}")
+        lead = M + int(self.cfg.separate_cls)  # never pooled: memory tokens, then the separate [CLS]
         if (self.cfg.separate_cls and mask is not None and not torch.compiler.is_compiling()
-                and not bool(mask[:, 0].all())):
+                and not bool(mask[:, M].all())):
             raise ValueError("separate_cls keeps the first token unpooled, so it must be kept: pad on the right")
         if positions is None:
             positions = default_positions(mask, n, x.device)
@@ -244,14 +258,14 @@ class FunnelEncoder(Pretrained, nn.Module):
             kv = None
             if i > 0:  # query-only pooling: pooled queries, keys/values of the previous block
                 kv = (h, h_mask, h_pos)
-                h, h_mask, h_pos = mean_pool(h, h_mask, h_pos, self.cfg.separate_cls)
+                h, h_mask, h_pos = mean_pool(h, h_mask, h_pos, lead)
             h = block.run(h, _block_context(block, h_mask, h_pos, context, context_mask, kv, return_attn), attns)
             if i == 0:
                 first = h
 
         if self.upsampler is not None:
             # repeat each compressed token over the inputs it covers, add the first block's output
-            idx = upsample_index(n, self.cfg.poolings, self.cfg.separate_cls, x.device)
+            idx = upsample_index(n, self.cfg.poolings, lead, x.device)
             h = h.index_select(1, idx) + first
             ctx = _block_context(self.upsampler, mask, positions, context, context_mask, None, return_attn)
             h = self.upsampler.run(h, ctx, attns)

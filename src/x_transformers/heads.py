@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import conflicts
 from .attention import Attention
 from .config import AttentionConfig
 
@@ -98,27 +97,4 @@ def finish_logits(logits, *, mixture_weights=None, sigsoftmax: bool = False, squ
     return logits
 
 
-POOLING = ("use_cls_token", "average_pool_embed", "attn_pool")
-
-# TransformerWrapper's pooling and head keywords that cannot be combined (the one table: conflicts.py)
-_WRAPPER = ("wrapper",)
-for _i, _a in enumerate(POOLING):
-    for _b in POOLING[_i + 1:]:
-        conflicts.declare(_a, _b, when=lambda s, a=_a, b=_b: conflicts.on(s, a) and conflicts.on(s, b),
-                          reason="choose one pooling of the final hidden states", example={_a: True, _b: True},
-                          kinds=_WRAPPER)
-conflicts.declare("num_output_heads", "tie_embedding",
-                  when=lambda s: s.get("num_output_heads", 1) > 1 and conflicts.on(s, "tie_embedding"),
-                  reason="a tied head is the one token embedding; untie it for several heads",
-                  example=dict(num_output_heads=2, tie_embedding=True), kinds=_WRAPPER)
-conflicts.declare("num_output_heads", "mixture_of_softmax",
-                  when=lambda s: s.get("num_output_heads", 1) > 1 and conflicts.on(s, "mixture_of_softmax"),
-                  reason="the mixture of softmaxes has one head", example=dict(num_output_heads=2,
-                                                                               mixture_of_softmax=True),
-                  kinds=_WRAPPER)
-for _k in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits", "squeeze_out_last_dim"):
-    conflicts.declare("return_only_embed", _k, when=lambda s, k=_k: conflicts.on(s, "return_only_embed")
-                      and conflicts.on(s, k) and not (k == "num_output_heads" and s[k] == 1),
-                      reason="without an output head there are no logits to shape",
-                      example={"return_only_embed": True, _k: 2 if _k == "num_output_heads" else True},
-                      kinds=_WRAPPER)
+POOLING = ("use_cls_token", "average_pool_embed", "attn_pool")  # alternatives: conflicts.POOLING

@@ -1,5 +1,5 @@
-"""Token-level models: ``TransformerWrapper`` (embeddings + a layer stack + logits) and the
-encoder-decoder ``XTransformer``.
+"""Token-level models: ``TransformerWrapper`` (embeddings + a layer stack + logits); the
+encoder-decoder ``XTransformer`` built of two of them is in encdec.py.
 
 Legend: b batch, n tokens, M memory tokens, v vocabulary.
 """
@@ -16,13 +16,16 @@ from torch import nn
 from .attend import record_logsumexp
 from .hub import Pretrained
 from . import aliases, checks, conflicts
-from .config import REQUIRES, WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
-from .funnel import DEFAULT_DEPTHS, FunnelEncoder
+from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
+from .funnel import FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
-from .layers import AttentionLayers, Decoder, Encoder, check_mask, default_positions
-from .heads import POOLING, AttentionPool, Mixture, calc_z_loss, finish_logits, masked_mean, output_heads
+from .layers import AttentionLayers, check_mask, default_positions
+from .heads import AttentionPool, Mixture, calc_z_loss, finish_logits, masked_mean, output_heads
 from .norms import LayerNorm
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
+
+
+MODULE_KEYS = ("token_emb", "to_logits")  # built modules TransformerWrapper takes besides attn_layers
 
 
 def _is_compiling() -> bool:
@@ -32,23 +35,31 @@ def _is_compiling() -> bool:
 class TransformerWrapper(Pretrained, nn.Module):
     """Token embedding, positions, optional memory tokens, a layer stack and the output head."""
 
-    def __init__(self, *, attn_layers: AttentionLayers, **kwargs):
-        """Keywords: :class:`~x_transformers.config.WrapperConfig` names, and the built stack."""
+    def __init__(self, *, attn_layers: AttentionLayers, token_emb: nn.Module | None = None,
+                 to_logits: nn.Module | None = None, **kwargs):
+        """Keywords: :class:`~x_transformers.config.WrapperConfig` names, and built modules: the stack
+        (``attn_layers``) and, as upstream, optionally the token embedding (``token_emb``: token ids
+        (b, n) -> (b, n, emb_dim), in place of the embedding table) and the output head
+        (``to_logits``: hidden states (..., dim) -> logits, in place of the linear head)."""
         super().__init__()
+        for name, module in (("token_emb", token_emb), ("to_logits", to_logits)):
+            if module is not None and not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module (or None for the built-in one), got {type(module).__name__}")
         if "tie_embedding_scale" in kwargs and kwargs.get("tie_embedding") is not True:
             raise ValueError("tie_embedding_scale scales a tied head's logits; set tie_embedding=True as well, "
                              "or use logits_scale")
         kwargs = aliases.resolve(kwargs, "wrapper", "TransformerWrapper")
         for key in kwargs:
             if key not in WRAPPER_KEYS:
-                raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",), "TransformerWrapper")
+                raise unknown_keyword(key, WRAPPER_KEYS + ("attn_layers",) + MODULE_KEYS, "TransformerWrapper")
         if "num_tokens" not in kwargs:
             raise TypeError("TransformerWrapper needs num_tokens, the vocabulary size")
         if not isinstance(attn_layers, (AttentionLayers, FunnelEncoder)):
             raise TypeError(f"attn_layers must be an Encoder, Decoder, AttentionLayers or FunnelEncoder, "
                             f"got {type(attn_layers).__name__}")
         check_types(WrapperConfig, kwargs)
-        conflicts.check("wrapper", {**stack_settings(attn_layers), **kwargs})
+        custom = {k: m for k, m in (("token_emb", token_emb), ("to_logits", to_logits)) if m is not None}
+        conflicts.check("wrapper", {**stack_settings(attn_layers), **kwargs, **custom})
         self.cfg = cfg = build(WrapperConfig, kwargs, "TransformerWrapper")
         num_tokens, max_seq_len, num_memory_tokens = cfg.num_tokens, cfg.max_seq_len, cfg.num_memory_tokens or 0
         lcfg = attn_layers.layer_cfg  # the LayersConfig (a funnel's: that of its blocks)
@@ -65,10 +76,14 @@ class TransformerWrapper(Pretrained, nn.Module):
         default_scale = dim ** -0.5 if cfg.tie_embedding else 1.0
         self.logits_scale = cfg.logits_scale if cfg.logits_scale is not None else default_scale
 
-        self.token_emb = nn.Embedding(num_tokens, emb_dim)
-        # l2norm_embed normalises the lookups, so only the direction is learned: upstream starts
-        # the tables at std 1e-5
-        nn.init.normal_(self.token_emb.weight, std=1e-5 if cfg.l2norm_embed else 0.02)
+        self.emb_dim = emb_dim
+        if token_emb is None:
+            token_emb = nn.Embedding(num_tokens, emb_dim)
+            # l2norm_embed normalises the lookups, so only the direction is learned: upstream starts
+            # the tables at std 1e-5
+            nn.init.normal_(token_emb.weight, std=1e-5 if cfg.l2norm_embed else 0.02)
+        self.token_emb = token_emb
+        self.custom_token_emb = "token_emb" in custom
         # Absolute positions: learned by default, as upstream: unless the stack carries rotary or T5
         # bias (ALiBi keeps them), TUPE replaces them, the stack's disable_abs_pos_emb says so,
         # max_seq_len=0, or the user chose a sinusoidal table.
@@ -93,8 +108,13 @@ class TransformerWrapper(Pretrained, nn.Module):
         self.emb_dropout = nn.Dropout(cfg.emb_dropout) if cfg.emb_dropout > 0 else nn.Identity()
         self.project_emb = nn.Linear(emb_dim, dim) if emb_dim != dim else nn.Identity()
 
-        # Memory Transformer (2006.11527): learned tokens prepended to every sequence
+        # Memory Transformer (2006.11527): learned tokens prepended to every sequence, at positions
+        # 0..M-1 before the tokens' own. Under TUPE's untied [CLS] (tupe_untie_cls) they are as
+        # position-free as the [CLS]: all M sit at position 0 with it, the first real token is the
+        # [CLS] and the tokens keep the positions they have without memory tokens.
         self.memory_tokens = nn.Parameter(torch.randn(num_memory_tokens, dim) * 0.02) if num_memory_tokens else None
+        self.memory_at_cls = bool(num_memory_tokens and lcfg.tupe and lcfg.tupe_untie_cls)
+        self.memory_shift = 0 if self.memory_at_cls else num_memory_tokens  # the tokens' position offset
 
         # pooling of the final hidden states (heads.py): [CLS] tokens, a masked mean, learned queries
         self.num_cls_tokens = cfg.num_cls_tokens if cfg.use_cls_token else 0
@@ -112,7 +132,10 @@ class TransformerWrapper(Pretrained, nn.Module):
 
         # no head when tied (the embedding serves) or when only hidden states are wanted (an encoder's side)
         head = not (cfg.tie_embedding or cfg.return_only_embed)
-        self.to_logits = output_heads(dim, cfg.logits_dim or num_tokens, cfg.num_output_heads) if head else None
+        if to_logits is None and head:
+            to_logits = output_heads(dim, cfg.logits_dim or num_tokens, cfg.num_output_heads)
+        self.to_logits = to_logits
+        self.custom_to_logits = "to_logits" in custom
         self.mixture = Mixture(dim, cfg.mixture_of_softmax_k) if cfg.mixture_of_softmax else None
 
     def check_inputs(self, x, mask):
@@ -136,6 +159,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         :func:`x_transformers.loss.chunked_cross_entropy`, which never builds the full logits."""
         if self.cfg.return_only_embed:
             raise ValueError("this wrapper has no output head (return_only_embed=True)")
+        if self.custom_to_logits and not (isinstance(self.to_logits, nn.Linear) and self.to_logits.bias is None):
+            raise ValueError("logits_weight: the custom to_logits is not one bias-free linear layer")
         other = {"num_output_heads": self.cfg.num_output_heads != 1, "mixture_of_softmax": self.cfg.mixture_of_softmax,
                  "sigsoftmax_logits": self.cfg.sigsoftmax_logits}  # (True == 1: no membership test on these)
         for key, on in other.items():
@@ -237,7 +262,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         return (out, attns) if return_attn else out
 
     def _check_extra_inputs(self, x, prepend_embeds, prepend_mask, embed_ids, cache, z_loss):
-        b, emb_dim = x.shape[0], self.token_emb.weight.shape[1]
+        b, emb_dim = x.shape[0], self.emb_dim
         if prepend_embeds is not None:
             if not (isinstance(prepend_embeds, torch.Tensor) and prepend_embeds.is_floating_point()
                     and prepend_embeds.ndim == 3 and prepend_embeds.shape[0] == b and prepend_embeds.shape[2] == emb_dim):
@@ -336,7 +361,12 @@ class TransformerWrapper(Pretrained, nn.Module):
     def _columns_seen(self, cache) -> int:
         """Token columns a KVCache / StaticKVCache holds (memory tokens not counted)."""
         seen = cache.seq_len if isinstance(cache, KVCache) else cache.length
-        return max(seen - (self.num_memory_tokens if not cache.empty else 0), 0)
+        if cache.empty:
+            return 0
+        every, M = self.cfg.memory_tokens_interspersed_every, self.num_memory_tokens
+        if every and M:  # seen = c + M * ceil(c / every): each group of every + M columns holds one memory group
+            return seen - M * -(-seen // (every + M))
+        return max(seen - M, 0)
 
     @staticmethod
     def _start_mask(seq_start_pos, mask, x, offset):
@@ -361,14 +391,28 @@ class TransformerWrapper(Pretrained, nn.Module):
         return default_positions(mask, x.shape[1], x.device, self._start(cache)), None
 
     def _start(self, cache):
+        """(b, 1): the next token's position (memory tokens not counted), or None before any."""
         if cache is None or cache.empty:
             return None
-        return cache.next_positions() - self.num_memory_tokens  # real tokens are counted without memory
+        M = self.num_memory_tokens
+        if self.cfg.memory_tokens_interspersed_every and M:  # a memory group before every every-th column
+            return cache.next_positions() - M * -(-self._columns_seen(cache) // self.cfg.memory_tokens_interspersed_every)
+        if self.memory_at_cls and isinstance(cache, KVCache):
+            # memory tokens share position 0 with the [CLS]: one past the last kept token's position
+            # (the memory columns stay first, keep_last keeps them)
+            kept = cache.positions[:, M:].masked_fill(~cache.key_mask[:, M:], -1)
+            return kept.amax(dim=-1, keepdim=True) + 1 if kept.shape[1] else torch.zeros_like(kept[:, :1])
+        return cache.next_positions() - M  # a KVCache: the last position + 1; a static one: kept slots
 
     def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids):
         """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
         n = x.shape[1]
         h = self.token_emb(x)
+        if self.custom_token_emb and not _is_compiling() and (
+                not isinstance(h, torch.Tensor) or h.shape != (*x.shape, self.emb_dim) or not h.is_floating_point()):
+            raise ValueError(f"token_emb must map token ids {tuple(x.shape)} to float embeddings "
+                             f"{(*x.shape, self.emb_dim)} (emb_dim), got {getattr(h, 'dtype', type(h).__name__)} "
+                             f"{tuple(getattr(h, 'shape', ()))}")
         if self.cfg.l2norm_embed:
             h = F.normalize(h, dim=-1)
         if external is not None:
@@ -408,7 +452,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         if self.cls_token is not None:
             h = torch.cat((self.cls_token.to(h.dtype).expand(b, -1, -1), h), dim=1)
 
-        layer_positions = positions + M
+        layer_positions = positions + self.memory_shift
         layer_mask = mask if kv_mask is None else (kv_mask if mask is None else mask & kv_mask)
         P = h.shape[1] - n  # [CLS] + prepended columns
         if P:
@@ -417,22 +461,64 @@ class TransformerWrapper(Pretrained, nn.Module):
             prefix_pos = default_positions(pmask if prepend_mask is not None else None, P, x.device)
             kept = pmask.sum(dim=-1, keepdim=True) if prepend_mask is not None else P
             layer_positions = torch.cat((prefix_pos.expand(layer_positions.shape[0] if prepend_mask is None else b, -1)
-                                         + M, layer_positions + kept), dim=-1)
+                                         + self.memory_shift, layer_positions + kept), dim=-1)
             if layer_mask is not None or prepend_mask is not None:
                 layer_mask = torch.cat((pmask, layer_mask if layer_mask is not None
                                         else torch.ones(b, n, dtype=torch.bool, device=x.device)), dim=-1)
+        if M and self.cfg.memory_tokens_interspersed_every:
+            if P:
+                raise ValueError("memory_tokens_interspersed_every with prepend_embeds is not supported")
+            offset = 0 if first else self._columns_seen(cache)
+            h, layer_positions, layer_mask, real = self._intersperse(h, positions, layer_mask, offset)
+            out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
+                                   return_attn=return_attn)
+            out, attns = out if return_attn else (out, None)
+            return out.index_select(1, real), attns
         if M and first:
             mem = self.memory_tokens.to(h.dtype).expand(b, -1, -1)
             h = torch.cat((mem, h), dim=1)
             mem_pos = torch.arange(M, device=x.device)[None].expand(layer_positions.shape[0], -1)
+            mem_pos = mem_pos * 0 if self.memory_at_cls else mem_pos
             layer_positions = torch.cat((mem_pos, layer_positions), dim=-1)
             if layer_mask is not None:
                 layer_mask = torch.cat((torch.ones(b, M, dtype=torch.bool, device=x.device), layer_mask), dim=-1)
 
+        # a funnel keeps the memory tokens out of its pooling windows
+        funnel = dict(num_memory_tokens=M) if M and isinstance(self.attn_layers, FunnelEncoder) else {}
         out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
-                               return_attn=return_attn)
+                               return_attn=return_attn, **funnel)
         out, attns = out if return_attn else (out, None)
         return (out[:, M:] if M and first else out), attns
+
+    def _intersperse(self, h, positions, mask, offset: int):
+        """The memory tokens before every ``every``-th token column (upstream's memory_tokens_interspersed_every):
+        h (b, n, dim) of the token columns offset..offset+n-1 -> the stack's input (b, n + M * groups, dim),
+        its positions and mask, and the indices of the token rows in it. A token's position moves up by M
+        for each memory group up to it; a group sits at the M positions just before its chunk's first token."""
+        every, M = self.cfg.memory_tokens_interspersed_every, self.num_memory_tokens
+        b, n, _ = h.shape
+        cols = offset + torch.arange(n, device=h.device)
+        tok_pos = positions + M * (cols // every + 1)  # (b|1, n)
+        mem = self.memory_tokens.to(h.dtype)[None].expand(b, -1, -1)
+        steps = torch.arange(M, device=h.device) - M
+        pieces, pos, keep, real, at = [], [], [], [], 0
+        starts = [i for i in range(n) if (offset + i) % every == 0]
+        for lo, hi in zip([0] + starts, starts + [n]):
+            if hi > lo:  # tokens lo..hi-1
+                pieces.append(h[:, lo:hi])
+                pos.append(tok_pos[:, lo:hi])
+                keep.append(mask[:, lo:hi] if mask is not None else None)
+                real.extend(range(at, at + hi - lo))
+                at += hi - lo
+            if hi < n:  # a memory group before token hi
+                pieces.append(mem)
+                pos.append(tok_pos[:, hi:hi + 1] + steps)
+                keep.append(torch.ones(b, M, dtype=torch.bool, device=h.device) if mask is not None else None)
+                at += M
+        rows = max(p.shape[0] for p in pos)
+        positions = torch.cat([p.expand(rows, -1) for p in pos], dim=1)
+        mask = torch.cat(keep, dim=1) if mask is not None else None
+        return torch.cat(pieces, dim=1), positions, mask, torch.tensor(real, device=h.device, dtype=torch.long)
 
 
 def _drop_cached(t, offset: int):
@@ -454,7 +540,8 @@ UPSTREAM_ABSENT = {
                      "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
     **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
     "return_next_embed_pred": "the continuous next-embedding head is not implemented",
-    **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no keywords here"),
+    **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no per-call keywords "
+                    "here (bind them in your module)"),
     "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
     **dict.fromkeys(("cache_age", "seq_pos_offset"), "the new tokens are those after the cache's cache_length"),
     **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "context_pos", "condition", "in_attn_cond",
@@ -476,107 +563,21 @@ def refuse_upstream(kwargs: dict, where: str):
 
 def stack_settings(attn_layers) -> dict:
     """What the wrapper's conflicts read of a built stack: its resolved LayersConfig fields and dim,
-    and a funnel's depths / upsample."""
+    a funnel's depths / upsample, and whether any block attends to the sequence itself
+    (``self_attention``: the resolved layouts, after custom_layers / top_attn_to_ff)."""
     settings = {f.name: getattr(attn_layers.layer_cfg, f.name) for f in fields(LayersConfig)}
     settings["dim"] = attn_layers.dim
+    stacks = [attn_layers]
     if isinstance(attn_layers, FunnelEncoder):
         settings.update(depths=attn_layers.cfg.depths, upsample=attn_layers.cfg.upsample)
+        stacks = list(attn_layers.blocks) + ([attn_layers.upsampler] if attn_layers.upsampler is not None else [])
+    settings["self_attention"] = any(spec.kind == "a" for stack in stacks for spec in stack.layout)
     return settings
 
 
-HEAD_KEYS = ("tie_embedding", "logits_dim", "logits_scale")  # the output head's keywords
-
-
-def resolve_prefixed(kwargs: dict) -> dict:
-    """XTransformer's keywords with upstream names resolved (aliases.py), shared and per side:
-    ``enc_attn_one_kv_head=True`` -> ``enc_attn_kv_heads=1``."""
-    groups = {"": {}, "enc_": {}, "dec_": {}}
-    for key, value in kwargs.items():
-        prefix = key[:4] if key[:4] in ("enc_", "dec_") else ""
-        groups[prefix][key[len(prefix):]] = value
-    out = {}
-    for prefix, group in groups.items():
-        resolved = aliases.resolve(group, ("layers", "wrapper", "xtransformer"), "XTransformer", prefix)
-        out.update({prefix + k: v for k, v in resolved.items()})
-    return out
-
-
-class XTransformer(Pretrained, nn.Module):
-    """Encoder-decoder. Shared keywords (``num_tokens, dim, depth, heads, max_seq_len`` and any
-    other model keyword) apply to both sides; ``enc_*`` / ``dec_*`` keywords to one side only and
-    win over shared ones. ``tie_token_emb=True`` shares the token embedding of both sides."""
-
-    def __init__(self, *, dim: int, tie_token_emb: bool = False, **kwargs):
-        super().__init__()
-        if not isinstance(tie_token_emb, bool):
-            raise ValueError(f"tie_token_emb must be True or False, got {tie_token_emb!r}")
-        kwargs = resolve_prefixed(kwargs)
-        conflicts.check("xtransformer", dict(dim=dim, tie_token_emb=tie_token_emb, **kwargs))
-        shared, sides = {}, {"enc": {}, "dec": {}}
-        for key, value in kwargs.items():
-            prefix = key.split("_", 1)[0]
-            if prefix in sides and "_" in key:
-                sides[prefix][key.split("_", 1)[1]] = value
-            else:
-                shared[key] = value
-        # the encoder's hidden states feed the decoder: it has no output head, so the head keywords
-        # are the decoder's (enc_tie_embedding is accepted: tied or not, there is no head)
-        enc = {k: v for k, v in shared.items() if k not in HEAD_KEYS}
-        enc.update({k: v for k, v in sides["enc"].items() if k != "tie_embedding"}, return_only_embed=True)
-        dec = {**shared, **sides["dec"]}
-        dec.pop("cross_attend", None)
-        for mine, other, own in ((enc, dec, sides["enc"]), (dec, enc, sides["dec"])):
-            # a shared sub-keyword (rotary_base) serves the side whose feature is on
-            for sub, feature in REQUIRES.items():
-                if sub in mine and sub not in own and mine.get(feature) is not True and other.get(feature) is True:
-                    mine.pop(sub)
-        enc_cls = Encoder
-        if enc.pop("funnel", False):  # Funnel Transformer encoder (2006.03236), enc_depths per block
-            conflicts.check("funnel", enc)
-            enc["depth"], enc_cls = enc.pop("depths", DEFAULT_DEPTHS), FunnelEncoder
-        self.encoder = self._side(enc_cls, dim, enc, "XTransformer (encoder)")
-        self.decoder = self._side(Decoder, dim, dec, "XTransformer (decoder)", cross_attend=True)
-        if tie_token_emb:  # same shape: the conflict table compared num_tokens and emb_dim
-            self.decoder.token_emb = self.encoder.token_emb
-
-    @staticmethod
-    def _side(layers_cls, dim, kwargs, where, **extra):
-        wrapper = {k: kwargs.pop(k) for k in list(kwargs) if k in WRAPPER_KEYS}
-        for key in (*POOLING, "embed_num_tokens"):
-            if wrapper.get(key):
-                raise ValueError(f"{where}: {key} is not for an encoder-decoder (the encoder's hidden states feed "
-                                 f"cross-attention per token; the decoder's forward takes no embed_ids); build the "
-                                 f"TransformerWrapper yourself")
-        for required in ("num_tokens", "depth"):
-            if required not in (wrapper if required == "num_tokens" else kwargs):
-                raise TypeError(f"{where} needs {required!r} (shared, or with its enc_/dec_ prefix)")
-        depth, heads = kwargs.pop("depth"), kwargs.pop("heads", 8)
-        layers = layers_cls(dim, depth, heads, **kwargs, **extra)
-        return TransformerWrapper(attn_layers=layers, **wrapper)
-
-    def encode(self, src, mask=None):
-        return self.encoder(src, mask, return_embeddings=True)
-
-    def forward(self, src, tgt, mask=None, tgt_mask=None, *, return_embeddings: bool = False):
-        """src (b, n_src), tgt (b, n_tgt) -> decoder logits (b, n_tgt, v) (hidden states with
-        ``return_embeddings``). ``mask`` is the source padding mask, used by cross-attention."""
-        enc = self.encode(src, mask)
-        if isinstance(self.encoder.attn_layers, FunnelEncoder):  # a pooled encoder has a pooled mask
-            mask = self.encoder.attn_layers.output_mask(mask)
-        return self.decoder(tgt, tgt_mask, context=enc, context_mask=mask, return_embeddings=return_embeddings)
-
-    @torch.no_grad()
-    def generate(self, src, start_tokens, seq_len: int, mask=None, **kwargs):
-        """Encode ``src`` once, then decode ``seq_len`` tokens after ``start_tokens`` with cached
-        self-attention and cross-attention keys/values computed once. ``kwargs``: those of
-        :meth:`AutoregressiveWrapper.generate` (temperature, filters, eos_token, beams, ...)."""
-        from .autoregressive import AutoregressiveWrapper  # generation lives outside the model
-
-        was_training = self.training
-        self.eval()
-        try:
-            enc = self.encode(src, mask)
-            return AutoregressiveWrapper(self.decoder).generate(start_tokens, seq_len, context=enc,
-                                                                context_mask=mask, **kwargs)
-        finally:
-            self.train(was_training)
+def __getattr__(name):
+    """``wrappers.XTransformer`` (its old home): the encoder-decoder lives in encdec.py."""
+    if name == "XTransformer":
+        from .encdec import XTransformer
+        return XTransformer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

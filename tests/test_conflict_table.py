@@ -1,0 +1,29 @@
+"""The conflict table is one declared table: every entry is declared in conflicts.py, none from
+the modules whose keywords it names."""
+
+import ast
+import pathlib
+
+import x_transformers
+from x_transformers import conflicts, heads
+
+SRC = pathlib.Path(x_transformers.__file__).parent
+
+
+def test_entries_are_declared_only_in_conflicts_py():
+    declaring = []
+    for path in sorted(SRC.glob("*.py")):
+        if path.name == "conflicts.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "declare":
+                declaring.append(f"{path.name}:{node.lineno}")
+    assert not declaring, f"conflict entries declared outside conflicts.py: {declaring}"
+
+
+def test_pooling_alternatives_are_the_heads_modules():
+    assert conflicts.POOLING == heads.POOLING
+    declared = {frozenset(c.keys) for c in conflicts.CONFLICTS}
+    for i, a in enumerate(heads.POOLING):
+        for b in heads.POOLING[i + 1:]:
+            assert frozenset((a, b)) in declared
