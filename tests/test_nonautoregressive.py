@@ -171,3 +171,26 @@ def test_mask_token_in_data_is_refused():
     x[0, 3] = MASK
     with pytest.raises(ValueError, match="x contains mask_id 16; the mask token must be reserved"):
         nar(x)
+
+
+def test_a_custom_token_embedding_module_trains_under_the_non_autoregressive_wrapper():
+    """The wrapper once read net.token_emb.weight, which a custom embedding module need not have."""
+    from torch import nn
+
+    from x_transformers import Encoder, NonAutoregressiveWrapper, TransformerWrapper
+
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(20, 16)
+
+        def forward(self, x):
+            return self.table(x)
+
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=8, token_emb=Emb(),
+                             attn_layers=Encoder(dim=16, depth=1, heads=2))
+    wrapper = NonAutoregressiveWrapper(net, mask_id=19, steps=2)
+    loss = wrapper(torch.randint(0, 19, (2, 8))).loss
+    loss.backward()
+    assert torch.isfinite(loss) and net.token_emb.table.weight.grad.abs().sum() > 0

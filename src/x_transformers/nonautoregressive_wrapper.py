@@ -67,8 +67,7 @@ def keep_top_fraction(logits: Tensor, thres: float) -> Tensor:
 
 def logits_from_embeddings(net: TransformerWrapper, embeds: Tensor) -> Tensor:
     """The token wrapper's output head applied to its hidden states (b, n, d) -> (b, n, v)."""
-    out = embeds * net.logits_scale if net.logits_scale != 1.0 else embeds
-    return net.to_logits(out) if net.to_logits is not None else out @ net.token_emb.weight.t()
+    return net.logits_from(embeds)
 
 
 @contextmanager
@@ -150,7 +149,7 @@ class NonAutoregressiveWrapper(Pretrained, nn.Module):
         self.use_simple_mdlm_loss_weight = use_simple_mdlm_loss_weight
         self.self_cond = self_cond
         self.self_cond_train_prob = self_cond_train_prob
-        dim, emb_dim = net.attn_layers.dim, net.token_emb.weight.shape[1]
+        dim, emb_dim = net.attn_layers.dim, net.emb_dim  # a custom token_emb module has no .weight
         # self-conditioning (2208.04202): the last hidden states, projected, join the token embeddings
         self.null_embed = nn.Parameter(torch.randn(dim) * 0.02) if self_cond else None
         self.to_self_cond = nn.Linear(dim, emb_dim, bias=False) if self_cond else None
