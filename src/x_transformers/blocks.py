@@ -9,7 +9,8 @@ honours is therefore honoured by all of them.
 positions, the self-attention key mask, rotary angles, the position score modification (a
 :class:`~x_transformers.positional.ScoreMod`, a description that ``attend()`` materialises only
 when the chosen kernel needs the tensor), the cross-attention context and its mask, the cache,
-and (funnel) the sequence the first self-attention takes its keys/values from.
+(funnel) the sequence the first self-attention takes its keys/values from, and the input
+re-injected into every branch (``reinject_input``).
 
 Legend: b batch, n queries, m keys, h heads, r rotary dim.
 """
@@ -43,9 +44,10 @@ class ForwardContext:
     kv_mask: Tensor | None = None  # (b, 1, 1, m) bool
     kv_rotary: tuple[Tensor, Tensor] | None = None
     kv_score_mod: ScoreMod | None = None
+    inject: Tensor | None = None  # (b, n, dim) added to every branch's input (reinject_input)
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
-    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod")
+    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject")
 
     def differentiable(self) -> dict[str, Tensor]:
         """The differentiable tensors this context carries, score mods materialised."""
@@ -83,7 +85,10 @@ def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: 
     alone, (None, None) when layer dropout dropped it.
     """
     call = block.branch if branch_only else block
-    return call(x, **block_kwargs(kind, i, ctx))
+    kwargs = block_kwargs(kind, i, ctx)
+    if ctx.inject is not None:
+        kwargs["inject"] = ctx.inject
+    return call(x, **kwargs)
 
 
 def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = None):

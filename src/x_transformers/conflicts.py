@@ -149,6 +149,93 @@ declare("reversible", "pre_norm=False", when=lambda s: on(s, "reversible") and o
         reason="post-norm normalises the sum x + f(x), which is not an additive coupling and cannot be inverted",
         example=dict(reversible=True, pre_norm=False))
 
+# normalisation-free norms (DyT, Derf) replace every norm: one norm family at a time
+_NORMS = ("use_scalenorm", "use_rmsnorm", "use_simple_rmsnorm")
+for _f in ("use_dynamic_tanh", "use_derf"):
+    for _n in _NORMS:
+        declare(_n, _f, when=lambda s, n=_n, f=_f: on(s, n) and on(s, f), reason="choose one norm",
+                example={_n: True, _f: True})
+    declare(_f, "use_rezero", when=lambda s, f=_f: on(s, f) and on(s, "use_rezero"),
+            reason="ReZero has no norms for it to replace", example={_f: True, "use_rezero": True})
+declare("use_dynamic_tanh", "use_derf", when=lambda s: on(s, "use_dynamic_tanh") and on(s, "use_derf"),
+        reason="choose one norm", example=dict(use_dynamic_tanh=True, use_derf=True))
+declare("use_dynamic_tanh", "pre_norm=False", when=lambda s: on(s, "use_dynamic_tanh") and off(s, "pre_norm"),
+        reason="DyT (2503.10622) replaces pre-norms; as a post-norm it is untested (upstream refuses it too)",
+        example=dict(use_dynamic_tanh=True, pre_norm=False))
+declare("pre_and_post_norm", "pre_norm=False", when=lambda s: on(s, "pre_and_post_norm") and off(s, "pre_norm"),
+        reason="pre_and_post_norm already places a norm before each branch and after each sum",
+        example=dict(pre_and_post_norm=True, pre_norm=False))
+declare("pre_and_post_norm", "use_rezero", when=lambda s: on(s, "pre_and_post_norm") and on(s, "use_rezero"),
+        reason="ReZero removes the norms around residual branches", example=dict(pre_and_post_norm=True, use_rezero=True))
+# (branches that start at zero: two zero factors on one branch give neither of them a gradient)
+_ZERO = {"use_rezero": lambda s: on(s, "use_rezero"),
+         "use_layerscale": lambda s: on(s, "use_layerscale") and s.get("layerscale_init_value", 0.0) == 0,
+         "zero_init_branch_output": lambda s: on(s, "zero_init_branch_output"),
+         "ff_zero_init_output": lambda s: on(s, "ff_zero_init_output")}
+_ZERO_EX = {"use_rezero": dict(use_rezero=True), "use_layerscale": dict(use_layerscale=True),
+            "zero_init_branch_output": dict(zero_init_branch_output=True),
+            "ff_zero_init_output": dict(ff_zero_init_output=True)}
+for _a, _b in (("use_rezero", "use_layerscale"), ("use_rezero", "zero_init_branch_output"),
+               ("use_rezero", "ff_zero_init_output"), ("use_layerscale", "zero_init_branch_output"),
+               ("use_layerscale", "ff_zero_init_output")):
+    declare(_a, _b, when=lambda s, a=_a, b=_b: _ZERO[a](s) and _ZERO[b](s),
+            reason="both start the branch at zero, so neither gets a gradient and the branch never opens "
+                   "(give layerscale_init_value > 0, or keep one of them)",
+            example={**_ZERO_EX[_a], **_ZERO_EX[_b]})
+declare("zero_init_branch_output", "depth_scale_residual=True",
+        when=lambda s: on(s, "zero_init_branch_output") and s.get("depth_scale_residual") is True,
+        reason="both initialise the branch output projections; choose one",
+        example=dict(zero_init_branch_output=True, depth_scale_residual=True))
+for _k, _ex in (("ff_output_proj_depth", 2), ("ff_zero_init_output", True)):
+    declare("depth_scale_residual=True", _k, when=lambda s, k=_k: s.get("depth_scale_residual") is True and on(s, k),
+            reason="both initialise the feed-forward output projection; choose one",
+            example={"depth_scale_residual": True, _k: _ex})
+declare("ff_zero_init_output", "ff_output_proj_depth",
+        when=lambda s: on(s, "ff_zero_init_output") and on(s, "ff_output_proj_depth"),
+        reason="both initialise the output projection; choose one",
+        example=dict(ff_zero_init_output=True, ff_output_proj_depth=2))
+# reversible coupling adds each branch to the other stream: the sum must stay a plain, unnormalised x + f(x)
+for _k, _ex, _why in (("pre_and_post_norm", True, "a norm after the sum"),
+                      ("gate_residual", True, "a GRU in place of the sum"),
+                      ("scale_residual=True", True, "a learned gain on the skip path"),
+                      ("scale_residual_constant", 0.5, "a constant on the skip path")):
+    _name = _k.split("=")[0]
+    if _name == "scale_residual":
+        _when = lambda s: on(s, "reversible") and s.get("scale_residual") is True
+    elif _name == "scale_residual_constant":
+        _when = lambda s: on(s, "reversible") and s.get("scale_residual_constant", 1.0) != 1.0
+    else:
+        _when = lambda s, k=_name: on(s, "reversible") and on(s, k)
+    declare("reversible", _k, when=_when,
+            reason=f"{_why} makes the layer something other than x + f(x), which the reversible coupling needs",
+            example={"reversible": True, _name: _ex})
+
+# feed-forward activations: one at a time
+for _a, _b, _ex in (("ff_solu", "ff_activation", dict(ff_solu=True, ff_activation="relu")),
+                    ("ff_custom_activation", "ff_activation",
+                     dict(ff_custom_activation=lambda x: x, ff_activation="relu")),
+                    ("ff_custom_activation", "ff_solu", dict(ff_custom_activation=lambda x: x, ff_solu=True))):
+    declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b) and not (b == "ff_activation" and s[b] == "gelu"),
+            reason="choose one activation", example=_ex)
+
+# layout
+declare("weight_tie_layers", "layers_execute_order",
+        when=lambda s: on(s, "weight_tie_layers") and s.get("layers_execute_order") is not None,
+        reason="weight tying is an execution order of its own (one unit, run depth times)",
+        example=dict(weight_tie_layers=True, layers_execute_order=(0, 1)))
+for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1)):
+    declare("weight_tie_layers", _k, when=lambda s, k=_k: on(s, "weight_tie_layers") and s.get(k) is not None,
+            reason="weight tying repeats one unit of the default layout", example={"weight_tie_layers": True, _k: _ex})
+declare("only_attn", "custom_layers", when=lambda s: on(s, "only_attn") and "f" in (s.get("custom_layers") or ()),
+        reason="only_attn drops every feed-forward; leave 'f' out of custom_layers",
+        example=dict(only_attn=True, custom_layers=("a", "f")))
+declare("only_attn", "top_attn_to_ff", when=lambda s: on(s, "only_attn") and on(s, "top_attn_to_ff"),
+        reason="top_attn_to_ff makes feed-forwards, which only_attn drops", example=dict(only_attn=True, top_attn_to_ff=1))
+declare("only_attn", "layers_execute_order",
+        when=lambda s: on(s, "only_attn") and s.get("layers_execute_order") is not None,
+        reason="the block indices would count blocks only_attn removed (upstream refuses it too)",
+        example=dict(only_attn=True, layers_execute_order=(0,)))
+
 # layout
 declare("only_cross", "causal", when=lambda s: on(s, "only_cross") and on(s, "causal"),
         reason="a cross-attention-only stack has no self-attention to make causal",

@@ -21,7 +21,7 @@ from . import checks
 from .attention import Attention
 from .blocks import ForwardContext, run_sequential
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
-from .feedforward import FeedForward
+from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .residual import Residual
@@ -37,19 +37,33 @@ class LayerSpec:
         return self.kind if self.scale == 1.0 else f"{self.kind}*{self.scale:g}"
 
 
-def build_layout(cfg: LayersConfig) -> tuple[LayerSpec, ...]:
-    """Resolve the layout keywords into the explicit sequence of blocks."""
+def build_layout(cfg: LayersConfig, depth: int | None = None) -> tuple[LayerSpec, ...]:
+    """Resolve the layout keywords into the explicit sequence of blocks (``depth`` units, default
+    cfg.depth). ``only_attn`` drops the feed-forwards of whatever layout the others make."""
+    layout = _layout(cfg, cfg.depth if depth is None else depth)
+    return tuple(s for s in layout if s.kind != "f") if cfg.only_attn else layout
+
+
+def unit_length(cfg: LayersConfig) -> int:
+    """Blocks per repeated unit (``a f``, ``a c f``, macaron's ``f a f``); 1 for the layouts that
+    are not repeated units (custom_layers, sandwich_coef) and under top_attn_to_ff."""
+    if cfg.custom_layers is not None or cfg.sandwich_coef is not None or cfg.top_attn_to_ff:
+        return 1
+    return len(build_layout(cfg, depth=1))
+
+
+def _layout(cfg: LayersConfig, depth: int) -> tuple[LayerSpec, ...]:
     attn = ("c",) if cfg.only_cross else ("a", "c") if cfg.cross_attend else ("a",)
     if cfg.custom_layers is not None:
         layout = tuple(LayerSpec(k) for k in cfg.custom_layers)
     elif cfg.sandwich_coef is not None:  # 1911.03864: k attentions first, k feed-forwards last
         k = cfg.sandwich_coef
-        kinds = attn * k + (attn + ("f",)) * (cfg.depth - k) + ("f",) * k
+        kinds = attn * k + (attn + ("f",)) * (depth - k) + ("f",) * k
         layout = tuple(LayerSpec(x) for x in kinds)
     elif cfg.macaron:  # 1906.02762: half-step FF, attention, half-step FF
-        layout = ((LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)) * cfg.depth
+        layout = ((LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)) * depth
     else:
-        layout = tuple(LayerSpec(x) for x in attn + ("f",)) * cfg.depth
+        layout = tuple(LayerSpec(x) for x in attn + ("f",)) * depth
     return attn_to_ff(layout, cfg.top_attn_to_ff)
 
 
@@ -134,31 +148,48 @@ class AttentionLayers(Pretrained, nn.Module):
 
         self.dim = dim
         self.causal = cfg.causal
-        self.layout = build_layout(cfg)
+        built, order = self._execution(cfg)
+        self.layout = tuple(built[i] for i in order)  # the blocks as they run
         norm = ("scalenorm" if cfg.use_scalenorm else "rmsnorm" if cfg.use_rmsnorm
-                else "simple_rmsnorm" if cfg.use_simple_rmsnorm else "layernorm")
+                else "simple_rmsnorm" if cfg.use_simple_rmsnorm else "dynamic_tanh" if cfg.use_dynamic_tanh
+                else "derf" if cfg.use_derf else "layernorm")
         self.norm_name = norm
         placement = "rezero" if cfg.use_rezero else "sandwich" if cfg.sandwich_norm else "pre" if cfg.pre_norm else "post"
         self.placement = placement
+        options = dict(init_alpha=cfg.dynamic_tanh_init_alpha) if cfg.use_dynamic_tanh else {}
 
         def make():
-            return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+            return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, **options)
+
+        # a number for scale_residual / depth_scale_residual scales every branch (upstream's Scale)
+        branch_scale = 1.0
+        for value in (cfg.scale_residual, cfg.depth_scale_residual):
+            if not isinstance(value, bool):
+                branch_scale *= float(value)
 
         # TUPE scales the word-to-word logits by 1/sqrt(2d), like its positional term; under QK-norm the
         # learned scale stands in for it, and a given attn_scale replaces it
         tupe_scale = cfg.tupe and not attn_cfg.qk_norm and attn_cfg.scale is None
         self_cfg = replace(attn_cfg, scale=(2 * attn_cfg.dim_head) ** -0.5) if tupe_scale else attn_cfg
         blocks = []
-        for spec in self.layout:
+        for spec in built:
             if spec.kind == "f":
                 fn = FeedForward(dim, ff_cfg)
             else:
                 fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
                                cross=spec.kind == "c", dim_context=cfg.dim_context)
-            blocks.append(Residual(fn, placement=placement, make_norm=make, scale=spec.scale,
-                                   layer_dropout=cfg.layer_dropout))
-        self.blocks = nn.ModuleList(blocks)
-        self.final_norm = make() if placement in ("pre", "sandwich") and cfg.pre_norm_has_final_norm else None
+            blocks.append(Residual(fn, placement=placement, make_norm=make, scale=spec.scale * branch_scale,
+                                   layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
+                                   layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None,
+                                   skip_scale=cfg.scale_residual is True, skip_constant=cfg.scale_residual_constant,
+                                   gru=cfg.gate_residual))
+        # repeated entries are one module (weight tying): parameters() counts it once
+        self.blocks = nn.ModuleList(blocks[i] for i in order)
+        has_final = placement in ("pre", "sandwich") and cfg.pre_norm_has_final_norm and not cfg.pre_and_post_norm
+        self.final_norm = make() if has_final else None
+        # DEQ (1909.01377): a projection of the stack's input added to every branch's input
+        self.reinject = nn.Linear(dim, dim, bias=False) if cfg.reinject_input else None
+        self.reinject_gate = nn.Linear(dim, 1, bias=False) if cfg.learned_reinject_input_gate else None
         # 2001.04451: run the blocks as a two-stream coupling, activations recomputed in backward
         self.reversible = ReversibleStack(self.layout) if cfg.reversible else None
 
@@ -175,7 +206,51 @@ class AttentionLayers(Pretrained, nn.Module):
         self.tupe = None
         if cfg.tupe:
             self.tupe = TUPEPositionalBias(dim, heads, dim_head, cfg.tupe_max_seq_len, untie_cls=cfg.tupe_untie_cls)
+        per_unit = unit_length(cfg)
+        self._units = {id(b.fn): i // per_unit + 1 for i, b in reversed(list(enumerate(self.blocks)))}
+        self._out_std = 0.02 / (2 * cfg.depth) ** 0.5
         self.apply(self._init_weights)
+
+    @staticmethod
+    def _execution(cfg: LayersConfig):
+        """(the blocks to build, the order they run in): ``weight_tie_layers`` builds one unit and
+        runs it depth times; ``layers_execute_order`` runs the built blocks in its order."""
+        if cfg.weight_tie_layers:
+            unit = build_layout(cfg, depth=1)
+            return unit, tuple(range(len(unit))) * cfg.depth
+        built = build_layout(cfg)
+        order = cfg.layers_execute_order
+        if order is None:
+            return built, tuple(range(len(built)))
+        if max(order) >= len(built):
+            raise ValueError(f"layers_execute_order names block {max(order)}, but the layout has {len(built)} blocks "
+                             f"({' '.join(str(s) for s in built)})")
+        return built, tuple(order)
+
+    def init_outputs(self, total_depth: int):
+        """Initialise every branch's output projection again, GPT-2's std counting ``total_depth``
+        layers (a funnel counts all of its blocks)."""
+        self._out_std = 0.02 / (2 * total_depth) ** 0.5
+        for fn in {id(b.fn): b.fn for b in self.blocks}.values():
+            self._init_output(fn)
+
+    def _init_output(self, fn):
+        """A branch's output projection: GPT-2's N(0, 0.02 / sqrt(2 * depth)); zero with
+        ``zero_init_branch_output`` (or the block's own ``ff_zero_init_output``); OLMo's
+        N(0, 1 / (2 * fan_in * unit)) with ``depth_scale_residual=True``, unit the branch's 1-based
+        unit in the stack (or ``ff_output_proj_depth``)."""
+        layer = fn.proj_out if isinstance(fn, FeedForward) else fn.to_out
+        if self.cfg.zero_init_branch_output:
+            nn.init.zeros_(layer.weight)
+        elif self.cfg.depth_scale_residual is True:
+            nn.init.normal_(layer.weight, std=(2 * layer.in_features * self._units[id(fn)]) ** -0.5)
+        elif isinstance(fn, FeedForward):
+            fn.init_output(self._out_std)
+            return
+        else:
+            nn.init.normal_(layer.weight, std=self._out_std)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
 
     @staticmethod
     def _check(cfg: LayersConfig, attn_cfg: AttentionConfig):
@@ -187,16 +262,14 @@ class AttentionLayers(Pretrained, nn.Module):
                              f"(attn_dim_head={dim_head})")
 
     def _init_weights(self, module):
-        # GPT-2's initialisation: N(0, 0.02) weights, zero biases; residual output projections
-        # scaled by 1/sqrt(2 * depth) so the residual stream's variance does not grow with depth.
+        # GPT-2's initialisation: N(0, 0.02) weights, zero biases; the residual output projections
+        # then get their own (init_outputs)
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        for name in ("to_out", "proj_out"):
-            layer = getattr(module, name, None)
-            if isinstance(layer, nn.Linear) and module is not self:
-                nn.init.normal_(layer.weight, std=0.02 / (2 * self.cfg.depth) ** 0.5)
+        if id(module) in getattr(self, "_units", {}):
+            self._init_output(module)
 
     @property
     def layer_cfg(self) -> LayersConfig:
@@ -241,10 +314,17 @@ class AttentionLayers(Pretrained, nn.Module):
 
     def run(self, x, ctx: ForwardContext, attns: list | None = None):
         """The blocks over x (b, n, dim) under ``ctx``: plain or reversible, then the final norm."""
+        if self.reinject is not None:
+            inject = self.reinject(x)
+            if self.reinject_gate is not None:
+                inject = inject * torch.sigmoid(self.reinject_gate(x))
+            ctx = replace(ctx, inject=inject)
         if self.reversible is not None:  # reversible.py: the same runner, one branch at a time
             x = self.reversible(self.blocks, x, ctx, attns)
         else:
             x = run_sequential(self.layout, self.blocks, x, ctx, attns)
+        if self.cfg.softclamp_output:  # Gemma 2: bounded by +-value, before the final norm
+            x = softclamp(x, self.cfg.softclamp_output_value)
         return self.final_norm(x) if self.final_norm is not None else x
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
