@@ -218,7 +218,20 @@ for _a, _b, _ex in (("ff_solu", "ff_activation", dict(ff_solu=True, ff_activatio
     declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b) and not (b == "ff_activation" and s[b] == "gelu"),
             reason="choose one activation", example=_ex)
 
+def _glu_clamped(s: dict) -> bool:
+    return (on(s, "ff_glu_softclamp") or s.get("ff_glu_gate_softclamp_value", 4.0) != 4.0
+            or s.get("ff_glu_up_softclamp_value", 25.0) != 25.0)
+
+
+for _k, _v in (("ff_solu", True), ("ff_custom_activation", lambda x: x)):
+    declare("ff_glu_softclamp", _k, when=lambda s, k=_k: _glu_clamped(s) and on(s, k),
+            reason="SiTU-GLU's clamped gate is defined for GELU and swish gates only",
+            example={"ff_glu": True, "ff_glu_softclamp": True, _k: _v})
+
 # layout
+declare("weight_tie_layers", "top_attn_to_ff", when=lambda s: on(s, "weight_tie_layers") and on(s, "top_attn_to_ff"),
+        reason="a tied stack repeats one unit, so it cannot turn only the top layers' attention into feed-forwards",
+        example=dict(weight_tie_layers=True, top_attn_to_ff=1))
 declare("weight_tie_layers", "layers_execute_order",
         when=lambda s: on(s, "weight_tie_layers") and s.get("layers_execute_order") is not None,
         reason="weight tying is an execution order of its own (one unit, run depth times)",
@@ -343,6 +356,9 @@ for _p, _ex in (("rel_pos_bias", {}), ("tupe", {"tupe_max_seq_len": 16})):
             reason="a funnel block whose every self-attention became a feed-forward has no attention scores "
                    "for its own position table to act on; keep top_attn_to_ff below every block's depth",
             example={_p: True, "top_attn_to_ff": 1, "depths": (1, 1), **_ex}, kinds=FUNNEL)
+declare("layers_execute_order", "FunnelEncoder", when=lambda s: s.get("layers_execute_order") is not None,
+        reason="every funnel block is a stack of its own depth, so one order of block indices cannot fit them all",
+        example=dict(layers_execute_order=(0, 1)), kinds=FUNNEL)
 # (a funnel block without self-attention, from only_cross, custom_layers or top_attn_to_ff, is
 # mean-pooled and runs its blocks over the pooled sequence; shared-QK's pooled queries take as keys
 # the unit-normalised query projections of the unpooled sequence: funnel.py)

@@ -144,7 +144,7 @@ class AttentionLayers(Pretrained, nn.Module):
         self.cfg = cfg = build(LayersConfig, dict(dim=dim, depth=depth, heads=heads, **lk), where)
         self.attn_cfg = attn_cfg = build(AttentionConfig, ak, where, prefix="attn_")
         self.ff_cfg = ff_cfg = build(FeedForwardConfig, fk, where, prefix="ff_")
-        self._check(cfg, attn_cfg)
+        self._check(cfg, attn_cfg, ff_cfg)
 
         self.dim = dim
         self.causal = cfg.causal
@@ -253,9 +253,12 @@ class AttentionLayers(Pretrained, nn.Module):
             nn.init.zeros_(layer.bias)
 
     @staticmethod
-    def _check(cfg: LayersConfig, attn_cfg: AttentionConfig):
+    def _check(cfg: LayersConfig, attn_cfg: AttentionConfig, ff_cfg: FeedForwardConfig):
         if attn_cfg.kv_heads is not None and cfg.heads % attn_cfg.kv_heads:
             raise ValueError(f"attn_kv_heads ({attn_cfg.kv_heads}) must divide heads ({cfg.heads})")
+        if ff_cfg.dim_out not in (None, cfg.dim):
+            raise ValueError(f"ff_dim_out ({ff_cfg.dim_out}) must equal dim ({cfg.dim}) in a stack: the feed-forward's "
+                             f"output is added to the residual stream")
         dim_head = attn_cfg.dim_head
         if cfg.rotary_pos_emb and cfg.rotary_dim(dim_head) > dim_head:
             raise ValueError(f"rotary_emb_dim ({cfg.rotary_emb_dim}) must be at most the head dimension "

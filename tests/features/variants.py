@@ -1,0 +1,36 @@
+"""Norm, residual, layout and feed-forward variants from upstream (issue 21)."""
+
+from harness import register
+
+# what a zero-initialised branch factor leaves without a gradient at init (as ReZero's gate): the
+# branches and what only they read; one optimizer step opens them
+BRANCHES = (".fn.", "pre_norm", "branch_norm", "rel_pos.", "tupe.", "memory_tokens", "encoder.token_emb",
+            "encoder.pos_emb", "encoder.attn_layers.final_norm", "upsampler", "reinject", "layerscale")
+
+register("dynamic_tanh", layers=dict(use_dynamic_tanh=True, dynamic_tanh_init_alpha=1.5), group="norm")
+register("derf", layers=dict(use_derf=True), group="norm")
+register("pre_and_post_norm", layers=dict(pre_and_post_norm=True), group="placement")
+register("layerscale", layers=dict(use_layerscale=True), zero_init=BRANCHES)
+register("layerscale_init", layers=dict(use_layerscale=True, layerscale_init_value=0.1))
+register("softclamp_output", layers=dict(softclamp_output=True, softclamp_output_value=2.0))
+register("gate_residual", layers=dict(gate_residual=True))
+register("scale_residual", layers=dict(scale_residual=True, scale_residual_constant=0.7))
+register("scale_residual_branch", layers=dict(scale_residual=0.5))
+register("depth_scale_residual", layers=dict(depth_scale_residual=True))
+register("zero_init_branch_output", layers=dict(zero_init_branch_output=True),
+         zero_init=tuple(p for p in BRANCHES if p != ".fn.") + ("to_q", "to_k", "to_v", "proj_in", "mult_bias",
+                                                                  "null_kv", "mem_kv", "qk_norm", "entmax",
+                                                                  "talking", "post_act_norm", "gru", "encoder."))
+register("reinject_input", layers=dict(reinject_input=True, learned_reinject_input_gate=True))
+register("weight_tie_layers", layers=dict(weight_tie_layers=True))
+# runs the first unit twice, then the second (depth 2: blocks a f a f)
+register("layers_execute_order", layers=dict(layers_execute_order=(0, 1, 0, 1, 2, 3)))
+register("only_attn", layers=dict(only_attn=True), group="layout")
+register("ff_solu", layers=dict(ff_solu=True))
+register("ff_post_act_ln", layers=dict(ff_post_act_ln=True))
+register("ff_glu_mult_bias", layers=dict(ff_glu=True, ff_glu_mult_bias=True))
+register("ff_glu_softclamp", layers=dict(ff_glu=True, ff_activation="swish", ff_glu_softclamp=True,
+                                         ff_glu_gate_softclamp_value=2.0, ff_glu_up_softclamp_value=3.0))
+register("ff_softclamp", layers=dict(ff_softclamp_value=1.0))
+register("ff_output_proj_depth", layers=dict(ff_output_proj_depth=3))
+register("ff_sublayer_dropout", layers=dict(ff_sublayer_dropout=0.1))

@@ -1,0 +1,319 @@
+"""Norm, residual and layout variants from upstream (issue 21): each keyword's defining formula,
+written out by hand, against the built stack."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import upstream
+from x_transformers import CrossAttender, Decoder, Encoder, FunnelEncoder, TransformerWrapper, XTransformer
+from x_transformers.config import ConfigConflictError
+from x_transformers.norms import Derf, DynamicTanh
+
+DIM = 16
+
+
+def enc(**kw):
+    torch.manual_seed(0)
+    return Encoder(dim=DIM, depth=kw.pop("depth", 2), heads=2, attn_dim_head=8, **kw).double().eval()
+
+
+def x_in(b=2, n=5):
+    torch.manual_seed(1)
+    return torch.randn(b, n, DIM, dtype=torch.float64)
+
+
+def randomise(module):
+    """Every parameter of ``module`` at random values, so a formula is checked beyond its init."""
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# norms
+
+
+def test_dynamic_tanh_is_gamma_tanh_alpha_x_plus_beta():
+    # DyT (2503.10622): gamma * tanh(alpha * x) + beta, alpha a learned scalar starting at the init alpha
+    model = enc(use_dynamic_tanh=True, dynamic_tanh_init_alpha=1.5)
+    norms = [m for m in model.modules() if isinstance(m, DynamicTanh)]
+    assert len(norms) == 2 * 2 + 1  # before every branch, and the final norm
+    assert all(n.alpha.item() == 1.5 and n.alpha.numel() == 1 for n in norms)
+    norm = norms[0]
+    randomise(norm)
+    x = x_in() * 3
+    expected = norm.gamma * torch.tanh(norm.alpha * x) + norm.beta
+    torch.testing.assert_close(norm(x), expected)
+    # no statistics over channels: a channel's output depends on that channel only
+    y = x.clone()
+    y[..., 0] += 10
+    torch.testing.assert_close(norm(y)[..., 1:], norm(x)[..., 1:])
+
+
+def test_derf_is_gamma_erf_alpha_x_plus_s_plus_beta():
+    # Derf (2512.10938): gamma * erf(alpha * x + s) + beta, alpha starting at 0.5, s at 0
+    model = enc(use_derf=True)
+    norms = [m for m in model.modules() if isinstance(m, Derf)]
+    assert len(norms) == 5 and all(n.alpha.item() == 0.5 and n.shift.item() == 0.0 for n in norms)
+    norm = norms[0]
+    randomise(norm)
+    x = x_in()
+    torch.testing.assert_close(norm(x), norm.gamma * torch.erf(norm.alpha * x + norm.shift) + norm.beta)
+
+
+def test_pre_and_post_norm_normalises_branch_input_and_sum_without_final_norm():
+    model = enc(pre_and_post_norm=True, depth=1)
+    assert model.final_norm is None
+    x = x_in()
+    h = x
+    for block in model.blocks:
+        randomise(block.post_norm)
+        h_branch = block.fn(block.pre_norm(h))
+        h_branch = h_branch[0] if isinstance(h_branch, tuple) else h_branch
+        h = block.post_norm(h + h_branch)
+    torch.testing.assert_close(model(x), h)
+
+
+@pytest.mark.parametrize("init", [0.0, 0.1])
+def test_layerscale_is_a_per_channel_gain_on_each_branch(init):
+    # CaiT (2103.17239): x + diag(gamma) f(norm(x)), gamma initialised to layerscale_init_value
+    model = enc(use_layerscale=True, layerscale_init_value=init, depth=1)
+    gammas = [b.layerscale for b in model.blocks]
+    assert all(g.shape == (DIM,) and torch.allclose(g, torch.full_like(g, init)) for g in gammas)
+    x = x_in()
+    if init == 0.0:  # every branch off: the stack is its final norm
+        torch.testing.assert_close(model(x), model.final_norm(x))
+    block = model.blocks[1]
+    randomise(block)
+    out, _ = block(x)
+    torch.testing.assert_close(out, x + block.layerscale * block.fn(block.pre_norm(x)))
+
+
+def test_softclamp_output_bounds_the_stack_before_its_final_norm():
+    value = 0.3
+    model = enc(softclamp_output=True, softclamp_output_value=value)
+    plain = enc(pre_norm_has_final_norm=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("final_norm")})
+    x = x_in()
+    torch.testing.assert_close(model(x), model.final_norm(value * torch.tanh(plain(x) / value)))
+
+
+# --------------------------------------------------------------------------------------------
+# residual paths
+
+
+def test_gate_residual_is_a_gru_step_from_skip_to_branch():
+    # GTrXL (1910.06764): the sum becomes a GRU with the branch as input and the skip as state
+    model = enc(gate_residual=True, depth=1)
+    block = model.blocks[1]
+    randomise(block.gru)
+    x = x_in()
+    f = block.fn(block.pre_norm(x))
+    g = block.gru
+    wi, wh, bi, bh = g.weight_ih, g.weight_hh, g.bias_ih, g.bias_hh
+    (ir, iz, i_n), (hr, hz, h_n) = (f @ wi.T + bi).chunk(3, -1), (x @ wh.T + bh).chunk(3, -1)
+    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+    new = torch.tanh(i_n + r * h_n)
+    torch.testing.assert_close(block(x)[0], (1 - z) * new + z * x)
+
+
+def test_scale_residual_learns_a_gain_on_the_skip_and_the_constant_scales_it():
+    model = enc(scale_residual=True, scale_residual_constant=0.7, depth=1)
+    block = model.blocks[0]
+    assert block.skip_scale.shape == (DIM,) and torch.all(block.skip_scale == 1)
+    randomise(block)
+    x = x_in()
+    torch.testing.assert_close(block(x)[0], 0.7 * block.skip_scale * x + block.fn(block.pre_norm(x))[0])
+
+
+@pytest.mark.parametrize("key", ["scale_residual", "depth_scale_residual"])
+def test_a_number_for_scale_residual_scales_every_branch(key):
+    scaled, plain = enc(**{key: 0.25}), enc()
+    assert sum(p.numel() for p in scaled.parameters()) == sum(p.numel() for p in plain.parameters())
+    plain.load_state_dict(scaled.state_dict())
+    x = x_in()
+    block_s, block_p = scaled.blocks[0], plain.blocks[0]
+    torch.testing.assert_close(block_s(x)[0] - x, 0.25 * (block_p(x)[0] - x))
+
+
+def test_depth_scale_residual_initialises_output_projections_by_unit_depth():
+    # OLMo's init: std (2 * fan_in * l) ** -0.5 for the branches of the l-th unit (1-based)
+    torch.manual_seed(0)
+    model = Encoder(dim=256, depth=3, heads=4, attn_dim_head=64, depth_scale_residual=True)
+    for i, block in enumerate(model.blocks):
+        layer = block.fn.to_out if i % 2 == 0 else block.fn.proj_out
+        expected = (2 * layer.in_features * (i // 2 + 1)) ** -0.5
+        assert abs(layer.weight.std().item() / expected - 1) < 0.03
+
+
+def test_zero_init_branch_output_makes_the_stack_its_final_norm():
+    model = enc(zero_init_branch_output=True)
+    assert all(not (b.fn.to_out if hasattr(b.fn, "to_out") else b.fn.proj_out).weight.any() for b in model.blocks)
+    x = x_in()
+    torch.testing.assert_close(model(x), model.final_norm(x))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_reinject_input_adds_a_projection_of_the_input_to_every_branch_input(gated):
+    # DEQ (1909.01377): each branch reads x_l + W x_0 (times sigmoid(w . x_0) when gated); the skip path reads x_l
+    model = enc(reinject_input=True, learned_reinject_input_gate=gated, pre_norm_has_final_norm=False)
+    x = x_in()
+    inject = model.reinject(x)
+    if gated:
+        inject = inject * torch.sigmoid(x @ model.reinject_gate.weight.T)
+    h = x
+    for block in model.blocks:
+        out = block.fn(block.pre_norm(h + inject))
+        h = h + (out[0] if isinstance(out, tuple) else out)
+    torch.testing.assert_close(model(x), h)
+
+
+def test_reinject_input_through_a_reversible_stack_has_ordinary_autograds_gradients():
+    # the recomputing Function takes the injection as a differentiable input: its gradient
+    # reaches the projection as under ordinary autograd (return_attn runs the coupling that way)
+    torch.manual_seed(0)
+    model = Encoder(dim=DIM, depth=2, heads=2, reversible=True, reinject_input=True).double()
+    x = x_in()
+    grads = []
+    for kwargs in ({}, dict(return_attn=True)):
+        model.zero_grad()
+        out = model(x, **kwargs)
+        (out[0] if kwargs else out).square().sum().backward()
+        grads.append(model.reinject.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# --------------------------------------------------------------------------------------------
+# layout
+
+
+def test_weight_tie_layers_has_one_layers_parameters_and_runs_it_depth_times():
+    tied = enc(weight_tie_layers=True, depth=3, pre_norm_has_final_norm=False)
+    one = enc(depth=1, pre_norm_has_final_norm=False)
+    assert sum(p.numel() for p in tied.parameters()) == sum(p.numel() for p in one.parameters())
+    assert tied.layout_string == "a f a f a f" and tied.blocks[0] is tied.blocks[2] is tied.blocks[4]
+    one.load_state_dict({k: v for k, v in tied.state_dict().items() if k.split(".")[1] in ("0", "1")})
+    x = x_in()
+    torch.testing.assert_close(tied(x), one(one(one(x))))
+
+
+def test_layers_execute_order_runs_the_built_blocks_in_that_order():
+    model = enc(layers_execute_order=(2, 3, 0, 1, 2, 3))
+    built = enc()
+    assert model.layout_string == "a f a f a f"
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in built.parameters())
+    built.load_state_dict({f"blocks.{i}.{k.split('.', 2)[2]}": v for k, v in model.state_dict().items()
+                           for j, i in ((0, 2), (1, 3), (2, 0), (3, 1)) if k.startswith(f"blocks.{j}.")}
+                          | {k: v for k, v in model.state_dict().items() if k.startswith("final")})
+    x = x_in()
+    h = x
+    for i in (2, 3, 0, 1, 2, 3):
+        h = built.blocks[i](h)[0]
+    torch.testing.assert_close(model(x), built.final_norm(h))
+
+
+def test_layers_execute_order_refuses_a_block_the_layout_lacks():
+    with pytest.raises(ValueError, match="layers_execute_order names block 4"):
+        enc(layers_execute_order=(0, 4))
+
+
+def test_only_attn_drops_every_feed_forward():
+    assert enc(only_attn=True).layout_string == "a a"
+    assert Decoder(dim=DIM, depth=2, heads=2, cross_attend=True, only_attn=True).layout_string == "a c a c"
+    assert enc(only_attn=True, macaron=True).layout_string == "a a"
+
+
+# --------------------------------------------------------------------------------------------
+# every model kind: built and run, or refused by a declared entry naming the keyword
+
+KEYWORDS = [dict(use_dynamic_tanh=True), dict(use_derf=True), dict(pre_and_post_norm=True), dict(use_layerscale=True),
+            dict(softclamp_output=True), dict(gate_residual=True), dict(scale_residual=True),
+            dict(depth_scale_residual=0.5), dict(zero_init_branch_output=True), dict(reinject_input=True),
+            dict(weight_tie_layers=True), dict(only_attn=True)]
+
+
+def _kinds(kw):
+    yield "decoder", lambda: TransformerWrapper(num_tokens=20, max_seq_len=16,
+                                                attn_layers=Decoder(dim=DIM, depth=2, heads=2, **kw))
+    yield "encoder", lambda: TransformerWrapper(num_tokens=20, max_seq_len=16,
+                                                attn_layers=Encoder(dim=DIM, depth=2, heads=2, **kw))
+    yield "cross", lambda: CrossAttender(dim=DIM, depth=2, heads=2, **kw)
+    yield "xtransformer", lambda: XTransformer(dim=DIM, depth=2, heads=2, num_tokens=20, max_seq_len=16, **kw)
+    yield "funnel", lambda: TransformerWrapper(num_tokens=20, max_seq_len=16,
+                                               attn_layers=FunnelEncoder(dim=DIM, depths=(1, 1), heads=2, **kw))
+    yield "reversible", lambda: TransformerWrapper(
+        num_tokens=20, max_seq_len=16, attn_layers=Decoder(dim=DIM, depth=2, heads=2, reversible=True, **kw))
+
+
+@pytest.mark.parametrize("kw", KEYWORDS, ids=lambda kw: next(iter(kw)))
+def test_every_kind_runs_or_refuses_naming_the_keyword(kw):
+    name = next(iter(kw))
+    for kind, make in _kinds(kw):
+        try:
+            model = make()
+        except ConfigConflictError as err:
+            assert err.conflict is not None and name in str(err), (kind, err)
+            continue
+        tokens = torch.randint(0, 20, (2, 6))
+        if kind == "cross":
+            out = model(torch.randn(2, 6, DIM), context=torch.randn(2, 3, DIM))
+        elif kind == "xtransformer":
+            out = model(tokens, tokens)
+        else:
+            out = model(tokens)
+        out.float().square().mean().backward()
+        assert torch.isfinite(out).all(), kind
+
+
+def test_reversible_refuses_what_is_not_x_plus_f_x():
+    for kw in (dict(pre_and_post_norm=True), dict(gate_residual=True), dict(scale_residual=True),
+               dict(scale_residual_constant=0.5)):
+        with pytest.raises(ConfigConflictError, match=next(iter(kw))):
+            Decoder(dim=DIM, depth=2, heads=2, reversible=True, **kw)
+
+
+def test_sub_keywords_need_their_feature():
+    for sub, value in (("dynamic_tanh_init_alpha", 2.0), ("layerscale_init_value", 0.1),
+                       ("softclamp_output_value", 5.0), ("learned_reinject_input_gate", True)):
+        with pytest.raises(ValueError, match=sub):
+            Decoder(dim=DIM, depth=1, heads=2, **{sub: value})
+
+
+# --------------------------------------------------------------------------------------------
+# the same parameters as upstream 2.31.10 for the same keywords
+
+COUNT_CASES = [
+    ("Decoder", dict(use_dynamic_tanh=True, dynamic_tanh_init_alpha=1.5)),
+    ("Decoder", dict(use_derf=True)),
+    ("Decoder", dict(pre_and_post_norm=True)),
+    ("Decoder", dict(use_layerscale=True, layerscale_init_value=0.1)),
+    ("Decoder", dict(softclamp_output=True)),
+    ("Decoder", dict(gate_residual=True)),
+    ("Encoder", dict(scale_residual=True, scale_residual_constant=0.5)),
+    ("Decoder", dict(depth_scale_residual=True, zero_init_branch_output=False)),
+    ("Decoder", dict(reinject_input=True, learned_reinject_input_gate=True)),
+    ("Decoder", dict(weight_tie_layers=True, depth=4)),
+    ("Encoder", dict(layers_execute_order=(0, 1, 0, 1, 2, 3))),
+    ("Decoder", dict(only_attn=True)),
+    ("Decoder", dict(ff_solu=True, ff_post_act_ln=True)),
+    ("Decoder", dict(ff_glu=True, ff_glu_mult_bias=True, ff_glu_softclamp=True)),
+    ("Decoder", dict(ff_sublayer_dropout=0.1, ff_zero_init_output=True, ff_softclamp_value=5.0)),
+]
+
+
+def test_parameter_counts_equal_upstreams():
+    base = dict(dim=64, depth=2, heads=4)
+    payload = [dict(kind=k, layers={**base, **kw}, wrapper=dict(num_tokens=50, max_seq_len=16)) for k, kw in COUNT_CASES]
+    theirs = upstream.upstream_param_counts(payload)
+    ours = []
+    for kind, kw in COUNT_CASES:
+        stack = dict(Decoder=Decoder, Encoder=Encoder)[kind](**{**base, **kw})
+        ours.append(sum(p.numel() for p in TransformerWrapper(num_tokens=50, max_seq_len=16, attn_layers=stack)
+                        .parameters()))
+    assert [c for c, o, t in zip(COUNT_CASES, ours, theirs) if o != t] == []
+    assert math.prod(ours) > 0
