@@ -229,12 +229,71 @@ def test_only_attn_drops_every_feed_forward():
 
 
 # --------------------------------------------------------------------------------------------
+# positions
+
+
+def test_position_interpolation_divides_positions_by_the_factor():
+    # PI (2306.15595): angle_k(t) = (t / s) * base ** (-2k / r)
+    from x_transformers.positional import RotaryEmbedding
+
+    rot = RotaryEmbedding(8, base=100.0, interpolation_factor=4.0)
+    t = torch.arange(0, 40)[None]
+    cos, sin = rot(t)
+    theta = 100.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    angles = (t[0, :, None].double() / 4.0) * theta
+    torch.testing.assert_close(cos[0, 0].double(), torch.cat((angles, angles), -1).cos(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin[0, 0].double(), torch.cat((angles, angles), -1).sin(), atol=1e-6, rtol=0)
+
+
+def test_ntk_rescaling_keeps_the_highest_frequency_and_divides_the_lowest_by_the_factor():
+    from x_transformers.positional import RotaryEmbedding
+
+    r, a = 16, 8.0
+    plain, ntk = RotaryEmbedding(r), RotaryEmbedding(r, base_rescale_factor=a)
+    torch.testing.assert_close(ntk.inv_freq.double(), (10000.0 * a ** (r / (r - 2))) ** (
+        -torch.arange(0, r, 2, dtype=torch.float64) / r), rtol=1e-6, atol=0)
+    assert ntk.inv_freq[0] == plain.inv_freq[0] == 1.0
+    torch.testing.assert_close(ntk.inv_freq[-1], plain.inv_freq[-1] / a)
+
+
+@pytest.mark.parametrize("kw", [dict(rotary_interpolation_factor=3.0), dict(rotary_base_rescale_factor=4.0)])
+def test_rescaled_rotary_keeps_relative_position_invariance(kw):
+    # shifting every position by the same amount changes nothing, with or without a cache
+    torch.manual_seed(0)
+    model = Decoder(dim=DIM, depth=2, heads=2, rotary_pos_emb=True, **kw).double().eval()
+    x = x_in()
+    torch.testing.assert_close(model(x, positions=torch.arange(5)[None] + 37), model(x))
+    assert model.rotary.interpolation_factor == kw.get("rotary_interpolation_factor", 1.0)
+
+
+def test_dynamic_pos_bias_is_an_mlp_of_the_log_distance_per_head():
+    torch.manual_seed(0)
+    model = Encoder(dim=32, depth=2, heads=4, dynamic_pos_bias=True, dynamic_pos_bias_log_distance=True,
+                    dynamic_pos_bias_norm=True, dynamic_pos_bias_mlp_depth=3).double()
+    dpb = model.rel_pos
+    linears = [m for m in dpb.mlp if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in dpb.mlp if isinstance(m, torch.nn.LayerNorm)]
+    assert [lin.out_features for lin in linears] == [8, 8, 8, 4] and len(norms) == 3  # width dim // 4
+    q, k = torch.arange(3, 9)[None], torch.arange(0, 9)[None]
+    bias = dpb(q, k)
+    for i in (0, 3, 5):
+        for j in (0, 4, 8):
+            d = torch.tensor([[float(q[0, i] - k[0, j])]], dtype=torch.float64)
+            h = torch.sign(d) * torch.log(d.abs() + 1)
+            for lin, norm in zip(linears[:-1], norms):
+                h = F.silu(F.layer_norm(h @ lin.weight.T + lin.bias, (8,), norm.weight, norm.bias))
+            torch.testing.assert_close(bias[0, :, i, j], (h @ linears[-1].weight.T + linears[-1].bias)[0])
+    # one module shared by every layer, reached through the stack's score modification
+    torch.testing.assert_close(model.score_mod(q, k).dense(), bias)
+
+
+# --------------------------------------------------------------------------------------------
 # every model kind: built and run, or refused by a declared entry naming the keyword
 
 KEYWORDS = [dict(use_dynamic_tanh=True), dict(use_derf=True), dict(pre_and_post_norm=True), dict(use_layerscale=True),
             dict(softclamp_output=True), dict(gate_residual=True), dict(scale_residual=True),
             dict(depth_scale_residual=0.5), dict(zero_init_branch_output=True), dict(reinject_input=True),
-            dict(weight_tie_layers=True), dict(only_attn=True)]
+            dict(weight_tie_layers=True), dict(only_attn=True), dict(dynamic_pos_bias=True)]
 
 
 def _kinds(kw):
@@ -303,6 +362,9 @@ COUNT_CASES = [
     ("Decoder", dict(ff_solu=True, ff_post_act_ln=True)),
     ("Decoder", dict(ff_glu=True, ff_glu_mult_bias=True, ff_glu_softclamp=True)),
     ("Decoder", dict(ff_sublayer_dropout=0.1, ff_zero_init_output=True, ff_softclamp_value=5.0)),
+    ("Decoder", dict(dynamic_pos_bias=True, dynamic_pos_bias_norm=True, dynamic_pos_bias_mlp_depth=3)),
+    ("Encoder", dict(dynamic_pos_bias=True, dynamic_pos_bias_log_distance=True)),
+    ("Decoder", dict(rotary_pos_emb=True, rotary_interpolation_factor=2.0, rotary_base_rescale_factor=2.0)),
 ]
 
 

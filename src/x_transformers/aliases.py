@@ -106,9 +106,7 @@ _ATTN_NOT_YET = dict(
 _FF_NOT_YET: dict = {}
 _LAYERS_NOT_YET = dict(
     use_adaptive_layernorm=False, use_adaptive_rmsnorm=False, use_adaptive_layerscale=False, dim_condition=None,
-    adaptive_condition_mlp=False, adaptive_condition_mlp_expansion=4, dynamic_pos_bias=False,
-    dynamic_pos_bias_log_distance=False, dynamic_pos_bias_mlp_depth=2, dynamic_pos_bias_norm=False,
-    rotary_xpos=False, rotary_interpolation_factor=1.0, rotary_xpos_scale_base=512, rotary_base_rescale_factor=1.0,
+    adaptive_condition_mlp=False, adaptive_condition_mlp_expansion=4, rotary_xpos=False, rotary_xpos_scale_base=512,
     rotate_num_heads=None, polar_pos_emb=False, polar_bias_uniform_init=False, par_ratio=None, residual_attn=False,
     cross_residual_attn=False, attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
     orthog_residual=False, mv_split_residual=False, gated_multi_residual=False, shift_tokens=0,

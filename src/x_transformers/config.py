@@ -263,11 +263,17 @@ class LayersConfig:
     rotary_pos_emb: bool = False  # 2104.09864
     rotary_emb_dim: int | None = None  # rotated channels per head; default half the head dimension, as upstream
     rotary_base: float = 10000.0
+    rotary_interpolation_factor: float = 1.0  # position interpolation, positions / factor, 2306.15595
+    rotary_base_rescale_factor: float = 1.0  # NTK-aware base scaling, base * factor ** (r / (r - 2))
     alibi_pos_bias: bool = False  # 2108.12409
     alibi_num_heads: int | None = None
     rel_pos_bias: bool = False  # T5, 1910.10683
     rel_pos_num_buckets: int = 32
     rel_pos_max_distance: int = 128
+    dynamic_pos_bias: bool = False  # an MLP of the relative distance, per head (SwinV2, 2111.09883)
+    dynamic_pos_bias_log_distance: bool = False
+    dynamic_pos_bias_mlp_depth: int = 2
+    dynamic_pos_bias_norm: bool = False
     tupe: bool = False  # untied positional correlation, TUPE, 2006.15595
     tupe_max_seq_len: int | None = None  # size of TUPE's learned position table (required with tupe)
     tupe_untie_cls: bool = False  # TUPE's untied [CLS]: position 0 gets learned scores, not positional ones
@@ -284,6 +290,12 @@ class LayersConfig:
         _probability("layer_dropout", self.layer_dropout)
         _positive_number("norm_eps", self.norm_eps)
         _positive_number("rotary_base", self.rotary_base)
+        _positive_number("rotary_base_rescale_factor", self.rotary_base_rescale_factor)
+        _positive_number("rotary_interpolation_factor", self.rotary_interpolation_factor)
+        if self.rotary_interpolation_factor < 1.0:
+            raise ValueError(f"rotary_interpolation_factor must be >= 1 (it divides positions to fit a longer context), "
+                             f"got {self.rotary_interpolation_factor!r}")
+        _positive_int("dynamic_pos_bias_mlp_depth", self.dynamic_pos_bias_mlp_depth)
         _positive_number("dynamic_tanh_init_alpha", self.dynamic_tanh_init_alpha)
         _positive_number("softclamp_output_value", self.softclamp_output_value)
         _positive_number("scale_residual_constant", self.scale_residual_constant)
@@ -327,7 +339,7 @@ class LayersConfig:
 
     @property
     def has_relative_positions(self) -> bool:
-        return self.rotary_pos_emb or self.alibi_pos_bias or self.rel_pos_bias
+        return self.rotary_pos_emb or self.alibi_pos_bias or self.rel_pos_bias or self.dynamic_pos_bias
 
     @property
     def has_positions(self) -> bool:
@@ -432,6 +444,9 @@ REQUIRES = {
     "tupe_max_seq_len": "tupe", "tupe_untie_cls": "tupe",
     "dynamic_tanh_init_alpha": "use_dynamic_tanh", "layerscale_init_value": "use_layerscale",
     "softclamp_output_value": "softclamp_output", "learned_reinject_input_gate": "reinject_input",
+    "rotary_interpolation_factor": "rotary_pos_emb", "rotary_base_rescale_factor": "rotary_pos_emb",
+    "dynamic_pos_bias_log_distance": "dynamic_pos_bias", "dynamic_pos_bias_mlp_depth": "dynamic_pos_bias",
+    "dynamic_pos_bias_norm": "dynamic_pos_bias",
 }
 
 

@@ -267,6 +267,9 @@ declare("top_attn_to_ff", "only_cross", when=lambda s: on(s, "top_attn_to_ff") a
 # positions
 declare("alibi_pos_bias", "rel_pos_bias", when=lambda s: on(s, "alibi_pos_bias") and on(s, "rel_pos_bias"),
         reason="choose one relative position bias", example=dict(alibi_pos_bias=True, rel_pos_bias=True))
+for _p in ("alibi_pos_bias", "rel_pos_bias"):
+    declare(_p, "dynamic_pos_bias", when=lambda s, p=_p: on(s, p) and on(s, "dynamic_pos_bias"),
+            reason="choose one relative position bias", example={_p: True, "dynamic_pos_bias": True})
 # TUPE-R (TUPE + T5 bias, the paper's eq. 11) is supported; these two are not
 declare("tupe", "rotary_pos_emb", when=lambda s: on(s, "tupe") and on(s, "rotary_pos_emb"),
         reason="TUPE keeps position out of the word-to-word term, which rotary rotates by position; "
@@ -349,7 +352,7 @@ declare("only_cross", "cross_attend", when=lambda s: on(s, "only_cross") and on(
 FUNNEL = ("funnel",)
 declare("upsample_depth", "upsample=False", when=lambda s: s.get("upsample_depth") is not None and not on(s, "upsample"),
         reason="the decoder exists only with upsample=True", example=dict(upsample_depth=1), kinds=FUNNEL)
-for _p, _ex in (("rel_pos_bias", {}), ("tupe", {"tupe_max_seq_len": 16})):
+for _p, _ex in (("rel_pos_bias", {}), ("dynamic_pos_bias", {}), ("tupe", {"tupe_max_seq_len": 16})):
     declare(_p, "top_attn_to_ff", "depths",
             when=lambda s, p=_p: on(s, p) and on(s, "top_attn_to_ff") and blocks(s) > 1
             and any(d <= s["top_attn_to_ff"] for d in depths(s)),
@@ -366,7 +369,7 @@ declare("layers_execute_order", "FunnelEncoder", when=lambda s: s.get("layers_ex
 # A cross-attention-only stack (CrossAttender) has no self-attention: the relative position
 # schemes act on self-attention scores only, and memory tokens, prepended to the sequence, would
 # reach no other position. Refused rather than built and silently ignored.
-for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias", {}),
+for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias", {}), ("dynamic_pos_bias", {}),
                 ("tupe", {"tupe_max_seq_len": 16})):
     declare(_p, "only_cross", when=lambda s, p=_p: on(s, p) and on(s, "only_cross"),
             reason="a cross-attention-only stack has no self-attention for relative positions to act on; "

@@ -23,7 +23,7 @@ from .blocks import ForwardContext, run_sequential
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
-from .positional import AlibiPositionalBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
+from .positional import AlibiPositionalBias, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .residual import Residual
 from .reversible import ReversibleStack
 
@@ -196,10 +196,16 @@ class AttentionLayers(Pretrained, nn.Module):
         dim_head = attn_cfg.dim_head
         self.rotary = None
         if cfg.rotary_pos_emb:
-            self.rotary = RotaryEmbedding(cfg.rotary_dim(dim_head), base=cfg.rotary_base)
+            self.rotary = RotaryEmbedding(cfg.rotary_dim(dim_head), base=cfg.rotary_base,
+                                          interpolation_factor=cfg.rotary_interpolation_factor,
+                                          base_rescale_factor=cfg.rotary_base_rescale_factor)
         self.rel_pos = None
         if cfg.alibi_pos_bias:
             self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads)
+        elif cfg.dynamic_pos_bias:
+            self.rel_pos = DynamicPositionBias(dim // 4, heads, depth=cfg.dynamic_pos_bias_mlp_depth,
+                                               log_distance=cfg.dynamic_pos_bias_log_distance,
+                                               norm=cfg.dynamic_pos_bias_norm)
         elif cfg.rel_pos_bias:
             self.rel_pos = T5RelativePositionBias(heads, causal=cfg.causal, num_buckets=cfg.rel_pos_num_buckets,
                                                   max_distance=cfg.rel_pos_max_distance)
@@ -260,6 +266,9 @@ class AttentionLayers(Pretrained, nn.Module):
             raise ValueError(f"ff_dim_out ({ff_cfg.dim_out}) must equal dim ({cfg.dim}) in a stack: the feed-forward's "
                              f"output is added to the residual stream")
         dim_head = attn_cfg.dim_head
+        if cfg.rotary_base_rescale_factor != 1.0 and cfg.rotary_pos_emb and cfg.rotary_dim(dim_head) < 4:
+            raise ValueError("rotary_base_rescale_factor needs at least 4 rotated channels (rotary_emb_dim >= 4): "
+                             "it rescales the base by factor ** (r / (r - 2))")
         if cfg.rotary_pos_emb and cfg.rotary_dim(dim_head) > dim_head:
             raise ValueError(f"rotary_emb_dim ({cfg.rotary_emb_dim}) must be at most the head dimension "
                              f"(attn_dim_head={dim_head})")

@@ -34,3 +34,7 @@ register("ff_glu_softclamp", layers=dict(ff_glu=True, ff_activation="swish", ff_
 register("ff_softclamp", layers=dict(ff_softclamp_value=1.0))
 register("ff_output_proj_depth", layers=dict(ff_output_proj_depth=3))
 register("ff_sublayer_dropout", layers=dict(ff_sublayer_dropout=0.1))
+register("rotary_pi_ntk", layers=dict(rotary_pos_emb=True, rotary_interpolation_factor=2.0,
+                                      rotary_base_rescale_factor=4.0), group="relpos")
+register("dynamic_pos_bias", layers=dict(dynamic_pos_bias=True, dynamic_pos_bias_log_distance=True,
+                                         dynamic_pos_bias_norm=True, dynamic_pos_bias_mlp_depth=2), group="relpos")
