@@ -189,6 +189,68 @@ def test_reinject_input_through_a_reversible_stack_has_ordinary_autograds_gradie
 
 
 # --------------------------------------------------------------------------------------------
+# hyper-connections
+
+
+def test_one_residual_stream_is_the_plain_residual():
+    one, plain = enc(num_residual_streams=1), enc()
+    assert one.state_dict().keys() == plain.state_dict().keys()
+    torch.testing.assert_close(one(x_in()), plain(x_in()))
+
+
+def _sinkhorn_by_hand(logits, iters):
+    m = torch.exp(logits) / torch.exp(logits).sum(dim=-2, keepdim=True)
+    for _ in range(iters):
+        m = m / m.sum(dim=-1, keepdim=True)
+        m = m / m.sum(dim=-2, keepdim=True)
+    return m
+
+
+def test_sinkhorn_mixing_is_doubly_stochastic():
+    from x_transformers.hyper import sinkhorn
+
+    logits = torch.randn(7, 4, 4, dtype=torch.float64)
+    m = sinkhorn(logits, 50)  # (computed in float32)
+    torch.testing.assert_close(m.sum(-2), torch.ones(7, 4, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.sum(-1), torch.ones(7, 4, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(sinkhorn(logits, 3), _sinkhorn_by_hand(logits, 3))
+
+
+def test_hyper_connection_block_reads_mixes_and_writes_the_streams():
+    # 2409.19606 (dynamic), mHC's Sinkhorn mixing: h = sum_s a_s R_s; R'_t = sum_s M_st R_s + b_t f(h)
+    s_, iters = 3, 4
+    model = enc(num_residual_streams=s_, hyper_conn_sinkhorn_iters=iters, depth=2)
+    block = model.blocks[2]  # layer index 2: at init it reads stream 2 most
+    torch.testing.assert_close(torch.sigmoid(block.static_alpha[:, 0]),
+                               torch.sigmoid(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)))
+    randomise(block)
+    torch.manual_seed(4)
+    streams = torch.randn(2, 5, s_, DIM, dtype=torch.float64)
+    normed = F.layer_norm(streams, (DIM,), block.norm.weight)
+    alpha = normed @ block.dynamic_alpha * block.dynamic_alpha_scale + block.static_alpha
+    read = torch.sigmoid(alpha[..., 0])
+    mix = _sinkhorn_by_hand(alpha[..., 1:], iters)
+    write = 2 * torch.sigmoid(block.static_beta + 2 * torch.sigmoid(normed @ block.dynamic_beta)
+                              * block.dynamic_beta_scale)
+    h = (read[..., None] * streams).sum(dim=-2)
+    f = block.fn(block.pre_norm(h))
+    f = f[0] if isinstance(f, tuple) else f
+    expected = torch.einsum("bnst,bnsd->bntd", mix, streams) + write[..., None] * f[..., None, :]
+    torch.testing.assert_close(block(streams)[0], expected)
+
+
+def test_hyper_connection_stack_expands_to_streams_and_sums_them():
+    model = enc(num_residual_streams=2, pre_norm_has_final_norm=False)
+    with torch.no_grad():
+        model.stream_emb.copy_(torch.randn(2, DIM))
+    x = x_in()
+    h = x[..., None, :] + model.stream_emb
+    for block in model.blocks:
+        h = block(h)[0]
+    torch.testing.assert_close(model(x), h.sum(dim=-2))
+
+
+# --------------------------------------------------------------------------------------------
 # layout
 
 
@@ -293,7 +355,8 @@ def test_dynamic_pos_bias_is_an_mlp_of_the_log_distance_per_head():
 KEYWORDS = [dict(use_dynamic_tanh=True), dict(use_derf=True), dict(pre_and_post_norm=True), dict(use_layerscale=True),
             dict(softclamp_output=True), dict(gate_residual=True), dict(scale_residual=True),
             dict(depth_scale_residual=0.5), dict(zero_init_branch_output=True), dict(reinject_input=True),
-            dict(weight_tie_layers=True), dict(only_attn=True), dict(dynamic_pos_bias=True)]
+            dict(weight_tie_layers=True), dict(only_attn=True), dict(dynamic_pos_bias=True),
+            dict(num_residual_streams=3)]
 
 
 def _kinds(kw):
@@ -365,6 +428,7 @@ COUNT_CASES = [
     ("Decoder", dict(dynamic_pos_bias=True, dynamic_pos_bias_norm=True, dynamic_pos_bias_mlp_depth=3)),
     ("Encoder", dict(dynamic_pos_bias=True, dynamic_pos_bias_log_distance=True)),
     ("Decoder", dict(rotary_pos_emb=True, rotary_interpolation_factor=2.0, rotary_base_rescale_factor=2.0)),
+    ("Decoder", dict(num_residual_streams=4, hyper_conn_sinkhorn_iters=3)),
 ]
 
 

@@ -111,8 +111,8 @@ _LAYERS_NOT_YET = dict(
     cross_residual_attn=False, attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
     orthog_residual=False, mv_split_residual=False, gated_multi_residual=False, shift_tokens=0,
     cross_attn_tokens_dropout=0.0, unet_skips=False, integrate_layers=False, layer_integrate_use_softmax=True,
-    num_residual_streams=1, qkv_receive_diff_residuals=False, add_value_residual=False, learned_value_residual_mix=True,
-    rel_pos_kwargs={}, residual_fn_kwargs={}, hyper_conn_sinkhorn_iters=5,
+    qkv_receive_diff_residuals=False, add_value_residual=False, learned_value_residual_mix=True,
+    rel_pos_kwargs={}, residual_fn_kwargs={},
 )
 _WRAPPER_NOT_YET = dict(
     max_mem_len=0, shift_mem_down=0, memory_tokens_interspersed_every=None, recycling=False,

@@ -250,6 +250,8 @@ class LayersConfig:
     zero_init_branch_output: bool = False  # every branch's output projection starts at zero
     reinject_input: bool = False  # a projection of the stack's input added to every branch input, DEQ 1909.01377
     learned_reinject_input_gate: bool = False  # ... gated per token by sigmoid(w . x)
+    num_residual_streams: int = 1  # hyper-connections, 2409.19606 (1: the plain residual)
+    hyper_conn_sinkhorn_iters: int = 5  # Sinkhorn iterations of the stream mixing (mHC, 2512.24880)
     # layer layout
     macaron: bool = False  # 1906.02762
     sandwich_coef: int | None = None  # 1911.03864
@@ -296,6 +298,8 @@ class LayersConfig:
             raise ValueError(f"rotary_interpolation_factor must be >= 1 (it divides positions to fit a longer context), "
                              f"got {self.rotary_interpolation_factor!r}")
         _positive_int("dynamic_pos_bias_mlp_depth", self.dynamic_pos_bias_mlp_depth)
+        _positive_int("num_residual_streams", self.num_residual_streams)
+        _positive_int("hyper_conn_sinkhorn_iters", self.hyper_conn_sinkhorn_iters)
         _positive_number("dynamic_tanh_init_alpha", self.dynamic_tanh_init_alpha)
         _positive_number("softclamp_output_value", self.softclamp_output_value)
         _positive_number("scale_residual_constant", self.scale_residual_constant)

@@ -210,6 +210,17 @@ for _k, _ex, _why in (("pre_and_post_norm", True, "a norm after the sum"),
             reason=f"{_why} makes the layer something other than x + f(x), which the reversible coupling needs",
             example={"reversible": True, _name: _ex})
 
+# hyper-connections (2409.19606) replace the one skip path by s mixed streams
+_STREAMS = lambda s: isinstance(s.get("num_residual_streams"), int) and s["num_residual_streams"] > 1
+for _k, _ex in (("reversible", True), ("gate_residual", True), ("scale_residual", True),
+                ("scale_residual_constant", 0.5)):
+    _when = (lambda s, k=_k: _STREAMS(s) and s.get(k, 1.0) != 1.0) if _k == "scale_residual_constant" else \
+        (lambda s, k=_k: _STREAMS(s) and s.get(k) is True)
+    declare("num_residual_streams", _k, when=_when,
+            reason="hyper-connections replace the single skip path, which this keyword changes (reversible: the "
+                   "two-stream coupling is a residual scheme of its own)",
+            example={"num_residual_streams": 2, _k: _ex})
+
 # feed-forward activations: one at a time
 for _a, _b, _ex in (("ff_solu", "ff_activation", dict(ff_solu=True, ff_activation="relu")),
                     ("ff_custom_activation", "ff_activation",

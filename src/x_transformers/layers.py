@@ -24,6 +24,7 @@ from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, spl
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
+from .hyper import HyperResidual
 from .residual import Residual
 from .reversible import ReversibleStack
 
@@ -156,10 +157,10 @@ class AttentionLayers(Pretrained, nn.Module):
         self.norm_name = norm
         placement = "rezero" if cfg.use_rezero else "sandwich" if cfg.sandwich_norm else "pre" if cfg.pre_norm else "post"
         self.placement = placement
-        options = dict(init_alpha=cfg.dynamic_tanh_init_alpha) if cfg.use_dynamic_tanh else {}
+        norm_options = dict(init_alpha=cfg.dynamic_tanh_init_alpha) if cfg.use_dynamic_tanh else {}
 
         def make():
-            return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, **options)
+            return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, **norm_options)
 
         # a number for scale_residual / depth_scale_residual scales every branch (upstream's Scale)
         branch_scale = 1.0
@@ -172,17 +173,21 @@ class AttentionLayers(Pretrained, nn.Module):
         tupe_scale = cfg.tupe and not attn_cfg.qk_norm and attn_cfg.scale is None
         self_cfg = replace(attn_cfg, scale=(2 * attn_cfg.dim_head) ** -0.5) if tupe_scale else attn_cfg
         blocks = []
-        for spec in built:
+        for index, spec in enumerate(built):
             if spec.kind == "f":
                 fn = FeedForward(dim, ff_cfg)
             else:
                 fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
                                cross=spec.kind == "c", dim_context=cfg.dim_context)
-            blocks.append(Residual(fn, placement=placement, make_norm=make, scale=spec.scale * branch_scale,
-                                   layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
-                                   layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None,
-                                   skip_scale=cfg.scale_residual is True, skip_constant=cfg.scale_residual_constant,
-                                   gru=cfg.gate_residual))
+            options = dict(placement=placement, make_norm=make, scale=spec.scale * branch_scale,
+                           layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
+                           layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None)
+            if cfg.num_residual_streams > 1:
+                blocks.append(HyperResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
+                                            sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters, **options))
+            else:
+                blocks.append(Residual(fn, skip_scale=cfg.scale_residual is True,
+                                       skip_constant=cfg.scale_residual_constant, gru=cfg.gate_residual, **options))
         # repeated entries are one module (weight tying): parameters() counts it once
         self.blocks = nn.ModuleList(blocks[i] for i in order)
         has_final = placement in ("pre", "sandwich") and cfg.pre_norm_has_final_norm and not cfg.pre_and_post_norm
@@ -190,6 +195,9 @@ class AttentionLayers(Pretrained, nn.Module):
         # DEQ (1909.01377): a projection of the stack's input added to every branch's input
         self.reinject = nn.Linear(dim, dim, bias=False) if cfg.reinject_input else None
         self.reinject_gate = nn.Linear(dim, 1, bias=False) if cfg.learned_reinject_input_gate else None
+        # hyper-connections: the streams' learned embeddings, added as x becomes s streams
+        streams = cfg.num_residual_streams
+        self.stream_emb = nn.Parameter(torch.zeros(streams, dim)) if streams > 1 else None
         # 2001.04451: run the blocks as a two-stream coupling, activations recomputed in backward
         self.reversible = ReversibleStack(self.layout) if cfg.reversible else None
 
@@ -331,12 +339,16 @@ class AttentionLayers(Pretrained, nn.Module):
             if self.reinject_gate is not None:
                 inject = inject * torch.sigmoid(self.reinject_gate(x))
             ctx = replace(ctx, inject=inject)
+        if self.stream_emb is not None:  # hyper.py: (b, n, d) -> (b, n, s, d) residual streams
+            x = x[..., None, :] + self.stream_emb
         if self.reversible is not None:  # reversible.py: the same runner, one branch at a time
             x = self.reversible(self.blocks, x, ctx, attns)
         else:
             x = run_sequential(self.layout, self.blocks, x, ctx, attns)
         if self.cfg.softclamp_output:  # Gemma 2: bounded by +-value, before the final norm
             x = softclamp(x, self.cfg.softclamp_output_value)
+        if self.stream_emb is not None:
+            x = x.sum(dim=-2)
         return self.final_norm(x) if self.final_norm is not None else x
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
