@@ -279,6 +279,33 @@ def test_layers_execute_order_runs_the_built_blocks_in_that_order():
     torch.testing.assert_close(model(x), built.final_norm(h))
 
 
+@pytest.mark.parametrize("depth", [4, 5])
+def test_unet_skips_feed_each_upper_unit_its_mirrors_input(depth):
+    # U-ViT (2209.12152): unit u >= depth / 2 starts from W [x_in(depth - 1 - u) ; x]
+    model = enc(unet_skips=True, depth=depth, pre_norm_has_final_norm=False)
+    upper = [u for u in range(depth) if u >= depth / 2]
+    assert len(model.unet.combines) == len(upper)
+    x = x_in()
+    h, inputs = x, {}
+    for u in range(depth):
+        if u in upper:
+            w = model.unet.combines[upper.index(u)].weight
+            h = torch.cat((inputs[depth - 1 - u], h), dim=-1) @ w.T
+        inputs[u] = h
+        for block in model.blocks[2 * u: 2 * u + 2]:
+            h = block(h)[0]
+    torch.testing.assert_close(model(x), h)
+
+
+def test_par_ratio_puts_attention_in_the_bottom_two_thirds():
+    # upstream's par_ratio on depth 6 (12 blocks), ratio 3: 4 attention blocks, each followed by
+    # (8 + 2) // 4 - 1 = 1 feed-forward, then feed-forwards only
+    assert enc(depth=6, par_ratio=3).layout_string == "a f a f a f a f f f f f"
+    assert enc(depth=2, par_ratio=2).layout_string == "a a f f"
+    with pytest.raises(ValueError, match="par_ratio"):
+        enc(depth=2, par_ratio=5)
+
+
 def test_layers_execute_order_refuses_a_block_the_layout_lacks():
     with pytest.raises(ValueError, match="layers_execute_order names block 4"):
         enc(layers_execute_order=(0, 4))
@@ -356,7 +383,7 @@ KEYWORDS = [dict(use_dynamic_tanh=True), dict(use_derf=True), dict(pre_and_post_
             dict(softclamp_output=True), dict(gate_residual=True), dict(scale_residual=True),
             dict(depth_scale_residual=0.5), dict(zero_init_branch_output=True), dict(reinject_input=True),
             dict(weight_tie_layers=True), dict(only_attn=True), dict(dynamic_pos_bias=True),
-            dict(num_residual_streams=3)]
+            dict(num_residual_streams=3), dict(unet_skips=True), dict(par_ratio=2)]
 
 
 def _kinds(kw):
@@ -378,8 +405,11 @@ def test_every_kind_runs_or_refuses_naming_the_keyword(kw):
     for kind, make in _kinds(kw):
         try:
             model = make()
-        except ConfigConflictError as err:
+        except ConfigConflictError as err:  # a declared entry
             assert err.conflict is not None and name in str(err), (kind, err)
+            continue
+        except ValueError as err:  # a value this kind cannot take (par_ratio over a c f units)
+            assert str(err).startswith(name), (kind, err)
             continue
         tokens = torch.randint(0, 20, (2, 6))
         if kind == "cross":
@@ -429,6 +459,8 @@ COUNT_CASES = [
     ("Encoder", dict(dynamic_pos_bias=True, dynamic_pos_bias_log_distance=True)),
     ("Decoder", dict(rotary_pos_emb=True, rotary_interpolation_factor=2.0, rotary_base_rescale_factor=2.0)),
     ("Decoder", dict(num_residual_streams=4, hyper_conn_sinkhorn_iters=3)),
+    ("Encoder", dict(unet_skips=True, depth=5)),
+    ("Decoder", dict(par_ratio=3, depth=6)),
 ]
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from .positional import DenseScoreMod, ScoreMod
 
@@ -91,9 +92,37 @@ def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: 
     return call(x, **kwargs)
 
 
-def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = None):
-    """The plain stack: every block in layout order. Attention maps go to ``attns`` if given."""
+class UNetSkips(nn.Module):
+    """U-Net skips over the layer units (U-ViT, 2209.12152): unit u of the upper half starts from
+    ``W [x_mirror ; x]``, x_mirror the input of unit depth - 1 - u, W a bias-free (2 dim -> dim)
+    projection per upper unit.
+
+    ``plan``: block index where an upper unit starts -> (block index of its mirror's start, k),
+    k indexing ``combines``.
+    """
+
+    def __init__(self, dim: int, depth: int, unit: int):
+        super().__init__()
+        upper = [u for u in range(depth) if u >= depth / 2]
+        self.plan = {u * unit: ((depth - 1 - u) * unit, k) for k, u in enumerate(upper)}
+        self.sources = {src for src, _ in self.plan.values()}
+        self.combines = nn.ModuleList(nn.Linear(2 * dim, dim, bias=False) for _ in upper)
+
+    def extra_repr(self):
+        return f"pairs={sorted((src, i) for i, (src, _) in self.plan.items())}"
+
+
+def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = None, skips: UNetSkips | None = None):
+    """The plain stack: every block in layout order. Attention maps go to ``attns`` if given;
+    ``skips``: U-Net skips between layer units."""
+    saved = {}
     for i, (spec, block) in enumerate(zip(layout, blocks)):
+        if skips is not None:
+            if i in skips.sources:
+                saved[i] = x
+            if i in skips.plan:
+                src, k = skips.plan[i]
+                x = skips.combines[k](torch.cat((saved[src], x), dim=-1))
         x, w = run_block(spec.kind, i, block, x, ctx)
         if w is not None and attns is not None:
             attns.append(w)

@@ -255,6 +255,8 @@ class LayersConfig:
     # layer layout
     macaron: bool = False  # 1906.02762
     sandwich_coef: int | None = None  # 1911.03864
+    par_ratio: int | None = None  # attention in the bottom two thirds, 1 in par_ratio blocks (1911.03864's PAR)
+    unet_skips: bool = False  # U-Net skips: each upper-half layer reads its mirror's input (U-ViT, 2209.12152)
     custom_layers: tuple[str, ...] | None = None
     top_attn_to_ff: int = 0  # the top n layers' self-attention becomes a feed-forward, 2005.13895
     reversible: bool = False  # two-stream reversible coupling, recomputed in backward, 2001.04451
@@ -322,6 +324,9 @@ class LayersConfig:
             if self.sandwich_coef > self.depth:
                 raise ValueError(f"sandwich_coef ({self.sandwich_coef}) must be at most depth ({self.depth})")
         _positive_int("top_attn_to_ff", self.top_attn_to_ff, allow_zero=True)
+        _positive_int("par_ratio", self.par_ratio, allow_none=True)
+        if self.unet_skips and self.depth < 2:
+            raise ValueError(f"unet_skips needs depth >= 2 (a lower half to skip from), got depth={self.depth}")
         if self.top_attn_to_ff > self.depth:
             raise ValueError(f"top_attn_to_ff ({self.top_attn_to_ff}) must be at most depth ({self.depth})")
         if self.rotary_emb_dim is not None:

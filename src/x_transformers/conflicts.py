@@ -243,11 +243,21 @@ for _k, _v in (("ff_solu", True), ("ff_custom_activation", lambda x: x)):
 declare("weight_tie_layers", "top_attn_to_ff", when=lambda s: on(s, "weight_tie_layers") and on(s, "top_attn_to_ff"),
         reason="a tied stack repeats one unit, so it cannot turn only the top layers' attention into feed-forwards",
         example=dict(weight_tie_layers=True, top_attn_to_ff=1))
+for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("macaron", True)):
+    declare("par_ratio", _k, when=lambda s, k=_k: on(s, "par_ratio") and on(s, k),
+            reason="both define the layer order", example={"par_ratio": 2, _k: _ex})
+# U-Net skips pair the units of the default repeated layout
+for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("par_ratio", 2), ("top_attn_to_ff", 1),
+                ("weight_tie_layers", True), ("layers_execute_order", (0, 1)), ("reversible", True)):
+    declare("unet_skips", _k, when=lambda s, k=_k: on(s, "unet_skips") and on(s, k),
+            reason="U-Net skips pair the units of the default repeated layout, run once each in order, and add a "
+                   "projection of two inputs that no additive (reversible) coupling can invert",
+            example={"unet_skips": True, _k: _ex})
 declare("weight_tie_layers", "layers_execute_order",
         when=lambda s: on(s, "weight_tie_layers") and s.get("layers_execute_order") is not None,
         reason="weight tying is an execution order of its own (one unit, run depth times)",
         example=dict(weight_tie_layers=True, layers_execute_order=(0, 1)))
-for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1)):
+for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("par_ratio", 2)):
     declare("weight_tie_layers", _k, when=lambda s, k=_k: on(s, "weight_tie_layers") and s.get(k) is not None,
             reason="weight tying repeats one unit of the default layout", example={"weight_tie_layers": True, _k: _ex})
 declare("only_attn", "custom_layers", when=lambda s: on(s, "only_attn") and "f" in (s.get("custom_layers") or ()),
@@ -370,6 +380,9 @@ for _p, _ex in (("rel_pos_bias", {}), ("dynamic_pos_bias", {}), ("tupe", {"tupe_
             reason="a funnel block whose every self-attention became a feed-forward has no attention scores "
                    "for its own position table to act on; keep top_attn_to_ff below every block's depth",
             example={_p: True, "top_attn_to_ff": 1, "depths": (1, 1), **_ex}, kinds=FUNNEL)
+declare("unet_skips", "depths", when=lambda s: on(s, "unet_skips") and any(d < 2 for d in depths(s)),
+        reason="every funnel block is a stack of its own and needs depth >= 2 for U-Net skips",
+        example=dict(unet_skips=True, depths=(1, 2)), kinds=FUNNEL)
 declare("layers_execute_order", "FunnelEncoder", when=lambda s: s.get("layers_execute_order") is not None,
         reason="every funnel block is a stack of its own depth, so one order of block indices cannot fit them all",
         example=dict(layers_execute_order=(0, 1)), kinds=FUNNEL)

@@ -19,7 +19,7 @@ from torch import nn
 from .hub import Pretrained
 from . import checks
 from .attention import Attention
-from .blocks import ForwardContext, run_sequential
+from .blocks import ForwardContext, UNetSkips, run_sequential
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
@@ -48,7 +48,8 @@ def build_layout(cfg: LayersConfig, depth: int | None = None) -> tuple[LayerSpec
 def unit_length(cfg: LayersConfig) -> int:
     """Blocks per repeated unit (``a f``, ``a c f``, macaron's ``f a f``); 1 for the layouts that
     are not repeated units (custom_layers, sandwich_coef) and under top_attn_to_ff."""
-    if cfg.custom_layers is not None or cfg.sandwich_coef is not None or cfg.top_attn_to_ff:
+    if cfg.custom_layers is not None or cfg.sandwich_coef is not None or cfg.par_ratio is not None \
+            or cfg.top_attn_to_ff:
         return 1
     return len(build_layout(cfg, depth=1))
 
@@ -57,6 +58,8 @@ def _layout(cfg: LayersConfig, depth: int) -> tuple[LayerSpec, ...]:
     attn = ("c",) if cfg.only_cross else ("a", "c") if cfg.cross_attend else ("a",)
     if cfg.custom_layers is not None:
         layout = tuple(LayerSpec(k) for k in cfg.custom_layers)
+    elif cfg.par_ratio is not None:
+        layout = tuple(LayerSpec(k) for k in par_layout(attn, depth * (len(attn) + 1), cfg.par_ratio))
     elif cfg.sandwich_coef is not None:  # 1911.03864: k attentions first, k feed-forwards last
         k = cfg.sandwich_coef
         kinds = attn * k + (attn + ("f",)) * (depth - k) + ("f",) * k
@@ -66,6 +69,22 @@ def _layout(cfg: LayersConfig, depth: int) -> tuple[LayerSpec, ...]:
     else:
         layout = tuple(LayerSpec(x) for x in attn + ("f",)) * depth
     return attn_to_ff(layout, cfg.top_attn_to_ff)
+
+
+def par_layout(attn: tuple[str, ...], total: int, ratio: int) -> tuple[str, ...]:
+    """Sandwich-style "PAR" layout (1911.03864's attention-first reordering): of ``total`` blocks,
+    total // ratio attention units spread over the bottom two thirds, each followed by
+    feed-forwards, then feed-forwards only (upstream's par_ratio)."""
+    if not 1 < ratio <= total:
+        raise ValueError(f"par_ratio ({ratio}) must lie in (1, {total}], {total} being depth times the blocks per layer")
+    n_attn = total // ratio
+    cut = total * 2 // 3
+    width = (cut + cut // n_attn) // n_attn
+    if width < len(attn):
+        raise ValueError(f"par_ratio ({ratio}) leaves {width} blocks per attention unit, fewer than its "
+                         f"{len(attn)} attention blocks; lower par_ratio")
+    head = (attn + ("f",) * (width - len(attn))) * n_attn
+    return head + ("f",) * (total - len(head))
 
 
 def attn_to_ff(layout: tuple[LayerSpec, ...], n: int) -> tuple[LayerSpec, ...]:
@@ -198,6 +217,7 @@ class AttentionLayers(Pretrained, nn.Module):
         # hyper-connections: the streams' learned embeddings, added as x becomes s streams
         streams = cfg.num_residual_streams
         self.stream_emb = nn.Parameter(torch.zeros(streams, dim)) if streams > 1 else None
+        self.unet = UNetSkips(dim, cfg.depth, len(build_layout(cfg, depth=1))) if cfg.unet_skips else None
         # 2001.04451: run the blocks as a two-stream coupling, activations recomputed in backward
         self.reversible = ReversibleStack(self.layout) if cfg.reversible else None
 
@@ -344,7 +364,7 @@ class AttentionLayers(Pretrained, nn.Module):
         if self.reversible is not None:  # reversible.py: the same runner, one branch at a time
             x = self.reversible(self.blocks, x, ctx, attns)
         else:
-            x = run_sequential(self.layout, self.blocks, x, ctx, attns)
+            x = run_sequential(self.layout, self.blocks, x, ctx, attns, skips=self.unet)
         if self.cfg.softclamp_output:  # Gemma 2: bounded by +-value, before the final norm
             x = softclamp(x, self.cfg.softclamp_output_value)
         if self.stream_emb is not None:

@@ -38,4 +38,8 @@ register("rotary_pi_ntk", layers=dict(rotary_pos_emb=True, rotary_interpolation_
                                       rotary_base_rescale_factor=4.0), group="relpos")
 register("dynamic_pos_bias", layers=dict(dynamic_pos_bias=True, dynamic_pos_bias_log_distance=True,
                                          dynamic_pos_bias_norm=True, dynamic_pos_bias_mlp_depth=2), group="relpos")
-register("hyper_connections", layers=dict(num_residual_streams=3, hyper_conn_sinkhorn_iters=4))
+# (the dynamic weights start at zero: their scale and the streams' norm get gradients after one step)
+register("hyper_connections", layers=dict(num_residual_streams=3, hyper_conn_sinkhorn_iters=4),
+         zero_init=("dynamic_alpha_scale", ".norm.weight"))
+register("unet_skips", layers=dict(unet_skips=True, depth=4), kinds=("decoder", "encoder", "cross", "encdec"))
+register("par_ratio", layers=dict(par_ratio=2), group="layout", kinds=("decoder", "encoder", "cross", "funnel"))
