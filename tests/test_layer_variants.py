@@ -306,6 +306,46 @@ def test_par_ratio_puts_attention_in_the_bottom_two_thirds():
         enc(depth=2, par_ratio=5)
 
 
+def _shifted_by_hand(h, shifts, mask=None):
+    if mask is not None:
+        h = h * mask[..., None]
+    out, size, n = h.clone(), h.shape[-1] // len(shifts), h.shape[1]
+    for g, s in enumerate(shifts):
+        cols = slice(g * size, (g + 1) * size)
+        for t in range(n):
+            src = t - s
+            out[:, t, cols] = h[:, src, cols] if 0 <= src < n else 0.0
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_shift_tokens_moves_channel_groups_of_the_branch_input_along_the_sequence(causal):
+    torch.manual_seed(0)
+    cls = Decoder if causal else Encoder
+    model = cls(dim=DIM, depth=1, heads=2, shift_tokens=1).double().eval()
+    shifts = (0, 1) if causal else (-1, 0, 1)
+    block = model.blocks[1]
+    assert block.shifts == shifts
+    x = x_in()
+    mask = torch.tensor([[True] * 5, [False, True, True, True, False]])
+    h = _shifted_by_hand(block.pre_norm(x), shifts, mask)
+    expected = x + block.fn(h)
+    got, _ = block(x, shift_mask=mask)
+    torch.testing.assert_close(got, expected)
+
+
+def test_shift_tokens_per_block_and_refused_with_a_cache():
+    model = enc(shift_tokens=(2, 0, 0, 1))
+    assert [b.shifts for b in model.blocks] == [(-2, -1, 0, 1, 2), None, None, (-1, 0, 1)]
+    with pytest.raises(ValueError, match="one amount per block"):
+        enc(shift_tokens=(1, 1))
+    from x_transformers.cache import KVCache
+
+    dec = Decoder(dim=DIM, depth=1, heads=2, shift_tokens=1)
+    with pytest.raises(ValueError, match="shift_tokens.*cache"):
+        dec(torch.randn(1, 3, DIM), cache=KVCache())
+
+
 def test_layers_execute_order_refuses_a_block_the_layout_lacks():
     with pytest.raises(ValueError, match="layers_execute_order names block 4"):
         enc(layers_execute_order=(0, 4))
@@ -383,7 +423,7 @@ KEYWORDS = [dict(use_dynamic_tanh=True), dict(use_derf=True), dict(pre_and_post_
             dict(softclamp_output=True), dict(gate_residual=True), dict(scale_residual=True),
             dict(depth_scale_residual=0.5), dict(zero_init_branch_output=True), dict(reinject_input=True),
             dict(weight_tie_layers=True), dict(only_attn=True), dict(dynamic_pos_bias=True),
-            dict(num_residual_streams=3), dict(unet_skips=True), dict(par_ratio=2)]
+            dict(num_residual_streams=3), dict(unet_skips=True), dict(par_ratio=2), dict(shift_tokens=1)]
 
 
 def _kinds(kw):
@@ -461,6 +501,7 @@ COUNT_CASES = [
     ("Decoder", dict(num_residual_streams=4, hyper_conn_sinkhorn_iters=3)),
     ("Encoder", dict(unet_skips=True, depth=5)),
     ("Decoder", dict(par_ratio=3, depth=6)),
+    ("Decoder", dict(shift_tokens=2)),
 ]
 
 

@@ -46,6 +46,7 @@ class ForwardContext:
     kv_rotary: tuple[Tensor, Tensor] | None = None
     kv_score_mod: ScoreMod | None = None
     inject: Tensor | None = None  # (b, n, dim) added to every branch's input (reinject_input)
+    token_mask: Tensor | None = None  # (b, n) bool, the new tokens kept (shift_tokens zeroes the others)
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject")
@@ -89,6 +90,8 @@ def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: 
     kwargs = block_kwargs(kind, i, ctx)
     if ctx.inject is not None:
         kwargs["inject"] = ctx.inject
+    if block.shifts is not None:
+        kwargs["shift_mask"] = ctx.token_mask
     return call(x, **kwargs)
 
 

@@ -261,6 +261,7 @@ class LayersConfig:
     top_attn_to_ff: int = 0  # the top n layers' self-attention becomes a feed-forward, 2005.13895
     reversible: bool = False  # two-stream reversible coupling, recomputed in backward, 2001.04451
     only_attn: bool = False  # no feed-forward blocks
+    shift_tokens: Any = 0  # k: branch inputs get channel groups shifted by 0..k (causal) or -k..k tokens; or one k per block
     weight_tie_layers: bool = False  # one layer's parameters, run depth times (ALBERT, 1909.11942)
     layers_execute_order: tuple[int, ...] | None = None  # which built blocks run, in which order (repeats allowed)
     # positions
@@ -325,6 +326,9 @@ class LayersConfig:
                 raise ValueError(f"sandwich_coef ({self.sandwich_coef}) must be at most depth ({self.depth})")
         _positive_int("top_attn_to_ff", self.top_attn_to_ff, allow_zero=True)
         _positive_int("par_ratio", self.par_ratio, allow_none=True)
+        amounts = self.shift_tokens if isinstance(self.shift_tokens, tuple) else (self.shift_tokens,)
+        for k in amounts:
+            _positive_int("shift_tokens", k, allow_zero=True)
         if self.unet_skips and self.depth < 2:
             raise ValueError(f"unet_skips needs depth >= 2 (a lower half to skip from), got depth={self.depth}")
         if self.top_attn_to_ff > self.depth:

@@ -25,7 +25,7 @@ from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .hyper import HyperResidual
-from .residual import Residual
+from .residual import Residual, shift_amounts
 from .reversible import ReversibleStack
 
 
@@ -159,6 +159,8 @@ class AttentionLayers(Pretrained, nn.Module):
         where = type(self).__name__
         lk, ak, fk = split_layer_kwargs(dict(kwargs, heads=heads), where)  # (the conflict table reads heads)
         lk.pop("heads")
+        if isinstance(lk.get("shift_tokens"), list):
+            lk["shift_tokens"] = tuple(lk["shift_tokens"])
         if isinstance(lk.get("custom_layers"), list):
             lk["custom_layers"] = tuple(lk["custom_layers"])
         self.cfg = cfg = build(LayersConfig, dict(dim=dim, depth=depth, heads=heads, **lk), where)
@@ -191,6 +193,10 @@ class AttentionLayers(Pretrained, nn.Module):
         # learned scale stands in for it, and a given attn_scale replaces it
         tupe_scale = cfg.tupe and not attn_cfg.qk_norm and attn_cfg.scale is None
         self_cfg = replace(attn_cfg, scale=(2 * attn_cfg.dim_head) ** -0.5) if tupe_scale else attn_cfg
+        shifts = cfg.shift_tokens if isinstance(cfg.shift_tokens, tuple) else (cfg.shift_tokens,) * len(built)
+        if len(shifts) != len(built):
+            raise ValueError(f"shift_tokens as a tuple needs one amount per block: {len(built)} blocks "
+                             f"({' '.join(str(s) for s in built)}), got {len(shifts)}")
         blocks = []
         for index, spec in enumerate(built):
             if spec.kind == "f":
@@ -199,6 +205,7 @@ class AttentionLayers(Pretrained, nn.Module):
                 fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
                                cross=spec.kind == "c", dim_context=cfg.dim_context)
             options = dict(placement=placement, make_norm=make, scale=spec.scale * branch_scale,
+                           shifts=shift_amounts(shifts[index], cfg.causal),
                            layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
                            layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None)
             if cfg.num_residual_streams > 1:
@@ -290,6 +297,9 @@ class AttentionLayers(Pretrained, nn.Module):
     def _check(cfg: LayersConfig, attn_cfg: AttentionConfig, ff_cfg: FeedForwardConfig):
         if attn_cfg.kv_heads is not None and cfg.heads % attn_cfg.kv_heads:
             raise ValueError(f"attn_kv_heads ({attn_cfg.kv_heads}) must divide heads ({cfg.heads})")
+        widest = max(cfg.shift_tokens) if isinstance(cfg.shift_tokens, tuple) else cfg.shift_tokens
+        if widest and (1 if cfg.causal else 2) * widest + 1 > cfg.dim:
+            raise ValueError(f"shift_tokens ({widest}) splits dim ({cfg.dim}) into more groups than it has channels")
         if ff_cfg.dim_out not in (None, cfg.dim):
             raise ValueError(f"ff_dim_out ({ff_cfg.dim_out}) must equal dim ({cfg.dim}) in a stack: the feed-forward's "
                              f"output is added to the residual stream")
@@ -345,8 +355,13 @@ class AttentionLayers(Pretrained, nn.Module):
         """The per-forward context every block reads: rotary angles and position bias at these
         positions (keys at ``key_positions``, default the same), masks as (b, 1, 1, m)."""
         key_positions = positions if key_positions is None else key_positions
+        token_mask = None  # (b, n): which new tokens are kept (token shifting zeroes the others)
+        if self.cfg.shift_tokens and self_mask is not None:
+            n = positions.shape[-1]
+            token_mask = self_mask[:, 0, 0, -n:] if self_mask.shape[-2] == 1 else \
+                self_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # (an attn_mask's diagonal: each token itself)
         return ForwardContext(
-            positions=positions, key_positions=key_positions, self_mask=self_mask,
+            positions=positions, key_positions=key_positions, self_mask=self_mask, token_mask=token_mask,
             rotary=self.rotary(positions) if self.rotary is not None else None,
             score_mod=self.score_mod(positions, key_positions),
             context=context, context_mask=context_mask[:, None, None, :] if context_mask is not None else None,
@@ -388,6 +403,9 @@ class AttentionLayers(Pretrained, nn.Module):
                 raise ValueError("attn_mask cannot be combined with a cache (it is over this call's n x n pairs)")
             check_attn_mask(attn_mask, b, n)
 
+        if cache is not None and self.cfg.shift_tokens:
+            raise ValueError("shift_tokens mixes each token with its predecessors' features, which a key/value cache "
+                             "does not keep; decode without a cache (cache_kv=False)")
         start = cache.next_positions() if cache is not None else None
         if positions is None:
             positions = default_positions(mask, n, x.device, start)

@@ -4,7 +4,33 @@ gate and layer dropout."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def shift_amounts(k: int, causal: bool) -> tuple[int, ...] | None:
+    """Token shift amounts of a block: 0..k causal, -k..k otherwise; None for k = 0."""
+    if not k:
+        return None
+    return tuple(range(0 if causal else -k, k + 1))
+
+
+def shift_tokens(x, shifts: tuple[int, ...], mask=None):
+    """x (b, n, d): its first len(shifts) channel groups of d // len(shifts) moved along the sequence,
+    group i by shifts[i] positions (positive: token t reads token t - s), zero-filled; the
+    remaining channels stay. Tokens masked out (mask (b, n) False) contribute zeros."""
+    if mask is not None:
+        x = x.masked_fill(~mask[..., None], 0.0)
+    size = x.shape[-1] // len(shifts)
+    n = x.shape[1]
+    parts = list(x.split(size, dim=-1))
+    for i, s in enumerate(shifts):
+        s = max(-n, min(n, s))
+        if s > 0:
+            parts[i] = F.pad(parts[i][:, :n - s], (0, 0, s, 0))
+        elif s < 0:
+            parts[i] = F.pad(parts[i][:, -s:], (0, 0, 0, -s))
+    return torch.cat(parts, dim=-1)
 
 
 class Residual(nn.Module):
@@ -25,7 +51,8 @@ class Residual(nn.Module):
 
     def __init__(self, fn: nn.Module, *, placement: str, make_norm, scale: float = 1.0, layer_dropout: float = 0.0,
                  post_norm: bool = False, dim: int | None = None, layerscale: float | None = None,
-                 skip_scale: bool = False, skip_constant: float = 1.0, gru: bool = False):
+                 skip_scale: bool = False, skip_constant: float = 1.0, gru: bool = False,
+                 shifts: tuple[int, ...] | None = None):
         super().__init__()
         self.fn = fn
         self.placement = placement
@@ -39,6 +66,7 @@ class Residual(nn.Module):
         self.skip_scale = nn.Parameter(torch.ones(dim)) if skip_scale else None
         self.skip_constant = skip_constant
         self.gru = nn.GRUCell(dim, dim) if gru else None
+        self.shifts = shifts  # token shift of the branch input (shift_tokens, as RWKV's token shift)
 
     def forward(self, x, *args, **kwargs):
         """Returns (new x, whatever f returned beside its output, or None)."""
@@ -58,7 +86,7 @@ class Residual(nn.Module):
             x = self.post_norm(x)
         return x, extra
 
-    def branch(self, x, *args, inject=None, **kwargs):
+    def branch(self, x, *args, inject=None, shift_mask=None, **kwargs):
         """The branch alone, ``(scale * g * gamma * f(norm(x + inject)), extra)``; ``(None, None)``
         when layer dropout drops it. Reversible layers (reversible.py) add it to the other stream."""
         drop = self.training and self.layer_dropout > 0
@@ -66,6 +94,8 @@ class Residual(nn.Module):
             return None, None  # drop the whole branch (a CPU draw: no device sync)
         h = x if inject is None else x + inject
         h = self.pre_norm(h) if self.pre_norm is not None else h
+        if self.shifts is not None:
+            h = shift_tokens(h, self.shifts, shift_mask)
         out = self.fn(h, *args, **kwargs)
         out, extra = out if isinstance(out, tuple) else (out, None)
         if self.branch_norm is not None:
@@ -87,6 +117,8 @@ class Residual(nn.Module):
             s += ", post_norm=True"
         if self.layerscale is not None:
             s += ", layerscale"
+        if self.shifts is not None:
+            s += f", shifts={self.shifts}"
         if self.skip_constant != 1.0:
             s += f", skip_constant={self.skip_constant}"
         return s + (f", scale={self.scale}" if self.scale != 1.0 else "")
