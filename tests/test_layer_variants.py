@@ -346,6 +346,30 @@ def test_shift_tokens_per_block_and_refused_with_a_cache():
         dec(torch.randn(1, 3, DIM), cache=KVCache())
 
 
+def test_cross_attn_tokens_dropout_keeps_a_random_subset_of_context_tokens_in_training():
+    torch.manual_seed(0)
+    model = CrossAttender(dim=DIM, depth=1, heads=2, cross_attn_tokens_dropout=0.5).double()
+    x, context = x_in(), torch.randn(2, 8, DIM, dtype=torch.float64)
+    mask = torch.tensor([[True] * 8, [True] * 6 + [False] * 2])
+    seen = []
+    attn = model.blocks[0].fn
+    hook = attn.register_forward_pre_hook(lambda mod, args, kw: seen.append((kw["context"], kw["mask"])), with_kwargs=True)
+    model.train()
+    model(x, context=context, context_mask=mask)
+    kept, kept_mask = seen[-1]
+    assert kept.shape == (2, 4, DIM)
+    # every kept column is one of the row's context tokens; row 2 keeps ceil(6 / 2) = 3 of its real ones
+    for row in range(2):
+        for col in range(4):
+            assert any(torch.equal(kept[row, col], c) for c in context[row])
+    assert kept_mask[:, 0, 0].sum(-1).tolist() == [4, 3]
+    assert all(any(torch.equal(kept[1, c], t) for t in context[1, :6]) for c in range(4) if kept_mask[1, 0, 0, c])
+    model.eval()  # eval: the whole context
+    model(x, context=context, context_mask=mask)
+    assert seen[-1][0].shape == (2, 8, DIM)
+    hook.remove()
+
+
 def test_layers_execute_order_refuses_a_block_the_layout_lacks():
     with pytest.raises(ValueError, match="layers_execute_order names block 4"):
         enc(layers_execute_order=(0, 4))

@@ -242,6 +242,7 @@ class LayersConfig:
     softclamp_output: bool = False  # value * tanh(x / value) before the final norm (Gemma 2)
     softclamp_output_value: float = 30.0
     layer_dropout: float = 0.0
+    cross_attn_tokens_dropout: float = 0.0  # training drops this fraction of the context's tokens
     # residual paths
     gate_residual: bool = False  # a GRU cell instead of the sum, GTrXL 1910.06764
     scale_residual: bool | float = False  # True: a learned per-channel skip gain; a number: a branch scale
@@ -293,6 +294,7 @@ class LayersConfig:
         _positive_int("heads", self.heads)
         _positive_int("dim_context", self.dim_context, allow_none=True)
         _probability("layer_dropout", self.layer_dropout)
+        _probability("cross_attn_tokens_dropout", self.cross_attn_tokens_dropout)
         _positive_number("norm_eps", self.norm_eps)
         _positive_number("rotary_base", self.rotary_base)
         _positive_number("rotary_base_rescale_factor", self.rotary_base_rescale_factor)

@@ -270,6 +270,11 @@ declare("only_attn", "layers_execute_order",
         reason="the block indices would count blocks only_attn removed (upstream refuses it too)",
         example=dict(only_attn=True, layers_execute_order=(0,)))
 
+declare("cross_attn_tokens_dropout", "cross_attend=False",
+        when=lambda s: on(s, "cross_attn_tokens_dropout") and not on(s, "cross_attend") and not on(s, "only_cross"),
+        reason="it drops context tokens of cross-attention, which this stack does not have; set cross_attend=True",
+        example=dict(cross_attn_tokens_dropout=0.25), kinds=("decoder", "encoder", "funnel"))
+
 # layout
 declare("only_cross", "causal", when=lambda s: on(s, "only_cross") and on(s, "causal"),
         reason="a cross-attention-only stack has no self-attention to make causal",

@@ -101,6 +101,26 @@ def attn_to_ff(layout: tuple[LayerSpec, ...], n: int) -> tuple[LayerSpec, ...]:
     return tuple(LayerSpec("f") if i in top else s for i, s in enumerate(layout))
 
 
+def drop_context_tokens(ctx: ForwardContext, p: float) -> ForwardContext:
+    """Structured dropout of the cross-attention context (upstream's cross_attn_tokens_dropout): each
+    row keeps a random subset of ceil((1 - p) * its kept tokens), the same count m' = max(1, (1 - p) * m)
+    of columns for every row, so the context shrinks to (b, m', d)."""
+    context, mask = ctx.context, ctx.context_mask  # (b, m, d), (b, 1, 1, m) or None
+    b, m = context.shape[:2]
+    keep = max(1, int((1 - p) * m))
+    scores = torch.rand(b, m, device=context.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, 0, 0], -1.0)  # kept tokens first
+    idx = scores.topk(keep, dim=-1).indices  # (b, m')
+    context = context.gather(1, idx[..., None].expand(-1, -1, context.shape[-1]))
+    if mask is not None:
+        kept = mask[:, 0, 0]
+        counts = torch.ceil(kept.sum(-1) * (1 - p)).long()  # (b,)
+        new = kept.gather(1, idx) & (torch.arange(keep, device=idx.device) < counts[:, None])
+        mask = new[:, None, None, :]
+    return replace(ctx, context=context, context_mask=mask)
+
+
 def default_positions(mask, n: int, device, start=None):
     """Positions of n new tokens: they count kept tokens, so padding anywhere shifts nothing.
 
@@ -369,6 +389,8 @@ class AttentionLayers(Pretrained, nn.Module):
 
     def run(self, x, ctx: ForwardContext, attns: list | None = None):
         """The blocks over x (b, n, dim) under ``ctx``: plain or reversible, then the final norm."""
+        if self.training and self.cfg.cross_attn_tokens_dropout > 0 and ctx.context is not None:
+            ctx = drop_context_tokens(ctx, self.cfg.cross_attn_tokens_dropout)
         if self.reinject is not None:
             inject = self.reinject(x)
             if self.reinject_gate is not None:

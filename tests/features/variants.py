@@ -44,3 +44,4 @@ register("hyper_connections", layers=dict(num_residual_streams=3, hyper_conn_sin
 register("unet_skips", layers=dict(unet_skips=True, depth=4), kinds=("decoder", "encoder", "cross", "encdec"))
 register("par_ratio", layers=dict(par_ratio=2), group="layout", kinds=("decoder", "encoder", "cross", "funnel"))
 register("shift_tokens", layers=dict(shift_tokens=1), cacheable=False)
+register("cross_attn_tokens_dropout", layers=dict(cross_attn_tokens_dropout=0.25), kinds=("cross",))
