@@ -404,6 +404,10 @@ for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias",
             reason="a cross-attention-only stack has no self-attention for relative positions to act on; "
                    "give the context its positions before it reaches the CrossAttender",
             example={_p: True, "only_cross": True, **_ex}, kinds=("encoder", "cross"))
+declare("shift_tokens", "num_memory_tokens", when=lambda s: on(s, "shift_tokens") and on(s, "num_memory_tokens"),
+        reason="memory tokens are prepended to the sequence, so the first token would shift in a memory token's "
+               "features, or a left-padded row's padding instead",
+        example=dict(shift_tokens=1, num_memory_tokens=2), kinds=WRAPPER)
 declare("num_memory_tokens", "only_cross", when=lambda s: on(s, "num_memory_tokens") and on(s, "only_cross"),
         reason="without self-attention, memory tokens reach no other position and learn nothing",
         example=dict(num_memory_tokens=2, only_cross=True), kinds=WRAPPER)

@@ -2,26 +2,25 @@
 
 from harness import register
 
-# what a zero-initialised branch factor leaves without a gradient at init (as ReZero's gate): the
-# branches and what only they read; one optimizer step opens them
-BRANCHES = (".fn.", "pre_norm", "branch_norm", "rel_pos.", "tupe.", "memory_tokens", "encoder.token_emb",
-            "encoder.pos_emb", "encoder.attn_layers.final_norm", "upsampler", "reinject", "layerscale")
+# A feature that closes every branch at init (LayerScale at 0, zero output projections) leaves
+# without a gradient at init everything read only through a branch: inside the stacks, anything
+# may be zero at init (the harness still requires every gradient non-zero after optimizer steps)
+BRANCHES = ("attn_layers.", "encoder.", "memory_tokens")
+# what a closed branch (ReZero's gate, LayerScale at 0) leaves without gradient in each feature here
 
 register("dynamic_tanh", layers=dict(use_dynamic_tanh=True, dynamic_tanh_init_alpha=1.5), group="norm")
 register("derf", layers=dict(use_derf=True), group="norm")
 register("pre_and_post_norm", layers=dict(pre_and_post_norm=True), group="placement")
 register("layerscale", layers=dict(use_layerscale=True), zero_init=BRANCHES)
-register("layerscale_init", layers=dict(use_layerscale=True, layerscale_init_value=0.1))
+register("layerscale_init", layers=dict(use_layerscale=True, layerscale_init_value=0.1), zero_init=("layerscale",))
 register("softclamp_output", layers=dict(softclamp_output=True, softclamp_output_value=2.0))
-register("gate_residual", layers=dict(gate_residual=True))
-register("scale_residual", layers=dict(scale_residual=True, scale_residual_constant=0.7))
+register("gate_residual", layers=dict(gate_residual=True), zero_init=("gru.",))
+register("scale_residual", layers=dict(scale_residual=True, scale_residual_constant=0.7), zero_init=("skip_scale",))
 register("scale_residual_branch", layers=dict(scale_residual=0.5))
 register("depth_scale_residual", layers=dict(depth_scale_residual=True))
-register("zero_init_branch_output", layers=dict(zero_init_branch_output=True),
-         zero_init=tuple(p for p in BRANCHES if p != ".fn.") + ("to_q", "to_k", "to_v", "proj_in", "mult_bias",
-                                                                  "null_kv", "mem_kv", "qk_norm", "entmax",
-                                                                  "talking", "post_act_norm", "gru", "encoder."))
-register("reinject_input", layers=dict(reinject_input=True, learned_reinject_input_gate=True))
+register("zero_init_branch_output", layers=dict(zero_init_branch_output=True), zero_init=BRANCHES)
+register("reinject_input", layers=dict(reinject_input=True, learned_reinject_input_gate=True),
+         zero_init=("reinject",))
 register("weight_tie_layers", layers=dict(weight_tie_layers=True))
 # runs the first unit twice, then the second (depth 2: blocks a f a f)
 register("layers_execute_order", layers=dict(layers_execute_order=(0, 1, 0, 1, 2, 3)))
@@ -40,8 +39,9 @@ register("dynamic_pos_bias", layers=dict(dynamic_pos_bias=True, dynamic_pos_bias
                                          dynamic_pos_bias_norm=True, dynamic_pos_bias_mlp_depth=2), group="relpos")
 # (the dynamic weights start at zero: their scale and the streams' norm get gradients after one step)
 register("hyper_connections", layers=dict(num_residual_streams=3, hyper_conn_sinkhorn_iters=4),
-         zero_init=("dynamic_alpha_scale", ".norm.weight"))
-register("unet_skips", layers=dict(unet_skips=True, depth=4), kinds=("decoder", "encoder", "cross", "encdec"))
+         zero_init=("dynamic_", "static_", ".norm.weight", "stream_emb"))
+register("unet_skips", layers=dict(unet_skips=True, depth=4), kinds=("decoder", "encoder", "cross", "encdec"),
+         zero_init=("unet.",))
 register("par_ratio", layers=dict(par_ratio=2), group="layout", kinds=("decoder", "encoder", "cross", "funnel"))
 register("shift_tokens", layers=dict(shift_tokens=1), cacheable=False)
 register("cross_attn_tokens_dropout", layers=dict(cross_attn_tokens_dropout=0.25), kinds=("cross",))
