@@ -331,8 +331,6 @@ class LayersConfig:
         amounts = self.shift_tokens if isinstance(self.shift_tokens, tuple) else (self.shift_tokens,)
         for k in amounts:
             _positive_int("shift_tokens", k, allow_zero=True)
-        if self.unet_skips and self.depth < 2:
-            raise ValueError(f"unet_skips needs depth >= 2 (a lower half to skip from), got depth={self.depth}")
         if self.top_attn_to_ff > self.depth:
             raise ValueError(f"top_attn_to_ff ({self.top_attn_to_ff}) must be at most depth ({self.depth})")
         if self.rotary_emb_dim is not None:

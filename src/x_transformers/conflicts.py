@@ -253,6 +253,23 @@ for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("par_ratio
             reason="U-Net skips pair the units of the default repeated layout, run once each in order, and add a "
                    "projection of two inputs that no additive (reversible) coupling can invert",
             example={"unet_skips": True, _k: _ex})
+def _blocks(s: dict) -> int:
+    """How many blocks the layout keywords build (only_attn aside, refused with an order below)."""
+    if s.get("custom_layers") is not None:
+        return len(s["custom_layers"])
+    attn = 1 if on(s, "only_cross") or not on(s, "cross_attend") else 2
+    return s.get("depth", 1) * (attn + (2 if on(s, "macaron") else 1))
+
+
+declare("layers_execute_order", "depth",
+        when=lambda s: bool(s.get("layers_execute_order")) and max(s["layers_execute_order"]) >= _blocks(s),
+        reason="the order names a block the layout does not have; raise depth or lower the indices",
+        example=dict(layers_execute_order=(0, 99)), kinds=("decoder", "encoder", "cross", "xtransformer"))
+declare("rotary_base_rescale_factor", "attn_dim_head",
+        when=lambda s: s.get("rotary_base_rescale_factor", 1.0) != 1.0 and on(s, "rotary_pos_emb") and (
+            s.get("rotary_emb_dim") or max(2, s.get("attn_dim_head", 64) // 2 // 2 * 2)) < 4,
+        reason="NTK rescaling needs at least 4 rotated channels (base * factor ** (r / (r - 2)))",
+        example=dict(rotary_pos_emb=True, rotary_base_rescale_factor=2.0, attn_dim_head=4))
 declare("weight_tie_layers", "layers_execute_order",
         when=lambda s: on(s, "weight_tie_layers") and s.get("layers_execute_order") is not None,
         reason="weight tying is an execution order of its own (one unit, run depth times)",

@@ -177,8 +177,10 @@ class AttentionLayers(Pretrained, nn.Module):
     def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
         super().__init__()
         where = type(self).__name__
-        lk, ak, fk = split_layer_kwargs(dict(kwargs, heads=heads), where)  # (the conflict table reads heads)
+        # (the conflict table reads heads and depth)
+        lk, ak, fk = split_layer_kwargs(dict(kwargs, heads=heads, depth=depth), where)
         lk.pop("heads")
+        lk.pop("depth")
         if isinstance(lk.get("shift_tokens"), list):
             lk["shift_tokens"] = tuple(lk["shift_tokens"])
         if isinstance(lk.get("custom_layers"), list):

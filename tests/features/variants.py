@@ -40,7 +40,7 @@ register("dynamic_pos_bias", layers=dict(dynamic_pos_bias=True, dynamic_pos_bias
 # (the dynamic weights start at zero: their scale and the streams' norm get gradients after one step)
 register("hyper_connections", layers=dict(num_residual_streams=3, hyper_conn_sinkhorn_iters=4),
          zero_init=("dynamic_", "static_", ".norm.weight", "stream_emb"))
-register("unet_skips", layers=dict(unet_skips=True, depth=4), kinds=("decoder", "encoder", "cross", "encdec"),
+register("unet_skips", layers=dict(unet_skips=True), kinds=("decoder", "encoder", "cross", "encdec"),
          zero_init=("unet.",))
 register("par_ratio", layers=dict(par_ratio=2), group="layout", kinds=("decoder", "encoder", "cross", "funnel"))
 register("shift_tokens", layers=dict(shift_tokens=1), cacheable=False)
