@@ -357,11 +357,47 @@ def _max_seq_len_optional():
         TransformerWrapper(num_tokens=20, attn_layers=Decoder(dim=DIM, depth=1, heads=4))
 
 
+def _ff_softclamp_glu():
+    ff = Decoder(dim=DIM, depth=1, heads=4, ff_glu=True, ff_softclamp_value=2.0).blocks[1].fn
+    h = torch.randn(3, 8 * DIM) * 10
+    up, gate = (2.0 * torch.tanh(h / 2.0)).chunk(2, dim=-1)
+    torch.testing.assert_close(ff._activate(h), up * torch.nn.functional.gelu(gate))
+
+
+def _glu_clamp_values():
+    assert FeedForwardConfig(glu=True, glu_gate_softclamp_value=10.0).glu_softclamp_on
+    assert FeedForwardConfig(glu=True, glu_up_softclamp_value=10.0).glu_softclamp_on
+    assert not FeedForwardConfig(glu=True).glu_softclamp_on
+
+
+def _execute_order_unused():
+    ours, theirs = _counts_delta(dict(layers_execute_order=(0, 1)))
+    one_unit, _ = _counts_delta(dict(depth=1))
+    two_units, _ = _counts_delta({})
+    assert theirs - ours == two_units - one_unit  # upstream keeps the unit that never runs
+
+
+def _branch_scale_after_sandwich():
+    model = Encoder(dim=DIM, depth=2, heads=4, sandwich_norm=True, use_layerscale=True).eval()
+    x = torch.randn(2, 5, DIM)
+    torch.testing.assert_close(model(x), model.final_norm(x))  # gamma = 0 closes every branch
+
+
+def _gru_skip_constant():
+    block = Encoder(dim=DIM, depth=1, heads=4, gate_residual=True, scale_residual_constant=0.5).blocks[1]
+    x = torch.randn(2, 5, DIM)
+    out = block.fn(block.pre_norm(x))
+    expected = block.gru(out.reshape(-1, DIM), 0.5 * x.reshape(-1, DIM)).view_as(x)
+    torch.testing.assert_close(block(x)[0], expected)
+
+
 DEVIATIONS = {
     "qk-norm-scale": _qk_norm_scale, "single-head-out": _single_head_out, "glu-no-bias": _glu_no_bias,
     "xtransformer-logits": _xtransformer_logits, "norm-gain": _norm_gain, "rmsnorm-eps": _rmsnorm_eps,
     "sinusoidal-kept": _sinusoidal_kept, "init": _init, "rotary-even": _rotary_even,
-    "max-seq-len-optional": _max_seq_len_optional,
+    "max-seq-len-optional": _max_seq_len_optional, "ff-softclamp-glu": _ff_softclamp_glu,
+    "glu-clamp-values": _glu_clamp_values, "execute-order-unused": _execute_order_unused,
+    "branch-scale-after-sandwich": _branch_scale_after_sandwich, "gru-skip-constant": _gru_skip_constant,
 }
 
 

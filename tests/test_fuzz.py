@@ -134,6 +134,9 @@ def check_generation(run: Runner, tol, features=()):
     """Greedy generation with the cache equals greedy generation without it."""
     if not run.causal:
         raise NotApplicable("not causal")
+    uncacheable = [f.name for f in features if not f.cacheable]
+    if uncacheable:
+        raise NotApplicable(f"not cacheable: {uncacheable}")
     prompt = harness.tokens(2, 4, seed=3)
     if run.kind == "encdec":
         gen = lambda cache: run.model.generate(run.src, prompt, 5, temperature=0.0, cache_kv=cache)  # noqa: E731

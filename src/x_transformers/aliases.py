@@ -99,28 +99,15 @@ _ATTN_NOT_YET = dict(
     # as well; cross_attn_dim_context (an alias of dim_context) is the cross-attention one
     dim_context=None,
 )
-_FF_NOT_YET = dict(
-    dim_out=None, glu_mult_bias=False, solu=False, custom_activation=None, post_act_ln=False,
-    sublayer_dropout=0.0, zero_init_output=False, output_proj_depth=None, softclamp_value=None,
-    glu_softclamp=False, glu_gate_softclamp_value=4.0, glu_up_softclamp_value=25.0,
-)
+_FF_NOT_YET: dict = {}
 _LAYERS_NOT_YET = dict(
-    only_attn=False, use_dynamic_tanh=False, use_derf=False, dynamic_tanh_init_alpha=1.0,
     use_adaptive_layernorm=False, use_adaptive_rmsnorm=False, use_adaptive_layerscale=False, dim_condition=None,
-    adaptive_condition_mlp=False, adaptive_condition_mlp_expansion=4, dynamic_pos_bias=False,
-    dynamic_pos_bias_log_distance=False, dynamic_pos_bias_mlp_depth=2, dynamic_pos_bias_norm=False,
-    rotary_xpos=False, rotary_interpolation_factor=1.0, rotary_xpos_scale_base=512, rotary_base_rescale_factor=1.0,
-    rotate_num_heads=None, polar_pos_emb=False, polar_bias_uniform_init=False, weight_tie_layers=False,
-    layers_execute_order=None, par_ratio=None, residual_attn=False, cross_residual_attn=False,
-    pre_and_post_norm=False, attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
-    gate_residual=False, orthog_residual=False, mv_split_residual=False, gated_multi_residual=False,
-    scale_residual=False, scale_residual_constant=1.0, depth_scale_residual=False, shift_tokens=0,
-    softclamp_output=False, softclamp_output_value=30.0, zero_init_branch_output=False,
-    cross_attn_tokens_dropout=0.0, use_layerscale=False, layerscale_init_value=0.0, unet_skips=False,
-    integrate_layers=False, layer_integrate_use_softmax=True, num_residual_streams=1,
-    qkv_receive_diff_residuals=False, reinject_input=False, learned_reinject_input_gate=False,
-    add_value_residual=False, learned_value_residual_mix=True, rel_pos_kwargs={}, residual_fn_kwargs={},
-    hyper_conn_sinkhorn_iters=5,
+    adaptive_condition_mlp=False, adaptive_condition_mlp_expansion=4, rotary_xpos=False, rotary_xpos_scale_base=512,
+    rotate_num_heads=None, polar_pos_emb=False, polar_bias_uniform_init=False, residual_attn=False,
+    cross_residual_attn=False, attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
+    orthog_residual=False, mv_split_residual=False, gated_multi_residual=False, integrate_layers=False,
+    layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False, add_value_residual=False,
+    learned_value_residual_mix=True, rel_pos_kwargs={}, residual_fn_kwargs={},
 )
 _WRAPPER_NOT_YET = dict(
     max_mem_len=0, shift_mem_down=0, recycling=False,
@@ -128,7 +115,7 @@ _WRAPPER_NOT_YET = dict(
     add_continuous_pred_head=False, input_not_include_cache=False,
 )
 # XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)
-_XTRANSFORMER_NOT_YET = dict(ignore_index=-100, pad_value=0, cross_attn_tokens_dropout=0.0)
+_XTRANSFORMER_NOT_YET = dict(ignore_index=-100, pad_value=0)
 
 
 @dataclass(frozen=True)

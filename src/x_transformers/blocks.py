@@ -9,7 +9,8 @@ honours is therefore honoured by all of them.
 positions, the self-attention key mask, rotary angles, the position score modification (a
 :class:`~x_transformers.positional.ScoreMod`, a description that ``attend()`` materialises only
 when the chosen kernel needs the tensor), the cross-attention context and its mask, the cache,
-and (funnel) the sequence the first self-attention takes its keys/values from.
+(funnel) the sequence the first self-attention takes its keys/values from, and the input
+re-injected into every branch (``reinject_input``).
 
 Legend: b batch, n queries, m keys, h heads, r rotary dim.
 """
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from .positional import DenseScoreMod, ScoreMod
 
@@ -43,9 +45,11 @@ class ForwardContext:
     kv_mask: Tensor | None = None  # (b, 1, 1, m) bool
     kv_rotary: tuple[Tensor, Tensor] | None = None
     kv_score_mod: ScoreMod | None = None
+    inject: Tensor | None = None  # (b, n, dim) added to every branch's input (reinject_input)
+    token_mask: Tensor | None = None  # (b, n) bool, the new tokens kept (shift_tokens zeroes the others)
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
-    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod")
+    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject")
 
     def differentiable(self) -> dict[str, Tensor]:
         """The differentiable tensors this context carries, score mods materialised."""
@@ -83,12 +87,45 @@ def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: 
     alone, (None, None) when layer dropout dropped it.
     """
     call = block.branch if branch_only else block
-    return call(x, **block_kwargs(kind, i, ctx))
+    kwargs = block_kwargs(kind, i, ctx)
+    if ctx.inject is not None:
+        kwargs["inject"] = ctx.inject
+    if block.shifts is not None:
+        kwargs["shift_mask"] = ctx.token_mask
+    return call(x, **kwargs)
 
 
-def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = None):
-    """The plain stack: every block in layout order. Attention maps go to ``attns`` if given."""
+class UNetSkips(nn.Module):
+    """U-Net skips over the layer units (U-ViT, 2209.12152): unit u of the upper half starts from
+    ``W [x_mirror ; x]``, x_mirror the input of unit depth - 1 - u, W a bias-free (2 dim -> dim)
+    projection per upper unit.
+
+    ``plan``: block index where an upper unit starts -> (block index of its mirror's start, k),
+    k indexing ``combines``.
+    """
+
+    def __init__(self, dim: int, depth: int, unit: int):
+        super().__init__()
+        upper = [u for u in range(depth) if u >= depth / 2]
+        self.plan = {u * unit: ((depth - 1 - u) * unit, k) for k, u in enumerate(upper)}
+        self.sources = {src for src, _ in self.plan.values()}
+        self.combines = nn.ModuleList(nn.Linear(2 * dim, dim, bias=False) for _ in upper)
+
+    def extra_repr(self):
+        return f"pairs={sorted((src, i) for i, (src, _) in self.plan.items())}"
+
+
+def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = None, skips: UNetSkips | None = None):
+    """The plain stack: every block in layout order. Attention maps go to ``attns`` if given;
+    ``skips``: U-Net skips between layer units."""
+    saved = {}
     for i, (spec, block) in enumerate(zip(layout, blocks)):
+        if skips is not None:
+            if i in skips.sources:
+                saved[i] = x
+            if i in skips.plan:
+                src, k = skips.plan[i]
+                x = skips.combines[k](torch.cat((saved[src], x), dim=-1))
         x, w = run_block(spec.kind, i, block, x, ctx)
         if w is not None and attns is not None:
             attns.append(w)

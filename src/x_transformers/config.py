@@ -68,6 +68,10 @@ def check_types(cls, kwargs: dict[str, Any], prefix: str = ""):
         if f is None or value is None and "None" in _field_kinds(f):
             continue
         kinds, name = _field_kinds(f), prefix + key
+        if {"bool", "float"} <= kinds:  # a switch or a number (upstream's scale_residual=True / 0.5)
+            if not isinstance(value, (bool, int, float)):
+                raise ValueError(f"{name} must be True, False or a number, got {value!r} ({type(value).__name__})")
+            continue
         if "bool" in kinds and not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
         if "int" in kinds and "float" not in kinds and (isinstance(value, bool) or not isinstance(value, int)):
@@ -207,9 +211,21 @@ class FeedForwardConfig:
     no_bias: bool = False
     dropout: float = 0.0
     chunks: int = 1  # Reformer's chunked feed-forward
+    dim_out: int | None = None  # output width (a stack's residual needs dim)
+    solu: bool = False  # softmax linear unit, LayerNorm(x * softmax(x)) (Anthropic 2022)
+    custom_activation: Any = None  # an nn.Module (copied per block) or callable replacing the activation
+    post_act_ln: bool = False  # LayerNorm after the activation (NormFormer, 2110.09456)
+    glu_mult_bias: bool = False  # a learned per-channel gain on the GLU output, initialised to 1
+    sublayer_dropout: float = 0.0  # dropout on the block's output
+    zero_init_output: bool = False  # output projection initialised to zero
+    output_proj_depth: int | None = None  # OLMo's depth-scaled output init, std (2 * inner * depth) ** -0.5
+    softclamp_value: float | None = None  # soft clamp of the first projection's output, before the activation
+    glu_softclamp: bool = False  # SiTU-GLU (2607.24653): soft-clamped gate and up factors
+    glu_gate_softclamp_value: float = 4.0
+    glu_up_softclamp_value: float = 25.0
 
     def __post_init__(self):
-        from .feedforward import ACTIVATIONS  # registry lives beside its users
+        from .feedforward import ACTIVATIONS, CLAMPED_GATES  # registries live beside their users
 
         check_types(FeedForwardConfig, _values(self), "ff_")
         if self.activation not in ACTIVATIONS:
@@ -218,6 +234,30 @@ class FeedForwardConfig:
         _positive_int("ff_inner_dim", self.inner_dim, allow_none=True)
         _positive_int("ff_chunks", self.chunks)
         _probability("ff_dropout", self.dropout)
+        _probability("ff_sublayer_dropout", self.sublayer_dropout)
+        _positive_int("ff_dim_out", self.dim_out, allow_none=True)
+        _positive_int("ff_output_proj_depth", self.output_proj_depth, allow_none=True)
+        if self.softclamp_value is not None:
+            _positive_number("ff_softclamp_value", self.softclamp_value)
+        _positive_number("ff_glu_gate_softclamp_value", self.glu_gate_softclamp_value)
+        _positive_number("ff_glu_up_softclamp_value", self.glu_up_softclamp_value)
+        if self.custom_activation is not None and not callable(self.custom_activation):
+            raise ValueError(f"ff_custom_activation must be an nn.Module or a callable, got {self.custom_activation!r}")
+        if self.glu_mult_bias and not self.glu:
+            raise ValueError("ff_glu_mult_bias scales the GLU's output; set ff_glu=True as well")
+        if self.glu_softclamp_on:
+            which = ("ff_glu_softclamp" if self.glu_softclamp else "ff_glu_gate_softclamp_value" if
+                     self.glu_gate_softclamp_value != 4.0 else "ff_glu_up_softclamp_value")
+            if not self.glu:
+                raise ValueError(f"{which} soft-clamps the GLU's gate and up factors; set ff_glu=True as well")
+            if self.solu or self.custom_activation is not None or self.activation not in CLAMPED_GATES:
+                raise ValueError(f"{which} needs a GELU or swish gate (ff_activation one of {sorted(CLAMPED_GATES)}, "
+                                 f"without ff_solu or ff_custom_activation)")
+
+    @property
+    def glu_softclamp_on(self) -> bool:
+        """SiTU-GLU's clamps: ff_glu_softclamp, or either clamp value given (it asks for the clamp)."""
+        return self.glu_softclamp or self.glu_gate_softclamp_value != 4.0 or self.glu_up_softclamp_value != 25.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,22 +281,53 @@ class LayersConfig:
     norm_bias: bool = False  # LayerNorm's additive bias (upstream's LayerNorm has none; GPT-2's has)
     use_simple_rmsnorm: bool = False  # RMSNorm without a learned gain (x / rms(x))
     use_rezero: bool = False  # 2003.04887
+    use_dynamic_tanh: bool = False  # DyT, gamma * tanh(alpha * x) + beta in place of every norm, 2503.10622
+    dynamic_tanh_init_alpha: float = 1.0
+    use_derf: bool = False  # Derf, gamma * erf(alpha * x + s) + beta in place of every norm, 2512.10938
+    pre_and_post_norm: bool = False  # a norm before each branch and after each sum; no final norm
+    use_layerscale: bool = False  # LayerScale, a per-channel gain on each branch, CaiT 2103.17239
+    layerscale_init_value: float = 0.0
+    softclamp_output: bool = False  # value * tanh(x / value) before the final norm (Gemma 2)
+    softclamp_output_value: float = 30.0
     layer_dropout: float = 0.0
+    cross_attn_tokens_dropout: float = 0.0  # training drops this fraction of the context's tokens
+    # residual paths
+    gate_residual: bool = False  # a GRU cell instead of the sum, GTrXL 1910.06764
+    scale_residual: bool | float = False  # True: a learned per-channel skip gain; a number: a branch scale
+    scale_residual_constant: float = 1.0  # the skip path times this constant
+    depth_scale_residual: bool | float = False  # True: OLMo's depth-scaled output init; a number: a branch scale
+    zero_init_branch_output: bool = False  # every branch's output projection starts at zero
+    reinject_input: bool = False  # a projection of the stack's input added to every branch input, DEQ 1909.01377
+    learned_reinject_input_gate: bool = False  # ... gated per token by sigmoid(w . x)
+    num_residual_streams: int = 1  # hyper-connections, 2409.19606 (1: the plain residual)
+    hyper_conn_sinkhorn_iters: int = 5  # Sinkhorn iterations of the stream mixing (mHC, 2512.24880)
     # layer layout
     macaron: bool = False  # 1906.02762
     sandwich_coef: int | None = None  # 1911.03864
+    par_ratio: int | None = None  # attention in the bottom two thirds, 1 in par_ratio blocks (1911.03864's PAR)
+    unet_skips: bool = False  # U-Net skips: each upper-half layer reads its mirror's input (U-ViT, 2209.12152)
     custom_layers: tuple[str, ...] | None = None
     top_attn_to_ff: int = 0  # the top n layers' self-attention becomes a feed-forward, 2005.13895
     reversible: bool = False  # two-stream reversible coupling, recomputed in backward, 2001.04451
+    only_attn: bool = False  # no feed-forward blocks
+    shift_tokens: Any = 0  # k: branch inputs get channel groups shifted by 0..k (causal) or -k..k tokens; or one k per block
+    weight_tie_layers: bool = False  # one layer's parameters, run depth times (ALBERT, 1909.11942)
+    layers_execute_order: tuple[int, ...] | None = None  # which built blocks run, in which order (repeats allowed)
     # positions
     rotary_pos_emb: bool = False  # 2104.09864
     rotary_emb_dim: int | None = None  # rotated channels per head; default half the head dimension, as upstream
     rotary_base: float = 10000.0
+    rotary_interpolation_factor: float = 1.0  # position interpolation, positions / factor, 2306.15595
+    rotary_base_rescale_factor: float = 1.0  # NTK-aware base scaling, base * factor ** (r / (r - 2))
     alibi_pos_bias: bool = False  # 2108.12409
     alibi_num_heads: int | None = None
     rel_pos_bias: bool = False  # T5, 1910.10683
     rel_pos_num_buckets: int = 32
     rel_pos_max_distance: int = 128
+    dynamic_pos_bias: bool = False  # an MLP of the relative distance, per head (SwinV2, 2111.09883)
+    dynamic_pos_bias_log_distance: bool = False
+    dynamic_pos_bias_mlp_depth: int = 2
+    dynamic_pos_bias_norm: bool = False
     tupe: bool = False  # untied positional correlation, TUPE, 2006.15595
     tupe_max_seq_len: int | None = None  # size of TUPE's learned position table (required with tupe)
     tupe_untie_cls: bool = False  # TUPE's untied [CLS]: position 0 gets learned scores, not positional ones
@@ -271,8 +342,31 @@ class LayersConfig:
         _positive_int("heads", self.heads)
         _positive_int("dim_context", self.dim_context, allow_none=True)
         _probability("layer_dropout", self.layer_dropout)
+        _probability("cross_attn_tokens_dropout", self.cross_attn_tokens_dropout)
         _positive_number("norm_eps", self.norm_eps)
         _positive_number("rotary_base", self.rotary_base)
+        _positive_number("rotary_base_rescale_factor", self.rotary_base_rescale_factor)
+        _positive_number("rotary_interpolation_factor", self.rotary_interpolation_factor)
+        if self.rotary_interpolation_factor < 1.0:
+            raise ValueError(f"rotary_interpolation_factor must be >= 1 (it divides positions to fit a longer context), "
+                             f"got {self.rotary_interpolation_factor!r}")
+        _positive_int("dynamic_pos_bias_mlp_depth", self.dynamic_pos_bias_mlp_depth)
+        _positive_int("num_residual_streams", self.num_residual_streams)
+        _positive_int("hyper_conn_sinkhorn_iters", self.hyper_conn_sinkhorn_iters)
+        _positive_number("dynamic_tanh_init_alpha", self.dynamic_tanh_init_alpha)
+        _positive_number("softclamp_output_value", self.softclamp_output_value)
+        _positive_number("scale_residual_constant", self.scale_residual_constant)
+        for name in ("scale_residual", "depth_scale_residual"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                _positive_number(name, value)
+        if not (isinstance(self.layerscale_init_value, (int, float)) and math.isfinite(self.layerscale_init_value)):
+            raise ValueError(f"layerscale_init_value must be a finite number, got {self.layerscale_init_value!r}")
+        if self.layers_execute_order is not None:
+            order = self.layers_execute_order
+            if isinstance(order, str) or not order or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in order):
+                raise ValueError(f"layers_execute_order must be a non-empty sequence of block indices >= 0, got {order!r}")
         if self.custom_layers is not None:
             if isinstance(self.custom_layers, str) or not all(c in ("a", "c", "f") for c in self.custom_layers):
                 raise ValueError(f"custom_layers must be a sequence of 'a', 'c', 'f', got {self.custom_layers!r}")
@@ -281,6 +375,10 @@ class LayersConfig:
             if self.sandwich_coef > self.depth:
                 raise ValueError(f"sandwich_coef ({self.sandwich_coef}) must be at most depth ({self.depth})")
         _positive_int("top_attn_to_ff", self.top_attn_to_ff, allow_zero=True)
+        _positive_int("par_ratio", self.par_ratio, allow_none=True)
+        amounts = self.shift_tokens if isinstance(self.shift_tokens, tuple) else (self.shift_tokens,)
+        for k in amounts:
+            _positive_int("shift_tokens", k, allow_zero=True)
         if self.top_attn_to_ff > self.depth:
             raise ValueError(f"top_attn_to_ff ({self.top_attn_to_ff}) must be at most depth ({self.depth})")
         if self.rotary_emb_dim is not None:
@@ -302,7 +400,7 @@ class LayersConfig:
 
     @property
     def has_relative_positions(self) -> bool:
-        return self.rotary_pos_emb or self.alibi_pos_bias or self.rel_pos_bias
+        return self.rotary_pos_emb or self.alibi_pos_bias or self.rel_pos_bias or self.dynamic_pos_bias
 
     @property
     def has_positions(self) -> bool:
@@ -411,6 +509,11 @@ REQUIRES = {
     "attn_laser_softclamp_value": "attn_laser",
     "attn_gate_values_rank": "attn_gate_values", "attn_gate_values_headwise": "attn_gate_values",
     "attn_output_gate_rank": "attn_output_gate", "attn_output_gate_headwise": "attn_output_gate",
+    "dynamic_tanh_init_alpha": "use_dynamic_tanh", "layerscale_init_value": "use_layerscale",
+    "softclamp_output_value": "softclamp_output", "learned_reinject_input_gate": "reinject_input",
+    "rotary_interpolation_factor": "rotary_pos_emb", "rotary_base_rescale_factor": "rotary_pos_emb",
+    "dynamic_pos_bias_log_distance": "dynamic_pos_bias", "dynamic_pos_bias_mlp_depth": "dynamic_pos_bias",
+    "dynamic_pos_bias_norm": "dynamic_pos_bias",
 }
 
 

@@ -158,6 +158,149 @@ declare("reversible", "pre_norm=False", when=lambda s: on(s, "reversible") and o
         reason="post-norm normalises the sum x + f(x), which is not an additive coupling and cannot be inverted",
         example=dict(reversible=True, pre_norm=False))
 
+# normalisation-free norms (DyT, Derf) replace every norm: one norm family at a time
+_NORMS = ("use_scalenorm", "use_rmsnorm", "use_simple_rmsnorm")
+for _f in ("use_dynamic_tanh", "use_derf"):
+    for _n in _NORMS:
+        declare(_n, _f, when=lambda s, n=_n, f=_f: on(s, n) and on(s, f), reason="choose one norm",
+                example={_n: True, _f: True})
+    declare(_f, "use_rezero", when=lambda s, f=_f: on(s, f) and on(s, "use_rezero"),
+            reason="ReZero has no norms for it to replace", example={_f: True, "use_rezero": True})
+declare("use_dynamic_tanh", "use_derf", when=lambda s: on(s, "use_dynamic_tanh") and on(s, "use_derf"),
+        reason="choose one norm", example=dict(use_dynamic_tanh=True, use_derf=True))
+declare("use_dynamic_tanh", "pre_norm=False", when=lambda s: on(s, "use_dynamic_tanh") and off(s, "pre_norm"),
+        reason="DyT (2503.10622) replaces pre-norms; as a post-norm it is untested (upstream refuses it too)",
+        example=dict(use_dynamic_tanh=True, pre_norm=False))
+declare("pre_and_post_norm", "pre_norm=False", when=lambda s: on(s, "pre_and_post_norm") and off(s, "pre_norm"),
+        reason="pre_and_post_norm already places a norm before each branch and after each sum",
+        example=dict(pre_and_post_norm=True, pre_norm=False))
+declare("pre_and_post_norm", "use_rezero", when=lambda s: on(s, "pre_and_post_norm") and on(s, "use_rezero"),
+        reason="ReZero removes the norms around residual branches", example=dict(pre_and_post_norm=True, use_rezero=True))
+# (branches that start at zero: two zero factors on one branch give neither of them a gradient)
+_ZERO = {"use_rezero": lambda s: on(s, "use_rezero"),
+         "use_layerscale": lambda s: on(s, "use_layerscale") and s.get("layerscale_init_value", 0.0) == 0,
+         "zero_init_branch_output": lambda s: on(s, "zero_init_branch_output"),
+         "ff_zero_init_output": lambda s: on(s, "ff_zero_init_output")}
+_ZERO_EX = {"use_rezero": dict(use_rezero=True), "use_layerscale": dict(use_layerscale=True),
+            "zero_init_branch_output": dict(zero_init_branch_output=True),
+            "ff_zero_init_output": dict(ff_zero_init_output=True)}
+for _a, _b in (("use_rezero", "use_layerscale"), ("use_rezero", "zero_init_branch_output"),
+               ("use_rezero", "ff_zero_init_output"), ("use_layerscale", "zero_init_branch_output"),
+               ("use_layerscale", "ff_zero_init_output")):
+    declare(_a, _b, when=lambda s, a=_a, b=_b: _ZERO[a](s) and _ZERO[b](s),
+            reason="both start the branch at zero, so neither gets a gradient and the branch never opens "
+                   "(give layerscale_init_value > 0, or keep one of them)",
+            example={**_ZERO_EX[_a], **_ZERO_EX[_b]})
+declare("zero_init_branch_output", "depth_scale_residual=True",
+        when=lambda s: on(s, "zero_init_branch_output") and s.get("depth_scale_residual") is True,
+        reason="both initialise the branch output projections; choose one",
+        example=dict(zero_init_branch_output=True, depth_scale_residual=True))
+for _k, _ex in (("ff_output_proj_depth", 2), ("ff_zero_init_output", True)):
+    declare("depth_scale_residual=True", _k, when=lambda s, k=_k: s.get("depth_scale_residual") is True and on(s, k),
+            reason="both initialise the feed-forward output projection; choose one",
+            example={"depth_scale_residual": True, _k: _ex})
+declare("ff_zero_init_output", "ff_output_proj_depth",
+        when=lambda s: on(s, "ff_zero_init_output") and on(s, "ff_output_proj_depth"),
+        reason="both initialise the output projection; choose one",
+        example=dict(ff_zero_init_output=True, ff_output_proj_depth=2))
+# reversible coupling adds each branch to the other stream: the sum must stay a plain, unnormalised x + f(x)
+for _k, _ex, _why in (("pre_and_post_norm", True, "a norm after the sum"),
+                      ("gate_residual", True, "a GRU in place of the sum"),
+                      ("scale_residual=True", True, "a learned gain on the skip path"),
+                      ("scale_residual_constant", 0.5, "a constant on the skip path")):
+    _name = _k.split("=")[0]
+    if _name == "scale_residual":
+        _when = lambda s: on(s, "reversible") and s.get("scale_residual") is True
+    elif _name == "scale_residual_constant":
+        _when = lambda s: on(s, "reversible") and s.get("scale_residual_constant", 1.0) != 1.0
+    else:
+        _when = lambda s, k=_name: on(s, "reversible") and on(s, k)
+    declare("reversible", _k, when=_when,
+            reason=f"{_why} makes the layer something other than x + f(x), which the reversible coupling needs",
+            example={"reversible": True, _name: _ex})
+
+# hyper-connections (2409.19606) replace the one skip path by s mixed streams
+_STREAMS = lambda s: isinstance(s.get("num_residual_streams"), int) and s["num_residual_streams"] > 1
+for _k, _ex in (("reversible", True), ("gate_residual", True), ("scale_residual", True),
+                ("scale_residual_constant", 0.5)):
+    _when = (lambda s, k=_k: _STREAMS(s) and s.get(k, 1.0) != 1.0) if _k == "scale_residual_constant" else \
+        (lambda s, k=_k: _STREAMS(s) and s.get(k) is True)
+    declare("num_residual_streams", _k, when=_when,
+            reason="hyper-connections replace the single skip path, which this keyword changes (reversible: the "
+                   "two-stream coupling is a residual scheme of its own)",
+            example={"num_residual_streams": 2, _k: _ex})
+
+# feed-forward activations: one at a time
+for _a, _b, _ex in (("ff_solu", "ff_activation", dict(ff_solu=True, ff_activation="relu")),
+                    ("ff_custom_activation", "ff_activation",
+                     dict(ff_custom_activation=lambda x: x, ff_activation="relu")),
+                    ("ff_custom_activation", "ff_solu", dict(ff_custom_activation=lambda x: x, ff_solu=True))):
+    declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b) and not (b == "ff_activation" and s[b] == "gelu"),
+            reason="choose one activation", example=_ex)
+
+def _glu_clamped(s: dict) -> bool:
+    return (on(s, "ff_glu_softclamp") or s.get("ff_glu_gate_softclamp_value", 4.0) != 4.0
+            or s.get("ff_glu_up_softclamp_value", 25.0) != 25.0)
+
+
+for _k, _v in (("ff_solu", True), ("ff_custom_activation", lambda x: x)):
+    declare("ff_glu_softclamp", _k, when=lambda s, k=_k: _glu_clamped(s) and on(s, k),
+            reason="SiTU-GLU's clamped gate is defined for GELU and swish gates only",
+            example={"ff_glu": True, "ff_glu_softclamp": True, _k: _v})
+
+# layout
+declare("weight_tie_layers", "top_attn_to_ff", when=lambda s: on(s, "weight_tie_layers") and on(s, "top_attn_to_ff"),
+        reason="a tied stack repeats one unit, so it cannot turn only the top layers' attention into feed-forwards",
+        example=dict(weight_tie_layers=True, top_attn_to_ff=1))
+for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("macaron", True)):
+    declare("par_ratio", _k, when=lambda s, k=_k: on(s, "par_ratio") and on(s, k),
+            reason="both define the layer order", example={"par_ratio": 2, _k: _ex})
+# U-Net skips pair the units of the default repeated layout
+for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("par_ratio", 2), ("top_attn_to_ff", 1),
+                ("weight_tie_layers", True), ("layers_execute_order", (0, 1)), ("reversible", True)):
+    declare("unet_skips", _k, when=lambda s, k=_k: on(s, "unet_skips") and on(s, k),
+            reason="U-Net skips pair the units of the default repeated layout, run once each in order, and add a "
+                   "projection of two inputs that no additive (reversible) coupling can invert",
+            example={"unet_skips": True, _k: _ex})
+def _blocks(s: dict) -> int:
+    """How many blocks the layout keywords build (only_attn aside, refused with an order below)."""
+    if s.get("custom_layers") is not None:
+        return len(s["custom_layers"])
+    attn = 1 if on(s, "only_cross") or not on(s, "cross_attend") else 2
+    return s.get("depth", 1) * (attn + (2 if on(s, "macaron") else 1))
+
+
+declare("layers_execute_order", "depth",
+        when=lambda s: bool(s.get("layers_execute_order")) and max(s["layers_execute_order"]) >= _blocks(s),
+        reason="the order names a block the layout does not have; raise depth or lower the indices",
+        example=dict(layers_execute_order=(0, 99)), kinds=("decoder", "encoder", "cross", "xtransformer"))
+declare("rotary_base_rescale_factor", "attn_dim_head",
+        when=lambda s: s.get("rotary_base_rescale_factor", 1.0) != 1.0 and on(s, "rotary_pos_emb") and (
+            s.get("rotary_emb_dim") or max(2, s.get("attn_dim_head", 64) // 2 // 2 * 2)) < 4,
+        reason="NTK rescaling needs at least 4 rotated channels (base * factor ** (r / (r - 2)))",
+        example=dict(rotary_pos_emb=True, rotary_base_rescale_factor=2.0, attn_dim_head=4))
+declare("weight_tie_layers", "layers_execute_order",
+        when=lambda s: on(s, "weight_tie_layers") and s.get("layers_execute_order") is not None,
+        reason="weight tying is an execution order of its own (one unit, run depth times)",
+        example=dict(weight_tie_layers=True, layers_execute_order=(0, 1)))
+for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("par_ratio", 2)):
+    declare("weight_tie_layers", _k, when=lambda s, k=_k: on(s, "weight_tie_layers") and s.get(k) is not None,
+            reason="weight tying repeats one unit of the default layout", example={"weight_tie_layers": True, _k: _ex})
+declare("only_attn", "custom_layers", when=lambda s: on(s, "only_attn") and "f" in (s.get("custom_layers") or ()),
+        reason="only_attn drops every feed-forward; leave 'f' out of custom_layers",
+        example=dict(only_attn=True, custom_layers=("a", "f")))
+declare("only_attn", "top_attn_to_ff", when=lambda s: on(s, "only_attn") and on(s, "top_attn_to_ff"),
+        reason="top_attn_to_ff makes feed-forwards, which only_attn drops", example=dict(only_attn=True, top_attn_to_ff=1))
+declare("only_attn", "layers_execute_order",
+        when=lambda s: on(s, "only_attn") and s.get("layers_execute_order") is not None,
+        reason="the block indices would count blocks only_attn removed (upstream refuses it too)",
+        example=dict(only_attn=True, layers_execute_order=(0,)))
+
+declare("cross_attn_tokens_dropout", "cross_attend=False",
+        when=lambda s: on(s, "cross_attn_tokens_dropout") and not on(s, "cross_attend") and not on(s, "only_cross"),
+        reason="it drops context tokens of cross-attention, which this stack does not have; set cross_attend=True",
+        example=dict(cross_attn_tokens_dropout=0.25), kinds=("decoder", "encoder", "funnel"))
+
 # layout
 declare("only_cross", "causal", when=lambda s: on(s, "only_cross") and on(s, "causal"),
         reason="a cross-attention-only stack has no self-attention to make causal",
@@ -176,6 +319,9 @@ declare("top_attn_to_ff", "only_cross", when=lambda s: on(s, "top_attn_to_ff") a
 # positions
 declare("alibi_pos_bias", "rel_pos_bias", when=lambda s: on(s, "alibi_pos_bias") and on(s, "rel_pos_bias"),
         reason="choose one relative position bias", example=dict(alibi_pos_bias=True, rel_pos_bias=True))
+for _p in ("alibi_pos_bias", "rel_pos_bias"):
+    declare(_p, "dynamic_pos_bias", when=lambda s, p=_p: on(s, p) and on(s, "dynamic_pos_bias"),
+            reason="choose one relative position bias", example={_p: True, "dynamic_pos_bias": True})
 # TUPE-R (TUPE + T5 bias, the paper's eq. 11) is supported; these two are not
 declare("tupe", "rotary_pos_emb", when=lambda s: on(s, "tupe") and on(s, "rotary_pos_emb"),
         reason="TUPE keeps position out of the word-to-word term, which rotary rotates by position; "
@@ -310,13 +456,24 @@ declare("only_cross", "cross_attend", when=lambda s: on(s, "only_cross") and on(
 FUNNEL = ("funnel",)
 declare("upsample_depth", "upsample=False", when=lambda s: s.get("upsample_depth") is not None and not on(s, "upsample"),
         reason="the decoder exists only with upsample=True", example=dict(upsample_depth=1), kinds=FUNNEL)
-for _p, _ex in (("rel_pos_bias", {}), ("tupe", {"tupe_max_seq_len": 16})):
+for _p, _ex in (("rel_pos_bias", {}), ("dynamic_pos_bias", {}), ("tupe", {"tupe_max_seq_len": 16})):
     declare(_p, "top_attn_to_ff", "depths",
             when=lambda s, p=_p: on(s, p) and on(s, "top_attn_to_ff") and blocks(s) > 1
             and any(d <= s["top_attn_to_ff"] for d in depths(s)),
             reason="a funnel block whose every self-attention became a feed-forward has no attention scores "
                    "for its own position table to act on; keep top_attn_to_ff below every block's depth",
             example={_p: True, "top_attn_to_ff": 1, "depths": (1, 1), **_ex}, kinds=FUNNEL)
+declare("unet_skips", "depth", when=lambda s: on(s, "unet_skips") and isinstance(s.get("depth", 1), int)
+        and s.get("depth", 1) < 2,
+        reason="U-Net skips join the first half of the layers to the second; one layer has no second half, so "
+               "the keyword would do nothing (upstream asserts depth >= 2 as well)",
+        example=dict(unet_skips=True, depth=1), kinds=("decoder", "encoder", "cross", "xtransformer"))
+declare("unet_skips", "depths", when=lambda s: on(s, "unet_skips") and any(d < 2 for d in depths(s)),
+        reason="every funnel block is a stack of its own and needs depth >= 2 for U-Net skips",
+        example=dict(unet_skips=True, depths=(1, 2)), kinds=FUNNEL)
+declare("layers_execute_order", "FunnelEncoder", when=lambda s: s.get("layers_execute_order") is not None,
+        reason="every funnel block is a stack of its own depth, so one order of block indices cannot fit them all",
+        example=dict(layers_execute_order=(0, 1)), kinds=FUNNEL)
 # (a funnel block without self-attention, from only_cross, custom_layers or top_attn_to_ff, is
 # mean-pooled and runs its blocks over the pooled sequence; shared-QK's pooled queries take as keys
 # the unit-normalised query projections of the unpooled sequence: funnel.py)
@@ -324,12 +481,16 @@ for _p, _ex in (("rel_pos_bias", {}), ("tupe", {"tupe_max_seq_len": 16})):
 # A cross-attention-only stack (CrossAttender) has no self-attention: the relative position
 # schemes act on self-attention scores only, and memory tokens, prepended to the sequence, would
 # reach no other position. Refused rather than built and silently ignored.
-for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias", {}),
+for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias", {}), ("dynamic_pos_bias", {}),
                 ("tupe", {"tupe_max_seq_len": 16})):
     declare(_p, "only_cross", when=lambda s, p=_p: on(s, p) and on(s, "only_cross"),
             reason="a cross-attention-only stack has no self-attention for relative positions to act on; "
                    "give the context its positions before it reaches the CrossAttender",
             example={_p: True, "only_cross": True, **_ex}, kinds=("encoder", "cross"))
+declare("shift_tokens", "num_memory_tokens", when=lambda s: on(s, "shift_tokens") and on(s, "num_memory_tokens"),
+        reason="memory tokens are prepended to the sequence, so the first token would shift in a memory token's "
+               "features, or a left-padded row's padding instead",
+        example=dict(shift_tokens=1, num_memory_tokens=2), kinds=WRAPPER)
 declare("num_memory_tokens", "only_cross", when=lambda s: on(s, "num_memory_tokens") and on(s, "only_cross"),
         reason="without self-attention, memory tokens reach no other position and learn nothing",
         example=dict(num_memory_tokens=2, only_cross=True), kinds=WRAPPER)

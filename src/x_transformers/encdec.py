@@ -57,6 +57,8 @@ class XTransformer(Pretrained, nn.Module):
         enc.update({k: v for k, v in sides["enc"].items() if k != "tie_embedding"}, return_only_embed=True)
         dec = {**shared, **sides["dec"]}
         dec.pop("cross_attend", None)
+        if "cross_attn_tokens_dropout" in shared and "cross_attn_tokens_dropout" not in sides["enc"]:
+            enc.pop("cross_attn_tokens_dropout")  # upstream's own keyword: it drops encoder tokens for the decoder
         for mine, other, own in ((enc, dec, sides["enc"]), (dec, enc, sides["dec"])):
             # a shared sub-keyword (rotary_base) serves the side whose feature is on
             for sub, feature in REQUIRES.items():

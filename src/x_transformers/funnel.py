@@ -184,11 +184,12 @@ class FunnelEncoder(Pretrained, nn.Module):
 
         # GPT-2's residual scaling counts every layer of the funnel, not one block's
         total = sum(cfg.depths) + ((cfg.upsample_depth or 2) if cfg.upsample else 0)
-        for module in self.modules():
-            for name in ("to_out", "proj_out"):
-                layer = getattr(module, name, None)
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, std=0.02 / (2 * total) ** 0.5)
+        for stack in self.stacks():
+            stack.init_outputs(total)
+
+    def stacks(self):
+        """Every Encoder of the funnel: its blocks, then the upsampler."""
+        return list(self.blocks) + ([self.upsampler] if self.upsampler is not None else [])
 
     # the face TransformerWrapper reads
     @property

@@ -19,12 +19,13 @@ from torch import nn
 from .hub import Pretrained
 from . import checks
 from .attention import Attention
-from .blocks import ForwardContext, run_sequential
+from .blocks import ForwardContext, UNetSkips, run_sequential
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
-from .feedforward import FeedForward
+from .feedforward import FeedForward, softclamp
 from .norms import make_norm
-from .positional import AlibiPositionalBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
-from .residual import Residual
+from .positional import AlibiPositionalBias, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
+from .hyper import HyperResidual
+from .residual import Residual, shift_amounts
 from .reversible import ReversibleStack
 
 
@@ -37,20 +38,53 @@ class LayerSpec:
         return self.kind if self.scale == 1.0 else f"{self.kind}*{self.scale:g}"
 
 
-def build_layout(cfg: LayersConfig) -> tuple[LayerSpec, ...]:
-    """Resolve the layout keywords into the explicit sequence of blocks."""
+def build_layout(cfg: LayersConfig, depth: int | None = None) -> tuple[LayerSpec, ...]:
+    """Resolve the layout keywords into the explicit sequence of blocks (``depth`` units, default
+    cfg.depth). ``only_attn`` drops the feed-forwards of whatever layout the others make."""
+    layout = _layout(cfg, cfg.depth if depth is None else depth)
+    return tuple(s for s in layout if s.kind != "f") if cfg.only_attn else layout
+
+
+def unit_length(cfg: LayersConfig) -> int:
+    """Blocks per repeated unit (``a f``, ``a c f``, macaron's ``f a f``); 1 for the layouts that
+    are not repeated units (custom_layers, sandwich_coef) and under top_attn_to_ff."""
+    if cfg.custom_layers is not None or cfg.sandwich_coef is not None or cfg.par_ratio is not None \
+            or cfg.top_attn_to_ff:
+        return 1
+    return len(build_layout(cfg, depth=1))
+
+
+def _layout(cfg: LayersConfig, depth: int) -> tuple[LayerSpec, ...]:
     attn = ("c",) if cfg.only_cross else ("a", "c") if cfg.cross_attend else ("a",)
     if cfg.custom_layers is not None:
         layout = tuple(LayerSpec(k) for k in cfg.custom_layers)
+    elif cfg.par_ratio is not None:
+        layout = tuple(LayerSpec(k) for k in par_layout(attn, depth * (len(attn) + 1), cfg.par_ratio))
     elif cfg.sandwich_coef is not None:  # 1911.03864: k attentions first, k feed-forwards last
         k = cfg.sandwich_coef
-        kinds = attn * k + (attn + ("f",)) * (cfg.depth - k) + ("f",) * k
+        kinds = attn * k + (attn + ("f",)) * (depth - k) + ("f",) * k
         layout = tuple(LayerSpec(x) for x in kinds)
     elif cfg.macaron:  # 1906.02762: half-step FF, attention, half-step FF
-        layout = ((LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)) * cfg.depth
+        layout = ((LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)) * depth
     else:
-        layout = tuple(LayerSpec(x) for x in attn + ("f",)) * cfg.depth
+        layout = tuple(LayerSpec(x) for x in attn + ("f",)) * depth
     return attn_to_ff(layout, cfg.top_attn_to_ff)
+
+
+def par_layout(attn: tuple[str, ...], total: int, ratio: int) -> tuple[str, ...]:
+    """Sandwich-style "PAR" layout (1911.03864's attention-first reordering): of ``total`` blocks,
+    total // ratio attention units spread over the bottom two thirds, each followed by
+    feed-forwards, then feed-forwards only (upstream's par_ratio)."""
+    if not 1 < ratio <= total:
+        raise ValueError(f"par_ratio ({ratio}) must lie in (1, {total}], {total} being depth times the blocks per layer")
+    n_attn = total // ratio
+    cut = total * 2 // 3
+    width = (cut + cut // n_attn) // n_attn
+    if width < len(attn):
+        raise ValueError(f"par_ratio ({ratio}) leaves {width} blocks per attention unit, fewer than its "
+                         f"{len(attn)} attention blocks; lower par_ratio")
+    head = (attn + ("f",) * (width - len(attn))) * n_attn
+    return head + ("f",) * (total - len(head))
 
 
 def attn_to_ff(layout: tuple[LayerSpec, ...], n: int) -> tuple[LayerSpec, ...]:
@@ -65,6 +99,26 @@ def attn_to_ff(layout: tuple[LayerSpec, ...], n: int) -> tuple[LayerSpec, ...]:
                          f"layout ({len(where)}: {' '.join(str(s) for s in layout)})")
     top = set(where[len(where) - n:])
     return tuple(LayerSpec("f") if i in top else s for i, s in enumerate(layout))
+
+
+def drop_context_tokens(ctx: ForwardContext, p: float) -> ForwardContext:
+    """Structured dropout of the cross-attention context (upstream's cross_attn_tokens_dropout): each
+    row keeps a random subset of ceil((1 - p) * its kept tokens), the same count m' = max(1, (1 - p) * m)
+    of columns for every row, so the context shrinks to (b, m', d)."""
+    context, mask = ctx.context, ctx.context_mask  # (b, m, d), (b, 1, 1, m) or None
+    b, m = context.shape[:2]
+    keep = max(1, int((1 - p) * m))
+    scores = torch.rand(b, m, device=context.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, 0, 0], -1.0)  # kept tokens first
+    idx = scores.topk(keep, dim=-1).indices  # (b, m')
+    context = context.gather(1, idx[..., None].expand(-1, -1, context.shape[-1]))
+    if mask is not None:
+        kept = mask[:, 0, 0]
+        counts = torch.ceil(kept.sum(-1) * (1 - p)).long()  # (b,)
+        new = kept.gather(1, idx) & (torch.arange(keep, device=idx.device) < counts[:, None])
+        mask = new[:, None, None, :]
+    return replace(ctx, context=context, context_mask=mask)
 
 
 def default_positions(mask, n: int, device, start=None):
@@ -123,81 +177,178 @@ class AttentionLayers(Pretrained, nn.Module):
     def __init__(self, dim: int, depth: int, heads: int = 8, **kwargs):
         super().__init__()
         where = type(self).__name__
-        lk, ak, fk = split_layer_kwargs(dict(kwargs, heads=heads), where)  # (the conflict table reads heads)
+        # (the conflict table reads heads and depth)
+        lk, ak, fk = split_layer_kwargs(dict(kwargs, heads=heads, depth=depth), where)
         lk.pop("heads")
+        lk.pop("depth")
+        if isinstance(lk.get("shift_tokens"), list):
+            lk["shift_tokens"] = tuple(lk["shift_tokens"])
         if isinstance(lk.get("custom_layers"), list):
             lk["custom_layers"] = tuple(lk["custom_layers"])
         self.cfg = cfg = build(LayersConfig, dict(dim=dim, depth=depth, heads=heads, **lk), where)
         self.attn_cfg = attn_cfg = build(AttentionConfig, ak, where, prefix="attn_")
         self.ff_cfg = ff_cfg = build(FeedForwardConfig, fk, where, prefix="ff_")
-        self._check(cfg, attn_cfg)
+        self._check(cfg, attn_cfg, ff_cfg)
 
         self.dim = dim
         self.causal = cfg.causal
-        self.layout = build_layout(cfg)
+        built, order = self._execution(cfg)
+        self.layout = tuple(built[i] for i in order)  # the blocks as they run
         norm = ("scalenorm" if cfg.use_scalenorm else "rmsnorm" if cfg.use_rmsnorm
-                else "simple_rmsnorm" if cfg.use_simple_rmsnorm else "layernorm")
+                else "simple_rmsnorm" if cfg.use_simple_rmsnorm else "dynamic_tanh" if cfg.use_dynamic_tanh
+                else "derf" if cfg.use_derf else "layernorm")
         self.norm_name = norm
         placement = "rezero" if cfg.use_rezero else "sandwich" if cfg.sandwich_norm else "pre" if cfg.pre_norm else "post"
         self.placement = placement
+        norm_options = dict(init_alpha=cfg.dynamic_tanh_init_alpha) if cfg.use_dynamic_tanh else {}
 
         def make():
-            return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+            return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, **norm_options)
+
+        # a number for scale_residual / depth_scale_residual scales every branch (upstream's Scale)
+        branch_scale = 1.0
+        for value in (cfg.scale_residual, cfg.depth_scale_residual):
+            if not isinstance(value, bool):
+                branch_scale *= float(value)
 
         # TUPE scales the word-to-word logits by 1/sqrt(2d), like its positional term; under QK-norm the
         # learned scale stands in for it, and a given attn_scale replaces it
         tupe_scale = cfg.tupe and not attn_cfg.qk_norm and attn_cfg.scale is None
         self_cfg = replace(attn_cfg, scale=(2 * attn_cfg.dim_head) ** -0.5) if tupe_scale else attn_cfg
+        shifts = cfg.shift_tokens if isinstance(cfg.shift_tokens, tuple) else (cfg.shift_tokens,) * len(built)
+        if len(shifts) != len(built):
+            raise ValueError(f"shift_tokens as a tuple needs one amount per block: {len(built)} blocks "
+                             f"({' '.join(str(s) for s in built)}), got {len(shifts)}")
         blocks = []
-        for spec in self.layout:
+        for index, spec in enumerate(built):
             if spec.kind == "f":
                 fn = FeedForward(dim, ff_cfg)
             else:
                 fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
                                cross=spec.kind == "c", dim_context=cfg.dim_context)
-            blocks.append(Residual(fn, placement=placement, make_norm=make, scale=spec.scale,
-                                   layer_dropout=cfg.layer_dropout))
-        self.blocks = nn.ModuleList(blocks)
-        self.final_norm = make() if placement in ("pre", "sandwich") and cfg.pre_norm_has_final_norm else None
+            options = dict(placement=placement, make_norm=make, scale=spec.scale * branch_scale,
+                           shifts=shift_amounts(shifts[index], cfg.causal),
+                           layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
+                           layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None)
+            if cfg.num_residual_streams > 1:
+                blocks.append(HyperResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
+                                            sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters, **options))
+            else:
+                blocks.append(Residual(fn, skip_scale=cfg.scale_residual is True,
+                                       skip_constant=cfg.scale_residual_constant, gru=cfg.gate_residual, **options))
+        # repeated entries are one module (weight tying): parameters() counts it once
+        self.blocks = nn.ModuleList(blocks[i] for i in order)
+        has_final = placement in ("pre", "sandwich") and cfg.pre_norm_has_final_norm and not cfg.pre_and_post_norm
+        self.final_norm = make() if has_final else None
+        # DEQ (1909.01377): a projection of the stack's input added to every branch's input
+        self.reinject = nn.Linear(dim, dim, bias=False) if cfg.reinject_input else None
+        self.reinject_gate = nn.Linear(dim, 1, bias=False) if cfg.learned_reinject_input_gate else None
+        # hyper-connections: the streams' learned embeddings, added as x becomes s streams
+        streams = cfg.num_residual_streams
+        self.stream_emb = nn.Parameter(torch.zeros(streams, dim)) if streams > 1 else None
+        self.unet = UNetSkips(dim, cfg.depth, len(build_layout(cfg, depth=1))) if cfg.unet_skips else None
         # 2001.04451: run the blocks as a two-stream coupling, activations recomputed in backward
         self.reversible = ReversibleStack(self.layout) if cfg.reversible else None
 
         dim_head = attn_cfg.dim_head
         self.rotary = None
         if cfg.rotary_pos_emb:
-            self.rotary = RotaryEmbedding(cfg.rotary_dim(dim_head), base=cfg.rotary_base)
+            self.rotary = RotaryEmbedding(cfg.rotary_dim(dim_head), base=cfg.rotary_base,
+                                          interpolation_factor=cfg.rotary_interpolation_factor,
+                                          base_rescale_factor=cfg.rotary_base_rescale_factor)
         self.rel_pos = None
         if cfg.alibi_pos_bias:
             self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads)
+        elif cfg.dynamic_pos_bias:
+            self.rel_pos = DynamicPositionBias(dim // 4, heads, depth=cfg.dynamic_pos_bias_mlp_depth,
+                                               log_distance=cfg.dynamic_pos_bias_log_distance,
+                                               norm=cfg.dynamic_pos_bias_norm)
         elif cfg.rel_pos_bias:
             self.rel_pos = T5RelativePositionBias(heads, causal=cfg.causal, num_buckets=cfg.rel_pos_num_buckets,
                                                   max_distance=cfg.rel_pos_max_distance)
         self.tupe = None
         if cfg.tupe:
             self.tupe = TUPEPositionalBias(dim, heads, dim_head, cfg.tupe_max_seq_len, untie_cls=cfg.tupe_untie_cls)
+        per_unit = unit_length(cfg)
+        self._units = {id(b.fn): i // per_unit + 1 for i, b in reversed(list(enumerate(self.blocks)))}
+        self._out_std = 0.02 / (2 * cfg.depth) ** 0.5
         self.apply(self._init_weights)
 
     @staticmethod
-    def _check(cfg: LayersConfig, attn_cfg: AttentionConfig):
+    def _execution(cfg: LayersConfig):
+        """(the blocks to build, the order they run in): ``weight_tie_layers`` builds one unit and
+        runs it depth times; ``layers_execute_order`` runs the built blocks in its order."""
+        if cfg.weight_tie_layers:
+            unit = build_layout(cfg, depth=1)
+            return unit, tuple(range(len(unit))) * cfg.depth
+        built = build_layout(cfg)
+        order = cfg.layers_execute_order
+        if order is None:
+            return built, tuple(range(len(built)))
+        if max(order) >= len(built):
+            raise ValueError(f"layers_execute_order names block {max(order)}, but the layout has {len(built)} blocks "
+                             f"({' '.join(str(s) for s in built)})")
+        return built, tuple(order)
+
+    def init_outputs(self, total_depth: int):
+        """Initialise every branch's output projection again, GPT-2's std counting ``total_depth``
+        layers (a funnel counts all of its blocks)."""
+        self._out_std = 0.02 / (2 * total_depth) ** 0.5
+        for fn in {id(b.fn): b.fn for b in self.blocks}.values():
+            self._init_output(fn)
+
+    def _init_output(self, fn):
+        """A branch's output projection: GPT-2's N(0, 0.02 / sqrt(2 * depth)); zero with
+        ``zero_init_branch_output`` (or the block's own ``ff_zero_init_output``); OLMo's
+        N(0, 1 / (2 * fan_in * unit)) with ``depth_scale_residual=True``, unit the branch's 1-based
+        unit in the stack (or ``ff_output_proj_depth``)."""
+        layer = fn.proj_out if isinstance(fn, FeedForward) else fn.to_out
+        if isinstance(layer, nn.Sequential):  # attention's output projection and its gate (on_attn)
+            layer = layer[0]
+        if layer is None:  # attn_project_out=False: no output projection to initialise
+            fn.reset_variant_parameters()
+            return
+        if self.cfg.zero_init_branch_output:
+            nn.init.zeros_(layer.weight)
+        elif self.cfg.depth_scale_residual is True:
+            nn.init.normal_(layer.weight, std=(2 * layer.in_features * self._units[id(fn)]) ** -0.5)
+        elif isinstance(fn, FeedForward):
+            fn.init_output(self._out_std)
+        else:
+            nn.init.normal_(layer.weight, std=self._out_std)
+        if layer.bias is not None and not isinstance(fn, FeedForward):
+            nn.init.zeros_(layer.bias)
+        if hasattr(fn, "reset_variant_parameters"):  # attention's own output inits (gating.py) win
+            fn.reset_variant_parameters()
+
+    @staticmethod
+    def _check(cfg: LayersConfig, attn_cfg: AttentionConfig, ff_cfg: FeedForwardConfig):
         if attn_cfg.kv_heads is not None and cfg.heads % attn_cfg.kv_heads:
             raise ValueError(f"attn_kv_heads ({attn_cfg.kv_heads}) must divide heads ({cfg.heads})")
+        widest = max(cfg.shift_tokens) if isinstance(cfg.shift_tokens, tuple) else cfg.shift_tokens
+        if widest and (1 if cfg.causal else 2) * widest + 1 > cfg.dim:
+            raise ValueError(f"shift_tokens ({widest}) splits dim ({cfg.dim}) into more groups than it has channels")
+        if ff_cfg.dim_out not in (None, cfg.dim):
+            raise ValueError(f"ff_dim_out ({ff_cfg.dim_out}) must equal dim ({cfg.dim}) in a stack: the feed-forward's "
+                             f"output is added to the residual stream")
         dim_head = attn_cfg.dim_head
+        if cfg.rotary_base_rescale_factor != 1.0 and cfg.rotary_pos_emb and cfg.rotary_dim(dim_head) < 4:
+            raise ValueError("rotary_base_rescale_factor needs at least 4 rotated channels (rotary_emb_dim >= 4): "
+                             "it rescales the base by factor ** (r / (r - 2))")
         if cfg.rotary_pos_emb and cfg.rotary_dim(dim_head) > dim_head:
             raise ValueError(f"rotary_emb_dim ({cfg.rotary_emb_dim}) must be at most the head dimension "
                              f"(attn_dim_head={dim_head})")
 
     def _init_weights(self, module):
-        # GPT-2's initialisation: N(0, 0.02) weights, zero biases; residual output projections
-        # scaled by 1/sqrt(2 * depth) so the residual stream's variance does not grow with depth.
+        # GPT-2's initialisation: N(0, 0.02) weights, zero biases; the residual output projections
+        # then get their own (init_outputs)
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        for name in ("to_out", "proj_out"):
-            layer = getattr(module, name, None)
-            if isinstance(layer, nn.Linear) and module is not self:
-                nn.init.normal_(layer.weight, std=0.02 / (2 * self.cfg.depth) ** 0.5)
-        if hasattr(module, "reset_variant_parameters") and module is not self:
+        if id(module) in getattr(self, "_units", {}):
+            self._init_output(module)
+        elif hasattr(module, "reset_variant_parameters") and module is not self:
             module.reset_variant_parameters()  # zero-initialised gates and outputs stay so
 
     @property
@@ -234,8 +385,13 @@ class AttentionLayers(Pretrained, nn.Module):
         """The per-forward context every block reads: rotary angles and position bias at these
         positions (keys at ``key_positions``, default the same), masks as (b, 1, 1, m)."""
         key_positions = positions if key_positions is None else key_positions
+        token_mask = None  # (b, n): which new tokens are kept (token shifting zeroes the others)
+        if self.cfg.shift_tokens and self_mask is not None:
+            n = positions.shape[-1]
+            token_mask = self_mask[:, 0, 0, -n:] if self_mask.shape[-2] == 1 else \
+                self_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # (an attn_mask's diagonal: each token itself)
         return ForwardContext(
-            positions=positions, key_positions=key_positions, self_mask=self_mask,
+            positions=positions, key_positions=key_positions, self_mask=self_mask, token_mask=token_mask,
             rotary=self.rotary(positions) if self.rotary is not None else None,
             score_mod=self.score_mod(positions, key_positions),
             context=context, context_mask=context_mask[:, None, None, :] if context_mask is not None else None,
@@ -243,10 +399,23 @@ class AttentionLayers(Pretrained, nn.Module):
 
     def run(self, x, ctx: ForwardContext, attns: list | None = None):
         """The blocks over x (b, n, dim) under ``ctx``: plain or reversible, then the final norm."""
+        if self.training and self.cfg.cross_attn_tokens_dropout > 0 and ctx.context is not None:
+            ctx = drop_context_tokens(ctx, self.cfg.cross_attn_tokens_dropout)
+        if self.reinject is not None:
+            inject = self.reinject(x)
+            if self.reinject_gate is not None:
+                inject = inject * torch.sigmoid(self.reinject_gate(x))
+            ctx = replace(ctx, inject=inject)
+        if self.stream_emb is not None:  # hyper.py: (b, n, d) -> (b, n, s, d) residual streams
+            x = x[..., None, :] + self.stream_emb
         if self.reversible is not None:  # reversible.py: the same runner, one branch at a time
             x = self.reversible(self.blocks, x, ctx, attns)
         else:
-            x = run_sequential(self.layout, self.blocks, x, ctx, attns)
+            x = run_sequential(self.layout, self.blocks, x, ctx, attns, skips=self.unet)
+        if self.cfg.softclamp_output:  # Gemma 2: bounded by +-value, before the final norm
+            x = softclamp(x, self.cfg.softclamp_output_value)
+        if self.stream_emb is not None:
+            x = x.sum(dim=-2)
         return self.final_norm(x) if self.final_norm is not None else x
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
@@ -266,6 +435,9 @@ class AttentionLayers(Pretrained, nn.Module):
                 raise ValueError("attn_mask cannot be combined with a cache (it is over this call's n x n pairs)")
             check_attn_mask(attn_mask, b, n)
 
+        if cache is not None and self.cfg.shift_tokens:
+            raise ValueError("shift_tokens mixes each token with its predecessors' features, which a key/value cache "
+                             "does not keep; decode without a cache (cache_kv=False)")
         start = cache.next_positions() if cache is not None else None
         if positions is None:
             positions = default_positions(mask, n, x.device, start)

@@ -64,10 +64,48 @@ class SimpleRMSNorm(nn.Module):
         return f"eps={self.eps}"
 
 
-NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "scalenorm": ScaleNorm, "simple_rmsnorm": SimpleRMSNorm}
+class DynamicTanh(nn.Module):
+    """Dynamic Tanh (DyT, 2503.10622): ``gamma * tanh(alpha * x) + beta``, a normalisation-free
+    stand-in for LayerNorm; alpha is one learned scalar (initialised to ``init_alpha``), gamma and
+    beta per channel. No statistics over the channels are taken."""
+
+    def __init__(self, dim: int, init_alpha: float = 1.0, **_):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return torch.tanh(self.alpha * x) * self.gamma + self.beta
+
+    def extra_repr(self):
+        return f"{self.gamma.shape[0]}"
 
 
-def make_norm(name: str, dim: int, eps: float = 1e-5, bias: bool = True) -> nn.Module:
+class Derf(nn.Module):
+    """Dynamic erf (Derf, 2512.10938): ``gamma * erf(alpha * x + s) + beta``, alpha and s learned
+    scalars (initialised to 0.5 and 0), gamma and beta per channel."""
+
+    def __init__(self, dim: int, init_alpha: float = 0.5, init_shift: float = 0.0, **_):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
+        self.shift = nn.Parameter(torch.tensor(float(init_shift)))
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return torch.erf(self.alpha * x + self.shift) * self.gamma + self.beta
+
+    def extra_repr(self):
+        return f"{self.gamma.shape[0]}"
+
+
+NORMS = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "scalenorm": ScaleNorm, "simple_rmsnorm": SimpleRMSNorm,
+         "dynamic_tanh": DynamicTanh, "derf": Derf}
+
+
+def make_norm(name: str, dim: int, eps: float = 1e-5, bias: bool = True, **options) -> nn.Module:
+    """``options``: the norm's own settings (``init_alpha`` of DyT)."""
     if name not in NORMS:
         raise ValueError(f"unknown norm {name!r}; valid: {sorted(NORMS)}")
-    return NORMS[name](dim, eps=eps, bias=bias)
+    return NORMS[name](dim, eps=eps, bias=bias, **options)

@@ -66,12 +66,19 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoFormer, 2104.09864), half-split (GPT-NeoX / Llama) layout.
 
     Rotates the first ``rot_dim`` channels of each head; ``q_i . k_j`` then depends on i - j only.
+
+    Context extension: ``interpolation_factor`` s divides every position (position interpolation,
+    2306.15595: angles t * theta_k / s); ``base_rescale_factor`` a multiplies the base by
+    a ** (r / (r - 2)) ("NTK-aware" scaling, bloc97 2023, as in YaRN 2309.00071): the lowest
+    frequency is divided by a while the highest stays.
     """
 
-    def __init__(self, rot_dim: int, base: float = 10000.0):
+    def __init__(self, rot_dim: int, base: float = 10000.0, interpolation_factor: float = 1.0,
+                 base_rescale_factor: float = 1.0):
         super().__init__()
         self.rot_dim = rot_dim
-        self.base = base
+        self.base = base * base_rescale_factor ** (rot_dim / (rot_dim - 2)) if base_rescale_factor != 1.0 else base
+        self.interpolation_factor = interpolation_factor
 
     @property
     def inv_freq(self):
@@ -82,7 +89,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions):
         """(b|1, n) positions -> cos, sin of shape (b|1, 1, n, r), float32."""
-        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)  # (b, n, r/2)
+        pos = positions.float()
+        if self.interpolation_factor != 1.0:
+            pos = pos / self.interpolation_factor
+        freqs = pos[..., None] * self.inv_freq.to(positions.device)  # (b, n, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos(), emb.sin()
 
@@ -193,6 +203,39 @@ class T5RelativePositionBias(nn.Module):
 
     def extra_repr(self):
         return f"causal={self.causal}, num_buckets={self.num_buckets}, max_distance={self.max_distance}"
+
+
+class DynamicPositionBias(nn.Module):
+    """Dynamic position bias (SwinV2, 2111.09883; CAPE-style continuous positions): an MLP maps
+    each relative distance i - j (query minus key; ``log_distance``: sign(d) * log(|d| + 1)) to one
+    bias per head, shared by every layer. ``depth`` SiLU layers of width ``dim`` (each with a
+    LayerNorm before the SiLU when ``norm``), then a projection to the heads."""
+
+    def __init__(self, dim: int, heads: int, depth: int = 2, log_distance: bool = False, norm: bool = False):
+        super().__init__()
+        self.log_distance = log_distance
+        layers, width = [], 1
+        for i in range(depth):
+            layers.append(nn.Linear(width, dim))
+            if norm:  # the first bias-less, as upstream's
+                layers.append(nn.LayerNorm(dim, bias=i > 0))
+            layers.append(nn.SiLU())
+            width = dim
+        layers.append(nn.Linear(dim, heads))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, q_pos, k_pos):
+        """(b|1, n), (b|1, m) positions -> (b|1, h, n, m): the MLP runs once per distinct distance."""
+        rel = q_pos[:, :, None] - k_pos[:, None, :]  # (b, n, m)
+        low = rel.min()
+        dist = torch.arange(int(low), int(rel.max()) + 1, device=rel.device, dtype=torch.float32)[:, None]
+        if self.log_distance:
+            dist = torch.sign(dist) * torch.log(dist.abs() + 1)
+        table = self.mlp(dist.to(self.mlp[0].weight.dtype))  # (distances, h)
+        return table[rel - low].permute(0, 3, 1, 2)
+
+    def score_mod(self, q_pos, k_pos) -> "DynamicScoreMod":
+        return DynamicScoreMod(self, q_pos, k_pos)
 
 
 class TUPEPositionalBias(nn.Module):
@@ -385,6 +428,23 @@ class T5ScoreMod(ScoreMod):
             rel = (kp[kb(b), kv_idx] - qp[qb(b), q_idx]).clamp(-dist, dist) + dist
             return score + table[h, rel]
         return score_mod
+
+
+class DynamicScoreMod(ScoreMod):
+    """The MLP's bias is read from its materialised tensor (a score_mod cannot run the MLP)."""
+
+    name = "dynamic"
+    kernel_options = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1}
+
+    def __init__(self, module: "DynamicPositionBias", q_pos, k_pos):
+        super().__init__(q_pos, k_pos)
+        self.module = module
+
+    def _materialise(self):
+        return self.module(self.q_pos, self.k_pos)
+
+    def flex_score_mod(self, batch: int):
+        return _dense_score_mod(self.dense())
 
 
 class TUPEScoreMod(ScoreMod):

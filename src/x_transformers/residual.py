@@ -1,19 +1,58 @@
-"""Residual branches: norm placement, ReZero gates, branch scales and layer dropout."""
+"""Residual branches: norm placement, ReZero gates, LayerScale, branch and skip scales, the GRU
+gate and layer dropout."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
+def shift_amounts(k: int, causal: bool) -> tuple[int, ...] | None:
+    """Token shift amounts of a block: 0..k causal, -k..k otherwise; None for k = 0."""
+    if not k:
+        return None
+    return tuple(range(0 if causal else -k, k + 1))
+
+
+def shift_tokens(x, shifts: tuple[int, ...], mask=None):
+    """x (b, n, d): its first len(shifts) channel groups of d // len(shifts) moved along the sequence,
+    group i by shifts[i] positions (positive: token t reads token t - s), zero-filled; the
+    remaining channels stay. Tokens masked out (mask (b, n) False) contribute zeros."""
+    if mask is not None:
+        x = x.masked_fill(~mask[..., None], 0.0)
+    size = x.shape[-1] // len(shifts)
+    n = x.shape[1]
+    parts = list(x.split(size, dim=-1))
+    for i, s in enumerate(shifts):
+        s = max(-n, min(n, s))
+        if s > 0:
+            parts[i] = F.pad(parts[i][:, :n - s], (0, 0, s, 0))
+        elif s < 0:
+            parts[i] = F.pad(parts[i][:, -s:], (0, 0, 0, -s))
+    return torch.cat(parts, dim=-1)
+
+
 class Residual(nn.Module):
-    """One residual branch ``x + scale * g * f(norm(x))`` with the norm placed as configured.
+    """One residual branch ``skip(x) + scale * g * gamma * f(norm(x + inject))`` with the norm
+    placed as configured.
 
     placement: ``pre`` (norm before f), ``post`` (norm after the sum), ``sandwich`` (norm before
     and after f), ``rezero`` (no norm, learned gate g initialised to 0, 2003.04887).
+    ``post_norm``: a norm after the sum as well (``pre_and_post_norm``; ``post`` has it anyway).
+    ``layerscale``: CaiT's LayerScale (2103.17239), a per-channel gain gamma on the branch,
+    initialised to this value (None: off).
+    ``skip_scale``: a learned per-channel gain on the skip path, initialised to 1
+    (``scale_residual``); ``skip_constant``: a constant one (``scale_residual_constant``).
+    ``gru``: the sum is replaced by a GRU cell reading the branch as input and the skip path as
+    hidden state (``gate_residual``, GTrXL 1910.06764).
+    ``inject``: a tensor added to the branch's input only (``reinject_input``), given per call.
     """
 
-    def __init__(self, fn: nn.Module, *, placement: str, make_norm, scale: float = 1.0, layer_dropout: float = 0.0):
+    def __init__(self, fn: nn.Module, *, placement: str, make_norm, scale: float = 1.0, layer_dropout: float = 0.0,
+                 post_norm: bool = False, dim: int | None = None, layerscale: float | None = None,
+                 skip_scale: bool = False, skip_constant: float = 1.0, gru: bool = False,
+                 shifts: tuple[int, ...] | None = None):
         super().__init__()
         self.fn = fn
         self.placement = placement
@@ -21,32 +60,50 @@ class Residual(nn.Module):
         self.layer_dropout = layer_dropout
         self.pre_norm = make_norm() if placement in ("pre", "sandwich") else None
         self.branch_norm = make_norm() if placement == "sandwich" else None
-        self.post_norm = make_norm() if placement == "post" else None
+        self.post_norm = make_norm() if placement == "post" or post_norm else None
         self.gate = nn.Parameter(torch.zeros(())) if placement == "rezero" else None
+        self.layerscale = nn.Parameter(torch.full((dim,), float(layerscale))) if layerscale is not None else None
+        self.skip_scale = nn.Parameter(torch.ones(dim)) if skip_scale else None
+        self.skip_constant = skip_constant
+        self.gru = nn.GRUCell(dim, dim) if gru else None
+        self.shifts = shifts  # token shift of the branch input (shift_tokens, as RWKV's token shift)
 
     def forward(self, x, *args, **kwargs):
         """Returns (new x, whatever f returned beside its output, or None)."""
         out, extra = self.branch(x, *args, **kwargs)
         if out is None:
             return x, None  # layer dropout skips the whole layer, its post-norm included
-        x = x + out
+        skip = x
+        if self.skip_scale is not None:
+            skip = skip * self.skip_scale
+        if self.skip_constant != 1.0:
+            skip = skip * self.skip_constant
+        if self.gru is not None:  # position-wise: every token's channels are one GRU step
+            x = self.gru(out.reshape(-1, out.shape[-1]), skip.reshape(-1, skip.shape[-1])).view_as(out)
+        else:
+            x = skip + out
         if self.post_norm is not None:
             x = self.post_norm(x)
         return x, extra
 
-    def branch(self, x, *args, **kwargs):
-        """The branch alone, ``(scale * g * f(norm(x)), extra)``; ``(None, None)`` when layer dropout
-        drops it. Reversible layers (reversible.py) add it to the other stream."""
+    def branch(self, x, *args, inject=None, shift_mask=None, **kwargs):
+        """The branch alone, ``(scale * g * gamma * f(norm(x + inject)), extra)``; ``(None, None)``
+        when layer dropout drops it. Reversible layers (reversible.py) add it to the other stream."""
         drop = self.training and self.layer_dropout > 0
         if drop and not torch.compiler.is_compiling() and torch.rand(()).item() < self.layer_dropout:
             return None, None  # drop the whole branch (a CPU draw: no device sync)
-        h = self.pre_norm(x) if self.pre_norm is not None else x
+        h = x if inject is None else x + inject
+        h = self.pre_norm(h) if self.pre_norm is not None else h
+        if self.shifts is not None:
+            h = shift_tokens(h, self.shifts, shift_mask)
         out = self.fn(h, *args, **kwargs)
         out, extra = out if isinstance(out, tuple) else (out, None)
         if self.branch_norm is not None:
             out = self.branch_norm(out)
         if self.gate is not None:
             out = out * self.gate
+        if self.layerscale is not None:
+            out = out * self.layerscale
         if self.scale != 1.0:
             out = out * self.scale
         if drop and torch.compiler.is_compiling():
@@ -56,4 +113,12 @@ class Residual(nn.Module):
 
     def extra_repr(self):
         s = f"placement={self.placement}"
+        if self.post_norm is not None and self.placement != "post":
+            s += ", post_norm=True"
+        if self.layerscale is not None:
+            s += ", layerscale"
+        if self.shifts is not None:
+            s += f", shifts={self.shifts}"
+        if self.skip_constant != 1.0:
+            s += f", skip_constant={self.skip_constant}"
         return s + (f", scale={self.scale}" if self.scale != 1.0 else "")

@@ -1,0 +1,82 @@
+"""Hyper-connections (2409.19606, dynamic variant of its Algorithm 2) with the residual mixing
+kept doubly stochastic by Sinkhorn-Knopp (mHC, 2512.24880).
+
+The stack carries s residual streams instead of one: x (b, n, d) becomes (b, n, s, d) (plus a
+learned per-stream embedding) before the first block, and their sum is taken after the last.
+Each block reads one mixture of the streams, and writes its output back into every stream,
+weighted per stream, after the streams were mixed among themselves:
+
+    branch input  h = sum_s a_s R_s                       a = sigmoid(static + dynamic), (s,)
+    new streams   R'_t = sum_s M_st R_s + b_t f(h)        M = sinkhorn(static + dynamic), (s, s)
+                                                          b = 2 sigmoid(static + dynamic), (s,)
+
+the dynamic parts being small linear functions of the (LayerNorm-ed) streams at each token.
+With one stream the stack is the plain residual one (this module is not used).
+
+Legend: b batch, n tokens, s streams, d dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .residual import Residual
+
+
+def sinkhorn(logits, iters: int):
+    """A doubly stochastic matrix from (..., s, s) logits: a softmax over the rows' index, then
+    ``iters`` alternations of row and column L1 normalisation (in float32)."""
+    m = logits.float().softmax(dim=-2)
+    for _ in range(iters):
+        m = m / m.sum(dim=-1, keepdim=True)
+        m = m / m.sum(dim=-2, keepdim=True)
+    return m.to(logits.dtype)
+
+
+class HyperResidual(Residual):
+    """A :class:`Residual` (the same norm placement and branch options) over s residual streams.
+
+    ``layer_index``: the block's index in the stack; at init block l reads stream l mod s most
+    (its static input weight starts at 1, the others at 0, before the sigmoid).
+    """
+
+    def __init__(self, fn: nn.Module, *, streams: int, layer_index: int, sinkhorn_iters: int, dim: int, **kwargs):
+        super().__init__(fn, dim=dim, **kwargs)
+        self.streams, self.sinkhorn_iters = streams, sinkhorn_iters
+        self.norm = nn.LayerNorm(dim, bias=False)
+        read = torch.zeros(streams, 1)
+        read[layer_index % streams] = 1.0
+        self.static_alpha = nn.Parameter(torch.cat((read, torch.eye(streams)), dim=1))  # (s, 1 + s)
+        self.dynamic_alpha = nn.Parameter(torch.zeros(dim, 1 + streams))
+        self.dynamic_alpha_scale = nn.Parameter(torch.tensor(1e-2))
+        self.static_beta = nn.Parameter(torch.ones(streams))
+        self.dynamic_beta = nn.Parameter(torch.zeros(dim))
+        self.dynamic_beta_scale = nn.Parameter(torch.tensor(1e-2))
+
+    def width(self, x):
+        """x (b, n, s, d) -> branch input (b, n, d), mixed streams (b, n, s, d), write weights (b, n, s)."""
+        normed = self.norm(x)
+        alpha = normed @ self.dynamic_alpha * self.dynamic_alpha_scale + self.static_alpha  # (b, n, s, 1 + s)
+        read = torch.sigmoid(alpha[..., 0])  # (b, n, s)
+        mix = sinkhorn(alpha[..., 1:], self.sinkhorn_iters)  # (b, n, s, s), [source, target]
+        dyn = torch.sigmoid(normed @ self.dynamic_beta) * 2 * self.dynamic_beta_scale  # (b, n, s)
+        write = torch.sigmoid(dyn + self.static_beta) * 2
+        h = torch.einsum("bns,bnsd->bnd", read, x)
+        mixed = torch.einsum("bnst,bnsd->bntd", mix, x)
+        return h, mixed, write
+
+    def forward(self, x, *args, **kwargs):
+        """x (b, n, s, d) -> (new streams, whatever f returned beside its output, or None)."""
+        h, mixed, write = self.width(x)
+        out, extra = self.branch(h, *args, **kwargs)
+        if out is None:
+            return x, None  # layer dropout skips the whole layer, its stream mixing included
+        x = mixed + write[..., None] * out[..., None, :]
+        if self.post_norm is not None:
+            x = self.post_norm(x)
+        return x, extra
+
+    def extra_repr(self):
+        return super().extra_repr() + f", streams={self.streams}, sinkhorn_iters={self.sinkhorn_iters}"

@@ -1,0 +1,47 @@
+"""Norm, residual, layout and feed-forward variants from upstream (issue 21)."""
+
+from harness import register
+
+# A feature that closes every branch at init (LayerScale at 0, zero output projections) leaves
+# without a gradient at init everything read only through a branch: inside the stacks, anything
+# may be zero at init (the harness still requires every gradient non-zero after optimizer steps)
+BRANCHES = ("attn_layers.", "encoder.", "memory_tokens")
+# what a closed branch (ReZero's gate, LayerScale at 0) leaves without gradient in each feature here
+
+register("dynamic_tanh", layers=dict(use_dynamic_tanh=True, dynamic_tanh_init_alpha=1.5), group="norm")
+register("derf", layers=dict(use_derf=True), group="norm")
+register("pre_and_post_norm", layers=dict(pre_and_post_norm=True), group="placement")
+register("layerscale", layers=dict(use_layerscale=True), zero_init=BRANCHES)
+register("layerscale_init", layers=dict(use_layerscale=True, layerscale_init_value=0.1), zero_init=("layerscale",))
+register("softclamp_output", layers=dict(softclamp_output=True, softclamp_output_value=2.0))
+register("gate_residual", layers=dict(gate_residual=True), zero_init=("gru.",))
+register("scale_residual", layers=dict(scale_residual=True, scale_residual_constant=0.7), zero_init=("skip_scale",))
+register("scale_residual_branch", layers=dict(scale_residual=0.5))
+register("depth_scale_residual", layers=dict(depth_scale_residual=True))
+register("zero_init_branch_output", layers=dict(zero_init_branch_output=True), zero_init=BRANCHES)
+register("reinject_input", layers=dict(reinject_input=True, learned_reinject_input_gate=True),
+         zero_init=("reinject",))
+register("weight_tie_layers", layers=dict(weight_tie_layers=True))
+# runs the first unit twice, then the second (depth 2: blocks a f a f)
+register("layers_execute_order", layers=dict(layers_execute_order=(0, 1, 0, 1, 2, 3)))
+register("only_attn", layers=dict(only_attn=True), group="layout")
+register("ff_solu", layers=dict(ff_solu=True))
+register("ff_post_act_ln", layers=dict(ff_post_act_ln=True))
+register("ff_glu_mult_bias", layers=dict(ff_glu=True, ff_glu_mult_bias=True))
+register("ff_glu_softclamp", layers=dict(ff_glu=True, ff_activation="swish", ff_glu_softclamp=True,
+                                         ff_glu_gate_softclamp_value=2.0, ff_glu_up_softclamp_value=3.0))
+register("ff_softclamp", layers=dict(ff_softclamp_value=1.0))
+register("ff_output_proj_depth", layers=dict(ff_output_proj_depth=3))
+register("ff_sublayer_dropout", layers=dict(ff_sublayer_dropout=0.1))
+register("rotary_pi_ntk", layers=dict(rotary_pos_emb=True, rotary_interpolation_factor=2.0,
+                                      rotary_base_rescale_factor=4.0), group="relpos")
+register("dynamic_pos_bias", layers=dict(dynamic_pos_bias=True, dynamic_pos_bias_log_distance=True,
+                                         dynamic_pos_bias_norm=True, dynamic_pos_bias_mlp_depth=2), group="relpos")
+# (the dynamic weights start at zero: their scale and the streams' norm get gradients after one step)
+register("hyper_connections", layers=dict(num_residual_streams=3, hyper_conn_sinkhorn_iters=4),
+         zero_init=("dynamic_", "static_", ".norm.weight", "stream_emb"))
+register("unet_skips", layers=dict(unet_skips=True), kinds=("decoder", "encoder", "cross", "encdec"),
+         zero_init=("unet.",))
+register("par_ratio", layers=dict(par_ratio=2), group="layout", kinds=("decoder", "encoder", "cross", "funnel"))
+register("shift_tokens", layers=dict(shift_tokens=1), cacheable=False)
+register("cross_attn_tokens_dropout", layers=dict(cross_attn_tokens_dropout=0.25), kinds=("cross",))
