@@ -28,7 +28,7 @@ def build_kind(kind: str, keywords: dict):
     if kind == "funnel" or funnel:
         layers = FunnelEncoder(32, heads=4, **{"depths": (1,), **funnel}, **kw)
     else:
-        layers = STACKS[kind](dim=32, depth=1, heads=4, **kw)
+        layers = STACKS[kind](dim=32, heads=4, **{"depth": 1, **kw})
     return TransformerWrapper(attn_layers=layers, **{"num_tokens": 10, "max_seq_len": 16, **wrapper})
 
 

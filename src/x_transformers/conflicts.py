@@ -543,6 +543,13 @@ for _a, _b in [("attn_sigmoid", _e) for _e in ENTMAX + ("attn_sparse_topk", "att
     declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b),
             reason="each sets how scores become weights; choose one (as upstream)",
             example={_a: EXAMPLE_ON[_a], _b: EXAMPLE_ON[_b]})
+for _e in ENTMAX:
+    declare("attn_head_learned_sink", "attn_l2_distance", _e,
+            when=lambda s, e=_e: on(s, "attn_head_learned_sink") and on(s, "attn_l2_distance") and on(s, e),
+            reason="L2-distance scores are at most 0 and the sink's logit starts at 0, so a sparse normaliser puts "
+                   "every weight on the sink, whose value is zero: the attention outputs zeros and nothing in it "
+                   "learns; use softmax, or drop the sink or the L2 distance",
+            example={"attn_head_learned_sink": True, "attn_l2_distance": True, _e: EXAMPLE_ON[_e]})
 declare("attn_qk_rmsnorm", "attn_k_rmsnorm", when=lambda s: on(s, "attn_qk_rmsnorm") and on(s, "attn_k_rmsnorm"),
         reason="attn_qk_rmsnorm already normalises the keys; choose one", example=dict(attn_qk_rmsnorm=True,
                                                                                        attn_k_rmsnorm=True))
