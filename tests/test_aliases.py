@@ -119,10 +119,11 @@ def test_xtransformer_per_side_alias_and_conflict():
     with pytest.raises(TypeError, match="enc_attn_one_kv_head.*enc_attn_kv_heads"):
         XTransformer(dim=DIM, depth=1, heads=4, num_tokens=20, max_seq_len=16, enc_attn_one_kv_head=True,
                      enc_attn_kv_heads=2)
-    # upstream XTransformer's own loss keywords: at their defaults only (our forward returns logits)
+    # upstream XTransformer's own loss keywords: at their defaults, or with return_loss=True
     XTransformer(dim=DIM, depth=1, heads=4, num_tokens=20, max_seq_len=16, ignore_index=-100, pad_value=0)
-    with pytest.raises(ValueError, match="ignore_index=0.*not implemented"):
+    with pytest.raises(ValueError, match="ignore_index applies to the loss.*return_loss=True"):
         XTransformer(dim=DIM, depth=1, heads=4, num_tokens=20, max_seq_len=16, ignore_index=0)
+    XTransformer(dim=DIM, depth=1, heads=4, num_tokens=20, max_seq_len=16, ignore_index=0, return_loss=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +270,32 @@ def test_upstream_defaults():
 
 def test_xtransformer_still_returns_logits():
     m = XTransformer(dim=DIM, depth=1, heads=4, num_tokens=20, max_seq_len=16).eval()
-    out = m(torch.randint(0, 20, (2, 7)), torch.randint(0, 20, (2, 5)))
+    src, tgt = torch.randint(0, 20, (2, 7)), torch.randint(0, 20, (2, 5))
+    out = m(src, tgt)
     assert out.shape == (2, 5, 20)
+    torch.testing.assert_close(out, m.decoder(tgt, context=m.encode(src)))
+
+
+def test_xtransformer_return_loss_is_upstreams_loss_and_shares_the_weights():
+    """return_loss=True: the next-token cross-entropy of tgt given src, as upstream's forward (its
+    decoder is an AutoregressiveWrapper); ignore_index / pad_value as upstream's."""
+    torch.manual_seed(0)
+    plain = XTransformer(dim=DIM, depth=1, heads=4, num_tokens=20, max_seq_len=16)
+    lossy = XTransformer(dim=DIM, depth=1, heads=4, num_tokens=20, max_seq_len=16, return_loss=True, ignore_index=0,
+                         pad_value=3)
+    assert lossy.state_dict().keys() == plain.state_dict().keys()  # the loss adds no module
+    lossy.load_state_dict(plain.state_dict())
+    src, tgt = torch.randint(0, 20, (2, 7)), torch.randint(1, 20, (2, 6))
+    tgt[1, 2] = 0  # ignored as a target, fed as pad_value 3 as an input
+    inp = tgt[:, :-1].masked_fill(tgt[:, :-1] == 0, 3)
+    logits = plain(src, inp)
+    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt[:, 1:], ignore_index=0)
+    got = lossy(src, tgt)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    got.backward()
+    assert lossy.encoder.attn_layers.blocks[0].fn.to_q.weight.grad.abs().sum() > 0  # through cross-attention
+    with pytest.raises(ValueError, match="returns the loss"):
+        lossy(src, tgt, return_embeddings=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ _WRAPPER_NOT_YET = dict(
     add_continuous_pred_head=False, input_not_include_cache=False,
 )
 # XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)
-_XTRANSFORMER_NOT_YET = dict(ignore_index=-100, pad_value=0)
+_XTRANSFORMER_NOT_YET: dict = {}
 
 
 @dataclass(frozen=True)

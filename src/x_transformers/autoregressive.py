@@ -118,13 +118,6 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
 
     def _fused_weight(self) -> Tensor | None:
         return head_weight(self.net) if self.fused_loss else None
-        head = net.to_logits
-        if head is not None and not (type(head) is nn.Linear and head.bias is None):
-            return None
-        try:
-            return net.logits_weight
-        except ValueError:
-            return None
 
     # ------------------------------------------------------------------------------------------
     # generation

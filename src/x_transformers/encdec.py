@@ -36,12 +36,24 @@ def resolve_prefixed(kwargs: dict) -> dict:
 class XTransformer(Pretrained, nn.Module):
     """Encoder-decoder. Shared keywords (``num_tokens, dim, depth, heads, max_seq_len`` and any
     other model keyword) apply to both sides; ``enc_*`` / ``dec_*`` keywords to one side only and
-    win over shared ones. ``tie_token_emb=True`` shares the token embedding of both sides."""
+    win over shared ones. ``tie_token_emb=True`` shares the token embedding of both sides.
 
-    def __init__(self, *, dim: int, tie_token_emb: bool = False, **kwargs):
+    ``forward(src, tgt)`` returns the decoder's logits; with ``return_loss=True`` it returns
+    upstream's value instead, the mean next-token cross-entropy of ``tgt`` (``tgt[:, 1:]`` predicted
+    from ``tgt[:, :-1]``; targets equal to ``ignore_index`` do not count, such inputs are fed as
+    ``pad_value``), as :class:`AutoregressiveWrapper` computes it (fused with the head)."""
+
+    def __init__(self, *, dim: int, tie_token_emb: bool = False, return_loss: bool = False, ignore_index: int = -100,
+                 pad_value: int = 0, **kwargs):
         super().__init__()
         if not isinstance(tie_token_emb, bool):
             raise ValueError(f"tie_token_emb must be True or False, got {tie_token_emb!r}")
+        if not isinstance(return_loss, bool):
+            raise ValueError(f"return_loss must be True or False, got {return_loss!r}")
+        if not return_loss and (ignore_index != -100 or pad_value != 0):
+            key = "ignore_index" if ignore_index != -100 else "pad_value"
+            raise ValueError(f"XTransformer: {key} applies to the loss, which forward returns only with "
+                             f"return_loss=True (without it, forward returns logits)")
         kwargs = resolve_prefixed(kwargs)
         conflicts.check("xtransformer", dict(dim=dim, tie_token_emb=tie_token_emb, **kwargs))
         shared, sides = {}, {"enc": {}, "dec": {}}
@@ -72,6 +84,10 @@ class XTransformer(Pretrained, nn.Module):
         self.decoder = self._side(Decoder, dim, dec, "XTransformer (decoder)", cross_attend=True)
         if tie_token_emb:  # same shape: the conflict table compared num_tokens and emb_dim
             self.decoder.token_emb = self.encoder.token_emb
+        self.return_loss = return_loss
+        if return_loss:  # kept outside the module tree: its only module is self.decoder
+            from .autoregressive import AutoregressiveWrapper
+            self.__dict__["_loss"] = AutoregressiveWrapper(self.decoder, ignore_index=ignore_index, pad_value=pad_value)
 
     @staticmethod
     def _side(layers_cls, dim, kwargs, where, **extra):
@@ -93,10 +109,16 @@ class XTransformer(Pretrained, nn.Module):
 
     def forward(self, src, tgt, mask=None, tgt_mask=None, *, return_embeddings: bool = False):
         """src (b, n_src), tgt (b, n_tgt) -> decoder logits (b, n_tgt, v) (hidden states with
-        ``return_embeddings``). ``mask`` is the source padding mask, used by cross-attention."""
+        ``return_embeddings``; the loss with ``return_loss=True``). ``mask`` is the source padding
+        mask, used by cross-attention; ``tgt_mask`` the target's."""
+        if self.return_loss and return_embeddings:
+            raise ValueError("XTransformer(return_loss=True) returns the loss: build it without return_loss for "
+                             "hidden states")
         enc = self.encode(src, mask)
         if isinstance(self.encoder.attn_layers, FunnelEncoder):  # a pooled encoder has a pooled mask
             mask = self.encoder.attn_layers.output_mask(mask)
+        if self.return_loss:
+            return self.__dict__["_loss"](tgt, tgt_mask, context=enc, context_mask=mask)
         return self.decoder(tgt, tgt_mask, context=enc, context_mask=mask, return_embeddings=return_embeddings)
 
     @torch.no_grad()
