@@ -217,6 +217,7 @@ CASES = [  # (layers class, layer keywords, wrapper keywords): same keywords on 
     ("Decoder", {}, dict(logits_dim=10)),
     ("Decoder", dict(pre_norm_has_final_norm=False), {}),
     ("Encoder", dict(sandwich_coef=1, depth=3), {}),
+    ("Encoder", dict(sandwich_coef=1, depth=3, macaron=True), {}),
     ("Decoder", dict(disable_abs_pos_emb=True), {}),
     ("Decoder", dict(rotary_pos_emb=True, disable_abs_pos_emb=False), {}),
     ("Decoder", {}, dict(scaled_sinu_pos_emb=True)),

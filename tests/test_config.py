@@ -46,7 +46,6 @@ def test_free_dim_head_lifts_divisibility():
     (dict(use_rezero=True, sandwich_norm=True), "use_rezero", "sandwich_norm"),
     (dict(attn_use_entmax15=True, attn_entmax_alpha=1.3), "attn_use_entmax15", "attn_entmax_alpha"),
     (dict(attn_shared_qk=True, attn_kv_heads=2), "attn_shared_qk", "attn_kv_heads"),
-    (dict(macaron=True, sandwich_coef=1), "sandwich_coef", "macaron"),
 ])
 def test_conflicts_name_both_keywords(kwargs, a, b):
     with pytest.raises(ConfigConflictError) as info:

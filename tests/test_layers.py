@@ -189,3 +189,10 @@ def test_causal_of_the_wrong_type_is_refused_naming_it():
     for cls in (Encoder, Decoder):
         with pytest.raises(ValueError, match="causal must be True or False, got 'no'"):
             cls(dim=16, depth=1, heads=2, causal="no")
+
+
+def test_sandwich_coef_with_macaron_sandwiches_the_macaron_unit_with_half_step_ffs():
+    """As upstream: a^k (f a f)^(depth-k) f^k, every feed-forward a half step (its branch x 0.5);
+    logits against the real package are in tests/test_upstream_checkpoint.py."""
+    model = Encoder(dim=32, depth=3, heads=4, sandwich_coef=1, macaron=True)
+    assert model.layout_string == "a f*0.5 a f*0.5 f*0.5 a f*0.5 f*0.5"

@@ -91,6 +91,7 @@ CONFIGS = [
     C("decoder_macaron", up=dict(macaron=True)),
     C("decoder_sandwich_norm", up=dict(sandwich_norm=True)),
     C("decoder_sandwich_coef", up=dict(depth=3, sandwich_coef=1)),
+    C("encoder_sandwich_coef_macaron", "Encoder", up=dict(depth=3, sandwich_coef=1, macaron=True)),
     C("decoder_custom_layers", up=dict(custom_layers=("a", "a", "f", "f"))),
     C("decoder_tied_embedding", wrap=dict(tie_embedding=True)),
     C("decoder_emb_dim", wrap=dict(emb_dim=16)),

@@ -309,8 +309,6 @@ declare("custom_layers", "sandwich_coef", when=lambda s: s.get("custom_layers") 
         reason="custom_layers already fixes the whole layout", example=dict(custom_layers=("a", "f"), sandwich_coef=1))
 declare("custom_layers", "macaron", when=lambda s: s.get("custom_layers") is not None and on(s, "macaron"),
         reason="custom_layers already fixes the whole layout", example=dict(custom_layers=("a", "f"), macaron=True))
-declare("sandwich_coef", "macaron", when=lambda s: on(s, "sandwich_coef") and on(s, "macaron"),
-        reason="both define the layer order", example=dict(sandwich_coef=1, macaron=True))
 declare("top_attn_to_ff", "only_cross", when=lambda s: on(s, "top_attn_to_ff") and on(s, "only_cross"),
         reason="a cross-attention-only stack has no self-attention to replace",
         example=dict(top_attn_to_ff=1, only_cross=True), kinds=("encoder", "cross", "xtransformer"))

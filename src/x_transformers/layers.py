@@ -62,8 +62,10 @@ def _layout(cfg: LayersConfig, depth: int) -> tuple[LayerSpec, ...]:
         layout = tuple(LayerSpec(k) for k in par_layout(attn, depth * (len(attn) + 1), cfg.par_ratio))
     elif cfg.sandwich_coef is not None:  # 1911.03864: k attentions first, k feed-forwards last
         k = cfg.sandwich_coef
-        kinds = attn * k + (attn + ("f",)) * (depth - k) + ("f",) * k
-        layout = tuple(LayerSpec(x) for x in kinds)
+        unit = ("f",) + attn + ("f",) if cfg.macaron else attn + ("f",)  # macaron's unit in the middle
+        kinds = attn * k + unit * (depth - k) + ("f",) * k
+        half = 0.5 if cfg.macaron else 1.0  # with macaron every feed-forward is a half step, as upstream
+        layout = tuple(LayerSpec(x, half if x == "f" else 1.0) for x in kinds)
     elif cfg.macaron:  # 1906.02762: half-step FF, attention, half-step FF
         layout = ((LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)) * depth
     else:
