@@ -26,9 +26,9 @@ def build_kind(kind: str, keywords: dict):
     wrapper = {k: kw.pop(k) for k in list(kw) if k in WRAPPER_KEYS or k in MODULE_KEYS}
     funnel = {k: kw.pop(k) for k in list(kw) if k in field_names(FunnelConfig)}
     if kind == "funnel" or funnel:
-        layers = FunnelEncoder(32, heads=4, **{"depths": (1,), **funnel}, **kw)
-    else:
-        layers = STACKS[kind](dim=32, heads=4, **{"depth": 1, **kw})
+        layers = FunnelEncoder(kw.pop("dim", 32), **{"heads": 4, "depths": (1,), **funnel, **kw})
+    else:  # an entry's example may set dim, depth or heads itself
+        layers = STACKS[kind](**{"dim": 32, "heads": 4, "depth": 1, **kw})
     return TransformerWrapper(attn_layers=layers, **{"num_tokens": 10, "max_seq_len": 16, **wrapper})
 
 

@@ -525,6 +525,23 @@ declare("attn_dim_out", "a layer stack", when=lambda s: s.get("attn_dim_out") is
         reason="a stack adds each block's output to its input, so the output is dim wide; attn_dim_out is for a "
                "standalone Attention (x_transformers.x_transformers.Attention(dim, dim_out=...))",
         example=dict(attn_dim_out=16))
+def _gate_widths(s: dict, which: str) -> tuple[int, int]:
+    """(input, output) widths of a low-rank gate: the output gate reads the merged heads, the value
+    gate the block's input; each writes one logit per channel, or per head when headwise."""
+    heads = s.get("heads", 8)
+    inner = heads * (s.get("attn_dim_head") or 64)
+    out = heads if on(s, f"attn_{which}_headwise") else inner
+    return (inner if which == "output_gate" else s.get("dim", inner)), out
+
+
+for _w, _r in (("output_gate", "attn_output_gate_rank"), ("gate_values", "attn_gate_values_rank")):
+    declare(_r, "heads", "attn_dim_head",
+            when=lambda s, w=_w, r=_r: on(s, "attn_" + w) and s.get(r) is not None
+            and all(s[r] >= width for width in _gate_widths(s, w)),
+            reason="a low-rank gate's rank must be below its input or output width (heads x attn_dim_head, or "
+                   "heads when headwise), else the factorisation is not low-rank; lower the rank or leave it out "
+                   "for a full gate",
+            example={"attn_" + _w: True, _r: 4, "heads": 1, "attn_dim_head": 4, "dim": 4})
 declare("attn_zero_init_output", "attn_output_proj_depth",
         when=lambda s: on(s, "attn_zero_init_output") and s.get("attn_output_proj_depth") is not None,
         reason="two initialisations of the output projection; choose one",
