@@ -56,3 +56,16 @@ def weights(a, x, **kw):
 def key_mask(keep):
     """(b, m) bool -> the (b, 1, 1, m) key mask an Attention block takes."""
     return keep[:, None, None, :]
+
+
+def assert_cache_decoding_equals_full_forward(net):
+    """Prefill 3 tokens, then decode one at a time, with the dynamic and the static cache: the
+    logits equal the full forward's."""
+    from x_transformers.cache import KVCache, StaticKVCache
+
+    net.eval()
+    x = torch.randint(0, 20, (2, 9))
+    full = net(x)
+    for cache in (KVCache(), StaticKVCache.for_model(net, 2, 9)):
+        steps = [net(x[:, :3], cache=cache)] + [net(x[:, t:t + 1], cache=cache) for t in range(3, 9)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)

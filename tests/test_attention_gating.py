@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attention_helpers import assert_cache_decoding_equals_full_forward
+
 from x_transformers import CrossAttender, Decoder, Encoder, FunnelEncoder, TransformerWrapper, XTransformer
-from x_transformers.cache import KVCache, StaticKVCache
 from x_transformers.config import ConfigConflictError
 from x_transformers.x_transformers import Attention
 
@@ -184,12 +185,7 @@ def test_cache_decoding_equals_full_forward(name):
         for n, p in net.named_parameters():
             if "gate" in n:
                 p.normal_(0, 0.3)  # gates away from their init, so each one shapes the output
-    net.eval()
-    x = torch.randint(0, 20, (2, 9))
-    full = net(x)
-    for cache in (KVCache(), StaticKVCache.for_model(net, 2, 9)):
-        steps = [net(x[:, :3], cache=cache)] + [net(x[:, t:t + 1], cache=cache) for t in range(3, 9)]
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert_cache_decoding_equals_full_forward(net)
 
 
 @pytest.mark.parametrize("name", sorted(GATING))

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attention_helpers import assert_cache_decoding_equals_full_forward
+
 from x_transformers import CrossAttender, Decoder, Encoder, TransformerWrapper, XTransformer
 from x_transformers.attend import AttendRequest, attend, choose_backend, rejection_reasons
-from x_transformers.cache import KVCache, StaticKVCache
 from x_transformers.config import ConfigConflictError
 from x_transformers.x_transformers import Attention
 
@@ -136,11 +137,7 @@ def test_cache_decoding_equals_full_forward(name):
     torch.manual_seed(0)
     net = TransformerWrapper(num_tokens=20, max_seq_len=32, attn_layers=Decoder(
         dim=32, depth=2, heads=4, attn_dim_head=8, rotary_pos_emb=True, **VARIANTS[name])).eval()
-    x = torch.randint(0, 20, (2, 9))
-    full = net(x)
-    for cache in (KVCache(), StaticKVCache.for_model(net, 2, 9)):
-        steps = [net(x[:, :3], cache=cache)] + [net(x[:, t:t + 1], cache=cache) for t in range(3, 9)]
-        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert_cache_decoding_equals_full_forward(net)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
