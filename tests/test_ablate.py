@@ -258,3 +258,23 @@ def test_rezero_unit_emb_starts_the_norm_free_stream_at_unit_scale():
         stds[post] = net(x, return_embeddings=True).std(-1).mean().item()
     assert 0.02 < stds[False] < 0.04  # token (0.02) + position (0.02) tables summed
     assert abs(stds[True] - 1.0) < 0.02
+
+
+def test_a_baseline_free_folder_merges_with_the_baselines_own(tmp_path, capsys):
+    """--without-baseline (one process a job, benchmarks/issue26_jobs.sh): the row is compared with the
+    baseline another process ran, once they are merged."""
+    base, arm = tmp_path / "base", tmp_path / "arm"
+    assert cli("ablate", "--out", base, "--seeds", 1, "--experiments", "lm", "--settings", "baseline", *MICRO_LM) == 0
+    assert cli("ablate", "--out", arm, "--seeds", 1, "--experiments", "lm", "--settings", "macaron_post_norm",
+               "--without-baseline", *MICRO_LM) == 0
+    assert [r["setting"] for r in records(arm)] == ["macaron_post_norm"]
+    assert cli("ablate", "--merge", f"{base},{arm}", "--out", tmp_path / "m") == 0
+    alone = {r["setting"]: r for r in report.summarize(records(arm), "lm")}
+    assert "val_loss_diff" not in alone["macaron_post_norm"]  # nothing to compare with before the merge
+    rows = {r["setting"]: r for r in report.summarize(records(tmp_path / "m"), "lm")}
+    assert rows["baseline"]["val_loss"] == records(base)[0]["val_loss"]
+    assert rows["macaron_post_norm"]["val_loss_diff"] == rows["macaron_post_norm"]["val_loss"] - rows["baseline"]["val_loss"]
+    capsys.readouterr()
+    assert cli("ablate", "--out", tmp_path / "x", "--experiments", "lm", "--settings", "baseline",
+               "--without-baseline") == 2
+    assert "leaves no setting" in capsys.readouterr().err
