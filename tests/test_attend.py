@@ -186,3 +186,27 @@ def test_causal_bias_kernel_path_keeps_only_the_causal_bias_gradient(monkeypatch
     for gs, ge in zip(grads_s, grads_e):
         assert torch.isfinite(gs).all()
         torch.testing.assert_close(gs, ge, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_queries_on_cuda_leave_out_cudnn_attention(monkeypatch):
+    """cuDNN attention plans per shape; a dynamic cache's decode steps change the key length every
+    token, so queries against a longer cache take flash / memory-efficient / math (issue 22: the
+    first generate() of 256 tokens took 13.9 s with cuDNN, 3.0 s without, on an H200). Training
+    shapes (n == m), CPU tensors and the opt-out keep the default choice."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend
+
+    import importlib
+
+    attend_mod = importlib.import_module("x_transformers.attend")
+
+    cuda = SimpleNamespace(is_cuda=True)
+    ctx = attend_mod._no_cudnn_planning(cuda, 1, 9)
+    assert not isinstance(ctx, contextlib.nullcontext)
+    assert SDPBackend.CUDNN_ATTENTION not in attend_mod._PLAN_FREE and SDPBackend.FLASH_ATTENTION in attend_mod._PLAN_FREE
+    assert isinstance(attend_mod._no_cudnn_planning(cuda, 9, 9), contextlib.nullcontext)
+    assert isinstance(attend_mod._no_cudnn_planning(torch.zeros(1), 1, 9), contextlib.nullcontext)
+    monkeypatch.setenv("XT_DECODE_SDPA_ALL_BACKENDS", "1")
+    assert isinstance(attend_mod._no_cudnn_planning(cuda, 1, 9), contextlib.nullcontext)

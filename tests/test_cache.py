@@ -157,3 +157,48 @@ def test_a_decode_step_compiled_by_the_caller_past_max_len_raises():
     step(model, torch.randint(0, V, (1, 1)), cache)
     with pytest.raises(RuntimeError, match="static cache is full.*build it with a larger max_len"):
         step(model, torch.randint(0, V, (1, 1)), cache)
+
+
+def test_an_unpadded_cache_gives_attention_no_mask_and_the_same_logits():
+    """Issue 22 (decode speed): tokens that came without a mask leave the key mask out of attention
+    (no per-layer mask work in a decode step); a padded prompt, or a mask set from outside, keeps it."""
+    model = net()
+    x = torch.randint(0, V, (2, 6))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache()
+        model(x[:, :4], cache=cache)
+        assert cache.unpadded and cache.keys_and_mask(None, torch.tensor([[4]]))[1] is None
+        steps = [model(x[:, i:i + 1], cache=cache)[:, -1] for i in (4, 5)]
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], rtol=1e-5, atol=1e-5)
+        assert torch.equal(cache.next_positions(), torch.full((2, 1), 6))
+
+        padded = KVCache()
+        mask = torch.tensor([[True] * 4, [False, True, True, True]])
+        model(x[:, :4], mask=mask, cache=padded)
+        assert not padded.unpadded
+        key_mask = padded.keys_and_mask(None, torch.tensor([[4]]))[1]
+        assert key_mask is not None and not key_mask[1, 0, 0, 0]
+        assert torch.equal(padded.next_positions(), torch.tensor([[4], [3]]))  # the padded row counts 3 tokens
+
+    outside = KVCache()
+    outside.key_mask, outside.positions = torch.tensor([[False, True]]), torch.tensor([[0, 0]])
+    assert not outside.unpadded and outside.copy().unpadded is False
+
+
+def test_decoding_reuses_the_fused_qkv_weight_until_a_weight_changes():
+    """Without autograd the concatenated q/k/v weight is built once, not every decode step; an
+    in-place update (an optimizer step) or a dtype change rebuilds it, so outputs follow the weights."""
+    model = net()
+    attn = next(m for m in model.modules() if hasattr(m, "_qkv_weight"))
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        w1, _ = attn._qkv_weight()
+        assert attn._qkv_weight()[0] is w1
+        attn.to_k.weight.add_(1.0)  # in place: the version counter moves
+        w2, _ = attn._qkv_weight()
+        nq, nk = attn.to_q.out_features, attn.to_k.out_features
+        assert w2 is not w1 and torch.equal(w2[nq:nq + nk], attn.to_k.weight)
+        q, k, v = attn._fused_qkv(x)
+        torch.testing.assert_close(k, x @ attn.to_k.weight.T)
+    assert attn._qkv_weight()[0] is not w2 and attn._qkv_memo is None  # with autograd: built per call, not kept

@@ -24,6 +24,7 @@ Legend: b batch, h query heads, g kv heads, n queries, m keys, d head dim, e val
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
@@ -197,6 +198,25 @@ def _efficient_kernel(q, k, v, bias, compute_lse: bool, dropout: float, scale):
         q, k, v, bias, compute_lse, dropout, True, scale=scale)[0]
 
 
+# cuDNN attention builds an execution plan for every new shape (tens of milliseconds each). A decode
+# step with the dynamic cache has a new key length every token, so the first generate() of a process
+# would plan 256 times for 256 tokens (16 s at the GPT-2-small shape, issue 22). Queries against a
+# longer cache (n != m) therefore take flash / memory-efficient / math, which need no plan.
+# XT_DECODE_SDPA_ALL_BACKENDS=1 keeps cuDNN there (the benchmark's comparison).
+_PLAN_FREE = None
+
+
+def _no_cudnn_planning(q: Tensor, n: int, m: int):
+    global _PLAN_FREE
+    if n == m or not q.is_cuda or torch.compiler.is_compiling() or os.environ.get("XT_DECODE_SDPA_ALL_BACKENDS") == "1":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if _PLAN_FREE is None:
+        _PLAN_FREE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(_PLAN_FREE)
+
+
 class SDPABackend:
     name = "sdpa"
 
@@ -234,10 +254,11 @@ class SDPABackend:
             elif attn_mask.dtype == torch.bool:
                 attn_mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
             attn_mask = _with_sink_column(attn_mask, req.sink.to(q.dtype), q.shape[0], q.shape[1], n)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=req.dropout, is_causal=is_causal, scale=req.scale,
-            enable_gqa=req.heads_per_kv > 1,
-        )
+        with _no_cudnn_planning(q, n, m):
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=req.dropout, is_causal=is_causal, scale=req.scale,
+                enable_gqa=req.heads_per_kv > 1,
+            )
         if keep_rows is not None:
             out = out * keep_rows.to(out.dtype)
         return out, None

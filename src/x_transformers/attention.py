@@ -47,6 +47,7 @@ class Attention(nn.Module):
         self.causal = causal and not cross
         self.cross = cross
         self.shared_qk = cfg.shared_qk and not cross  # a self-attention idea: keys are the queries
+        self._qkv_memo = None  # (key, (weight, bias)): the fused q/k/v weight while decoding (_qkv_weight)
         # only cross-attention reads the context: self-attention keys/values come from x (dim)
         dim_kv = (dim_context or dim) if cross else dim
 
@@ -130,11 +131,29 @@ class Attention(nn.Module):
             return (1 + torch.sigmoid(self.entmax_alpha_logit).clamp(min=ENTMAX_MIN_GAP)).view(1, -1, 1, 1)
         return self.cfg.entmax_alpha
 
+    def _qkv_weight(self):
+        """The concatenated q/k/v weight and bias. Without autograd (decoding) the concatenation is
+        kept and reused while the three weights are the same tensors at the same version, so a decode
+        step does not copy every layer's weights; any change to them (optimizer step, .to()) rebuilds it."""
+        parts = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        biases = (self.to_q.bias, self.to_k.bias, self.to_v.bias) if self.to_q.bias is not None else ()
+        memo = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
+        if not memo:
+            self._qkv_memo = None
+        else:
+            key = tuple((t.data_ptr(), t._version, t.dtype) for t in parts + biases)
+            if self._qkv_memo is not None and self._qkv_memo[0] == key:
+                return self._qkv_memo[1]
+        w = torch.cat(parts)
+        b = torch.cat(biases) if biases else None
+        if memo:
+            self._qkv_memo = (key, (w, b))
+        return w, b
+
     def _fused_qkv(self, x):
         """Self-attention q, k, v from one matrix product over the concatenated weights: x is read
         (and, under autocast, cast) once instead of three times, and backward sums one gradient."""
-        w = torch.cat((self.to_q.weight, self.to_k.weight, self.to_v.weight))
-        b = torch.cat((self.to_q.bias, self.to_k.bias, self.to_v.bias)) if self.to_q.bias is not None else None
+        w, b = self._qkv_weight()
         return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,

@@ -62,8 +62,19 @@ class KVCache:
 
     def __init__(self):
         self.layers: dict[int, LayerKV] = {}
-        self.key_mask: Tensor | None = None  # (b, m) bool, True = a real (unpadded) token
+        self._key_mask: Tensor | None = None  # (b, m) bool, True = a real (unpadded) token
         self.positions: Tensor | None = None  # (b, m) long
+        # every key so far came without a mask (its key_mask is all True, known without reading it):
+        # attention then takes no mask, and a decode step none of the mask's per-layer work
+        self.unpadded = True
+
+    @property
+    def key_mask(self) -> Tensor | None:
+        return self._key_mask
+
+    @key_mask.setter
+    def key_mask(self, value: Tensor | None):  # set from outside (an exported graph's input): entries unknown
+        self._key_mask, self.unpadded = value, False
 
     def layer(self, index: int) -> LayerKV:
         if index not in self.layers:
@@ -83,6 +94,8 @@ class KVCache:
         :meth:`keep_last` dropped the oldest: positions go on from where they were)."""
         if self.key_mask is None:
             return None
+        if self.unpadded:
+            return self.positions.amax(dim=-1, keepdim=True) + 1
         return self.positions.masked_fill(~self.key_mask, -1).amax(dim=-1, keepdim=True) + 1
 
     def keys_and_mask(self, mask: Tensor | None, positions: Tensor):
@@ -93,16 +106,20 @@ class KVCache:
         if self.empty:
             return positions, None if mask is None else mask[:, None, None, :]
         b, n = self.key_mask.shape[0], positions.shape[-1]
+        if mask is None and self.unpadded:
+            return torch.cat((self.positions, positions.expand(b, -1)), dim=-1), None
         new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=positions.device)
         key_mask = torch.cat((self.key_mask, new), dim=-1)
         return torch.cat((self.positions, positions.expand(b, -1)), dim=-1), key_mask[:, None, None, :]
 
-    def extend(self, key_mask: Tensor, positions: Tensor):
-        """Record the mask and positions of the tokens just processed."""
-        if self.key_mask is None:
-            self.key_mask, self.positions = key_mask, positions
+    def extend(self, key_mask: Tensor, positions: Tensor, padded: bool = True):
+        """Record the mask and positions of the tokens just processed; ``padded=False`` says the
+        mask is all True (the tokens came without one)."""
+        self.unpadded = self.unpadded and not padded
+        if self._key_mask is None:
+            self._key_mask, self.positions = key_mask, positions
         else:
-            self.key_mask = torch.cat((self.key_mask, key_mask), dim=-1)
+            self._key_mask = torch.cat((self._key_mask, key_mask), dim=-1)
             self.positions = torch.cat((self.positions, positions.expand(key_mask.shape[0], -1)), dim=-1)
 
     def reorder(self, index: Tensor):
@@ -110,7 +127,7 @@ class KVCache:
         for layer in self.layers.values():
             layer.reorder(index)
         if self.key_mask is not None:
-            self.key_mask, self.positions = self.key_mask[index], self.positions[index]
+            self._key_mask, self.positions = self._key_mask[index], self.positions[index]
 
     def copy(self) -> "KVCache":
         """A new cache over the same tensors: extending it (which concatenates, making new tensors)
@@ -119,7 +136,7 @@ class KVCache:
         for i, layer in self.layers.items():
             new.layers[i] = LayerKV()
             new.layers[i].k, new.layers[i].v, new.layers[i].cross = layer.k, layer.v, layer.cross
-        new.key_mask, new.positions = self.key_mask, self.positions
+        new._key_mask, new.positions, new.unpadded = self._key_mask, self.positions, self.unpadded
         return new
 
     def keep_last(self, n: int, keep_first: int = 0):
@@ -133,7 +150,7 @@ class KVCache:
         for layer in self.layers.values():
             if layer.k is not None and not layer.cross:
                 layer.k, layer.v = layer.k.index_select(-2, index), layer.v.index_select(-2, index)
-        self.key_mask, self.positions = self.key_mask[:, index], self.positions[:, index]
+        self._key_mask, self.positions = self._key_mask[:, index], self.positions[:, index]
 
 
 class StaticLayerKV:
@@ -278,7 +295,7 @@ class StaticKVCache:
         causal = self.slot_ids[None, :] <= slots[:, None]  # (n, L); also hides the unfilled tail
         return self.positions, self.key_mask[:, None, None, :] & causal
 
-    def extend(self, key_mask: Tensor, positions: Tensor):
+    def extend(self, key_mask: Tensor, positions: Tensor, padded: bool = True):
         """The new tokens were written by keys_and_mask; advance the slot index past them."""
         self.index.add_(key_mask.shape[-1])
         self.started = True

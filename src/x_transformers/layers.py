@@ -459,7 +459,7 @@ class AttentionLayers(Pretrained, nn.Module):
 
         if cache is not None:
             new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
-            cache.extend(new, positions.expand(b, -1))
+            cache.extend(new, positions.expand(b, -1), padded=mask is not None)
         return (x, attns) if return_attn else x
 
 
