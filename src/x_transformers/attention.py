@@ -176,7 +176,11 @@ class Attention(nn.Module):
                              "pooled queries) reads keys from another")
         h, g = self.heads, self.kv_heads
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
-        qkv = self._fused_qkv(x) if not (self.cross or self.shared_qk or kv is not None) else None
+        # one product over the three weights, unless a projection is not a plain Linear (FP8's Float8Linear,
+        # an adapter): then each runs its own forward
+        fuse = not (self.cross or self.shared_qk or kv is not None) and type(self.to_q) is type(self.to_k) is \
+            type(self.to_v) is nn.Linear
+        qkv = self._fused_qkv(x) if fuse else None
         q = _heads(qkv[0] if qkv else self.to_q(x), h)  # (b, h, n, d)
         if self.to_q_norm is not None:
             q = self.to_q_norm(q)

@@ -84,6 +84,8 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU; or "fp32" / "bf16"
     compile: bool = False  # torch.compile the forward and the loss together (one graph)
     compile_mode: str = "default"  # default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
+    fp8: bool = False  # FP8 matrix products through torchao (x_transformers.fp8; the [fp8] extra); GPUs >= 8.9
+    fp8_recipe: str = "tensorwise"  # torchao's float8 scaling: tensorwise, rowwise, rowwise_with_gw_hp
     strategy: str = "none"  # none, ddp, fsdp (launch with torchrun)
     out: str | None = None  # run folder; default runs/<preset>-<time>
     preset: str | None = None  # the named preset this configuration started from (set by --preset)
@@ -97,6 +99,9 @@ class TrainConfig:
         need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         need(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         need(isinstance(self.model, dict), "model must be a mapping of model keywords")
+        need(self.fp8_recipe in ("tensorwise", "rowwise", "rowwise_with_gw_hp"),
+             f"fp8_recipe must be tensorwise, rowwise or rowwise_with_gw_hp, got {self.fp8_recipe!r}")
+        need(not self.fp8 or self.precision != "fp32", "fp8 trains under bf16 autocast; precision fp32 contradicts it")
         need(self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         need(not (self.compile and self.compile_mode in CUDAGRAPH_MODES and self.strategy != "none"),
              f"compile_mode {self.compile_mode} captures CUDA graphs, which do not hold the collective "

@@ -172,6 +172,13 @@ class Trainer:
     def attach(self):
         """Place / shard / wrap the built model (``self.inner``) and make the step's forward + loss."""
         cfg, env = self.cfg, self.env
+        if cfg.fp8:  # before compile, FSDP and the optimizer, as torchao asks
+            from .. import fp8
+
+            try:
+                fp8.convert(self.inner.to(env.device), recipe=cfg.fp8_recipe)
+            except (ValueError, ImportError) as e:
+                raise CLIError(f"--fp8: {e}") from e
         self.model = parallelize(self.inner, cfg, env)
         self.forward_loss = compile_step(self._forward_loss, cfg)
         self.cudagraphs = cfg.compile and cfg.compile_mode in CUDAGRAPH_MODES and env.device.type == "cuda"
