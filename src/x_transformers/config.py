@@ -301,6 +301,8 @@ class LayersConfig:
     learned_reinject_input_gate: bool = False  # ... gated per token by sigmoid(w . x)
     num_residual_streams: int = 1  # hyper-connections, 2409.19606 (1: the plain residual)
     hyper_conn_sinkhorn_iters: int = 5  # Sinkhorn iterations of the stream mixing (mHC, 2512.24880)
+    residual_attn: bool = False  # each self-attention adds the previous one's pre-softmax scores, RealFormer 2012.11747
+    cross_residual_attn: bool = False  # ... and each cross-attention the previous cross-attention's
     # layer layout
     macaron: bool = False  # 1906.02762
     sandwich_coef: int | None = None  # 1911.03864
@@ -319,6 +321,8 @@ class LayersConfig:
     rotary_base: float = 10000.0
     rotary_interpolation_factor: float = 1.0  # position interpolation, positions / factor, 2306.15595
     rotary_base_rescale_factor: float = 1.0  # NTK-aware base scaling, base * factor ** (r / (r - 2))
+    rotary_xpos: bool = False  # xPos, rotary with a decaying per-channel scale (causal only), 2212.10554
+    rotary_xpos_scale_base: float = 512.0
     alibi_pos_bias: bool = False  # 2108.12409
     alibi_num_heads: int | None = None
     rel_pos_bias: bool = False  # T5, 1910.10683
@@ -346,6 +350,7 @@ class LayersConfig:
         _positive_number("norm_eps", self.norm_eps)
         _positive_number("rotary_base", self.rotary_base)
         _positive_number("rotary_base_rescale_factor", self.rotary_base_rescale_factor)
+        _positive_number("rotary_xpos_scale_base", self.rotary_xpos_scale_base)
         _positive_number("rotary_interpolation_factor", self.rotary_interpolation_factor)
         if self.rotary_interpolation_factor < 1.0:
             raise ValueError(f"rotary_interpolation_factor must be >= 1 (it divides positions to fit a longer context), "
@@ -513,7 +518,7 @@ REQUIRES = {
     "softclamp_output_value": "softclamp_output", "learned_reinject_input_gate": "reinject_input",
     "rotary_interpolation_factor": "rotary_pos_emb", "rotary_base_rescale_factor": "rotary_pos_emb",
     "dynamic_pos_bias_log_distance": "dynamic_pos_bias", "dynamic_pos_bias_mlp_depth": "dynamic_pos_bias",
-    "dynamic_pos_bias_norm": "dynamic_pos_bias",
+    "dynamic_pos_bias_norm": "dynamic_pos_bias", "rotary_xpos_scale_base": "rotary_xpos",
 }
 
 
@@ -538,6 +543,8 @@ def split_layer_kwargs(kwargs: dict[str, Any], where: str) -> tuple[dict, dict, 
     from . import aliases, conflicts  # both import this module
 
     kwargs = aliases.resolve(kwargs, "layers", where)
+    if kwargs.get("rotary_xpos") is True:  # xPos is rotary with a scale: it switches rotary on (as upstream)
+        kwargs["rotary_pos_emb"] = True
     layer_names = field_names(LayersConfig)
     attn_names, ff_names = field_names(AttentionConfig), field_names(FeedForwardConfig)
     layers, attn, ff = {}, {}, {}

@@ -219,6 +219,19 @@ for _k, _ex, _why in (("pre_and_post_norm", True, "a norm after the sum"),
             reason=f"{_why} makes the layer something other than x + f(x), which the reversible coupling needs",
             example={"reversible": True, _name: _ex})
 
+# residual attention (RealFormer) carries scores from block to block, which a forced fused kernel does not
+# produce and the reversible backward (blocks recomputed in reverse order) cannot replay
+for _k in ("residual_attn", "cross_residual_attn"):
+    declare(_k, "reversible", when=lambda s, k=_k: on(s, k) and on(s, "reversible"), example={_k: True, "reversible": True},
+            reason="each attention adds the previous one's scores, which the reversible backward, recomputing "
+                   "blocks last to first, does not have")
+    declare(_k, "attn_backend", when=lambda s, k=_k: on(s, k) and forced(s), example={_k: True, "attn_backend": "sdpa"},
+            reason="the scores are added and passed on, which only the explicit backend computes; use "
+                   "attn_backend='auto' (it falls back) or 'explicit'")
+declare("rotary_xpos", "causal=False", when=lambda s: on(s, "rotary_xpos") and not on(s, "causal"),
+        reason="xPos scales keys by zeta ** (-position), so keys ahead of a query would grow without bound "
+               "(upstream refuses it too); use rotary_pos_emb", example=dict(rotary_xpos=True), kinds=("encoder", "funnel"))
+
 # hyper-connections (2409.19606) replace the one skip path by s mixed streams
 _STREAMS = lambda s: isinstance(s.get("num_residual_streams"), int) and s["num_residual_streams"] > 1
 for _k, _ex in (("reversible", True), ("gate_residual", True), ("scale_residual", True),

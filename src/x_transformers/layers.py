@@ -19,7 +19,7 @@ from torch import nn
 from .hub import Pretrained
 from . import checks
 from .attention import Attention
-from .blocks import ForwardContext, UNetSkips, run_sequential
+from .blocks import ForwardContext, ScoreCarry, UNetSkips, run_sequential
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
@@ -257,7 +257,8 @@ class AttentionLayers(Pretrained, nn.Module):
         if cfg.rotary_pos_emb:
             self.rotary = RotaryEmbedding(cfg.rotary_dim(dim_head), base=cfg.rotary_base,
                                           interpolation_factor=cfg.rotary_interpolation_factor,
-                                          base_rescale_factor=cfg.rotary_base_rescale_factor)
+                                          base_rescale_factor=cfg.rotary_base_rescale_factor,
+                                          xpos_scale_base=cfg.rotary_xpos_scale_base if cfg.rotary_xpos else None)
         self.rel_pos = None
         if cfg.alibi_pos_bias:
             self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads)
@@ -408,6 +409,9 @@ class AttentionLayers(Pretrained, nn.Module):
             if self.reinject_gate is not None:
                 inject = inject * torch.sigmoid(self.reinject_gate(x))
             ctx = replace(ctx, inject=inject)
+        if self.cfg.residual_attn or self.cfg.cross_residual_attn:  # RealFormer: fresh score carries
+            ctx = replace(ctx, self_scores=ScoreCarry() if self.cfg.residual_attn else None,
+                          cross_scores=ScoreCarry() if self.cfg.cross_residual_attn else None)
         if self.stream_emb is not None:  # hyper.py: (b, n, d) -> (b, n, s, d) residual streams
             x = x[..., None, :] + self.stream_emb
         if self.reversible is not None:  # reversible.py: the same runner, one branch at a time

@@ -71,12 +71,20 @@ class RotaryEmbedding(nn.Module):
     2306.15595: angles t * theta_k / s); ``base_rescale_factor`` a multiplies the base by
     a ** (r / (r - 2)) ("NTK-aware" scaling, bloc97 2023, as in YaRN 2309.00071): the lowest
     frequency is divided by a while the highest stays.
+
+    xPos (2212.10554, ``xpos_scale_base`` B): channel pair k of a query at position p is also scaled
+    by zeta_k ** (p / B), of a key by zeta_k ** (-p / B), zeta_k = (2k + 0.4 r) / (1.4 r) < 1, so
+    ``q_i . k_j`` decays as zeta ** ((i - j) / B) with the distance (causal stacks only: a key ahead
+    would grow). The exponents are not centred (upstream centres them at each call's middle
+    position, which cancels in q . k but not across a KV cache's calls); in float32 they stay in
+    range up to about 70 * B positions.
     """
 
     def __init__(self, rot_dim: int, base: float = 10000.0, interpolation_factor: float = 1.0,
-                 base_rescale_factor: float = 1.0):
+                 base_rescale_factor: float = 1.0, xpos_scale_base: float | None = None):
         super().__init__()
         self.rot_dim = rot_dim
+        self.xpos_scale_base = xpos_scale_base
         self.base = base * base_rescale_factor ** (rot_dim / (rot_dim - 2)) if base_rescale_factor != 1.0 else base
         self.interpolation_factor = interpolation_factor
 
@@ -87,14 +95,34 @@ class RotaryEmbedding(nn.Module):
         r = self.rot_dim
         return 1.0 / self.base ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
 
+    @property
+    def xpos_zeta(self):
+        """xPos's per-pair decay bases (r/2,), (2k + 0.4 r) / (1.4 r)."""
+        r = self.rot_dim
+        return (torch.arange(0, r, 2, dtype=torch.float32) + 0.4 * r) / (1.4 * r)
+
     def forward(self, positions):
-        """(b|1, n) positions -> cos, sin of shape (b|1, 1, n, r), float32."""
+        """(b|1, n) positions -> cos, sin of shape (b|1, 1, n, r), float32 (with xPos, its query
+        scale of that shape as a third; :func:`key_rotary` turns the triple into the keys')."""
         pos = positions.float()
         if self.interpolation_factor != 1.0:
             pos = pos / self.interpolation_factor
         freqs = pos[..., None] * self.inv_freq.to(positions.device)  # (b, n, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos(), emb.sin()
+        if self.xpos_scale_base is None:
+            return emb.cos(), emb.sin()
+        zeta = self.xpos_zeta.to(positions.device)
+        scale = zeta ** (positions.float()[..., None] / self.xpos_scale_base)  # (b, n, r/2), raw positions
+        return emb.cos(), emb.sin(), torch.cat((scale, scale), dim=-1)[:, None]
+
+    def extra_repr(self):
+        return f"rot_dim={self.rot_dim}" + (f", xpos_scale_base={self.xpos_scale_base:g}"
+                                            if self.xpos_scale_base is not None else "")
+
+
+def key_rotary(rotary):
+    """The keys' rotation from the queries' (cos, sin[, xpos scale]): the same angles, the inverse scale."""
+    return rotary if len(rotary) == 2 else (rotary[0], rotary[1], 1.0 / rotary[2])
 
 
 def rotate_half(x):
@@ -102,12 +130,15 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x, cos, sin):
-    """Rotate the first r channels of x (b, h, n, d) by the angles behind cos/sin (b|1, 1, n, r)."""
+def apply_rotary(x, cos, sin, scale=None):
+    """Rotate the first r channels of x (b, h, n, d) by the angles behind cos/sin (b|1, 1, n, r),
+    then scale them by ``scale`` (same shape; xPos) if given."""
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     # The angles are float32 math; the rotation itself runs in x's dtype (as Llama does) rather
     # than copying q and k to float32 and back in every layer: cos/sin are cast, (n, r) only.
+    if scale is not None:
+        cos, sin = cos * scale, sin * scale
     rot = rot * cos.to(x.dtype) + rotate_half(rot) * sin.to(x.dtype)
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 

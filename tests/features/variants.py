@@ -45,3 +45,7 @@ register("unet_skips", layers=dict(unet_skips=True), kinds=("decoder", "encoder"
 register("par_ratio", layers=dict(par_ratio=2), group="layout", kinds=("decoder", "encoder", "cross", "funnel"))
 register("shift_tokens", layers=dict(shift_tokens=1), cacheable=False)
 register("cross_attn_tokens_dropout", layers=dict(cross_attn_tokens_dropout=0.25), kinds=("cross",))
+# RealFormer's score carries (residual_attn, cross_residual_attn) and xPos: causal-only (xPos) or
+# kept to the kinds that exercise them, to keep the pairwise rows few
+register("residual_attn", layers=dict(residual_attn=True, cross_residual_attn=True), kinds=("decoder",))
+register("rotary_xpos", layers=dict(rotary_xpos=True, rotary_xpos_scale_base=16), group="relpos", kinds=("decoder",))
