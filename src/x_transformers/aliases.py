@@ -101,8 +101,6 @@ _ATTN_NOT_YET = dict(
 )
 _FF_NOT_YET: dict = {}
 _LAYERS_NOT_YET = dict(
-    use_adaptive_layernorm=False, use_adaptive_rmsnorm=False, use_adaptive_layerscale=False, dim_condition=None,
-    adaptive_condition_mlp=False, adaptive_condition_mlp_expansion=4,
     rotate_num_heads=None, polar_pos_emb=False, polar_bias_uniform_init=False,
     attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
     orthog_residual=False, mv_split_residual=False, gated_multi_residual=False, integrate_layers=False,

@@ -50,9 +50,10 @@ class ForwardContext:
     # residual attention (RealFormer): the last self- / cross-attention block's scores, fresh per run
     self_scores: "ScoreCarry | None" = None
     cross_scores: "ScoreCarry | None" = None
+    condition: Tensor | None = None  # (b, 1|n, c) the adaptive norms' and scales' condition (adaptive.py)
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
-    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject")
+    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition")
 
     def differentiable(self) -> dict[str, Tensor]:
         """The differentiable tensors this context carries, score mods materialised."""
@@ -107,6 +108,8 @@ def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: 
         kwargs["inject"] = ctx.inject
     if block.shifts is not None:
         kwargs["shift_mask"] = ctx.token_mask
+    if ctx.condition is not None:
+        kwargs["condition"] = ctx.condition
     return call(x, **kwargs)
 
 

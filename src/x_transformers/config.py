@@ -285,6 +285,13 @@ class LayersConfig:
     dynamic_tanh_init_alpha: float = 1.0
     use_derf: bool = False  # Derf, gamma * erf(alpha * x + s) + beta in place of every norm, 2512.10938
     pre_and_post_norm: bool = False  # a norm before each branch and after each sum; no final norm
+    # norms / branch gates conditioned on a per-sample vector (DiT's adaLN / adaLN-Zero, 2212.09748; adaptive.py)
+    use_adaptive_layernorm: bool = False
+    use_adaptive_rmsnorm: bool = False
+    use_adaptive_layerscale: bool = False
+    dim_condition: int | None = None  # the condition's width (default dim)
+    adaptive_condition_mlp: bool = False  # the condition first goes through SiLU(Linear(c, c * expansion))
+    adaptive_condition_mlp_expansion: int = 4
     use_layerscale: bool = False  # LayerScale, a per-channel gain on each branch, CaiT 2103.17239
     layerscale_init_value: float = 0.0
     softclamp_output: bool = False  # value * tanh(x / value) before the final norm (Gemma 2)
@@ -345,6 +352,8 @@ class LayersConfig:
         _positive_int("depth", self.depth)
         _positive_int("heads", self.heads)
         _positive_int("dim_context", self.dim_context, allow_none=True)
+        _positive_int("dim_condition", self.dim_condition, allow_none=True)
+        _positive_int("adaptive_condition_mlp_expansion", self.adaptive_condition_mlp_expansion)
         _probability("layer_dropout", self.layer_dropout)
         _probability("cross_attn_tokens_dropout", self.cross_attn_tokens_dropout)
         _positive_number("norm_eps", self.norm_eps)
@@ -519,7 +528,9 @@ REQUIRES = {
     "rotary_interpolation_factor": "rotary_pos_emb", "rotary_base_rescale_factor": "rotary_pos_emb",
     "dynamic_pos_bias_log_distance": "dynamic_pos_bias", "dynamic_pos_bias_mlp_depth": "dynamic_pos_bias",
     "dynamic_pos_bias_norm": "dynamic_pos_bias", "rotary_xpos_scale_base": "rotary_xpos",
+    "adaptive_condition_mlp_expansion": "adaptive_condition_mlp",
 }
+ADAPTIVE = ("use_adaptive_layernorm", "use_adaptive_rmsnorm", "use_adaptive_layerscale")
 
 
 def check_given(kwargs: dict[str, Any]):
@@ -527,6 +538,10 @@ def check_given(kwargs: dict[str, Any]):
     for sub, feature in REQUIRES.items():
         if sub in kwargs and kwargs.get(feature) is not True:
             raise ValueError(f"{sub} configures {feature}, which is off; set {feature}=True as well, or drop {sub}")
+    for sub in ("dim_condition", "adaptive_condition_mlp"):  # they configure any of three features
+        if kwargs.get(sub) not in (None, False) and not any(kwargs.get(f) is True for f in ADAPTIVE):
+            raise ValueError(f"{sub} configures the condition of {' / '.join(ADAPTIVE)}, none of which is on; "
+                             f"switch one on, or drop {sub}")
 
 
 def _kind(where: str, kwargs: dict) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .config import SCORE_FEATURES, ConfigConflictError
+from .config import ADAPTIVE, SCORE_FEATURES, ConfigConflictError
 
 KINDS = ("decoder", "encoder", "cross", "funnel", "xtransformer", "wrapper")
 STACK_KINDS = ("decoder", "encoder", "cross", "funnel", "xtransformer")
@@ -166,6 +166,16 @@ for _f in ("use_dynamic_tanh", "use_derf"):
                 example={_n: True, _f: True})
     declare(_f, "use_rezero", when=lambda s, f=_f: on(s, f) and on(s, "use_rezero"),
             reason="ReZero has no norms for it to replace", example={_f: True, "use_rezero": True})
+# adaptive norms (adaptive.py) replace every norm; the funnel and XTransformer forwards take no condition
+for _a, _others in (("use_adaptive_layernorm", _NORMS + ("use_dynamic_tanh", "use_derf", "use_adaptive_rmsnorm")),
+                    ("use_adaptive_rmsnorm", _NORMS + ("use_dynamic_tanh", "use_derf")), ("use_layerscale", ())):
+    for _n in _others + ("use_rezero",) if _a != "use_layerscale" else ("use_adaptive_layerscale",):
+        declare(_a, _n, when=lambda s, a=_a, n=_n: on(s, a) and on(s, n), example={_a: True, _n: True},
+                reason="choose one norm (ReZero has none to condition)" if _a != "use_layerscale" else "choose one")
+for _a in ADAPTIVE:
+    declare(_a, "FunnelEncoder / XTransformer", when=lambda s, a=_a: any(on(s, p + a) for p in ("", "enc_", "dec_")),
+            reason="their forward takes no condition; use a Decoder / Encoder / CrossAttender under a wrapper",
+            example={_a: True}, kinds=("funnel", "xtransformer"))
 declare("use_dynamic_tanh", "use_derf", when=lambda s: on(s, "use_dynamic_tanh") and on(s, "use_derf"),
         reason="choose one norm", example=dict(use_dynamic_tanh=True, use_derf=True))
 declare("use_dynamic_tanh", "pre_norm=False", when=lambda s: on(s, "use_dynamic_tanh") and off(s, "pre_norm"),

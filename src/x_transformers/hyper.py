@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adaptive import apply_norm
 from .residual import Residual
 
 
@@ -75,7 +76,7 @@ class HyperResidual(Residual):
             return x, None  # layer dropout skips the whole layer, its stream mixing included
         x = mixed + write[..., None] * out[..., None, :]
         if self.post_norm is not None:
-            x = self.post_norm(x)
+            x = apply_norm(self.post_norm, x, kwargs.get("condition"))
         return x, extra
 
     def extra_repr(self):

@@ -20,7 +20,8 @@ from .hub import Pretrained
 from . import checks
 from .attention import Attention
 from .blocks import ForwardContext, ScoreCarry, UNetSkips, run_sequential
-from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
+from .adaptive import Conditioning, apply_norm
+from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
@@ -204,7 +205,15 @@ class AttentionLayers(Pretrained, nn.Module):
         self.placement = placement
         norm_options = dict(init_alpha=cfg.dynamic_tanh_init_alpha) if cfg.use_dynamic_tanh else {}
 
+        # adaptive norms / branch scales read a condition (adaptive.py), checked and prepared per forward
+        adaptive = any(getattr(cfg, f) for f in ADAPTIVE)
+        self.conditioning = cond = Conditioning(cfg, dim) if adaptive else None
+        if cond is not None and cond.norm is not None:
+            self.norm_name = f"adaptive_{cond.norm}"
+
         def make():
+            if cond is not None and cond.norm is not None:
+                return cond.make_norm()
             return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, **norm_options)
 
         # a number for scale_residual / depth_scale_residual scales every branch (upstream's Scale)
@@ -231,7 +240,8 @@ class AttentionLayers(Pretrained, nn.Module):
             options = dict(placement=placement, make_norm=make, scale=spec.scale * branch_scale,
                            shifts=shift_amounts(shifts[index], cfg.causal),
                            layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
-                           layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None)
+                           layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None,
+                           adaptive_scale=cond.make_layerscale() if cond is not None else None)
             if cfg.num_residual_streams > 1:
                 blocks.append(HyperResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
                                             sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters, **options))
@@ -422,10 +432,10 @@ class AttentionLayers(Pretrained, nn.Module):
             x = softclamp(x, self.cfg.softclamp_output_value)
         if self.stream_emb is not None:
             x = x.sum(dim=-2)
-        return self.final_norm(x) if self.final_norm is not None else x
+        return apply_norm(self.final_norm, x, ctx.condition) if self.final_norm is not None else x
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
-                return_attn: bool = False, attn_mask=None):
+                return_attn: bool = False, attn_mask=None, condition=None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -433,6 +443,7 @@ class AttentionLayers(Pretrained, nn.Module):
         cache: a :class:`~x_transformers.cache.KVCache`, read and extended in place.
         attn_mask: (b|1, 1, n, n) bool, which query may see which key (True = may), ANDed with
         ``mask`` and the stack's causality; no cache.
+        condition: (b, dim_condition) or (b, n, dim_condition), for adaptive norms / scales only.
         """
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
@@ -458,6 +469,11 @@ class AttentionLayers(Pretrained, nn.Module):
 
         ctx = self.forward_context(positions, key_positions=key_positions, self_mask=self_mask, context=context,
                                    context_mask=context_mask, cache=cache, need_weights=return_attn)
+        if self.conditioning is not None:
+            ctx = replace(ctx, condition=self.conditioning(condition, b, n))
+        elif condition is not None:
+            raise ValueError("condition was given but this stack has no adaptive norm or scale "
+                             "(use_adaptive_layernorm / use_adaptive_rmsnorm / use_adaptive_layerscale)")
         attns = [] if return_attn else None
         x = self.run(x, ctx, attns)
 
