@@ -103,9 +103,9 @@ _FF_NOT_YET: dict = {}
 _LAYERS_NOT_YET = dict(
     rotate_num_heads=None, polar_pos_emb=False, polar_bias_uniform_init=False,
     attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
-    orthog_residual=False, mv_split_residual=False, gated_multi_residual=False, integrate_layers=False,
+    gated_multi_residual=False, integrate_layers=False,
     layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False, add_value_residual=False,
-    learned_value_residual_mix=True, rel_pos_kwargs={}, residual_fn_kwargs={},
+    learned_value_residual_mix=True, rel_pos_kwargs={},
 )
 _WRAPPER_NOT_YET = dict(
     max_mem_len=0, shift_mem_down=0, recycling=False,

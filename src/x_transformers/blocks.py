@@ -110,6 +110,8 @@ def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: 
         kwargs["shift_mask"] = ctx.token_mask
     if ctx.condition is not None:
         kwargs["condition"] = ctx.condition
+    if getattr(block, "update", None) is not None and not branch_only:
+        kwargs["seq_mask"] = ctx.token_mask
     return call(x, **kwargs)
 
 

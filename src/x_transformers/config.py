@@ -82,6 +82,24 @@ def check_types(cls, kwargs: dict[str, Any], prefix: str = ""):
             raise ValueError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
 
 
+def _check_residual_fn_kwargs(cfg):
+    given = cfg.residual_fn_kwargs
+    if given is None:
+        return
+    allowed = ("init_alpha", "init_beta", "learned")  # residual_updates.MeanVariationSplit's
+    if not isinstance(given, dict) or set(given) - set(allowed):
+        raise ValueError(f"residual_fn_kwargs must be a dict with keys among {allowed} (mv_split_residual's), "
+                         f"got {given!r}")
+    if given and not cfg.mv_split_residual:
+        raise ValueError("residual_fn_kwargs configures mv_split_residual, which is off; set mv_split_residual=True "
+                         "as well, or drop residual_fn_kwargs")
+    if not isinstance(given.get("learned", False), bool) or not all(
+            isinstance(given.get(k, 0.0), (int, float)) and not isinstance(given.get(k, 0.0), bool)
+            and math.isfinite(given.get(k, 0.0)) for k in ("init_alpha", "init_beta")):
+        raise ValueError(f"residual_fn_kwargs: learned must be True or False and init_alpha / init_beta finite "
+                         f"numbers, got {given!r}")
+
+
 def _positive_number(name: str, value):
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -308,6 +326,9 @@ class LayersConfig:
     learned_reinject_input_gate: bool = False  # ... gated per token by sigmoid(w . x)
     num_residual_streams: int = 1  # hyper-connections, 2409.19606 (1: the plain residual)
     hyper_conn_sinkhorn_iters: int = 5  # Sinkhorn iterations of the stream mixing (mHC, 2512.24880)
+    orthog_residual: bool = False  # only the update's part orthogonal to the stream is added, 2505.11881
+    mv_split_residual: bool = False  # the update's sequence mean and variation get separate gains, 2605.06169
+    residual_fn_kwargs: dict | None = None  # mv_split_residual's init_alpha, init_beta, learned
     residual_attn: bool = False  # each self-attention adds the previous one's pre-softmax scores, RealFormer 2012.11747
     cross_residual_attn: bool = False  # ... and each cross-attention the previous cross-attention's
     # layer layout
@@ -353,6 +374,7 @@ class LayersConfig:
         _positive_int("heads", self.heads)
         _positive_int("dim_context", self.dim_context, allow_none=True)
         _positive_int("dim_condition", self.dim_condition, allow_none=True)
+        _check_residual_fn_kwargs(self)
         _positive_int("adaptive_condition_mlp_expansion", self.adaptive_condition_mlp_expansion)
         _probability("layer_dropout", self.layer_dropout)
         _probability("cross_attn_tokens_dropout", self.cross_attn_tokens_dropout)

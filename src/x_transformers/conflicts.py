@@ -244,6 +244,12 @@ declare("rotary_xpos", "causal=False", when=lambda s: on(s, "rotary_xpos") and n
 
 # hyper-connections (2409.19606) replace the one skip path by s mixed streams
 _STREAMS = lambda s: isinstance(s.get("num_residual_streams"), int) and s["num_residual_streams"] > 1
+# orthog_residual / mv_split_residual (residual_updates.py) replace the sum x + f, as these do in their own way
+for _k in ("orthog_residual", "mv_split_residual"):
+    for _o, _ex in (("gate_residual", True), ("num_residual_streams", 2), ("reversible", True),
+                    ("mv_split_residual", True))[:4 if _k == "orthog_residual" else 3]:
+        declare(_k, _o, when=lambda s, k=_k, o=_o: on(s, k) and (_STREAMS(s) if o == "num_residual_streams" else on(s, o)),
+                reason="both replace the plain sum x + f(x) of a residual branch; choose one", example={_k: True, _o: _ex})
 for _k, _ex in (("reversible", True), ("gate_residual", True), ("scale_residual", True),
                 ("scale_residual_constant", 0.5)):
     _when = (lambda s, k=_k: _STREAMS(s) and s.get(k, 1.0) != 1.0) if _k == "scale_residual_constant" else \

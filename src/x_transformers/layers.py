@@ -27,6 +27,7 @@ from .norms import make_norm
 from .positional import AlibiPositionalBias, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .hyper import HyperResidual
 from .residual import Residual, shift_amounts
+from .residual_updates import make_update
 from .reversible import ReversibleStack
 
 
@@ -247,7 +248,8 @@ class AttentionLayers(Pretrained, nn.Module):
                                             sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters, **options))
             else:
                 blocks.append(Residual(fn, skip_scale=cfg.scale_residual is True,
-                                       skip_constant=cfg.scale_residual_constant, gru=cfg.gate_residual, **options))
+                                       skip_constant=cfg.scale_residual_constant, gru=cfg.gate_residual,
+                                       update=make_update(cfg, dim), **options))
         # repeated entries are one module (weight tying): parameters() counts it once
         self.blocks = nn.ModuleList(blocks[i] for i in order)
         has_final = placement in ("pre", "sandwich") and cfg.pre_norm_has_final_norm and not cfg.pre_and_post_norm
@@ -399,7 +401,7 @@ class AttentionLayers(Pretrained, nn.Module):
         positions (keys at ``key_positions``, default the same), masks as (b, 1, 1, m)."""
         key_positions = positions if key_positions is None else key_positions
         token_mask = None  # (b, n): which new tokens are kept (token shifting zeroes the others)
-        if self.cfg.shift_tokens and self_mask is not None:
+        if (self.cfg.shift_tokens or self.cfg.mv_split_residual) and self_mask is not None:
             n = positions.shape[-1]
             token_mask = self_mask[:, 0, 0, -n:] if self_mask.shape[-2] == 1 else \
                 self_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # (an attn_mask's diagonal: each token itself)
@@ -452,6 +454,9 @@ class AttentionLayers(Pretrained, nn.Module):
                 raise ValueError("attn_mask cannot be combined with a cache (it is over this call's n x n pairs)")
             check_attn_mask(attn_mask, b, n)
 
+        if cache is not None and self.cfg.mv_split_residual:
+            raise ValueError("mv_split_residual takes means over every earlier token, which a key/value cache does "
+                             "not keep; decode without a cache (cache_kv=False)")
         if cache is not None and self.cfg.shift_tokens:
             raise ValueError("shift_tokens mixes each token with its predecessors' features, which a key/value cache "
                              "does not keep; decode without a cache (cache_kv=False)")

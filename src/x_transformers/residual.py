@@ -49,6 +49,8 @@ class Residual(nn.Module):
     ``gru``: the sum is replaced by a GRU cell reading the branch as input and the skip path as
     hidden state (``gate_residual``, GTrXL 1910.06764).
     ``inject``: a tensor added to the branch's input only (``reinject_input``), given per call.
+    ``update``: a module (out, skip, seq_mask) -> new x in place of the sum (``orthog_residual``,
+    ``mv_split_residual``: residual_updates.py).
     ``adaptive_scale``: an :class:`~x_transformers.adaptive.AdaptiveLayerScale` gating the branch by
     the condition; ``condition`` (b, 1|n, c), given per call, also reaches adaptive norms.
     """
@@ -56,7 +58,8 @@ class Residual(nn.Module):
     def __init__(self, fn: nn.Module, *, placement: str, make_norm, scale: float = 1.0, layer_dropout: float = 0.0,
                  post_norm: bool = False, dim: int | None = None, layerscale: float | None = None,
                  skip_scale: bool = False, skip_constant: float = 1.0, gru: bool = False,
-                 shifts: tuple[int, ...] | None = None, adaptive_scale: nn.Module | None = None):
+                 shifts: tuple[int, ...] | None = None, adaptive_scale: nn.Module | None = None,
+                 update: nn.Module | None = None):
         super().__init__()
         self.fn = fn
         self.placement = placement
@@ -72,9 +75,11 @@ class Residual(nn.Module):
         self.gru = nn.GRUCell(dim, dim) if gru else None
         self.shifts = shifts  # token shift of the branch input (shift_tokens, as RWKV's token shift)
         self.adaptive_scale = adaptive_scale
+        self.update = update  # how the branch enters the stream when not by a sum (residual_updates.py)
 
-    def forward(self, x, *args, **kwargs):
-        """Returns (new x, whatever f returned beside its output, or None)."""
+    def forward(self, x, *args, seq_mask=None, **kwargs):
+        """Returns (new x, whatever f returned beside its output, or None). ``seq_mask`` (b, n): the
+        kept tokens, for an update that takes means over the sequence."""
         out, extra = self.branch(x, *args, **kwargs)
         condition = kwargs.get("condition")
         if out is None:
@@ -84,7 +89,9 @@ class Residual(nn.Module):
             skip = skip * self.skip_scale
         if self.skip_constant != 1.0:
             skip = skip * self.skip_constant
-        if self.gru is not None:  # position-wise: every token's channels are one GRU step
+        if self.update is not None:
+            x = self.update(out, skip, seq_mask)
+        elif self.gru is not None:  # position-wise: every token's channels are one GRU step
             x = self.gru(out.reshape(-1, out.shape[-1]), skip.reshape(-1, skip.shape[-1])).view_as(out)
         else:
             x = skip + out

@@ -49,3 +49,7 @@ register("cross_attn_tokens_dropout", layers=dict(cross_attn_tokens_dropout=0.25
 # kept to the kinds that exercise them, to keep the pairwise rows few
 register("residual_attn", layers=dict(residual_attn=True, cross_residual_attn=True), kinds=("decoder",))
 register("rotary_xpos", layers=dict(rotary_xpos=True, rotary_xpos_scale_base=16), group="relpos", kinds=("decoder",))
+register("orthog_residual", layers=dict(orthog_residual=True), kinds=("decoder",))
+# (the learned gains read the update's mean: zero while ReZero's gate closes the branch)
+register("mv_split_residual", layers=dict(mv_split_residual=True, residual_fn_kwargs=dict(learned=True)),
+         kinds=("encoder",), zero_init=("update.",))
