@@ -129,3 +129,17 @@ def test_xpos_is_causal_only_and_switches_rotary_on():
     assert d.rotary.xpos_scale_base == 64 and d.has_relative_positions
     with pytest.raises(ValueError, match="rotary_xpos"):
         Decoder(dim=DIM, depth=1, heads=H, rotary_xpos_scale_base=64)
+
+
+def test_rel_pos_kwargs_give_alibi_its_own_slopes():
+    torch.manual_seed(0)
+    own = Decoder(dim=DIM, depth=1, heads=2, attn_dim_head=8, alibi_pos_bias=True, rel_pos_kwargs=dict(slopes=[1, 0.25]))
+    pos = torch.arange(4)[None]
+    dist = (pos[0, :, None] - pos[0, None, :]).abs().float()
+    torch.testing.assert_close(own.rel_pos(pos, pos)[0], -torch.stack((dist, 0.25 * dist)))
+    Decoder(dim=DIM, depth=1, heads=2, rel_pos_kwargs={})  # upstream's default spelled out
+    for bad in (dict(slopes=[1.0]), dict(scale=2)):
+        with pytest.raises(ValueError, match="rel_pos_kwargs"):
+            Decoder(dim=DIM, depth=1, heads=2, alibi_pos_bias=True, rel_pos_kwargs=bad)
+    with pytest.raises(ValueError, match="alibi_pos_bias=True"):
+        Decoder(dim=DIM, depth=1, heads=2, rel_pos_kwargs=dict(slopes=[1, 1]))

@@ -105,7 +105,7 @@ _LAYERS_NOT_YET = dict(
     attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
     gated_multi_residual=False, integrate_layers=False,
     layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False, add_value_residual=False,
-    learned_value_residual_mix=True, rel_pos_kwargs={},
+    learned_value_residual_mix=True,
 )
 _WRAPPER_NOT_YET = dict(
     max_mem_len=0, shift_mem_down=0, recycling=False,

@@ -100,6 +100,21 @@ def _check_residual_fn_kwargs(cfg):
                          f"numbers, got {given!r}")
 
 
+def _check_rel_pos_kwargs(cfg):
+    given = cfg.rel_pos_kwargs
+    if not given:  # None, or upstream's default {} spelled out
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"rel_pos_kwargs must be a dict, got {given!r}")
+        return
+    if not isinstance(given, dict) or set(given) != {"slopes"} or not cfg.alibi_pos_bias:
+        raise ValueError(f"rel_pos_kwargs takes ALiBi's slopes only, dict(slopes=[one per ALiBi head]), with "
+                         f"alibi_pos_bias=True; got {given!r}")
+    slopes, n = given["slopes"], cfg.alibi_num_heads or cfg.heads
+    if not isinstance(slopes, (list, tuple)) or len(slopes) != n or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in slopes):
+        raise ValueError(f"rel_pos_kwargs slopes must be {n} finite numbers (one per ALiBi head), got {slopes!r}")
+
+
 def _positive_number(name: str, value):
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -353,6 +368,7 @@ class LayersConfig:
     rotary_xpos_scale_base: float = 512.0
     alibi_pos_bias: bool = False  # 2108.12409
     alibi_num_heads: int | None = None
+    rel_pos_kwargs: dict | None = None  # upstream's extra position-bias options: ALiBi's own slopes, dict(slopes=[...])
     rel_pos_bias: bool = False  # T5, 1910.10683
     rel_pos_num_buckets: int = 32
     rel_pos_max_distance: int = 128
@@ -375,6 +391,7 @@ class LayersConfig:
         _positive_int("dim_context", self.dim_context, allow_none=True)
         _positive_int("dim_condition", self.dim_condition, allow_none=True)
         _check_residual_fn_kwargs(self)
+        _check_rel_pos_kwargs(self)
         _positive_int("adaptive_condition_mlp_expansion", self.adaptive_condition_mlp_expansion)
         _probability("layer_dropout", self.layer_dropout)
         _probability("cross_attn_tokens_dropout", self.cross_attn_tokens_dropout)

@@ -273,7 +273,7 @@ class AttentionLayers(Pretrained, nn.Module):
                                           xpos_scale_base=cfg.rotary_xpos_scale_base if cfg.rotary_xpos else None)
         self.rel_pos = None
         if cfg.alibi_pos_bias:
-            self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads)
+            self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads, **(cfg.rel_pos_kwargs or {}))
         elif cfg.dynamic_pos_bias:
             self.rel_pos = DynamicPositionBias(dim // 4, heads, depth=cfg.dynamic_pos_bias_mlp_depth,
                                                log_distance=cfg.dynamic_pos_bias_log_distance,

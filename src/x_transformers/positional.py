@@ -158,12 +158,14 @@ def alibi_slopes(heads: int) -> list[float]:
 
 
 class AlibiPositionalBias(nn.Module):
-    """ALiBi (2108.12409): score bias -slope_h * |i - j|; heads beyond ``alibi_heads`` get none."""
+    """ALiBi (2108.12409): score bias -slope_h * |i - j|; heads beyond ``alibi_heads`` get none.
+    ``slopes``: the ALiBi heads' own slopes instead of the paper's geometric ones."""
 
-    def __init__(self, heads: int, alibi_heads: int | None = None):
+    def __init__(self, heads: int, alibi_heads: int | None = None, slopes=None):
         super().__init__()
         alibi_heads = alibi_heads or heads
-        slopes = torch.tensor(alibi_slopes(alibi_heads) + [0.0] * (heads - alibi_heads))
+        own = alibi_slopes(alibi_heads) if slopes is None else [float(v) for v in slopes]
+        slopes = torch.tensor(own + [0.0] * (heads - alibi_heads))
         self.register_buffer("slopes", slopes.view(1, heads, 1, 1), persistent=False)
 
     def forward(self, q_pos, k_pos):
