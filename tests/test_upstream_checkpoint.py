@@ -100,6 +100,8 @@ CONFIGS = [
     C("encoder_padding_mask_t5", "Encoder", up=dict(rel_pos_bias=True), mask=True),
     C("decoder_cross_attend", up=dict(cross_attend=True), context=True),
     C("decoder_residual_attn_xpos", up=dict(residual_attn=True, rotary_xpos=True, rotary_xpos_scale_base=8, **ROT)),
+    C("decoder_polar", up=dict(polar_pos_emb=True)),
+    C("encoder_polar_masked", "Encoder", up=dict(polar_pos_emb=True), mask=True),
     C("decoder_cross_residual_attn", up=dict(cross_attend=True, residual_attn=True, cross_residual_attn=True),
       context=True),
     C("decoder_kitchen_sink", up=dict(attn_kv_heads=2, attn_num_mem_kv=2, attn_qk_norm=True, ff_glu=True,

@@ -50,10 +50,12 @@ class ForwardContext:
     # residual attention (RealFormer): the last self- / cross-attention block's scores, fresh per run
     self_scores: "ScoreCarry | None" = None
     cross_scores: "ScoreCarry | None" = None
+    polar_angles: Tensor | None = None  # (b|1, 1, n, d) PoPE's angles at the new positions (positional.py)
+    polar_bias: Tensor | None = None  # (1, h, 1, d) PoPE's learned key phase
     condition: Tensor | None = None  # (b, 1|n, c) the adaptive norms' and scales' condition (adaptive.py)
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
-    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition")
+    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
 
     def differentiable(self) -> dict[str, Tensor]:
         """The differentiable tensors this context carries, score mods materialised."""
@@ -84,6 +86,8 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
                     kv_rotary=ctx.kv_rotary, need_weights=ctx.need_weights)
     out = dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
                need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions))
+    if ctx.polar_angles is not None:
+        out["polar"] = (ctx.polar_angles, ctx.polar_bias)
     return out if ctx.self_scores is None else dict(out, residual_scores=ctx.self_scores)
 
 

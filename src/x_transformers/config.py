@@ -366,6 +366,8 @@ class LayersConfig:
     rotary_base_rescale_factor: float = 1.0  # NTK-aware base scaling, base * factor ** (r / (r - 2))
     rotary_xpos: bool = False  # xPos, rotary with a decaying per-channel scale (causal only), 2212.10554
     rotary_xpos_scale_base: float = 512.0
+    polar_pos_emb: bool = False  # PoPE: magnitudes from content, angles from position, 2509.10534
+    polar_bias_uniform_init: bool = False  # PoPE's learned key phase starts uniform in [-2 pi, 0] (else 0)
     alibi_pos_bias: bool = False  # 2108.12409
     alibi_num_heads: int | None = None
     rel_pos_kwargs: dict | None = None  # upstream's extra position-bias options: ALiBi's own slopes, dict(slopes=[...])
@@ -453,7 +455,8 @@ class LayersConfig:
 
     @property
     def has_relative_positions(self) -> bool:
-        return self.rotary_pos_emb or self.alibi_pos_bias or self.rel_pos_bias or self.dynamic_pos_bias
+        return self.rotary_pos_emb or self.alibi_pos_bias or self.rel_pos_bias or self.dynamic_pos_bias \
+            or self.polar_pos_emb
 
     @property
     def has_positions(self) -> bool:
@@ -466,7 +469,7 @@ class LayersConfig:
         default with rotary or T5 bias (not ALiBi); with TUPE, which replaces them."""
         if self.disable_abs_pos_emb is not None:
             return self.disable_abs_pos_emb
-        return self.rotary_pos_emb or self.rel_pos_bias or self.tupe
+        return self.rotary_pos_emb or self.rel_pos_bias or self.tupe or self.polar_pos_emb
 
     def rotary_dim(self, dim_head: int) -> int:
         """Rotated channels per head: rotary_emb_dim, else half the head dimension (upstream's
@@ -567,7 +570,7 @@ REQUIRES = {
     "rotary_interpolation_factor": "rotary_pos_emb", "rotary_base_rescale_factor": "rotary_pos_emb",
     "dynamic_pos_bias_log_distance": "dynamic_pos_bias", "dynamic_pos_bias_mlp_depth": "dynamic_pos_bias",
     "dynamic_pos_bias_norm": "dynamic_pos_bias", "rotary_xpos_scale_base": "rotary_xpos",
-    "adaptive_condition_mlp_expansion": "adaptive_condition_mlp",
+    "adaptive_condition_mlp_expansion": "adaptive_condition_mlp", "polar_bias_uniform_init": "polar_pos_emb",
 }
 ADAPTIVE = ("use_adaptive_layernorm", "use_adaptive_rmsnorm", "use_adaptive_layerscale")
 

@@ -238,6 +238,19 @@ for _k in ("residual_attn", "cross_residual_attn"):
     declare(_k, "attn_backend", when=lambda s, k=_k: on(s, k) and forced(s), example={_k: True, "attn_backend": "sdpa"},
             reason="the scores are added and passed on, which only the explicit backend computes; use "
                    "attn_backend='auto' (it falls back) or 'explicit'")
+# PoPE (polar_pos_emb) rewrites queries and keys into 2 d channels of magnitudes and angles
+for _o, _ex, _why in (("rotary_pos_emb", True, "choose one way of putting positions into q and k"),
+                      ("tupe", True, "TUPE keeps position out of the word-to-word term, which PoPE puts it into"),
+                      ("attn_num_mem_kv", 2, "memory keys have no position and PoPE's width"),
+                      ("attn_shared_qk", True, "the keys are the queries, which PoPE transforms differently"),
+                      ("attn_kv_heads", 2, "the learned key phase is per query head"),
+                      ("only_cross", True, "a cross-attention-only stack has no self-attention for it")):
+    declare("polar_pos_emb", _o, when=lambda s, o=_o: on(s, "polar_pos_emb") and on(s, o) and not (
+                o == "attn_kv_heads" and s[o] in head_counts(s)), reason=_why,
+            example={"polar_pos_emb": True, _o: _ex, **({"tupe_max_seq_len": 16} if _o == "tupe" else {})},
+            kinds=("encoder", "cross") if _o == "only_cross" else STACK_KINDS)
+declare("polar_pos_emb", "FunnelEncoder", when=lambda s: on(s, "polar_pos_emb"), example=dict(polar_pos_emb=True),
+        reason="the funnel's pooled queries read keys at other positions, which PoPE is not given", kinds=("funnel",))
 declare("rotary_xpos", "causal=False", when=lambda s: on(s, "rotary_xpos") and not on(s, "causal"),
         reason="xPos scales keys by zeta ** (-position), so keys ahead of a query would grow without bound "
                "(upstream refuses it too); use rotary_pos_emb", example=dict(rotary_xpos=True), kinds=("encoder", "funnel"))

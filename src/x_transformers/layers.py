@@ -24,7 +24,7 @@ from .adaptive import Conditioning, apply_norm
 from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
-from .positional import AlibiPositionalBias, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
+from .positional import AlibiPositionalBias, PolarEmbedding, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .hyper import HyperResidual
 from .residual import Residual, shift_amounts
 from .residual_updates import make_update
@@ -237,7 +237,8 @@ class AttentionLayers(Pretrained, nn.Module):
                 fn = FeedForward(dim, ff_cfg)
             else:
                 fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
-                               cross=spec.kind == "c", dim_context=cfg.dim_context)
+                               cross=spec.kind == "c", dim_context=cfg.dim_context,
+                               polar=cfg.polar_pos_emb and spec.kind == "a")
             options = dict(placement=placement, make_norm=make, scale=spec.scale * branch_scale,
                            shifts=shift_amounts(shifts[index], cfg.causal),
                            layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
@@ -271,6 +272,7 @@ class AttentionLayers(Pretrained, nn.Module):
                                           interpolation_factor=cfg.rotary_interpolation_factor,
                                           base_rescale_factor=cfg.rotary_base_rescale_factor,
                                           xpos_scale_base=cfg.rotary_xpos_scale_base if cfg.rotary_xpos else None)
+        self.polar = PolarEmbedding(dim_head, heads, cfg.polar_bias_uniform_init) if cfg.polar_pos_emb else None
         self.rel_pos = None
         if cfg.alibi_pos_bias:
             self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads, **(cfg.rel_pos_kwargs or {}))
@@ -405,8 +407,9 @@ class AttentionLayers(Pretrained, nn.Module):
             n = positions.shape[-1]
             token_mask = self_mask[:, 0, 0, -n:] if self_mask.shape[-2] == 1 else \
                 self_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # (an attn_mask's diagonal: each token itself)
+        angles, phase = self.polar(positions) if self.polar is not None else (None, None)
         return ForwardContext(
-            positions=positions, key_positions=key_positions, self_mask=self_mask, token_mask=token_mask,
+            polar_angles=angles, polar_bias=phase, positions=positions, key_positions=key_positions, self_mask=self_mask, token_mask=token_mask,
             rotary=self.rotary(positions) if self.rotary is not None else None,
             score_mod=self.score_mod(positions, key_positions),
             context=context, context_mask=context_mask[:, None, None, :] if context_mask is not None else None,

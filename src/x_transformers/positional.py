@@ -143,6 +143,39 @@ def apply_rotary(x, cos, sin, scale=None):
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
+class PolarEmbedding(nn.Module):
+    """PoPE, polar position embedding (2509.10534): channel c of a query at position p becomes the
+    pair softplus(q_c) * (cos, sin)(p * theta_c), of a key softplus(k_c) * (cos, sin)(p * theta_c + delta_hc),
+    theta_c = base ** (-c / d) for every channel c < d (heads twice as wide), so
+    ``q'_i . k'_j = sum_c softplus(q_c) softplus(k_c) cos((i - j) theta_c - delta_hc)``: magnitudes
+    carry content, angles position only. delta (h, 1, d), learned, clamped to [-2 pi, 0], from 0
+    (``polar_bias_uniform_init``: uniform in that range)."""
+
+    def __init__(self, dim_head: int, heads: int, bias_uniform_init: bool = False, base: float = 10000.0):
+        super().__init__()
+        self.dim_head, self.base = dim_head, base
+        self.learned_bias = nn.Parameter(torch.zeros(heads, 1, dim_head))
+        if bias_uniform_init:
+            with torch.no_grad():
+                self.learned_bias.uniform_(-2 * math.pi, 0.0)
+
+    @property
+    def inv_freq(self):
+        d = self.dim_head  # (computed, not a buffer: float32 whatever the model's dtype, as rotary's)
+        return 1.0 / self.base ** (torch.arange(d, dtype=torch.float32) / d)
+
+    def forward(self, positions):
+        """(b|1, n) positions -> angles (b|1, 1, n, d) float32, key phase (1, h, 1, d)."""
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)  # (b, n, d)
+        return angles[:, None], self.learned_bias.float().clamp(-2 * math.pi, 0.0)[None]
+
+
+def apply_polar(t, angles):
+    """t (b, h, n, d) -> (b, h, n, 2 d): softplus(t) times cos and sin of the angles (float32 math)."""
+    mag = F.softplus(t.float())
+    return torch.cat((mag * angles.cos(), mag * angles.sin()), dim=-1).to(t.dtype)
+
+
 def alibi_slopes(heads: int) -> list[float]:
     """The ALiBi paper's geometric slopes 2^(-8i/n); for a non-power-of-two count, the slopes of
     the nearest lower power of two followed by every other slope of the next power of two."""

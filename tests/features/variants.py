@@ -53,3 +53,4 @@ register("orthog_residual", layers=dict(orthog_residual=True), kinds=("decoder",
 # (the learned gains read the update's mean: zero while ReZero's gate closes the branch)
 register("mv_split_residual", layers=dict(mv_split_residual=True, residual_fn_kwargs=dict(learned=True)),
          kinds=("encoder",), zero_init=("update.",))
+register("polar_pos_emb", layers=dict(polar_pos_emb=True, polar_bias_uniform_init=True), kinds=("decoder",))
