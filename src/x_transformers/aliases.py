@@ -102,8 +102,7 @@ _ATTN_NOT_YET = dict(
 _FF_NOT_YET: dict = {}
 _LAYERS_NOT_YET = dict(
     rotate_num_heads=None,
-    attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
-    gated_multi_residual=False, integrate_layers=False,
+    attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={}, integrate_layers=False,
     layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False, add_value_residual=False,
     learned_value_residual_mix=True,
 )

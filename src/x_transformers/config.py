@@ -84,6 +84,13 @@ def check_types(cls, kwargs: dict[str, Any], prefix: str = ""):
 
 def _check_residual_fn_kwargs(cfg):
     given = cfg.residual_fn_kwargs
+    if cfg.gated_multi_residual:  # hyper.GatedMultiResidual's read_gate_rank, required (as upstream)
+        rank = (given or {}).get("read_gate_rank")
+        if not isinstance(given, dict) or set(given) != {"read_gate_rank"} or isinstance(rank, bool) \
+                or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"gated_multi_residual needs residual_fn_kwargs=dict(read_gate_rank=r), r >= 1, and "
+                             f"nothing else; got {given!r}")
+        return
     if given is None:
         return
     allowed = ("init_alpha", "init_beta", "learned")  # residual_updates.MeanVariationSplit's
@@ -342,6 +349,7 @@ class LayersConfig:
     num_residual_streams: int = 1  # hyper-connections, 2409.19606 (1: the plain residual)
     hyper_conn_sinkhorn_iters: int = 5  # Sinkhorn iterations of the stream mixing (mHC, 2512.24880)
     orthog_residual: bool = False  # only the update's part orthogonal to the stream is added, 2505.11881
+    gated_multi_residual: bool = False  # s streams, gated reads and writes, no mixing (hyper.py; Qwen's gated residual)
     mv_split_residual: bool = False  # the update's sequence mean and variation get separate gains, 2605.06169
     residual_fn_kwargs: dict | None = None  # mv_split_residual's init_alpha, init_beta, learned
     residual_attn: bool = False  # each self-attention adds the previous one's pre-softmax scores, RealFormer 2012.11747

@@ -255,6 +255,15 @@ declare("rotary_xpos", "causal=False", when=lambda s: on(s, "rotary_xpos") and n
         reason="xPos scales keys by zeta ** (-position), so keys ahead of a query would grow without bound "
                "(upstream refuses it too); use rotary_pos_emb", example=dict(rotary_xpos=True), kinds=("encoder", "funnel"))
 
+# gated_multi_residual (hyper.py) reads its normalised streams and adds to each: no other skip treatment
+for _o, _ex in (("gate_residual", True), ("orthog_residual", True), ("mv_split_residual", True), ("reversible", True),
+                ("sandwich_norm", True), ("pre_norm", False), ("scale_residual", True), ("scale_residual_constant", 0.5),
+                ("use_rezero", True)):
+    declare("gated_multi_residual", "pre_norm=False" if _ex is False else _o, example={"gated_multi_residual": True, _o: _ex,
+            "residual_fn_kwargs": {"read_gate_rank": 2}}, reason="its streams are read through their own norm and "
+            "written by gates; this keyword would change a skip path or norm it does not have",
+            when=lambda s, o=_o, ex=_ex: on(s, "gated_multi_residual") and (
+                s.get(o, 1.0) != 1.0 if o == "scale_residual_constant" else s.get(o) is ex))
 # hyper-connections (2409.19606) replace the one skip path by s mixed streams
 _STREAMS = lambda s: isinstance(s.get("num_residual_streams"), int) and s["num_residual_streams"] > 1
 # orthog_residual / mv_split_residual (residual_updates.py) replace the sum x + f, as these do in their own way

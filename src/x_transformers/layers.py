@@ -25,7 +25,7 @@ from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, 
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, PolarEmbedding, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
-from .hyper import HyperResidual
+from .hyper import GatedMultiResidual, HyperResidual
 from .residual import Residual, shift_amounts
 from .residual_updates import make_update
 from .reversible import ReversibleStack
@@ -244,7 +244,10 @@ class AttentionLayers(Pretrained, nn.Module):
                            layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
                            layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None,
                            adaptive_scale=cond.make_layerscale() if cond is not None else None)
-            if cfg.num_residual_streams > 1:
+            if cfg.gated_multi_residual:
+                blocks.append(GatedMultiResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
+                                                 **cfg.residual_fn_kwargs, **options))
+            elif cfg.num_residual_streams > 1:
                 blocks.append(HyperResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
                                             sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters, **options))
             else:
@@ -260,7 +263,7 @@ class AttentionLayers(Pretrained, nn.Module):
         self.reinject_gate = nn.Linear(dim, 1, bias=False) if cfg.learned_reinject_input_gate else None
         # hyper-connections: the streams' learned embeddings, added as x becomes s streams
         streams = cfg.num_residual_streams
-        self.stream_emb = nn.Parameter(torch.zeros(streams, dim)) if streams > 1 else None
+        self.stream_emb = nn.Parameter(torch.zeros(streams, dim)) if streams > 1 or cfg.gated_multi_residual else None
         self.unet = UNetSkips(dim, cfg.depth, len(build_layout(cfg, depth=1))) if cfg.unet_skips else None
         # 2001.04451: run the blocks as a two-stream coupling, activations recomputed in backward
         self.reversible = ReversibleStack(self.layout) if cfg.reversible else None

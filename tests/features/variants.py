@@ -54,3 +54,7 @@ register("orthog_residual", layers=dict(orthog_residual=True), kinds=("decoder",
 register("mv_split_residual", layers=dict(mv_split_residual=True, residual_fn_kwargs=dict(learned=True)),
          kinds=("encoder",), zero_init=("update.",))
 register("polar_pos_emb", layers=dict(polar_pos_emb=True, polar_bias_uniform_init=True), kinds=("decoder",))
+# (the bottleneck and its scale reach the output only through the read / write gates, zero at init)
+register("gated_multi_residual", layers=dict(gated_multi_residual=True, num_residual_streams=2,
+                                             residual_fn_kwargs=dict(read_gate_rank=2)), kinds=("decoder",),
+         zero_init=("to_bottleneck", "dynamic_scale"))
