@@ -82,46 +82,6 @@ def check_types(cls, kwargs: dict[str, Any], prefix: str = ""):
             raise ValueError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
 
 
-def _check_residual_fn_kwargs(cfg):
-    given = cfg.residual_fn_kwargs
-    if cfg.gated_multi_residual:  # hyper.GatedMultiResidual's read_gate_rank, required (as upstream)
-        rank = (given or {}).get("read_gate_rank")
-        if not isinstance(given, dict) or set(given) != {"read_gate_rank"} or isinstance(rank, bool) \
-                or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"gated_multi_residual needs residual_fn_kwargs=dict(read_gate_rank=r), r >= 1, and "
-                             f"nothing else; got {given!r}")
-        return
-    if given is None:
-        return
-    allowed = ("init_alpha", "init_beta", "learned")  # residual_updates.MeanVariationSplit's
-    if not isinstance(given, dict) or set(given) - set(allowed):
-        raise ValueError(f"residual_fn_kwargs must be a dict with keys among {allowed} (mv_split_residual's), "
-                         f"got {given!r}")
-    if given and not cfg.mv_split_residual:
-        raise ValueError("residual_fn_kwargs configures mv_split_residual, which is off; set mv_split_residual=True "
-                         "as well, or drop residual_fn_kwargs")
-    if not isinstance(given.get("learned", False), bool) or not all(
-            isinstance(given.get(k, 0.0), (int, float)) and not isinstance(given.get(k, 0.0), bool)
-            and math.isfinite(given.get(k, 0.0)) for k in ("init_alpha", "init_beta")):
-        raise ValueError(f"residual_fn_kwargs: learned must be True or False and init_alpha / init_beta finite "
-                         f"numbers, got {given!r}")
-
-
-def _check_rel_pos_kwargs(cfg):
-    given = cfg.rel_pos_kwargs
-    if not given:  # None, or upstream's default {} spelled out
-        if given is not None and not isinstance(given, dict):
-            raise ValueError(f"rel_pos_kwargs must be a dict, got {given!r}")
-        return
-    if not isinstance(given, dict) or set(given) != {"slopes"} or not cfg.alibi_pos_bias:
-        raise ValueError(f"rel_pos_kwargs takes ALiBi's slopes only, dict(slopes=[one per ALiBi head]), with "
-                         f"alibi_pos_bias=True; got {given!r}")
-    slopes, n = given["slopes"], cfg.alibi_num_heads or cfg.heads
-    if not isinstance(slopes, (list, tuple)) or len(slopes) != n or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in slopes):
-        raise ValueError(f"rel_pos_kwargs slopes must be {n} finite numbers (one per ALiBi head), got {slopes!r}")
-
-
 def _positive_number(name: str, value):
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -400,8 +360,9 @@ class LayersConfig:
         _positive_int("heads", self.heads)
         _positive_int("dim_context", self.dim_context, allow_none=True)
         _positive_int("dim_condition", self.dim_condition, allow_none=True)
-        _check_residual_fn_kwargs(self)
-        _check_rel_pos_kwargs(self)
+        from .residual_updates import check_residual_fn_kwargs, check_rel_pos_kwargs  # beside their users
+        check_residual_fn_kwargs(self)
+        check_rel_pos_kwargs(self)
         _positive_int("adaptive_condition_mlp_expansion", self.adaptive_condition_mlp_expansion)
         _probability("layer_dropout", self.layer_dropout)
         _probability("cross_attn_tokens_dropout", self.cross_attn_tokens_dropout)

@@ -13,10 +13,15 @@ later ones; here the projection is per token, and a causal stack takes prefix me
 averages tokens <= t), so causality holds. A prefix mean needs every earlier token, which a KV
 cache does not keep: the stack refuses to decode mv_split_residual with a cache.
 
+The checks of ``residual_fn_kwargs`` and ``rel_pos_kwargs`` (upstream's free-form dicts) live here
+too; ``LayersConfig`` calls them.
+
 Legend: b batch, n tokens, d dim.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -78,3 +83,45 @@ def make_update(cfg, dim: int):
     if cfg.mv_split_residual:
         return MeanVariationSplit(dim, cfg.causal, **dict(cfg.residual_fn_kwargs or {}))
     return None
+
+
+def check_residual_fn_kwargs(cfg):
+    """LayersConfig's residual_fn_kwargs: gated_multi_residual's read_gate_rank, or mv_split_residual's gains."""
+    given = cfg.residual_fn_kwargs
+    if cfg.gated_multi_residual:  # hyper.GatedMultiResidual's read_gate_rank, required (as upstream)
+        rank = (given or {}).get("read_gate_rank")
+        if not isinstance(given, dict) or set(given) != {"read_gate_rank"} or isinstance(rank, bool) \
+                or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"gated_multi_residual needs residual_fn_kwargs=dict(read_gate_rank=r), r >= 1, and "
+                             f"nothing else; got {given!r}")
+        return
+    if given is None:
+        return
+    allowed = ("init_alpha", "init_beta", "learned")  # residual_updates.MeanVariationSplit's
+    if not isinstance(given, dict) or set(given) - set(allowed):
+        raise ValueError(f"residual_fn_kwargs must be a dict with keys among {allowed} (mv_split_residual's), "
+                         f"got {given!r}")
+    if given and not cfg.mv_split_residual:
+        raise ValueError("residual_fn_kwargs configures mv_split_residual, which is off; set mv_split_residual=True "
+                         "as well, or drop residual_fn_kwargs")
+    if not isinstance(given.get("learned", False), bool) or not all(
+            isinstance(given.get(k, 0.0), (int, float)) and not isinstance(given.get(k, 0.0), bool)
+            and math.isfinite(given.get(k, 0.0)) for k in ("init_alpha", "init_beta")):
+        raise ValueError(f"residual_fn_kwargs: learned must be True or False and init_alpha / init_beta finite "
+                         f"numbers, got {given!r}")
+
+
+def check_rel_pos_kwargs(cfg):
+    """LayersConfig's rel_pos_kwargs: ALiBi's own slopes, upstream's one use of it."""
+    given = cfg.rel_pos_kwargs
+    if not given:  # None, or upstream's default {} spelled out
+        if given is not None and not isinstance(given, dict):
+            raise ValueError(f"rel_pos_kwargs must be a dict, got {given!r}")
+        return
+    if not isinstance(given, dict) or set(given) != {"slopes"} or not cfg.alibi_pos_bias:
+        raise ValueError(f"rel_pos_kwargs takes ALiBi's slopes only, dict(slopes=[one per ALiBi head]), with "
+                         f"alibi_pos_bias=True; got {given!r}")
+    slopes, n = given["slopes"], cfg.alibi_num_heads or cfg.heads
+    if not isinstance(slopes, (list, tuple)) or len(slopes) != n or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in slopes):
+        raise ValueError(f"rel_pos_kwargs slopes must be {n} finite numbers (one per ALiBi head), got {slopes!r}")
