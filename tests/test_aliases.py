@@ -417,6 +417,19 @@ def _gru_skip_constant():
     torch.testing.assert_close(block(x)[0], expected)
 
 
+def _xpos_uncentred():
+    rot = Decoder(dim=DIM, depth=1, heads=4, rotary_xpos=True).rotary
+    scale = rot(torch.arange(3, 9)[None])[2][0, 0]  # (n, r): zeta ** (position / 512), position 3 first
+    torch.testing.assert_close(scale, rot.xpos_zeta.repeat(2) ** (torch.arange(3, 9)[:, None] / 512.0))
+
+
+def _earlier_outputs_ignore_later_tokens(**kw):
+    model = Decoder(dim=DIM, depth=2, heads=4, **kw).eval()
+    x = torch.randn(1, 6, DIM)
+    later = torch.cat((x[:, :4], torch.randn(1, 2, DIM)), dim=1)
+    torch.testing.assert_close(model(x)[:, :4], model(later)[:, :4])
+
+
 DEVIATIONS = {
     "qk-norm-scale": _qk_norm_scale, "single-head-out": _single_head_out, "glu-no-bias": _glu_no_bias,
     "xtransformer-logits": _xtransformer_logits, "norm-gain": _norm_gain, "rmsnorm-eps": _rmsnorm_eps,
@@ -424,6 +437,9 @@ DEVIATIONS = {
     "max-seq-len-optional": _max_seq_len_optional, "ff-softclamp-glu": _ff_softclamp_glu,
     "glu-clamp-values": _glu_clamp_values, "execute-order-unused": _execute_order_unused,
     "branch-scale-after-sandwich": _branch_scale_after_sandwich, "gru-skip-constant": _gru_skip_constant,
+    "xpos-uncentred": _xpos_uncentred,
+    "orthog-per-token": lambda: _earlier_outputs_ignore_later_tokens(orthog_residual=True),
+    "mv-split-prefix-mean": lambda: _earlier_outputs_ignore_later_tokens(mv_split_residual=True),
 }
 
 

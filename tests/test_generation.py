@@ -234,7 +234,7 @@ def test_decoding_helpers_receive_the_config_by_name(monkeypatch):
     ar.generate(torch.randint(0, V, (2, 3)), 3, beams=2, eos_token=1)
     assert [type(c) for c, _ in seen] == [GenerationConfig] * 2
     assert seen[1][0].beams == 2 and seen[1][0].eos_token == 1
-    assert all(names == ["context", "context_mask"] for _, names in seen)
+    assert all(names == ["condition", "context", "context_mask"] for _, names in seen)  # the stack's inputs, by name
 
 
 @pytest.mark.parametrize("prompts, message", [

@@ -96,6 +96,22 @@ def test_feedforward_takes_upstream_keywords():
         FeedForward(16, swish=True, relu_squared=True)
 
 
+def test_feedforward_takes_upstreams_newer_keywords():
+    from x_transformers.x_transformers import FeedForward
+
+    torch.manual_seed(2)
+    x = torch.randn(3, 16)
+    solu = FeedForward(16, solu=True, mult=2)
+    h = solu.proj_in(x)
+    torch.testing.assert_close(solu(x), solu.proj_out(F.layer_norm(h * h.softmax(-1), (32,))), atol=1e-5, rtol=1e-5)
+    zero = FeedForward(16, zero_init_output=True, post_act_ln=True, sublayer_dropout=0.1)
+    assert zero(x).abs().max() == 0  # the output projection starts at zero
+    deep = FeedForward(16, output_proj_depth=4)  # OLMo's init: std (2 * inner * depth) ** -0.5
+    assert abs(deep.proj_out.weight.std().item() - (2 * 64 * 4) ** -0.5) < 0.01
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        FeedForward(16, glu_mult=True)
+
+
 def test_attend_matches_softmax_attention_and_respects_masks():
     from x_transformers.x_transformers import Attend
 

@@ -101,13 +101,10 @@ _ATTN_NOT_YET = dict(
 )
 _FF_NOT_YET: dict = {}
 _LAYERS_NOT_YET = dict(
-    use_adaptive_layernorm=False, use_adaptive_rmsnorm=False, use_adaptive_layerscale=False, dim_condition=None,
-    adaptive_condition_mlp=False, adaptive_condition_mlp_expansion=4, rotary_xpos=False, rotary_xpos_scale_base=512,
-    rotate_num_heads=None, polar_pos_emb=False, polar_bias_uniform_init=False, residual_attn=False,
-    cross_residual_attn=False, attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
-    orthog_residual=False, mv_split_residual=False, gated_multi_residual=False, integrate_layers=False,
+    rotate_num_heads=None,
+    attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={}, integrate_layers=False,
     layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False, add_value_residual=False,
-    learned_value_residual_mix=True, rel_pos_kwargs={}, residual_fn_kwargs={},
+    learned_value_residual_mix=True,
 )
 _WRAPPER_NOT_YET = dict(
     max_mem_len=0, shift_mem_down=0, recycling=False,

@@ -68,6 +68,11 @@ class AttendRequest:
     l2_distance: bool = False
     # signed weights (cog attention, 2411.07176): normalise |logits|, then give each weight its logit's sign
     signed: bool = False
+    # residual attention (RealFormer, 2012.11747): the previous layer's pre-softmax scores (b, h, n, m)
+    # added to the scaled scores; ``scores_out``, a list this call appends its own pre-softmax scores
+    # (before masking) to, for the next layer
+    prev_scores: Tensor | None = None
+    scores_out: list | None = None
 
     @property
     def heads_per_kv(self) -> int:
@@ -153,6 +158,8 @@ def score_matrix_reasons(req: AttendRequest) -> list[str]:
         reasons.append("L2-distance scores are not dot products")
     if req.signed:
         reasons.append("signed weights normalise |scores| and need their signs")
+    if req.prev_scores is not None or req.scores_out is not None:
+        reasons.append("residual attention adds the previous layer's scores and passes its own on")
     return reasons
 
 
@@ -305,12 +312,16 @@ class ExplicitBackend:
         if req.l2_distance:  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
             scores = 2 * scores - q.square().sum(-1, keepdim=True) - k.square().sum(-1)[:, :, None, :]
         scores = scores * scale
+        if req.prev_scores is not None:  # before bias and head mixing, as upstream's Attend
+            scores = scores + req.prev_scores.to(scores.dtype)
         if req.bias is not None:
             scores = scores + req.bias.to(scores.dtype)
         if req.pre_mix is not None:
             scores = torch.einsum("bhnm,hg->bgnm", scores, req.pre_mix.to(scores.dtype))
         if req.softclamp is not None:
             scores = softclamp(scores, req.softclamp)
+        if req.scores_out is not None:
+            req.scores_out.append(scores)
         sign = None
         if req.signed:  # before masking: a masked score must stay at the bottom, not flip to the top
             sign, scores = scores.sign(), scores.abs()

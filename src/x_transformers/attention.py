@@ -12,7 +12,7 @@ from torch import nn
 from .attend import attend, softclamp
 from .config import ENTMAX_MIN_GAP, AttentionConfig
 from .gating import HeadScale, OutputGates, ValueHeadGate, depth_scaled_
-from .positional import apply_rotary
+from .positional import apply_polar, apply_rotary, key_rotary
 
 LASER_EPS = 1e-20  # the smallest attention output LASER takes the log of (a row seeing nothing: log(eps))
 SELF_PENALTY = 5e4  # shared-QK: a token sees itself only when nothing else is visible (Reformer)
@@ -38,12 +38,13 @@ class Attention(nn.Module):
     """Self- or cross-attention with the options of :class:`AttentionConfig`."""
 
     def __init__(self, dim: int, heads: int, cfg: AttentionConfig, *, causal: bool = False, cross: bool = False,
-                 dim_context: int | None = None):
+                 dim_context: int | None = None, polar: bool = False):
         super().__init__()
         self.cfg = cfg
         self.heads = heads
         self.kv_heads = cfg.kv_heads or heads
         self.dim_head = d = cfg.dim_head
+        self.key_dim = 2 * d if polar else d  # PoPE's queries and keys are twice as wide (positional.py)
         self.causal = causal and not cross
         self.cross = cross
         self.shared_qk = cfg.shared_qk and not cross  # a self-attention idea: keys are the queries
@@ -157,7 +158,7 @@ class Attention(nn.Module):
         return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
-                kv=None, kv_rotary=None, positions=None):
+                kv=None, kv_rotary=None, positions=None, residual_scores=None, polar=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
@@ -167,6 +168,10 @@ class Attention(nn.Module):
         kv_rotary their (cos, sin) (query-only pooling, Funnel Transformer 2006.03236).
         positions: (queries (b|1, n), keys (b|1, m)) long, what the sliding window counts (None:
         indices, the queries the last n keys).
+        residual_scores: a :class:`~x_transformers.blocks.ScoreCarry` (residual attention,
+        2012.11747): its scores are added to this layer's before the softmax, and replaced by this
+        layer's pre-softmax scores.
+        polar: PoPE's (angles, key phase) at the new positions (2509.10534), in place of rotary.
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
         """
         if kv is not None and (self.cross or cache is not None):
@@ -205,15 +210,21 @@ class Attention(nn.Module):
             if self.qk_scale is not None and not self.shared_qk:
                 k = F.normalize(k, dim=-1)
             if rotary is not None and not self.cross:
-                k = apply_rotary(k, *(rotary if kv is None else kv_rotary))
+                k = apply_rotary(k, *key_rotary(rotary if kv is None else kv_rotary))
+            if polar is not None:
+                k = apply_polar(k, polar[0] + polar[1])  # (b, h, m, 2d)
             if cache is not None and self.cross:
                 cache.store(k, v)
             elif cache is not None:
                 k, v = cache.append(k, v)
         if rotary is not None and not self.cross:
             q = apply_rotary(q, *rotary)
+        if polar is not None:
+            q = apply_polar(q, polar[0])
 
         scale = self.cfg.scale  # None: dim_head ** -0.5
+        if scale is None and polar is not None:
+            scale = self.dim_head ** -0.5  # of the head, not of PoPE's doubled width (as upstream)
         if self.qk_scale is not None and self.cfg.l2_distance:
             # L2 distance between unit q and k, then the per-head scale (as upstream): folded into
             # q, the scale would enter the distance squared
@@ -250,16 +261,21 @@ class Attention(nn.Module):
             if score_mod is not None:
                 score_mod = score_mod.with_memory(prefix)
 
+        carried = {}
+        if residual_scores is not None:
+            carried = dict(prev_scores=residual_scores.scores, scores_out=[])
         out, weights = attend(
             q, k, v, mask=mask, causal=self.causal, bias=bias, score_mod=score_mod, scale=scale,
             dropout=self.cfg.dropout if self.training else 0.0,
             normalizer=self.normalizer, entmax_alpha=self.entmax_alpha, sparse_topk=self.cfg.sparse_topk,
             pre_mix=self.pre_mix, post_mix=self.post_mix, need_weights=need_weights,
             kv_heads=h if self.shared_qk else g, force_backend=self.cfg.backend,
-            softclamp=self.softclamp, max_attend_past=self.max_attend_past,
+            softclamp=self.softclamp, max_attend_past=self.max_attend_past, **carried,
             window_positions=positions if self.max_attend_past is not None else None,
             window_exempt=prefix, sink=self.sink, l2_distance=self.cfg.l2_distance, signed=self.cfg.cog_signed,
         )
+        if residual_scores is not None:
+            residual_scores.scores = carried["scores_out"][0]
         if self.cfg.laser:
             out = out.clamp(min=LASER_EPS).log()
         if self.head_scale is not None:

@@ -21,7 +21,7 @@ from .hub import Pretrained
 from .loss import chunked_cross_entropy, head_weight
 from .cache import Intermediates, KVCache, StaticKVCache
 from .checks import check_context, check_finite
-from .decoding import GenerationConfig, _static_len, compiled_decoder, decode_step, left_pad, prefill
+from .decoding import GenerationConfig, _static_len, compiled_decoder, conditioned, decode_step, left_pad, prefill
 from .sampling import get_filter, sample
 from .positional import AbsolutePositionalEmbedding
 from .wrappers import TransformerWrapper, refuse_upstream
@@ -157,7 +157,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                              "use the dynamic cache (static_cache=False, compile=False)")
         return max_len
 
-    def _stepper(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, net=None):
+    def _stepper(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None, net=None):
         """Returns (logits of the prompt's last column, step(token (b,) -> logits), the cache)."""
         net = net or self.net
         window = self._window(cfg, tokens.shape[1])
@@ -173,9 +173,9 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                 full, full_mask = torch.cat(seq, dim=1), torch.cat(masks, dim=1) if mask is not None else None
                 if window is not None:
                     full, full_mask = full[:, -window:], None if full_mask is None else full_mask[:, -window:]
-                return net(full, full_mask, context=context, context_mask=context_mask)[:, -1]
+                return net(full, full_mask, context=context, context_mask=context_mask, **conditioned(condition))[:, -1]
 
-            return net(tokens, mask, context=context, context_mask=context_mask)[:, -1], step, None
+            return net(tokens, mask, context=context, context_mask=context_mask, **conditioned(condition))[:, -1], step, None
 
         if cfg.static_cache:
             max_len = net.num_memory_tokens + tokens.shape[1] + cfg.seq_len
@@ -184,7 +184,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             cache.check_room(net.num_memory_tokens + tokens.shape[1] + cfg.seq_len - 1)
         else:
             cache = KVCache()
-        logits = prefill(net, tokens, mask, cache, context, context_mask)
+        logits = prefill(net, tokens, mask, cache, context, context_mask, condition)
         decode = compiled_decoder(net, self._compile_options(cfg.compile)) if cfg.compile else decode_step
         cudagraphs = decode is not decode_step and logits.is_cuda
 
@@ -193,7 +193,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                 torch.compiler.cudagraph_mark_step_begin()
             if window is not None:  # keep the latest window - 1 keys (memory tokens stay), as upstream
                 cache.keep_last(window - 1, keep_first=net.num_memory_tokens)
-            return decode(net, token[:, None], cache, context, context_mask)
+            return decode(net, token[:, None], cache, context, context_mask, condition)
 
         return logits, step, cache
 
@@ -223,7 +223,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                  cache_kv: bool = True, return_intermediates: bool = False, *, static_cache: bool | None = None,
                  compile: bool | str | dict = False, beams: int | None = None, length_penalty: float = 1.0,
                  return_scores: bool = False, generator: torch.Generator | None = None,
-                 context: Tensor | None = None, context_mask: Tensor | None = None, **upstream):
+                 context: Tensor | None = None, context_mask: Tensor | None = None, condition: Tensor | None = None,
+                 **upstream):
         """Generate ``seq_len`` new tokens after each prompt. The positional order is upstream
         x-transformers' (prompts, seq_len, eos_token, temperature, prompt_lens, filter_logits_fn, ...).
 
@@ -241,7 +242,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         ``compile`` compiles the decode step (True: CUDA graphs on GPU; a torch.compile mode name; or
         a dict of torch.compile keywords): the model's own copy, a graph per batch size and cache
         length (rounded up to a power of two); where it cannot compile, a one-line warning and the
-        uncompiled static cache. ``context`` / ``context_mask`` feed cross-attention.
+        uncompiled static cache. ``context`` / ``context_mask`` feed cross-attention; ``condition``
+        (b, dim_condition) the stack's adaptive norms / scales (upstream passes it through too).
 
         Returns the new tokens (b, seq_len); with ``return_scores`` also each row's score (b,):
         the sum of the model's log-probabilities of the emitted tokens (up to and including eos)
@@ -269,10 +271,12 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         self._check_context(tokens, context, context_mask)
         with _eval(self.net):
             if cfg.beams is not None:
-                seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask)
+                seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask,
+                                                 condition=condition)
                 out, scores = seqs[:, 0], scores[:, 0]
             else:
-                out, scores, cache = self._sample(tokens, mask, cfg, context=context, context_mask=context_mask)
+                out, scores, cache = self._sample(tokens, mask, cfg, context=context, context_mask=context_mask,
+                                                  condition=condition)
         run = tokens.shape[1] + out.shape[1] - 1  # the columns the cache has seen (the last token not yet)
         if out.shape[1] < seq_len:  # every row stopped early
             out = F.pad(out, (0, seq_len - out.shape[1]), value=self.pad_value)
@@ -289,7 +293,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                     prompt_lens: Tensor | None = None, filter_logits_fn=None, restrict_to_max_seq_len: bool = False,
                     filter_kwargs: dict | None = None, cache_kv: bool = True, *,
                     generator: torch.Generator | None = None, context: Tensor | None = None,
-                    context_mask: Tensor | None = None, **upstream):
+                    context_mask: Tensor | None = None, condition: Tensor | None = None, **upstream):
         """Upstream x-transformers' beam search, on this package's cache: each step keeps the
         ``beams`` continuations of highest total log-probability (the sum over the new tokens, no
         length normalisation). ``stochastic``: each beam proposes its candidates by the Gumbel top-k
@@ -309,7 +313,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         tokens, mask, unbatched = self._prompts(prompts, prompt_lens)
         self._check_context(tokens, context, context_mask)
         with _eval(self.net):
-            seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask)
+            seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask,
+                                             condition=condition)
         if seqs.shape[-1] < seq_len:
             seqs = F.pad(seqs, (0, seq_len - seqs.shape[-1]), value=self.pad_value)
         seqs, scores = seqs.transpose(0, 1), scores.transpose(0, 1)  # (beams, b, n), (beams, b)
@@ -329,9 +334,10 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             raise ValueError(f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (True = keep), "
                              f"got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
 
-    def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask):
+    def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None):
         b = tokens.shape[0]
-        logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask)
+        logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask,
+                                            condition=condition)
         done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
         logp_sum = torch.zeros(b, device=tokens.device)
         length = torch.zeros(b, device=tokens.device)
@@ -365,13 +371,15 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         keyed = torch.where(done[:, None], logp, keyed)  # finished: pad first (logp is 0 there)
         return keyed.topk(k, dim=-1).indices
 
-    def _beam_search(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask):
+    def _beam_search(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None):
         """-> every beam (b, k, n), best first, and its score (b, k) (total log-probability divided
         by length ** length_penalty)."""
         b, k, eos_token, length_penalty = tokens.shape[0], cfg.beams, cfg.eos_token, cfg.length_penalty
         rows = lambda t: None if t is None else t.repeat_interleave(k, dim=0)  # noqa: E731
         tokens, mask, context, context_mask = rows(tokens), rows(mask), rows(context), rows(context_mask)
-        logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask)
+        condition = rows(condition)
+        logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask,
+                                            condition=condition)
         dev = tokens.device
         scores = torch.zeros(b, k, device=dev)
         scores[:, 1:] = float("-inf")  # all beams start equal: expand the first one only
@@ -404,19 +412,19 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                 cache.reorder(src)  # each survivor continues from its parent's keys/values
                 logits = step(token)
             else:  # the uncached reference recomputes every row from its whole sequence
-                logits = self._uncached_beam_logits(tokens, mask, seqs, context, context_mask, cfg)
+                logits = self._uncached_beam_logits(tokens, mask, seqs, context, context_mask, cfg, condition)
         final = (scores / length.clamp(min=1) ** length_penalty).view(b, k)
         order = final.argsort(dim=-1, descending=True)  # finished beams may have been overtaken
         rows_idx = (base + order).view(-1)
         return seqs[rows_idx].view(b, k, -1), final.gather(-1, order)
 
-    def _uncached_beam_logits(self, tokens, mask, seqs, context, context_mask, cfg):
+    def _uncached_beam_logits(self, tokens, mask, seqs, context, context_mask, cfg, condition=None):
         full = torch.cat((tokens, seqs), dim=1)
         full_mask = None if mask is None else F.pad(mask, (0, seqs.shape[1]), value=True)
         window = self._window(cfg, tokens.shape[1])
         if window is not None:
             full, full_mask = full[:, -window:], None if full_mask is None else full_mask[:, -window:]
-        return self.net(full, full_mask, context=context, context_mask=context_mask)[:, -1]
+        return self.net(full, full_mask, context=context, context_mask=context_mask, **conditioned(condition))[:, -1]
 
 
 class _eval:

@@ -47,9 +47,15 @@ class ForwardContext:
     kv_score_mod: ScoreMod | None = None
     inject: Tensor | None = None  # (b, n, dim) added to every branch's input (reinject_input)
     token_mask: Tensor | None = None  # (b, n) bool, the new tokens kept (shift_tokens zeroes the others)
+    # residual attention (RealFormer): the last self- / cross-attention block's scores, fresh per run
+    self_scores: "ScoreCarry | None" = None
+    cross_scores: "ScoreCarry | None" = None
+    polar_angles: Tensor | None = None  # (b|1, 1, n, d) PoPE's angles at the new positions (positional.py)
+    polar_bias: Tensor | None = None  # (1, h, 1, d) PoPE's learned key phase
+    condition: Tensor | None = None  # (b, 1|n, c) the adaptive norms' and scales' condition (adaptive.py)
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
-    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject")
+    DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
 
     def differentiable(self) -> dict[str, Tensor]:
         """The differentiable tensors this context carries, score mods materialised."""
@@ -72,12 +78,26 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
         return {}
     cache = ctx.cache.layer(i) if ctx.cache is not None else None
     if kind == "c":
-        return dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights)
+        out = dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights)
+        return out if ctx.cross_scores is None else dict(out, residual_scores=ctx.cross_scores)
     if ctx.kv is not None and i == ctx.kv_block:  # pooled queries over the previous level's keys
+        # (its scores, over other keys, start no residual chain: the next block's start afresh)
         return dict(mask=ctx.kv_mask, rotary=ctx.rotary, score_mod=ctx.kv_score_mod, kv=ctx.kv,
                     kv_rotary=ctx.kv_rotary, need_weights=ctx.need_weights)
-    return dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
-                need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions))
+    out = dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
+               need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions))
+    if ctx.polar_angles is not None:
+        out["polar"] = (ctx.polar_angles, ctx.polar_bias)
+    return out if ctx.self_scores is None else dict(out, residual_scores=ctx.self_scores)
+
+
+class ScoreCarry:
+    """Residual attention's carry (RealFormer, 2012.11747): the pre-softmax scores (b, h, n, m) of
+    the last attention block of one kind in this run, which the next one adds to its own. A new
+    carry per run (``AttentionLayers.run``), so no forward sees another's scores."""
+
+    def __init__(self):
+        self.scores = None
 
 
 def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: bool = False):
@@ -92,6 +112,10 @@ def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: 
         kwargs["inject"] = ctx.inject
     if block.shifts is not None:
         kwargs["shift_mask"] = ctx.token_mask
+    if ctx.condition is not None:
+        kwargs["condition"] = ctx.condition
+    if getattr(block, "update", None) is not None and not branch_only:
+        kwargs["seq_mask"] = ctx.token_mask
     return call(x, **kwargs)
 
 

@@ -200,7 +200,7 @@ class StaticKVCache:
     """
 
     def __init__(self, batch: int, max_len: int, layer_shapes: dict, *, dtype=torch.float32, device=None):
-        """layer_shapes: {block index: (kv heads, head dim)} for self-attention, or None for a
+        """layer_shapes: {block index: (kv heads, head dim[, key dim when it differs])} for self-attention, or None for a
         cross-attention block (its context keys/values are stored when first computed)."""
         self.batch, self.max_len = batch, max_len
         self.index = torch.zeros((), dtype=torch.long, device=device)  # next free slot
@@ -217,9 +217,10 @@ class StaticKVCache:
             if shape is None:
                 self.layers[i] = StaticLayerKV(self)
             else:
-                g, d = shape
-                k = torch.zeros(batch, g, max_len, d, dtype=dtype, device=device)
-                self.layers[i] = StaticLayerKV(self, k, torch.zeros_like(k))
+                g, d, *dk = shape  # keys may be wider than values (polar positions: 2 d)
+                k = torch.zeros(batch, g, max_len, dk[0] if dk else d, dtype=dtype, device=device)
+                v = torch.zeros(batch, g, max_len, d, dtype=dtype, device=device)
+                self.layers[i] = StaticLayerKV(self, k, v)
                 _mark_static(k, self.layers[i].v)
         _mark_static(self.index, self.key_mask, self.positions, self.slot_ids)
 
@@ -234,7 +235,8 @@ class StaticKVCache:
         shapes = {}
         for i, (spec, block) in enumerate(zip(layers.layout, layers.blocks)):
             if spec.kind == "a":
-                shapes[i] = (block.fn.heads if block.fn.shared_qk else block.fn.kv_heads, block.fn.dim_head)
+                fn = block.fn
+                shapes[i] = (fn.heads if fn.shared_qk else fn.kv_heads, fn.dim_head, fn.key_dim)
             elif spec.kind == "c":
                 shapes[i] = None
         return cls(batch, max_len, shapes, dtype=dtype or param.dtype, device=device or param.device)

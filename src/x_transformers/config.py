@@ -285,6 +285,13 @@ class LayersConfig:
     dynamic_tanh_init_alpha: float = 1.0
     use_derf: bool = False  # Derf, gamma * erf(alpha * x + s) + beta in place of every norm, 2512.10938
     pre_and_post_norm: bool = False  # a norm before each branch and after each sum; no final norm
+    # norms / branch gates conditioned on a per-sample vector (DiT's adaLN / adaLN-Zero, 2212.09748; adaptive.py)
+    use_adaptive_layernorm: bool = False
+    use_adaptive_rmsnorm: bool = False
+    use_adaptive_layerscale: bool = False
+    dim_condition: int | None = None  # the condition's width (default dim)
+    adaptive_condition_mlp: bool = False  # the condition first goes through SiLU(Linear(c, c * expansion))
+    adaptive_condition_mlp_expansion: int = 4
     use_layerscale: bool = False  # LayerScale, a per-channel gain on each branch, CaiT 2103.17239
     layerscale_init_value: float = 0.0
     softclamp_output: bool = False  # value * tanh(x / value) before the final norm (Gemma 2)
@@ -301,6 +308,12 @@ class LayersConfig:
     learned_reinject_input_gate: bool = False  # ... gated per token by sigmoid(w . x)
     num_residual_streams: int = 1  # hyper-connections, 2409.19606 (1: the plain residual)
     hyper_conn_sinkhorn_iters: int = 5  # Sinkhorn iterations of the stream mixing (mHC, 2512.24880)
+    orthog_residual: bool = False  # only the update's part orthogonal to the stream is added, 2505.11881
+    gated_multi_residual: bool = False  # s streams, gated reads and writes, no mixing (hyper.py; Qwen's gated residual)
+    mv_split_residual: bool = False  # the update's sequence mean and variation get separate gains, 2605.06169
+    residual_fn_kwargs: dict | None = None  # mv_split_residual's init_alpha, init_beta, learned
+    residual_attn: bool = False  # each self-attention adds the previous one's pre-softmax scores, RealFormer 2012.11747
+    cross_residual_attn: bool = False  # ... and each cross-attention the previous cross-attention's
     # layer layout
     macaron: bool = False  # 1906.02762
     sandwich_coef: int | None = None  # 1911.03864
@@ -319,8 +332,13 @@ class LayersConfig:
     rotary_base: float = 10000.0
     rotary_interpolation_factor: float = 1.0  # position interpolation, positions / factor, 2306.15595
     rotary_base_rescale_factor: float = 1.0  # NTK-aware base scaling, base * factor ** (r / (r - 2))
+    rotary_xpos: bool = False  # xPos, rotary with a decaying per-channel scale (causal only), 2212.10554
+    rotary_xpos_scale_base: float = 512.0
+    polar_pos_emb: bool = False  # PoPE: magnitudes from content, angles from position, 2509.10534
+    polar_bias_uniform_init: bool = False  # PoPE's learned key phase starts uniform in [-2 pi, 0] (else 0)
     alibi_pos_bias: bool = False  # 2108.12409
     alibi_num_heads: int | None = None
+    rel_pos_kwargs: dict | None = None  # upstream's extra position-bias options: ALiBi's own slopes, dict(slopes=[...])
     rel_pos_bias: bool = False  # T5, 1910.10683
     rel_pos_num_buckets: int = 32
     rel_pos_max_distance: int = 128
@@ -341,11 +359,17 @@ class LayersConfig:
         _positive_int("depth", self.depth)
         _positive_int("heads", self.heads)
         _positive_int("dim_context", self.dim_context, allow_none=True)
+        _positive_int("dim_condition", self.dim_condition, allow_none=True)
+        from .residual_updates import check_residual_fn_kwargs, check_rel_pos_kwargs  # beside their users
+        check_residual_fn_kwargs(self)
+        check_rel_pos_kwargs(self)
+        _positive_int("adaptive_condition_mlp_expansion", self.adaptive_condition_mlp_expansion)
         _probability("layer_dropout", self.layer_dropout)
         _probability("cross_attn_tokens_dropout", self.cross_attn_tokens_dropout)
         _positive_number("norm_eps", self.norm_eps)
         _positive_number("rotary_base", self.rotary_base)
         _positive_number("rotary_base_rescale_factor", self.rotary_base_rescale_factor)
+        _positive_number("rotary_xpos_scale_base", self.rotary_xpos_scale_base)
         _positive_number("rotary_interpolation_factor", self.rotary_interpolation_factor)
         if self.rotary_interpolation_factor < 1.0:
             raise ValueError(f"rotary_interpolation_factor must be >= 1 (it divides positions to fit a longer context), "
@@ -400,7 +424,8 @@ class LayersConfig:
 
     @property
     def has_relative_positions(self) -> bool:
-        return self.rotary_pos_emb or self.alibi_pos_bias or self.rel_pos_bias or self.dynamic_pos_bias
+        return self.rotary_pos_emb or self.alibi_pos_bias or self.rel_pos_bias or self.dynamic_pos_bias \
+            or self.polar_pos_emb
 
     @property
     def has_positions(self) -> bool:
@@ -413,7 +438,7 @@ class LayersConfig:
         default with rotary or T5 bias (not ALiBi); with TUPE, which replaces them."""
         if self.disable_abs_pos_emb is not None:
             return self.disable_abs_pos_emb
-        return self.rotary_pos_emb or self.rel_pos_bias or self.tupe
+        return self.rotary_pos_emb or self.rel_pos_bias or self.tupe or self.polar_pos_emb
 
     def rotary_dim(self, dim_head: int) -> int:
         """Rotated channels per head: rotary_emb_dim, else half the head dimension (upstream's
@@ -513,8 +538,10 @@ REQUIRES = {
     "softclamp_output_value": "softclamp_output", "learned_reinject_input_gate": "reinject_input",
     "rotary_interpolation_factor": "rotary_pos_emb", "rotary_base_rescale_factor": "rotary_pos_emb",
     "dynamic_pos_bias_log_distance": "dynamic_pos_bias", "dynamic_pos_bias_mlp_depth": "dynamic_pos_bias",
-    "dynamic_pos_bias_norm": "dynamic_pos_bias",
+    "dynamic_pos_bias_norm": "dynamic_pos_bias", "rotary_xpos_scale_base": "rotary_xpos",
+    "adaptive_condition_mlp_expansion": "adaptive_condition_mlp", "polar_bias_uniform_init": "polar_pos_emb",
 }
+ADAPTIVE = ("use_adaptive_layernorm", "use_adaptive_rmsnorm", "use_adaptive_layerscale")
 
 
 def check_given(kwargs: dict[str, Any]):
@@ -522,6 +549,10 @@ def check_given(kwargs: dict[str, Any]):
     for sub, feature in REQUIRES.items():
         if sub in kwargs and kwargs.get(feature) is not True:
             raise ValueError(f"{sub} configures {feature}, which is off; set {feature}=True as well, or drop {sub}")
+    for sub in ("dim_condition", "adaptive_condition_mlp"):  # they configure any of three features
+        if kwargs.get(sub) not in (None, False) and not any(kwargs.get(f) is True for f in ADAPTIVE):
+            raise ValueError(f"{sub} configures the condition of {' / '.join(ADAPTIVE)}, none of which is on; "
+                             f"switch one on, or drop {sub}")
 
 
 def _kind(where: str, kwargs: dict) -> str:
@@ -538,6 +569,8 @@ def split_layer_kwargs(kwargs: dict[str, Any], where: str) -> tuple[dict, dict, 
     from . import aliases, conflicts  # both import this module
 
     kwargs = aliases.resolve(kwargs, "layers", where)
+    if kwargs.get("rotary_xpos") is True:  # xPos is rotary with a scale: it switches rotary on (as upstream)
+        kwargs["rotary_pos_emb"] = True
     layer_names = field_names(LayersConfig)
     attn_names, ff_names = field_names(AttentionConfig), field_names(FeedForwardConfig)
     layers, attn, ff = {}, {}, {}

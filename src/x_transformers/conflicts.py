@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .config import SCORE_FEATURES, ConfigConflictError
+from .config import ADAPTIVE, SCORE_FEATURES, ConfigConflictError
 
 KINDS = ("decoder", "encoder", "cross", "funnel", "xtransformer", "wrapper")
 STACK_KINDS = ("decoder", "encoder", "cross", "funnel", "xtransformer")
@@ -166,6 +166,16 @@ for _f in ("use_dynamic_tanh", "use_derf"):
                 example={_n: True, _f: True})
     declare(_f, "use_rezero", when=lambda s, f=_f: on(s, f) and on(s, "use_rezero"),
             reason="ReZero has no norms for it to replace", example={_f: True, "use_rezero": True})
+# adaptive norms (adaptive.py) replace every norm; the funnel and XTransformer forwards take no condition
+for _a, _others in (("use_adaptive_layernorm", _NORMS + ("use_dynamic_tanh", "use_derf", "use_adaptive_rmsnorm")),
+                    ("use_adaptive_rmsnorm", _NORMS + ("use_dynamic_tanh", "use_derf")), ("use_layerscale", ())):
+    for _n in _others + ("use_rezero",) if _a != "use_layerscale" else ("use_adaptive_layerscale",):
+        declare(_a, _n, when=lambda s, a=_a, n=_n: on(s, a) and on(s, n), example={_a: True, _n: True},
+                reason="choose one norm (ReZero has none to condition)" if _a != "use_layerscale" else "choose one")
+for _a in ADAPTIVE:
+    declare(_a, "FunnelEncoder / XTransformer", when=lambda s, a=_a: any(on(s, p + a) for p in ("", "enc_", "dec_")),
+            reason="their forward takes no condition; use a Decoder / Encoder / CrossAttender under a wrapper",
+            example={_a: True}, kinds=("funnel", "xtransformer"))
 declare("use_dynamic_tanh", "use_derf", when=lambda s: on(s, "use_dynamic_tanh") and on(s, "use_derf"),
         reason="choose one norm", example=dict(use_dynamic_tanh=True, use_derf=True))
 declare("use_dynamic_tanh", "pre_norm=False", when=lambda s: on(s, "use_dynamic_tanh") and off(s, "pre_norm"),
@@ -219,8 +229,49 @@ for _k, _ex, _why in (("pre_and_post_norm", True, "a norm after the sum"),
             reason=f"{_why} makes the layer something other than x + f(x), which the reversible coupling needs",
             example={"reversible": True, _name: _ex})
 
+# residual attention (RealFormer) carries scores from block to block, which a forced fused kernel does not
+# produce and the reversible backward (blocks recomputed in reverse order) cannot replay
+for _k in ("residual_attn", "cross_residual_attn"):
+    declare(_k, "reversible", when=lambda s, k=_k: on(s, k) and on(s, "reversible"), example={_k: True, "reversible": True},
+            reason="each attention adds the previous one's scores, which the reversible backward, recomputing "
+                   "blocks last to first, does not have")
+    declare(_k, "attn_backend", when=lambda s, k=_k: on(s, k) and forced(s), example={_k: True, "attn_backend": "sdpa"},
+            reason="the scores are added and passed on, which only the explicit backend computes; use "
+                   "attn_backend='auto' (it falls back) or 'explicit'")
+# PoPE (polar_pos_emb) rewrites queries and keys into 2 d channels of magnitudes and angles
+for _o, _ex, _why in (("rotary_pos_emb", True, "choose one way of putting positions into q and k"),
+                      ("tupe", True, "TUPE keeps position out of the word-to-word term, which PoPE puts it into"),
+                      ("attn_num_mem_kv", 2, "memory keys have no position and PoPE's width"),
+                      ("attn_shared_qk", True, "the keys are the queries, which PoPE transforms differently"),
+                      ("attn_kv_heads", 2, "the learned key phase is per query head"),
+                      ("only_cross", True, "a cross-attention-only stack has no self-attention for it")):
+    declare("polar_pos_emb", _o, when=lambda s, o=_o: on(s, "polar_pos_emb") and on(s, o) and not (
+                o == "attn_kv_heads" and s[o] in head_counts(s)), reason=_why,
+            example={"polar_pos_emb": True, _o: _ex, **({"tupe_max_seq_len": 16} if _o == "tupe" else {})},
+            kinds=("encoder", "cross") if _o == "only_cross" else STACK_KINDS)
+declare("polar_pos_emb", "FunnelEncoder", when=lambda s: on(s, "polar_pos_emb"), example=dict(polar_pos_emb=True),
+        reason="the funnel's pooled queries read keys at other positions, which PoPE is not given", kinds=("funnel",))
+declare("rotary_xpos", "causal=False", when=lambda s: on(s, "rotary_xpos") and not on(s, "causal"),
+        reason="xPos scales keys by zeta ** (-position), so keys ahead of a query would grow without bound "
+               "(upstream refuses it too); use rotary_pos_emb", example=dict(rotary_xpos=True), kinds=("encoder", "funnel"))
+
+# gated_multi_residual (hyper.py) reads its normalised streams and adds to each: no other skip treatment
+for _o, _ex in (("gate_residual", True), ("orthog_residual", True), ("mv_split_residual", True), ("reversible", True),
+                ("sandwich_norm", True), ("pre_norm", False), ("scale_residual", True), ("scale_residual_constant", 0.5),
+                ("use_rezero", True)):
+    declare("gated_multi_residual", "pre_norm=False" if _ex is False else _o, example={"gated_multi_residual": True, _o: _ex,
+            "residual_fn_kwargs": {"read_gate_rank": 2}}, reason="its streams are read through their own norm and "
+            "written by gates; this keyword would change a skip path or norm it does not have",
+            when=lambda s, o=_o, ex=_ex: on(s, "gated_multi_residual") and (
+                s.get(o, 1.0) != 1.0 if o == "scale_residual_constant" else s.get(o) is ex))
 # hyper-connections (2409.19606) replace the one skip path by s mixed streams
 _STREAMS = lambda s: isinstance(s.get("num_residual_streams"), int) and s["num_residual_streams"] > 1
+# orthog_residual / mv_split_residual (residual_updates.py) replace the sum x + f, as these do in their own way
+for _k in ("orthog_residual", "mv_split_residual"):
+    for _o, _ex in (("gate_residual", True), ("num_residual_streams", 2), ("reversible", True),
+                    ("mv_split_residual", True))[:4 if _k == "orthog_residual" else 3]:
+        declare(_k, _o, when=lambda s, k=_k, o=_o: on(s, k) and (_STREAMS(s) if o == "num_residual_streams" else on(s, o)),
+                reason="both replace the plain sum x + f(x) of a residual branch; choose one", example={_k: True, _o: _ex})
 for _k, _ex in (("reversible", True), ("gate_residual", True), ("scale_residual", True),
                 ("scale_residual_constant", 0.5)):
     _when = (lambda s, k=_k: _STREAMS(s) and s.get(k, 1.0) != 1.0) if _k == "scale_residual_constant" else \

@@ -113,7 +113,7 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None, *, lens: Tensor | None = None,
                 return_embeddings: bool = False, return_attn: bool = False, context=None, context_mask=None,
                 cache: KVCache | None = None, sum_embeds: Tensor | None = None, prepend_embeds: Tensor | None = None,
-                prepend_mask: Tensor | None = None):
+                prepend_mask: Tensor | None = None, condition: Tensor | None = None):
         """x (b, n, i) -> (b, n, o) (or (2, b, n, o) mean and variance when probabilistic; (b, o)
         with average_pool_embed; the hidden states (b, n, d) with ``return_embeddings``).
 
@@ -180,7 +180,7 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
         h = self.emb_dropout(h)
 
         out = self.attn_layers(h, mask, context, context_mask, positions=layer_positions, cache=cache,
-                               return_attn=return_attn)
+                               return_attn=return_attn, **({"condition": condition} if condition is not None else {}))
         out, attns = out if return_attn else (out, None)
         if first:
             out = out[:, M + P:]  # memory tokens and the prefix are not frames

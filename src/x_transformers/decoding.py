@@ -109,14 +109,19 @@ def left_pad(prompts, pad_value: int = 0) -> tuple[Tensor, Tensor | None]:
     return tokens, None if bool(mask.all()) else mask
 
 
-def prefill(net, tokens: Tensor, mask: Tensor | None, cache, context=None, context_mask=None) -> Tensor:
+def conditioned(condition) -> dict:
+    """The keyword a net gets for a stack's adaptive norms (none when there is no condition)."""
+    return {} if condition is None else {"condition": condition}
+
+
+def prefill(net, tokens: Tensor, mask: Tensor | None, cache, context=None, context_mask=None, condition=None) -> Tensor:
     """Run the prompt (b, n) through ``net``, filling ``cache``; logits (b, v) of the last column."""
-    return net(tokens, mask, cache=cache, context=context, context_mask=context_mask)[:, -1]
+    return net(tokens, mask, cache=cache, context=context, context_mask=context_mask, **conditioned(condition))[:, -1]
 
 
-def decode_step(net, token: Tensor, cache, context=None, context_mask=None) -> Tensor:
+def decode_step(net, token: Tensor, cache, context=None, context_mask=None, condition=None) -> Tensor:
     """One new token per row (b, 1) -> logits (b, v). Compile this one (static cache)."""
-    return net(token, cache=cache, context=context, context_mask=context_mask)[:, -1]
+    return net(token, cache=cache, context=context, context_mask=context_mask, **conditioned(condition))[:, -1]
 
 
 # Each model's compiled decode steps: net -> {torch.compile options: the compiled step, or the
@@ -152,9 +157,9 @@ def compiled_decoder(net, options: dict):
         steps[key] = torch.compile(own, **(dict(fullgraph=True, dynamic=False) | options))  # options may override
     compiled = steps[key]
 
-    def step(net, token, cache, context=None, context_mask=None):
+    def step(net, token, cache, context=None, context_mask=None, condition=None):
         nonlocal compiled
-        args = (net, token, cache, context, context_mask)
+        args = (net, token, cache, context, context_mask, condition)
         try:
             if compiled is not decode_step and isinstance(cache, StaticKVCache):
                 return cache.count_compiled(token.shape[1], lambda: compiled(*args))  # the graph cannot count

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adaptive import apply_norm
 from .residual import Residual
 
 
@@ -75,8 +76,61 @@ class HyperResidual(Residual):
             return x, None  # layer dropout skips the whole layer, its stream mixing included
         x = mixed + write[..., None] * out[..., None, :]
         if self.post_norm is not None:
-            x = self.post_norm(x)
+            x = apply_norm(self.post_norm, x, kwargs.get("condition"))
         return x, extra
 
     def extra_repr(self):
         return super().extra_repr() + f", streams={self.streams}, sinkhorn_iters={self.sinkhorn_iters}"
+
+
+class GatedMultiResidual(Residual):
+    """Gated multi-stream residual (upstream's ``gated_multi_residual``, after Qwen's gated residual):
+    s streams, no mixing among them. A block reads an elementwise-gated mean of the normalised
+    streams and writes its output into each with a scalar gate:
+
+        normed  N_s = rmsnorm(R_s) * g_s                     g (s, d) from 1, no other pre-norm
+        z       = silu(W_z [N_1 .. N_s] / s) * c             a shared rank-r bottleneck, c from 1e-2
+        read    h = sum_s sigmoid(W_r z + a_s) * N_s / s      a (s, d) from 1 on stream l mod s, else 0
+        write   R'_s = R_s + 2 sigmoid(W_w z + b_s) f(h)      W_r, W_w, b from 0: a write weight of 1
+
+    ``read_gate_rank`` r (residual_fn_kwargs, required, as upstream's).
+    """
+
+    def __init__(self, fn: nn.Module, *, streams: int, layer_index: int, read_gate_rank: int, dim: int, **kwargs):
+        super().__init__(fn, dim=dim, **kwargs)
+        self.pre_norm = None  # the read normalises
+        self.streams, self.layer_index = streams, layer_index
+        self.read_gain = nn.Parameter(torch.ones(streams, dim))
+        self.static_read = nn.Parameter(torch.zeros(streams, dim))
+        self.static_write = nn.Parameter(torch.zeros(streams))
+        self.to_bottleneck = nn.Linear(dim * streams, read_gate_rank, bias=False)
+        self.to_read = nn.Linear(read_gate_rank, dim * streams, bias=False)
+        self.to_write = nn.Linear(read_gate_rank, streams, bias=False)
+        self.dynamic_scale = nn.Parameter(torch.tensor(1e-2))
+        self.reset_variant_parameters()
+
+    def reset_variant_parameters(self):
+        with torch.no_grad():
+            self.static_read.zero_()
+            self.static_read[self.layer_index % self.streams] = 1.0
+        nn.init.zeros_(self.to_read.weight)
+        nn.init.zeros_(self.to_write.weight)
+
+    def forward(self, x, *args, **kwargs):
+        """x (b, n, s, d) -> (new streams, whatever f returned beside its output, or None)."""
+        b, n, s, d = x.shape
+        normed = F.rms_norm(x, (d,), eps=torch.finfo(x.dtype).eps) * self.read_gain  # (b, n, s, d)
+        z = F.silu(self.to_bottleneck(normed.reshape(b, n, s * d) / s)) * self.dynamic_scale  # (b, n, r)
+        read = torch.sigmoid(self.to_read(z).view(b, n, s, d) + self.static_read)
+        h = (read * normed).sum(dim=-2) / s  # (b, n, d)
+        out, extra = self.branch(h, *args, **kwargs)
+        if out is None:
+            return x, None
+        write = torch.sigmoid(self.to_write(z) + self.static_write) * 2  # (b, n, s)
+        x = x + write[..., None] * out[..., None, :]
+        if self.post_norm is not None:
+            x = apply_norm(self.post_norm, x, kwargs.get("condition"))
+        return x, extra
+
+    def extra_repr(self):
+        return super().extra_repr() + f", streams={self.streams}, rank={self.to_bottleneck.out_features}"

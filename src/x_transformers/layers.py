@@ -19,13 +19,15 @@ from torch import nn
 from .hub import Pretrained
 from . import checks
 from .attention import Attention
-from .blocks import ForwardContext, UNetSkips, run_sequential
-from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
+from .blocks import ForwardContext, ScoreCarry, UNetSkips, run_sequential
+from .adaptive import Conditioning, apply_norm
+from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
-from .positional import AlibiPositionalBias, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
-from .hyper import HyperResidual
+from .positional import AlibiPositionalBias, PolarEmbedding, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
+from .hyper import GatedMultiResidual, HyperResidual
 from .residual import Residual, shift_amounts
+from .residual_updates import make_update
 from .reversible import ReversibleStack
 
 
@@ -204,7 +206,15 @@ class AttentionLayers(Pretrained, nn.Module):
         self.placement = placement
         norm_options = dict(init_alpha=cfg.dynamic_tanh_init_alpha) if cfg.use_dynamic_tanh else {}
 
+        # adaptive norms / branch scales read a condition (adaptive.py), checked and prepared per forward
+        adaptive = any(getattr(cfg, f) for f in ADAPTIVE)
+        self.conditioning = cond = Conditioning(cfg, dim) if adaptive else None
+        if cond is not None and cond.norm is not None:
+            self.norm_name = f"adaptive_{cond.norm}"
+
         def make():
+            if cond is not None and cond.norm is not None:
+                return cond.make_norm()
             return make_norm(norm, dim, eps=cfg.norm_eps, bias=cfg.norm_bias, **norm_options)
 
         # a number for scale_residual / depth_scale_residual scales every branch (upstream's Scale)
@@ -227,17 +237,23 @@ class AttentionLayers(Pretrained, nn.Module):
                 fn = FeedForward(dim, ff_cfg)
             else:
                 fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
-                               cross=spec.kind == "c", dim_context=cfg.dim_context)
+                               cross=spec.kind == "c", dim_context=cfg.dim_context,
+                               polar=cfg.polar_pos_emb and spec.kind == "a")
             options = dict(placement=placement, make_norm=make, scale=spec.scale * branch_scale,
                            shifts=shift_amounts(shifts[index], cfg.causal),
                            layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
-                           layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None)
-            if cfg.num_residual_streams > 1:
+                           layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None,
+                           adaptive_scale=cond.make_layerscale() if cond is not None else None)
+            if cfg.gated_multi_residual:
+                blocks.append(GatedMultiResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
+                                                 **cfg.residual_fn_kwargs, **options))
+            elif cfg.num_residual_streams > 1:
                 blocks.append(HyperResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
                                             sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters, **options))
             else:
                 blocks.append(Residual(fn, skip_scale=cfg.scale_residual is True,
-                                       skip_constant=cfg.scale_residual_constant, gru=cfg.gate_residual, **options))
+                                       skip_constant=cfg.scale_residual_constant, gru=cfg.gate_residual,
+                                       update=make_update(cfg, dim), **options))
         # repeated entries are one module (weight tying): parameters() counts it once
         self.blocks = nn.ModuleList(blocks[i] for i in order)
         has_final = placement in ("pre", "sandwich") and cfg.pre_norm_has_final_norm and not cfg.pre_and_post_norm
@@ -247,7 +263,7 @@ class AttentionLayers(Pretrained, nn.Module):
         self.reinject_gate = nn.Linear(dim, 1, bias=False) if cfg.learned_reinject_input_gate else None
         # hyper-connections: the streams' learned embeddings, added as x becomes s streams
         streams = cfg.num_residual_streams
-        self.stream_emb = nn.Parameter(torch.zeros(streams, dim)) if streams > 1 else None
+        self.stream_emb = nn.Parameter(torch.zeros(streams, dim)) if streams > 1 or cfg.gated_multi_residual else None
         self.unet = UNetSkips(dim, cfg.depth, len(build_layout(cfg, depth=1))) if cfg.unet_skips else None
         # 2001.04451: run the blocks as a two-stream coupling, activations recomputed in backward
         self.reversible = ReversibleStack(self.layout) if cfg.reversible else None
@@ -257,10 +273,12 @@ class AttentionLayers(Pretrained, nn.Module):
         if cfg.rotary_pos_emb:
             self.rotary = RotaryEmbedding(cfg.rotary_dim(dim_head), base=cfg.rotary_base,
                                           interpolation_factor=cfg.rotary_interpolation_factor,
-                                          base_rescale_factor=cfg.rotary_base_rescale_factor)
+                                          base_rescale_factor=cfg.rotary_base_rescale_factor,
+                                          xpos_scale_base=cfg.rotary_xpos_scale_base if cfg.rotary_xpos else None)
+        self.polar = PolarEmbedding(dim_head, heads, cfg.polar_bias_uniform_init) if cfg.polar_pos_emb else None
         self.rel_pos = None
         if cfg.alibi_pos_bias:
-            self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads)
+            self.rel_pos = AlibiPositionalBias(heads, cfg.alibi_num_heads, **(cfg.rel_pos_kwargs or {}))
         elif cfg.dynamic_pos_bias:
             self.rel_pos = DynamicPositionBias(dim // 4, heads, depth=cfg.dynamic_pos_bias_mlp_depth,
                                                log_distance=cfg.dynamic_pos_bias_log_distance,
@@ -388,12 +406,13 @@ class AttentionLayers(Pretrained, nn.Module):
         positions (keys at ``key_positions``, default the same), masks as (b, 1, 1, m)."""
         key_positions = positions if key_positions is None else key_positions
         token_mask = None  # (b, n): which new tokens are kept (token shifting zeroes the others)
-        if self.cfg.shift_tokens and self_mask is not None:
+        if (self.cfg.shift_tokens or self.cfg.mv_split_residual) and self_mask is not None:
             n = positions.shape[-1]
             token_mask = self_mask[:, 0, 0, -n:] if self_mask.shape[-2] == 1 else \
                 self_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # (an attn_mask's diagonal: each token itself)
+        angles, phase = self.polar(positions) if self.polar is not None else (None, None)
         return ForwardContext(
-            positions=positions, key_positions=key_positions, self_mask=self_mask, token_mask=token_mask,
+            polar_angles=angles, polar_bias=phase, positions=positions, key_positions=key_positions, self_mask=self_mask, token_mask=token_mask,
             rotary=self.rotary(positions) if self.rotary is not None else None,
             score_mod=self.score_mod(positions, key_positions),
             context=context, context_mask=context_mask[:, None, None, :] if context_mask is not None else None,
@@ -408,6 +427,9 @@ class AttentionLayers(Pretrained, nn.Module):
             if self.reinject_gate is not None:
                 inject = inject * torch.sigmoid(self.reinject_gate(x))
             ctx = replace(ctx, inject=inject)
+        if self.cfg.residual_attn or self.cfg.cross_residual_attn:  # RealFormer: fresh score carries
+            ctx = replace(ctx, self_scores=ScoreCarry() if self.cfg.residual_attn else None,
+                          cross_scores=ScoreCarry() if self.cfg.cross_residual_attn else None)
         if self.stream_emb is not None:  # hyper.py: (b, n, d) -> (b, n, s, d) residual streams
             x = x[..., None, :] + self.stream_emb
         if self.reversible is not None:  # reversible.py: the same runner, one branch at a time
@@ -418,10 +440,10 @@ class AttentionLayers(Pretrained, nn.Module):
             x = softclamp(x, self.cfg.softclamp_output_value)
         if self.stream_emb is not None:
             x = x.sum(dim=-2)
-        return self.final_norm(x) if self.final_norm is not None else x
+        return apply_norm(self.final_norm, x, ctx.condition) if self.final_norm is not None else x
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
-                return_attn: bool = False, attn_mask=None):
+                return_attn: bool = False, attn_mask=None, condition=None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -429,6 +451,7 @@ class AttentionLayers(Pretrained, nn.Module):
         cache: a :class:`~x_transformers.cache.KVCache`, read and extended in place.
         attn_mask: (b|1, 1, n, n) bool, which query may see which key (True = may), ANDed with
         ``mask`` and the stack's causality; no cache.
+        condition: (b, dim_condition) or (b, n, dim_condition), for adaptive norms / scales only.
         """
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
@@ -437,6 +460,9 @@ class AttentionLayers(Pretrained, nn.Module):
                 raise ValueError("attn_mask cannot be combined with a cache (it is over this call's n x n pairs)")
             check_attn_mask(attn_mask, b, n)
 
+        if cache is not None and self.cfg.mv_split_residual:
+            raise ValueError("mv_split_residual takes means over every earlier token, which a key/value cache does "
+                             "not keep; decode without a cache (cache_kv=False)")
         if cache is not None and self.cfg.shift_tokens:
             raise ValueError("shift_tokens mixes each token with its predecessors' features, which a key/value cache "
                              "does not keep; decode without a cache (cache_kv=False)")
@@ -454,6 +480,11 @@ class AttentionLayers(Pretrained, nn.Module):
 
         ctx = self.forward_context(positions, key_positions=key_positions, self_mask=self_mask, context=context,
                                    context_mask=context_mask, cache=cache, need_weights=return_attn)
+        if self.conditioning is not None:
+            ctx = replace(ctx, condition=self.conditioning(condition, b, n))
+        elif condition is not None:
+            raise ValueError("condition was given but this stack has no adaptive norm or scale "
+                             "(use_adaptive_layernorm / use_adaptive_rmsnorm / use_adaptive_layerscale)")
         attns = [] if return_attn else None
         x = self.run(x, ctx, attns)
 

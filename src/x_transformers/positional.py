@@ -71,12 +71,20 @@ class RotaryEmbedding(nn.Module):
     2306.15595: angles t * theta_k / s); ``base_rescale_factor`` a multiplies the base by
     a ** (r / (r - 2)) ("NTK-aware" scaling, bloc97 2023, as in YaRN 2309.00071): the lowest
     frequency is divided by a while the highest stays.
+
+    xPos (2212.10554, ``xpos_scale_base`` B): channel pair k of a query at position p is also scaled
+    by zeta_k ** (p / B), of a key by zeta_k ** (-p / B), zeta_k = (2k + 0.4 r) / (1.4 r) < 1, so
+    ``q_i . k_j`` decays as zeta ** ((i - j) / B) with the distance (causal stacks only: a key ahead
+    would grow). The exponents are not centred (upstream centres them at each call's middle
+    position, which cancels in q . k but not across a KV cache's calls); in float32 they stay in
+    range up to about 70 * B positions.
     """
 
     def __init__(self, rot_dim: int, base: float = 10000.0, interpolation_factor: float = 1.0,
-                 base_rescale_factor: float = 1.0):
+                 base_rescale_factor: float = 1.0, xpos_scale_base: float | None = None):
         super().__init__()
         self.rot_dim = rot_dim
+        self.xpos_scale_base = xpos_scale_base
         self.base = base * base_rescale_factor ** (rot_dim / (rot_dim - 2)) if base_rescale_factor != 1.0 else base
         self.interpolation_factor = interpolation_factor
 
@@ -87,14 +95,34 @@ class RotaryEmbedding(nn.Module):
         r = self.rot_dim
         return 1.0 / self.base ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
 
+    @property
+    def xpos_zeta(self):
+        """xPos's per-pair decay bases (r/2,), (2k + 0.4 r) / (1.4 r)."""
+        r = self.rot_dim
+        return (torch.arange(0, r, 2, dtype=torch.float32) + 0.4 * r) / (1.4 * r)
+
     def forward(self, positions):
-        """(b|1, n) positions -> cos, sin of shape (b|1, 1, n, r), float32."""
+        """(b|1, n) positions -> cos, sin of shape (b|1, 1, n, r), float32 (with xPos, its query
+        scale of that shape as a third; :func:`key_rotary` turns the triple into the keys')."""
         pos = positions.float()
         if self.interpolation_factor != 1.0:
             pos = pos / self.interpolation_factor
         freqs = pos[..., None] * self.inv_freq.to(positions.device)  # (b, n, r/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos(), emb.sin()
+        if self.xpos_scale_base is None:
+            return emb.cos(), emb.sin()
+        zeta = self.xpos_zeta.to(positions.device)
+        scale = zeta ** (positions.float()[..., None] / self.xpos_scale_base)  # (b, n, r/2), raw positions
+        return emb.cos(), emb.sin(), torch.cat((scale, scale), dim=-1)[:, None]
+
+    def extra_repr(self):
+        return f"rot_dim={self.rot_dim}" + (f", xpos_scale_base={self.xpos_scale_base:g}"
+                                            if self.xpos_scale_base is not None else "")
+
+
+def key_rotary(rotary):
+    """The keys' rotation from the queries' (cos, sin[, xpos scale]): the same angles, the inverse scale."""
+    return rotary if len(rotary) == 2 else (rotary[0], rotary[1], 1.0 / rotary[2])
 
 
 def rotate_half(x):
@@ -102,14 +130,50 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x, cos, sin):
-    """Rotate the first r channels of x (b, h, n, d) by the angles behind cos/sin (b|1, 1, n, r)."""
+def apply_rotary(x, cos, sin, scale=None):
+    """Rotate the first r channels of x (b, h, n, d) by the angles behind cos/sin (b|1, 1, n, r),
+    then scale them by ``scale`` (same shape; xPos) if given."""
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     # The angles are float32 math; the rotation itself runs in x's dtype (as Llama does) rather
     # than copying q and k to float32 and back in every layer: cos/sin are cast, (n, r) only.
+    if scale is not None:
+        cos, sin = cos * scale, sin * scale
     rot = rot * cos.to(x.dtype) + rotate_half(rot) * sin.to(x.dtype)
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+class PolarEmbedding(nn.Module):
+    """PoPE, polar position embedding (2509.10534): channel c of a query at position p becomes the
+    pair softplus(q_c) * (cos, sin)(p * theta_c), of a key softplus(k_c) * (cos, sin)(p * theta_c + delta_hc),
+    theta_c = base ** (-c / d) for every channel c < d (heads twice as wide), so
+    ``q'_i . k'_j = sum_c softplus(q_c) softplus(k_c) cos((i - j) theta_c - delta_hc)``: magnitudes
+    carry content, angles position only. delta (h, 1, d), learned, clamped to [-2 pi, 0], from 0
+    (``polar_bias_uniform_init``: uniform in that range)."""
+
+    def __init__(self, dim_head: int, heads: int, bias_uniform_init: bool = False, base: float = 10000.0):
+        super().__init__()
+        self.dim_head, self.base = dim_head, base
+        self.learned_bias = nn.Parameter(torch.zeros(heads, 1, dim_head))
+        if bias_uniform_init:
+            with torch.no_grad():
+                self.learned_bias.uniform_(-2 * math.pi, 0.0)
+
+    @property
+    def inv_freq(self):
+        d = self.dim_head  # (computed, not a buffer: float32 whatever the model's dtype, as rotary's)
+        return 1.0 / self.base ** (torch.arange(d, dtype=torch.float32) / d)
+
+    def forward(self, positions):
+        """(b|1, n) positions -> angles (b|1, 1, n, d) float32, key phase (1, h, 1, d)."""
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)  # (b, n, d)
+        return angles[:, None], self.learned_bias.float().clamp(-2 * math.pi, 0.0)[None]
+
+
+def apply_polar(t, angles):
+    """t (b, h, n, d) -> (b, h, n, 2 d): softplus(t) times cos and sin of the angles (float32 math)."""
+    mag = F.softplus(t.float())
+    return torch.cat((mag * angles.cos(), mag * angles.sin()), dim=-1).to(t.dtype)
 
 
 def alibi_slopes(heads: int) -> list[float]:
@@ -127,12 +191,14 @@ def alibi_slopes(heads: int) -> list[float]:
 
 
 class AlibiPositionalBias(nn.Module):
-    """ALiBi (2108.12409): score bias -slope_h * |i - j|; heads beyond ``alibi_heads`` get none."""
+    """ALiBi (2108.12409): score bias -slope_h * |i - j|; heads beyond ``alibi_heads`` get none.
+    ``slopes``: the ALiBi heads' own slopes instead of the paper's geometric ones."""
 
-    def __init__(self, heads: int, alibi_heads: int | None = None):
+    def __init__(self, heads: int, alibi_heads: int | None = None, slopes=None):
         super().__init__()
         alibi_heads = alibi_heads or heads
-        slopes = torch.tensor(alibi_slopes(alibi_heads) + [0.0] * (heads - alibi_heads))
+        own = alibi_slopes(alibi_heads) if slopes is None else [float(v) for v in slopes]
+        slopes = torch.tensor(own + [0.0] * (heads - alibi_heads))
         self.register_buffer("slopes", slopes.view(1, heads, 1, 1), persistent=False)
 
     def forward(self, q_pos, k_pos):

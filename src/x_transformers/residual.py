@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adaptive import apply_norm
+
 
 def shift_amounts(k: int, causal: bool) -> tuple[int, ...] | None:
     """Token shift amounts of a block: 0..k causal, -k..k otherwise; None for k = 0."""
@@ -47,12 +49,17 @@ class Residual(nn.Module):
     ``gru``: the sum is replaced by a GRU cell reading the branch as input and the skip path as
     hidden state (``gate_residual``, GTrXL 1910.06764).
     ``inject``: a tensor added to the branch's input only (``reinject_input``), given per call.
+    ``update``: a module (out, skip, seq_mask) -> new x in place of the sum (``orthog_residual``,
+    ``mv_split_residual``: residual_updates.py).
+    ``adaptive_scale``: an :class:`~x_transformers.adaptive.AdaptiveLayerScale` gating the branch by
+    the condition; ``condition`` (b, 1|n, c), given per call, also reaches adaptive norms.
     """
 
     def __init__(self, fn: nn.Module, *, placement: str, make_norm, scale: float = 1.0, layer_dropout: float = 0.0,
                  post_norm: bool = False, dim: int | None = None, layerscale: float | None = None,
                  skip_scale: bool = False, skip_constant: float = 1.0, gru: bool = False,
-                 shifts: tuple[int, ...] | None = None):
+                 shifts: tuple[int, ...] | None = None, adaptive_scale: nn.Module | None = None,
+                 update: nn.Module | None = None):
         super().__init__()
         self.fn = fn
         self.placement = placement
@@ -67,10 +74,14 @@ class Residual(nn.Module):
         self.skip_constant = skip_constant
         self.gru = nn.GRUCell(dim, dim) if gru else None
         self.shifts = shifts  # token shift of the branch input (shift_tokens, as RWKV's token shift)
+        self.adaptive_scale = adaptive_scale
+        self.update = update  # how the branch enters the stream when not by a sum (residual_updates.py)
 
-    def forward(self, x, *args, **kwargs):
-        """Returns (new x, whatever f returned beside its output, or None)."""
+    def forward(self, x, *args, seq_mask=None, **kwargs):
+        """Returns (new x, whatever f returned beside its output, or None). ``seq_mask`` (b, n): the
+        kept tokens, for an update that takes means over the sequence."""
         out, extra = self.branch(x, *args, **kwargs)
+        condition = kwargs.get("condition")
         if out is None:
             return x, None  # layer dropout skips the whole layer, its post-norm included
         skip = x
@@ -78,32 +89,36 @@ class Residual(nn.Module):
             skip = skip * self.skip_scale
         if self.skip_constant != 1.0:
             skip = skip * self.skip_constant
-        if self.gru is not None:  # position-wise: every token's channels are one GRU step
+        if self.update is not None:
+            x = self.update(out, skip, seq_mask)
+        elif self.gru is not None:  # position-wise: every token's channels are one GRU step
             x = self.gru(out.reshape(-1, out.shape[-1]), skip.reshape(-1, skip.shape[-1])).view_as(out)
         else:
             x = skip + out
         if self.post_norm is not None:
-            x = self.post_norm(x)
+            x = apply_norm(self.post_norm, x, condition)
         return x, extra
 
-    def branch(self, x, *args, inject=None, shift_mask=None, **kwargs):
+    def branch(self, x, *args, inject=None, shift_mask=None, condition=None, **kwargs):
         """The branch alone, ``(scale * g * gamma * f(norm(x + inject)), extra)``; ``(None, None)``
         when layer dropout drops it. Reversible layers (reversible.py) add it to the other stream."""
         drop = self.training and self.layer_dropout > 0
         if drop and not torch.compiler.is_compiling() and torch.rand(()).item() < self.layer_dropout:
             return None, None  # drop the whole branch (a CPU draw: no device sync)
         h = x if inject is None else x + inject
-        h = self.pre_norm(h) if self.pre_norm is not None else h
+        h = apply_norm(self.pre_norm, h, condition) if self.pre_norm is not None else h
         if self.shifts is not None:
             h = shift_tokens(h, self.shifts, shift_mask)
         out = self.fn(h, *args, **kwargs)
         out, extra = out if isinstance(out, tuple) else (out, None)
         if self.branch_norm is not None:
-            out = self.branch_norm(out)
+            out = apply_norm(self.branch_norm, out, condition)
         if self.gate is not None:
             out = out * self.gate
         if self.layerscale is not None:
             out = out * self.layerscale
+        if self.adaptive_scale is not None:
+            out = self.adaptive_scale(out, condition)
         if self.scale != 1.0:
             out = out * self.scale
         if drop and torch.compiler.is_compiling():

@@ -193,6 +193,13 @@ def _layers(plan: _Plan, layers: AttentionLayers, ours: str, up: str):
     if layers.rotary is not None:  # upstream stores its frequencies: they must be ours
         key, expected = f"{up}rotary_pos_emb.inv_freq", layers.rotary.inv_freq
         plan.checks.append((key, lambda t: _check_inv_freq(key, t, expected)))
+        if layers.rotary.xpos_scale_base is not None:  # xPos's decay bases, fixed: they must be ours too
+            zkey, zeta = f"{up}rotary_pos_emb.scale", layers.rotary.xpos_zeta
+            plan.checks.append((zkey, lambda t: _check_inv_freq(zkey, t, zeta)))
+    if layers.polar is not None:  # PoPE's learned key phase, stored as upstream's (h, 1, d)
+        plan.add(ours + "polar.learned_bias", _same(up + "polar_pos_emb.learned_bias"))
+        pkey, pexp = f"{up}polar_pos_emb.inv_freq", layers.polar.inv_freq
+        plan.checks.append((pkey, lambda t: _check_inv_freq(pkey, t, pexp)))
     if layers.rel_pos is not None and hasattr(layers.rel_pos, "relative_attention_bias"):  # T5
         dim_head = layers.attn_cfg.dim_head or layers.dim // layers.cfg.heads
         key = "rel_pos.relative_attention_bias.weight"

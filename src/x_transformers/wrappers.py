@@ -179,7 +179,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                 return_logit_entropies: bool = False, seq_start_pos=None, pos=None, self_attn_kv_mask=None,
                 sum_embeds=None, prepend_embeds=None, prepend_mask=None, excise_prepend_embeds: bool = False,
                 embed_ids: dict | None = None, return_attn_z_loss: bool = False, attn_z_loss_weight=None,
-                input_not_include_cache: bool | None = None, causal: bool | None = None, **upstream):
+                input_not_include_cache: bool | None = None, causal: bool | None = None, condition=None, **upstream):
         """x (b, n) token ids -> logits (b, n, v), or hidden states (b, n, dim) with return_embeddings.
 
         ``return_attn``: also every attention layer's post-softmax maps (b, h, n, m), computed on the
@@ -194,7 +194,8 @@ class TransformerWrapper(Pretrained, nn.Module):
 
         Upstream x-transformers' keywords: ``return_intermediates`` (also returns an Intermediates,
         whose cache decodes on), ``return_logits_and_embeddings``, ``return_embeddings_and_intermediates``,
-        ``return_logit_entropies``, ``seq_start_pos`` (b,) (each row's count of left padding: those
+        ``return_logit_entropies``, ``condition`` (b, dim_condition) for a stack's adaptive norms / scales,
+        ``seq_start_pos`` (b,) (each row's count of left padding: those
         columns are masked and positions start after them), ``pos`` (custom long positions (b|1, n),
         or a float tensor (b|1, n, emb_dim) used in place of the absolute position embedding),
         ``self_attn_kv_mask`` (b, n) (keys hidden from self-attention, positions unchanged),
@@ -232,7 +233,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         lse = [] if return_attn_z_loss else None
         with record_logsumexp(lse) if lse is not None else contextlib.nullcontext():
             out, attns = self._run(x, mask, kv_mask, pos, sum_embeds, new["embed_ids"], prefix, context, context_mask,
-                                   cache, return_attn)
+                                   cache, return_attn, {"condition": condition} if condition is not None else {})
         hidden, seq, seq_mask, pooled_tokens = self._pool(out, x, mask, prefix, want_inter)
         if prepend_embeds is not None and excise_prepend_embeds and hidden.ndim == 3 and hidden is seq:
             hidden = hidden[:, prepend_embeds.shape[1]:]
@@ -433,7 +434,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             h = h + sum_embeds
         return self.post_emb_norm(h) if self.post_emb_norm is not None else h
 
-    def _run(self, x, mask, kv_mask, pos, sum_embeds, embed_ids, prefix, context, context_mask, cache, return_attn):
+    def _run(self, x, mask, kv_mask, pos, sum_embeds, embed_ids, prefix, context, context_mask, cache, return_attn,
+             stack_kw):
         """Embed, run the stack, strip memory tokens: (hidden states (b, C + P + n, dim) with the
         [CLS] and prepended columns first, attention maps)."""
         b, n = x.shape
@@ -471,7 +473,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             offset = 0 if first else self._columns_seen(cache)
             h, layer_positions, layer_mask, real = self._intersperse(h, positions, layer_mask, offset)
             out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
-                                   return_attn=return_attn)
+                                   return_attn=return_attn, **stack_kw)
             out, attns = out if return_attn else (out, None)
             return out.index_select(1, real), attns
         if M and first:
@@ -486,7 +488,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         # a funnel keeps the memory tokens out of its pooling windows
         funnel = dict(num_memory_tokens=M) if M and isinstance(self.attn_layers, FunnelEncoder) else {}
         out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
-                               return_attn=return_attn, **funnel)
+                               return_attn=return_attn, **funnel, **stack_kw)
         out, attns = out if return_attn else (out, None)
         return (out[:, M:] if M and first else out), attns
 
@@ -544,7 +546,7 @@ UPSTREAM_ABSENT = {
                     "here (bind them in your module)"),
     "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
     **dict.fromkeys(("cache_age", "seq_pos_offset"), "the new tokens are those after the cache's cache_length"),
-    **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "context_pos", "condition", "in_attn_cond",
+    **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "context_pos", "in_attn_cond",
                      "layers_execute_order", "repeat_blocks", "self_attn_additional_kv", "additional_kv_mask",
                      "self_attn_kv_residuals", "cross_attn_kv_residuals", "flash_pack_seq_kwargs",
                      "flash_pack_seq_context_kwargs", "return_hiddens", "deep_embeds_and_ids"),

@@ -78,15 +78,29 @@ class Attention(_attention.Attention):
 
 class FeedForward(_feedforward.FeedForward):
     """Upstream's ``FeedForward(dim, dim_out=None, mult=4, glu=False, swish=False,
-    relu_squared=False, dropout=0., no_bias=False)``: GELU unless ``swish`` / ``relu_squared``."""
+    relu_squared=False, dropout=0., no_bias=False, ...)``: GELU unless ``swish`` / ``relu_squared``;
+    upstream's newer keywords (``glu_mult_bias``, ``solu``, ``custom_activation``, ``post_act_ln``,
+    ``sublayer_dropout``, ``zero_init_output``, ``output_proj_depth``, ``softclamp_value``,
+    ``glu_softclamp``, ``glu_gate_softclamp_value``, ``glu_up_softclamp_value``) are the stacks'
+    ``ff_*`` options of the same names."""
 
     def __init__(self, dim: int, dim_out: int | None = None, mult: float = 4, glu: bool = False, swish: bool = False,
-                 relu_squared: bool = False, dropout: float = 0.0, no_bias: bool = False):
+                 relu_squared: bool = False, dropout: float = 0.0, no_bias: bool = False, **newer):
         if swish and relu_squared:
             raise ValueError("choose one activation: swish=True or relu_squared=True, not both")
+        unknown = set(newer) - set(_FF_NEWER)
+        if unknown:
+            raise TypeError(f"FeedForward got unexpected keyword(s) {sorted(unknown)}; upstream's are "
+                            f"dim_out, mult, glu, swish, relu_squared, dropout, no_bias, {', '.join(_FF_NEWER)}")
         activation = "swish" if swish else "relu_squared" if relu_squared else "gelu"
-        cfg = FeedForwardConfig(mult=mult, glu=glu, activation=activation, dropout=dropout, no_bias=no_bias)
+        cfg = FeedForwardConfig(mult=mult, glu=glu, activation=activation, dropout=dropout, no_bias=no_bias, **newer)
         super().__init__(dim, cfg, dim_out=dim_out)
+        if cfg.zero_init_output or cfg.output_proj_depth is not None:  # (a stack does this for its blocks)
+            self.init_output(0.02)
+
+
+_FF_NEWER = ("glu_mult_bias", "solu", "custom_activation", "post_act_ln", "sublayer_dropout", "zero_init_output",
+             "output_proj_depth", "softclamp_value", "glu_softclamp", "glu_gate_softclamp_value", "glu_up_softclamp_value")
 
 
 class AttendIntermediates(NamedTuple):

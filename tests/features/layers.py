@@ -7,10 +7,10 @@ register("rmsnorm", layers=dict(use_rmsnorm=True), group="norm")
 register("post_norm", layers=dict(pre_norm=False), group="placement")
 register("sandwich_norm", layers=dict(sandwich_norm=True), group="placement")
 # ReZero (2003.04887): each branch sits behind a zero gate, so at init no gradient reaches the
-# branches, what only they read (the T5 bias, TUPE's tables, memory tokens) or, under an
+# branches, what only they read (the T5 bias, TUPE's tables, PoPE's key phase, memory tokens) or, under an
 # encoder-decoder, the encoder; one optimizer step opens the gates
 register("rezero", layers=dict(use_rezero=True), group="placement",
-         zero_init=("gate", ".fn.", "rel_pos.", "tupe.", "memory_tokens", "encoder.token_emb", "encoder.pos_emb",
+         zero_init=("gate", ".fn.", "rel_pos.", "tupe.", "polar.", "memory_tokens", "encoder.token_emb", "encoder.pos_emb",
                     "upsampler"))
 register("ff_glu", layers=dict(ff_glu=True, ff_activation="swish"))
 register("ff_relu_squared", layers=dict(ff_activation="relu_squared"))

@@ -45,3 +45,16 @@ register("unet_skips", layers=dict(unet_skips=True), kinds=("decoder", "encoder"
 register("par_ratio", layers=dict(par_ratio=2), group="layout", kinds=("decoder", "encoder", "cross", "funnel"))
 register("shift_tokens", layers=dict(shift_tokens=1), cacheable=False)
 register("cross_attn_tokens_dropout", layers=dict(cross_attn_tokens_dropout=0.25), kinds=("cross",))
+# RealFormer's score carries (residual_attn, cross_residual_attn) and xPos: causal-only (xPos) or
+# kept to the kinds that exercise them, to keep the pairwise rows few
+register("residual_attn", layers=dict(residual_attn=True, cross_residual_attn=True), kinds=("decoder",))
+register("rotary_xpos", layers=dict(rotary_xpos=True, rotary_xpos_scale_base=16), group="relpos", kinds=("decoder",))
+register("orthog_residual", layers=dict(orthog_residual=True), kinds=("decoder",))
+# (the learned gains read the update's mean: zero while ReZero's gate closes the branch)
+register("mv_split_residual", layers=dict(mv_split_residual=True, residual_fn_kwargs=dict(learned=True)),
+         kinds=("encoder",), zero_init=("update.",))
+register("polar_pos_emb", layers=dict(polar_pos_emb=True, polar_bias_uniform_init=True), kinds=("decoder",))
+# (the bottleneck and its scale reach the output only through the read / write gates, zero at init)
+register("gated_multi_residual", layers=dict(gated_multi_residual=True, num_residual_streams=2,
+                                             residual_fn_kwargs=dict(read_gate_rank=2)), kinds=("decoder",),
+         zero_init=("to_bottleneck", "dynamic_scale"))
