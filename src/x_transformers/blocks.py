@@ -47,6 +47,13 @@ class ForwardContext:
     kv_score_mod: ScoreMod | None = None
     inject: Tensor | None = None  # (b, n, dim) added to every branch's input (reinject_input)
     token_mask: Tensor | None = None  # (b, n) bool, the new tokens kept (shift_tokens zeroes the others)
+    # Transformer-XL recurrence (1901.02860, recurrence.py): per block of the layout, (the hidden
+    # states (b, m, dim) a self-attention block prepends to its keys/values, its mask (b, 1, 1, m + k)
+    # or None) or None; their rotary angles; the list that collects each self-attention block's
+    # input (the next memories). key_positions then include the memory's.
+    mems: tuple | None = None
+    mem_rotary: tuple[Tensor, Tensor] | None = None
+    hiddens: list | None = None
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject")
@@ -76,8 +83,12 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
     if ctx.kv is not None and i == ctx.kv_block:  # pooled queries over the previous level's keys
         return dict(mask=ctx.kv_mask, rotary=ctx.rotary, score_mod=ctx.kv_score_mod, kv=ctx.kv,
                     kv_rotary=ctx.kv_rotary, need_weights=ctx.need_weights)
-    return dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
-                need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions))
+    kwargs = dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
+                  need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions))
+    if ctx.mems is not None and ctx.mems[i] is not None:
+        mem, mask = ctx.mems[i]  # the block's memory and its mask over (memory, keys)
+        kwargs.update(mem=mem, mem_rotary=ctx.mem_rotary, mask=mask)
+    return kwargs
 
 
 def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: bool = False):
@@ -126,6 +137,8 @@ def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = 
             if i in skips.plan:
                 src, k = skips.plan[i]
                 x = skips.combines[k](torch.cat((saved[src], x), dim=-1))
+        if ctx.hiddens is not None and spec.kind == "a":
+            ctx.hiddens.append(x)  # a self-attention block's input: its memory for the next segment
         x, w = run_block(spec.kind, i, block, x, ctx)
         if w is not None and attns is not None:
             attns.append(w)

@@ -386,6 +386,22 @@ declare("memory_tokens_interspersed_every", "a bidirectional stack",
                "upstream; an encoder reads memory tokens once, at the front",
         example=dict(memory_tokens_interspersed_every=4, num_memory_tokens=1, causal=False), kinds=WRAPPER)
 
+# Transformer-XL memories (max_mem_len, recurrence.py): a causal, sequential stack whose self-attention
+# blocks read only the sequence's own hidden states
+for _k, _v, _why in (("reversible", True, "the reversible coupling recomputes its blocks without the memory"),
+                     ("num_residual_streams", 2, "the memory is one stream of hidden states"),
+                     ("shift_tokens", 1, "a shifted token would need the previous segment's features"),
+                     ("tupe", True, "TUPE's untied positions index a table; the memory sits at negative positions"),
+                     ("num_memory_tokens", 2, "memory tokens would enter every segment's memory; use one or the "
+                                              "other")):
+    declare("max_mem_len", _k, when=lambda s, k=_k: on(s, "max_mem_len") and on(s, k)
+            and not (k == "num_residual_streams" and s[k] == 1),
+            reason=_why, example={"max_mem_len": 4, _k: _v, **({"tupe_max_seq_len": 16} if _k == "tupe" else {})},
+            kinds=WRAPPER)
+declare("max_mem_len", "a bidirectional stack", when=lambda s: on(s, "max_mem_len") and not s.get("causal", False),
+        reason="segment recurrence carries a causal stack's (Decoder's) hidden states forward; a bidirectional "
+               "stack's outputs change with later tokens", example=dict(max_mem_len=4, causal=False), kinds=WRAPPER)
+
 # a custom token embedding / output head (TransformerWrapper(token_emb=, to_logits=): built modules)
 def _module(name):
     """An example module for the entries' examples (the tests build dim=32, num_tokens=10 models)."""

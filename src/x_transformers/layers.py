@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .hub import Pretrained
-from . import checks
+from . import checks, recurrence
 from .attention import Attention
 from .blocks import ForwardContext, UNetSkips, run_sequential
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
@@ -421,7 +421,7 @@ class AttentionLayers(Pretrained, nn.Module):
         return self.final_norm(x) if self.final_norm is not None else x
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
-                return_attn: bool = False, attn_mask=None):
+                return_attn: bool = False, attn_mask=None, mems=None, mem_masks=None, hiddens: list | None = None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -429,6 +429,9 @@ class AttentionLayers(Pretrained, nn.Module):
         cache: a :class:`~x_transformers.cache.KVCache`, read and extended in place.
         attn_mask: (b|1, 1, n, n) bool, which query may see which key (True = may), ANDed with
         ``mask`` and the stack's causality; no cache.
+        mems / mem_masks: Transformer-XL memories (recurrence.py), one (b, m, dim) tensor (and (b, m)
+        mask or None) per self-attention block; ``hiddens``: a list that receives each self-attention
+        block's input (the next memories).
         """
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
@@ -454,6 +457,8 @@ class AttentionLayers(Pretrained, nn.Module):
 
         ctx = self.forward_context(positions, key_positions=key_positions, self_mask=self_mask, context=context,
                                    context_mask=context_mask, cache=cache, need_weights=return_attn)
+        if mems is not None or hiddens is not None:
+            ctx = self._recurrence(ctx, x, mems, mem_masks, hiddens, attn_mask, cache)
         attns = [] if return_attn else None
         x = self.run(x, ctx, attns)
 
@@ -461,6 +466,24 @@ class AttentionLayers(Pretrained, nn.Module):
             new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
             cache.extend(new, positions.expand(b, -1))
         return (x, attns) if return_attn else x
+
+
+    def _recurrence(self, ctx, x, mems, mem_masks, hiddens, attn_mask, cache):
+        """The context with Transformer-XL memories (recurrence.py) and the hidden-state collector."""
+        why = ("a bidirectional stack" if not self.causal else "reversible=True" if self.reversible is not None
+               else "hyper-connections" if self.stream_emb is not None else "shift_tokens" if self.cfg.shift_tokens
+               else "TUPE" if self.tupe is not None else "attn_mask" if attn_mask is not None
+               else "a StaticKVCache" if cache is not None and not hasattr(cache, "layers") else None)
+        if why is not None:
+            raise ValueError(f"Transformer-XL memories (mems / return_mems) are not supported with {why}: "
+                             f"they need a causal, sequential stack whose blocks see only the sequence")
+        if hiddens is not None:
+            ctx = replace(ctx, hiddens=hiddens)
+        if mems is None:
+            return ctx
+        recurrence.check_mems(mems, mem_masks, batch=x.shape[0], dim=self.dim,
+                              count=recurrence.self_attention_count(self.layout))
+        return recurrence.with_memory(self, ctx, mems, mem_masks, x.shape[0])
 
 
 def _check_causal(kwargs):

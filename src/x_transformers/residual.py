@@ -86,7 +86,7 @@ class Residual(nn.Module):
             x = self.post_norm(x)
         return x, extra
 
-    def branch(self, x, *args, inject=None, shift_mask=None, **kwargs):
+    def branch(self, x, *args, inject=None, shift_mask=None, mem=None, **kwargs):
         """The branch alone, ``(scale * g * gamma * f(norm(x + inject)), extra)``; ``(None, None)``
         when layer dropout drops it. Reversible layers (reversible.py) add it to the other stream."""
         drop = self.training and self.layer_dropout > 0
@@ -96,6 +96,8 @@ class Residual(nn.Module):
         h = self.pre_norm(h) if self.pre_norm is not None else h
         if self.shifts is not None:
             h = shift_tokens(h, self.shifts, shift_mask)
+        if mem is not None:  # Transformer-XL memory: normed as the block's input (not re-injected, as upstream)
+            kwargs["mem"] = self.pre_norm(mem) if self.pre_norm is not None else mem
         out = self.fn(h, *args, **kwargs)
         out, extra = out if isinstance(out, tuple) else (out, None)
         if self.branch_norm is not None:

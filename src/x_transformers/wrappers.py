@@ -15,7 +15,7 @@ from torch import nn
 
 from .attend import record_logsumexp
 from .hub import Pretrained
-from . import aliases, checks, conflicts
+from . import aliases, checks, conflicts, recurrence
 from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
@@ -179,7 +179,8 @@ class TransformerWrapper(Pretrained, nn.Module):
                 return_logit_entropies: bool = False, seq_start_pos=None, pos=None, self_attn_kv_mask=None,
                 sum_embeds=None, prepend_embeds=None, prepend_mask=None, excise_prepend_embeds: bool = False,
                 embed_ids: dict | None = None, return_attn_z_loss: bool = False, attn_z_loss_weight=None,
-                input_not_include_cache: bool | None = None, causal: bool | None = None, **upstream):
+                input_not_include_cache: bool | None = None, causal: bool | None = None, mems=None, mem_masks=None,
+                return_mems: bool = False, detach_mems: bool = True, **upstream):
         """x (b, n) token ids -> logits (b, n, v), or hidden states (b, n, dim) with return_embeddings.
 
         ``return_attn``: also every attention layer's post-softmax maps (b, h, n, m), computed on the
@@ -204,6 +205,11 @@ class TransformerWrapper(Pretrained, nn.Module):
         ``embed_num_tokens`` tables, ``return_attn_z_loss`` (the intermediates' ``attn_z_loss``,
         weighted by ``attn_z_loss_weight``), ``causal`` (only the stack's own value). Upstream
         keywords of features absent here raise a TypeError naming them.
+
+        Transformer-XL recurrence (recurrence.py): ``mems`` (one (b, m, dim) tensor per
+        self-attention block, from an earlier ``return_mems=True``; ``mem_masks`` their (b, m)
+        masks), ``return_mems`` (also returns the next memories, the last ``max_mem_len`` columns,
+        detached unless ``detach_mems=False``: ``(out, mems)``, or ``inter.mems``).
         """
         refuse_upstream(upstream, "TransformerWrapper.forward")
         if causal is not None and causal != getattr(self.attn_layers, "causal", None):
@@ -219,6 +225,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                                                                    embed_ids=embed_ids),
                                                     input_not_include_cache, build)
         mask, pos, sum_embeds, kv_mask = new["mask"], new["pos"], new["sum_embeds"], new["self_attn_kv_mask"]
+        xl = recurrence.wrapper_inputs(self, mems, mem_masks, return_mems, cache)
         if offset is None and (seq_start_pos is not None or want_inter):
             offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
         if seq_start_pos is not None:
@@ -232,7 +239,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         lse = [] if return_attn_z_loss else None
         with record_logsumexp(lse) if lse is not None else contextlib.nullcontext():
             out, attns = self._run(x, mask, kv_mask, pos, sum_embeds, new["embed_ids"], prefix, context, context_mask,
-                                   cache, return_attn)
+                                   cache, return_attn, xl)
         hidden, seq, seq_mask, pooled_tokens = self._pool(out, x, mask, prefix, want_inter)
         if prepend_embeds is not None and excise_prepend_embeds and hidden.ndim == 3 and hidden is seq:
             hidden = hidden[:, prepend_embeds.shape[1]:]
@@ -248,6 +255,10 @@ class TransformerWrapper(Pretrained, nn.Module):
             out = pooled_tokens  # an encoder's attention pool (its logits: the intermediates')
         else:
             out = logits
+        if xl is not None and return_mems:
+            new_mems = recurrence.next_memories(xl["given"], xl["hiddens"], self.cfg.max_mem_len, detach_mems)
+            if not want_inter:
+                return out, new_mems
         if want_inter:
             inter = Intermediates(cache=cache if isinstance(cache, KVCache) else None, cache_length=offset + x.shape[1],
                                   last_hidden=seq, attn_maps=attns)
@@ -258,6 +269,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             if return_attn_z_loss:
                 weight = self.cfg.attn_z_loss_weight if attn_z_loss_weight is None else attn_z_loss_weight
                 inter.attn_z_loss = calc_z_loss(lse, weight)
+            if xl is not None and return_mems:
+                inter.mems = new_mems
             return out, inter
         return (out, attns) if return_attn else out
 
@@ -433,7 +446,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             h = h + sum_embeds
         return self.post_emb_norm(h) if self.post_emb_norm is not None else h
 
-    def _run(self, x, mask, kv_mask, pos, sum_embeds, embed_ids, prefix, context, context_mask, cache, return_attn):
+    def _run(self, x, mask, kv_mask, pos, sum_embeds, embed_ids, prefix, context, context_mask, cache, return_attn,
+             xl=None):
         """Embed, run the stack, strip memory tokens: (hidden states (b, C + P + n, dim) with the
         [CLS] and prepended columns first, attention maps)."""
         b, n = x.shape
@@ -484,9 +498,11 @@ class TransformerWrapper(Pretrained, nn.Module):
                 layer_mask = torch.cat((torch.ones(b, M, dtype=torch.bool, device=x.device), layer_mask), dim=-1)
 
         # a funnel keeps the memory tokens out of its pooling windows
-        funnel = dict(num_memory_tokens=M) if M and isinstance(self.attn_layers, FunnelEncoder) else {}
+        extra = dict(num_memory_tokens=M) if M and isinstance(self.attn_layers, FunnelEncoder) else {}
+        if xl is not None:  # Transformer-XL memories in, this segment's hidden states out (recurrence.py)
+            extra = dict(mems=xl["mems"], mem_masks=xl["mem_masks"], hiddens=xl["hiddens"])
         out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
-                               return_attn=return_attn, **funnel)
+                               return_attn=return_attn, **extra)
         out, attns = out if return_attn else (out, None)
         return (out[:, M:] if M and first else out), attns
 
@@ -533,8 +549,6 @@ def _drop_cached(t, offset: int):
 
 # upstream x-transformers' forward keywords of features this package does not have: why, in a line
 UPSTREAM_ABSENT = {
-    **dict.fromkeys(("mems", "return_mems", "mem_masks", "detach_mems"),
-                    "Transformer-XL memories (upstream's max_mem_len) are not implemented"),
     **dict.fromkeys(("recycle_steps",), "recycling (upstream's recycling=True) is not implemented"),
     **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
                      "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
