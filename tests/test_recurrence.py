@@ -153,3 +153,48 @@ def test_xl_generate_pads_after_eos():
         hits = (ref == eos).nonzero()
         stop = int(hits[0]) + 1 if len(hits) else len(ref)
         assert torch.equal(row[:stop], ref[:stop]) and not row[stop:].any()
+
+
+UPSTREAM_XL = r"""
+import json, os, torch
+from x_transformers import Decoder, TransformerWrapper
+p = json.loads(os.environ["PAYLOAD"])
+results = {}
+for name, layers in p["configs"].items():
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=16, max_seq_len=4, max_mem_len=6, shift_mem_down=1,
+                             attn_layers=Decoder(dim=16, depth=2, heads=2, **layers)).eval()
+    with torch.no_grad():
+        for t in net.parameters():
+            t.add_(torch.randn_like(t) * 0.1)
+    x = torch.randint(0, 16, (2, 12))
+    mems, outs = None, []
+    with torch.no_grad():
+        for seg in x.split(4, dim=1):
+            out, mems = net(seg, mems=mems, return_mems=True)
+            outs.append(out)
+    results[name] = dict(state_dict=net.state_dict(), x=x, out=torch.cat(outs, 1), mems=mems)
+torch.save(results, p["path"])
+print(json.dumps("ok"))
+"""
+
+
+def test_segments_match_upstream(tmp_path):
+    # the real upstream 2.31.10, weights perturbed, three segments with max_mem_len=6 and shift_mem_down=1
+    import upstream
+    from x_transformers.upstream import load_state_dict
+
+    configs = dict(rotary=dict(rotary_pos_emb=True), t5=dict(rel_pos_bias=True), absolute={})
+    path = tmp_path / "xl.pt"
+    upstream.run(UPSTREAM_XL, dict(configs=configs, path=str(path)))
+    results = torch.load(path)
+    for name, layers in configs.items():
+        ref = results[name]
+        net = TransformerWrapper(num_tokens=16, max_seq_len=4, max_mem_len=6, shift_mem_down=1,
+                                 attn_layers=Decoder(dim=16, depth=2, heads=2, **layers)).eval()
+        load_state_dict(net, ref["state_dict"])
+        with torch.no_grad():
+            out, mems = in_segments(net, ref["x"])
+        torch.testing.assert_close(out, ref["out"], atol=1e-5, rtol=1e-5, msg=name)
+        for ours, theirs in zip(mems, ref["mems"]):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=name)
