@@ -150,10 +150,11 @@ def test_bidirectional_intermediates_hold_no_cache_and_say_so():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(mems=[]), TypeError, "upstream x-transformers' keyword 'mems' is not supported: Transformer-XL"),
+    (dict(mems=[]), ValueError, "mems must be a list of 2 tensors"),
+    (dict(recycle_steps=2), TypeError, "upstream x-transformers' keyword 'recycle_steps' is not supported: recycling"),
     (dict(transform_token_embeds=None), TypeError, "'transform_token_embeds' is not supported"),
     (dict(attn_mask=torch.ones(2, 10, 10, dtype=torch.bool)), TypeError, "'attn_mask' is not supported"),
-    (dict(return_mems=True), TypeError, "'return_mems' is not supported"),
+    (dict(looped_steps=2), TypeError, "'looped_steps' is not supported"),
     (dict(nonsense=1), TypeError, "unexpected keyword 'nonsense'"),
     (dict(causal=False), ValueError, "causal=False at forward"),
     (dict(seq_start_pos=torch.tensor([1.0, 0.0])), ValueError, "seq_start_pos must be an integer tensor"),

@@ -111,8 +111,7 @@ _LAYERS_NOT_YET = dict(
 )
 _WRAPPER_NOT_YET = dict(
     recycling=False,
-    train_max_recycle_steps=4, looped=False, max_looped_steps=4, ff_deep_embed=False,
-    add_continuous_pred_head=False, input_not_include_cache=False,
+    train_max_recycle_steps=4, looped=False, max_looped_steps=4,
 )
 # XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)
 _XTRANSFORMER_NOT_YET: dict = {}

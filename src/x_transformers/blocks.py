@@ -52,6 +52,7 @@ class ForwardContext:
     # or None) or None; their rotary angles; the list that collects each self-attention block's
     # input (the next memories). key_positions then include the memory's.
     mems: tuple | None = None
+    ff_embeds: tuple | None = None  # per block: a feed-forward's output scale (b, n, dim) (ff_deep_embed) or None
     mem_rotary: tuple[Tensor, Tensor] | None = None
     hiddens: list | None = None
 
@@ -76,7 +77,8 @@ class ForwardContext:
 def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
     """The keywords block i of kind ``a`` / ``c`` / ``f`` is called with under ``ctx``."""
     if kind == "f":
-        return {}
+        scale = ctx.ff_embeds[i] if ctx.ff_embeds is not None else None
+        return {} if scale is None else dict(deep_embed=scale)
     cache = ctx.cache.layer(i) if ctx.cache is not None else None
     if kind == "c":
         return dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights)

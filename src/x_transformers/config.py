@@ -465,6 +465,13 @@ class WrapperConfig:
     # keeps per self-attention block; shift_mem_down: block i reads block i + shift's memory
     max_mem_len: int = 0
     shift_mem_down: int = 0
+    # a head predicting the next token's input embedding from the final hidden states (upstream's
+    # continuous next-embedding prediction): forward(return_next_embed_pred=True)
+    add_continuous_pred_head: bool = False
+    # per token, per layer unit, a learned (init 1) scale of each feed-forward block's output (RWKV-8's deep embedding)
+    ff_deep_embed: bool = False
+    # with cache=, x holds only the new tokens (forward's input_not_include_cache default)
+    input_not_include_cache: bool = False
 
     def __post_init__(self):
         check_types(WrapperConfig, _values(self))

@@ -402,6 +402,19 @@ declare("max_mem_len", "a bidirectional stack", when=lambda s: on(s, "max_mem_le
         reason="segment recurrence carries a causal stack's (Decoder's) hidden states forward; a bidirectional "
                "stack's outputs change with later tokens", example=dict(max_mem_len=4, causal=False), kinds=WRAPPER)
 
+# per-token feed-forward output scales (ff_deep_embed): one row per token column of a plain stack
+for _k, _v in (("num_memory_tokens", 2), ("use_cls_token", True), ("reversible", True), ("num_residual_streams", 2),
+               ("depths", (1,))):
+    declare("ff_deep_embed", _k, when=lambda s, k=_k: on(s, "ff_deep_embed") and on(s, k)
+            and not (k == "num_residual_streams" and s[k] == 1),
+            reason="the deep embedding scales a token's own feed-forward outputs: the stack's columns must be the "
+                   "tokens (no memory or [CLS] columns, no funnel), in one stream, run plainly (not reversible)",
+            example={"ff_deep_embed": True, _k: _v}, kinds=WRAPPER)
+declare("add_continuous_pred_head", "emb_dim", when=lambda s: on(s, "add_continuous_pred_head") and on(s, "emb_dim")
+        and s.get("emb_dim") != s.get("dim"), reason="the head predicts the input embedding (emb_dim) from hidden "
+        "states (dim), upstream's head maps dim to dim", example=dict(add_continuous_pred_head=True, emb_dim=16),
+        kinds=WRAPPER)
+
 # a custom token embedding / output head (TransformerWrapper(token_emb=, to_logits=): built modules)
 def _module(name):
     """An example module for the entries' examples (the tests build dim=32, num_tokens=10 models)."""

@@ -421,7 +421,8 @@ class AttentionLayers(Pretrained, nn.Module):
         return self.final_norm(x) if self.final_norm is not None else x
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
-                return_attn: bool = False, attn_mask=None, mems=None, mem_masks=None, hiddens: list | None = None):
+                return_attn: bool = False, attn_mask=None, mems=None, mem_masks=None, hiddens: list | None = None,
+                ff_deep_embeds=None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -431,7 +432,8 @@ class AttentionLayers(Pretrained, nn.Module):
         ``mask`` and the stack's causality; no cache.
         mems / mem_masks: Transformer-XL memories (recurrence.py), one (b, m, dim) tensor (and (b, m)
         mask or None) per self-attention block; ``hiddens``: a list that receives each self-attention
-        block's input (the next memories).
+        block's input (the next memories). ``ff_deep_embeds`` (b, n, units, dim): the output scale
+        of the l-th feed-forward block at [:, :, l] (the wrapper's ``ff_deep_embed``).
         """
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
@@ -459,6 +461,9 @@ class AttentionLayers(Pretrained, nn.Module):
                                    context_mask=context_mask, cache=cache, need_weights=return_attn)
         if mems is not None or hiddens is not None:
             ctx = self._recurrence(ctx, x, mems, mem_masks, hiddens, attn_mask, cache)
+        if ff_deep_embeds is not None:  # the l-th feed-forward block scales its output by [:, :, l]
+            scales = iter(ff_deep_embeds.unbind(dim=2))
+            ctx = replace(ctx, ff_embeds=tuple(next(scales, None) if s.kind == "f" else None for s in self.layout))
         attns = [] if return_attn else None
         x = self.run(x, ctx, attns)
 

@@ -20,7 +20,7 @@ from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_type
 from .funnel import FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
 from .layers import AttentionLayers, check_mask, default_positions
-from .heads import AttentionPool, Mixture, calc_z_loss, finish_logits, masked_mean, output_heads
+from .heads import AttentionPool, Mixture, calc_z_loss, finish_logits, masked_mean, next_embed_head, output_heads
 from .norms import LayerNorm
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
 
@@ -137,6 +137,9 @@ class TransformerWrapper(Pretrained, nn.Module):
         self.to_logits = to_logits
         self.custom_to_logits = "to_logits" in custom
         self.mixture = Mixture(dim, cfg.mixture_of_softmax_k) if cfg.mixture_of_softmax else None
+        # upstream's next-embedding head and RWKV-8's deep embedding (heads.py), upstream's parameter names
+        self.to_next_embed_pred = next_embed_head(dim) if cfg.add_continuous_pred_head else None
+        self.ff_deep_embed = nn.Parameter(torch.ones(num_tokens, lcfg.depth, dim)) if cfg.ff_deep_embed else None
 
     def check_inputs(self, x, mask):
         if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dtype == torch.bool:
@@ -180,7 +183,8 @@ class TransformerWrapper(Pretrained, nn.Module):
                 sum_embeds=None, prepend_embeds=None, prepend_mask=None, excise_prepend_embeds: bool = False,
                 embed_ids: dict | None = None, return_attn_z_loss: bool = False, attn_z_loss_weight=None,
                 input_not_include_cache: bool | None = None, causal: bool | None = None, mems=None, mem_masks=None,
-                return_mems: bool = False, detach_mems: bool = True, **upstream):
+                return_mems: bool = False, detach_mems: bool = True, return_next_embed_pred: bool = False,
+                **upstream):
         """x (b, n) token ids -> logits (b, n, v), or hidden states (b, n, dim) with return_embeddings.
 
         ``return_attn``: also every attention layer's post-softmax maps (b, h, n, m), computed on the
@@ -210,7 +214,11 @@ class TransformerWrapper(Pretrained, nn.Module):
         self-attention block, from an earlier ``return_mems=True``; ``mem_masks`` their (b, m)
         masks), ``return_mems`` (also returns the next memories, the last ``max_mem_len`` columns,
         detached unless ``detach_mems=False``: ``(out, mems)``, or ``inter.mems``).
+        ``return_next_embed_pred`` (``add_continuous_pred_head``): ``(out, (predicted next input
+        embeddings (b, n, dim), the input embeddings (b, n, dim)))``.
         """
+        if return_next_embed_pred and self.to_next_embed_pred is None:
+            raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
         refuse_upstream(upstream, "TransformerWrapper.forward")
         if causal is not None and causal != getattr(self.attn_layers, "causal", None):
             raise ValueError(f"causal={causal!r} at forward: causality is fixed when the stack is built here "
@@ -226,6 +234,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                                                     input_not_include_cache, build)
         mask, pos, sum_embeds, kv_mask = new["mask"], new["pos"], new["sum_embeds"], new["self_attn_kv_mask"]
         xl = recurrence.wrapper_inputs(self, mems, mem_masks, return_mems, cache)
+        side = dict(xl or {}, init_embed=None)  # what the stack takes besides x, and what _run reports back
         if offset is None and (seq_start_pos is not None or want_inter):
             offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
         if seq_start_pos is not None:
@@ -239,7 +248,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         lse = [] if return_attn_z_loss else None
         with record_logsumexp(lse) if lse is not None else contextlib.nullcontext():
             out, attns = self._run(x, mask, kv_mask, pos, sum_embeds, new["embed_ids"], prefix, context, context_mask,
-                                   cache, return_attn, xl)
+                                   cache, return_attn, side)
         hidden, seq, seq_mask, pooled_tokens = self._pool(out, x, mask, prefix, want_inter)
         if prepend_embeds is not None and excise_prepend_embeds and hidden.ndim == 3 and hidden is seq:
             hidden = hidden[:, prepend_embeds.shape[1]:]
@@ -255,6 +264,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             out = pooled_tokens  # an encoder's attention pool (its logits: the intermediates')
         else:
             out = logits
+        if return_next_embed_pred:  # upstream: the final hidden states -> the next input embedding
+            out = (out, (self.to_next_embed_pred(hidden), side["init_embed"]))
         if xl is not None and return_mems:
             new_mems = recurrence.next_memories(xl["given"], xl["hiddens"], self.cfg.max_mem_len, detach_mems)
             if not want_inter:
@@ -447,7 +458,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         return self.post_emb_norm(h) if self.post_emb_norm is not None else h
 
     def _run(self, x, mask, kv_mask, pos, sum_embeds, embed_ids, prefix, context, context_mask, cache, return_attn,
-             xl=None):
+             side=None):
         """Embed, run the stack, strip memory tokens: (hidden states (b, C + P + n, dim) with the
         [CLS] and prepended columns first, attention maps)."""
         b, n = x.shape
@@ -462,6 +473,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         frac = self.cfg.emb_frac_gradient
         if frac < 1:  # the forward value is unchanged; the embeddings get frac of their gradient (2105.13290)
             h = h * frac + h.detach() * (1 - frac)
+        if side is not None:
+            side["init_embed"] = h  # the input embeddings, the next-embedding head's targets
         h = self.project_emb(self.emb_dropout(h))
         if self.cls_token is not None:
             h = torch.cat((self.cls_token.to(h.dtype).expand(b, -1, -1), h), dim=1)
@@ -499,8 +512,13 @@ class TransformerWrapper(Pretrained, nn.Module):
 
         # a funnel keeps the memory tokens out of its pooling windows
         extra = dict(num_memory_tokens=M) if M and isinstance(self.attn_layers, FunnelEncoder) else {}
-        if xl is not None:  # Transformer-XL memories in, this segment's hidden states out (recurrence.py)
-            extra = dict(mems=xl["mems"], mem_masks=xl["mem_masks"], hiddens=xl["hiddens"])
+        if side and "hiddens" in side:  # Transformer-XL memories in, this segment's hidden states out (recurrence.py)
+            extra = dict(mems=side["mems"], mem_masks=side["mem_masks"], hiddens=side["hiddens"])
+        if self.ff_deep_embed is not None:
+            if P:
+                raise ValueError("ff_deep_embed scales each token's feed-forward outputs; prepend_embeds columns have "
+                                 "no token id")
+            extra["ff_deep_embeds"] = self.ff_deep_embed[x].to(h.dtype)  # (b, n, units, dim)
         out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
                                return_attn=return_attn, **extra)
         out, attns = out if return_attn else (out, None)

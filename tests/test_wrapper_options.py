@@ -1,0 +1,73 @@
+"""TransformerWrapper's upstream options beyond the plain path: input_not_include_cache, ff_deep_embed,
+add_continuous_pred_head (with AutoregressiveWrapper's next_embed_loss_weight)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+from x_transformers.config import ConfigConflictError
+from x_transformers.feedforward import FeedForward
+
+
+def model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return TransformerWrapper(num_tokens=12, max_seq_len=16, attn_layers=Decoder(dim=16, depth=2, heads=2),
+                              **kwargs).eval()
+
+
+def test_input_not_include_cache_reads_only_the_new_tokens():
+    full, new_only = model(), model(input_not_include_cache=True)
+    new_only.load_state_dict(full.state_dict())
+    x = torch.randint(0, 12, (2, 7))
+    with torch.no_grad():
+        _, inter = full(x[:, :5], return_intermediates=True)
+        whole = full(x[:, :7], cache=inter)  # upstream's default: the input holds the whole sequence so far
+        new = new_only(x[:, 5:], cache=inter)
+        torch.testing.assert_close(new, whole)
+        torch.testing.assert_close(new, full(x)[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_ff_deep_embed_scales_each_feed_forward_output_by_its_token_row():
+    deep, plain = model(ff_deep_embed=True), model()
+    plain.load_state_dict({k: v for k, v in deep.state_dict().items() if k != "ff_deep_embed"})
+    assert deep.ff_deep_embed.shape == (12, 2, 16)  # (num_tokens, depth, dim), ones at init
+    x = torch.randint(0, 12, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), plain(x))
+        deep.ff_deep_embed.normal_()
+        table = deep.ff_deep_embed[x]  # (b, n, depth, dim)
+        ffs = [m for m in plain.modules() if isinstance(m, FeedForward)]
+        hooks = [ff.register_forward_hook(lambda mod, inp, out, l=l: out * table[:, :, l]) for l, ff in enumerate(ffs)]
+        expected = plain(x)
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(deep(x), expected)
+        _, inter = deep(x[:, :4], return_intermediates=True)  # decoding: each new token's own rows
+        torch.testing.assert_close(deep(x, cache=inter), expected[:, 4:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigConflictError, match="ff_deep_embed cannot be combined with num_memory_tokens"):
+        model(ff_deep_embed=True, num_memory_tokens=2)
+
+
+def test_continuous_pred_head_predicts_the_next_input_embedding():
+    net = model(add_continuous_pred_head=True).train()
+    x = torch.randint(0, 12, (2, 6))
+    logits, (pred, init) = net(x, return_next_embed_pred=True)
+    hidden = net(x, return_embeddings=True)
+    torch.testing.assert_close(pred, net.to_next_embed_pred(hidden))
+    torch.testing.assert_close(init, net.token_emb(x) + net.pos_emb(torch.arange(6)[None]))
+    # the autoregressive loss adds weight * L1(prediction, next token's detached input embedding),
+    # over the targets that count
+    ar = AutoregressiveWrapper(net, next_embed_loss_weight=0.5)
+    y = x.clone()
+    y[0, 3] = -100
+    loss = ar(y)
+    inp = y.masked_fill(y == -100, 0)
+    logits, (pred, init) = net(inp, return_next_embed_pred=True)
+    keep = y[:, 1:] != -100
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), y[:, 1:], ignore_index=-100)
+    torch.testing.assert_close(loss, ce + 0.5 * (pred[:, :-1] - init[:, 1:]).abs()[keep].mean())
+    loss.backward()
+    assert net.to_next_embed_pred[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="add_continuous_pred_head"):
+        model()(x, return_next_embed_pred=True)
