@@ -151,7 +151,7 @@ def test_bidirectional_intermediates_hold_no_cache_and_say_so():
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(mems=[]), ValueError, "mems must be a list of 2 tensors"),
-    (dict(recycle_steps=2), TypeError, "upstream x-transformers' keyword 'recycle_steps' is not supported: recycling"),
+    (dict(recycle_steps=2), ValueError, "recycle_steps= needs a wrapper built with recycling=True"),
     (dict(transform_token_embeds=None), TypeError, "'transform_token_embeds' is not supported"),
     (dict(attn_mask=torch.ones(2, 10, 10, dtype=torch.bool)), TypeError, "'attn_mask' is not supported"),
     (dict(looped_steps=2), TypeError, "'looped_steps' is not supported"),

@@ -71,3 +71,32 @@ def test_continuous_pred_head_predicts_the_next_input_embedding():
     assert net.to_next_embed_pred[0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="add_continuous_pred_head"):
         model()(x, return_next_embed_pred=True)
+
+
+def test_recycling_reruns_the_stack_on_the_embeddings_plus_its_projected_output():
+    net = model(recycling=True, train_max_recycle_steps=3)
+    x = torch.randint(0, 12, (2, 6))
+    emb = net.token_emb(x) + net.pos_emb(torch.arange(6)[None])
+    out = net.attn_layers(emb)  # step 1
+    for _ in range(2):  # steps 2 and 3 read the previous output, detached, through recycled_proj
+        out = net.attn_layers(emb + net.recycled_proj(out.detach()))
+    torch.testing.assert_close(net(x, recycle_steps=3), net.logits_from(out))
+    net(x, recycle_steps=3).sum().backward()  # only the last step keeps gradients: one stack's worth
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    with torch.no_grad():
+        first = net.attn_layers(emb)
+        second = net.attn_layers(emb + net.recycled_proj(first))
+    net.logits_from(net.attn_layers(emb + net.recycled_proj(second))).sum().backward()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+    with pytest.raises(ValueError, match="recycle_steps= to forward in eval mode"):
+        net(x)
+    calls = []
+    net.attn_layers.register_forward_hook(lambda *a: calls.append(1))
+    counts = set()
+    for _ in range(12):  # training draws 1..train_max_recycle_steps runs of the stack
+        calls.clear()
+        net.train()(x)
+        counts.add(len(calls))
+    assert counts <= {1, 2, 3} and len(counts) > 1

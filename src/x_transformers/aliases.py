@@ -110,8 +110,7 @@ _LAYERS_NOT_YET = dict(
     learned_value_residual_mix=True, rel_pos_kwargs={}, residual_fn_kwargs={},
 )
 _WRAPPER_NOT_YET = dict(
-    recycling=False,
-    train_max_recycle_steps=4, looped=False, max_looped_steps=4,
+    looped=False, max_looped_steps=4,
 )
 # XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)
 _XTRANSFORMER_NOT_YET: dict = {}

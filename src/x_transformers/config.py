@@ -472,6 +472,10 @@ class WrapperConfig:
     ff_deep_embed: bool = False
     # with cache=, x holds only the new tokens (forward's input_not_include_cache default)
     input_not_include_cache: bool = False
+    # AlphaFold2's recycling (2107.03850 supplement 1.10): the stack runs again on the embeddings plus a
+    # projection of its last (detached) output; train_max_recycle_steps: a training forward draws 1..this
+    recycling: bool = False
+    train_max_recycle_steps: int = 4
 
     def __post_init__(self):
         check_types(WrapperConfig, _values(self))
@@ -481,6 +485,7 @@ class WrapperConfig:
         _positive_int("dim_pooled_tokens", self.dim_pooled_tokens, allow_none=True)
         _positive_int("max_mem_len", self.max_mem_len, allow_zero=True)
         _positive_int("shift_mem_down", self.shift_mem_down, allow_zero=True)
+        _positive_int("train_max_recycle_steps", self.train_max_recycle_steps)
         _positive_int("memory_tokens_interspersed_every", self.memory_tokens_interspersed_every, allow_none=True)
         if not (isinstance(self.emb_frac_gradient, (int, float)) and 0.0 < self.emb_frac_gradient <= 1.0):
             raise ValueError(f"emb_frac_gradient must lie in (0, 1], got {self.emb_frac_gradient!r}")

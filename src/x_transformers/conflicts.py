@@ -370,6 +370,14 @@ for _k in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits", "squee
             reason="without an output head there are no logits to shape",
             example={"return_only_embed": True, _k: 2 if _k == "num_output_heads" else True}, kinds=WRAPPER)
 
+# AlphaFold2's recycling (recurrence.py)
+for _k, _v in (("max_mem_len", 4), ("memory_tokens_interspersed_every", 2), ("depths", (1,))):
+    declare("recycling", _k, when=lambda s, k=_k: on(s, "recycling") and on(s, k),
+            reason="recycling reruns the stack on its own output: one plain sequence in, the same out (no "
+                   "segment memories, no interspersed memory columns, no funnel pooling)",
+            example={"recycling": True, _k: _v, **({"num_memory_tokens": 1} if _k.startswith("memory") else {})},
+            kinds=WRAPPER)
+
 # memory tokens interspersed in the sequence (upstream: decoders only)
 declare("memory_tokens_interspersed_every", "num_memory_tokens=0",
         when=lambda s: on(s, "memory_tokens_interspersed_every") and not on(s, "num_memory_tokens"),

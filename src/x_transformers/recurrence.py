@@ -1,4 +1,5 @@
-"""Transformer-XL segment recurrence (Dai et al. 2019, 1901.02860), upstream's ``max_mem_len``.
+"""Recurrence: Transformer-XL segment recurrence (Dai et al. 2019, 1901.02860), upstream's
+``max_mem_len``; and, at the end, AlphaFold2's recycling of the stack's output (``recycling``).
 
 A long sequence is processed in segments. Each self-attention block keeps the hidden states that
 entered it (its *memory*); in the next segment the block's keys and values are made from
@@ -20,6 +21,7 @@ Legend: b batch, n segment tokens, m memory columns, k keys (cached + new), L se
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -120,3 +122,31 @@ def wrapper_inputs(wrapper, mems, mem_masks, return_mems: bool, cache) -> dict |
     empty = mems is not None and len(mems) and all(isinstance(t, Tensor) and t.ndim == 3 and not t.shape[1]
                                                    for t in mems)
     return dict(given=mems, mems=None if empty else mems, mem_masks=None if empty else mem_masks, hiddens=[])
+
+
+def recycle_steps(wrapper, steps, cache) -> int:
+    """How many times a ``recycling`` wrapper runs its stack this forward: ``steps`` if given, else
+    in training a draw from 1..train_max_recycle_steps (upstream), else an error (eval needs it)."""
+    if wrapper.recycled_proj is None:
+        raise ValueError("recycle_steps= needs a wrapper built with recycling=True")
+    if cache is not None:
+        raise ValueError("recycling reruns the whole stack on its own output, which a key/value cache cannot "
+                         "hold; decode without a cache (cache_kv=False)")
+    if steps is None:
+        if not wrapper.training:
+            raise ValueError("recycling: pass recycle_steps= to forward in eval mode (training draws it)")
+        return int(torch.randint(wrapper.cfg.train_max_recycle_steps, ()).item()) + 1
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"recycle_steps must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def recycle(stack, x, proj, steps: int):
+    """AlphaFold2's recycling (2107.03850, supplement 1.10), upstream's ``recycling``: out_0 =
+    stack(x), out_i = stack(x + proj(out_{i-1}.detach())); every step but the last runs without
+    gradients. ``stack``: input (b, n, dim) -> (output, attention maps or None)."""
+    out = None
+    for i in range(steps):
+        with torch.no_grad() if i < steps - 1 else contextlib.nullcontext():
+            out = stack(x if out is None else x + proj(out[0].detach()))
+    return out

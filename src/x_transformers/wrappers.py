@@ -140,6 +140,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         # upstream's next-embedding head and RWKV-8's deep embedding (heads.py), upstream's parameter names
         self.to_next_embed_pred = next_embed_head(dim) if cfg.add_continuous_pred_head else None
         self.ff_deep_embed = nn.Parameter(torch.ones(num_tokens, lcfg.depth, dim)) if cfg.ff_deep_embed else None
+        self.recycled_proj = nn.Linear(dim, dim, bias=False) if cfg.recycling else None  # recurrence.recycle
 
     def check_inputs(self, x, mask):
         if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dtype == torch.bool:
@@ -184,7 +185,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                 embed_ids: dict | None = None, return_attn_z_loss: bool = False, attn_z_loss_weight=None,
                 input_not_include_cache: bool | None = None, causal: bool | None = None, mems=None, mem_masks=None,
                 return_mems: bool = False, detach_mems: bool = True, return_next_embed_pred: bool = False,
-                **upstream):
+                recycle_steps: int | None = None, **upstream):
         """x (b, n) token ids -> logits (b, n, v), or hidden states (b, n, dim) with return_embeddings.
 
         ``return_attn``: also every attention layer's post-softmax maps (b, h, n, m), computed on the
@@ -215,7 +216,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         masks), ``return_mems`` (also returns the next memories, the last ``max_mem_len`` columns,
         detached unless ``detach_mems=False``: ``(out, mems)``, or ``inter.mems``).
         ``return_next_embed_pred`` (``add_continuous_pred_head``): ``(out, (predicted next input
-        embeddings (b, n, dim), the input embeddings (b, n, dim)))``.
+        embeddings (b, n, dim), the input embeddings (b, n, dim)))``. ``recycle_steps`` (``recycling``):
+        how many times the stack runs (needed in eval mode; training draws 1..train_max_recycle_steps).
         """
         if return_next_embed_pred and self.to_next_embed_pred is None:
             raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
@@ -235,6 +237,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         mask, pos, sum_embeds, kv_mask = new["mask"], new["pos"], new["sum_embeds"], new["self_attn_kv_mask"]
         xl = recurrence.wrapper_inputs(self, mems, mem_masks, return_mems, cache)
         side = dict(xl or {}, init_embed=None)  # what the stack takes besides x, and what _run reports back
+        if self.recycled_proj is not None or recycle_steps is not None:
+            side["recycle_steps"] = recurrence.recycle_steps(self, recycle_steps, cache)
         if offset is None and (seq_start_pos is not None or want_inter):
             offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
         if seq_start_pos is not None:
@@ -519,9 +523,15 @@ class TransformerWrapper(Pretrained, nn.Module):
                 raise ValueError("ff_deep_embed scales each token's feed-forward outputs; prepend_embeds columns have "
                                  "no token id")
             extra["ff_deep_embeds"] = self.ff_deep_embed[x].to(h.dtype)  # (b, n, units, dim)
-        out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
-                               return_attn=return_attn, **extra)
-        out, attns = out if return_attn else (out, None)
+        def stack(inp):
+            out = self.attn_layers(inp, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
+                                   return_attn=return_attn, **extra)
+            return out if return_attn else (out, None)
+
+        if self.recycled_proj is None:
+            out, attns = stack(h)
+        else:
+            out, attns = recurrence.recycle(stack, h, self.recycled_proj, side["recycle_steps"])
         return (out[:, M:] if M and first else out), attns
 
     def _intersperse(self, h, positions, mask, offset: int):
@@ -567,7 +577,6 @@ def _drop_cached(t, offset: int):
 
 # upstream x-transformers' forward keywords of features this package does not have: why, in a line
 UPSTREAM_ABSENT = {
-    **dict.fromkeys(("recycle_steps",), "recycling (upstream's recycling=True) is not implemented"),
     **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
                      "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
     **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
