@@ -100,3 +100,22 @@ def test_recycling_reruns_the_stack_on_the_embeddings_plus_its_projected_output(
         net.train()(x)
         counts.add(len(calls))
     assert counts <= {1, 2, 3} and len(counts) > 1
+
+
+def test_autoregressive_z_loss_is_added_and_compiles_as_one_graph():
+    net = model(attn_z_loss_weight=0.5).train()
+    ar = AutoregressiveWrapper(net, add_attn_z_loss=True)
+    x = torch.randint(0, 12, (2, 7))
+    loss = ar(x)
+    logits, inter = net(x[:, :-1], return_attn_z_loss=True)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.transpose(1, 2), x[:, 1:]) + inter.attn_z_loss)
+    assert inter.attn_z_loss > 0
+    loss.backward()
+    eager = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    compiled = torch.compile(ar, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break is an error
+    closs = compiled(x)
+    closs.backward()
+    torch.testing.assert_close(closs, loss)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, eager[n], msg=n)

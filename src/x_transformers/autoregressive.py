@@ -29,7 +29,6 @@ from .wrappers import TransformerWrapper, refuse_upstream
 
 # upstream AutoregressiveWrapper keywords of features absent here: accepted at their default only
 _ABSENT_DEFAULTS = {
-    "add_attn_z_loss": (False, "the attention z-loss is not implemented"),
     "looped_loss_threshold_exit": (0.05, "the looped transformer is not implemented"),
     "looped_loss_slope": (50, "the looped transformer is not implemented"),
     "looped_exit_loss_weight": (1.0, "the looped transformer is not implemented"),
@@ -40,7 +39,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
     """Next-token training loss and generation for a causal ``TransformerWrapper``."""
 
     def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0, mask_prob: float = 0.0,
-                 fused_loss: bool = True, next_embed_loss_weight: float = 0.1, **upstream):
+                 fused_loss: bool = True, next_embed_loss_weight: float = 0.1, add_attn_z_loss: bool = False,
+                 **upstream):
         """``mask_prob``: in the loss, hide that fraction of each row's tokens from self-attention
         (upstream's "autoregressive + MLM" of 2210.13432: ``int(n * mask_prob)`` random keys per row,
         never the first, are masked for every query; positions do not move). ``fused_loss``: where
@@ -50,8 +50,9 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         plain loss on the logits, e.g. for double backward). ``next_embed_loss_weight``: with a net
         built with ``add_continuous_pred_head``, the loss adds this weight times the L1 distance
         between the head's prediction and the next token's (detached) input embedding, as upstream.
-        Upstream's other keywords (``add_attn_z_loss``, ``looped_*``) belong to features absent
-        here: accepted at their defaults, refused otherwise."""
+        ``add_attn_z_loss``: the loss adds the attention z-loss of the forward (the net's
+        ``attn_z_loss_weight``; 2202.08906), as upstream. Upstream's ``looped_*`` keywords belong to
+        a feature absent here: accepted at their defaults, refused otherwise."""
         super().__init__()
         if not isinstance(net, TransformerWrapper):
             raise TypeError(f"AutoregressiveWrapper wraps a TransformerWrapper, got {type(net).__name__}")
@@ -76,6 +77,9 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         if isinstance(next_embed_loss_weight, bool) or not isinstance(next_embed_loss_weight, (int, float)):
             raise ValueError(f"next_embed_loss_weight must be a number, got {next_embed_loss_weight!r}")
         self.next_embed_loss_weight = float(next_embed_loss_weight)
+        if not isinstance(add_attn_z_loss, bool):
+            raise ValueError(f"add_attn_z_loss must be True or False, got {add_attn_z_loss!r}")
+        self.add_attn_z_loss = add_attn_z_loss
 
     def kv_mask(self, x: Tensor) -> Tensor:
         """(b, n) -> the keys self-attention may see (True) under ``mask_prob``: per row exactly
@@ -108,6 +112,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             hidden = self.kv_mask(x)[:, :-1]
             given = kwargs.pop("self_attn_kv_mask", None)
             kwargs["self_attn_kv_mask"] = hidden if given is None else hidden & given
+        if self.add_attn_z_loss:  # the plain loss, with the z-loss the forward records
+            kwargs["return_attn_z_loss"] = True
         if self.net.to_next_embed_pred is not None:
             return self._next_embed_loss(x, mask, target, return_outputs, kwargs)
         fused = not return_outputs and not any(k.startswith("return_") for k in kwargs) and self._fused_weight() is not None
@@ -117,9 +123,12 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                 hidden = hidden * self.net.logits_scale
             # the weight is read after the forward: under FSDP that is when it is gathered
             return chunked_cross_entropy(hidden, self._fused_weight(), target, ignore_index=self.ignore_index)
-        out = self.net(inp, inp_mask, return_intermediates=return_outputs, **kwargs)
-        logits, inter = out if return_outputs else (out, None)
+        want_inter = return_outputs or self.add_attn_z_loss
+        out = self.net(inp, inp_mask, return_intermediates=want_inter, **kwargs)
+        logits, inter = out if want_inter else (out, None)
         loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        if self.add_attn_z_loss:
+            loss = loss + inter.attn_z_loss
         return (loss, (logits, inter)) if return_outputs else loss
 
     def _next_embed_loss(self, x, mask, target, return_outputs, kwargs):
@@ -136,6 +145,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         keep = target != self.ignore_index  # (b, n-1)
         distance = F.l1_loss(pred[:, :-1], init[:, 1:].detach(), reduction="none")[keep]
         loss = loss + distance.mean() * self.next_embed_loss_weight
+        if self.add_attn_z_loss:
+            loss = loss + inter.attn_z_loss
         return (loss, (logits, inter)) if return_outputs else loss
 
     def _fused_weight(self) -> Tensor | None:
