@@ -119,3 +119,13 @@ def test_autoregressive_z_loss_is_added_and_compiles_as_one_graph():
     torch.testing.assert_close(closs, loss)
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.grad, eager[n], msg=n)
+
+
+def test_static_cache_holds_interspersed_memory_tokens():
+    # the cache is sized for a memory group before every every-th token, not for one group
+    net = model(num_memory_tokens=2, memory_tokens_interspersed_every=3)
+    ar = AutoregressiveWrapper(net)
+    x = torch.randint(0, 12, (2, 4))
+    dynamic = ar.generate(x, 9, temperature=0)
+    torch.testing.assert_close(ar.generate(x, 9, temperature=0, static_cache=True), dynamic)
+    torch.testing.assert_close(ar.generate(x, 9, temperature=0, cache_kv=False), dynamic)

@@ -211,10 +211,10 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             return net(tokens, mask, context=context, context_mask=context_mask)[:, -1], step, None
 
         if cfg.static_cache:
-            max_len = net.num_memory_tokens + tokens.shape[1] + cfg.seq_len
+            max_len = cache_columns(net, tokens.shape[1] + cfg.seq_len)
             cache = self._static_cache(tokens.shape[0], _static_len(max_len) if cfg.compile else max_len)
             # The capacity is known up front: check it once here (host-side), not with a sync per step.
-            cache.check_room(net.num_memory_tokens + tokens.shape[1] + cfg.seq_len - 1)
+            cache.check_room(cache_columns(net, tokens.shape[1] + cfg.seq_len - 1))
         else:
             cache = KVCache()
         logits = prefill(net, tokens, mask, cache, context, context_mask)
@@ -466,3 +466,13 @@ class _eval:
 
 
 __all__ = ["AutoregressiveWrapper", "GenerationConfig", "left_pad", "prefill", "decode_step"]
+
+
+def cache_columns(net, tokens: int) -> int:
+    """Key/value columns ``tokens`` token columns take in ``net``'s cache: the memory tokens once, or
+    with ``memory_tokens_interspersed_every`` a group before every every-th token (the first included)."""
+    M, every = net.num_memory_tokens, net.cfg.memory_tokens_interspersed_every
+    if M and every:
+        return tokens + M * -(-tokens // every)
+    return tokens + M
+
