@@ -412,11 +412,12 @@ declare("max_mem_len", "a bidirectional stack", when=lambda s: on(s, "max_mem_le
 
 # per-token feed-forward output scales (ff_deep_embed): one row per token column of a plain stack
 for _k, _v in (("num_memory_tokens", 2), ("use_cls_token", True), ("reversible", True), ("num_residual_streams", 2),
-               ("depths", (1,))):
+               ("depths", (1,)), ("only_attn", True)):
     declare("ff_deep_embed", _k, when=lambda s, k=_k: on(s, "ff_deep_embed") and on(s, k)
             and not (k == "num_residual_streams" and s[k] == 1),
             reason="the deep embedding scales a token's own feed-forward outputs: the stack's columns must be the "
-                   "tokens (no memory or [CLS] columns, no funnel), in one stream, run plainly (not reversible)",
+                   "tokens (no memory or [CLS] columns, no funnel), in one stream, run plainly (not reversible), "
+                   "with feed-forward blocks",
             example={"ff_deep_embed": True, _k: _v}, kinds=WRAPPER)
 declare("add_continuous_pred_head", "emb_dim", when=lambda s: on(s, "add_continuous_pred_head") and on(s, "emb_dim")
         and s.get("emb_dim") != s.get("dim"), reason="the head predicts the input embedding (emb_dim) from hidden "
