@@ -198,3 +198,15 @@ def test_segments_match_upstream(tmp_path):
         torch.testing.assert_close(out, ref["out"], atol=1e-5, rtol=1e-5, msg=name)
         for ours, theirs in zip(mems, ref["mems"]):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_memories_with_a_static_cache_are_refused():
+    from x_transformers.cache import StaticKVCache
+
+    net = model()
+    x = torch.randint(0, 16, (2, SEG))
+    mems = [torch.randn(2, 3, 16)] * 2
+    with pytest.raises(ValueError, match="StaticKVCache"):
+        net(x, mems=mems, cache=StaticKVCache.for_model(net, 2, 8))
+    with pytest.raises(ValueError, match="StaticKVCache"):
+        net.attn_layers(torch.randn(2, SEG, 16), mems=mems, cache=StaticKVCache.for_model(net, 2, 8))

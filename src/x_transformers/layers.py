@@ -20,6 +20,7 @@ from .hub import Pretrained
 from . import checks, recurrence
 from .attention import Attention
 from .blocks import ForwardContext, UNetSkips, run_sequential
+from .cache import StaticKVCache
 from .config import AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
@@ -478,7 +479,7 @@ class AttentionLayers(Pretrained, nn.Module):
         why = ("a bidirectional stack" if not self.causal else "reversible=True" if self.reversible is not None
                else "hyper-connections" if self.stream_emb is not None else "shift_tokens" if self.cfg.shift_tokens
                else "TUPE" if self.tupe is not None else "attn_mask" if attn_mask is not None
-               else "a StaticKVCache" if cache is not None and not hasattr(cache, "layers") else None)
+               else "a StaticKVCache" if isinstance(cache, StaticKVCache) else None)
         if why is not None:
             raise ValueError(f"Transformer-XL memories (mems / return_mems) are not supported with {why}: "
                              f"they need a causal, sequential stack whose blocks see only the sequence")

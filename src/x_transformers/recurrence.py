@@ -27,6 +27,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from .cache import StaticKVCache
+
 
 def self_attention_count(layout) -> int:
     return sum(spec.kind == "a" for spec in layout)
@@ -112,7 +114,7 @@ def wrapper_inputs(wrapper, mems, mem_masks, return_mems: bool, cache) -> dict |
            if not hasattr(wrapper.attn_layers, "layout") else None)
     if why is not None:
         raise ValueError(f"Transformer-XL memories (mems / return_mems) are not supported with {why}")
-    if cache is not None and not hasattr(getattr(cache, "cache", cache), "layers"):
+    if isinstance(cache, StaticKVCache):
         raise ValueError("Transformer-XL memories with a StaticKVCache are not supported; decode with a KVCache")
     if mems is not None and any(isinstance(t, Tensor) and t.ndim == 3 and t.shape[1] for t in mems) \
             and not cfg.max_mem_len:

@@ -523,6 +523,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                 raise ValueError("ff_deep_embed scales each token's feed-forward outputs; prepend_embeds columns have "
                                  "no token id")
             extra["ff_deep_embeds"] = self.ff_deep_embed[x].to(h.dtype)  # (b, n, units, dim)
+
         def stack(inp):
             out = self.attn_layers(inp, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
                                    return_attn=return_attn, **extra)
