@@ -142,6 +142,10 @@ KNOWN_DEFECTS: dict[str, str] = {
         "memory key/values and QK RMSNorm: in the second cross-attention every query's support is memory keys only, "
         "so to_k / to_v (and their norms) get no gradient; the same on main, exposed when ff_deep_embed (issue 18) "
         "joined the covering array and moved its rows; a property of sparse support, as the top-1 entries above",
+    "grads:encdec-ff_chunks+ff_output_proj_depth+hyper_connections+qk_rmsnorm+rotary+scalenorm": "the encoder's "
+        "final ScaleNorm gain gets no gradient at init under hyper-connections with QK RMSNorm (no smaller subset "
+        "of these six fails); the same on main, exposed when ff_deep_embed (issue 18) moved the covering array's "
+        "rows; not yet diagnosed",
     "grads:funnel-derf+macaron+on_attn+qk_norm+rotary+scale_residual": "Derf's alpha before the attention of the "
         "last funnel block (two pooled tokens) gets a gradient of ~1e-6, zero in the harness's draw, while its "
         "shift and every other parameter learn; found when the attention (issue 20) and norm (issue 21) variants "
