@@ -138,6 +138,14 @@ KNOWN_DEFECTS: dict[str, str] = {
         "key/values: in the third funnel block (two pooled tokens) every query's one kept key is a memory key, so "
         "that layer's to_v gets no gradient; appeared when attn_dim_head's default became 64 (issue 17), a "
         "property of top-1 selection over few keys rather than a wrong gradient",
+    "grads:cross-entmax_alpha+l2_distance+mem_kv+qk_rmsnorm": "entmax (alpha 1.3) over L2-distance scores with "
+        "memory key/values and QK RMSNorm: in the second cross-attention every query's support is memory keys only, "
+        "so to_k / to_v (and their norms) get no gradient; the same on main, exposed when ff_deep_embed (issue 18) "
+        "joined the covering array and moved its rows; a property of sparse support, as the top-1 entries above",
+    "grads:encdec-ff_chunks+ff_output_proj_depth+hyper_connections+qk_rmsnorm+rotary+scalenorm": "the encoder's "
+        "final ScaleNorm gain gets no gradient at init under hyper-connections with QK RMSNorm (no smaller subset "
+        "of these six fails); the same on main, exposed when ff_deep_embed (issue 18) moved the covering array's "
+        "rows; not yet diagnosed",
     "grads:funnel-derf+macaron+on_attn+qk_norm+rotary+scale_residual": "Derf's alpha before the attention of the "
         "last funnel block (two pooled tokens) gets a gradient of ~1e-6, zero in the harness's draw, while its "
         "shift and every other parameter learn; found when the attention (issue 20) and norm (issue 21) variants "

@@ -218,3 +218,28 @@ def test_wrapper_parameters_match_upstream(kw, stack):
     net = ContinuousTransformerWrapper(attn_layers=Decoder(dim=32, depth=1, heads=4, **stack), **kw)
     ours = {n: p.numel() for n, p in net.named_parameters() if not n.startswith("attn_layers.")}
     assert sum(ours.values()) == sum(theirs.values()), (ours, theirs)
+
+
+def test_memory_tokens_under_tupe_untie_cls_share_position_0_and_decode_exactly():
+    # as TransformerWrapper: the memory tokens sit at 0 with the [CLS] (the first frame); frames keep
+    # the positions they have without memory tokens; a cache continues after the kept frames
+    from x_transformers.cache import KVCache
+
+    torch.manual_seed(0)
+    model = make(stack_kw=dict(tupe=True, tupe_max_seq_len=32, tupe_untie_cls=True), num_memory_tokens=2).eval()
+    x = torch.randn(2, 6, 6)
+    seen = {}
+    handle = model.attn_layers.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    ref = model(x)
+    handle.remove()
+    assert seen["positions"].tolist()[0] == [0, 0, 0, 1, 2, 3, 4, 5]
+    cache = KVCache()
+    outs = [model(x[:, :3], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(3, 6)]
+    torch.testing.assert_close(torch.cat(outs, dim=1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_declared_conflicts_are_refused():
+    from x_transformers.config import ConfigConflictError
+
+    with pytest.raises(ConfigConflictError, match="shift_tokens"):
+        make(stack_kw=dict(shift_tokens=1), num_memory_tokens=2)

@@ -107,9 +107,7 @@ _LAYERS_NOT_YET = dict(
     learned_value_residual_mix=True,
 )
 _WRAPPER_NOT_YET = dict(
-    max_mem_len=0, shift_mem_down=0, recycling=False,
-    train_max_recycle_steps=4, looped=False, max_looped_steps=4, ff_deep_embed=False,
-    add_continuous_pred_head=False, input_not_include_cache=False,
+    looped=False, max_looped_steps=4,
 )
 # XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)
 _XTRANSFORMER_NOT_YET: dict = {}

@@ -158,7 +158,7 @@ class Attention(nn.Module):
         return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
-                kv=None, kv_rotary=None, positions=None, residual_scores=None, polar=None):
+                kv=None, kv_rotary=None, positions=None, residual_scores=None, polar=None, mem=None, mem_rotary=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
@@ -172,6 +172,9 @@ class Attention(nn.Module):
         2012.11747): its scores are added to this layer's before the softmax, and replaced by this
         layer's pre-softmax scores.
         polar: PoPE's (angles, key phase) at the new positions (2509.10534), in place of rotary.
+        mem (b, m_mem, dim): Transformer-XL memory (1901.02860), normed hidden states of the previous
+        segment whose keys/values go ahead of all others (cached ones included), rotated by
+        ``mem_rotary``; ``mask`` and ``positions`` cover them already.
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
         """
         if kv is not None and (self.cross or cache is not None):
@@ -217,6 +220,9 @@ class Attention(nn.Module):
                 cache.store(k, v)
             elif cache is not None:
                 k, v = cache.append(k, v)
+            if mem is not None:  # the memory's keys/values, made as the sequence's, go first
+                mk, mv = self._memory_kv(mem, mem_rotary)
+                k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
         if rotary is not None and not self.cross:
             q = apply_rotary(q, *rotary)
         if polar is not None:
@@ -291,6 +297,25 @@ class Attention(nn.Module):
         if self.sublayer_dropout is not None:
             out = self.sublayer_dropout(out)
         return out, weights
+
+    def _memory_kv(self, mem, rotary):
+        """Keys and values (b, g, m_mem, d) of Transformer-XL memory, through the same projections,
+        norms and rotation as the sequence's (shared-QK: the unit-normalised query projection)."""
+        if self.shared_qk:
+            k = _heads(self.to_q(mem), self.heads)
+            k = F.normalize(self.to_q_norm(k) if self.to_q_norm is not None else k, dim=-1)
+        else:
+            k = _heads(self.to_k(mem), self.kv_heads)
+            if self.to_k_norm is not None:
+                k = self.to_k_norm(k)
+            if self.qk_scale is not None:
+                k = F.normalize(k, dim=-1)
+        v = _heads(self.to_v(mem), self.kv_heads)
+        if self.to_v_norm is not None:
+            v = self.to_v_norm(v)
+        if rotary is not None:
+            k = apply_rotary(k, *rotary)
+        return k, v
 
     def extra_repr(self):
         parts = [f"heads={self.heads}", f"dim_head={self.dim_head}"]

@@ -29,8 +29,6 @@ from .wrappers import TransformerWrapper, refuse_upstream
 
 # upstream AutoregressiveWrapper keywords of features absent here: accepted at their default only
 _ABSENT_DEFAULTS = {
-    "add_attn_z_loss": (False, "the attention z-loss is not implemented"),
-    "next_embed_loss_weight": (0.1, "the continuous next-embedding head is not implemented"),
     "looped_loss_threshold_exit": (0.05, "the looped transformer is not implemented"),
     "looped_loss_slope": (50, "the looped transformer is not implemented"),
     "looped_exit_loss_weight": (1.0, "the looped transformer is not implemented"),
@@ -41,16 +39,20 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
     """Next-token training loss and generation for a causal ``TransformerWrapper``."""
 
     def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0, mask_prob: float = 0.0,
-                 fused_loss: bool = True, **upstream):
+                 fused_loss: bool = True, next_embed_loss_weight: float = 0.1, add_attn_z_loss: bool = False,
+                 **upstream):
         """``mask_prob``: in the loss, hide that fraction of each row's tokens from self-attention
         (upstream's "autoregressive + MLM" of 2210.13432: ``int(n * mask_prob)`` random keys per row,
         never the first, are masked for every query; positions do not move). ``fused_loss``: where
         the head is one plain linear map (or the tied embedding), the loss is computed from the
         hidden states with :func:`~x_transformers.loss.chunked_cross_entropy` and the (b, n, vocab)
         logits are never built (same value and gradients as ``F.cross_entropy``; False: always the
-        plain loss on the logits, e.g. for double backward). Upstream's other
-        keywords (``add_attn_z_loss``, ``next_embed_loss_weight``, ``looped_*``) belong to features
-        absent here: accepted at their defaults, refused otherwise."""
+        plain loss on the logits, e.g. for double backward). ``next_embed_loss_weight``: with a net
+        built with ``add_continuous_pred_head``, the loss adds this weight times the L1 distance
+        between the head's prediction and the next token's (detached) input embedding, as upstream.
+        ``add_attn_z_loss``: the loss adds the attention z-loss of the forward (the net's
+        ``attn_z_loss_weight``; 2202.08906), as upstream. Upstream's ``looped_*`` keywords belong to
+        a feature absent here: accepted at their defaults, refused otherwise."""
         super().__init__()
         if not isinstance(net, TransformerWrapper):
             raise TypeError(f"AutoregressiveWrapper wraps a TransformerWrapper, got {type(net).__name__}")
@@ -72,6 +74,12 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         self.pad_value = pad_value
         self.mask_prob = float(mask_prob)
         self.fused_loss = bool(fused_loss)
+        if isinstance(next_embed_loss_weight, bool) or not isinstance(next_embed_loss_weight, (int, float)):
+            raise ValueError(f"next_embed_loss_weight must be a number, got {next_embed_loss_weight!r}")
+        self.next_embed_loss_weight = float(next_embed_loss_weight)
+        if not isinstance(add_attn_z_loss, bool):
+            raise ValueError(f"add_attn_z_loss must be True or False, got {add_attn_z_loss!r}")
+        self.add_attn_z_loss = add_attn_z_loss
 
     def kv_mask(self, x: Tensor) -> Tensor:
         """(b, n) -> the keys self-attention may see (True) under ``mask_prob``: per row exactly
@@ -104,6 +112,10 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             hidden = self.kv_mask(x)[:, :-1]
             given = kwargs.pop("self_attn_kv_mask", None)
             kwargs["self_attn_kv_mask"] = hidden if given is None else hidden & given
+        if self.add_attn_z_loss:  # the plain loss, with the z-loss the forward records
+            kwargs["return_attn_z_loss"] = True
+        if self.net.to_next_embed_pred is not None:
+            return self._next_embed_loss(x, mask, target, return_outputs, kwargs)
         fused = not return_outputs and not any(k.startswith("return_") for k in kwargs) and self._fused_weight() is not None
         if fused:  # the head's product and the loss in one pass, chunk by chunk
             hidden = self.net(inp, inp_mask, return_embeddings=True, **kwargs)  # (b, n-1, d)
@@ -111,9 +123,30 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                 hidden = hidden * self.net.logits_scale
             # the weight is read after the forward: under FSDP that is when it is gathered
             return chunked_cross_entropy(hidden, self._fused_weight(), target, ignore_index=self.ignore_index)
-        out = self.net(inp, inp_mask, return_intermediates=return_outputs, **kwargs)
-        logits, inter = out if return_outputs else (out, None)
+        want_inter = return_outputs or self.add_attn_z_loss
+        out = self.net(inp, inp_mask, return_intermediates=want_inter, **kwargs)
+        logits, inter = out if want_inter else (out, None)
         loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        if self.add_attn_z_loss:
+            loss = loss + inter.attn_z_loss
+        return (loss, (logits, inter)) if return_outputs else loss
+
+    def _next_embed_loss(self, x, mask, target, return_outputs, kwargs):
+        """Upstream's loss with the next-embedding head: the net reads all n tokens (a causal stack's
+        first n-1 outputs are those of x[:, :-1]), so the last token's input embedding is a target."""
+        inp = x.masked_fill(x == self.ignore_index, self.pad_value)
+        if "self_attn_kv_mask" in kwargs:  # drawn over n - 1 columns; the last one is only read by itself
+            kv = kwargs["self_attn_kv_mask"]
+            kwargs["self_attn_kv_mask"] = torch.cat((kv, torch.ones_like(kv[:, :1])), dim=-1)
+        out, inter = self.net(inp, mask, return_intermediates=True, return_next_embed_pred=True, **kwargs)
+        logits, (pred, init) = out
+        logits = logits[:, :-1]
+        loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        keep = target != self.ignore_index  # (b, n-1)
+        distance = F.l1_loss(pred[:, :-1], init[:, 1:].detach(), reduction="none")[keep]
+        loss = loss + distance.mean() * self.next_embed_loss_weight
+        if self.add_attn_z_loss:
+            loss = loss + inter.attn_z_loss
         return (loss, (logits, inter)) if return_outputs else loss
 
     def _fused_weight(self) -> Tensor | None:
@@ -178,10 +211,10 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             return net(tokens, mask, context=context, context_mask=context_mask, **conditioned(condition))[:, -1], step, None
 
         if cfg.static_cache:
-            max_len = net.num_memory_tokens + tokens.shape[1] + cfg.seq_len
+            max_len = cache_columns(net, tokens.shape[1] + cfg.seq_len)
             cache = self._static_cache(tokens.shape[0], _static_len(max_len) if cfg.compile else max_len)
             # The capacity is known up front: check it once here (host-side), not with a sync per step.
-            cache.check_room(net.num_memory_tokens + tokens.shape[1] + cfg.seq_len - 1)
+            cache.check_room(cache_columns(net, tokens.shape[1] + cfg.seq_len - 1))
         else:
             cache = KVCache()
         logits = prefill(net, tokens, mask, cache, context, context_mask, condition)
@@ -441,3 +474,13 @@ class _eval:
 
 
 __all__ = ["AutoregressiveWrapper", "GenerationConfig", "left_pad", "prefill", "decode_step"]
+
+
+def cache_columns(net, tokens: int) -> int:
+    """Key/value columns ``tokens`` token columns take in ``net``'s cache: the memory tokens once, or
+    with ``memory_tokens_interspersed_every`` a group before every every-th token (the first included)."""
+    M, every = net.num_memory_tokens, net.cfg.memory_tokens_interspersed_every
+    if M and every:
+        return tokens + M * -(-tokens // every)
+    return tokens + M
+

@@ -53,6 +53,14 @@ class ForwardContext:
     polar_angles: Tensor | None = None  # (b|1, 1, n, d) PoPE's angles at the new positions (positional.py)
     polar_bias: Tensor | None = None  # (1, h, 1, d) PoPE's learned key phase
     condition: Tensor | None = None  # (b, 1|n, c) the adaptive norms' and scales' condition (adaptive.py)
+    # Transformer-XL recurrence (1901.02860, recurrence.py): per block of the layout, (the hidden
+    # states (b, m, dim) a self-attention block prepends to its keys/values, its mask (b, 1, 1, m + k)
+    # or None) or None; their rotary angles; the list that collects each self-attention block's
+    # input (the next memories). key_positions then include the memory's.
+    mems: tuple | None = None
+    ff_embeds: tuple | None = None  # per block: a feed-forward's output scale (b, n, dim) (ff_deep_embed) or None
+    mem_rotary: tuple[Tensor, Tensor] | None = None
+    hiddens: list | None = None
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
@@ -75,7 +83,8 @@ class ForwardContext:
 def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
     """The keywords block i of kind ``a`` / ``c`` / ``f`` is called with under ``ctx``."""
     if kind == "f":
-        return {}
+        scale = ctx.ff_embeds[i] if ctx.ff_embeds is not None else None
+        return {} if scale is None else dict(deep_embed=scale)
     cache = ctx.cache.layer(i) if ctx.cache is not None else None
     if kind == "c":
         out = dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights)
@@ -88,6 +97,9 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
                need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions))
     if ctx.polar_angles is not None:
         out["polar"] = (ctx.polar_angles, ctx.polar_bias)
+    if ctx.mems is not None and ctx.mems[i] is not None:
+        mem, mask = ctx.mems[i]  # the block's memory and its mask over (memory, keys)
+        out.update(mem=mem, mem_rotary=ctx.mem_rotary, mask=mask)
     return out if ctx.self_scores is None else dict(out, residual_scores=ctx.self_scores)
 
 
@@ -150,6 +162,8 @@ def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = 
             if i in skips.plan:
                 src, k = skips.plan[i]
                 x = skips.combines[k](torch.cat((saved[src], x), dim=-1))
+        if ctx.hiddens is not None and spec.kind == "a":
+            ctx.hiddens.append(x)  # a self-attention block's input: its memory for the next segment
         x, w = run_block(spec.kind, i, block, x, ctx)
         if w is not None and attns is not None:
             attns.append(w)

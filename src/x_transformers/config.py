@@ -486,6 +486,21 @@ class WrapperConfig:
     mixture_of_softmax_k: int = 4
     sigsoftmax_logits: bool = False  # sigsoftmax, 1805.10829: logits + log sigmoid(logits)
     attn_z_loss_weight: float = 1e-4  # forward(return_attn_z_loss=True)'s default weight
+    # Transformer-XL recurrence, 1901.02860 (recurrence.py): columns of memory forward(return_mems=True)
+    # keeps per self-attention block; shift_mem_down: block i reads block i + shift's memory
+    max_mem_len: int = 0
+    shift_mem_down: int = 0
+    # a head predicting the next token's input embedding from the final hidden states (upstream's
+    # continuous next-embedding prediction): forward(return_next_embed_pred=True)
+    add_continuous_pred_head: bool = False
+    # per token, per layer unit, a learned (init 1) scale of each feed-forward block's output (RWKV-8's deep embedding)
+    ff_deep_embed: bool = False
+    # with cache=, x holds only the new tokens (forward's input_not_include_cache default)
+    input_not_include_cache: bool = False
+    # AlphaFold2's recycling (2107.03850 supplement 1.10): the stack runs again on the embeddings plus a
+    # projection of its last (detached) output; train_max_recycle_steps: a training forward draws 1..this
+    recycling: bool = False
+    train_max_recycle_steps: int = 4
 
     def __post_init__(self):
         check_types(WrapperConfig, _values(self))
@@ -493,6 +508,9 @@ class WrapperConfig:
                      "mixture_of_softmax_k"):
             _positive_int(name, getattr(self, name))
         _positive_int("dim_pooled_tokens", self.dim_pooled_tokens, allow_none=True)
+        _positive_int("max_mem_len", self.max_mem_len, allow_zero=True)
+        _positive_int("shift_mem_down", self.shift_mem_down, allow_zero=True)
+        _positive_int("train_max_recycle_steps", self.train_max_recycle_steps)
         _positive_int("memory_tokens_interspersed_every", self.memory_tokens_interspersed_every, allow_none=True)
         if not (isinstance(self.emb_frac_gradient, (int, float)) and 0.0 < self.emb_frac_gradient <= 1.0):
             raise ValueError(f"emb_frac_gradient must lie in (0, 1], got {self.emb_frac_gradient!r}")

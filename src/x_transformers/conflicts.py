@@ -421,6 +421,14 @@ for _k in ("num_output_heads", "mixture_of_softmax", "sigsoftmax_logits", "squee
             reason="without an output head there are no logits to shape",
             example={"return_only_embed": True, _k: 2 if _k == "num_output_heads" else True}, kinds=WRAPPER)
 
+# AlphaFold2's recycling (recurrence.py)
+for _k, _v in (("max_mem_len", 4), ("memory_tokens_interspersed_every", 2), ("depths", (1,))):
+    declare("recycling", _k, when=lambda s, k=_k: on(s, "recycling") and on(s, k),
+            reason="recycling reruns the stack on its own output: one plain sequence in, the same out (no "
+                   "segment memories, no interspersed memory columns, no funnel pooling)",
+            example={"recycling": True, _k: _v, **({"num_memory_tokens": 1} if _k.startswith("memory") else {})},
+            kinds=WRAPPER)
+
 # memory tokens interspersed in the sequence (upstream: decoders only)
 declare("memory_tokens_interspersed_every", "num_memory_tokens=0",
         when=lambda s: on(s, "memory_tokens_interspersed_every") and not on(s, "num_memory_tokens"),
@@ -436,6 +444,36 @@ declare("memory_tokens_interspersed_every", "a bidirectional stack",
         reason="interspersed memory tokens summarise the tokens before them, for a causal stack (Decoder), as "
                "upstream; an encoder reads memory tokens once, at the front",
         example=dict(memory_tokens_interspersed_every=4, num_memory_tokens=1, causal=False), kinds=WRAPPER)
+
+# Transformer-XL memories (max_mem_len, recurrence.py): a causal, sequential stack whose self-attention
+# blocks read only the sequence's own hidden states
+for _k, _v, _why in (("reversible", True, "the reversible coupling recomputes its blocks without the memory"),
+                     ("num_residual_streams", 2, "the memory is one stream of hidden states"),
+                     ("shift_tokens", 1, "a shifted token would need the previous segment's features"),
+                     ("tupe", True, "TUPE's untied positions index a table; the memory sits at negative positions"),
+                     ("num_memory_tokens", 2, "memory tokens would enter every segment's memory; use one or the "
+                                              "other")):
+    declare("max_mem_len", _k, when=lambda s, k=_k: on(s, "max_mem_len") and on(s, k)
+            and not (k == "num_residual_streams" and s[k] == 1),
+            reason=_why, example={"max_mem_len": 4, _k: _v, **({"tupe_max_seq_len": 16} if _k == "tupe" else {})},
+            kinds=WRAPPER)
+declare("max_mem_len", "a bidirectional stack", when=lambda s: on(s, "max_mem_len") and not s.get("causal", False),
+        reason="segment recurrence carries a causal stack's (Decoder's) hidden states forward; a bidirectional "
+               "stack's outputs change with later tokens", example=dict(max_mem_len=4, causal=False), kinds=WRAPPER)
+
+# per-token feed-forward output scales (ff_deep_embed): one row per token column of a plain stack
+for _k, _v in (("num_memory_tokens", 2), ("use_cls_token", True), ("reversible", True), ("num_residual_streams", 2),
+               ("depths", (1,)), ("only_attn", True)):
+    declare("ff_deep_embed", _k, when=lambda s, k=_k: on(s, "ff_deep_embed") and on(s, k)
+            and not (k == "num_residual_streams" and s[k] == 1),
+            reason="the deep embedding scales a token's own feed-forward outputs: the stack's columns must be the "
+                   "tokens (no memory or [CLS] columns, no funnel), in one stream, run plainly (not reversible), "
+                   "with feed-forward blocks",
+            example={"ff_deep_embed": True, _k: _v}, kinds=WRAPPER)
+declare("add_continuous_pred_head", "emb_dim", when=lambda s: on(s, "add_continuous_pred_head") and on(s, "emb_dim")
+        and s.get("emb_dim") != s.get("dim"), reason="the head predicts the input embedding (emb_dim) from hidden "
+        "states (dim), upstream's head maps dim to dim", example=dict(add_continuous_pred_head=True, emb_dim=16),
+        kinds=WRAPPER)
 
 # a custom token embedding / output head (TransformerWrapper(token_emb=, to_logits=): built modules)
 def _module(name):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import conflicts
 from .hub import Pretrained
 from .cache import KVCache
 from .checks import check_dtype, check_finite, check_not_empty
@@ -64,6 +65,8 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
             raise TypeError(f"attn_layers must be an Encoder, Decoder or AttentionLayers, got {type(attn_layers).__name__}")
         kwargs["num_memory_tokens"] = num_memory_tokens or 0  # upstream's default is None
         self.cfg = cfg = build(ContinuousConfig, kwargs, "ContinuousTransformerWrapper")
+        from .wrappers import stack_settings  # the wrapper entries of the conflict table hold here too
+        conflicts.check("wrapper", {**stack_settings(attn_layers), **kwargs})
         for given, module, name in ((cfg.dim_in, project_in, "in"), (cfg.dim_out, project_out, "out")):
             if given is not None and module is not None:
                 raise ValueError(f"pass dim_{name} or project_{name}, not both: project_{name} already fixes the width")
@@ -93,6 +96,10 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
         self.post_emb_norm = LayerNorm(dim, bias=False) if cfg.post_emb_norm else None  # bias-less, as upstream's
         self.emb_dropout = nn.Dropout(cfg.emb_dropout) if cfg.emb_dropout > 0 else nn.Identity()
         self.memory_tokens = nn.Parameter(torch.randn(M, dim) * 0.02) if M else None
+        # under TUPE's untied [CLS] the memory tokens share position 0 with it and the frames keep their
+        # positions (the first frame is the [CLS]), as in TransformerWrapper
+        lcfg = attn_layers.layer_cfg
+        self.memory_shift = 0 if (M and lcfg.tupe and lcfg.tupe_untie_cls) else M
 
     @property
     def dim_in(self) -> int | None:
@@ -143,7 +150,7 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
 
         start = None
         if not first:  # frames are counted without memory tokens, as in TransformerWrapper
-            start = cache.next_positions() - M
+            start = cache.next_positions() - self.memory_shift
         positions = default_positions(mask, n, x.device, start)  # (b|1, n)
 
         h = self.project_in(x)
@@ -160,11 +167,13 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
         if self.post_emb_norm is not None:
             h = self.post_emb_norm(h)
 
-        # layer positions: memory tokens 0..M-1, prefix M..M+P-1, frames after (counting kept ones)
-        layer_positions = positions + M
+        # layer positions: memory tokens 0..M-1, prefix M..M+P-1, frames after (counting kept ones);
+        # under TUPE's untied [CLS]: memory tokens all at 0, the rest as without them
+        shift = self.memory_shift
+        layer_positions = positions + shift
         if P:
             kept = prepend_mask if prepend_mask is not None else torch.ones(b, P, dtype=torch.bool, device=x.device)
-            pre_pos = default_positions(kept, P, x.device) + M
+            pre_pos = default_positions(kept, P, x.device) + shift
             frame_pos = layer_positions.expand(b, -1) + kept.sum(-1, keepdim=True)  # after the kept prefix
             layer_positions = torch.cat((pre_pos.expand(b, -1), frame_pos), dim=-1)
             h = torch.cat((prepend_embeds.to(h.dtype), h), dim=1)
@@ -173,7 +182,7 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
                 mask = torch.cat((kept, frames), dim=-1)
         if M and first:
             h = torch.cat((self.memory_tokens.to(h.dtype).expand(b, -1, -1), h), dim=1)
-            mem_pos = torch.arange(M, device=x.device)[None].expand(layer_positions.shape[0], -1)
+            mem_pos = torch.arange(M, device=x.device)[None].expand(layer_positions.shape[0], -1) * (shift > 0)
             layer_positions = torch.cat((mem_pos, layer_positions), dim=-1)
             if mask is not None:
                 mask = torch.cat((torch.ones(b, M, dtype=torch.bool, device=x.device), mask), dim=-1)

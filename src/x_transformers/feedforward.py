@@ -122,12 +122,15 @@ class FeedForward(nn.Module):
         out = self.proj_out(self.dropout(h))
         return self.out_dropout(out) if self.out_dropout is not None else out
 
-    def forward(self, x):
+    def forward(self, x, deep_embed=None):
+        """x (b, n, dim) -> (b, n, dim_out); ``deep_embed`` (b, n, dim_out): a per-token scale of
+        the output (upstream's ``ff_deep_embed``)."""
         if self.chunks == 1 or x.shape[-2] < 2:
-            return self._forward(x)
-        # Reformer: position-wise, so computing it in chunks along the sequence gives the same
-        # output with a peak hidden activation 1/chunks the size.
-        return torch.cat([self._forward(c) for c in x.chunk(self.chunks, dim=-2)], dim=-2)
+            out = self._forward(x)
+        else:  # Reformer: position-wise, so computing it in chunks along the sequence gives the same
+            # output with a peak hidden activation 1/chunks the size.
+            out = torch.cat([self._forward(c) for c in x.chunk(self.chunks, dim=-2)], dim=-2)
+        return out if deep_embed is None else out * deep_embed
 
     def extra_repr(self):
         kind = f"glu({self.act_name})" if self.glu else self.act_name

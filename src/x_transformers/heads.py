@@ -98,3 +98,10 @@ def finish_logits(logits, *, mixture_weights=None, sigsoftmax: bool = False, squ
 
 
 POOLING = ("use_cls_token", "average_pool_embed", "attn_pool")  # alternatives: conflicts.POOLING
+
+
+def next_embed_head(dim: int) -> nn.Module:
+    """Upstream's continuous next-embedding head (``add_continuous_pred_head``): final hidden states
+    (..., dim) -> a prediction of the next token's input embedding, bias-free Linear, SiLU, Linear
+    (trained by ``AutoregressiveWrapper``'s L1 loss, weight ``next_embed_loss_weight``)."""
+    return nn.Sequential(nn.Linear(dim, dim, bias=False), nn.SiLU(), nn.Linear(dim, dim, bias=False))

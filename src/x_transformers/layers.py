@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from .hub import Pretrained
-from . import checks
+from . import checks, recurrence
 from .attention import Attention
 from .blocks import ForwardContext, ScoreCarry, UNetSkips, run_sequential
 from .adaptive import Conditioning, apply_norm
+from .cache import StaticKVCache
 from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
@@ -443,7 +444,8 @@ class AttentionLayers(Pretrained, nn.Module):
         return apply_norm(self.final_norm, x, ctx.condition) if self.final_norm is not None else x
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
-                return_attn: bool = False, attn_mask=None, condition=None):
+                return_attn: bool = False, attn_mask=None, condition=None, mems=None, mem_masks=None,
+                hiddens: list | None = None, ff_deep_embeds=None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -452,6 +454,10 @@ class AttentionLayers(Pretrained, nn.Module):
         attn_mask: (b|1, 1, n, n) bool, which query may see which key (True = may), ANDed with
         ``mask`` and the stack's causality; no cache.
         condition: (b, dim_condition) or (b, n, dim_condition), for adaptive norms / scales only.
+        mems / mem_masks: Transformer-XL memories (recurrence.py), one (b, m, dim) tensor (and (b, m)
+        mask or None) per self-attention block; ``hiddens``: a list that receives each self-attention
+        block's input (the next memories). ``ff_deep_embeds`` (b, n, units, dim): the output scale
+        of the l-th feed-forward block at [:, :, l] (the wrapper's ``ff_deep_embed``).
         """
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
@@ -485,6 +491,11 @@ class AttentionLayers(Pretrained, nn.Module):
         elif condition is not None:
             raise ValueError("condition was given but this stack has no adaptive norm or scale "
                              "(use_adaptive_layernorm / use_adaptive_rmsnorm / use_adaptive_layerscale)")
+        if mems is not None or hiddens is not None:
+            ctx = self._recurrence(ctx, x, mems, mem_masks, hiddens, attn_mask, cache)
+        if ff_deep_embeds is not None:  # the l-th feed-forward block scales its output by [:, :, l]
+            scales = iter(ff_deep_embeds.unbind(dim=2))
+            ctx = replace(ctx, ff_embeds=tuple(next(scales, None) if s.kind == "f" else None for s in self.layout))
         attns = [] if return_attn else None
         x = self.run(x, ctx, attns)
 
@@ -492,6 +503,24 @@ class AttentionLayers(Pretrained, nn.Module):
             new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
             cache.extend(new, positions.expand(b, -1), padded=mask is not None)
         return (x, attns) if return_attn else x
+
+
+    def _recurrence(self, ctx, x, mems, mem_masks, hiddens, attn_mask, cache):
+        """The context with Transformer-XL memories (recurrence.py) and the hidden-state collector."""
+        why = ("a bidirectional stack" if not self.causal else "reversible=True" if self.reversible is not None
+               else "hyper-connections" if self.stream_emb is not None else "shift_tokens" if self.cfg.shift_tokens
+               else "TUPE" if self.tupe is not None else "attn_mask" if attn_mask is not None
+               else "a StaticKVCache" if isinstance(cache, StaticKVCache) else None)
+        if why is not None:
+            raise ValueError(f"Transformer-XL memories (mems / return_mems) are not supported with {why}: "
+                             f"they need a causal, sequential stack whose blocks see only the sequence")
+        if hiddens is not None:
+            ctx = replace(ctx, hiddens=hiddens)
+        if mems is None:
+            return ctx
+        recurrence.check_mems(mems, mem_masks, batch=x.shape[0], dim=self.dim,
+                              count=recurrence.self_attention_count(self.layout))
+        return recurrence.with_memory(self, ctx, mems, mem_masks, x.shape[0])
 
 
 def _check_causal(kwargs):

@@ -99,7 +99,7 @@ class Residual(nn.Module):
             x = apply_norm(self.post_norm, x, condition)
         return x, extra
 
-    def branch(self, x, *args, inject=None, shift_mask=None, condition=None, **kwargs):
+    def branch(self, x, *args, inject=None, shift_mask=None, condition=None, mem=None, **kwargs):
         """The branch alone, ``(scale * g * gamma * f(norm(x + inject)), extra)``; ``(None, None)``
         when layer dropout drops it. Reversible layers (reversible.py) add it to the other stream."""
         drop = self.training and self.layer_dropout > 0
@@ -109,6 +109,8 @@ class Residual(nn.Module):
         h = apply_norm(self.pre_norm, h, condition) if self.pre_norm is not None else h
         if self.shifts is not None:
             h = shift_tokens(h, self.shifts, shift_mask)
+        if mem is not None:  # Transformer-XL memory: normed as the block's input (not re-injected, as upstream)
+            kwargs["mem"] = apply_norm(self.pre_norm, mem, condition) if self.pre_norm is not None else mem
         out = self.fn(h, *args, **kwargs)
         out, extra = out if isinstance(out, tuple) else (out, None)
         if self.branch_norm is not None:

@@ -15,12 +15,12 @@ from torch import nn
 
 from .attend import record_logsumexp
 from .hub import Pretrained
-from . import aliases, checks, conflicts
+from . import aliases, checks, conflicts, recurrence
 from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
 from .layers import AttentionLayers, check_mask, default_positions
-from .heads import AttentionPool, Mixture, calc_z_loss, finish_logits, masked_mean, output_heads
+from .heads import AttentionPool, Mixture, calc_z_loss, finish_logits, masked_mean, next_embed_head, output_heads
 from .norms import LayerNorm
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
 
@@ -137,6 +137,10 @@ class TransformerWrapper(Pretrained, nn.Module):
         self.to_logits = to_logits
         self.custom_to_logits = "to_logits" in custom
         self.mixture = Mixture(dim, cfg.mixture_of_softmax_k) if cfg.mixture_of_softmax else None
+        # upstream's next-embedding head and RWKV-8's deep embedding (heads.py), upstream's parameter names
+        self.to_next_embed_pred = next_embed_head(dim) if cfg.add_continuous_pred_head else None
+        self.ff_deep_embed = nn.Parameter(torch.ones(num_tokens, lcfg.depth, dim)) if cfg.ff_deep_embed else None
+        self.recycled_proj = nn.Linear(dim, dim, bias=False) if cfg.recycling else None  # recurrence.recycle
 
     def check_inputs(self, x, mask):
         if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dtype == torch.bool:
@@ -179,7 +183,9 @@ class TransformerWrapper(Pretrained, nn.Module):
                 return_logit_entropies: bool = False, seq_start_pos=None, pos=None, self_attn_kv_mask=None,
                 sum_embeds=None, prepend_embeds=None, prepend_mask=None, excise_prepend_embeds: bool = False,
                 embed_ids: dict | None = None, return_attn_z_loss: bool = False, attn_z_loss_weight=None,
-                input_not_include_cache: bool | None = None, causal: bool | None = None, condition=None, **upstream):
+                input_not_include_cache: bool | None = None, causal: bool | None = None, condition=None, mems=None,
+                mem_masks=None, return_mems: bool = False, detach_mems: bool = True,
+                return_next_embed_pred: bool = False, recycle_steps: int | None = None, **upstream):
         """x (b, n) token ids -> logits (b, n, v), or hidden states (b, n, dim) with return_embeddings.
 
         ``return_attn``: also every attention layer's post-softmax maps (b, h, n, m), computed on the
@@ -205,7 +211,17 @@ class TransformerWrapper(Pretrained, nn.Module):
         ``embed_num_tokens`` tables, ``return_attn_z_loss`` (the intermediates' ``attn_z_loss``,
         weighted by ``attn_z_loss_weight``), ``causal`` (only the stack's own value). Upstream
         keywords of features absent here raise a TypeError naming them.
+
+        Transformer-XL recurrence (recurrence.py): ``mems`` (one (b, m, dim) tensor per
+        self-attention block, from an earlier ``return_mems=True``; ``mem_masks`` their (b, m)
+        masks), ``return_mems`` (also returns the next memories, the last ``max_mem_len`` columns,
+        detached unless ``detach_mems=False``: ``(out, mems)``, or ``inter.mems``).
+        ``return_next_embed_pred`` (``add_continuous_pred_head``): ``(out, (predicted next input
+        embeddings (b, n, dim), the input embeddings (b, n, dim)))``. ``recycle_steps`` (``recycling``):
+        how many times the stack runs (needed in eval mode; training draws 1..train_max_recycle_steps).
         """
+        if return_next_embed_pred and self.to_next_embed_pred is None:
+            raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
         refuse_upstream(upstream, "TransformerWrapper.forward")
         if causal is not None and causal != getattr(self.attn_layers, "causal", None):
             raise ValueError(f"causal={causal!r} at forward: causality is fixed when the stack is built here "
@@ -220,6 +236,12 @@ class TransformerWrapper(Pretrained, nn.Module):
                                                                    embed_ids=embed_ids),
                                                     input_not_include_cache, build)
         mask, pos, sum_embeds, kv_mask = new["mask"], new["pos"], new["sum_embeds"], new["self_attn_kv_mask"]
+        xl = recurrence.wrapper_inputs(self, mems, mem_masks, return_mems, cache)
+        side = dict(xl or {}, init_embed=None)  # what the stack takes besides x, and what _run reports back
+        if condition is not None:
+            side["condition"] = condition
+        if self.recycled_proj is not None or recycle_steps is not None:
+            side["recycle_steps"] = recurrence.recycle_steps(self, recycle_steps, cache)
         if offset is None and (seq_start_pos is not None or want_inter):
             offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
         if seq_start_pos is not None:
@@ -233,7 +255,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         lse = [] if return_attn_z_loss else None
         with record_logsumexp(lse) if lse is not None else contextlib.nullcontext():
             out, attns = self._run(x, mask, kv_mask, pos, sum_embeds, new["embed_ids"], prefix, context, context_mask,
-                                   cache, return_attn, {"condition": condition} if condition is not None else {})
+                                   cache, return_attn, side)
         hidden, seq, seq_mask, pooled_tokens = self._pool(out, x, mask, prefix, want_inter)
         if prepend_embeds is not None and excise_prepend_embeds and hidden.ndim == 3 and hidden is seq:
             hidden = hidden[:, prepend_embeds.shape[1]:]
@@ -249,6 +271,12 @@ class TransformerWrapper(Pretrained, nn.Module):
             out = pooled_tokens  # an encoder's attention pool (its logits: the intermediates')
         else:
             out = logits
+        if return_next_embed_pred:  # upstream: the final hidden states -> the next input embedding
+            out = (out, (self.to_next_embed_pred(hidden), side["init_embed"]))
+        if xl is not None and return_mems:
+            new_mems = recurrence.next_memories(xl["given"], xl["hiddens"], self.cfg.max_mem_len, detach_mems)
+            if not want_inter:
+                return out, new_mems
         if want_inter:
             inter = Intermediates(cache=cache if isinstance(cache, KVCache) else None, cache_length=offset + x.shape[1],
                                   last_hidden=seq, attn_maps=attns)
@@ -259,6 +287,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             if return_attn_z_loss:
                 weight = self.cfg.attn_z_loss_weight if attn_z_loss_weight is None else attn_z_loss_weight
                 inter.attn_z_loss = calc_z_loss(lse, weight)
+            if xl is not None and return_mems:
+                inter.mems = new_mems
             return out, inter
         return (out, attns) if return_attn else out
 
@@ -435,12 +465,13 @@ class TransformerWrapper(Pretrained, nn.Module):
         return self.post_emb_norm(h) if self.post_emb_norm is not None else h
 
     def _run(self, x, mask, kv_mask, pos, sum_embeds, embed_ids, prefix, context, context_mask, cache, return_attn,
-             stack_kw):
+             side=None):
         """Embed, run the stack, strip memory tokens: (hidden states (b, C + P + n, dim) with the
         [CLS] and prepended columns first, attention maps)."""
         b, n = x.shape
         M = self.num_memory_tokens
         first = cache is None or cache.empty
+        stack_kw = {"condition": side["condition"]} if side and side.get("condition") is not None else {}
         positions, external = self._positions(x, mask, pos, cache)
         h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids)
 
@@ -450,6 +481,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         frac = self.cfg.emb_frac_gradient
         if frac < 1:  # the forward value is unchanged; the embeddings get frac of their gradient (2105.13290)
             h = h * frac + h.detach() * (1 - frac)
+        if side is not None:
+            side["init_embed"] = h  # the input embeddings, the next-embedding head's targets
         h = self.project_emb(self.emb_dropout(h))
         if self.cls_token is not None:
             h = torch.cat((self.cls_token.to(h.dtype).expand(b, -1, -1), h), dim=1)
@@ -486,10 +519,24 @@ class TransformerWrapper(Pretrained, nn.Module):
                 layer_mask = torch.cat((torch.ones(b, M, dtype=torch.bool, device=x.device), layer_mask), dim=-1)
 
         # a funnel keeps the memory tokens out of its pooling windows
-        funnel = dict(num_memory_tokens=M) if M and isinstance(self.attn_layers, FunnelEncoder) else {}
-        out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
-                               return_attn=return_attn, **funnel, **stack_kw)
-        out, attns = out if return_attn else (out, None)
+        extra = dict(num_memory_tokens=M) if M and isinstance(self.attn_layers, FunnelEncoder) else {}
+        if side and "hiddens" in side:  # Transformer-XL memories in, this segment's hidden states out (recurrence.py)
+            extra = dict(mems=side["mems"], mem_masks=side["mem_masks"], hiddens=side["hiddens"])
+        if self.ff_deep_embed is not None:
+            if P:
+                raise ValueError("ff_deep_embed scales each token's feed-forward outputs; prepend_embeds columns have "
+                                 "no token id")
+            extra["ff_deep_embeds"] = self.ff_deep_embed[x].to(h.dtype)  # (b, n, units, dim)
+
+        def stack(inp):
+            out = self.attn_layers(inp, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
+                                   return_attn=return_attn, **stack_kw, **extra)
+            return out if return_attn else (out, None)
+
+        if self.recycled_proj is None:
+            out, attns = stack(h)
+        else:
+            out, attns = recurrence.recycle(stack, h, self.recycled_proj, side["recycle_steps"])
         return (out[:, M:] if M and first else out), attns
 
     def _intersperse(self, h, positions, mask, offset: int):
@@ -535,9 +582,6 @@ def _drop_cached(t, offset: int):
 
 # upstream x-transformers' forward keywords of features this package does not have: why, in a line
 UPSTREAM_ABSENT = {
-    **dict.fromkeys(("mems", "return_mems", "mem_masks", "detach_mems"),
-                    "Transformer-XL memories (upstream's max_mem_len) are not implemented"),
-    **dict.fromkeys(("recycle_steps",), "recycling (upstream's recycling=True) is not implemented"),
     **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
                      "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
     **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
