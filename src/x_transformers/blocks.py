@@ -47,6 +47,7 @@ class ForwardContext:
     kv_score_mod: ScoreMod | None = None
     inject: Tensor | None = None  # (b, n, dim) added to every branch's input (reinject_input)
     token_mask: Tensor | None = None  # (b, n) bool, the new tokens kept (shift_tokens zeroes the others)
+    values: object | None = None  # a ValueResidual (value_residual.py): the first attentions' values
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject")
@@ -71,13 +72,15 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
     if kind == "f":
         return {}
     cache = ctx.cache.layer(i) if ctx.cache is not None else None
+    extra = {} if ctx.values is None else dict(value_residual=ctx.values)
     if kind == "c":
-        return dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights)
+        return dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights,
+                    query_mask=ctx.token_mask, **extra)
     if ctx.kv is not None and i == ctx.kv_block:  # pooled queries over the previous level's keys
         return dict(mask=ctx.kv_mask, rotary=ctx.rotary, score_mod=ctx.kv_score_mod, kv=ctx.kv,
                     kv_rotary=ctx.kv_rotary, need_weights=ctx.need_weights)
     return dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
-                need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions))
+                need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions), **extra)
 
 
 def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: bool = False):

@@ -13,7 +13,8 @@ Two kinds share one interface (``layer``, ``next_positions``, ``keys_and_mask``,
   with ``torch.compile(fullgraph=True)`` and can be replayed as a CUDA graph. Unfilled slots are
   masked out; causality is by slot.
 
-Legend: b batch, g kv heads, n new tokens, m keys so far (dynamic) or L slots (static), d head dim.
+Legend: b batch, g kv heads, n new tokens, m keys so far (dynamic) or L slots (static), d key head
+dim, e value head dim.
 """
 
 from __future__ import annotations
@@ -183,8 +184,9 @@ class StaticKVCache:
     """
 
     def __init__(self, batch: int, max_len: int, layer_shapes: dict, *, dtype=torch.float32, device=None):
-        """layer_shapes: {block index: (kv heads, head dim)} for self-attention, or None for a
-        cross-attention block (its context keys/values are stored when first computed)."""
+        """layer_shapes: {block index: (kv heads, key head dim[, value head dim])} for self-attention
+        (values as wide as keys unless given), or None for a cross-attention block (its context
+        keys/values are stored when first computed)."""
         self.batch, self.max_len = batch, max_len
         self.index = torch.zeros((), dtype=torch.long, device=device)  # next free slot
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
@@ -200,9 +202,9 @@ class StaticKVCache:
             if shape is None:
                 self.layers[i] = StaticLayerKV(self)
             else:
-                g, d = shape
+                g, d, e = shape if len(shape) == 3 else (*shape, shape[1])
                 k = torch.zeros(batch, g, max_len, d, dtype=dtype, device=device)
-                self.layers[i] = StaticLayerKV(self, k, torch.zeros_like(k))
+                self.layers[i] = StaticLayerKV(self, k, torch.zeros(batch, g, max_len, e, dtype=dtype, device=device))
                 _mark_static(k, self.layers[i].v)
         _mark_static(self.index, self.key_mask, self.positions, self.slot_ids)
 
@@ -217,7 +219,8 @@ class StaticKVCache:
         shapes = {}
         for i, (spec, block) in enumerate(zip(layers.layout, layers.blocks)):
             if spec.kind == "a":
-                shapes[i] = (block.fn.heads if block.fn.shared_qk else block.fn.kv_heads, block.fn.dim_head)
+                fn = block.fn
+                shapes[i] = (fn.heads if fn.shared_qk else fn.kv_heads, fn.dim_head, fn.value_dim_head)
             elif spec.kind == "c":
                 shapes[i] = None
         return cls(batch, max_len, shapes, dtype=dtype or param.dtype, device=device or param.device)
