@@ -70,7 +70,8 @@ def test_a_mix_of_one_is_the_plain_stack_and_the_first_values_get_gradient_from_
     assert g_late.abs().max() < 1e-6 and g_first.abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(learned_value_residual_mix=False), dict(cross_attend=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(learned_value_residual_mix=False),
+                                dict(cross_attend=True, attn_value_rmsnorm=True)])
 def test_cache_decoding_equals_the_full_forward(kw):
     torch.manual_seed(0)
     context = torch.randn(2, 5, DIM) if kw.get("cross_attend") else None

@@ -221,12 +221,12 @@ class Attention(nn.Module):
             else:
                 k = _heads(qkv[1] if qkv else self.to_k(src), g)  # (b, g, m, d)
             v = _heads(qkv[2] if qkv else self.to_v(src), g)  # (b, g, m, e)
-            if value_residual is not None:
-                v = value_residual.mix(kind, v, x, self.value_mix)
             if self.to_k_norm is not None:
                 k = self.to_k_norm(k)
             if self.to_v_norm is not None:
                 v = self.to_v_norm(v)
+            if value_residual is not None:  # (after the value norm: what a cross-attention caches)
+                v = value_residual.mix(kind, v, x, self.value_mix)
             if self.qk_norm and not self.shared_qk:
                 k = self._unit(k) if self.k_gain is None else self._unit(k) * self.k_gain.to(k.dtype)
             if rotary is not None and not self.cross:

@@ -635,3 +635,8 @@ declare("attn_qk_norm_dim_scale", "attn_qk_norm_scale", when=lambda s: on(s, "at
         and "attn_qk_norm_scale" in s,
         reason="with per-channel gains the logit scale is dim_head ** -0.5 (as upstream), so there is no QK-norm "
                "scale to set", example=dict(attn_qk_norm=True, attn_qk_norm_dim_scale=True, attn_qk_norm_scale=5.0))
+declare("attn_qk_norm_groups", "attn_dim_head", when=lambda s: on(s, "attn_qk_norm") and s.get("attn_qk_norm_groups", 1) > 1
+        and (s.get("attn_dim_head", 64) % s["attn_qk_norm_groups"] or s.get("attn_dim_head", 64) // s["attn_qk_norm_groups"] < 3),
+        reason="the groups must divide the head dimension into groups of at least 3 channels (a unit vector of 2 or "
+               "fewer channels carries almost nothing; upstream refuses it too)",
+        example=dict(attn_qk_norm=True, attn_qk_norm_groups=4, attn_dim_head=8))

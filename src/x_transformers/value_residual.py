@@ -8,8 +8,8 @@ with the first self-attention's values, cross-attention with the first cross-att
 1/2: its values are per context token, and a mix read from the queries has no context position).
 
 One :class:`ValueResidual` is made per forward and passed to every attention block: the first
-block of each kind to run stores its values (its raw projection, before any value norm), the later
-ones read them. With a key/value cache the values mixed are the new tokens' (each position's
+block of each kind to run stores its values (after the value norm, ``attn_value_rmsnorm``, which is
+what a cross-attention's cache holds; upstream mixes before its norm), the later ones read them. With a key/value cache the values mixed are the new tokens' (each position's
 mix depends only on that position), so the cached values are the mixed ones and decoding equals
 the full forward.
 
