@@ -40,3 +40,22 @@ register("laser", layers=dict(attn_laser=True), tol=1e-4)
 # q, k and v all RMS-normalised: a ScaleNorm gain (one scalar) before the attention cancels, so its
 # gradient is zero up to rounding (as with QK-norm)
 register("qk_rmsnorm", layers=dict(attn_qk_rmsnorm=True, attn_value_rmsnorm=True), zero_grad=("pre_norm.g",))
+
+# issue 20's second half, each on the kinds where it adds a property to check (the decoder: cache
+# agreement; a cross-attention variant on the cross kind): the harness's cost grows with every
+# feature-kind pair. Gumbel attention is checked in eval mode, where it is its noise-free mode
+# (deterministic, cache-exact); selective attention cannot use a cache (counted not applicable).
+register("value_residual", layers=dict(add_value_residual=True), kinds=("decoder", "encdec"))
+register("value_dim_head", layers=dict(attn_value_dim_head=6), kinds=("decoder",))
+register("qk_norm_dim_scale", layers=dict(attn_qk_norm=True, attn_qk_norm_groups=2, attn_qk_norm_dim_scale=True),
+         kinds=("decoder",), zero_grad=("pre_norm.g",))  # (a ScaleNorm gain cancels, as under QK-norm)
+register("rotate_num_heads", layers=dict(rotary_pos_emb=True, attn_rotate_num_heads=1), group="relpos",
+         kinds=("decoder",))
+register("hard_attn", layers=dict(attn_hard=True), group="normalizer", kinds=("decoder",))
+register("gumbel_attn", layers=dict(attn_gumbel_softmax=True, attn_gumbel_softmax_temp=0.5), group="normalizer",
+         kinds=("decoder",))
+register("sparse_topk_st", layers=dict(attn_sparse_topk=3, attn_sparse_topk_straight_through=True),
+         group="normalizer", kinds=("decoder",))
+register("selective", layers=dict(attn_selective=True), kinds=("decoder",), cacheable=False)
+register("inverted_attention", layers=dict(attn_inverted_attention=True), kinds=("cross",))
+register("pre_scale_post_talking_heads", layers=dict(attn_pre_scale_post_talking_heads=True), kinds=("decoder",))
