@@ -83,3 +83,31 @@ def test_rotate_num_heads_turns_only_the_last_heads():
     torch.testing.assert_close(w[:, :-1], weights(full, x)[:, :-1])  # unrotated heads: content only
     torch.testing.assert_close(w[:, -1:], weights(full, x, rotary=rot)[:, -1:])
     assert not torch.allclose(w[:, -1:], weights(full, x)[:, -1:], atol=1e-3)
+
+
+def test_multi_latent_attention_projects_through_low_rank_latents_with_decoupled_rope_heads():
+    kw = dict(attn_use_latent_q=True, attn_dim_latent_q=12, attn_use_latent_kv=True, attn_dim_latent_kv=10,
+              attn_latent_rope_subheads=1, rotary_pos_emb=True)
+    a = attention(causal=True, **kw)
+    x = inputs()
+    torch.manual_seed(0)
+    rot = Decoder(dim=DIM, depth=1, heads=HEADS, attn_dim_head=D, rotary_pos_emb=True).rotary(torch.arange(8)[None])
+    from x_transformers.positional import apply_rotary
+
+    q = heads(a.to_q(a.to_latent_q(x)), HEADS)
+    lat = a.to_latent_kv(x)  # (b, n, 10): k and v of every head come from it, but for the rope head
+    k = torch.cat((heads(a.to_k(lat), HEADS - 1), heads(a.to_rope_k(x), 1)), dim=1)
+    q = torch.cat((q[:, :-1], apply_rotary(q[:, -1:], *rot)), dim=1)
+    k = torch.cat((k[:, :-1], apply_rotary(k[:, -1:], *rot)), dim=1)
+    logits = (q @ k.transpose(-1, -2)) * D ** -0.5
+    logits = logits.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+    out, w = a(x, rotary=rot, need_weights=True)
+    torch.testing.assert_close(w, logits.softmax(-1))
+    v = heads(a.to_v(lat), HEADS)
+    torch.testing.assert_close(out, a.to_out((w @ v).transpose(1, 2).reshape(2, 8, -1)))
+    # the content keys' and the values' maps factor through the 10-wide latent
+    assert torch.linalg.matrix_rank(a.to_k.weight @ a.to_latent_kv.weight) <= 10 < DIM
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=Decoder(dim=DIM, depth=2, heads=HEADS,
+                                                                                attn_dim_head=8, **kw))
+    assert_cache_decoding_equals_full_forward(net)

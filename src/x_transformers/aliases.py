@@ -94,7 +94,6 @@ _ATTN_NOT_YET = dict(
     cope_talking_heads=False,
     orthog_projected_values=False, orthog_projected_values_per_head=False,
     qkv_receive_diff_residuals=False,
-    use_latent_q=False, dim_latent_q=None, use_latent_kv=False, dim_latent_kv=None, latent_rope_subheads=None,
     onnxable=False,
     attend_sdp_kwargs=dict(enable_flash=True, enable_math=True, enable_mem_efficient=True), flash_pack_seq=False,
     # upstream's Attention takes the context width too, but through attn_ it would reach self-attention

@@ -53,9 +53,19 @@ class Attention(nn.Module):
         # only cross-attention reads the context: self-attention keys/values come from x (dim)
         dim_kv = (dim_context or dim) if cross else dim
 
-        self.to_q = nn.Linear(dim, heads * d, bias=cfg.bias)
-        self.to_k = None if self.shared_qk else nn.Linear(dim_kv, self.kv_heads * d, bias=cfg.bias)
-        self.to_v = nn.Linear(dim_kv, self.kv_heads * e, bias=cfg.bias)
+        # multi-latent attention (DeepSeek-V2, 2405.04434): q from a latent of x, k and v from a shared
+        # latent; with latent_rope_subheads r the last r key heads come from x itself and alone are rotated
+        self.to_latent_q = nn.Linear(dim, cfg.dim_latent_q, bias=False) if cfg.use_latent_q else None
+        self.to_latent_kv = nn.Linear(dim_kv, cfg.dim_latent_kv, bias=False) if cfg.use_latent_kv else None
+        self.rope_heads = r = cfg.latent_rope_subheads or 0
+        self.to_rope_k = nn.Linear(dim_kv, r * d, bias=False) if r else None
+        dim_q_in = cfg.dim_latent_q if cfg.use_latent_q else dim
+        dim_kv_in = cfg.dim_latent_kv if cfg.use_latent_kv else dim_kv
+        self.fused = not (self.cross or self.shared_qk or cfg.use_latent_q or cfg.use_latent_kv or r)
+
+        self.to_q = nn.Linear(dim_q_in, heads * d, bias=cfg.bias)
+        self.to_k = None if self.shared_qk else nn.Linear(dim_kv_in, (self.kv_heads - r) * d, bias=cfg.bias)
+        self.to_v = nn.Linear(dim_kv_in, self.kv_heads * e, bias=cfg.bias)
         self.dim_out = dim_out = cfg.dim_out or dim
         inner = heads * e
         if cfg.project_out is False:  # the heads' concatenation is the output
@@ -93,7 +103,7 @@ class Attention(nn.Module):
         self.q_gain = self.k_gain = None
         if cfg.qk_norm and cfg.qk_norm_dim_scale:
             self.q_gain = nn.Parameter(torch.full((heads, 1, d), d ** 0.25))
-            self.k_gain = nn.Parameter(torch.full((self.kv_heads, 1, d), d ** 0.25))
+            self.k_gain = None if self.shared_qk else nn.Parameter(torch.full((self.kv_heads, 1, d), d ** 0.25))
 
         # talking heads (2003.02436): learned head mixing, identity at init
         self.pre_mix = nn.Parameter(torch.eye(heads)) if cfg.pre_mix else None
@@ -114,7 +124,7 @@ class Attention(nn.Module):
         # value residual (value_residual.py): this block's learned mix with the first block's values
         self.value_mix = ValueResidualMix(dim, self.kv_heads) if value_mix else None
         # rotary on the last n heads only (upstream's rotate_num_heads; MLA's decoupled rope)
-        self.rotate_num_heads = cfg.rotate_num_heads
+        self.rotate_num_heads = cfg.latent_rope_subheads or cfg.rotate_num_heads
         # pre-scale-post talking heads: a head mix of the logits multiplies the weights, identity at init
         self.scale_mix = nn.Parameter(torch.eye(heads)) if cfg.pre_scale_post_talking_heads else None
         self.selective = cfg.selective and self.causal  # 2410.02703, a causal self-attention idea
@@ -168,6 +178,18 @@ class Attention(nn.Module):
             return apply_rotary(t, *rotary)
         return torch.cat((t[:, :-r], apply_rotary(t[:, -r:], *rotary)), dim=1)
 
+    def _query(self, x):
+        return self.to_q(x if self.to_latent_q is None else self.to_latent_q(x))  # (b, n, h*d)
+
+    def _keys(self, src):
+        """(b, g, m, d) keys of src: through the latent, the decoupled rope heads last."""
+        lat = src if self.to_latent_kv is None else self.to_latent_kv(src)
+        k = _heads(self.to_k(lat), self.kv_heads - self.rope_heads)
+        return k if self.to_rope_k is None else torch.cat((k, _heads(self.to_rope_k(src), self.rope_heads)), dim=1)
+
+    def _values(self, src):
+        return self.to_v(src if self.to_latent_kv is None else self.to_latent_kv(src))  # (b, m, g*e)
+
     def _fused_qkv(self, x):
         """Self-attention q, k, v from one matrix product over the concatenated weights: x is read
         (and, under autocast, cast) once instead of three times, and backward sums one gradient."""
@@ -200,8 +222,8 @@ class Attention(nn.Module):
                              "which a key/value cache does not keep; decode without a cache (cache_kv=False)")
         h, g = self.heads, self.kv_heads
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
-        qkv = self._fused_qkv(x) if not (self.cross or self.shared_qk or kv is not None) else None
-        q = _heads(qkv[0] if qkv else self.to_q(x), h)  # (b, h, n, d)
+        qkv = self._fused_qkv(x) if self.fused and kv is None else None
+        q = _heads(qkv[0] if qkv else self._query(x), h)  # (b, h, n, d)
         if self.to_q_norm is not None:
             q = self.to_q_norm(q)
         if self.qk_norm:
@@ -217,10 +239,10 @@ class Attention(nn.Module):
             # shared-QK (Reformer): the keys are the queries scaled to unit length; queries keep their norm
             # (over kv=, a funnel's pooled queries: the keys are the unpooled sequence's queries)
             if self.shared_qk:
-                k = F.normalize(q if kv is None else _heads(self.to_q(kv), h), dim=-1)  # (b, h, m, d)
+                k = F.normalize(q if kv is None else _heads(self._query(kv), h), dim=-1)  # (b, h, m, d)
             else:
-                k = _heads(qkv[1] if qkv else self.to_k(src), g)  # (b, g, m, d)
-            v = _heads(qkv[2] if qkv else self.to_v(src), g)  # (b, g, m, e)
+                k = _heads(qkv[1], g) if qkv else self._keys(src)  # (b, g, m, d)
+            v = _heads(qkv[2] if qkv else self._values(src), g)  # (b, g, m, e)
             if self.to_k_norm is not None:
                 k = self.to_k_norm(k)
             if self.to_v_norm is not None:

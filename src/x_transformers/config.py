@@ -153,6 +153,12 @@ class AttentionConfig:
     qk_norm_groups: int = 1  # QK-norm: unit length per group of channels of a head
     qk_norm_dim_scale: bool = False  # QK-norm: learned per-channel q/k gains (init dim_head ** 0.25), fixed scale
     rotate_num_heads: int | None = None  # rotary on the last n heads only (default every head)
+    # multi-latent attention (DeepSeek-V2, 2405.04434): q and / or k, v from a low-rank latent of x
+    use_latent_q: bool = False
+    dim_latent_q: int | None = None
+    use_latent_kv: bool = False
+    dim_latent_kv: int | None = None
+    latent_rope_subheads: int | None = None  # the last n key heads straight from x, rotated (decoupled rope)
     # how scores become weights (score_variants.py)
     hard: bool = False  # one-hot argmax weights, softmax's gradient (straight-through)
     gumbel_softmax: bool = False  # Gumbel-softmax weights (1611.01144); noise-free in eval mode
@@ -186,6 +192,11 @@ class AttentionConfig:
         _positive_int("attn_qk_norm_groups", self.qk_norm_groups)
         _positive_int("attn_rotate_num_heads", self.rotate_num_heads, allow_none=True)
         _positive_number("attn_gumbel_softmax_temp", self.gumbel_softmax_temp)
+        for part in ("q", "kv"):
+            _positive_int(f"attn_dim_latent_{part}", getattr(self, f"dim_latent_{part}"), allow_none=True)
+            if getattr(self, f"use_latent_{part}") and getattr(self, f"dim_latent_{part}") is None:
+                raise ValueError(f"attn_use_latent_{part} needs attn_dim_latent_{part}, the latent's width")
+        _positive_int("attn_latent_rope_subheads", self.latent_rope_subheads, allow_none=True)
         if self.sparse_topk_straight_through and self.sparse_topk is None:
             raise ValueError("attn_sparse_topk_straight_through configures attn_sparse_topk, which is not set; set "
                              "attn_sparse_topk as well, or drop attn_sparse_topk_straight_through")
@@ -544,6 +555,8 @@ REQUIRES = {
     "tupe_max_seq_len": "tupe", "tupe_untie_cls": "tupe",
     "attn_logit_softclamp_value": "attn_softclamp_logits",
     "attn_laser_softclamp_value": "attn_laser",
+    "attn_dim_latent_q": "attn_use_latent_q", "attn_dim_latent_kv": "attn_use_latent_kv",
+    "attn_latent_rope_subheads": "attn_use_latent_kv",
     "attn_qk_norm_groups": "attn_qk_norm", "attn_rotate_num_heads": "rotary_pos_emb", "attn_qk_norm_dim_scale": "attn_qk_norm",
     "attn_gumbel_softmax_temp": "attn_gumbel_softmax", "attn_gumbel_softmax_hard": "attn_gumbel_softmax",
     "attn_gate_values_rank": "attn_gate_values", "attn_gate_values_headwise": "attn_gate_values",

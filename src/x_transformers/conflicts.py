@@ -640,3 +640,20 @@ declare("attn_qk_norm_groups", "attn_dim_head", when=lambda s: on(s, "attn_qk_no
         reason="the groups must divide the head dimension into groups of at least 3 channels (a unit vector of 2 or "
                "fewer channels carries almost nothing; upstream refuses it too)",
         example=dict(attn_qk_norm=True, attn_qk_norm_groups=4, attn_dim_head=8))
+# multi-latent attention's decoupled rope heads (attention.py)
+declare("attn_latent_rope_subheads", "attn_rotate_num_heads", when=lambda s: on(s, "attn_latent_rope_subheads")
+        and on(s, "attn_rotate_num_heads"),
+        reason="the decoupled rope heads are the heads rotary turns; give one of the two (as upstream)",
+        example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=1, rotary_pos_emb=True,
+                     attn_rotate_num_heads=1), kinds=("decoder", "encoder", "funnel") + XT)
+declare("attn_latent_rope_subheads", "heads", "attn_kv_heads", when=lambda s: on(s, "attn_latent_rope_subheads")
+        and (s["attn_latent_rope_subheads"] >= min(head_counts(s))
+             or on(s, "attn_kv_heads") and any(s["attn_kv_heads"] != h for h in head_counts(s))),
+        reason="the rope heads are the last of the key heads, so they must be fewer than heads; and a key head "
+               "serves several query heads under grouped-query attention, so it cannot be one (upstream refuses "
+               "it too)", example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=8))
+declare("attn_latent_rope_subheads", "attn_shared_qk", when=lambda s: on(s, "attn_latent_rope_subheads")
+        and on(s, "attn_shared_qk"),
+        reason="shared-QK's keys are the queries, so there are no key heads to take from x",
+        example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=1, attn_shared_qk=True),
+        kinds=("decoder", "encoder", "funnel") + XT)

@@ -46,7 +46,7 @@ def selective_scores(scores: Tensor, key_mask: Tensor | None) -> Tensor:
     queries i' < i, relu(head 0's score of i' for key j): a token can hide a key from every later query.
 
     A token never hides itself, nor the prefix keys, nor the row's first kept token (its start,
-    as upstream's unmasked sos). key_mask: (b, 1, 1|n, m) bool or None."""
+    as upstream's unmasked sos); a padding token hides nothing. key_mask: (b, 1, 1|n, m) bool or None."""
     n, m = scores.shape[-2:]
     start = m - n
     gate = scores[:, 0].float().relu()  # (b, n, m): masked scores are very negative, so 0
@@ -58,6 +58,8 @@ def selective_scores(scores: Tensor, key_mask: Tensor | None) -> Tensor:
         first = key_mask[:, 0, -1:, start:].long().argmax(dim=-1) + start  # (b, 1)
     exempt = (j < start) | (j == i + start) | (j == first[:, :, None])  # (b|1, n, m)
     gate = gate.masked_fill(exempt, 0.0)
+    if key_mask is not None:  # a padding token hides nothing
+        gate = gate.masked_fill(~key_mask[:, 0, -1, start:, None], 0.0)
     hidden = F.pad(gate, (0, 0, 1, -1)).cumsum(dim=-2)  # row i: the sum over rows i' < i
     return scores - hidden[:, None].to(scores.dtype)
 

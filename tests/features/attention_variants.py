@@ -59,3 +59,5 @@ register("sparse_topk_st", layers=dict(attn_sparse_topk=3, attn_sparse_topk_stra
 register("selective", layers=dict(attn_selective=True), kinds=("decoder",), cacheable=False)
 register("inverted_attention", layers=dict(attn_inverted_attention=True), kinds=("cross",))
 register("pre_scale_post_talking_heads", layers=dict(attn_pre_scale_post_talking_heads=True), kinds=("decoder",))
+register("multi_latent", layers=dict(attn_use_latent_q=True, attn_dim_latent_q=12, attn_use_latent_kv=True,
+                                     attn_dim_latent_kv=10, attn_latent_rope_subheads=1), kinds=("decoder",))
