@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention_helpers import DIM, HEADS, D, assert_cache_decoding_equals_full_forward, attention, heads, inputs, weights
+from attention_helpers import (DIM, HEADS, D, assert_cache_decoding_equals_full_forward, attention, heads, inputs,
+                               plain_logits, weights)
 from x_transformers import Decoder, TransformerWrapper
 from x_transformers.cache import StaticKVCache
 
@@ -110,4 +111,26 @@ def test_multi_latent_attention_projects_through_low_rank_latents_with_decoupled
     torch.manual_seed(0)
     net = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=Decoder(dim=DIM, depth=2, heads=HEADS,
                                                                                 attn_dim_head=8, **kw))
+    assert_cache_decoding_equals_full_forward(net)
+
+
+def test_relative_projection_bias_reads_each_querys_curve_at_the_distance():
+    a = attention(causal=True, attn_use_rel_proj_pos_bias=True, attn_rel_proj_num_distance_basis=3,
+                  attn_rel_proj_max_dist=5)
+    x = inputs()
+    with torch.no_grad():
+        a.rel_proj.bank.normal_()
+    pos = torch.arange(8)[None]
+    w = a.rel_proj.to_weights(x).view(2, 8, HEADS, 3)  # (b, n, h, r)
+    bias = torch.zeros(2, HEADS, 8, 8)
+    for i in range(8):
+        for j in range(8):
+            if 0 <= i - j < 5:  # further back than max_dist, or ahead: no bias
+                bias[:, :, i, j] = w[:, i] @ a.rel_proj.bank[:, i - j]
+    logits = plain_logits(a, x) + bias
+    logits = logits.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(weights(a, x, positions=(pos, pos)), logits.softmax(-1))
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=Decoder(
+        dim=DIM, depth=2, heads=HEADS, attn_dim_head=8, attn_use_rel_proj_pos_bias=True, attn_rel_proj_max_dist=4))
     assert_cache_decoding_equals_full_forward(net)

@@ -14,6 +14,7 @@ from .attend import attend, softclamp
 from .config import ENTMAX_MIN_GAP, AttentionConfig
 from .gating import HeadScale, OutputGates, ValueHeadGate, depth_scaled_
 from .positional import apply_rotary
+from .rel_proj import RelProjPositionBias
 from .value_residual import ValueResidualMix
 
 LASER_EPS = 1e-20  # the smallest attention output LASER takes the log of (a row seeing nothing: log(eps))
@@ -127,6 +128,8 @@ class Attention(nn.Module):
         self.rotate_num_heads = cfg.latent_rope_subheads or cfg.rotate_num_heads
         # pre-scale-post talking heads: a head mix of the logits multiplies the weights, identity at init
         self.scale_mix = nn.Parameter(torch.eye(heads)) if cfg.pre_scale_post_talking_heads else None
+        self.rel_proj = RelProjPositionBias(dim, heads, cfg.rel_proj_num_distance_basis, cfg.rel_proj_max_dist) \
+            if cfg.use_rel_proj_pos_bias and not cross else None  # a self-attention position bias
         self.selective = cfg.selective and self.causal  # 2410.02703, a causal self-attention idea
         self.inverted = cfg.inverted_attention and cross  # softmax over the queries (cross-attention)
 
@@ -274,6 +277,12 @@ class Attention(nn.Module):
             own = torch.arange(m, device=x.device)[None, :] == torch.arange(n, device=x.device)[:, None] + offset
             penalty = own.to(q.dtype) * -SELF_PENALTY
             bias = penalty
+        if self.rel_proj is not None:
+            if kv is not None or positions is None or positions[0] is None:
+                raise ValueError("attn_use_rel_proj_pos_bias needs the stack's query and key positions (self-attention "
+                                 "over its own sequence)")
+            rel = self.rel_proj(x, *positions).to(q.dtype)  # (b, h, n, m)
+            bias = rel if bias is None else bias + rel
 
         prefix = 0  # always-visible keys prepended: memory key/values, the zero key/value
         if self.mem_k is not None:

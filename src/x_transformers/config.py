@@ -153,6 +153,10 @@ class AttentionConfig:
     qk_norm_groups: int = 1  # QK-norm: unit length per group of channels of a head
     qk_norm_dim_scale: bool = False  # QK-norm: learned per-channel q/k gains (init dim_head ** 0.25), fixed scale
     rotate_num_heads: int | None = None  # rotary on the last n heads only (default every head)
+    # a per-query curve over distances from a learned bank (rel_proj.py)
+    use_rel_proj_pos_bias: bool = False
+    rel_proj_num_distance_basis: int = 16
+    rel_proj_max_dist: int = 1024
     # multi-latent attention (DeepSeek-V2, 2405.04434): q and / or k, v from a low-rank latent of x
     use_latent_q: bool = False
     dim_latent_q: int | None = None
@@ -197,6 +201,8 @@ class AttentionConfig:
             if getattr(self, f"use_latent_{part}") and getattr(self, f"dim_latent_{part}") is None:
                 raise ValueError(f"attn_use_latent_{part} needs attn_dim_latent_{part}, the latent's width")
         _positive_int("attn_latent_rope_subheads", self.latent_rope_subheads, allow_none=True)
+        _positive_int("attn_rel_proj_num_distance_basis", self.rel_proj_num_distance_basis)
+        _positive_int("attn_rel_proj_max_dist", self.rel_proj_max_dist)
         if self.sparse_topk_straight_through and self.sparse_topk is None:
             raise ValueError("attn_sparse_topk_straight_through configures attn_sparse_topk, which is not set; set "
                              "attn_sparse_topk as well, or drop attn_sparse_topk_straight_through")
@@ -557,6 +563,7 @@ REQUIRES = {
     "attn_laser_softclamp_value": "attn_laser",
     "attn_dim_latent_q": "attn_use_latent_q", "attn_dim_latent_kv": "attn_use_latent_kv",
     "attn_latent_rope_subheads": "attn_use_latent_kv",
+    "attn_rel_proj_num_distance_basis": "attn_use_rel_proj_pos_bias", "attn_rel_proj_max_dist": "attn_use_rel_proj_pos_bias",
     "attn_qk_norm_groups": "attn_qk_norm", "attn_rotate_num_heads": "rotary_pos_emb", "attn_qk_norm_dim_scale": "attn_qk_norm",
     "attn_gumbel_softmax_temp": "attn_gumbel_softmax", "attn_gumbel_softmax_hard": "attn_gumbel_softmax",
     "attn_gate_values_rank": "attn_gate_values", "attn_gate_values_headwise": "attn_gate_values",

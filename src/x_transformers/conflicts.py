@@ -657,3 +657,17 @@ declare("attn_latent_rope_subheads", "attn_shared_qk", when=lambda s: on(s, "att
         reason="shared-QK's keys are the queries, so there are no key heads to take from x",
         example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=1, attn_shared_qk=True),
         kinds=("decoder", "encoder", "funnel") + XT)
+declare("attn_use_rel_proj_pos_bias", "only_cross", when=lambda s: on(s, "attn_use_rel_proj_pos_bias")
+        and on(s, "only_cross"), kinds=("encoder", "cross"),
+        reason="it biases self-attention by the distance between positions of one sequence, and a "
+               "cross-attention-only stack has no self-attention", example=dict(attn_use_rel_proj_pos_bias=True,
+                                                                                only_cross=True))
+declare("attn_use_rel_proj_pos_bias", "depths", when=lambda s: on(s, "attn_use_rel_proj_pos_bias") and blocks(s) > 1,
+        reason="a funnel's pooled queries read the unpooled sequence's keys, where distances along one sequence do "
+               "not line up; use a single block", example=dict(attn_use_rel_proj_pos_bias=True, depths=(1, 1)),
+        kinds=FUNNEL)
+declare("attn_laser", "attn_pre_scale_post_talking_heads", when=lambda s: on(s, "attn_laser")
+        and on(s, "attn_pre_scale_post_talking_heads"),
+        reason="LASER takes the log of the attention output over exp(v), which weights multiplied by logits can "
+               "make negative (as with signed weights)", example=dict(attn_laser=True,
+                                                                    attn_pre_scale_post_talking_heads=True))

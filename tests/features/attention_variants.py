@@ -61,3 +61,5 @@ register("inverted_attention", layers=dict(attn_inverted_attention=True), kinds=
 register("pre_scale_post_talking_heads", layers=dict(attn_pre_scale_post_talking_heads=True), kinds=("decoder",))
 register("multi_latent", layers=dict(attn_use_latent_q=True, attn_dim_latent_q=12, attn_use_latent_kv=True,
                                      attn_dim_latent_kv=10, attn_latent_rope_subheads=1), kinds=("decoder",))
+register("rel_proj_pos_bias", layers=dict(attn_use_rel_proj_pos_bias=True, attn_rel_proj_max_dist=4),
+         kinds=("decoder",))
