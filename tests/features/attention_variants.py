@@ -51,9 +51,12 @@ register("qk_norm_dim_scale", layers=dict(attn_qk_norm=True, attn_qk_norm_groups
          kinds=("decoder",), zero_grad=("pre_norm.g",))  # (a ScaleNorm gain cancels, as under QK-norm)
 register("rotate_num_heads", layers=dict(rotary_pos_emb=True, attn_rotate_num_heads=1), group="relpos",
          kinds=("decoder",))
-register("hard_attn", layers=dict(attn_hard=True), group="normalizer", kinds=("decoder",))
+# one-hot weights (hard attention; Gumbel's hard mode in eval): the straight-through gradient reaches the
+# scores, but a value only through the one key each query takes, so a memory value no query takes has
+# none (as under top-1)
+register("hard_attn", layers=dict(attn_hard=True), group="normalizer", kinds=("decoder",), zero_grad=("mem_v",))
 register("gumbel_attn", layers=dict(attn_gumbel_softmax=True, attn_gumbel_softmax_temp=0.5), group="normalizer",
-         kinds=("decoder",))
+         kinds=("decoder",), zero_grad=("mem_v",))
 register("sparse_topk_st", layers=dict(attn_sparse_topk=3, attn_sparse_topk_straight_through=True),
          group="normalizer", kinds=("decoder",))
 register("selective", layers=dict(attn_selective=True), kinds=("decoder",), cacheable=False)
