@@ -54,10 +54,10 @@ register("value_residual", layers=dict(add_value_residual=True), kinds=("decoder
 register("value_width_qk_gains", layers=dict(attn_value_dim_head=6, attn_qk_norm=True, attn_qk_norm_groups=2,
                                              attn_qk_norm_dim_scale=True),
          kinds=("decoder",), zero_grad=("pre_norm.g",))  # (a ScaleNorm gain cancels, as under QK-norm)
-# MLA with its decoupled rope heads: the partial rotation of attn_rotate_num_heads
+# MLA with its decoupled rope heads (unrotated here: with rotary the feature would be a positional
+# scheme, which test_positional composes with grouped-query heads, refused for rope heads)
 register("multi_latent", layers=dict(attn_use_latent_q=True, attn_dim_latent_q=12, attn_use_latent_kv=True,
-                                     attn_dim_latent_kv=10, attn_latent_rope_subheads=1, rotary_pos_emb=True),
-         group="relpos", kinds=("decoder",))
+                                     attn_dim_latent_kv=10, attn_latent_rope_subheads=1), kinds=("decoder",))
 register("gumbel_attn", layers=dict(attn_gumbel_softmax=True, attn_gumbel_softmax_temp=0.5), group="normalizer",
          kinds=("decoder",), zero_grad=("mem_v",))
 register("selective", layers=dict(attn_selective=True), kinds=("decoder",), cacheable=False)
