@@ -133,6 +133,10 @@ KNOWN_DEFECTS: dict[str, str] = {
                     "top-1 sparse attention with memory key/values under the GRU residual: every query's one kept "
                     "key is a memory key, so a layer's to_v gets no gradient (as the funnel entry below: a property "
                     "of top-1 selection over few keys, not a wrong gradient)"),
+    "grads:encdec-entmax_alpha+mem_kv_qk_norm+rmsnorm+sandwich_coef+sinusoidal": "entmax (sparse) with QK-norm and "
+        "memory key/values: the decoder's attentions put all their weight on the memory keys, so to_k / to_v get no "
+        "gradient (fails on 83a45c3 as well; a row the covering array formed when issue 20's features were "
+        "registered, a property of sparse normalisers over few keys like the top-1 entries)",
     # (entmax15 + QK-norm + memory key/values, listed here before, passes since attn_dim_head defaults to 64)
     "grads:funnel-attn_bias+funnel_cls+mem_kv+scaled_sinu+sparse_top1": "top-1 sparse attention with memory "
         "key/values: in the third funnel block (two pooled tokens) every query's one kept key is a memory key, so "

@@ -223,6 +223,12 @@ CASES = [  # (layers class, layer keywords, wrapper keywords): same keywords on 
     ("Decoder", {}, dict(scaled_sinu_pos_emb=True)),
     ("Decoder", dict(attn_flash=True, attn_dim_head=16), dict(emb_dropout=0.1)),
     ("Encoder", dict(custom_layers=("a", "f", "f", "a")), {}),
+    # issue 20's variants with parameters of their own
+    ("Decoder", dict(add_value_residual=True, depth=3), {}),
+    ("Decoder", dict(attn_value_dim_head=32, attn_qk_norm=True, attn_qk_norm_dim_scale=True), {}),
+    ("Decoder", dict(attn_use_latent_q=True, attn_dim_latent_q=48, attn_use_latent_kv=True, attn_dim_latent_kv=40,
+                     attn_latent_rope_subheads=2, rotary_pos_emb=True), {}),
+    ("Decoder", dict(attn_pre_scale_post_talking_heads=True), {}),
 ]
 XT_CASE = dict(dim=128, enc_num_tokens=256, enc_depth=2, enc_heads=4, enc_max_seq_len=64, dec_num_tokens=300,
                dec_depth=2, dec_heads=4, dec_max_seq_len=32, tie_token_emb=False)
@@ -430,6 +436,21 @@ def _earlier_outputs_ignore_later_tokens(**kw):
     torch.testing.assert_close(model(x)[:, :4], model(later)[:, :4])
 
 
+def _mla_cache():
+    from x_transformers.cache import KVCache
+
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=Decoder(
+        dim=DIM, depth=1, heads=4, attn_dim_head=8, attn_use_latent_kv=True, attn_dim_latent_kv=6,
+        attn_latent_rope_subheads=1, rotary_pos_emb=True)).eval()
+    x = torch.randint(0, 20, (2, 5))
+    cache = KVCache()
+    steps = [net(x[:, :2], cache=cache)] + [net(x[:, t:t + 1], cache=cache) for t in range(2, 5)]
+    torch.testing.assert_close(torch.cat(steps, 1), net(x))
+    layer = cache.layer(0)  # the projected, rotated keys and the values per head, not the 6-wide latent
+    assert layer.k.shape == (2, 4, 5, 8) and layer.v.shape == (2, 4, 5, 8)
+
+
 DEVIATIONS = {
     "qk-norm-scale": _qk_norm_scale, "single-head-out": _single_head_out, "glu-no-bias": _glu_no_bias,
     "xtransformer-logits": _xtransformer_logits, "norm-gain": _norm_gain, "rmsnorm-eps": _rmsnorm_eps,
@@ -440,6 +461,7 @@ DEVIATIONS = {
     "xpos-uncentred": _xpos_uncentred,
     "orthog-per-token": lambda: _earlier_outputs_ignore_later_tokens(orthog_residual=True),
     "mv-split-prefix-mean": lambda: _earlier_outputs_ignore_later_tokens(mv_split_residual=True),
+    "mla-cache": _mla_cache,
 }
 
 

@@ -57,6 +57,11 @@ ALIASES: dict[str, Alias] = {a.name: a for a in (
     Alias("cross_attn_dim_context", "dim_context", note="width of the cross-attention context"),
     Alias("tie_embedding_scale", "logits_scale", scope="wrapper",
           note="scale of the tied head's logits (needs tie_embedding=True)"),
+    # upstream's Attention takes these; its stack passes them to self-attention itself (a stack given
+    # the attn_ name as well fails there): here one keyword, at the level that decides it
+    Alias("attn_learned_value_residual_mix", "learned_value_residual_mix",
+          note="the value residual's learned per-token mix (with add_value_residual)"),
+    Alias("rotate_num_heads", "attn_rotate_num_heads", note="rotary on the last n heads only"),
 )}
 
 
@@ -81,19 +86,14 @@ NO_OPS: dict[str, NoOp] = {n.name: n for n in (
 # will add them: #20 attention variants, #21 residual / norm / position / feed-forward variants,
 # #17 (this issue) the wrapper's and XTransformer's own variants.
 _ATTN_NOT_YET = dict(
-    pre_scale_post_talking_heads=False, sparse_topk_straight_through=False, hard=False, qk_norm_groups=1,
-    qk_norm_dim_scale=False, gumbel_softmax=False,
-    gumbel_softmax_temp=1.0, gumbel_softmax_hard=True, selective=False, custom_attn_fn=None,
+    custom_attn_fn=None,
     hybrid_module=None, hybrid_mask_kwarg=None, hybrid_fold_axial_dim=None, hybrid_learned_mix=False,
-    value_dim_head=None, rotate_num_heads=None,
     data_dependent_alibi=False, data_dependent_alibi_per_row=False, data_dependent_alibi_per_row_dim_head=8,
-    data_dependent_alibi_kwargs={}, use_rel_proj_pos_bias=False, rel_proj_num_distance_basis=16,
-    rel_proj_max_dist=1024, use_cope=False, cope_max_pos=16, cope_soft_onehot_pos=False,
+    data_dependent_alibi_kwargs={}, use_cope=False, cope_max_pos=16, cope_soft_onehot_pos=False,
     cope_talking_heads=False,
-    learned_value_residual_mix=False, orthog_projected_values=False, orthog_projected_values_per_head=False,
+    orthog_projected_values=False, orthog_projected_values_per_head=False,
     qkv_receive_diff_residuals=False,
-    use_latent_q=False, dim_latent_q=None, use_latent_kv=False, dim_latent_kv=None, latent_rope_subheads=None,
-    onnxable=False, inverted_attention=False,
+    onnxable=False,
     attend_sdp_kwargs=dict(enable_flash=True, enable_math=True, enable_mem_efficient=True), flash_pack_seq=False,
     # upstream's Attention takes the context width too, but through attn_ it would reach self-attention
     # as well; cross_attn_dim_context (an alias of dim_context) is the cross-attention one
@@ -101,10 +101,8 @@ _ATTN_NOT_YET = dict(
 )
 _FF_NOT_YET: dict = {}
 _LAYERS_NOT_YET = dict(
-    rotate_num_heads=None,
     attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={}, integrate_layers=False,
-    layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False, add_value_residual=False,
-    learned_value_residual_mix=True,
+    layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False,
 )
 _WRAPPER_NOT_YET = dict(
     looped=False, max_looped_steps=4,

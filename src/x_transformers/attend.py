@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import score_variants
+
 
 @dataclass
 class AttendRequest:
@@ -73,6 +75,17 @@ class AttendRequest:
     # (before masking) to, for the next layer
     prev_scores: Tensor | None = None
     scores_out: list | None = None
+    # score_variants.py: normalizer "hard" / "gumbel" (gumbel_temp, gumbel_hard; sample: add the noise,
+    # training), top-k with softmax's gradient, selective attention, inverted (softmax over the
+    # queries, query_mask (b, n) the kept ones), and a head mix of the logits scaling the weights
+    gumbel_temp: float = 1.0
+    gumbel_hard: bool = True
+    sample: bool = False
+    topk_straight_through: bool = False
+    selective: bool = False
+    inverted: bool = False
+    query_mask: Tensor | None = None
+    scale_mix: Tensor | None = None  # (h, h)
 
     @property
     def heads_per_kv(self) -> int:
@@ -160,6 +173,12 @@ def score_matrix_reasons(req: AttendRequest) -> list[str]:
         reasons.append("signed weights normalise |scores| and need their signs")
     if req.prev_scores is not None or req.scores_out is not None:
         reasons.append("residual attention adds the previous layer's scores and passes its own on")
+    if req.selective:
+        reasons.append("selective attention subtracts earlier queries' scores")
+    if req.inverted:
+        reasons.append("inverted attention normalises over the queries")
+    if req.scale_mix is not None:
+        reasons.append("pre-scale-post talking heads multiply the weights by mixed scores")
     return reasons
 
 
@@ -285,6 +304,10 @@ def _normalize(scores: Tensor, req: AttendRequest) -> Tensor:
         return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)
     if req.normalizer == "sigmoid":
         return torch.sigmoid(scores)
+    if req.normalizer == "hard":
+        return score_variants.hard_attention(scores)
+    if req.normalizer == "gumbel":
+        return score_variants.gumbel_attention(scores, req.gumbel_temp, req.gumbel_hard, req.sample)
     try:
         import entmax
     except ImportError as e:  # pragma: no cover - an install problem, said plainly
@@ -314,6 +337,7 @@ class ExplicitBackend:
         scores = scores * scale
         if req.prev_scores is not None:  # before bias and head mixing, as upstream's Attend
             scores = scores + req.prev_scores.to(scores.dtype)
+        post_scale = score_variants.head_mix(scores, req.scale_mix) if req.scale_mix is not None else None
         if req.bias is not None:
             scores = scores + req.bias.to(scores.dtype)
         if req.pre_mix is not None:
@@ -333,11 +357,14 @@ class ExplicitBackend:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min / 2)
             keep_rows = mask.any(dim=-1, keepdim=True)
             scores = scores.masked_fill(~keep_rows, 0.0)  # dead rows: finite for every normaliser, zeroed below
+        if req.selective:
+            scores = score_variants.selective_scores(scores, req.mask)
         if req.need_lse and _lse_sink is not None:
             lse = scores.float().logsumexp(dim=-1)  # (b, h, n), pre-softmax: bias, mixing and masks applied
             if req.sink is not None:  # the sink's logit is one more term of the normaliser
                 lse = torch.logaddexp(lse, req.sink.float().view(1, -1, 1))
             _lse_sink.append(lse if keep_rows is None else lse * keep_rows[..., 0])  # a row seeing nothing: 0
+        dense = scores  # before top-k (its straight-through gradient is the dense softmax's)
         if req.sparse_topk is not None and req.sparse_topk < scores.shape[-1]:
             kth = scores.topk(req.sparse_topk, dim=-1).values[..., -1:]
             # Ties at the k-th score are all kept, and so are near-ties within a few rounding
@@ -349,14 +376,22 @@ class ExplicitBackend:
         if req.sink is not None:  # one more softmax column, the learned logit, dropped after normalising
             b, h, n = scores.shape[:3]
             sink = req.sink.abs() if req.signed else req.sink  # (signed: the sink's magnitude competes)
-            scores = torch.cat((sink.to(scores.dtype).view(1, h, 1, 1).expand(b, h, n, 1), scores), dim=-1)
-        attn = _normalize(scores, req)
+            column = sink.to(scores.dtype).view(1, h, 1, 1).expand(b, h, n, 1)
+            scores, dense = torch.cat((column, scores), dim=-1), torch.cat((column, dense), dim=-1)
+        if req.inverted:
+            attn = score_variants.inverted_weights(scores, mask, req.query_mask)
+        else:
+            attn = _normalize(scores, req)
+        if req.topk_straight_through:
+            attn = score_variants.straight_through(attn, dense.softmax(dim=-1, dtype=torch.float32).to(attn.dtype))
         if req.sink is not None:
             attn = attn[..., 1:]
         if sign is not None:
             attn = attn * sign
         if req.post_mix is not None:
             attn = torch.einsum("bhnm,hg->bgnm", attn, req.post_mix.to(attn.dtype))
+        if post_scale is not None:
+            attn = attn * post_scale
         if keep_rows is not None:
             attn = attn * keep_rows.to(attn.dtype)
         weights = attn if req.need_weights else None

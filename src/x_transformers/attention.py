@@ -1,6 +1,7 @@
 """Multi-head attention: projections and the features that live around ``attend()``.
 
-Legend: b batch, n queries, m keys, h query heads, g kv heads, d head dim, M memory key/values.
+Legend: b batch, n queries, m keys, h query heads, g kv heads, d head dim, e value head dim,
+M memory key/values.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from .attend import attend, softclamp
 from .config import ENTMAX_MIN_GAP, AttentionConfig
 from .gating import HeadScale, OutputGates, ValueHeadGate, depth_scaled_
 from .positional import apply_polar, apply_rotary, key_rotary
+from .rel_proj import RelProjPositionBias
+from .value_residual import ValueResidualMix
 
 LASER_EPS = 1e-20  # the smallest attention output LASER takes the log of (a row seeing nothing: log(eps))
 SELF_PENALTY = 5e4  # shared-QK: a token sees itself only when nothing else is visible (Reformer)
@@ -38,12 +41,13 @@ class Attention(nn.Module):
     """Self- or cross-attention with the options of :class:`AttentionConfig`."""
 
     def __init__(self, dim: int, heads: int, cfg: AttentionConfig, *, causal: bool = False, cross: bool = False,
-                 dim_context: int | None = None, polar: bool = False):
+                 dim_context: int | None = None, polar: bool = False, value_mix: bool = False):
         super().__init__()
         self.cfg = cfg
         self.heads = heads
         self.kv_heads = cfg.kv_heads or heads
         self.dim_head = d = cfg.dim_head
+        self.value_dim_head = e = cfg.v_dim_head  # values sized apart from keys (upstream's value_dim_head)
         self.key_dim = 2 * d if polar else d  # PoPE's queries and keys are twice as wide (positional.py)
         self.causal = causal and not cross
         self.cross = cross
@@ -52,16 +56,26 @@ class Attention(nn.Module):
         # only cross-attention reads the context: self-attention keys/values come from x (dim)
         dim_kv = (dim_context or dim) if cross else dim
 
-        self.to_q = nn.Linear(dim, heads * d, bias=cfg.bias)
-        self.to_k = None if self.shared_qk else nn.Linear(dim_kv, self.kv_heads * d, bias=cfg.bias)
-        self.to_v = nn.Linear(dim_kv, self.kv_heads * d, bias=cfg.bias)
+        # multi-latent attention (DeepSeek-V2, 2405.04434): q from a latent of x, k and v from a shared
+        # latent; with latent_rope_subheads r the last r key heads come from x itself and alone are rotated
+        self.to_latent_q = nn.Linear(dim, cfg.dim_latent_q, bias=False) if cfg.use_latent_q else None
+        self.to_latent_kv = nn.Linear(dim_kv, cfg.dim_latent_kv, bias=False) if cfg.use_latent_kv else None
+        self.rope_heads = r = cfg.latent_rope_subheads or 0
+        self.to_rope_k = nn.Linear(dim_kv, r * d, bias=False) if r else None
+        dim_q_in = cfg.dim_latent_q if cfg.use_latent_q else dim
+        dim_kv_in = cfg.dim_latent_kv if cfg.use_latent_kv else dim_kv
+        self.fused = not (self.cross or self.shared_qk or cfg.use_latent_q or cfg.use_latent_kv or r)
+
+        self.to_q = nn.Linear(dim_q_in, heads * d, bias=cfg.bias)
+        self.to_k = None if self.shared_qk else nn.Linear(dim_kv_in, (self.kv_heads - r) * d, bias=cfg.bias)
+        self.to_v = nn.Linear(dim_kv_in, self.kv_heads * e, bias=cfg.bias)
         self.dim_out = dim_out = cfg.dim_out or dim
-        inner = heads * d
+        inner = heads * e
         if cfg.project_out is False:  # the heads' concatenation is the output
             if inner != dim_out:
-                raise ValueError(f"attn_project_out=False leaves the heads' output ({heads} heads x {d} = {inner}) "
-                                 f"as the block's output, which must be {dim_out} wide; set attn_dim_head to "
-                                 f"{dim_out / heads:g} or drop attn_project_out")
+                raise ValueError(f"attn_project_out=False leaves the heads' output ({heads} heads x {e} = {inner}) "
+                                 f"as the block's output, which must be {dim_out} wide; set attn_value_dim_head "
+                                 f"(or attn_dim_head) to {dim_out / heads:g} or drop attn_project_out")
             self.to_out = None
         elif cfg.on_attn:  # attention on attention (1908.06954): a GLU of the heads' output, gated by itself
             self.to_out = nn.Sequential(nn.Linear(inner, dim_out * 2, bias=cfg.bias), nn.GLU())
@@ -70,7 +84,7 @@ class Attention(nn.Module):
         self.head_scale = HeadScale(heads) if cfg.head_scale else None
         self.value_head_gate = ValueHeadGate(dim, heads) if cfg.gate_value_heads else None
         self.gates = OutputGates(
-            dim, heads, d, input_gate=cfg.gate_values, input_rank=cfg.gate_values_rank,
+            dim, heads, e, input_gate=cfg.gate_values, input_rank=cfg.gate_values_rank,
             input_headwise=cfg.gate_values_headwise, output_gate=cfg.output_gate, output_rank=cfg.output_gate_rank,
             output_headwise=cfg.output_gate_headwise, silu_low_rank=cfg.low_rank_silu_gates,
             swiglu=cfg.swiglu_values) if cfg.gate_values or cfg.output_gate else None
@@ -80,10 +94,19 @@ class Attention(nn.Module):
         self.mem_k = self.mem_v = None
         if cfg.num_mem_kv:
             self.mem_k = nn.Parameter(torch.randn(self.kv_heads, cfg.num_mem_kv, d) * 0.02)
-            self.mem_v = nn.Parameter(torch.randn(self.kv_heads, cfg.num_mem_kv, d) * 0.02)
+            self.mem_v = nn.Parameter(torch.randn(self.kv_heads, cfg.num_mem_kv, e) * 0.02)
 
-        # query-key normalisation (2010.04245): unit-norm q and k, a learned per-head logit scale
-        self.qk_scale = nn.Parameter(torch.full((heads, 1, 1), cfg.qk_norm_scale)) if cfg.qk_norm else None
+        # query-key normalisation (2010.04245): unit-norm q and k (per group of channels with
+        # attn_qk_norm_groups), a learned per-head logit scale; or, with attn_qk_norm_dim_scale, learned
+        # per-channel gains on q and k (init dim_head ** 0.25, so q.k starts at sqrt(d) cos) and the
+        # fixed scale dim_head ** -0.5, as upstream
+        self.qk_norm = cfg.qk_norm
+        self.qk_scale = nn.Parameter(torch.full((heads, 1, 1), cfg.qk_norm_scale)) \
+            if cfg.qk_norm and not cfg.qk_norm_dim_scale else None
+        self.q_gain = self.k_gain = None
+        if cfg.qk_norm and cfg.qk_norm_dim_scale:
+            self.q_gain = nn.Parameter(torch.full((heads, 1, d), d ** 0.25))
+            self.k_gain = None if self.shared_qk else nn.Parameter(torch.full((self.kv_heads, 1, d), d ** 0.25))
 
         # talking heads (2003.02436): learned head mixing, identity at init
         self.pre_mix = nn.Parameter(torch.eye(heads)) if cfg.pre_mix else None
@@ -96,11 +119,21 @@ class Attention(nn.Module):
         self.to_q_norm = HeadRMSNorm(heads, d) if cfg.qk_rmsnorm else None
         self.to_k_norm = HeadRMSNorm(self.kv_heads, d) if (cfg.qk_rmsnorm or cfg.k_rmsnorm) and not self.shared_qk \
             else None
-        self.to_v_norm = HeadRMSNorm(self.kv_heads, d) if cfg.value_rmsnorm else None
+        self.to_v_norm = HeadRMSNorm(self.kv_heads, e) if cfg.value_rmsnorm else None
         # attention sink (gpt-oss; 2309.17453): a learned per-head logit in every softmax, with a zero value
         self.sink = nn.Parameter(torch.zeros(heads)) if cfg.head_learned_sink else None
         self.softclamp = cfg.logit_softclamp_value if cfg.softclamp_logits else None  # Gemma 2 (2408.00118)
         self.max_attend_past = None if cross else cfg.max_attend_past  # a window over the sequence's own keys
+        # value residual (value_residual.py): this block's learned mix with the first block's values
+        self.value_mix = ValueResidualMix(dim, self.kv_heads) if value_mix else None
+        # rotary on the last n heads only (upstream's rotate_num_heads; MLA's decoupled rope)
+        self.rotate_num_heads = cfg.latent_rope_subheads or cfg.rotate_num_heads
+        # pre-scale-post talking heads: a head mix of the logits multiplies the weights, identity at init
+        self.scale_mix = nn.Parameter(torch.eye(heads)) if cfg.pre_scale_post_talking_heads else None
+        self.rel_proj = RelProjPositionBias(dim, heads, cfg.rel_proj_num_distance_basis, cfg.rel_proj_max_dist) \
+            if cfg.use_rel_proj_pos_bias and not cross else None  # a self-attention position bias
+        self.selective = cfg.selective and self.causal  # 2410.02703, a causal self-attention idea
+        self.inverted = cfg.inverted_attention and cross  # softmax over the queries (cross-attention)
 
         self.entmax_alpha_logit = nn.Parameter(torch.zeros(heads)) if cfg.learned_entmax_alpha else None
         if cfg.use_entmax15:
@@ -109,6 +142,10 @@ class Attention(nn.Module):
             self.normalizer = "entmax_bisect"
         elif cfg.sigmoid:
             self.normalizer = "sigmoid"
+        elif cfg.hard:
+            self.normalizer = "hard"
+        elif cfg.gumbel_softmax:
+            self.normalizer = "gumbel"
         else:
             self.normalizer = "softmax"
 
@@ -131,6 +168,32 @@ class Attention(nn.Module):
         if self.entmax_alpha_logit is not None:
             return (1 + torch.sigmoid(self.entmax_alpha_logit).clamp(min=ENTMAX_MIN_GAP)).view(1, -1, 1, 1)
         return self.cfg.entmax_alpha
+
+    def _unit(self, t):
+        """QK-norm's unit length, over each group of attn_qk_norm_groups channels of a head."""
+        groups = self.cfg.qk_norm_groups
+        if groups == 1:
+            return F.normalize(t, dim=-1)
+        return F.normalize(t.unflatten(-1, (groups, -1)), dim=-1).flatten(-2)  # (..., d) -> (..., G, d/G) -> back
+
+    def _rotate(self, t, rotary):
+        """Rotary on t (b, h, n, d); with attn_rotate_num_heads only its last heads turn."""
+        r = self.rotate_num_heads
+        if r is None or r >= t.shape[1]:
+            return apply_rotary(t, *rotary)
+        return torch.cat((t[:, :-r], apply_rotary(t[:, -r:], *rotary)), dim=1)
+
+    def _query(self, x):
+        return self.to_q(x if self.to_latent_q is None else self.to_latent_q(x))  # (b, n, h*d)
+
+    def _keys(self, src):
+        """(b, g, m, d) keys of src: through the latent, the decoupled rope heads last."""
+        lat = src if self.to_latent_kv is None else self.to_latent_kv(src)
+        k = _heads(self.to_k(lat), self.kv_heads - self.rope_heads)
+        return k if self.to_rope_k is None else torch.cat((k, _heads(self.to_rope_k(src), self.rope_heads)), dim=1)
+
+    def _values(self, src):
+        return self.to_v(src if self.to_latent_kv is None else self.to_latent_kv(src))  # (b, m, g*e)
 
     def _qkv_weight(self):
         """The concatenated q/k/v weight and bias. Without autograd (decoding) the concatenation is
@@ -158,7 +221,8 @@ class Attention(nn.Module):
         return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
-                kv=None, kv_rotary=None, positions=None, residual_scores=None, polar=None, mem=None, mem_rotary=None):
+                kv=None, kv_rotary=None, positions=None, value_residual=None, query_mask=None, residual_scores=None,
+                polar=None, mem=None, mem_rotary=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
@@ -168,6 +232,8 @@ class Attention(nn.Module):
         kv_rotary their (cos, sin) (query-only pooling, Funnel Transformer 2006.03236).
         positions: (queries (b|1, n), keys (b|1, m)) long, what the sliding window counts (None:
         indices, the queries the last n keys).
+        value_residual: the forward's ValueResidual (value_residual.py), or None. query_mask: (b, n)
+        bool, the queries kept (inverted cross-attention normalises over them).
         residual_scores: a :class:`~x_transformers.blocks.ScoreCarry` (residual attention,
         2012.11747): its scores are added to this layer's before the softmax, and replaced by this
         layer's pre-softmax scores.
@@ -182,38 +248,45 @@ class Attention(nn.Module):
         if kv is not None and self.max_attend_past is not None:
             raise ValueError("attn_max_attend_past counts places back along one sequence; kv= (a funnel's "
                              "pooled queries) reads keys from another")
+        if self.selective and cache is not None:
+            raise ValueError("attn_selective: a token's gate on a key sums the earlier queries' scores for it, "
+                             "which a key/value cache does not keep; decode without a cache (cache_kv=False)")
         h, g = self.heads, self.kv_heads
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         # one product over the three weights, unless a projection is not a plain Linear (FP8's Float8Linear,
         # an adapter): then each runs its own forward
-        fuse = not (self.cross or self.shared_qk or kv is not None) and type(self.to_q) is type(self.to_k) is \
-            type(self.to_v) is nn.Linear
+        fuse = self.fused and kv is None and type(self.to_q) is type(self.to_k) is type(self.to_v) is nn.Linear
         qkv = self._fused_qkv(x) if fuse else None
-        q = _heads(qkv[0] if qkv else self.to_q(x), h)  # (b, h, n, d)
+        q = _heads(qkv[0] if qkv else self._query(x), h)  # (b, h, n, d)
         if self.to_q_norm is not None:
             q = self.to_q_norm(q)
-        if self.qk_scale is not None:
-            q = F.normalize(q, dim=-1)
+        if self.qk_norm:
+            q = self._unit(q) if self.q_gain is None else self._unit(q) * self.q_gain.to(q.dtype)
 
+        kind = "cross" if self.cross else "self"
         if self.cross and cache is not None and cache.filled:
             k, v = cache.k, cache.v
+            if value_residual is not None and not value_residual.seen(kind):
+                value_residual.store(kind, v)  # the first cross-attention's cached values are its own
         else:
             src = context if self.cross else x if kv is None else kv
             # shared-QK (Reformer): the keys are the queries scaled to unit length; queries keep their norm
             # (over kv=, a funnel's pooled queries: the keys are the unpooled sequence's queries)
             if self.shared_qk:
-                k = F.normalize(q if kv is None else _heads(self.to_q(kv), h), dim=-1)  # (b, h, m, d)
+                k = F.normalize(q if kv is None else _heads(self._query(kv), h), dim=-1)  # (b, h, m, d)
             else:
-                k = _heads(qkv[1] if qkv else self.to_k(src), g)  # (b, g, m, d)
-            v = _heads(qkv[2] if qkv else self.to_v(src), g)
+                k = _heads(qkv[1], g) if qkv else self._keys(src)  # (b, g, m, d)
+            v = _heads(qkv[2] if qkv else self._values(src), g)  # (b, g, m, e)
             if self.to_k_norm is not None:
                 k = self.to_k_norm(k)
             if self.to_v_norm is not None:
                 v = self.to_v_norm(v)
-            if self.qk_scale is not None and not self.shared_qk:
-                k = F.normalize(k, dim=-1)
+            if value_residual is not None:  # (after the value norm: what a cross-attention caches)
+                v = value_residual.mix(kind, v, x, self.value_mix)
+            if self.qk_norm and not self.shared_qk:
+                k = self._unit(k) if self.k_gain is None else self._unit(k) * self.k_gain.to(k.dtype)
             if rotary is not None and not self.cross:
-                k = apply_rotary(k, *key_rotary(rotary if kv is None else kv_rotary))
+                k = self._rotate(k, key_rotary(rotary if kv is None else kv_rotary))
             if polar is not None:
                 k = apply_polar(k, polar[0] + polar[1])  # (b, h, m, 2d)
             if cache is not None and self.cross:
@@ -224,7 +297,7 @@ class Attention(nn.Module):
                 mk, mv = self._memory_kv(mem, mem_rotary)
                 k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
         if rotary is not None and not self.cross:
-            q = apply_rotary(q, *rotary)
+            q = self._rotate(q, rotary)
         if polar is not None:
             q = apply_polar(q, polar[0])
 
@@ -244,12 +317,20 @@ class Attention(nn.Module):
             own = torch.arange(m, device=x.device)[None, :] == torch.arange(n, device=x.device)[:, None] + offset
             penalty = own.to(q.dtype) * -SELF_PENALTY
             bias = penalty
+        if self.rel_proj is not None:
+            if kv is not None or positions is None or positions[0] is None:
+                raise ValueError("attn_use_rel_proj_pos_bias needs the stack's query and key positions (self-attention "
+                                 "over its own sequence)")
+            rel = self.rel_proj(x, *positions).to(q.dtype)  # (b, h, n, m)
+            bias = rel if bias is None else bias + rel
 
         prefix = 0  # always-visible keys prepended: memory key/values, the zero key/value
         if self.mem_k is not None:
             b, prefix = q.shape[0], self.mem_k.shape[1]
             mem_k, mem_v = self.mem_k.to(k.dtype), self.mem_v.to(v.dtype)
-            if self.qk_scale is not None or self.shared_qk:
+            if self.qk_norm and not self.shared_qk:
+                mem_k = self._unit(mem_k) if self.k_gain is None else self._unit(mem_k) * self.k_gain.to(k.dtype)
+            elif self.qk_norm or self.shared_qk:
                 mem_k = F.normalize(mem_k, dim=-1)
             k = torch.cat((mem_k.expand(b, -1, -1, -1), k), dim=-2)
             v = torch.cat((mem_v.expand(b, -1, -1, -1), v), dim=-2)
@@ -276,9 +357,10 @@ class Attention(nn.Module):
             normalizer=self.normalizer, entmax_alpha=self.entmax_alpha, sparse_topk=self.cfg.sparse_topk,
             pre_mix=self.pre_mix, post_mix=self.post_mix, need_weights=need_weights,
             kv_heads=h if self.shared_qk else g, force_backend=self.cfg.backend,
-            softclamp=self.softclamp, max_attend_past=self.max_attend_past, **carried,
+            softclamp=self.softclamp, max_attend_past=self.max_attend_past,
             window_positions=positions if self.max_attend_past is not None else None,
             window_exempt=prefix, sink=self.sink, l2_distance=self.cfg.l2_distance, signed=self.cfg.cog_signed,
+            **self._variant_options(query_mask), **carried,
         )
         if residual_scores is not None:
             residual_scores.scores = carried["scores_out"][0]
@@ -302,20 +384,36 @@ class Attention(nn.Module):
         """Keys and values (b, g, m_mem, d) of Transformer-XL memory, through the same projections,
         norms and rotation as the sequence's (shared-QK: the unit-normalised query projection)."""
         if self.shared_qk:
-            k = _heads(self.to_q(mem), self.heads)
+            k = _heads(self._query(mem), self.heads)
             k = F.normalize(self.to_q_norm(k) if self.to_q_norm is not None else k, dim=-1)
         else:
-            k = _heads(self.to_k(mem), self.kv_heads)
+            k = self._keys(mem)
             if self.to_k_norm is not None:
                 k = self.to_k_norm(k)
-            if self.qk_scale is not None:
-                k = F.normalize(k, dim=-1)
-        v = _heads(self.to_v(mem), self.kv_heads)
+            if self.qk_norm:
+                k = self._unit(k) if self.k_gain is None else self._unit(k) * self.k_gain.to(k.dtype)
+        v = _heads(self._values(mem), self.kv_heads)
         if self.to_v_norm is not None:
             v = self.to_v_norm(v)
         if rotary is not None:
-            k = apply_rotary(k, *rotary)
+            k = self._rotate(k, key_rotary(rotary))
         return k, v
+
+    def _variant_options(self, query_mask) -> dict:
+        """The score variants of score_variants.py this block asks attend() for (only those on)."""
+        cfg, out = self.cfg, {}
+        if self.normalizer == "gumbel":
+            out.update(gumbel_temp=cfg.gumbel_softmax_temp, gumbel_hard=cfg.gumbel_softmax_hard,
+                       sample=self.training)
+        if cfg.sparse_topk_straight_through:
+            out["topk_straight_through"] = True
+        if self.selective:
+            out["selective"] = True
+        if self.inverted:
+            out.update(inverted=True, query_mask=query_mask)
+        if self.scale_mix is not None:
+            out["scale_mix"] = self.scale_mix
+        return out
 
     def extra_repr(self):
         parts = [f"heads={self.heads}", f"dim_head={self.dim_head}"]

@@ -61,6 +61,7 @@ class ForwardContext:
     ff_embeds: tuple | None = None  # per block: a feed-forward's output scale (b, n, dim) (ff_deep_embed) or None
     mem_rotary: tuple[Tensor, Tensor] | None = None
     hiddens: list | None = None
+    values: object | None = None  # a ValueResidual (value_residual.py): the first attentions' values
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
@@ -86,15 +87,17 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
         scale = ctx.ff_embeds[i] if ctx.ff_embeds is not None else None
         return {} if scale is None else dict(deep_embed=scale)
     cache = ctx.cache.layer(i) if ctx.cache is not None else None
+    extra = {} if ctx.values is None else dict(value_residual=ctx.values)
     if kind == "c":
-        out = dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights)
+        out = dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights,
+                   query_mask=ctx.token_mask, **extra)
         return out if ctx.cross_scores is None else dict(out, residual_scores=ctx.cross_scores)
     if ctx.kv is not None and i == ctx.kv_block:  # pooled queries over the previous level's keys
         # (its scores, over other keys, start no residual chain: the next block's start afresh)
         return dict(mask=ctx.kv_mask, rotary=ctx.rotary, score_mod=ctx.kv_score_mod, kv=ctx.kv,
                     kv_rotary=ctx.kv_rotary, need_weights=ctx.need_weights)
     out = dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
-               need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions))
+               need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions), **extra)
     if ctx.polar_angles is not None:
         out["polar"] = (ctx.polar_angles, ctx.polar_bias)
     if ctx.mems is not None and ctx.mems[i] is not None:

@@ -13,7 +13,8 @@ Two kinds share one interface (``layer``, ``next_positions``, ``keys_and_mask``,
   with ``torch.compile(fullgraph=True)`` and can be replayed as a CUDA graph. Unfilled slots are
   masked out; causality is by slot.
 
-Legend: b batch, g kv heads, n new tokens, m keys so far (dynamic) or L slots (static), d head dim.
+Legend: b batch, g kv heads, n new tokens, m keys so far (dynamic) or L slots (static), d key head
+dim, e value head dim.
 """
 
 from __future__ import annotations
@@ -200,8 +201,10 @@ class StaticKVCache:
     """
 
     def __init__(self, batch: int, max_len: int, layer_shapes: dict, *, dtype=torch.float32, device=None):
-        """layer_shapes: {block index: (kv heads, head dim[, key dim when it differs])} for self-attention, or None for a
-        cross-attention block (its context keys/values are stored when first computed)."""
+        """layer_shapes: {block index: (kv heads, head dim[, key dim[, value dim]])} for self-attention
+        (keys and values as wide as the head unless given: PoPE's keys are 2 d wide, attn_value_dim_head
+        sizes the values), or None for a cross-attention block (its context keys/values are stored when
+        first computed)."""
         self.batch, self.max_len = batch, max_len
         self.index = torch.zeros((), dtype=torch.long, device=device)  # next free slot
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
@@ -217,10 +220,10 @@ class StaticKVCache:
             if shape is None:
                 self.layers[i] = StaticLayerKV(self)
             else:
-                g, d, *dk = shape  # keys may be wider than values (polar positions: 2 d)
-                k = torch.zeros(batch, g, max_len, dk[0] if dk else d, dtype=dtype, device=device)
-                v = torch.zeros(batch, g, max_len, d, dtype=dtype, device=device)
-                self.layers[i] = StaticLayerKV(self, k, v)
+                g, d, *rest = shape
+                dk, e = (rest + [d, d])[:2] if len(rest) != 1 else (rest[0], d)
+                k = torch.zeros(batch, g, max_len, dk, dtype=dtype, device=device)
+                self.layers[i] = StaticLayerKV(self, k, torch.zeros(batch, g, max_len, e, dtype=dtype, device=device))
                 _mark_static(k, self.layers[i].v)
         _mark_static(self.index, self.key_mask, self.positions, self.slot_ids)
 
@@ -236,7 +239,7 @@ class StaticKVCache:
         for i, (spec, block) in enumerate(zip(layers.layout, layers.blocks)):
             if spec.kind == "a":
                 fn = block.fn
-                shapes[i] = (fn.heads if fn.shared_qk else fn.kv_heads, fn.dim_head, fn.key_dim)
+                shapes[i] = (fn.heads if fn.shared_qk else fn.kv_heads, fn.dim_head, fn.key_dim, fn.value_dim_head)
             elif spec.kind == "c":
                 shapes[i] = None
         return cls(batch, max_len, shapes, dtype=dtype or param.dtype, device=device or param.device)

@@ -148,6 +148,30 @@ class AttentionConfig:
     zero_init_output: bool = False  # output projection initialised at zero
     output_proj_depth: int | None = None  # output projection init N(0, 1 / (2 fan_in depth)), OLMo
     sublayer_dropout: float = 0.0  # dropout on the block's output
+    # widths and QK-norm's parts (attention.py)
+    value_dim_head: int | None = None  # value (and output) channels per head; default dim_head
+    qk_norm_groups: int = 1  # QK-norm: unit length per group of channels of a head
+    qk_norm_dim_scale: bool = False  # QK-norm: learned per-channel q/k gains (init dim_head ** 0.25), fixed scale
+    rotate_num_heads: int | None = None  # rotary on the last n heads only (default every head)
+    # a per-query curve over distances from a learned bank (rel_proj.py)
+    use_rel_proj_pos_bias: bool = False
+    rel_proj_num_distance_basis: int = 16
+    rel_proj_max_dist: int = 1024
+    # multi-latent attention (DeepSeek-V2, 2405.04434): q and / or k, v from a low-rank latent of x
+    use_latent_q: bool = False
+    dim_latent_q: int | None = None
+    use_latent_kv: bool = False
+    dim_latent_kv: int | None = None
+    latent_rope_subheads: int | None = None  # the last n key heads straight from x, rotated (decoupled rope)
+    # how scores become weights (score_variants.py)
+    hard: bool = False  # one-hot argmax weights, softmax's gradient (straight-through)
+    gumbel_softmax: bool = False  # Gumbel-softmax weights (1611.01144); noise-free in eval mode
+    gumbel_softmax_temp: float = 1.0
+    gumbel_softmax_hard: bool = True  # one-hot samples, straight-through gradient
+    sparse_topk_straight_through: bool = False  # top-k weights forward, full softmax's gradient (2505.22074)
+    selective: bool = False  # selective attention: tokens mask themselves for later queries (2410.02703)
+    inverted_attention: bool = False  # cross-attention: softmax over queries, L1-normalised over keys
+    pre_scale_post_talking_heads: bool = False  # a head mix of the logits scales the weights
 
     def __post_init__(self):
         check_types(AttentionConfig, _values(self), "attn_")
@@ -168,6 +192,24 @@ class AttentionConfig:
             _positive_int(f"attn_{name}", getattr(self, name), allow_none=True)
         _probability("attn_sublayer_dropout", self.sublayer_dropout)
         _positive_number("attn_laser_softclamp_value", self.laser_softclamp_value)
+        _positive_int("attn_value_dim_head", self.value_dim_head, allow_none=True)
+        _positive_int("attn_qk_norm_groups", self.qk_norm_groups)
+        _positive_int("attn_rotate_num_heads", self.rotate_num_heads, allow_none=True)
+        _positive_number("attn_gumbel_softmax_temp", self.gumbel_softmax_temp)
+        for part in ("q", "kv"):
+            _positive_int(f"attn_dim_latent_{part}", getattr(self, f"dim_latent_{part}"), allow_none=True)
+            if getattr(self, f"use_latent_{part}") and getattr(self, f"dim_latent_{part}") is None:
+                raise ValueError(f"attn_use_latent_{part} needs attn_dim_latent_{part}, the latent's width")
+        _positive_int("attn_latent_rope_subheads", self.latent_rope_subheads, allow_none=True)
+        _positive_int("attn_rel_proj_num_distance_basis", self.rel_proj_num_distance_basis)
+        _positive_int("attn_rel_proj_max_dist", self.rel_proj_max_dist)
+        if self.sparse_topk_straight_through and self.sparse_topk is None:
+            raise ValueError("attn_sparse_topk_straight_through configures attn_sparse_topk, which is not set; set "
+                             "attn_sparse_topk as well, or drop attn_sparse_topk_straight_through")
+        if self.qk_norm_groups > 1 and (self.dim_head % self.qk_norm_groups or self.dim_head // self.qk_norm_groups < 3):
+            raise ValueError(f"attn_qk_norm_groups ({self.qk_norm_groups}) must divide attn_dim_head ({self.dim_head}) "
+                             f"into groups of at least 3 channels (a unit vector of 2 or fewer channels carries "
+                             f"almost nothing; upstream refuses it too)")
         for gate in ("gate_values", "output_gate"):
             if getattr(self, f"{gate}_headwise") and getattr(self, f"{gate}_rank") is not None:
                 raise ValueError(f"attn_{gate}_rank and attn_{gate}_headwise: a headwise gate projects to one "
@@ -179,6 +221,11 @@ class AttentionConfig:
             raise ValueError("attn_low_rank_silu_gates=False configures the low-rank gates (attn_gate_values_rank "
                              "/ attn_output_gate_rank), none of which is set; drop it")
         # combinations of these keywords: conflicts.py
+
+    @property
+    def v_dim_head(self) -> int:
+        """Value channels per head."""
+        return self.value_dim_head or self.dim_head
 
     @property
     def pre_mix(self) -> bool:
@@ -197,7 +244,8 @@ class AttentionConfig:
 # AttentionConfig fields that need the full score matrix (the one list: needs_scores and the
 # forced-backend conflicts in conflicts.py read it)
 SCORE_FEATURES = ("talking_heads", "pre_talking_heads", "post_talking_heads", "use_entmax15", "entmax_alpha",
-                  "learned_entmax_alpha", "sparse_topk", "sigmoid", "cog_signed", "l2_distance")
+                  "learned_entmax_alpha", "sparse_topk", "sigmoid", "cog_signed", "l2_distance", "hard",
+                  "gumbel_softmax", "selective", "inverted_attention", "pre_scale_post_talking_heads")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,6 +370,9 @@ class LayersConfig:
     custom_layers: tuple[str, ...] | None = None
     top_attn_to_ff: int = 0  # the top n layers' self-attention becomes a feed-forward, 2005.13895
     reversible: bool = False  # two-stream reversible coupling, recomputed in backward, 2001.04451
+    # value residual (ResFormer, 2410.17897): later attentions' values mixed with the first one's
+    add_value_residual: bool = False
+    learned_value_residual_mix: bool = True  # the mix per token and head, sigmoid(w . x); False: 1/2
     only_attn: bool = False  # no feed-forward blocks
     shift_tokens: Any = 0  # k: branch inputs get channel groups shifted by 0..k (causal) or -k..k tokens; or one k per block
     weight_tie_layers: bool = False  # one layer's parameters, run depth times (ALBERT, 1909.11942)
@@ -419,6 +470,9 @@ class LayersConfig:
             if self.tupe_max_seq_len is None:
                 raise ValueError("tupe=True needs tupe_max_seq_len, the length of its learned position table")
             _positive_int("tupe_max_seq_len", self.tupe_max_seq_len)
+        if not self.learned_value_residual_mix and not self.add_value_residual:
+            raise ValueError("learned_value_residual_mix=False configures add_value_residual, which is off; set "
+                             "add_value_residual=True as well, or drop learned_value_residual_mix")
         # combinations of these keywords (and sub-keywords given without their feature): conflicts.py
         # and check_given below, both run on the keywords as the user gave them
 
@@ -550,6 +604,11 @@ REQUIRES = {
     "tupe_max_seq_len": "tupe", "tupe_untie_cls": "tupe",
     "attn_logit_softclamp_value": "attn_softclamp_logits",
     "attn_laser_softclamp_value": "attn_laser",
+    "attn_dim_latent_q": "attn_use_latent_q", "attn_dim_latent_kv": "attn_use_latent_kv",
+    "attn_latent_rope_subheads": "attn_use_latent_kv",
+    "attn_rel_proj_num_distance_basis": "attn_use_rel_proj_pos_bias", "attn_rel_proj_max_dist": "attn_use_rel_proj_pos_bias",
+    "attn_qk_norm_groups": "attn_qk_norm", "attn_rotate_num_heads": "rotary_pos_emb", "attn_qk_norm_dim_scale": "attn_qk_norm",
+    "attn_gumbel_softmax_temp": "attn_gumbel_softmax", "attn_gumbel_softmax_hard": "attn_gumbel_softmax",
     "attn_gate_values_rank": "attn_gate_values", "attn_gate_values_headwise": "attn_gate_values",
     "attn_output_gate_rank": "attn_output_gate", "attn_output_gate_headwise": "attn_output_gate",
     "dynamic_tanh_init_alpha": "use_dynamic_tanh", "layerscale_init_value": "use_layerscale",

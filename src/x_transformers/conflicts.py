@@ -111,7 +111,9 @@ XT = ("xtransformer",)
 ENTMAX = ("attn_use_entmax15", "attn_entmax_alpha", "attn_learned_entmax_alpha")
 EXAMPLE_ON = {"attn_use_entmax15": True, "attn_entmax_alpha": 1.5, "attn_learned_entmax_alpha": True,
               "attn_talking_heads": True, "attn_pre_talking_heads": True, "attn_post_talking_heads": True,
-              "attn_sparse_topk": 2, "attn_sigmoid": True, "attn_cog_signed": True, "attn_l2_distance": True}
+              "attn_sparse_topk": 2, "attn_sigmoid": True, "attn_cog_signed": True, "attn_l2_distance": True,
+              "attn_hard": True, "attn_gumbel_softmax": True, "attn_selective": True, "attn_inverted_attention": True,
+              "attn_pre_scale_post_talking_heads": True, "attn_head_learned_sink": True}
 
 # ----------------------------------------------------------------------------------------------
 # the table (one entry per refusal; keep the reason actionable)
@@ -671,3 +673,90 @@ declare("attn_cog_signed", "attn_shared_qk", when=lambda s: on(s, "attn_cog_sign
 declare("attn_laser", "attn_cog_signed", when=lambda s: on(s, "attn_laser") and on(s, "attn_cog_signed"),
         reason="LASER takes the log of the attention output over exp(v), which signed weights can make negative",
         example=dict(attn_laser=True, attn_cog_signed=True))
+
+# issue 20's second half: normalisers (score_variants.py), value residual, widths, partial rotary.
+# Upstream's one-normaliser rule extends to hard and Gumbel attention
+_ONE_OF = ("attn_hard", "attn_gumbel_softmax")
+for _a in _ONE_OF:
+    for _b in ("attn_sigmoid", "attn_l2_distance", "attn_sparse_topk") + ENTMAX + _ONE_OF[_ONE_OF.index(_a) + 1:]:
+        declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b),
+                reason="each sets how scores become weights; choose one (as upstream)",
+                example={_a: True, _b: EXAMPLE_ON[_b]})
+_NOT_CAUSAL = ("encoder", "cross", "funnel")
+declare("attn_selective", "a bidirectional stack", when=lambda s: on(s, "attn_selective"), kinds=_NOT_CAUSAL,
+        reason="selective attention lets a token hide itself from later queries, a causal idea (2410.02703); "
+               "use it in a Decoder", example=dict(attn_selective=True))
+declare("attn_selective", "XTransformer's encoder",
+        when=lambda s: on(s, "attn_selective") or on(s, "enc_attn_selective"), kinds=XT,
+        reason="the encoder is bidirectional and selective attention is causal; give dec_attn_selective",
+        example=dict(attn_selective=True))
+declare("attn_inverted_attention", "causal", when=lambda s: on(s, "attn_inverted_attention")
+        or on(s, "dec_attn_inverted_attention") or on(s, "enc_attn_inverted_attention"), kinds=("decoder",) + XT,
+        reason="inverted attention normalises each key's scores over the queries, so a query's output would "
+               "depend on later queries (and an XTransformer's encoder has no cross-attention); use it in an "
+               "Encoder(cross_attend=True) or a CrossAttender", example=dict(attn_inverted_attention=True))
+declare("attn_inverted_attention", "cross_attend=False", when=lambda s: on(s, "attn_inverted_attention")
+        and not on(s, "cross_attend") and not on(s, "only_cross"), kinds=("encoder", "funnel"),
+        reason="inverted attention is a cross-attention variant (queries compete for the context's keys); set "
+               "cross_attend=True", example=dict(attn_inverted_attention=True))
+for _k in ENTMAX + ("attn_sigmoid", "attn_sparse_topk", "attn_hard", "attn_gumbel_softmax", "attn_head_learned_sink",
+                    "attn_cog_signed"):
+    declare("attn_inverted_attention", _k, when=lambda s, k=_k: on(s, "attn_inverted_attention") and on(s, k),
+            reason="inverted attention is a softmax over the queries then a sum-to-one over the keys; it takes no "
+                   "other normaliser, sink or sign", kinds=("encoder", "cross", "funnel"),
+            example={"attn_inverted_attention": True, _k: EXAMPLE_ON[_k], "only_cross": True})
+declare("add_value_residual", "reversible", when=lambda s: on(s, "add_value_residual") and on(s, "reversible"),
+        reason="the first attention's values would cross the reversible coupling's recomputation, which carries "
+               "only the two streams; drop one", example=dict(add_value_residual=True, reversible=True))
+declare("add_value_residual", "FunnelEncoder", when=lambda s: on(s, "add_value_residual"), kinds=FUNNEL,
+        reason="the funnel's blocks attend over sequences of different lengths (pooled), so the first attention's "
+               "values do not line up with a later block's", example=dict(add_value_residual=True))
+declare("attn_rotate_num_heads", "heads", when=lambda s: on(s, "attn_rotate_num_heads")
+        and s["attn_rotate_num_heads"] > min(head_counts(s)),
+        reason="it counts the heads rotary turns, at most heads", kinds=("decoder", "encoder", "funnel") + XT,
+        example=dict(rotary_pos_emb=True, attn_rotate_num_heads=9))
+declare("attn_rotate_num_heads", "attn_kv_heads", when=lambda s: on(s, "attn_rotate_num_heads")
+        and on(s, "attn_kv_heads") and any(s["attn_kv_heads"] != h for h in head_counts(s)),
+        reason="a key head serves several query heads under grouped-query attention, so it cannot be rotated for "
+               "some and not others (upstream refuses it too)", kinds=("decoder", "encoder", "funnel") + XT,
+        example=dict(rotary_pos_emb=True, attn_rotate_num_heads=2, attn_kv_heads=2))
+declare("attn_qk_norm_dim_scale", "attn_qk_norm_scale", when=lambda s: on(s, "attn_qk_norm_dim_scale")
+        and "attn_qk_norm_scale" in s,
+        reason="with per-channel gains the logit scale is dim_head ** -0.5 (as upstream), so there is no QK-norm "
+               "scale to set", example=dict(attn_qk_norm=True, attn_qk_norm_dim_scale=True, attn_qk_norm_scale=5.0))
+declare("attn_qk_norm_groups", "attn_dim_head", when=lambda s: on(s, "attn_qk_norm") and s.get("attn_qk_norm_groups", 1) > 1
+        and (s.get("attn_dim_head", 64) % s["attn_qk_norm_groups"] or s.get("attn_dim_head", 64) // s["attn_qk_norm_groups"] < 3),
+        reason="the groups must divide the head dimension into groups of at least 3 channels (a unit vector of 2 or "
+               "fewer channels carries almost nothing; upstream refuses it too)",
+        example=dict(attn_qk_norm=True, attn_qk_norm_groups=4, attn_dim_head=8))
+# multi-latent attention's decoupled rope heads (attention.py)
+declare("attn_latent_rope_subheads", "attn_rotate_num_heads", when=lambda s: on(s, "attn_latent_rope_subheads")
+        and on(s, "attn_rotate_num_heads"),
+        reason="the decoupled rope heads are the heads rotary turns; give one of the two (as upstream)",
+        example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=1, rotary_pos_emb=True,
+                     attn_rotate_num_heads=1), kinds=("decoder", "encoder", "funnel") + XT)
+declare("attn_latent_rope_subheads", "heads", "attn_kv_heads", when=lambda s: on(s, "attn_latent_rope_subheads")
+        and (s["attn_latent_rope_subheads"] >= min(head_counts(s))
+             or on(s, "attn_kv_heads") and any(s["attn_kv_heads"] != h for h in head_counts(s))),
+        reason="the rope heads are the last of the key heads, so they must be fewer than heads; and a key head "
+               "serves several query heads under grouped-query attention, so it cannot be one (upstream refuses "
+               "it too)", example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=8))
+declare("attn_latent_rope_subheads", "attn_shared_qk", when=lambda s: on(s, "attn_latent_rope_subheads")
+        and on(s, "attn_shared_qk"),
+        reason="shared-QK's keys are the queries, so there are no key heads to take from x",
+        example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=1, attn_shared_qk=True),
+        kinds=("decoder", "encoder", "funnel") + XT)
+declare("attn_use_rel_proj_pos_bias", "only_cross", when=lambda s: on(s, "attn_use_rel_proj_pos_bias")
+        and on(s, "only_cross"), kinds=("encoder", "cross"),
+        reason="it biases self-attention by the distance between positions of one sequence, and a "
+               "cross-attention-only stack has no self-attention", example=dict(attn_use_rel_proj_pos_bias=True,
+                                                                                only_cross=True))
+declare("attn_use_rel_proj_pos_bias", "depths", when=lambda s: on(s, "attn_use_rel_proj_pos_bias") and blocks(s) > 1,
+        reason="a funnel's pooled queries read the unpooled sequence's keys, where distances along one sequence do "
+               "not line up; use a single block", example=dict(attn_use_rel_proj_pos_bias=True, depths=(1, 1)),
+        kinds=FUNNEL)
+declare("attn_laser", "attn_pre_scale_post_talking_heads", when=lambda s: on(s, "attn_laser")
+        and on(s, "attn_pre_scale_post_talking_heads"),
+        reason="LASER takes the log of the attention output over exp(v), which weights multiplied by logits can "
+               "make negative (as with signed weights)", example=dict(attn_laser=True,
+                                                                    attn_pre_scale_post_talking_heads=True))

@@ -30,6 +30,7 @@ from .hyper import GatedMultiResidual, HyperResidual
 from .residual import Residual, shift_amounts
 from .residual_updates import make_update
 from .reversible import ReversibleStack
+from .value_residual import ValueResidual
 
 
 @dataclass(frozen=True)
@@ -233,13 +234,16 @@ class AttentionLayers(Pretrained, nn.Module):
             raise ValueError(f"shift_tokens as a tuple needs one amount per block: {len(built)} blocks "
                              f"({' '.join(str(s) for s in built)}), got {len(shifts)}")
         blocks = []
+        # value residual: a learned mix in every self-attention after the first built one (upstream's rule)
+        first_a = next((i for i, s in enumerate(built) if s.kind == "a"), None)
         for index, spec in enumerate(built):
             if spec.kind == "f":
                 fn = FeedForward(dim, ff_cfg)
             else:
+                mix = cfg.add_value_residual and cfg.learned_value_residual_mix and spec.kind == "a" and index != first_a
                 fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
                                cross=spec.kind == "c", dim_context=cfg.dim_context,
-                               polar=cfg.polar_pos_emb and spec.kind == "a")
+                               polar=cfg.polar_pos_emb and spec.kind == "a", value_mix=mix)
             options = dict(placement=placement, make_norm=make, scale=spec.scale * branch_scale,
                            shifts=shift_amounts(shifts[index], cfg.causal),
                            layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
@@ -406,8 +410,9 @@ class AttentionLayers(Pretrained, nn.Module):
         """The per-forward context every block reads: rotary angles and position bias at these
         positions (keys at ``key_positions``, default the same), masks as (b, 1, 1, m)."""
         key_positions = positions if key_positions is None else key_positions
-        token_mask = None  # (b, n): which new tokens are kept (token shifting zeroes the others)
-        if (self.cfg.shift_tokens or self.cfg.mv_split_residual) and self_mask is not None:
+        token_mask = None  # (b, n): which new tokens are kept (token shifting, mv-split, inverted cross-attention)
+        if (self.cfg.shift_tokens or self.cfg.mv_split_residual or self.attn_cfg.inverted_attention) \
+                and self_mask is not None:
             n = positions.shape[-1]
             token_mask = self_mask[:, 0, 0, -n:] if self_mask.shape[-2] == 1 else \
                 self_mask[:, 0].diagonal(dim1=-2, dim2=-1)  # (an attn_mask's diagonal: each token itself)
@@ -417,7 +422,7 @@ class AttentionLayers(Pretrained, nn.Module):
             rotary=self.rotary(positions) if self.rotary is not None else None,
             score_mod=self.score_mod(positions, key_positions),
             context=context, context_mask=context_mask[:, None, None, :] if context_mask is not None else None,
-            cache=cache, need_weights=need_weights)
+            cache=cache, need_weights=need_weights, values=ValueResidual() if self.cfg.add_value_residual else None)
 
     def run(self, x, ctx: ForwardContext, attns: list | None = None):
         """The blocks over x (b, n, dim) under ``ctx``: plain or reversible, then the final norm."""

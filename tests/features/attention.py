@@ -28,13 +28,14 @@ register("memory_tokens", wrapper=dict(num_memory_tokens=2))
 register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
 # top-1 attention is a constant softmax (one key, weight 1): no gradient reaches the scores, so none
 # reaches what only shapes them: queries, keys, a norm that feeds only the queries (CrossAttender's,
-# a funnel's pooled blocks'), memory keys, pre-softmax head mixing, QK-norm's scale, T5, TUPE and PoPE terms;
+# a funnel's pooled blocks'), memory keys, pre-softmax head mixing, QK-norm's scale and gains, MLA's query
+# latent and rope keys, T5, TUPE, PoPE and relative projection terms;
 # and a memory value reaches the output only when its key is some query's top one. Under post-norm
 # ScaleNorm, a block's one-scalar gain ("post_norm.g") feeds a top-1 attention block that is linear in
 # its input and normalised again by a ScaleNorm: scale-invariant, so its gradient is zero up to the
 # norm's eps (exactly zero in some rows: decoder macaron+post_norm+qk_norm+scalenorm+tupe_cls)
 register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer",
-         zero_grad=("to_q", "to_k", "pre_norm", "mem_k", "mem_v", "pre_mix", "qk_scale", "rel_pos.", "tupe.", "polar.",
-                    "post_norm.g"))
+         zero_grad=("to_q", "to_k", "pre_norm", "mem_k", "mem_v", "pre_mix", "qk_scale", "q_gain", "k_gain",
+                    "to_latent_q", "to_rope_k", "rel_pos.", "rel_proj.", "tupe.", "polar.", "post_norm.g"))
 register("mem_kv_qk_norm", layers=dict(attn_num_mem_kv=2, attn_qk_norm=True), zero_grad=QK_SCALE_INVARIANT)
 register("shared_qk_mem_kv", layers=dict(attn_shared_qk=True, attn_num_mem_kv=1), group="kv")

@@ -40,3 +40,27 @@ register("laser", layers=dict(attn_laser=True), tol=1e-4)
 # q, k and v all RMS-normalised: a ScaleNorm gain (one scalar) before the attention cancels, so its
 # gradient is zero up to rounding (as with QK-norm)
 register("qk_rmsnorm", layers=dict(attn_qk_rmsnorm=True, attn_value_rmsnorm=True), zero_grad=("pre_norm.g",))
+
+# issue 20's second half, few features on the kinds where they add a property to check (the decoder:
+# cache agreement; a cross-attention variant on the cross kind), keywords that combine freely in one
+# feature, since the harness's cost grows with every feature-kind pair. Left to their own tests:
+# attn_hard (Gumbel's eval mode is the same function), attn_sparse_topk_straight_through (top-k's
+# forward), attn_pre_scale_post_talking_heads (tests/test_score_variants.py, cache included).
+# Gumbel attention is checked in eval mode, where it is its noise-free mode (deterministic,
+# cache-exact): one-hot weights, so a value gets a gradient only through the key each query takes
+# and a memory value none may take (as under top-1). Selective attention cannot use a cache
+# (counted not applicable).
+register("value_residual", layers=dict(add_value_residual=True), kinds=("decoder", "encdec"))
+register("value_width_qk_gains", layers=dict(attn_value_dim_head=6, attn_qk_norm=True, attn_qk_norm_groups=2,
+                                             attn_qk_norm_dim_scale=True),
+         kinds=("decoder",), zero_grad=("pre_norm.g",))  # (a ScaleNorm gain cancels, as under QK-norm)
+# MLA with its decoupled rope heads (unrotated here: with rotary the feature would be a positional
+# scheme, which test_positional composes with grouped-query heads, refused for rope heads)
+register("multi_latent", layers=dict(attn_use_latent_q=True, attn_dim_latent_q=12, attn_use_latent_kv=True,
+                                     attn_dim_latent_kv=10, attn_latent_rope_subheads=1), kinds=("decoder",))
+register("gumbel_attn", layers=dict(attn_gumbel_softmax=True, attn_gumbel_softmax_temp=0.5), group="normalizer",
+         kinds=("decoder",), zero_grad=("mem_v",))
+register("selective", layers=dict(attn_selective=True), kinds=("decoder",), cacheable=False)
+register("inverted_attention", layers=dict(attn_inverted_attention=True), kinds=("cross",))
+register("rel_proj_pos_bias", layers=dict(attn_use_rel_proj_pos_bias=True, attn_rel_proj_max_dist=4),
+         kinds=("decoder",))
