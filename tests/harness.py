@@ -138,10 +138,6 @@ KNOWN_DEFECTS: dict[str, str] = {
         "key/values: in the third funnel block (two pooled tokens) every query's one kept key is a memory key, so "
         "that layer's to_v gets no gradient; appeared when attn_dim_head's default became 64 (issue 17), a "
         "property of top-1 selection over few keys rather than a wrong gradient",
-    "grads:funnel-derf+macaron+on_attn+qk_norm+rotary+scale_residual": "Derf's alpha before the attention of the "
-        "last funnel block (two pooled tokens) gets a gradient of ~1e-6, zero in the harness's draw, while its "
-        "shift and every other parameter learn; found when the attention (issue 20) and norm (issue 21) variants "
-        "met, not yet diagnosed (no smaller subset of these six fails)",
 }
 
 

@@ -199,7 +199,7 @@ REFUSED = [
     (dict(attn_use_entmax15=True, attn_learned_entmax_alpha=True), ("attn_use_entmax15", "attn_learned_entmax_alpha")),
     (dict(attn_entmax_alpha=1.3, attn_learned_entmax_alpha=True), ("attn_entmax_alpha", "attn_learned_entmax_alpha")),
     (dict(attn_shared_qk=True, attn_kv_heads=2), ("attn_shared_qk", "attn_kv_heads")),
-    (dict(attn_qk_norm=True, attn_scale=0.1), ("attn_qk_norm", "attn_scale")),
+    (dict(attn_qk_norm=True, attn_qk_norm_scale=5.0, attn_scale=0.1), ("attn_qk_norm_scale", "attn_scale")),
 ]
 
 

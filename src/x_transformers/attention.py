@@ -80,8 +80,11 @@ class Attention(nn.Module):
             self.mem_k = nn.Parameter(torch.randn(self.kv_heads, cfg.num_mem_kv, d) * 0.02)
             self.mem_v = nn.Parameter(torch.randn(self.kv_heads, cfg.num_mem_kv, d) * 0.02)
 
-        # query-key normalisation (2010.04245): unit-norm q and k, a learned per-head logit scale
-        self.qk_scale = nn.Parameter(torch.full((heads, 1, 1), cfg.qk_norm_scale)) if cfg.qk_norm else None
+        # query-key normalisation (2010.04245): unit-norm q and k, the logits times a learned per-head
+        # scale (initial value qk_norm_scale), or times a given attn_scale, fixed (as upstream's scale)
+        self.qk_norm = cfg.qk_norm
+        self.qk_scale = nn.Parameter(torch.full((heads, 1, 1), cfg.qk_norm_scale)) \
+            if cfg.qk_norm and cfg.scale is None else None
 
         # talking heads (2003.02436): learned head mixing, identity at init
         self.pre_mix = nn.Parameter(torch.eye(heads)) if cfg.pre_mix else None
@@ -161,7 +164,7 @@ class Attention(nn.Module):
         q = _heads(qkv[0] if qkv else self.to_q(x), h)  # (b, h, n, d)
         if self.to_q_norm is not None:
             q = self.to_q_norm(q)
-        if self.qk_scale is not None:
+        if self.qk_norm:
             q = F.normalize(q, dim=-1)
 
         if self.cross and cache is not None and cache.filled:
@@ -179,7 +182,7 @@ class Attention(nn.Module):
                 k = self.to_k_norm(k)
             if self.to_v_norm is not None:
                 v = self.to_v_norm(v)
-            if self.qk_scale is not None and not self.shared_qk:
+            if self.qk_norm and not self.shared_qk:
                 k = F.normalize(k, dim=-1)
             if rotary is not None and not self.cross:
                 k = apply_rotary(k, *(rotary if kv is None else kv_rotary))
@@ -209,7 +212,7 @@ class Attention(nn.Module):
         if self.mem_k is not None:
             b, prefix = q.shape[0], self.mem_k.shape[1]
             mem_k, mem_v = self.mem_k.to(k.dtype), self.mem_v.to(v.dtype)
-            if self.qk_scale is not None or self.shared_qk:
+            if self.qk_norm or self.shared_qk:
                 mem_k = F.normalize(mem_k, dim=-1)
             k = torch.cat((mem_k.expand(b, -1, -1, -1), k), dim=-2)
             v = torch.cat((mem_v.expand(b, -1, -1, -1), v), dim=-2)
