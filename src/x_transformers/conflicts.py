@@ -251,9 +251,7 @@ for _k, _v in (("ff_solu", True), ("ff_custom_activation", lambda x: x)):
             example={"ff_glu": True, "ff_glu_softclamp": True, _k: _v})
 
 # layout
-declare("weight_tie_layers", "top_attn_to_ff", when=lambda s: on(s, "weight_tie_layers") and on(s, "top_attn_to_ff"),
-        reason="a tied stack repeats one unit, so it cannot turn only the top layers' attention into feed-forwards",
-        example=dict(weight_tie_layers=True, top_attn_to_ff=1))
+# (weight tying on a layout that is no repeated unit: one block per kind, shared: layers.py)
 for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("macaron", True)):
     declare("par_ratio", _k, when=lambda s, k=_k: on(s, "par_ratio") and on(s, k),
             reason="both define the layer order", example={"par_ratio": 2, _k: _ex})
@@ -285,9 +283,6 @@ declare("weight_tie_layers", "layers_execute_order",
         when=lambda s: on(s, "weight_tie_layers") and s.get("layers_execute_order") is not None,
         reason="weight tying is an execution order of its own (one unit, run depth times)",
         example=dict(weight_tie_layers=True, layers_execute_order=(0, 1)))
-for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("par_ratio", 2)):
-    declare("weight_tie_layers", _k, when=lambda s, k=_k: on(s, "weight_tie_layers") and s.get(k) is not None,
-            reason="weight tying repeats one unit of the default layout", example={"weight_tie_layers": True, _k: _ex})
 declare("only_attn", "custom_layers", when=lambda s: on(s, "only_attn") and "f" in (s.get("custom_layers") or ()),
         reason="only_attn drops every feed-forward; leave 'f' out of custom_layers",
         example=dict(only_attn=True, custom_layers=("a", "f")))
