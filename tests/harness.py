@@ -163,15 +163,26 @@ def declared_refusal(kind: str, features, *, sizes: bool = True):
     layers, wrapper = merge(features)
     own = dict(depths=FUNNEL_DEPTHS) if sizes and kind == "funnel" else {}
     settings = {**IMPLIED[kind], **own, **layers, **wrapper}
-    kinds = (TABLE_KIND[kind], "wrapper")
-    for entry in CONFLICTS:
-        if any(k in entry.kinds for k in kinds):
-            try:
-                if entry.when(settings):
-                    return entry
-            except Exception:  # a predicate that cannot read these settings refuses nothing here
-                continue
+    for entry in _entries(kind):
+        try:
+            if entry.when(settings):
+                return entry
+        except Exception:  # a predicate that cannot read these settings refuses nothing here
+            continue
     return None
+
+
+_ENTRIES: dict = {}
+
+
+def _entries(kind: str) -> list:
+    """The table's entries that apply to ``kind`` (its own and the wrapper's), in table order;
+    the covering array asks tens of thousands of times."""
+    key = (kind, len(CONFLICTS))
+    if key not in _ENTRIES:
+        kinds = (TABLE_KIND[kind], "wrapper")
+        _ENTRIES[key] = [e for e in CONFLICTS if any(k in e.kinds for k in kinds)]
+    return _ENTRIES[key]
 
 
 def applies(kind: str, features) -> bool:
