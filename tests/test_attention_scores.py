@@ -251,6 +251,8 @@ def _accepted_pairs():
     return pairs
 
 
+# a sweep beyond the pairwise covering array, which has every such pair on every kind in CI (make fuzz runs it)
+@pytest.mark.fuzz
 @pytest.mark.parametrize("feature, positional", _accepted_pairs())
 def test_each_attention_feature_with_each_positional_scheme(feature, positional):
     case = ("decoder", (FEATURES[feature], FEATURES[positional]))

@@ -27,9 +27,9 @@ register("attn_bias", layers=dict(attn_bias=True))
 register("memory_tokens", wrapper=dict(num_memory_tokens=2))
 register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
 # top-1 attention is a constant softmax (one key, weight 1): no gradient reaches the scores, so none
-# reaches what only shapes them: queries, keys, a norm that feeds only the queries (CrossAttender's), memory keys, pre-softmax head mixing, QK-norm's scale, T5 and TUPE terms;
-# and a memory value reaches the output only when its key is some query's top one. Under post-norm
-# ScaleNorm, a block's one-scalar gain ("post_norm.g") feeds a top-1 attention block that is linear in
+# reaches what only shapes them: queries, keys, a norm that feeds only the queries (CrossAttender's),
+# memory keys, pre-softmax head mixing, QK-norm's scale, T5 and TUPE terms; and a memory value
+# reaches the output only when its key is some query's top one. Under post-norm ScaleNorm, a block's one-scalar gain ("post_norm.g") feeds a top-1 attention block that is linear in
 # its input and normalised again by a ScaleNorm: scale-invariant, so its gradient is zero up to the
 # norm's eps (exactly zero in some rows: decoder macaron+post_norm+qk_norm+scalenorm+tupe_cls)
 register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer",
