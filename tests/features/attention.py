@@ -29,9 +29,10 @@ register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
 # top-1 attention is a constant softmax (one key, weight 1): no gradient reaches the scores, so none
 # reaches what only shapes them: queries, keys, a norm that feeds only the queries (CrossAttender's),
 # memory keys, pre-softmax head mixing, QK-norm's scale, T5 and TUPE terms; and a memory value
-# reaches the output only when its key is some query's top one. Under post-norm ScaleNorm, a block's one-scalar gain ("post_norm.g") feeds a top-1 attention block that is linear in
-# its input and normalised again by a ScaleNorm: scale-invariant, so its gradient is zero up to the
-# norm's eps (exactly zero in some rows: decoder macaron+post_norm+qk_norm+scalenorm+tupe_cls)
+# reaches the output only when its key is some query's top one. Under post-norm ScaleNorm, a
+# block's one-scalar gain ("post_norm.g") feeds a top-1 attention block that is linear in its input
+# and normalised again by a ScaleNorm: scale-invariant, so its gradient is zero up to the norm's
+# eps (exactly zero in some rows: decoder macaron+post_norm+qk_norm+scalenorm+tupe_cls)
 register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer",
          zero_grad=("to_q", "to_k", "pre_norm", "mem_k", "mem_v", "pre_mix", "qk_scale", "rel_pos.", "tupe.",
                     "post_norm.g"))
