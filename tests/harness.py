@@ -150,10 +150,6 @@ KNOWN_DEFECTS: dict[str, str] = {
         "final ScaleNorm gain gets no gradient at init under hyper-connections with QK RMSNorm (no smaller subset "
         "of these six fails); the same on main, exposed when ff_deep_embed (issue 18) moved the covering array's "
         "rows; not yet diagnosed",
-    "grads:funnel-derf+macaron+on_attn+qk_norm+rotary+scale_residual": "Derf's alpha before the attention of the "
-        "last funnel block (two pooled tokens) gets a gradient of ~1e-6, zero in the harness's draw, while its "
-        "shift and every other parameter learn; found when the attention (issue 20) and norm (issue 21) variants "
-        "met, not yet diagnosed (no smaller subset of these six fails)",
 }
 
 
@@ -179,15 +175,26 @@ def declared_refusal(kind: str, features, *, sizes: bool = True):
     layers, wrapper = merge(features)
     own = dict(depths=FUNNEL_DEPTHS) if sizes and kind == "funnel" else {}
     settings = {**IMPLIED[kind], **own, **layers, **wrapper}
-    kinds = (TABLE_KIND[kind], "wrapper")
-    for entry in CONFLICTS:
-        if any(k in entry.kinds for k in kinds):
-            try:
-                if entry.when(settings):
-                    return entry
-            except Exception:  # a predicate that cannot read these settings refuses nothing here
-                continue
+    for entry in _entries(kind):
+        try:
+            if entry.when(settings):
+                return entry
+        except Exception:  # a predicate that cannot read these settings refuses nothing here
+            continue
     return None
+
+
+_ENTRIES: dict = {}
+
+
+def _entries(kind: str) -> list:
+    """The table's entries that apply to ``kind`` (its own and the wrapper's), in table order;
+    the covering array asks tens of thousands of times."""
+    key = (kind, len(CONFLICTS))
+    if key not in _ENTRIES:
+        kinds = (TABLE_KIND[kind], "wrapper")
+        _ENTRIES[key] = [e for e in CONFLICTS if any(k in e.kinds for k in kinds)]
+    return _ENTRIES[key]
 
 
 def applies(kind: str, features) -> bool:
@@ -436,9 +443,29 @@ def run_property(prop: str, case):
     kind, feats = case
     if kind not in IMPLIED:
         raise ValueError(f"unknown kind {kind!r}; valid: {KINDS}")
-    model = build(kind, feats)
+    model = built(kind, feats)
+    torch.manual_seed(0)  # dropout draws independent of which property ran before
     tol = max((f.tol for f in feats), default=1e-5)
     return PROPERTIES[prop](Runner(kind, model), tol, features=feats)
+
+
+_BUILT: dict = {}  # the last case's model and its state at construction
+
+
+def built(kind: str, features):
+    """``build(kind, features)``, the model built once per case: the properties of one case run
+    one after another, each on the model restored to its state at construction (weights, eval
+    mode, no gradients), which costs a state copy instead of a construction."""
+    key = (kind, tuple(f.name for f in features))
+    if key in _BUILT:
+        model, state = _BUILT[key]
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        return model.eval()
+    model = build(kind, features)
+    _BUILT.clear()
+    _BUILT[key] = (model, {k: v.clone() for k, v in model.state_dict().items()})
+    return model
 
 
 def run_properties(props, case):

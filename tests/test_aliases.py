@@ -328,6 +328,8 @@ def _counts_delta(layers_kwargs, wrapper=None):
 def _qk_norm_scale():
     ours, theirs = _counts_delta(dict(attn_qk_norm=True))
     assert ours - theirs == BASE["depth"] * BASE["heads"]  # one learned scale per head and layer
+    # attn_scale fixes the scale, as upstream's constant: upstream's parameter count
+    assert _ours("Decoder", dict(attn_qk_norm=True, attn_scale=10.0), {}) == theirs
 
 
 def _single_head_out():

@@ -310,6 +310,27 @@ def test_qk_norm_normalises_q_and_k_with_a_learned_scale():
     assert (a.qk_scale.grad != 0).all()
 
 
+@pytest.mark.parametrize("extra", [{}, dict(attn_num_mem_kv=2), dict(attn_l2_distance=True)])
+def test_qk_norm_with_attn_scale_is_a_fixed_scale_on_the_unit_logits(extra):
+    """attn_scale under QK-norm: the cosine logits times that constant (upstream's fixed QK-norm
+    scale), no learned scale; the logits still ignore the norms of q and k. With
+    attn_qk_norm_scale as well it is refused: one would start a learned scale, the other fix it."""
+    a = attention(attn_qk_norm=True, attn_scale=4.0, **extra)
+    assert a.qk_scale is None and not any("qk_scale" in n for n, _ in a.named_parameters())
+    x = inputs()
+    q, k = F.normalize(heads(a.to_q(x), HEADS), dim=-1), F.normalize(heads(a.to_k(x), HEADS), dim=-1)
+    if a.mem_k is not None:
+        k = torch.cat((F.normalize(a.mem_k, dim=-1).expand(x.shape[0], -1, -1, -1), k), dim=-2)
+    logits = 4.0 * (-(q[..., :, None, :] - k[..., None, :, :]).square().sum(-1) if extra.get("attn_l2_distance")
+                    else q @ k.transpose(-1, -2))
+    torch.testing.assert_close(weights(a, x), logits.softmax(-1))
+    ref = a(x)[0]
+    sharpen(a, factor=100.0)
+    torch.testing.assert_close(a(x)[0], ref)
+    with pytest.raises(ConfigConflictError, match="attn_qk_norm_scale.*attn_scale"):
+        Decoder(dim=DIM, depth=1, heads=HEADS, attn_qk_norm=True, attn_qk_norm_scale=10.0, attn_scale=4.0)
+
+
 def test_qk_norm_is_stable_in_bf16_under_huge_logits():
     x = inputs(n=16)
 

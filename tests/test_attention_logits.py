@@ -65,6 +65,47 @@ def test_l2_distance_scores_are_negative_squared_distances():
     torch.testing.assert_close(out.double(), a @ v.double().repeat_interleave(2, 1), atol=1e-5, rtol=1e-5)
 
 
+def _top_k_keep(logits, keep, k):
+    """The k largest logits of each row among the kept keys (no ties in random data)."""
+    masked = logits.masked_fill(~keep, float("-inf"))
+    kth = masked.topk(k, dim=-1).values[..., -1:]
+    return keep & (masked >= kth)
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
+def test_top_k_of_l2_distance_scores_keeps_the_k_nearest_keys(normalizer):
+    """L2 distance sets the logits, top-k keeps each query's k nearest keys, the normaliser turns
+    the kept logits into weights; every other key gets weight 0 (upstream refuses these pairs)."""
+    q, k, v = qkv(n=5, m=7)
+    out, w = attend(q, k, v, causal=True, scale=0.3, l2_distance=True, sparse_topk=3, normalizer=normalizer,
+                    need_weights=True)
+    dist2 = (q.double()[..., :, None, :] - k.double()[..., None, :, :]).square().sum(-1)
+    logits, keep = -dist2 * 0.3, causal_keep(5, 7)
+    nearest = _top_k_keep(logits, keep, 3)
+    assert torch.equal(nearest, _top_k_keep(-dist2, keep, 3))  # the largest logits are the nearest keys
+    a = (logits.masked_fill(~nearest, float("-inf")).softmax(-1) if normalizer == "softmax"
+         else torch.sigmoid(logits) * nearest)
+    torch.testing.assert_close(w.double(), a, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), a @ v.double(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(w != 0, nearest.expand_as(w))
+
+
+def test_top_k_sigmoid_weights_are_sigmoids_of_the_k_largest_logits():
+    q, k, v = qkv()
+    out, w = attend(q, k, v, scale=0.5, normalizer="sigmoid", sparse_topk=2, need_weights=True)
+    logits = (q.double() @ k.double().transpose(-1, -2)) * 0.5
+    top = _top_k_keep(logits, torch.ones(6, 6, dtype=torch.bool), 2)
+    torch.testing.assert_close(w.double(), torch.sigmoid(logits) * top, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), (torch.sigmoid(logits) * top) @ v.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_sigmoid_of_l2_distance_scores():
+    q, k, v = qkv()
+    _, w = attend(q, k, v, causal=True, scale=0.1, normalizer="sigmoid", l2_distance=True, need_weights=True)
+    dist2 = (q.double()[..., :, None, :] - k.double()[..., None, :, :]).square().sum(-1)
+    torch.testing.assert_close(w.double(), torch.sigmoid(-dist2 * 0.1) * causal_keep(6, 6), atol=1e-6, rtol=1e-5)
+
+
 def test_dispatch_sends_these_to_the_explicit_backend_and_says_why():
     q, k, v = qkv()
     for field, value, words in (("normalizer", "sigmoid", "not softmax"), ("signed", True, "signed"),
@@ -127,6 +168,8 @@ VARIANTS = {
     "l2_distance": dict(attn_l2_distance=True, attn_kv_heads=2),
     "laser": dict(attn_laser=True, attn_add_zero_kv=True, attn_num_mem_kv=2),
     "l2_qk_norm": dict(attn_l2_distance=True, attn_qk_norm=True),
+    "l2_top_k": dict(attn_l2_distance=True, attn_sparse_topk=2),
+    "sigmoid_top_k_l2": dict(attn_sigmoid=True, attn_sparse_topk=3, attn_l2_distance=True),
     "rmsnorms": dict(attn_qk_rmsnorm=True, attn_value_rmsnorm=True),
     "k_rmsnorm": dict(attn_k_rmsnorm=True, attn_kv_heads=1),
 }
@@ -154,8 +197,6 @@ def test_every_model_kind_accepts(name):
 
 
 @pytest.mark.parametrize("kw", [dict(attn_sigmoid=True, attn_use_entmax15=True),
-                                dict(attn_sigmoid=True, attn_sparse_topk=2),
-                                dict(attn_l2_distance=True, attn_sparse_topk=2),
                                 dict(attn_qk_rmsnorm=True, attn_k_rmsnorm=True),
                                 dict(attn_qk_rmsnorm=True, attn_qk_norm=True),
                                 dict(attn_k_rmsnorm=True, attn_shared_qk=True),

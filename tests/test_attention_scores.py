@@ -199,7 +199,7 @@ REFUSED = [
     (dict(attn_use_entmax15=True, attn_learned_entmax_alpha=True), ("attn_use_entmax15", "attn_learned_entmax_alpha")),
     (dict(attn_entmax_alpha=1.3, attn_learned_entmax_alpha=True), ("attn_entmax_alpha", "attn_learned_entmax_alpha")),
     (dict(attn_shared_qk=True, attn_kv_heads=2), ("attn_shared_qk", "attn_kv_heads")),
-    (dict(attn_qk_norm=True, attn_scale=0.1), ("attn_qk_norm", "attn_scale")),
+    (dict(attn_qk_norm=True, attn_qk_norm_scale=5.0, attn_scale=0.1), ("attn_qk_norm_scale", "attn_scale")),
 ]
 
 
@@ -251,6 +251,8 @@ def _accepted_pairs():
     return pairs
 
 
+# a sweep beyond the pairwise covering array, which has every such pair on every kind in CI (make fuzz runs it)
+@pytest.mark.fuzz
 @pytest.mark.parametrize("feature, positional", _accepted_pairs())
 def test_each_attention_feature_with_each_positional_scheme(feature, positional):
     case = ("decoder", (FEATURES[feature], FEATURES[positional]))

@@ -449,3 +449,26 @@ def test_shared_qk_funnel_keys_are_the_unpooled_sequences_normalised_queries():
     assert out.shape == (2, 3, DIM)
     out.square().sum().backward()
     assert all(p.grad is not None and p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", [dict(use_derf=True), dict(use_dynamic_tanh=True), {}, dict(sandwich_norm=True)])
+def test_pooled_attention_reads_keys_and_values_through_its_pre_norm(norm):
+    """Pre-norm attention is x + attn(norm(x)): under query-only pooling both sides of the pooled
+    attention, the pooled queries and the unpooled keys/values, enter through the block's norm.
+    (Only the queries used to: with QK-norm, which undoes any query scale, a DyT/Derf pre-norm's
+    scalar alpha then got a gradient a million times smaller than its neighbours', zero in fp32.)"""
+    model = funnel(depths=(1, 1), attn_qk_norm=True, **norm).double()
+    x = torch.randn(2, 6, DIM, dtype=torch.double)
+    res = model.blocks[1].blocks[0]
+    seen = {}
+    hook = res.fn.register_forward_pre_hook(lambda m, a, kw: seen.update(q=a[0], kv=kw["kv"]), with_kwargs=True)
+    h = model.blocks[0](x)
+    model(x)
+    hook.remove()
+    pooled, _, _ = mean_pool(h, None, torch.arange(6)[None], False)
+    torch.testing.assert_close(seen["q"], res.pre_norm(pooled))
+    torch.testing.assert_close(seen["kv"], res.pre_norm(h))
+    # every parameter of the norm moves the output as much as the unpooled block's own norm does
+    model(x).square().sum().backward()
+    for (name, p), (_, ref) in zip(res.pre_norm.named_parameters(), model.blocks[0].blocks[0].pre_norm.named_parameters()):
+        assert p.grad.abs().max() > 1e-2 * ref.grad.abs().max(), name

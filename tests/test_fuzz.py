@@ -34,10 +34,28 @@ def _even(rng, lo, hi):
     return 2 * rng.randint(lo // 2, hi // 2)
 
 
+# A numeric keyword that fills the same slot as a feature's keyword is its alternative, as two
+# features of one group are (harness.py): never drawn with it
+ALTERNATIVES = {
+    "ff_activation": ("ff_solu", "ff_custom_activation"),  # the one activation of the feed-forward
+    "sandwich_coef": ("par_ratio", "custom_layers"),  # the layer order
+    "attn_kv_heads": ("attn_shared_qk",),  # the keys: the queries themselves, or grouped heads
+}
+
+
+def _dim_head_fits(d: int, heads: int, chosen: dict) -> bool:
+    """Whether head width d leaves the features chosen their sizes: NTK rescaling rotates at least
+    4 channels (half of d by default), a low-rank gate's rank is below heads * d."""
+    if chosen.get("rotary_base_rescale_factor", 1.0) != 1.0 and not chosen.get("rotary_emb_dim") and d < 8:
+        return False
+    ranks = [v for k, v in chosen.items() if k.endswith("_rank") and v]
+    return all(heads * d > r for r in ranks)
+
+
 def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
     """Random values for documented keywords, each valid given the sizes and the features chosen,
-    and only keywords that can apply to the kind (harness.applies). Keywords the features already
-    set keep the features' values."""
+    and only keywords that can apply to the kind (harness.applies) and are no alternative of a
+    chosen feature (ALTERNATIVES). Keywords the features already set keep the features' values."""
     # heads: a multiple of every head count the features fix (kv heads, ALiBi heads)
     fixed = [chosen[k] for k in ("attn_kv_heads", "alibi_num_heads") if chosen.get(k)]
     heads = rng.choice([h for h in (1, 2, 4) if all(h % f == 0 for f in fixed if f != 0) and h >= max(fixed, default=1)])
@@ -46,7 +64,8 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
     if kind != "funnel":
         kw["depth"] = rng.randint(1, 3)
     depth = kw.get("depth", 1)
-    dim_head = rng.choice((4, 8, 12)) if rng.random() < 0.3 and "attn_dim_head" not in chosen else None
+    fits = [d for d in (4, 8, 12) if _dim_head_fits(d, heads, chosen)]
+    dim_head = rng.choice(fits) if rng.random() < 0.3 and "attn_dim_head" not in chosen else None
     if dim_head:
         kw["attn_dim_head"] = dim_head
     dim_head = chosen.get("attn_dim_head") or dim_head or dim // heads
@@ -78,8 +97,9 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
         if attn_blocks:
             draws["top_attn_to_ff"] = lambda: rng.randint(1, min(depth, attn_blocks))
     # keywords that refine a feature: drawn only when the feature is on
-    if chosen.get("rotary_pos_emb"):
-        draws["rotary_emb_dim"] = lambda: _even(rng, 2, dim_head)
+    if chosen.get("rotary_pos_emb"):  # (NTK rescaling needs 4 rotated channels)
+        draws["rotary_emb_dim"] = lambda: _even(rng, 4 if chosen.get("rotary_base_rescale_factor", 1.0) != 1.0 else 2,
+                                                dim_head)
         draws["rotary_base"] = lambda: float(rng.choice((100, 10000, 500000)))
     if chosen.get("rel_pos_bias"):  # max_distance past the exact offsets (buckets // 2, or // 4 both ways)
         draws["rel_pos_num_buckets"] = lambda: rng.randint(4, 32)
@@ -90,7 +110,8 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
         draws["attn_entmax_alpha"] = lambda: round(rng.uniform(1.1, 2.0), 2)
     if chosen.get("tupe"):
         draws["tupe_max_seq_len"] = lambda: rng.randint(16, 64)
-    names = [n for n in sorted(draws) if n not in chosen and harness.applies(kind, (keyword_feature(n, 1),))]
+    names = [n for n in sorted(draws) if n not in chosen and harness.applies(kind, (keyword_feature(n, 1),))
+             and not any(chosen.get(k) for k in ALTERNATIVES.get(n, ()))]
     for name in rng.sample(names, rng.randint(0, min(4, len(names)))):
         kw[name] = draws[name]()
     return kw

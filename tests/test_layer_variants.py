@@ -264,6 +264,25 @@ def test_weight_tie_layers_has_one_layers_parameters_and_runs_it_depth_times():
     torch.testing.assert_close(tied(x), one(one(one(x))))
 
 
+@pytest.mark.parametrize("kw", [dict(sandwich_coef=2), dict(sandwich_coef=1, macaron=True), dict(par_ratio=2),
+                                dict(custom_layers=("a", "f", "f", "a", "f")), dict(top_attn_to_ff=1)])
+def test_weight_tying_a_layout_without_repeated_units_shares_one_block_per_kind(kw):
+    """ALBERT's all-shared layers (1909.11942) on a layout that is no repeated unit: every block of
+    one kind (and branch scale) runs one module, so the model is the untied layout with each block
+    given its kind's weights, and has one block of each kind's parameters."""
+    tied, untied = enc(weight_tie_layers=True, depth=3, **kw), enc(depth=3, **kw)
+    assert tied.layout == untied.layout
+    first = {spec: tied.blocks[tied.layout.index(spec)] for spec in tied.layout}
+    assert all(block is first[spec] for spec, block in zip(tied.layout, tied.blocks))
+    randomise(tied)
+    state = {f"blocks.{i}.{k}": v for i, spec in enumerate(untied.layout) for k, v in first[spec].state_dict().items()}
+    untied.load_state_dict(state | {k: v for k, v in tied.state_dict().items() if not k.startswith("blocks.")})
+    x = x_in()
+    torch.testing.assert_close(tied(x), untied(x))
+    shared = sum(p.numel() for b in first.values() for p in b.parameters())
+    assert sum(p.numel() for p in tied.parameters()) == shared + sum(p.numel() for p in tied.final_norm.parameters())
+
+
 def test_layers_execute_order_runs_the_built_blocks_in_that_order():
     model = enc(layers_execute_order=(2, 3, 0, 1, 2, 3))
     built = enc()

@@ -349,6 +349,8 @@ SCHEMES = [n for n, f in FEATURES.items() if f.group in ("relpos", "abspos")]
 PARTNERS = ["mem_kv", "memory_tokens", "kv_heads", "talking_heads"]
 
 
+# a sweep beyond the pairwise covering array, which has every such pair on every kind in CI (make fuzz runs it)
+@pytest.mark.fuzz
 @pytest.mark.parametrize("partner", PARTNERS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_scheme_composes_with_attention_features(scheme, partner):

@@ -97,12 +97,13 @@ class Attention(nn.Module):
             self.mem_v = nn.Parameter(torch.randn(self.kv_heads, cfg.num_mem_kv, e) * 0.02)
 
         # query-key normalisation (2010.04245): unit-norm q and k (per group of channels with
-        # attn_qk_norm_groups), a learned per-head logit scale; or, with attn_qk_norm_dim_scale, learned
+        # attn_qk_norm_groups), the logits times a learned per-head scale (initial value qk_norm_scale), or
+        # times a given attn_scale, fixed (as upstream's scale); or, with attn_qk_norm_dim_scale, learned
         # per-channel gains on q and k (init dim_head ** 0.25, so q.k starts at sqrt(d) cos) and the
         # fixed scale dim_head ** -0.5, as upstream
         self.qk_norm = cfg.qk_norm
         self.qk_scale = nn.Parameter(torch.full((heads, 1, 1), cfg.qk_norm_scale)) \
-            if cfg.qk_norm and not cfg.qk_norm_dim_scale else None
+            if cfg.qk_norm and not cfg.qk_norm_dim_scale and cfg.scale is None else None
         self.q_gain = self.k_gain = None
         if cfg.qk_norm and cfg.qk_norm_dim_scale:
             self.q_gain = nn.Parameter(torch.full((heads, 1, d), d ** 0.25))

@@ -130,9 +130,11 @@ for _i, _a in enumerate(ENTMAX):
     for _b in ENTMAX[_i + 1:]:
         declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b), reason="choose one entmax variant",
                 example={_a: EXAMPLE_ON[_a], _b: EXAMPLE_ON[_b]})
-declare("attn_qk_norm", "attn_scale", when=lambda s: on(s, "attn_qk_norm") and s.get("attn_scale") is not None,
-        reason="QK-norm learns its own logit scale (set attn_qk_norm_scale)",
-        example=dict(attn_qk_norm=True, attn_scale=0.5))
+# (QK-norm with attn_scale: the unit logits times that fixed scale, no learned one: attention.py)
+declare("attn_qk_norm_scale", "attn_scale",
+        when=lambda s: on(s, "attn_qk_norm") and "attn_qk_norm_scale" in s and s.get("attn_scale") is not None,
+        reason="under QK-norm attn_qk_norm_scale starts a learned logit scale and attn_scale fixes one; choose one",
+        example=dict(attn_qk_norm=True, attn_qk_norm_scale=10.0, attn_scale=0.5))
 # a forced kernel must compute every feature asked of it (config.SCORE_FEATURES need the score matrix)
 for _f in SCORE_FEATURES:
     declare("attn_backend", f"attn_{_f}", when=lambda s, f=_f: forced(s) and on(s, f"attn_{f}"),
@@ -302,9 +304,7 @@ for _k, _v in (("ff_solu", True), ("ff_custom_activation", lambda x: x)):
             example={"ff_glu": True, "ff_glu_softclamp": True, _k: _v})
 
 # layout
-declare("weight_tie_layers", "top_attn_to_ff", when=lambda s: on(s, "weight_tie_layers") and on(s, "top_attn_to_ff"),
-        reason="a tied stack repeats one unit, so it cannot turn only the top layers' attention into feed-forwards",
-        example=dict(weight_tie_layers=True, top_attn_to_ff=1))
+# (weight tying on a layout that is no repeated unit: one block per kind, shared: layers.py)
 for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("macaron", True)):
     declare("par_ratio", _k, when=lambda s, k=_k: on(s, "par_ratio") and on(s, k),
             reason="both define the layer order", example={"par_ratio": 2, _k: _ex})
@@ -336,9 +336,6 @@ declare("weight_tie_layers", "layers_execute_order",
         when=lambda s: on(s, "weight_tie_layers") and s.get("layers_execute_order") is not None,
         reason="weight tying is an execution order of its own (one unit, run depth times)",
         example=dict(weight_tie_layers=True, layers_execute_order=(0, 1)))
-for _k, _ex in (("custom_layers", ("a", "f")), ("sandwich_coef", 1), ("par_ratio", 2)):
-    declare("weight_tie_layers", _k, when=lambda s, k=_k: on(s, "weight_tie_layers") and s.get(k) is not None,
-            reason="weight tying repeats one unit of the default layout", example={"weight_tie_layers": True, _k: _ex})
 declare("only_attn", "custom_layers", when=lambda s: on(s, "only_attn") and "f" in (s.get("custom_layers") or ()),
         reason="only_attn drops every feed-forward; leave 'f' out of custom_layers",
         example=dict(only_attn=True, custom_layers=("a", "f")))
@@ -642,13 +639,13 @@ for _k in ("attn_on_attn", "attn_zero_init_output", "attn_output_proj_depth"):
             reason="it configures the output projection, which attn_project_out=False removes",
             example={_k: {"attn_on_attn": True, "attn_zero_init_output": True, "attn_output_proj_depth": 2}[_k],
                      "attn_project_out": False})
-# logits and values: upstream's one-normaliser rule (sigmoid, L2 distance, top-k: at most one; sigmoid
-# against the entmax family), and the two RMSNorm switches of the keys
-for _a, _b in [("attn_sigmoid", _e) for _e in ENTMAX + ("attn_sparse_topk", "attn_l2_distance")] + \
-        [("attn_l2_distance", "attn_sparse_topk")]:
-    declare(_a, _b, when=lambda s, a=_a, b=_b: on(s, a) and on(s, b),
+# logits and values: sigmoid is a normaliser, an alternative to the entmax family. (Upstream also
+# refuses sigmoid, L2 distance and top-k with one another; here they compose: L2 distance sets the
+# logits, top-k keeps the k largest of them, sigmoid or softmax turns the kept ones into weights.)
+for _e in ENTMAX:
+    declare("attn_sigmoid", _e, when=lambda s, e=_e: on(s, "attn_sigmoid") and on(s, e),
             reason="each sets how scores become weights; choose one (as upstream)",
-            example={_a: EXAMPLE_ON[_a], _b: EXAMPLE_ON[_b]})
+            example={"attn_sigmoid": True, _e: EXAMPLE_ON[_e]})
 for _e in ENTMAX:
     declare("attn_head_learned_sink", "attn_l2_distance", _e,
             when=lambda s, e=_e: on(s, "attn_head_learned_sink") and on(s, "attn_l2_distance") and on(s, e),

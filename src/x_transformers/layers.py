@@ -302,10 +302,16 @@ class AttentionLayers(Pretrained, nn.Module):
     @staticmethod
     def _execution(cfg: LayersConfig):
         """(the blocks to build, the order they run in): ``weight_tie_layers`` builds one unit and
-        runs it depth times; ``layers_execute_order`` runs the built blocks in its order."""
-        if cfg.weight_tie_layers:
+        runs it depth times, or, on a layout that is no repeated unit (sandwich_coef, par_ratio,
+        custom_layers, top_attn_to_ff), one block of each kind that every block of the kind runs
+        (ALBERT's all-shared layers); ``layers_execute_order`` runs the built blocks in its order."""
+        if cfg.weight_tie_layers and unit_length(cfg) > 1:
             unit = build_layout(cfg, depth=1)
             return unit, tuple(range(len(unit))) * cfg.depth
+        if cfg.weight_tie_layers:
+            layout = build_layout(cfg)
+            kinds = list(dict.fromkeys(layout))  # (kind, branch scale), in order of first use
+            return tuple(kinds), tuple(kinds.index(s) for s in layout)
         built = build_layout(cfg)
         order = cfg.layers_execute_order
         if order is None:

@@ -107,6 +107,10 @@ class Residual(nn.Module):
             return None, None  # drop the whole branch (a CPU draw: no device sync)
         h = x if inject is None else x + inject
         h = apply_norm(self.pre_norm, h, condition) if self.pre_norm is not None else h
+        if self.pre_norm is not None and kwargs.get("kv") is not None:
+            # a funnel's pooled queries read the unpooled sequence's keys/values (funnel.py): both
+            # sides enter the attention through this branch's norm, as x does without pooling
+            kwargs["kv"] = apply_norm(self.pre_norm, kwargs["kv"], condition)
         if self.shifts is not None:
             h = shift_tokens(h, self.shifts, shift_mask)
         if mem is not None:  # Transformer-XL memory: normed as the block's input (not re-injected, as upstream)

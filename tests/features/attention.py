@@ -18,17 +18,17 @@ register("dim_head", layers=dict(attn_dim_head=12))
 register("shared_qk", layers=dict(attn_shared_qk=True), group="kv")
 register("kv_heads", layers=dict(attn_kv_heads=2), group="kv")
 register("multi_query", layers=dict(attn_kv_heads=1), group="kv")
-# QK-norm normalises queries and keys: a ScaleNorm gain (one scalar) before an attention whose
-# keys/values come from elsewhere (cross-attention, a funnel's pooled layer) scales only the
-# queries and cancels, so its gradient is zero up to rounding
+# QK-norm normalises queries and keys: a ScaleNorm gain (one scalar) before a cross-attention, whose
+# keys/values come from the context, scales only the queries and cancels, so its gradient is zero up
+# to rounding
 QK_SCALE_INVARIANT = ("pre_norm.g",)
 register("qk_norm", layers=dict(attn_qk_norm=True), zero_grad=QK_SCALE_INVARIANT)
 register("attn_bias", layers=dict(attn_bias=True))
 register("memory_tokens", wrapper=dict(num_memory_tokens=2))
 register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
 # top-1 attention is a constant softmax (one key, weight 1): no gradient reaches the scores, so none
-# reaches what only shapes them: queries, keys, a norm that feeds only the queries (CrossAttender's,
-# a funnel's pooled blocks'), memory keys, pre-softmax head mixing, QK-norm's scale and gains, MLA's query
+# reaches what only shapes them: queries, keys, a norm that feeds only the queries (CrossAttender's),
+# memory keys, pre-softmax head mixing, QK-norm's scale and gains, MLA's query
 # latent and rope keys, T5, TUPE, PoPE and relative projection terms;
 # and a memory value reaches the output only when its key is some query's top one. Under post-norm
 # ScaleNorm, a block's one-scalar gain ("post_norm.g") feeds a top-1 attention block that is linear in
