@@ -38,8 +38,11 @@ register("cog_signed", layers=dict(attn_cog_signed=True))
 register("l2_distance", layers=dict(attn_l2_distance=True))
 register("laser", layers=dict(attn_laser=True), tol=1e-4)
 # q, k and v all RMS-normalised: a ScaleNorm gain (one scalar) before the attention cancels, so its
-# gradient is zero up to rounding (as with QK-norm)
-register("qk_rmsnorm", layers=dict(attn_qk_rmsnorm=True, attn_value_rmsnorm=True), zero_grad=("pre_norm.g",))
+# gradient is zero up to rounding (as with QK-norm). So does the encoder's final ScaleNorm gain of an
+# encoder-decoder: its output reaches the decoder only as cross-attention keys and values, both
+# RMS-normalised
+register("qk_rmsnorm", layers=dict(attn_qk_rmsnorm=True, attn_value_rmsnorm=True),
+         zero_grad=("pre_norm.g", "encoder.attn_layers.final_norm.g"))
 
 # issue 20's second half, few features on the kinds where they add a property to check (the decoder:
 # cache agreement; a cross-attention variant on the cross kind), keywords that combine freely in one
