@@ -1,5 +1,5 @@
-"""The conflict table is one declared table: every entry is declared in conflicts.py, none from
-the modules whose keywords it names."""
+"""The conflict table is one declared table: every entry is declared in the conflicts package
+(its data modules), none from the modules whose keywords it names."""
 
 import ast
 import pathlib
@@ -10,15 +10,15 @@ from x_transformers import conflicts, heads
 SRC = pathlib.Path(x_transformers.__file__).parent
 
 
-def test_entries_are_declared_only_in_conflicts_py():
+def test_entries_are_declared_only_in_the_conflicts_package():
     declaring = []
-    for path in sorted(SRC.glob("*.py")):
-        if path.name == "conflicts.py":
+    for path in sorted(SRC.rglob("*.py")):
+        if path.parent.name == "conflicts":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "declare":
                 declaring.append(f"{path.name}:{node.lineno}")
-    assert not declaring, f"conflict entries declared outside conflicts.py: {declaring}"
+    assert not declaring, f"conflict entries declared outside the conflicts package: {declaring}"
 
 
 def test_pooling_alternatives_are_the_heads_modules():

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from .hub import Pretrained
 from .loss import chunked_cross_entropy, head_weight
 from .cache import Intermediates, KVCache, StaticKVCache
-from .checks import check_context, check_finite
+from .checks import check_context, check_finite, refuse_upstream
 from .decoding import GenerationConfig, _static_len, compiled_decoder, conditioned, decode_step, left_pad, prefill
 from .sampling import get_filter, sample
 from .positional import AbsolutePositionalEmbedding
-from .wrappers import TransformerWrapper, refuse_upstream
+from .wrappers import TransformerWrapper
 
 
 # upstream AutoregressiveWrapper keywords of features absent here: accepted at their default only

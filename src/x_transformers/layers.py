@@ -11,7 +11,7 @@ Legend: b batch, n new tokens, m all keys (cached included), h heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -27,84 +27,11 @@ from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, PolarEmbedding, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .hyper import GatedMultiResidual, HyperResidual
+from .layout import LayerSpec, attn_to_ff, build_layout, par_layout, unit_length  # noqa: F401 - importable from here
 from .residual import Residual, shift_amounts
 from .residual_updates import make_update
 from .reversible import ReversibleStack
 from .value_residual import ValueResidual
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    kind: str  # "a" self-attention, "c" cross-attention, "f" feed-forward
-    scale: float = 1.0  # residual branch scale (0.5 for macaron's half-step feed-forwards)
-
-    def __str__(self):
-        return self.kind if self.scale == 1.0 else f"{self.kind}*{self.scale:g}"
-
-
-def build_layout(cfg: LayersConfig, depth: int | None = None) -> tuple[LayerSpec, ...]:
-    """Resolve the layout keywords into the explicit sequence of blocks (``depth`` units, default
-    cfg.depth). ``only_attn`` drops the feed-forwards of whatever layout the others make."""
-    layout = _layout(cfg, cfg.depth if depth is None else depth)
-    return tuple(s for s in layout if s.kind != "f") if cfg.only_attn else layout
-
-
-def unit_length(cfg: LayersConfig) -> int:
-    """Blocks per repeated unit (``a f``, ``a c f``, macaron's ``f a f``); 1 for the layouts that
-    are not repeated units (custom_layers, sandwich_coef) and under top_attn_to_ff."""
-    if cfg.custom_layers is not None or cfg.sandwich_coef is not None or cfg.par_ratio is not None \
-            or cfg.top_attn_to_ff:
-        return 1
-    return len(build_layout(cfg, depth=1))
-
-
-def _layout(cfg: LayersConfig, depth: int) -> tuple[LayerSpec, ...]:
-    attn = ("c",) if cfg.only_cross else ("a", "c") if cfg.cross_attend else ("a",)
-    if cfg.custom_layers is not None:
-        layout = tuple(LayerSpec(k) for k in cfg.custom_layers)
-    elif cfg.par_ratio is not None:
-        layout = tuple(LayerSpec(k) for k in par_layout(attn, depth * (len(attn) + 1), cfg.par_ratio))
-    elif cfg.sandwich_coef is not None:  # 1911.03864: k attentions first, k feed-forwards last
-        k = cfg.sandwich_coef
-        unit = ("f",) + attn + ("f",) if cfg.macaron else attn + ("f",)  # macaron's unit in the middle
-        kinds = attn * k + unit * (depth - k) + ("f",) * k
-        half = 0.5 if cfg.macaron else 1.0  # with macaron every feed-forward is a half step, as upstream
-        layout = tuple(LayerSpec(x, half if x == "f" else 1.0) for x in kinds)
-    elif cfg.macaron:  # 1906.02762: half-step FF, attention, half-step FF
-        layout = ((LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)) * depth
-    else:
-        layout = tuple(LayerSpec(x) for x in attn + ("f",)) * depth
-    return attn_to_ff(layout, cfg.top_attn_to_ff)
-
-
-def par_layout(attn: tuple[str, ...], total: int, ratio: int) -> tuple[str, ...]:
-    """Sandwich-style "PAR" layout (1911.03864's attention-first reordering): of ``total`` blocks,
-    total // ratio attention units spread over the bottom two thirds, each followed by
-    feed-forwards, then feed-forwards only (upstream's par_ratio)."""
-    if not 1 < ratio <= total:
-        raise ValueError(f"par_ratio ({ratio}) must lie in (1, {total}], {total} being depth times the blocks per layer")
-    n_attn = total // ratio
-    cut = total * 2 // 3
-    width = (cut + cut // n_attn) // n_attn
-    if width < len(attn):
-        raise ValueError(f"par_ratio ({ratio}) leaves {width} blocks per attention unit, fewer than its "
-                         f"{len(attn)} attention blocks; lower par_ratio")
-    head = (attn + ("f",) * (width - len(attn))) * n_attn
-    return head + ("f",) * (total - len(head))
-
-
-def attn_to_ff(layout: tuple[LayerSpec, ...], n: int) -> tuple[LayerSpec, ...]:
-    """2005.13895: the top (last) n self-attention blocks of any layout become feed-forwards;
-    cross-attention stays. On ``a f`` units that is the top n layers' attention; on a sandwich or
-    custom layout, its last n ``a`` blocks."""
-    if not n:
-        return layout
-    where = [i for i, s in enumerate(layout) if s.kind == "a"]
-    if n > len(where):
-        raise ValueError(f"top_attn_to_ff ({n}) must be at most the number of self-attention blocks of the "
-                         f"layout ({len(where)}: {' '.join(str(s) for s in layout)})")
-    top = set(where[len(where) - n:])
-    return tuple(LayerSpec("f") if i in top else s for i, s in enumerate(layout))
 
 
 def drop_context_tokens(ctx: ForwardContext, p: float) -> ForwardContext:

@@ -222,7 +222,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         """
         if return_next_embed_pred and self.to_next_embed_pred is None:
             raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
-        refuse_upstream(upstream, "TransformerWrapper.forward")
+        checks.refuse_upstream(upstream, "TransformerWrapper.forward")
         if causal is not None and causal != getattr(self.attn_layers, "causal", None):
             raise ValueError(f"causal={causal!r} at forward: causality is fixed when the stack is built here "
                              f"(Decoder causal, Encoder not); build the other stack instead")
@@ -578,33 +578,6 @@ def _drop_cached(t, offset: int):
     if isinstance(t, dict):
         return {k: _drop_cached(v, offset) for k, v in t.items()}
     return t[offset:] if t.ndim == 1 else t[:, offset:]
-
-
-# upstream x-transformers' forward keywords of features this package does not have: why, in a line
-UPSTREAM_ABSENT = {
-    **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
-                     "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
-    **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
-    "return_next_embed_pred": "the continuous next-embedding head is not implemented",
-    **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no per-call keywords "
-                    "here (bind them in your module)"),
-    "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
-    **dict.fromkeys(("cache_age", "seq_pos_offset"), "the new tokens are those after the cache's cache_length"),
-    **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "context_pos", "in_attn_cond",
-                     "layers_execute_order", "repeat_blocks", "self_attn_additional_kv", "additional_kv_mask",
-                     "self_attn_kv_residuals", "cross_attn_kv_residuals", "flash_pack_seq_kwargs",
-                     "flash_pack_seq_context_kwargs", "return_hiddens", "deep_embeds_and_ids"),
-                    "this per-call input of upstream's layer stack is not supported here"),
-}
-
-
-def refuse_upstream(kwargs: dict, where: str):
-    """Raise a TypeError for the first keyword left over: an upstream one of a feature absent here
-    (saying so), or an unknown one."""
-    for key in kwargs:
-        if key in UPSTREAM_ABSENT:
-            raise TypeError(f"{where}: upstream x-transformers' keyword {key!r} is not supported: {UPSTREAM_ABSENT[key]}")
-        raise TypeError(f"{where} got an unexpected keyword {key!r}")
 
 
 def stack_settings(attn_layers) -> dict:
