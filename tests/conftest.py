@@ -1,7 +1,30 @@
 """Session-wide reporting for the property harness: per-property counts, pair coverage, refusals
-and the fuzz counts, printed at the end of every run that used the harness."""
+and the fuzz counts, printed at the end of every run that used the harness; and the fixtures more
+than one test file uses."""
 
 import sys
+
+import pytest
+
+
+@pytest.fixture
+def flex_on_cpu(monkeypatch):
+    """Lift the CUDA check and run eager flex_attention (forward only on CPU) instead of the compiled
+    one; returns a count of the block masks built."""
+    from x_transformers import flex
+
+    base = flex.FlexBackend.not_supported_reasons
+    monkeypatch.setattr(flex.FlexBackend, "not_supported_reasons",
+                        lambda self, req: [r for r in base(self, req) if "CUDA" not in r])
+    monkeypatch.setattr(flex, "compiled_flex_attention", lambda: flex.flex_attention)
+    calls = {"create_block_mask": 0}
+    real = flex.create_block_mask
+
+    def counting(*args, **kwargs):
+        calls["create_block_mask"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(flex, "create_block_mask", counting)
+    return calls
 
 
 def pytest_terminal_summary(terminalreporter):

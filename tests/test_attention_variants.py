@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from x_transformers import CrossAttender, Decoder, Encoder, FunnelEncoder, TransformerWrapper, XTransformer, flex
+from x_transformers import CrossAttender, Decoder, Encoder, FunnelEncoder, TransformerWrapper, XTransformer
 from x_transformers.attend import AttendRequest, BackendNotSupported, attend, choose_backend, rejection_reasons
 from x_transformers.cache import KVCache
 from x_transformers.config import ConfigConflictError
@@ -170,15 +169,6 @@ def test_dispatch_reasons_name_the_variant():
     assert choose_backend(window).name == "sdpa"  # on CPU; a bool mask
     with pytest.raises(BackendNotSupported, match="softcapping"):
         attend(q, k, v, softclamp=5.0, force_backend="sdpa")
-
-
-@pytest.fixture
-def flex_on_cpu(monkeypatch):
-    """The CUDA check lifted and eager flex_attention (forward only on CPU) for the compiled one."""
-    base = flex.FlexBackend.not_supported_reasons
-    monkeypatch.setattr(flex.FlexBackend, "not_supported_reasons",
-                        lambda self, req: [r for r in base(self, req) if "CUDA" not in r])
-    monkeypatch.setattr(flex, "compiled_flex_attention", lambda: flex.flex_attention)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -111,23 +111,6 @@ def test_flex_reasons_name_each_unsupported_feature():
         assert any(words in r for r in reasons(AttendRequest(q=q, k=k, v=v, score_mod=sm, **{field: value}))), field
 
 
-@pytest.fixture
-def flex_on_cpu(monkeypatch):
-    """Lift the CUDA check and run eager flex_attention (forward only on CPU) instead of the compiled one."""
-    base = flex.FlexBackend.not_supported_reasons
-    monkeypatch.setattr(flex.FlexBackend, "not_supported_reasons",
-                        lambda self, req: [r for r in base(self, req) if "CUDA" not in r])
-    monkeypatch.setattr(flex, "compiled_flex_attention", lambda: flex.flex_attention)
-    calls = {"create_block_mask": 0}
-    real = flex.create_block_mask
-
-    def counting(*args, **kwargs):
-        calls["create_block_mask"] += 1
-        return real(*args, **kwargs)
-    monkeypatch.setattr(flex, "create_block_mask", counting)
-    return calls
-
-
 def test_dispatch_prefers_flex_where_measured_faster(flex_on_cpu):
     q, k, v = qkv()
     q_pos, k_pos, _ = padded_positions(n=8)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import score_variants
 
@@ -229,17 +230,12 @@ def _efficient_kernel(q, k, v, bias, compute_lse: bool, dropout: float, scale):
 # would plan 256 times for 256 tokens (16 s at the GPT-2-small shape, issue 22). Queries against a
 # longer cache (n != m) therefore take flash / memory-efficient / math, which need no plan.
 # XT_DECODE_SDPA_ALL_BACKENDS=1 keeps cuDNN there (the benchmark's comparison).
-_PLAN_FREE = None
+_PLAN_FREE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _no_cudnn_planning(q: Tensor, n: int, m: int):
-    global _PLAN_FREE
     if n == m or not q.is_cuda or torch.compiler.is_compiling() or os.environ.get("XT_DECODE_SDPA_ALL_BACKENDS") == "1":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if _PLAN_FREE is None:
-        _PLAN_FREE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return sdpa_kernel(_PLAN_FREE)
 
 
