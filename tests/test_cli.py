@@ -478,3 +478,15 @@ def test_generate_on_a_folder_with_a_broken_config_names_the_file(capsys, tmp_pa
     (tmp_path / "hf" / "config.json").write_text("{not json")
     err = one_line_error(capsys, "generate", tmp_path / "hf")
     assert "config.json is not valid JSON" in err
+
+
+def test_sample_tokens_zero_evaluates_without_a_sample(tmp_path, capsys):
+    """--sample-tokens 0 (allowed by the config's check) skips the evaluation's sample: the
+    validation numbers are still logged, and no 'sample:' line is printed."""
+    args = (*TINY, "--max-steps", 2, "--eval-every", 1, "--save-every", 100, "--sample-tokens", 0)
+    assert cli("train", *args, "--out", tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and "sample:" not in out
+    vals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line).get("kind") == "val"]
+    assert [v["step"] for v in vals] == [0, 1, 2] and all(v["val_loss"] > 0 and "sample" not in v for v in vals)

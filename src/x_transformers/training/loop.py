@@ -355,7 +355,8 @@ class Trainer:
             self.metrics.log({"kind": "val", "step": self.step, **ev})
             extra = f", exact match {ev['val_exact_match']:.3f}" if "val_exact_match" in ev else ""
             say(f"step {self.step}: val loss {ev['val_loss']:.4f}, val bits/byte {ev['val_bpb']:.4f}{extra}")
-            say(f"sample: {text!r}")
+            if text is not None:
+                say(f"sample: {text!r}")
             evals.append(ev)
             if ev["val_loss"] < self.best:
                 self.best, self.stale = ev["val_loss"], 0
@@ -437,7 +438,8 @@ def evaluate(model, data, cfg: TrainConfig, env: Env, step: int = 0) -> dict:
     out = {"val_loss": loss, "val_bpb": bits_per_byte(loss, data.bytes_per_token)}
     if isinstance(data, TaskData):
         out["val_exact_match"] = env.mean(correct / seen)
-    out["sample"] = sample_text(model, data, cfg, env, step)
+    # sample_tokens 0 asks for no sample (the evaluation's other numbers stay)
+    out["sample"] = sample_text(model, data, cfg, env, step) if cfg.sample_tokens else None
     return out
 
 
