@@ -39,7 +39,9 @@ def run(variant: str, out: Path, steps: int) -> int:
     cmd = [sys.executable, "-m", "x_transformers", "train", *train_args(steps), *VARIANTS[variant],
            "--out", str(out / variant)]
     print(" ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    rc = subprocess.call(cmd)
+    (out / variant / "versions.json").write_text(json.dumps(versions()) + "\n")  # the card that ran it
+    return rc
 
 
 def read(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -82,8 +84,10 @@ def report(out: Path, path: Path | None) -> dict:
         r["train_loss_rel_diff"] = round(r["train_loss_last100"] / base["train_loss_last100"] - 1, 5)
         r["speed_vs_bf16"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
         r["within_1pct"] = bool(common) and abs(r["val_loss_rel_diff"][common[-1]]) <= 0.01
+    ran = out / "bf16" / "versions.json"  # the report may run elsewhere than the runs
+    where = json.loads(ran.read_text()) if ran.exists() else versions()
     result = dict(benchmark="fp8 vs bf16 loss over training, xtransformers train --preset 1b --compile",
-                  args=train_args(base["steps"]), **versions(), runs=runs)
+                  args=train_args(base["steps"]), **where, runs=runs)
     text = json.dumps(result, indent=1)
     print(text)
     if path is not None:
