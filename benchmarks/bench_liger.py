@@ -20,6 +20,7 @@ Needs a CUDA GPU and liger-kernel (``pip install liger-kernel``; offline: its wh
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -153,7 +154,7 @@ def main() -> int:
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_liger needs a CUDA GPU: liger-kernel's kernels are Triton kernels")
-    import liger_kernel
+    import liger_kernel  # noqa: F401  (a clear ImportError before any work)
 
     rows = op_rows() + step_rows()
     best = {}
@@ -162,7 +163,7 @@ def main() -> int:
             best[r["op"]] = r
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
     out = dict(benchmark="liger-kernel vs inductor, forward + backward, bf16", card=torch.cuda.get_device_name(),
-               torch=torch.__version__, liger_kernel=getattr(liger_kernel, "__version__", None),
+               torch=torch.__version__, liger_kernel=importlib.metadata.version("liger-kernel"),
                python=platform.python_version(), commit=os.environ.get("XT_COMMIT", commit),
                shape=dict(batch=B, seq=T, dim=D, heads=H, kv_heads=KV, dim_head=DH, ff_hidden=HID, vocab=V),
                rows=rows, fastest={op: r["variant"] for op, r in best.items()})
