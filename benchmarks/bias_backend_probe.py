@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -17,8 +18,9 @@ import subprocess
 import torch
 
 from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
-from x_transformers import attend as attend_module
 from x_transformers.attend import attend_backend
+
+attend_module = importlib.import_module("x_transformers.attend")
 
 B, T = 16, 1024
 CASES = {"plain": {}, "alibi": dict(alibi_pos_bias=True), "t5": dict(rel_pos_bias=True)}
