@@ -43,14 +43,14 @@ def picked_backend(lm, x) -> list[str]:
     return sorted(set(seen))
 
 
-def step_ms(label: str, kw: dict, force: str | None) -> dict:
+def step_ms(label: str, kw: dict, force: str | None, compiled: bool = True) -> dict:
     torch.manual_seed(0)
     torch._dynamo.reset()
     lm = TransformerWrapper(num_tokens=50304, max_seq_len=T, attn_layers=Decoder(dim=768, depth=12, heads=12, **kw)).cuda()
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, 50304, (B, T + 1), device="cuda")
     picked = picked_backend(lm, x) if force is None else [force]
-    model = torch.compile(AutoregressiveWrapper(lm))
+    model = torch.compile(AutoregressiveWrapper(lm)) if compiled else AutoregressiveWrapper(lm)
     ctx = attend_backend(force) if force else contextlib.nullcontext()
     times = []
     with ctx:
@@ -66,7 +66,7 @@ def step_ms(label: str, kw: dict, force: str | None) -> dict:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
     ms = sorted(times[3:])[len(times[3:]) // 2]
-    row = dict(case=label, backend=force or "auto", picked=picked, ms=round(ms, 2), tokens_per_s=round(B * T / ms * 1e3))
+    row = dict(case=label, mode="compiled" if compiled else "eager", backend=force or "auto", picked=picked, ms=round(ms, 2), tokens_per_s=round(B * T / ms * 1e3))
     print(row, flush=True)
     return row
 
@@ -74,19 +74,22 @@ def step_ms(label: str, kw: dict, force: str | None) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json")
+    p.add_argument("--cases", default="alibi,t5", help="biases to probe, from " + ", ".join(CASES))
+    p.add_argument("--modes", default="compiled", help="compiled and/or eager")
     a = p.parse_args()
-    rows = [step_ms("plain", {}, None)]
-    for label in ("alibi", "t5"):
-        for force in (None, "flex", "sdpa"):
+    modes = [m == "compiled" for m in a.modes.split(",")]
+    rows = [step_ms("plain", {}, None, compiled) for compiled in modes]
+    for label in a.cases.split(","):
+        for force, compiled in [(f, c) for c in modes for f in (None, "flex", "sdpa")]:
             try:
-                rows.append(step_ms(label, CASES[label], force))
+                rows.append(step_ms(label, CASES[label], force, compiled))
             except Exception as e:  # a forced backend that cannot run this request: say so
-                rows.append(dict(case=label, backend=force, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                rows.append(dict(case=label, mode="compiled" if compiled else "eager", backend=force, error=f"{type(e).__name__}: {str(e)[:300]}"))
                 print(rows[-1], flush=True)
-    plain = rows[0]["ms"]
+    plain = {r["mode"]: r["ms"] for r in rows if r["case"] == "plain"}
     for r in rows:
         if "ms" in r:
-            r["cost_vs_plain"] = round(r["ms"] / plain, 3)
+            r["cost_vs_plain"] = round(r["ms"] / plain[r["mode"]], 3)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
     out = dict(benchmark="compiled AutoregressiveWrapper step, ALiBi / T5 bias by attention backend",
                shape=dict(vocab=50304, dim=768, depth=12, heads=12, batch=B, seq=T), card=torch.cuda.get_device_name(),
