@@ -111,11 +111,17 @@ def test_flex_reasons_name_each_unsupported_feature():
         assert any(words in r for r in reasons(AttendRequest(q=q, k=k, v=v, score_mod=sm, **{field: value}))), field
 
 
-def test_dispatch_prefers_flex_where_measured_faster(flex_on_cpu):
+def test_dispatch_prefers_flex_where_measured_faster(flex_on_cpu, monkeypatch):
     q, k, v = qkv()
     q_pos, k_pos, _ = padded_positions(n=8)
     alibi = AttendRequest(q=q, k=k, v=v, causal=True, score_mod=AlibiPositionalBias(4).score_mod(q_pos, k_pos))
     t5 = AttendRequest(q=q, k=k, v=v, causal=True, score_mod=T5RelativePositionBias(4, causal=True).score_mod(q_pos, k_pos))
+    # no bias scheme is measured faster on flex in the training step users run (ALiBi was, as an op)
+    assert choose_backend(alibi).name == "sdpa"
+    assert any("not measured faster" in r for r in rejection_reasons(alibi)["flex"])
+    assert choose_backend(alibi, "flex").name == "flex"
+    # the rule itself: a scheme that declares itself faster on flex gets it
+    monkeypatch.setattr(type(alibi.score_mod), "prefer_flex", True)
     assert choose_backend(alibi).name == "flex"
     assert choose_backend(t5).name == "sdpa"  # flex can, but was not measured faster: only when forced
     assert any("not measured faster" in r for r in rejection_reasons(t5)["flex"])
@@ -170,8 +176,8 @@ def test_model_on_flex_path_skips_dense_bias_and_builds_one_block_mask(flex_on_c
     materialised = []
     real = type(model.rel_pos).forward
     monkeypatch.setattr(type(model.rel_pos), "forward", lambda self, *a: materialised.append(1) or real(self, *a))
-    with torch.no_grad():
-        got = model(x, mask)  # auto dispatch: flex for ALiBi
+    with torch.no_grad(), attend_backend("flex"):
+        got = model(x, mask)  # flex: the bias as a score_mod
     assert materialised == []  # the (b, h, n, m) bias was never built
     assert flex_on_cpu["create_block_mask"] == 1  # one block mask shared by the 3 layers
     torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-5)

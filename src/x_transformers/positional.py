@@ -445,7 +445,11 @@ class DenseScoreMod(ScoreMod):
 
 class AlibiScoreMod(ScoreMod):
     name = "alibi"
-    prefer_flex = True  # H200, b16 h12 n1024 bf16 fwd+bwd: flex 0.96 ms, SDPA float bias 1.52 ms
+    # The attention op alone is faster on flex (H200, b16 h12 n1024 bf16 fwd+bwd: 0.96 ms against
+    # SDPA's float bias 1.52 ms), but the training step users run is not: the compiled
+    # AutoregressiveWrapper at the GPT-2-small shape takes 45 ms a step on SDPA and 49-70 ms on flex
+    # (eager: 52 / 50-52 ms), benchmarks/results/bias_backend_probe*_h200.json. So SDPA by default.
+    prefer_flex = False
 
     def __init__(self, module: "AlibiPositionalBias", q_pos, k_pos):
         super().__init__(q_pos, k_pos)
