@@ -70,7 +70,10 @@ class Attention(nn.Module):
         self.to_k = None if self.shared_qk else nn.Linear(dim_kv_in, (self.kv_heads - r) * d, bias=cfg.bias)
         self.to_v = nn.Linear(dim_kv_in, self.kv_heads * e, bias=cfg.bias)
         self.dim_out = dim_out = cfg.dim_out or dim
-        inner = heads * e
+        # belief attention: the output's parts orthogonal to the query's own value, one per option
+        self.orthog = tuple(name for name, on in (("all", cfg.orthog_projected_values),
+                                                  ("head", cfg.orthog_projected_values_per_head)) if on and not cross)
+        inner = heads * e * max(1, len(self.orthog))
         if cfg.project_out is False:  # the heads' concatenation is the output
             if inner != dim_out:
                 raise ValueError(f"attn_project_out=False leaves the heads' output ({heads} heads x {e} = {inner}) "
@@ -284,6 +287,7 @@ class Attention(nn.Module):
                 v = self.to_v_norm(v)
             if value_residual is not None:  # (after the value norm: what a cross-attention caches)
                 v = value_residual.mix(kind, v, x, self.value_mix)
+            own_v = v if self.orthog and kv is None else None  # (b, g, n, e) the new tokens' own values
             if self.qk_norm and not self.shared_qk:
                 k = self._unit(k) if self.k_gain is None else self._unit(k) * self.k_gain.to(k.dtype)
             if rotary is not None and not self.cross:
@@ -375,11 +379,30 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)
         if self.gates is not None:
             out = self.gates(x, out)
+        if self.orthog:
+            if kv is not None:  # a funnel's pooled queries: their own values from x itself
+                own_v = _heads(self._values(x), g)
+                own_v = self.to_v_norm(own_v) if self.to_v_norm is not None else own_v
+            out = self._orthogonal(out, own_v)
         if self.to_out is not None:
             out = self.to_out(out)
         if self.sublayer_dropout is not None:
             out = self.sublayer_dropout(out)
         return out, weights
+
+    def _orthogonal(self, out, own_v):
+        """out (b, n, h*e) -> (b, n, len(orthog)*h*e): out minus its projection on each query's own
+        value (b, g, n, e), over all heads' channels ("all") and per head ("head"), in float32 at least."""
+        h, b, n = self.heads, out.shape[0], out.shape[1]
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        v = own_v.repeat_interleave(h // own_v.shape[1], dim=1).transpose(1, 2).to(dtype)  # (b, n, h, e)
+        o = out.view(b, n, h, -1).to(dtype)
+        parts = []
+        for over in self.orthog:
+            flat = (-2, -1) if over == "all" else (-1,)
+            unit = v / v.pow(2).sum(dim=flat, keepdim=True).sqrt().clamp(min=1e-12)
+            parts.append((o - (o * unit).sum(dim=flat, keepdim=True) * unit).reshape(b, n, -1))
+        return torch.cat(parts, dim=-1).to(out.dtype)
 
     def _memory_kv(self, mem, rotary):
         """Keys and values (b, g, m_mem, d) of Transformer-XL memory, through the same projections,
