@@ -226,7 +226,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
                 kv=None, kv_rotary=None, positions=None, value_residual=None, query_mask=None, residual_scores=None,
-                polar=None, mem=None, mem_rotary=None):
+                polar=None, mem=None, mem_rotary=None, kv_residual=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
@@ -245,6 +245,8 @@ class Attention(nn.Module):
         mem (b, m_mem, dim): Transformer-XL memory (1901.02860), normed hidden states of the previous
         segment whose keys/values go ahead of all others (cached ones included), rotated by
         ``mem_rotary``; ``mask`` and ``positions`` cover them already.
+        kv_residual (b, n|1, dim): added to the new tokens' key/value input, not to the queries'
+        (upstream's self_attn_kv_residuals; the Free Transformer's latent, 2510.17558).
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
         """
         if kv is not None and (self.cross or cache is not None):
@@ -255,11 +257,14 @@ class Attention(nn.Module):
         if self.selective and cache is not None:
             raise ValueError("attn_selective: a token's gate on a key sums the earlier queries' scores for it, "
                              "which a key/value cache does not keep; decode without a cache (cache_kv=False)")
+        if kv_residual is not None and (self.cross or kv is not None or self.shared_qk):
+            raise ValueError("a key/value input residual is for plain self-attention: not with cross-attention, a "
+                             "funnel's pooled queries or attn_shared_qk (whose keys are the queries)")
         h, g = self.heads, self.kv_heads
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         # one product over the three weights, unless a projection is not a plain Linear (FP8's Float8Linear,
         # an adapter): then each runs its own forward
-        fuse = self.fused and kv is None and type(self.to_q) is type(self.to_k) is type(self.to_v) is nn.Linear
+        fuse = self.fused and kv is None and kv_residual is None and type(self.to_q) is type(self.to_k) is type(self.to_v) is nn.Linear
         qkv = self._fused_qkv(x) if fuse else None
         q = _heads(qkv[0] if qkv else self._query(x), h)  # (b, h, n, d)
         if self.to_q_norm is not None:
@@ -273,7 +278,7 @@ class Attention(nn.Module):
             if value_residual is not None and not value_residual.seen(kind):
                 value_residual.store(kind, v)  # the first cross-attention's cached values are its own
         else:
-            src = context if self.cross else x if kv is None else kv
+            src = context if self.cross else kv if kv is not None else x if kv_residual is None else x + kv_residual
             # shared-QK (Reformer): the keys are the queries scaled to unit length; queries keep their norm
             # (over kv=, a funnel's pooled queries: the keys are the unpooled sequence's queries)
             if self.shared_qk:
