@@ -462,6 +462,8 @@ DEVIATIONS = {
     "branch-scale-after-sandwich": _branch_scale_after_sandwich, "gru-skip-constant": _gru_skip_constant,
     "xpos-uncentred": _xpos_uncentred,
     "orthog-per-token": lambda: _earlier_outputs_ignore_later_tokens(orthog_residual=True),
+    "orthog-values-per-token": lambda: _earlier_outputs_ignore_later_tokens(
+        attn_orthog_projected_values=True, attn_orthog_projected_values_per_head=True),
     "mv-split-prefix-mean": lambda: _earlier_outputs_ignore_later_tokens(mv_split_residual=True),
     "mla-cache": _mla_cache,
 }

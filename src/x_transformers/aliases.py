@@ -91,7 +91,6 @@ _ATTN_NOT_YET = dict(
     data_dependent_alibi=False, data_dependent_alibi_per_row=False, data_dependent_alibi_per_row_dim_head=8,
     data_dependent_alibi_kwargs={}, use_cope=False, cope_max_pos=16, cope_soft_onehot_pos=False,
     cope_talking_heads=False,
-    orthog_projected_values=False, orthog_projected_values_per_head=False,
     qkv_receive_diff_residuals=False,
     onnxable=False,
     attend_sdp_kwargs=dict(enable_flash=True, enable_math=True, enable_mem_efficient=True), flash_pack_seq=False,

@@ -70,7 +70,10 @@ class Attention(nn.Module):
         self.to_k = None if self.shared_qk else nn.Linear(dim_kv_in, (self.kv_heads - r) * d, bias=cfg.bias)
         self.to_v = nn.Linear(dim_kv_in, self.kv_heads * e, bias=cfg.bias)
         self.dim_out = dim_out = cfg.dim_out or dim
-        inner = heads * e
+        # belief attention: the output's parts orthogonal to the query's own value, one per option
+        self.orthog = tuple(name for name, on in (("all", cfg.orthog_projected_values),
+                                                  ("head", cfg.orthog_projected_values_per_head)) if on and not cross)
+        inner = heads * e * max(1, len(self.orthog))
         if cfg.project_out is False:  # the heads' concatenation is the output
             if inner != dim_out:
                 raise ValueError(f"attn_project_out=False leaves the heads' output ({heads} heads x {e} = {inner}) "
@@ -223,7 +226,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
                 kv=None, kv_rotary=None, positions=None, value_residual=None, query_mask=None, residual_scores=None,
-                polar=None, mem=None, mem_rotary=None):
+                polar=None, mem=None, mem_rotary=None, kv_residual=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
@@ -242,6 +245,8 @@ class Attention(nn.Module):
         mem (b, m_mem, dim): Transformer-XL memory (1901.02860), normed hidden states of the previous
         segment whose keys/values go ahead of all others (cached ones included), rotated by
         ``mem_rotary``; ``mask`` and ``positions`` cover them already.
+        kv_residual (b, n|1, dim): added to the new tokens' key/value input, not to the queries'
+        (upstream's self_attn_kv_residuals; the Free Transformer's latent, 2510.17558).
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
         """
         if kv is not None and (self.cross or cache is not None):
@@ -252,11 +257,14 @@ class Attention(nn.Module):
         if self.selective and cache is not None:
             raise ValueError("attn_selective: a token's gate on a key sums the earlier queries' scores for it, "
                              "which a key/value cache does not keep; decode without a cache (cache_kv=False)")
+        if kv_residual is not None and (self.cross or kv is not None or self.shared_qk):
+            raise ValueError("a key/value input residual is for plain self-attention: not with cross-attention, a "
+                             "funnel's pooled queries or attn_shared_qk (whose keys are the queries)")
         h, g = self.heads, self.kv_heads
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         # one product over the three weights, unless a projection is not a plain Linear (FP8's Float8Linear,
         # an adapter): then each runs its own forward
-        fuse = self.fused and kv is None and type(self.to_q) is type(self.to_k) is type(self.to_v) is nn.Linear
+        fuse = self.fused and kv is None and kv_residual is None and type(self.to_q) is type(self.to_k) is type(self.to_v) is nn.Linear
         qkv = self._fused_qkv(x) if fuse else None
         q = _heads(qkv[0] if qkv else self._query(x), h)  # (b, h, n, d)
         if self.to_q_norm is not None:
@@ -270,7 +278,7 @@ class Attention(nn.Module):
             if value_residual is not None and not value_residual.seen(kind):
                 value_residual.store(kind, v)  # the first cross-attention's cached values are its own
         else:
-            src = context if self.cross else x if kv is None else kv
+            src = context if self.cross else kv if kv is not None else x if kv_residual is None else x + kv_residual
             # shared-QK (Reformer): the keys are the queries scaled to unit length; queries keep their norm
             # (over kv=, a funnel's pooled queries: the keys are the unpooled sequence's queries)
             if self.shared_qk:
@@ -284,6 +292,7 @@ class Attention(nn.Module):
                 v = self.to_v_norm(v)
             if value_residual is not None:  # (after the value norm: what a cross-attention caches)
                 v = value_residual.mix(kind, v, x, self.value_mix)
+            own_v = v if self.orthog and kv is None else None  # (b, g, n, e) the new tokens' own values
             if self.qk_norm and not self.shared_qk:
                 k = self._unit(k) if self.k_gain is None else self._unit(k) * self.k_gain.to(k.dtype)
             if rotary is not None and not self.cross:
@@ -375,11 +384,30 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)
         if self.gates is not None:
             out = self.gates(x, out)
+        if self.orthog:
+            if kv is not None:  # a funnel's pooled queries: their own values from x itself
+                own_v = _heads(self._values(x), g)
+                own_v = self.to_v_norm(own_v) if self.to_v_norm is not None else own_v
+            out = self._orthogonal(out, own_v)
         if self.to_out is not None:
             out = self.to_out(out)
         if self.sublayer_dropout is not None:
             out = self.sublayer_dropout(out)
         return out, weights
+
+    def _orthogonal(self, out, own_v):
+        """out (b, n, h*e) -> (b, n, len(orthog)*h*e): out minus its projection on each query's own
+        value (b, g, n, e), over all heads' channels ("all") and per head ("head"), in float32 at least."""
+        h, b, n = self.heads, out.shape[0], out.shape[1]
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        v = own_v.repeat_interleave(h // own_v.shape[1], dim=1).transpose(1, 2).to(dtype)  # (b, n, h, e)
+        o = out.view(b, n, h, -1).to(dtype)
+        parts = []
+        for over in self.orthog:
+            flat = (-2, -1) if over == "all" else (-1,)
+            unit = v / v.pow(2).sum(dim=flat, keepdim=True).sqrt().clamp(min=1e-12)
+            parts.append((o - (o * unit).sum(dim=flat, keepdim=True) * unit).reshape(b, n, -1))
+        return torch.cat(parts, dim=-1).to(out.dtype)
 
     def _memory_kv(self, mem, rotary):
         """Keys and values (b, g, m_mem, d) of Transformer-XL memory, through the same projections,

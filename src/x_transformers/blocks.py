@@ -62,6 +62,9 @@ class ForwardContext:
     mem_rotary: tuple[Tensor, Tensor] | None = None
     hiddens: list | None = None
     values: object | None = None  # a ValueResidual (value_residual.py): the first attentions' values
+    # per block: (b, n|1, dim) added to a self-attention block's key/value input (not its queries), or
+    # None (upstream's self_attn_kv_residuals; the Free Transformer's latent, 2510.17558)
+    kv_residuals: tuple | None = None
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
@@ -98,12 +101,31 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
                     kv_rotary=ctx.kv_rotary, need_weights=ctx.need_weights)
     out = dict(mask=ctx.self_mask, rotary=ctx.rotary, score_mod=ctx.score_mod, cache=cache,
                need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions), **extra)
+    if ctx.kv_residuals is not None and ctx.kv_residuals[i] is not None:
+        out["kv_residual"] = ctx.kv_residuals[i]
     if ctx.polar_angles is not None:
         out["polar"] = (ctx.polar_angles, ctx.polar_bias)
     if ctx.mems is not None and ctx.mems[i] is not None:
         mem, mask = ctx.mems[i]  # the block's memory and its mask over (memory, keys)
         out.update(mem=mem, mem_rotary=ctx.mem_rotary, mask=mask)
     return out if ctx.self_scores is None else dict(out, residual_scores=ctx.self_scores)
+
+
+def kv_residuals_per_block(layout, residuals: Tensor, b: int, n: int, dim: int) -> tuple:
+    """Upstream's ``self_attn_kv_residuals``: (b, n|1, dim), for the first self-attention block, or
+    (L, b, n|1, dim), the l-th for the l-th -> one entry per block of the layout (None: none)."""
+    if not isinstance(residuals, Tensor) or not residuals.is_floating_point() or residuals.ndim not in (3, 4):
+        raise ValueError(f"self_attn_kv_residuals must be a float tensor (b, n|1, dim) or (L, b, n|1, dim), got "
+                         f"{getattr(residuals, 'dtype', type(residuals).__name__)} "
+                         f"{tuple(getattr(residuals, 'shape', ()))}")
+    residuals = residuals[None] if residuals.ndim == 3 else residuals
+    count = sum(spec.kind == "a" for spec in layout)
+    if residuals.shape[0] > count or residuals.shape[1] != b or residuals.shape[2] not in (1, n) \
+            or residuals.shape[3] != dim:
+        raise ValueError(f"self_attn_kv_residuals must be (L <= {count} self-attention blocks, b={b}, n={n} or 1, "
+                         f"dim={dim}), got {tuple(residuals.shape)}")
+    given = iter(residuals.unbind(0))
+    return tuple(next(given, None) if spec.kind == "a" else None for spec in layout)
 
 
 class ScoreCarry:

@@ -142,6 +142,10 @@ class AttentionConfig:
     swiglu_values: bool = False  # the gates' activation SiLU instead of sigmoid
     gate_value_heads: bool = False  # per-head sigmoid gate, open at init (2306.12929)
     head_scale: bool = False  # NormFormer's learned per-head scale, 2110.09456
+    # "belief attention" (openreview Ard2QzPAUK): each query's attention output minus its component
+    # along the query's own value (over all heads' channels / per head), both concatenated if both
+    orthog_projected_values: bool = False
+    orthog_projected_values_per_head: bool = False
     on_attn: bool = False  # attention on attention: a GLU output projection, 1908.06954
     project_out: bool | None = None  # False: no output projection (needs heads * dim_head == dim_out)
     dim_out: int | None = None  # output width, default dim (in a stack it must be dim)

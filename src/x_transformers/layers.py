@@ -19,7 +19,7 @@ from torch import nn
 from .hub import Pretrained
 from . import checks, recurrence
 from .attention import Attention
-from .blocks import ForwardContext, ScoreCarry, UNetSkips, run_sequential
+from .blocks import ForwardContext, ScoreCarry, UNetSkips, kv_residuals_per_block, run_sequential
 from .adaptive import Conditioning, apply_norm
 from .cache import StaticKVCache
 from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
@@ -383,7 +383,7 @@ class AttentionLayers(Pretrained, nn.Module):
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
                 return_attn: bool = False, attn_mask=None, condition=None, mems=None, mem_masks=None,
-                hiddens: list | None = None, ff_deep_embeds=None):
+                hiddens: list | None = None, ff_deep_embeds=None, self_attn_kv_residuals=None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -396,6 +396,8 @@ class AttentionLayers(Pretrained, nn.Module):
         mask or None) per self-attention block; ``hiddens``: a list that receives each self-attention
         block's input (the next memories). ``ff_deep_embeds`` (b, n, units, dim): the output scale
         of the l-th feed-forward block at [:, :, l] (the wrapper's ``ff_deep_embed``).
+        ``self_attn_kv_residuals`` (b, n|1, dim) or (L, b, n|1, dim): added to the key/value input (not
+        the queries') of the first (l-th) self-attention block (upstream's; the Free Transformer's latent).
         """
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
@@ -434,6 +436,11 @@ class AttentionLayers(Pretrained, nn.Module):
         if ff_deep_embeds is not None:  # the l-th feed-forward block scales its output by [:, :, l]
             scales = iter(ff_deep_embeds.unbind(dim=2))
             ctx = replace(ctx, ff_embeds=tuple(next(scales, None) if s.kind == "f" else None for s in self.layout))
+        if self_attn_kv_residuals is not None:
+            if self.reversible is not None:
+                raise ValueError("self_attn_kv_residuals is not supported with reversible=True (the recomputing "
+                                 "backward takes no per-block inputs)")
+            ctx = replace(ctx, kv_residuals=kv_residuals_per_block(self.layout, self_attn_kv_residuals, b, n, self.dim))
         attns = [] if return_attn else None
         x = self.run(x, ctx, attns)
 

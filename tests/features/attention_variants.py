@@ -67,3 +67,6 @@ register("selective", layers=dict(attn_selective=True), kinds=("decoder",), cach
 register("inverted_attention", layers=dict(attn_inverted_attention=True), kinds=("cross",))
 register("rel_proj_pos_bias", layers=dict(attn_use_rel_proj_pos_bias=True, attn_rel_proj_max_dist=4),
          kinds=("decoder",))
+# belief attention (issue 19): each query's output off its own value; a CrossAttender has no own value
+register("orthog_values", layers=dict(attn_orthog_projected_values=True, attn_orthog_projected_values_per_head=True),
+         kinds=("decoder", "encoder", "encdec", "funnel"))

@@ -27,3 +27,12 @@ for _f in SCORE_FEATURES:
             reason=f"the forced backend cannot compute attn_{_f}, which needs the full score matrix; "
                    f"use attn_backend='auto' (it falls back) or 'explicit'",
             example={"attn_backend": "sdpa", f"attn_{_f}": EXAMPLE_ON[f"attn_{_f}"]})
+# belief attention projects each query's output off its own value: self-attention only, and its
+# output (one copy per option) is wider than the heads' concatenation, so it needs the projection
+for _k in ("attn_orthog_projected_values", "attn_orthog_projected_values_per_head"):
+    declare(_k, "only_cross", when=lambda s, k=_k: on(s, k) and on(s, "only_cross"),
+            reason="a query's own value exists in self-attention only, which a cross-attention-only stack lacks",
+            example={_k: True, "only_cross": True}, kinds=("encoder", "cross"))
+    declare(_k, "attn_project_out=False", when=lambda s, k=_k: on(s, k) and s.get("attn_project_out") is False,
+            reason="the projected outputs are concatenated and need the output projection back to dim",
+            example={_k: True, "attn_project_out": False}, kinds=("decoder", "encoder", "funnel", "xtransformer"))
