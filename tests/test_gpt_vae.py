@@ -120,6 +120,11 @@ def test_generate_takes_latents_in_upstreams_forms():
     unconditioned = model.generate(prompt, 3, temperature=0.0)
     assert torch.equal(unconditioned, AutoregressiveWrapper(model.decoder).generate(prompt, 3, temperature=0.0))
     assert model.generate(prompt[0], 2, latents=[0.0] * 4, temperature=0.0).shape == (2,)
+    # the latent's token goes through the cache: the same tokens as decoding without one, beams too
+    lat = torch.randn(3, 4)
+    for extra in (dict(temperature=0.0), dict(beams=2)):
+        assert torch.equal(model.generate(prompt, 4, latents=lat, **extra),
+                           model.generate(prompt, 4, latents=lat, cache_kv=False, **extra))
 
 
 def test_bad_inputs_raise_one_line_errors_naming_the_argument():
@@ -145,8 +150,8 @@ def test_bad_inputs_raise_one_line_errors_naming_the_argument():
         with pytest.raises(ValueError, match=match) as err:
             call()
         assert "\n" not in str(err.value)
-    with pytest.raises(TypeError, match="beams"):
-        model.generate(seq, 2, latents=torch.zeros(2, 4), beams=2)
+    with pytest.raises(TypeError, match="beam_width"):
+        model.generate(seq, 2, latents=torch.zeros(2, 4), beam_width=2)
     class PerToken(torch.nn.Module):  # per-token vectors, not pooled ones
         def __init__(self):
             super().__init__()

@@ -146,9 +146,8 @@ class GPTVAE(Pretrained, nn.Module):
                  **generate_kwargs) -> Tensor:
         """``seq_len`` new tokens after ``prompts`` ((b, n) or (n,)), steered by ``latents`` ((b, l),
         (l,) for every row, or a list of numbers) or by the latent inferred from ``seq_for_latents``
-        (b, m). Without either, the decoder runs unconditioned (``AutoregressiveWrapper.generate``,
-        cached; every keyword of it applies). With a latent: temperature, filter_logits_fn,
-        filter_kwargs, eos_token, generator, restrict_to_max_seq_len."""
+        (b, m); without either, the decoder runs unconditioned. Every keyword of
+        ``AutoregressiveWrapper.generate`` applies (the latent's token is cached by the prefill)."""
         if latents is not None and seq_for_latents is not None:
             raise ValueError("pass latents or seq_for_latents, not both (seq_for_latents is encoded into latents)")
         rows, unbatched = check_prompts(prompts, self.num_tokens)

@@ -230,8 +230,7 @@ class XMLatentDecoder(nn.Module):
     @torch.no_grad()
     def generate(self, start_tokens: Tensor, seq_len: int, latents=None, **kwargs) -> Tensor:
         """``seq_len`` tokens after ``start_tokens`` (b, n), read after the latents ((b, L, l), a list
-        per slot, or None: drawn at random). Keywords: temperature, filter_logits_fn, filter_kwargs,
-        eos_token, generator, restrict_to_max_seq_len."""
+        per slot, or None: drawn at random). Keywords: those of ``AutoregressiveWrapper.generate``."""
         rows, unbatched = check_prompts(start_tokens, self.net.num_tokens, "start_tokens")
         lat = self.init_latents(latents, rows.shape[0], rows.device)
         if lat.ndim != 3:
