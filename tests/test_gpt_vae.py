@@ -163,3 +163,17 @@ def test_bad_inputs_raise_one_line_errors_naming_the_argument():
     bad_encoder = vae(encoder=PerToken())
     with pytest.raises(ValueError, match="encoder must return pooled"):
         bad_encoder(seq)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from x_transformers import from_pretrained
+
+    model = vae(dim_latent=4, vae_kl_loss_weight=0.5).eval()
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, GPTVAE) and loaded.vae_kl_loss_weight == 0.5
+    seq = torch.randint(0, V, (2, 8))
+    torch.manual_seed(0)
+    a = model(seq)
+    torch.manual_seed(0)
+    torch.testing.assert_close(loaded(seq), a)

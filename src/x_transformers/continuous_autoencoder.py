@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .continuous import ContinuousTransformerWrapper, masked_mean
-from .gpt_vae import _number, _positive_int, gaussian_kl
+from .config import _positive_int
 from .hub import Pretrained
+from .latent_prefix import check_number, gaussian_kl
 from .layers import Decoder, Encoder
 
 
@@ -36,7 +37,7 @@ class VariationalLatentBottleneck(nn.Module):
 
     def __init__(self, dim: int, dim_latent: int, kl_div_floor: float = 0.0):
         super().__init__()
-        _number("kl_div_floor", kl_div_floor, low=0.0)
+        check_number("kl_div_floor", kl_div_floor, low=0.0)
         self.kl_div_floor = float(kl_div_floor)
         self.to_mean_log_var = nn.Linear(dim, dim_latent * 2)
 
@@ -87,7 +88,7 @@ class ContinuousTransformerAutoencoder(Pretrained, nn.Module):
             _positive_int(name, value)
         _positive_int("dim_input", dim_input, allow_none=True)
         _positive_int("dim_latent", dim_latent, allow_none=True)
-        _number("latents_dropout_prob", latents_dropout_prob, 0.0, 1.0)
+        check_number("latents_dropout_prob", latents_dropout_prob, 0.0, 1.0)
         if bottleneck_type not in BOTTLENECKS:
             raise ValueError(f"bottleneck_type must be one of {sorted(BOTTLENECKS)}, got {bottleneck_type!r}")
         if loss_type not in LOSSES:

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
+from .hub import Pretrained
+
 
 def entropies_from_logits(logits: Tensor) -> Tensor:
     """(..., v) logits -> (...) entropy of the softmax, in nats, computed in float32."""
@@ -47,7 +49,7 @@ def split_long_patches(ends: Tensor, max_size: int) -> Tensor:
     return ends | ((idx - starts + 1) % max_size == 0)
 
 
-class EntropyBasedTokenizer(nn.Module):
+class EntropyBasedTokenizer(Pretrained, nn.Module):
     """Cuts token sequences into patches by a small decoder's next-token entropy (2412.09871).
 
     ``decoder``: a causal model mapping ids (b, n) to logits (b, n, v) (e.g. a ``TransformerWrapper``

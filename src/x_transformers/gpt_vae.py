@@ -22,28 +22,10 @@ from torch import Tensor, nn
 
 from .autoregressive import AutoregressiveWrapper
 from .hub import Pretrained
-from .latent_prefix import check_prompts, generate_with_prefix
+from .config import _positive_int
+from .latent_prefix import check_number, check_prompts, gaussian_kl, generate_with_prefix
 from .layers import Decoder, Encoder
 from .wrappers import TransformerWrapper
-
-
-def gaussian_kl(mean: Tensor, log_var: Tensor) -> Tensor:
-    """KL(N(mean, exp(log_var)) || N(0, 1)) per dimension, in closed form (same shape as mean)."""
-    return 0.5 * (log_var.exp() + mean.square() - log_var - 1.0)
-
-
-def _number(name, value, low=None, high=None, closed_high=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if (low is not None and value < low) or (high is not None and (value > high if closed_high else value >= high)):
-        raise ValueError(f"{name} must lie in [{low}, {high}{']' if closed_high else ')'}, got {value!r}")
-
-
-def _positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class GPTVAE(Pretrained, nn.Module):
@@ -64,9 +46,9 @@ class GPTVAE(Pretrained, nn.Module):
                             ("max_seq_len", max_seq_len)):
             _positive_int(name, value)
         _positive_int("dim_latent", dim_latent, allow_none=True)
-        _number("vae_kl_loss_weight", vae_kl_loss_weight, low=0.0)
-        _number("vae_kl_div_floor", vae_kl_div_floor, low=0.0)
-        _number("latents_dropout_prob", latents_dropout_prob, 0.0, 1.0)
+        check_number("vae_kl_loss_weight", vae_kl_loss_weight, low=0.0)
+        check_number("vae_kl_div_floor", vae_kl_div_floor, low=0.0)
+        check_number("latents_dropout_prob", latents_dropout_prob, 0.0, 1.0)
         if isinstance(pad_id, bool) or not isinstance(pad_id, int):
             raise ValueError(f"pad_id must be an integer token id (-1: no id of the vocabulary), got {pad_id!r}")
         if encoder is not None and not isinstance(encoder, nn.Module):
@@ -174,4 +156,4 @@ class GPTVAE(Pretrained, nn.Module):
         return out[0] if unbatched else out
 
 
-__all__ = ["GPTVAE", "gaussian_kl"]
+__all__ = ["GPTVAE"]

@@ -1,5 +1,5 @@
-"""What the latent-variable wrappers (``gpt_vae``, ``xm_latent_decoder``) share: checking a prompt,
-and sampling from a causal ``TransformerWrapper`` whose input starts with per-row embeddings
+"""What the latent-variable wrappers (``gpt_vae``, ``continuous_autoencoder``, ``xm_latent_decoder``)
+share: the closed-form Gaussian KL, number and prompt checks, and sampling from a causal ``TransformerWrapper`` whose input starts with per-row embeddings
 (latent tokens) ahead of the prompt: ``AutoregressiveWrapper.generate(prepend_embeds=)``, whose
 prefill puts them in the key/value cache.
 
@@ -12,6 +12,19 @@ import torch
 from torch import Tensor
 
 from .autoregressive import AutoregressiveWrapper
+
+
+def gaussian_kl(mean: Tensor, log_var: Tensor) -> Tensor:
+    """KL(N(mean, exp(log_var)) || N(0, 1)) per dimension, in closed form (same shape as mean)."""
+    return 0.5 * (log_var.exp() + mean.square() - log_var - 1.0)
+
+
+def check_number(name, value, low=None, high=None):
+    """A real number (not a bool, not NaN) in [low, high] where given; else one line naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value!r}")
 
 
 def check_prompts(prompts, num_tokens: int, name: str = "prompts") -> tuple[Tensor, bool]:

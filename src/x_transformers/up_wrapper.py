@@ -17,13 +17,12 @@ Legend: b batch, n sequence length, s seed length, v vocabulary, d dim, B buffer
 from __future__ import annotations
 
 from functools import partial
-from random import uniform
 
 import torch
 from torch import Tensor, nn
 
 from .autoregressive import AutoregressiveWrapper
-from .gpt_vae import _positive_int
+from .config import _positive_int
 from .sampling import check_temperature
 from .wrappers import TransformerWrapper
 
@@ -65,7 +64,7 @@ class SyntheticDataGenerator(nn.Module):
     @torch.no_grad()
     def _random_gain(self, module):
         if isinstance(module, nn.Linear):
-            module.weight.mul_(uniform(0.0, 1.1))
+            module.weight.mul_(float(torch.empty(()).uniform_(0.0, 1.1)))  # drawn by torch: seeded with it
 
     def reset_(self):
         """A new random network: every submodule re-initialised, the gains drawn again."""

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gpt_vae import _number, _positive_int
-from .latent_prefix import check_prompts, generate_with_prefix
+from .config import _positive_int
+from .latent_prefix import check_number, check_prompts, generate_with_prefix
 from .wrappers import TransformerWrapper
 
 
@@ -87,8 +87,8 @@ class XMLatentDecoder(nn.Module):
         if dim is not None and dim != net.emb_dim:
             raise ValueError(f"dim ({dim}) must be the net's embedding width ({net.emb_dim}): the latent tokens are "
                              f"put ahead of its token embeddings; set latent_dim for the latents' own width")
-        _number("latent_drop_prob", latent_drop_prob, 0.0, 1.0)
-        _number("repulsive_loss_weight", repulsive_loss_weight)
+        check_number("latent_drop_prob", latent_drop_prob, 0.0, 1.0)
+        check_number("repulsive_loss_weight", repulsive_loss_weight)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
         self.net = net
@@ -164,7 +164,7 @@ class XMLatentDecoder(nn.Module):
         chunk = max_batch_size or self.max_batch_size
         _positive_int("max_batch_size", chunk, allow_none=True)
         drop = self.latent_drop_prob if latent_drop_prob is None else latent_drop_prob
-        _number("latent_drop_prob", drop, 0.0, 1.0)
+        check_number("latent_drop_prob", drop, 0.0, 1.0)
         repulse = self.repulsive_loss_weight if repulsive_loss_weight is None else repulsive_loss_weight
         fns = self.winner_fns if winner_fn is None and winner_fns is None else \
             self._winner_fns(winner_fn, winner_fns, "winner_fn")
