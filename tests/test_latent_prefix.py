@@ -84,3 +84,32 @@ def test_prefix_refusals_are_one_line():
         net(prompts[:, :1], cache=cache, prepend_embeds=torch.randn(2, 1, 32))
     with pytest.raises(TypeError, match="latents"):
         generate_with_prefix(net, prompts, 2, torch.randn(2, 1, 32), prepend_embeds=torch.randn(2, 1, 32))
+
+
+def _harness_decoder_features():
+    import harness
+
+    return {name: f for name, f in sorted(harness.load_features().items())
+            if "decoder" in f.kinds and f.cacheable and name != "ff_deep_embed"}  # ff_deep_embed refuses prefixes
+
+
+@pytest.mark.parametrize("name", list(_harness_decoder_features()))
+def test_every_cacheable_feature_decodes_a_prefix_through_the_cache(name):
+    """The harness's cache property with a prefix: a left-padded prefill that holds prepended
+    embeddings, then one token at a time, gives the full forward's logits (dynamic and static cache)."""
+    import harness
+    from x_transformers import StaticKVCache
+
+    feature = _harness_decoder_features()[name]
+    net = harness.build("decoder", [feature])
+    x = harness.tokens(n=8)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1, :2] = False
+    prefix = torch.randn(2, 2, net.emb_dim, generator=torch.Generator().manual_seed(3))
+    ref = net(x, keep, prepend_embeds=prefix, excise_prepend_embeds=True)
+    tol = max(feature.tol, 1e-5)
+    for make in (KVCache, lambda: StaticKVCache.for_model(net, 2, net.num_memory_tokens + 10)):
+        cache = make()
+        outs = [net(x[:, :3], keep[:, :3], cache=cache, prepend_embeds=prefix, excise_prepend_embeds=True)]
+        outs += [net(x[:, t:t + 1], cache=cache) for t in range(3, 8)]
+        torch.testing.assert_close(torch.cat(outs, 1)[keep], ref[keep], atol=tol, rtol=tol)
