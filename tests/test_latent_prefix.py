@@ -65,6 +65,8 @@ def test_ragged_prompts_static_cache_and_beams_with_a_prefix():
     assert torch.equal(together, torch.cat(alone))
     static = ar.generate(prompts, 4, temperature=0.0, prepend_embeds=prefix, static_cache=True)
     assert torch.equal(static, together)
+    compiled = ar.generate(prompts, 4, temperature=0.0, prepend_embeds=prefix, compile={"backend": "eager"})
+    assert torch.equal(compiled, together)
     beams = ar.generate(prompts, 4, beams=3, prepend_embeds=prefix)
     beams_uncached = ar.generate(prompts, 4, beams=3, prepend_embeds=prefix, cache_kv=False)
     assert torch.equal(beams, beams_uncached)
