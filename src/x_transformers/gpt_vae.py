@@ -140,8 +140,10 @@ class GPTVAE(Pretrained, nn.Module):
                                  f"but the prompts have {b}")
             was_training = self.training
             self.eval()
-            latents = self.encode_to_latents(seq_for_latents)
-            self.train(was_training)
+            try:
+                latents = self.encode_to_latents(seq_for_latents)
+            finally:
+                self.train(was_training)
         if latents is None:
             out = AutoregressiveWrapper(self.decoder).generate(rows, seq_len, **generate_kwargs)
             return out[0] if unbatched else out
