@@ -234,7 +234,8 @@ def test_decoding_helpers_receive_the_config_by_name(monkeypatch):
     ar.generate(torch.randint(0, V, (2, 3)), 3, beams=2, eos_token=1)
     assert [type(c) for c, _ in seen] == [GenerationConfig] * 2
     assert seen[1][0].beams == 2 and seen[1][0].eos_token == 1
-    assert all(names == ["condition", "context", "context_mask"] for _, names in seen)  # the stack's inputs, by name
+    # the stack's inputs, by name (prepend: prepend_embeds, read by the prefill)
+    assert all(names == ["condition", "context", "context_mask", "prepend"] for _, names in seen)
 
 
 @pytest.mark.parametrize("prompts, message", [

@@ -62,6 +62,8 @@ CASES = {
                  num_tokens=12, max_seq_len=16, numerical_token_id=3, attn_layers=Decoder(dim=32, depth=1, heads=2)),
                  numerical_loss_weight=0.5),
              lambda m: m.net(torch.arange(8).repeat(2, 1), torch.randn(2, 8, generator=g()))),
+    "entropy_tokenizer": (lambda: xt.EntropyBasedTokenizer(lm(), entropy_threshold=3.0, max_token_size=4),
+                          lambda m: m(torch.randint(1, 40, (2, 12), generator=g()))),
     "dpo": (lambda: DPO(lm(), beta=0.2, pad_id=0),
             lambda m: m(torch.randint(1, 40, (2, 9), generator=g()), torch.randint(1, 40, (2, 9), generator=g(1)),
                         prompt_mask=torch.arange(9).expand(2, -1) < 3)),

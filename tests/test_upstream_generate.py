@@ -408,5 +408,7 @@ def test_forward_lens_and_return_outputs():
     torch.testing.assert_close(logits, ar.net(x[:, :-1]))
     torch.testing.assert_close(loss, F.cross_entropy(logits.transpose(1, 2), x[:, 1:]))
     assert inter.cache_length == 8
-    with pytest.raises(TypeError, match="'prepend_embeds' is not supported"):
-        ar(x, prepend_embeds=torch.zeros(2, 1, 32))
+    # upstream's prepend_embeds: read ahead of the tokens, no loss on them
+    prefix = torch.randn(2, 3, 32)
+    logits = ar.net(x[:, :-1], prepend_embeds=prefix, excise_prepend_embeds=True)
+    torch.testing.assert_close(ar(x, prepend_embeds=prefix), F.cross_entropy(logits.transpose(1, 2), x[:, 1:]))

@@ -6,6 +6,7 @@ from .cache import KVCache, StaticKVCache
 from .config import ConfigConflictError
 from .continuous import ContinuousAutoregressiveWrapper, ContinuousTransformerWrapper
 from .dpo import DPO
+from .entropy_based_tokenizer import EntropyBasedTokenizer
 from . import flex as _flex  # noqa: F401 - registers the FlexAttention backend ahead of sdpa
 from . import inductor_fix as _inductor_fix
 from .funnel import FunnelEncoder
@@ -18,12 +19,13 @@ from .nonautoregressive_wrapper import NonAutoregressiveWrapper
 from .vit import ViTransformerWrapper
 from .wrappers import TransformerWrapper, XTransformer
 from .xval import XValAutoregressiveWrapper, XValTransformerWrapper
+from . import continuous_autoencoder as _continuous_autoencoder, gpt_vae as _gpt_vae  # noqa: F401 - for from_pretrained
 
 __all__ = [
     "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "FunnelEncoder", "TransformerWrapper", "XTransformer",
     "MultiInputTransformerWrapper", "NeoMLP", "ContinuousTransformerWrapper", "ContinuousAutoregressiveWrapper",
     "ViTransformerWrapper", "NonAutoregressiveWrapper", "PrefixDecoder", "XValTransformerWrapper",
-    "XValAutoregressiveWrapper", "DPO",
+    "XValAutoregressiveWrapper", "DPO", "EntropyBasedTokenizer",
     "KVCache", "StaticKVCache", "AutoregressiveWrapper",
     "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
     "from_pretrained", "save_pretrained", "load_tokenizer",

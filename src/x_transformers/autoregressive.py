@@ -95,10 +95,13 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets equal to
         ``ignore_index`` (or masked out) do not count; such inputs are fed as ``pad_value``.
         ``lens`` (b,): upstream's right-padded lengths (columns from ``lens`` on are padding).
-        ``return_outputs``: also (logits (b, n-1, v), the Intermediates of the forward)."""
+        ``return_outputs``: also (logits (b, n-1, v), the Intermediates of the forward).
+        ``prepend_embeds`` (b, P, emb_dim): read ahead of the tokens (upstream's); no loss on them."""
         if prepend_embeds is not None:
-            raise TypeError("AutoregressiveWrapper.forward: upstream's keyword 'prepend_embeds' is not supported: "
-                            "prepended embeddings are not implemented")
+            if self.net.to_next_embed_pred is not None:
+                raise ValueError("prepend_embeds with add_continuous_pred_head: the next-embedding targets are "
+                                 "token embeddings; the prefix has none")
+            kwargs.update(prepend_embeds=prepend_embeds, excise_prepend_embeds=True)
         if lens is not None:
             within = torch.arange(x.shape[1], device=x.device)[None] < lens.to(x.device)[:, None]
             mask = within if mask is None else mask & within
@@ -190,9 +193,13 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                              "use the dynamic cache (static_cache=False, compile=False)")
         return max_len
 
-    def _stepper(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None, net=None):
-        """Returns (logits of the prompt's last column, step(token (b,) -> logits), the cache)."""
+    def _stepper(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None, net=None,
+                 prepend=None):
+        """Returns (logits of the prompt's last column, step(token (b,) -> logits), the cache).
+        ``prepend`` (b, P, emb_dim): read ahead of the prompt (by the prefill; the cache keeps it)."""
         net = net or self.net
+        ahead = {} if prepend is None else {"prepend_embeds": prepend}
+        P = 0 if prepend is None else prepend.shape[1]
         window = self._window(cfg, tokens.shape[1])
         if window is not None and tokens.shape[1] > window:  # upstream crops the prompt too
             tokens, mask = tokens[:, -window:], None if mask is None else mask[:, -window:]
@@ -206,18 +213,20 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                 full, full_mask = torch.cat(seq, dim=1), torch.cat(masks, dim=1) if mask is not None else None
                 if window is not None:
                     full, full_mask = full[:, -window:], None if full_mask is None else full_mask[:, -window:]
-                return net(full, full_mask, context=context, context_mask=context_mask, **conditioned(condition))[:, -1]
+                return net(full, full_mask, context=context, context_mask=context_mask, **conditioned(condition),
+                           **ahead)[:, -1]
 
-            return net(tokens, mask, context=context, context_mask=context_mask, **conditioned(condition))[:, -1], step, None
+            return net(tokens, mask, context=context, context_mask=context_mask, **conditioned(condition),
+                       **ahead)[:, -1], step, None
 
         if cfg.static_cache:
-            max_len = cache_columns(net, tokens.shape[1] + cfg.seq_len)
+            max_len = cache_columns(net, tokens.shape[1] + cfg.seq_len) + P
             cache = self._static_cache(tokens.shape[0], _static_len(max_len) if cfg.compile else max_len)
             # The capacity is known up front: check it once here (host-side), not with a sync per step.
-            cache.check_room(cache_columns(net, tokens.shape[1] + cfg.seq_len - 1))
+            cache.check_room(cache_columns(net, tokens.shape[1] + cfg.seq_len - 1) + P)
         else:
             cache = KVCache()
-        logits = prefill(net, tokens, mask, cache, context, context_mask, condition)
+        logits = prefill(net, tokens, mask, cache, context, context_mask, condition, prepend_embeds=prepend)
         decode = compiled_decoder(net, self._compile_options(cfg.compile)) if cfg.compile else decode_step
         cudagraphs = decode is not decode_step and logits.is_cuda
 
@@ -257,7 +266,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                  compile: bool | str | dict = False, beams: int | None = None, length_penalty: float = 1.0,
                  return_scores: bool = False, generator: torch.Generator | None = None,
                  context: Tensor | None = None, context_mask: Tensor | None = None, condition: Tensor | None = None,
-                 **upstream):
+                 prepend_embeds: Tensor | None = None, **upstream):
         """Generate ``seq_len`` new tokens after each prompt. The positional order is upstream
         x-transformers' (prompts, seq_len, eos_token, temperature, prompt_lens, filter_logits_fn, ...).
 
@@ -277,6 +286,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         length (rounded up to a power of two); where it cannot compile, a one-line warning and the
         uncompiled static cache. ``context`` / ``context_mask`` feed cross-attention; ``condition``
         (b, dim_condition) the stack's adaptive norms / scales (upstream passes it through too).
+        ``prepend_embeds`` (b, P, emb_dim): embeddings read ahead of every prompt (upstream's; e.g. a
+        latent's token), held in the cache after the prefill.
 
         Returns the new tokens (b, seq_len); with ``return_scores`` also each row's score (b,):
         the sum of the model's log-probabilities of the emitted tokens (up to and including eos)
@@ -302,14 +313,19 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                                generator=generator, restrict_to_max_seq_len=restrict_to_max_seq_len)
         tokens, mask, unbatched = self._prompts(prompts, prompt_lens)
         self._check_context(tokens, context, context_mask)
+        if prepend_embeds is not None:
+            self.net._check_extra_inputs(tokens, prepend_embeds, None, None, None, False)
+            if self._window(cfg, tokens.shape[1]) is not None:
+                raise ValueError("prepend_embeds with restrict_to_max_seq_len: the window would slide over the "
+                                 "prefix; raise max_seq_len or pass restrict_to_max_seq_len=False")
         with _eval(self.net):
             if cfg.beams is not None:
                 seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask,
-                                                 condition=condition)
+                                                 condition=condition, prepend=prepend_embeds)
                 out, scores = seqs[:, 0], scores[:, 0]
             else:
                 out, scores, cache = self._sample(tokens, mask, cfg, context=context, context_mask=context_mask,
-                                                  condition=condition)
+                                                  condition=condition, prepend=prepend_embeds)
         run = tokens.shape[1] + out.shape[1] - 1  # the columns the cache has seen (the last token not yet)
         if out.shape[1] < seq_len:  # every row stopped early
             out = F.pad(out, (0, seq_len - out.shape[1]), value=self.pad_value)
@@ -367,10 +383,10 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             raise ValueError(f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (True = keep), "
                              f"got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
 
-    def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None):
+    def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None, prepend=None):
         b = tokens.shape[0]
         logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask,
-                                            condition=condition)
+                                            condition=condition, prepend=prepend)
         done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
         logp_sum = torch.zeros(b, device=tokens.device)
         length = torch.zeros(b, device=tokens.device)
@@ -404,15 +420,16 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         keyed = torch.where(done[:, None], logp, keyed)  # finished: pad first (logp is 0 there)
         return keyed.topk(k, dim=-1).indices
 
-    def _beam_search(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None):
+    def _beam_search(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None,
+                     prepend=None):
         """-> every beam (b, k, n), best first, and its score (b, k) (total log-probability divided
         by length ** length_penalty)."""
         b, k, eos_token, length_penalty = tokens.shape[0], cfg.beams, cfg.eos_token, cfg.length_penalty
         rows = lambda t: None if t is None else t.repeat_interleave(k, dim=0)  # noqa: E731
         tokens, mask, context, context_mask = rows(tokens), rows(mask), rows(context), rows(context_mask)
-        condition = rows(condition)
+        condition, prepend = rows(condition), rows(prepend)
         logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask,
-                                            condition=condition)
+                                            condition=condition, prepend=prepend)
         dev = tokens.device
         scores = torch.zeros(b, k, device=dev)
         scores[:, 1:] = float("-inf")  # all beams start equal: expand the first one only
@@ -445,19 +462,21 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                 cache.reorder(src)  # each survivor continues from its parent's keys/values
                 logits = step(token)
             else:  # the uncached reference recomputes every row from its whole sequence
-                logits = self._uncached_beam_logits(tokens, mask, seqs, context, context_mask, cfg, condition)
+                logits = self._uncached_beam_logits(tokens, mask, seqs, context, context_mask, cfg, condition, prepend)
         final = (scores / length.clamp(min=1) ** length_penalty).view(b, k)
         order = final.argsort(dim=-1, descending=True)  # finished beams may have been overtaken
         rows_idx = (base + order).view(-1)
         return seqs[rows_idx].view(b, k, -1), final.gather(-1, order)
 
-    def _uncached_beam_logits(self, tokens, mask, seqs, context, context_mask, cfg, condition=None):
+    def _uncached_beam_logits(self, tokens, mask, seqs, context, context_mask, cfg, condition=None, prepend=None):
         full = torch.cat((tokens, seqs), dim=1)
         full_mask = None if mask is None else F.pad(mask, (0, seqs.shape[1]), value=True)
         window = self._window(cfg, tokens.shape[1])
         if window is not None:
             full, full_mask = full[:, -window:], None if full_mask is None else full_mask[:, -window:]
-        return self.net(full, full_mask, context=context, context_mask=context_mask, **conditioned(condition))[:, -1]
+        ahead = {} if prepend is None else {"prepend_embeds": prepend}
+        return self.net(full, full_mask, context=context, context_mask=context_mask, **conditioned(condition),
+                        **ahead)[:, -1]
 
 
 class _eval:

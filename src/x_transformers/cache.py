@@ -68,6 +68,9 @@ class KVCache:
         # every key so far came without a mask (its key_mask is all True, known without reading it):
         # attention then takes no mask, and a decode step none of the mask's per-layer work
         self.unpadded = True
+        # columns of prepended embeddings (TransformerWrapper's prepend_embeds) at the front, after any
+        # memory tokens: set by the call that fills the empty cache; token positions do not count them
+        self.prefix_len = 0
 
     @property
     def key_mask(self) -> Tensor | None:
@@ -138,6 +141,7 @@ class KVCache:
             new.layers[i] = LayerKV()
             new.layers[i].k, new.layers[i].v, new.layers[i].cross = layer.k, layer.v, layer.cross
         new._key_mask, new.positions, new.unpadded = self._key_mask, self.positions, self.unpadded
+        new.prefix_len = self.prefix_len
         return new
 
     def keep_last(self, n: int, keep_first: int = 0):
@@ -215,6 +219,7 @@ class StaticKVCache:
         # device sync on any device. Eager forwards count here; a compiled step is counted by its caller
         # (:meth:`count_compiled`), since inside a graph the host cannot count.
         self.length = 0
+        self.prefix_len = 0  # prepended embedding columns, as KVCache's
         self.layers: dict[int, StaticLayerKV] = {}
         for i, shape in layer_shapes.items():
             if shape is None:
@@ -251,6 +256,7 @@ class StaticKVCache:
         self.positions.zero_()
         self.started = False
         self.length = 0
+        self.prefix_len = 0
         for layer in self.layers.values():
             if layer.filled:
                 layer.k = layer.v = None

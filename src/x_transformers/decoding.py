@@ -114,9 +114,13 @@ def conditioned(condition) -> dict:
     return {} if condition is None else {"condition": condition}
 
 
-def prefill(net, tokens: Tensor, mask: Tensor | None, cache, context=None, context_mask=None, condition=None) -> Tensor:
-    """Run the prompt (b, n) through ``net``, filling ``cache``; logits (b, v) of the last column."""
-    return net(tokens, mask, cache=cache, context=context, context_mask=context_mask, **conditioned(condition))[:, -1]
+def prefill(net, tokens: Tensor, mask: Tensor | None, cache, context=None, context_mask=None, condition=None,
+            prepend_embeds: Tensor | None = None) -> Tensor:
+    """Run the prompt (b, n) through ``net``, filling ``cache``; logits (b, v) of the last column.
+    ``prepend_embeds`` (b, P, emb_dim) are read ahead of the prompt and stay in the cache."""
+    ahead = {} if prepend_embeds is None else {"prepend_embeds": prepend_embeds}
+    return net(tokens, mask, cache=cache, context=context, context_mask=context_mask, **conditioned(condition),
+               **ahead)[:, -1]
 
 
 def decode_step(net, token: Tensor, cache, context=None, context_mask=None, condition=None) -> Tensor:

@@ -300,9 +300,11 @@ class TransformerWrapper(Pretrained, nn.Module):
                 raise ValueError(f"prepend_embeds must be a float tensor (b={b}, P, emb_dim={emb_dim}), got "
                                  f"{getattr(prepend_embeds, 'dtype', type(prepend_embeds))} "
                                  f"{tuple(getattr(prepend_embeds, 'shape', ()))}")
-            if cache is not None:
-                raise ValueError("prepend_embeds with cache=: run the prompt with its prepended embeddings and a "
-                                 "KVCache() first; later calls then give only new tokens")
+            fresh = isinstance(cache, (KVCache, StaticKVCache)) and cache.empty
+            if cache is not None and not (fresh and prepend_mask is None and self._plain_memory):
+                raise ValueError("prepend_embeds with cache=: only the call that fills an empty KVCache / "
+                                 "StaticKVCache takes them (no prepend_mask, no interspersed or [CLS]-shared memory "
+                                 "tokens); later calls give only new tokens")
             check_mask(prepend_mask, b, prepend_embeds.shape[1], name="prepend_mask")
         elif prepend_mask is not None:
             raise ValueError("prepend_mask without prepend_embeds")
@@ -389,6 +391,11 @@ class TransformerWrapper(Pretrained, nn.Module):
         raise TypeError(f"cache must be a KVCache, StaticKVCache or the Intermediates of return_intermediates=True, "
                         f"got {type(cache).__name__}")
 
+    @property
+    def _plain_memory(self) -> bool:
+        """Memory tokens (if any) are the cache's first columns, positions 0..M-1."""
+        return not (self.num_memory_tokens and (self.cfg.memory_tokens_interspersed_every or self.memory_at_cls))
+
     def _columns_seen(self, cache) -> int:
         """Token columns a KVCache / StaticKVCache holds (memory tokens not counted)."""
         seen = cache.seq_len if isinstance(cache, KVCache) else cache.length
@@ -397,7 +404,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         every, M = self.cfg.memory_tokens_interspersed_every, self.num_memory_tokens
         if every and M:  # seen = c + M * ceil(c / every): each group of every + M columns holds one memory group
             return seen - M * -(-seen // (every + M))
-        return max(seen - M, 0)
+        return max(seen - M - cache.prefix_len, 0)
 
     @staticmethod
     def _start_mask(seq_start_pos, mask, x, offset):
@@ -433,7 +440,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             # (the memory columns stay first, keep_last keeps them)
             kept = cache.positions[:, M:].masked_fill(~cache.key_mask[:, M:], -1)
             return kept.amax(dim=-1, keepdim=True) + 1 if kept.shape[1] else torch.zeros_like(kept[:, :1])
-        return cache.next_positions() - M  # a KVCache: the last position + 1; a static one: kept slots
+        # a KVCache: the last position + 1; a static one: kept slots (prepended columns not counted)
+        return cache.next_positions() - M - cache.prefix_len
 
     def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids):
         """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
@@ -487,9 +495,12 @@ class TransformerWrapper(Pretrained, nn.Module):
         if self.cls_token is not None:
             h = torch.cat((self.cls_token.to(h.dtype).expand(b, -1, -1), h), dim=1)
 
-        layer_positions = positions + self.memory_shift
+        # layer positions count the memory tokens and a cached prefix of prepended embeddings
+        layer_positions = positions + self.memory_shift + (0 if first else cache.prefix_len)
         layer_mask = mask if kv_mask is None else (kv_mask if mask is None else mask & kv_mask)
         P = h.shape[1] - n  # [CLS] + prepended columns
+        if prepend is not None and cache is not None:
+            cache.prefix_len = prepend.shape[1]
         if P:
             ones = torch.ones(b, P, dtype=torch.bool, device=x.device)
             pmask = ones if prepend_mask is None else torch.cat((ones[:, :self.num_cls_tokens], prepend_mask), dim=-1)
