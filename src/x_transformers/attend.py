@@ -87,6 +87,9 @@ class AttendRequest:
     inverted: bool = False
     query_mask: Tensor | None = None
     scale_mix: Tensor | None = None  # (h, h)
+    # contextual positions (CoPE, data_positions.py): a callable (q, scores, mask) -> a score term
+    # (b, h, n, m) from the scaled, biased scores and the visible keys, added after masking
+    cope: object | None = None
 
     @property
     def heads_per_kv(self) -> int:
@@ -180,6 +183,8 @@ def score_matrix_reasons(req: AttendRequest) -> list[str]:
         reasons.append("inverted attention normalises over the queries")
     if req.scale_mix is not None:
         reasons.append("pre-scale-post talking heads multiply the weights by mixed scores")
+    if req.cope is not None:
+        reasons.append("CoPE's positions are sums of gates over the scores")
     return reasons
 
 
@@ -347,12 +352,17 @@ class ExplicitBackend:
             sign, scores = scores.sign(), scores.abs()
         mask = combined_mask(req)
         keep_rows = None
+        cope = req.cope(q, scores, mask) if req.cope is not None else None  # (gates of visible keys only)
         if mask is not None:
             # A large finite value, not -inf: entmax's sort-based threshold would turn -inf into
             # NaN; softmax gives these entries exactly zero weight either way.
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min / 2)
+            if cope is not None:
+                scores = scores + cope.masked_fill(~mask, 0.0)
             keep_rows = mask.any(dim=-1, keepdim=True)
             scores = scores.masked_fill(~keep_rows, 0.0)  # dead rows: finite for every normaliser, zeroed below
+        elif cope is not None:
+            scores = scores + cope
         if req.selective:
             scores = score_variants.selective_scores(scores, req.mask)
         if req.need_lse and _lse_sink is not None:

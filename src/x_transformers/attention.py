@@ -12,7 +12,9 @@ from torch import nn
 
 from .attend import attend, softclamp
 from .config import ENTMAX_MIN_GAP, AttentionConfig
+from .data_positions import CoPE, build_forget_bias
 from .gating import HeadScale, OutputGates, ValueHeadGate, depth_scaled_
+from .hybrid import HybridBranch, OrthogonalValues
 from .positional import apply_polar, apply_rotary, key_rotary
 from .rel_proj import RelProjPositionBias
 from .value_residual import ValueResidualMix
@@ -70,7 +72,12 @@ class Attention(nn.Module):
         self.to_k = None if self.shared_qk else nn.Linear(dim_kv_in, (self.kv_heads - r) * d, bias=cfg.bias)
         self.to_v = nn.Linear(dim_kv_in, self.kv_heads * e, bias=cfg.bias)
         self.dim_out = dim_out = cfg.dim_out or dim
-        inner = heads * e
+        # belief attention (hybrid.py): the output projected orthogonal to the token's own values, a
+        # self-attention idea (cross-attention's values are the context's)
+        orthog = (cfg.orthog_projected_values or cfg.orthog_projected_values_per_head) and not cross
+        self.orthog = OrthogonalValues(heads, cfg.orthog_projected_values, cfg.orthog_projected_values_per_head) \
+            if orthog else None
+        inner = heads * e * (self.orthog.factor if orthog else 1)
         if cfg.project_out is False:  # the heads' concatenation is the output
             if inner != dim_out:
                 raise ValueError(f"attn_project_out=False leaves the heads' output ({heads} heads x {e} = {inner}) "
@@ -135,6 +142,16 @@ class Attention(nn.Module):
             if cfg.use_rel_proj_pos_bias and not cross else None  # a self-attention position bias
         self.selective = cfg.selective and self.causal  # 2410.02703, a causal self-attention idea
         self.inverted = cfg.inverted_attention and cross  # softmax over the queries (cross-attention)
+        # positions from the content (data_positions.py): CoPE in causal self-attention, the forgetting
+        # transformer's bias in self-attention
+        self.cope = CoPE(heads, self.key_dim, cfg.cope_max_pos, soft_onehot=cfg.cope_soft_onehot_pos,
+                         talking_heads=cfg.cope_talking_heads) if cfg.use_cope and self.causal else None
+        self.forget_bias = None if cross else build_forget_bias(cfg, dim, heads, causal)
+        # a user's sequence module beside self-attention (hybrid.py; its Linear maps get the stack's init)
+        self.hybrid = HybridBranch(cfg.hybrid_module, dim, heads, e, HeadRMSNorm, causal=self.causal,
+                                   fold=cfg.hybrid_fold_axial_dim, mask_kwarg=cfg.hybrid_mask_kwarg,
+                                   learned_mix=cfg.hybrid_learned_mix) if cfg.hybrid_module is not None and not cross \
+            else None
 
         self.entmax_alpha_logit = nn.Parameter(torch.zeros(heads)) if cfg.learned_entmax_alpha else None
         if cfg.use_entmax15:
@@ -155,8 +172,8 @@ class Attention(nn.Module):
     def reset_variant_parameters(self):
         """The initialisations the variants ask for; the layer stack calls this again after its own
         (GPT-2) initialisation of every linear map, which would otherwise overwrite them."""
-        for part in (self.value_head_gate, self.gates):
-            if part is not None:
+        for part in (self.value_head_gate, self.gates, self.forget_bias, self.cope):
+            if part is not None and hasattr(part, "reset_parameters"):
                 part.reset_parameters()
         out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
         if out is not None and self.cfg.zero_init_output:
@@ -253,6 +270,7 @@ class Attention(nn.Module):
             raise ValueError("attn_selective: a token's gate on a key sums the earlier queries' scores for it, "
                              "which a key/value cache does not keep; decode without a cache (cache_kv=False)")
         h, g = self.heads, self.kv_heads
+        seq_mask = mask  # (before memory key/values widen it)
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         # one product over the three weights, unless a projection is not a plain Linear (FP8's Float8Linear,
         # an adapter): then each runs its own forward
@@ -265,6 +283,7 @@ class Attention(nn.Module):
             q = self._unit(q) if self.q_gain is None else self._unit(q) * self.q_gain.to(q.dtype)
 
         kind = "cross" if self.cross else "self"
+        raw_v = None  # the sequence's own values (b, g, n, e), as projected (belief attention)
         if self.cross and cache is not None and cache.filled:
             k, v = cache.k, cache.v
             if value_residual is not None and not value_residual.seen(kind):
@@ -277,7 +296,7 @@ class Attention(nn.Module):
                 k = F.normalize(q if kv is None else _heads(self._query(kv), h), dim=-1)  # (b, h, m, d)
             else:
                 k = _heads(qkv[1], g) if qkv else self._keys(src)  # (b, g, m, d)
-            v = _heads(qkv[2] if qkv else self._values(src), g)  # (b, g, m, e)
+            v = raw_v = _heads(qkv[2] if qkv else self._values(src), g)  # (b, g, m, e)
             if self.to_k_norm is not None:
                 k = self.to_k_norm(k)
             if self.to_v_norm is not None:
@@ -324,6 +343,12 @@ class Attention(nn.Module):
                                  "over its own sequence)")
             rel = self.rel_proj(x, *positions).to(q.dtype)  # (b, h, n, m)
             bias = rel if bias is None else bias + rel
+        if self.forget_bias is not None:
+            if kv is not None or mem is not None:
+                raise ValueError("attn_data_dependent_alibi sums forget gates along the sequence's own tokens: "
+                                 "not over a funnel's pooled keys or Transformer-XL memory")
+            forget = self.forget_bias(x, cache).to(q.dtype)  # (b, h, n, m)
+            bias = forget if bias is None else bias + forget
 
         prefix = 0  # always-visible keys prepended: memory key/values, the zero key/value
         if self.mem_k is not None:
@@ -361,6 +386,7 @@ class Attention(nn.Module):
             softclamp=self.softclamp, max_attend_past=self.max_attend_past,
             window_positions=positions if self.max_attend_past is not None else None,
             window_exempt=prefix, sink=self.sink, l2_distance=self.cfg.l2_distance, signed=self.cfg.cog_signed,
+            cope=self.cope,
             **self._variant_options(query_mask), **carried,
         )
         if residual_scores is not None:
@@ -371,10 +397,14 @@ class Attention(nn.Module):
             out = self.head_scale(out)
         if self.value_head_gate is not None:
             out = self.value_head_gate(x, out)
+        if self.hybrid is not None:
+            out = self.hybrid(x, out, mask=seq_mask, cache=cache)
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)
         if self.gates is not None:
             out = self.gates(x, out)
+        if self.orthog is not None:
+            out = self.orthog(out, raw_v)
         if self.to_out is not None:
             out = self.to_out(out)
         if self.sublayer_dropout is not None:
