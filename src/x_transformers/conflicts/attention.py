@@ -27,3 +27,46 @@ for _f in SCORE_FEATURES:
             reason=f"the forced backend cannot compute attn_{_f}, which needs the full score matrix; "
                    f"use attn_backend='auto' (it falls back) or 'explicit'",
             example={"attn_backend": "sdpa", f"attn_{_f}": EXAMPLE_ON[f"attn_{_f}"]})
+
+# issue 20's content positions and what joins the heads' output (data_positions.py, hybrid.py): each is a
+# self-attention feature (a cross-attention block builds without it), so a stack without self-attention
+# refuses it, and a funnel's pooled queries (keys from the unpooled sequence) cannot line them up
+_NOT_CAUSAL_KINDS = ("encoder", "cross", "funnel")
+_SELF_ONLY = {"attn_data_dependent_alibi": True, "attn_orthog_projected_values": True,
+              "attn_orthog_projected_values_per_head": True, "attn_use_cope": True}
+for _k, _v in _SELF_ONLY.items():  # (CoPE on an encoder or a CrossAttender: refused below as bidirectional)
+    declare(_k, "only_cross", when=lambda s, k=_k: on(s, k) and on(s, "only_cross"),
+            kinds=("decoder",) if _k == "attn_use_cope" else ("decoder", "encoder", "cross"),
+            reason="a self-attention feature, and a cross-attention-only stack has no self-attention",
+            example={_k: _v, "only_cross": True, "cross_attend": True})
+declare("attn_hybrid_module", "only_cross", when=lambda s: on(s, "attn_hybrid_module") and on(s, "only_cross"),
+        kinds=("decoder", "encoder", "cross"), reason="the module runs beside self-attention, and a cross-attention-only stack "
+                                           "has none", example=dict(attn_hybrid_module="a GRU", only_cross=True, cross_attend=True))
+for _k, _why in (("attn_data_dependent_alibi", "it sums forget gates along the sequence between a query and a key"),
+                 ("attn_orthog_projected_values", "it projects each query's output against that token's own values"),
+                 ("attn_orthog_projected_values_per_head", "it projects each query's output against that token's "
+                                                           "own values")):
+    declare(_k, "depths", when=lambda s, k=_k: on(s, k) and blocks(s) > 1, kinds=("funnel",),
+            reason=f"{_why}, and a funnel's pooled queries read the unpooled sequence's keys and values; use a "
+                   f"single block", example={_k: True, "depths": (1, 1)})
+declare("attn_use_cope", "a bidirectional stack", when=lambda s: on(s, "attn_use_cope"), kinds=_NOT_CAUSAL_KINDS,
+        reason="CoPE counts the keys between a key and its query whose gates open, which is defined over the keys "
+               "before the query (causal attention, 2405.18719, as upstream); use it in a Decoder",
+        example=dict(attn_use_cope=True))
+declare("attn_use_cope", "XTransformer's encoder", when=lambda s: on(s, "attn_use_cope") or on(s, "enc_attn_use_cope"),
+        kinds=XT, reason="the encoder is bidirectional and CoPE causal; give dec_attn_use_cope",
+        example=dict(attn_use_cope=True))
+declare("attn_data_dependent_alibi_per_row", "a bidirectional stack",
+        when=lambda s: on(s, "attn_data_dependent_alibi_per_row"), kinds=("encoder", "funnel"),
+        reason="the per-row gates are summed over the tokens before each query only (as upstream); the plain "
+               "attn_data_dependent_alibi has a bidirectional form",
+        example=dict(attn_data_dependent_alibi=True, attn_data_dependent_alibi_per_row=True))
+declare("attn_data_dependent_alibi_per_row", "XTransformer's encoder",
+        when=lambda s: on(s, "attn_data_dependent_alibi_per_row") or on(s, "enc_attn_data_dependent_alibi_per_row"),
+        kinds=XT, reason="the encoder is bidirectional and the per-row gates causal; give "
+                         "dec_attn_data_dependent_alibi_per_row",
+        example=dict(attn_data_dependent_alibi=True, attn_data_dependent_alibi_per_row=True))
+declare("max_mem_len", "attn_data_dependent_alibi", when=lambda s: on(s, "max_mem_len")
+        and on(s, "attn_data_dependent_alibi"), kinds=("wrapper",),
+        reason="the forget gates are summed along the segment's own tokens; Transformer-XL memory keys sit before "
+               "the segment, where no gate was kept", example=dict(max_mem_len=4, attn_data_dependent_alibi=True))
