@@ -65,6 +65,8 @@ class Feature:
     tol: float = 1e-5
     zero_init: tuple = ()  # parameter-name substrings with zero gradient at init, by design
     zero_grad: tuple = ()  # parameter-name substrings with zero gradient always, by design
+    # False: padded tokens reach the outputs by design (a user's recurrent module runs over them)
+    padding_invariant: bool = True
 
     def __hash__(self):
         return hash(self.name)
@@ -74,14 +76,14 @@ FEATURES: dict[str, Feature] = {}
 
 
 def register(name: str, *, layers=None, wrapper=None, kinds=KINDS, group=None, cacheable=True, tol=1e-5,
-             zero_init=(), zero_grad=()) -> Feature:
+             zero_init=(), zero_grad=(), padding_invariant=True) -> Feature:
     if name in FEATURES:
         raise ValueError(f"feature {name!r} registered twice")
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"feature {name!r}: unknown kinds {sorted(unknown)}; valid: {KINDS}")
     FEATURES[name] = f = Feature(name, dict(layers or {}), dict(wrapper or {}), tuple(kinds), group, cacheable, tol,
-                                 tuple(zero_init), tuple(zero_grad))
+                                 tuple(zero_init), tuple(zero_grad), padding_invariant)
     return f
 
 
@@ -343,6 +345,9 @@ def check_causal(run: Runner, tol, features=()):
 
 
 def check_padding(run: Runner, tol, features=()):
+    variant = [f.name for f in features if not f.padding_invariant]
+    if variant:
+        raise NotApplicable(f"padded tokens reach the outputs by design: {variant}")
     x = tokens()
     ref = run(x)
     pad = tokens(2, 3, seed=5)

@@ -347,7 +347,7 @@ class Attention(nn.Module):
             if kv is not None or mem is not None:
                 raise ValueError("attn_data_dependent_alibi sums forget gates along the sequence's own tokens: "
                                  "not over a funnel's pooled keys or Transformer-XL memory")
-            forget = self.forget_bias(x, cache).to(q.dtype)  # (b, h, n, m)
+            forget = self.forget_bias(x, cache, seq_mask).to(q.dtype)  # (b, h, n, m)
             bias = forget if bias is None else bias + forget
 
         prefix = 0  # always-visible keys prepended: memory key/values, the zero key/value

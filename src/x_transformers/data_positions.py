@@ -85,8 +85,13 @@ class ForgetBias(nn.Module):
         """(b, H, n): log f_t, scaled."""
         return (F.logsigmoid(self.to_gates(x)) * self.post_log_scale).transpose(1, 2)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, mask=None):
+        """mask: the block's key mask (b, 1, 1|n, m) or None; a padded token's gate is 1 (log 0), so padding
+        between a query and a key (after memory tokens, say) forgets nothing."""
         logf = self.log_gates(x)
+        keep = token_keep(mask, x.shape[1], cache)
+        if keep is not None:
+            logf = logf * keep[:, None, :].to(logf.dtype)
         if not self.causal:
             fwd, bwd = logf.cumsum(dim=-1).chunk(2, dim=1)  # (b, h, n) each
             lower = fwd[..., :, None] - fwd[..., None, :]  # keys before the query: sum over (j, i]
@@ -114,7 +119,7 @@ class PerRowForgetBias(nn.Module):
         self.heads, self.dim_head, self.post_log_scale = heads, dim_head, post_log_scale
         self.to_qk = nn.Linear(dim, heads * dim_head * 2, bias=False)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, mask=None):
         b, n, _ = x.shape
         q, k = self.to_qk(x).view(b, n, 2, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)  # (b, h, n, d') each
         if cache is not None:
@@ -125,7 +130,20 @@ class PerRowForgetBias(nn.Module):
         q_idx = first + torch.arange(n, device=x.device)
         before = torch.arange(m, device=x.device)[None, :] < q_idx[:, None]  # (n, m): tokens t < i
         gates = gates * before.to(gates.dtype)
+        if mask is not None:  # a padded token's gate is 1 (log 0)
+            gates = gates * mask.to(gates.dtype)
         return gates.flip(-1).cumsum(dim=-1).flip(-1)  # sum over j <= t < i
+
+
+def token_keep(mask, n: int, cache=None):
+    """(b, n) bool: the new tokens kept, read from a key mask (b, 1, 1|n, m) at each token's own key
+    (the last n keys, or the static cache's slots), or None."""
+    if mask is None:
+        return None
+    b, m = mask.shape[0], mask.shape[-1]
+    first = cache.query_offset(n, m) if cache is not None else m - n
+    own = (first + torch.arange(n, device=mask.device)).view(1, n, 1).expand(b, n, 1)
+    return mask[:, 0].expand(b, n, m).gather(-1, own)[..., 0]
 
 
 def build_forget_bias(cfg, dim: int, heads: int, causal: bool):
