@@ -86,7 +86,6 @@ NO_OPS: dict[str, NoOp] = {n.name: n for n in (
 # will add them: #20 attention variants, #21 residual / norm / position / feed-forward variants,
 # #17 (this issue) the wrapper's and XTransformer's own variants.
 _ATTN_NOT_YET = dict(
-    custom_attn_fn=None,
     qkv_receive_diff_residuals=False,
     onnxable=False,
     attend_sdp_kwargs=dict(enable_flash=True, enable_math=True, enable_mem_efficient=True), flash_pack_seq=False,

@@ -90,6 +90,7 @@ class AttendRequest:
     # contextual positions (CoPE, data_positions.py): a callable (q, scores, mask) -> a score term
     # (b, h, n, m) from the scaled, biased scores and the visible keys, added after masking
     cope: object | None = None
+    custom_fn: object | None = None  # normalizer "custom": a user's scores (masked) -> weights
 
     @property
     def heads_per_kv(self) -> int:
@@ -307,6 +308,8 @@ def _normalize(scores: Tensor, req: AttendRequest) -> Tensor:
         return torch.sigmoid(scores)
     if req.normalizer == "hard":
         return score_variants.hard_attention(scores)
+    if req.normalizer == "custom":
+        return req.custom_fn(scores)
     if req.normalizer == "gumbel":
         return score_variants.gumbel_attention(scores, req.gumbel_temp, req.gumbel_hard, req.sample)
     try:

@@ -154,7 +154,11 @@ class Attention(nn.Module):
             else None
 
         self.entmax_alpha_logit = nn.Parameter(torch.zeros(heads)) if cfg.learned_entmax_alpha else None
-        if cfg.use_entmax15:
+        if cfg.custom_attn_fn is not None:
+            if not callable(cfg.custom_attn_fn):
+                raise ValueError(f"attn_custom_attn_fn must be callable (scores -> weights), got {cfg.custom_attn_fn!r}")
+            self.normalizer = "custom"
+        elif cfg.use_entmax15:
             self.normalizer = "entmax15"
         elif cfg.entmax_alpha is not None or cfg.learned_entmax_alpha:
             self.normalizer = "entmax_bisect"
@@ -433,6 +437,8 @@ class Attention(nn.Module):
     def _variant_options(self, query_mask) -> dict:
         """The score variants of score_variants.py this block asks attend() for (only those on)."""
         cfg, out = self.cfg, {}
+        if self.normalizer == "custom":
+            out["custom_fn"] = cfg.custom_attn_fn
         if self.normalizer == "gumbel":
             out.update(gumbel_temp=cfg.gumbel_softmax_temp, gumbel_hard=cfg.gumbel_softmax_hard,
                        sample=self.training)

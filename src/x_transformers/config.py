@@ -172,6 +172,7 @@ class AttentionConfig:
     selective: bool = False  # selective attention: tokens mask themselves for later queries (2410.02703)
     inverted_attention: bool = False  # cross-attention: softmax over queries, L1-normalised over keys
     pre_scale_post_talking_heads: bool = False  # a head mix of the logits scales the weights
+    custom_attn_fn: Any = None  # a callable: masked scores (b, h, n, m) -> weights, in place of softmax
     # positions from the content (data_positions.py)
     use_cope: bool = False  # contextual position encoding (CoPE, 2405.18719): causal self-attention
     cope_max_pos: int = 16
@@ -264,7 +265,8 @@ class AttentionConfig:
 # forced-backend conflicts in conflicts.py read it)
 SCORE_FEATURES = ("talking_heads", "pre_talking_heads", "post_talking_heads", "use_entmax15", "entmax_alpha",
                   "learned_entmax_alpha", "sparse_topk", "sigmoid", "cog_signed", "l2_distance", "hard",
-                  "gumbel_softmax", "selective", "inverted_attention", "pre_scale_post_talking_heads", "use_cope")
+                  "gumbel_softmax", "selective", "inverted_attention", "pre_scale_post_talking_heads", "use_cope",
+                  "custom_attn_fn")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -58,3 +58,12 @@ register("belief_attention", layers=dict(attn_orthog_projected_values=True, attn
 register("hybrid_gru", layers=dict(attn_dim_head=8, attn_value_dim_head=8, attn_hybrid_learned_mix=True,
                                    attn_hybrid_module=nn.GRU(32, 32, batch_first=True)),
          kinds=("decoder",), padding_invariant=False)
+
+
+def _sharper_softmax(scores):
+    """A user's normaliser (attn_custom_attn_fn): softmax at half the temperature."""
+    return (2 * scores).softmax(dim=-1)
+
+
+register("custom_attn_fn", layers=dict(attn_custom_attn_fn=_sharper_softmax), group="normalizer",
+         kinds=("decoder", "encoder", "cross"))

@@ -70,3 +70,7 @@ declare("max_mem_len", "attn_data_dependent_alibi", when=lambda s: on(s, "max_me
         and on(s, "attn_data_dependent_alibi"), kinds=("wrapper",),
         reason="the forget gates are summed along the segment's own tokens; Transformer-XL memory keys sit before "
                "the segment, where no gate was kept", example=dict(max_mem_len=4, attn_data_dependent_alibi=True))
+for _other in ("attn_sigmoid", "attn_hard", "attn_gumbel_softmax") + ENTMAX:
+    declare("attn_custom_attn_fn", _other, when=lambda s, o=_other: on(s, "attn_custom_attn_fn") and on(s, o),
+            reason="each sets how scores become weights; choose one",
+            example={"attn_custom_attn_fn": EXAMPLE_ON["attn_custom_attn_fn"], _other: EXAMPLE_ON[_other]})
