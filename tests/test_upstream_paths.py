@@ -288,3 +288,19 @@ def test_relative_proj_positional_bias_at_upstreams_path():
     torch.testing.assert_close(bias(x), bias.bias(x, torch.arange(5)[None], torch.arange(5)[None]))
     # queries the last 5 of 7 keys: query i sits at position i + 2
     torch.testing.assert_close(bias(x, seq_len_k=7), bias.bias(x, torch.arange(2, 7)[None], torch.arange(7)[None]))
+
+
+def test_log_prob_of_the_key_gumbel_attention_sampled():
+    from x_transformers.attend import log_prob_from_hard_attend
+    from x_transformers.x_transformers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, dim_head=8, heads=4, causal=True, gumbel_softmax=True).train()
+    x = torch.randn(2, 6, 32)
+    _, inter = attn(x, return_intermediates=True)
+    chosen = inter.post_softmax_attn.argmax(-1)  # (b, h, n): one-hot weights, a sampled key per query
+    assert (inter.post_softmax_attn.sum(-1) - 1).abs().max() < 1e-6
+    assert (chosen <= torch.arange(6)).all()  # only visible (earlier) keys are drawn
+    expected = inter.pre_softmax_attn.log_softmax(-1).gather(-1, chosen[..., None])[..., 0]
+    torch.testing.assert_close(log_prob_from_hard_attend(inter), expected)
+    assert (log_prob_from_hard_attend(inter) <= 0).all()

@@ -507,6 +507,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, force_backend: str | None = None,
     return backend(req)
 
 
-__all__ = ["attend", "attend_backend", "AttendRequest", "BackendNotSupported", "BACKENDS", "register_backend",
+def log_prob_from_hard_attend(intermediates) -> Tensor:
+    """(b, h, n): the log-probability, under the softmax of the logits, of the key each query's one-hot
+    weights took (hard or Gumbel attention: a sampled key's log-likelihood, for a policy gradient).
+    ``intermediates``: what upstream's ``Attention(..., return_intermediates=True)`` returns."""
+    chosen = intermediates.post_softmax_attn.argmax(dim=-1, keepdim=True)
+    return intermediates.pre_softmax_attn.log_softmax(dim=-1).gather(-1, chosen)[..., 0]
+
+
+__all__ = ["attend", "log_prob_from_hard_attend", "attend_backend", "AttendRequest", "BackendNotSupported", "BACKENDS", "register_backend",
            "record_logsumexp", "rejection_reasons", "choose_backend", "causal_mask", "combined_mask", "softclamp",
            "window_mask"]

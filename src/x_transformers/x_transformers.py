@@ -79,7 +79,7 @@ class Attention(_attention.Attention):
         from .blocks import ScoreCarry
 
         carry = ScoreCarry()  # the explicit path hands its pre-softmax logits on, as for residual attention
-        out, _ = super().forward(x, context, mask=keys_mask, residual_scores=carry)
+        out, weights = super().forward(x, context, mask=keys_mask, residual_scores=carry, need_weights=True)
         logits = carry.scores
         n, m = logits.shape[-2:]
         visible = torch.ones(n, m, dtype=torch.bool, device=x.device)
@@ -87,7 +87,7 @@ class Attention(_attention.Attention):
             visible = visible.tril(m - n)
         if keys_mask is not None:
             visible = visible & keys_mask[..., -m:] if keys_mask.shape[-1] >= m else visible
-        return out, AttentionIntermediates(pre_softmax_attn=logits.masked_fill(~visible, float("-inf")))
+        return out, AttentionIntermediates(logits.masked_fill(~visible, float("-inf")), weights)
 
     @torch.no_grad()
     def qk_clip_(self, pre_softmax_attn, tau: float = 100.0):
@@ -115,9 +115,11 @@ class Attention(_attention.Attention):
 
 
 class AttentionIntermediates(NamedTuple):
-    """What :class:`Attention` returns beside its output with ``return_intermediates=True``."""
+    """What :class:`Attention` returns beside its output with ``return_intermediates=True``: the
+    pre-softmax logits and the weights (b, h, n, m)."""
 
     pre_softmax_attn: Tensor
+    post_softmax_attn: Tensor | None = None
 
 
 class RelativeProjPositionalBias(nn.Module):
