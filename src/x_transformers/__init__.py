@@ -18,13 +18,13 @@ from .nonautoregressive_wrapper import NonAutoregressiveWrapper
 from .vit import ViTransformerWrapper
 from .wrappers import TransformerWrapper, XTransformer
 from .xval import XValAutoregressiveWrapper, XValTransformerWrapper
-from .x_transformers import Attention, FeedForward  # upstream's constructors over ours, as upstream exports them
+from .x_transformers import Attention, FeedForward  # noqa: F401 - upstream exports these building blocks (not models: not in __all__)
 
 __all__ = [
     "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "FunnelEncoder", "TransformerWrapper", "XTransformer",
     "MultiInputTransformerWrapper", "NeoMLP", "ContinuousTransformerWrapper", "ContinuousAutoregressiveWrapper",
     "ViTransformerWrapper", "NonAutoregressiveWrapper", "PrefixDecoder", "XValTransformerWrapper",
-    "XValAutoregressiveWrapper", "DPO", "Attention", "FeedForward",
+    "XValAutoregressiveWrapper", "DPO",
     "KVCache", "StaticKVCache", "AutoregressiveWrapper",
     "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
     "from_pretrained", "save_pretrained", "load_tokenizer",
