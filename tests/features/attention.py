@@ -50,12 +50,12 @@ register("cope", layers=dict(attn_use_cope=True, attn_cope_max_pos=4, attn_cope_
 register("forgetting", layers=dict(attn_data_dependent_alibi=True), kinds=("decoder", "encoder", "encdec"))
 register("forgetting_per_row", layers=dict(attn_data_dependent_alibi=True, attn_data_dependent_alibi_per_row=True,
                                            attn_data_dependent_alibi_per_row_dim_head=4), kinds=("decoder",))
-# belief attention and a GRU beside attention (hybrid.py; tests/test_hybrid.py). The GRU is as wide as the
-# heads' output (4 x 8), so the feature fixes the head widths (an alternative of the features that set them);
+# belief attention and a GRU beside attention (hybrid.py; tests/test_hybrid.py). The GRU reads dim 32 and is as
+# wide as the heads' output (4 x 8), so the feature fixes those sizes (an alternative of features that set them);
 # it runs over padded tokens too (a user's module, given no mask in a causal stack)
 register("belief_attention", layers=dict(attn_orthog_projected_values=True, attn_orthog_projected_values_per_head=True),
          kinds=("decoder", "encoder", "encdec"))
-register("hybrid_gru", layers=dict(attn_dim_head=8, attn_value_dim_head=8, attn_hybrid_learned_mix=True,
+register("hybrid_gru", layers=dict(dim=32, heads=4, attn_dim_head=8, attn_value_dim_head=8, attn_hybrid_learned_mix=True,
                                    attn_hybrid_module=nn.GRU(32, 32, batch_first=True)),
          kinds=("decoder",), padding_invariant=False)
 
