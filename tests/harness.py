@@ -16,7 +16,8 @@ Properties (each a function of one built model):
              init; after one optimizer step every one is non-zero
   causal     causal kinds: d out[t] / d emb[s] is exactly zero for every s > t
   padding    masked padding (left or right) changes no kept output beyond the tolerance (a pooling
-             funnel: right padding only, since left padding moves its pooling windows)
+             funnel: right padding only, since left padding moves its pooling windows); not applicable
+             to a feature registered ``padding_invariant=False`` (a user's module run over every token)
   backends   every other backend that can compute the model agrees with the explicit one
   roundtrip  a state-dict save/load into a fresh model gives identical outputs
   cache      causal kinds: incremental decoding (a left-padded prefill, then one token at a time)
