@@ -16,7 +16,8 @@ Properties (each a function of one built model):
              init; after one optimizer step every one is non-zero
   causal     causal kinds: d out[t] / d emb[s] is exactly zero for every s > t
   padding    masked padding (left or right) changes no kept output beyond the tolerance (a pooling
-             funnel: right padding only, since left padding moves its pooling windows)
+             funnel: right padding only, since left padding moves its pooling windows); not applicable
+             to a feature registered ``padding_invariant=False`` (a user's module run over every token)
   backends   every other backend that can compute the model agrees with the explicit one
   roundtrip  a state-dict save/load into a fresh model gives identical outputs
   cache      causal kinds: incremental decoding (a left-padded prefill, then one token at a time)
@@ -65,6 +66,8 @@ class Feature:
     tol: float = 1e-5
     zero_init: tuple = ()  # parameter-name substrings with zero gradient at init, by design
     zero_grad: tuple = ()  # parameter-name substrings with zero gradient always, by design
+    # False: padded tokens reach the outputs by design (a user's recurrent module runs over them)
+    padding_invariant: bool = True
 
     def __hash__(self):
         return hash(self.name)
@@ -74,14 +77,14 @@ FEATURES: dict[str, Feature] = {}
 
 
 def register(name: str, *, layers=None, wrapper=None, kinds=KINDS, group=None, cacheable=True, tol=1e-5,
-             zero_init=(), zero_grad=()) -> Feature:
+             zero_init=(), zero_grad=(), padding_invariant=True) -> Feature:
     if name in FEATURES:
         raise ValueError(f"feature {name!r} registered twice")
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"feature {name!r}: unknown kinds {sorted(unknown)}; valid: {KINDS}")
     FEATURES[name] = f = Feature(name, dict(layers or {}), dict(wrapper or {}), tuple(kinds), group, cacheable, tol,
-                                 tuple(zero_init), tuple(zero_grad))
+                                 tuple(zero_init), tuple(zero_grad), padding_invariant)
     return f
 
 
@@ -343,6 +346,9 @@ def check_causal(run: Runner, tol, features=()):
 
 
 def check_padding(run: Runner, tol, features=()):
+    variant = [f.name for f in features if not f.padding_invariant]
+    if variant:
+        raise NotApplicable(f"padded tokens reach the outputs by design: {variant}")
     x = tokens()
     ref = run(x)
     pad = tokens(2, 3, seed=5)

@@ -109,8 +109,8 @@ def _kv_heads(module):
 def test_every_model_kind_resolves_aliases(make):
     assert _kv_heads(make(attn_one_kv_head=True)) == {1}
     assert _kv_heads(make()) == {4}
-    with pytest.raises(ValueError, match="attn_use_cope=True.*not implemented"):
-        make(attn_use_cope=True)
+    with pytest.raises(ValueError, match="attn_onnxable=True.*not implemented"):
+        make(attn_onnxable=True)
 
 
 def test_xtransformer_per_side_alias_and_conflict():
@@ -453,6 +453,17 @@ def _mla_cache():
     assert layer.k.shape == (2, 4, 5, 8) and layer.v.shape == (2, 4, 5, 8)
 
 
+def _hybrid_no_fold():
+    from torch.nn import GRU
+
+    torch.manual_seed(0)
+    kw = dict(dim=DIM, depth=1, heads=4, attn_dim_head=8, attn_hybrid_module=GRU(DIM, DIM, batch_first=True))
+    unfolded, folded = Decoder(**kw).eval(), Decoder(attn_hybrid_fold_axial_dim=1, **kw).eval()
+    folded.load_state_dict(unfolded.state_dict())
+    x = torch.randn(2, 5, DIM)
+    torch.testing.assert_close(unfolded(x), folded(x))
+
+
 DEVIATIONS = {
     "qk-norm-scale": _qk_norm_scale, "single-head-out": _single_head_out, "glu-no-bias": _glu_no_bias,
     "xtransformer-logits": _xtransformer_logits, "norm-gain": _norm_gain, "rmsnorm-eps": _rmsnorm_eps,
@@ -466,6 +477,7 @@ DEVIATIONS = {
         attn_orthog_projected_values=True, attn_orthog_projected_values_per_head=True),
     "mv-split-prefix-mean": lambda: _earlier_outputs_ignore_later_tokens(mv_split_residual=True),
     "mla-cache": _mla_cache,
+    "hybrid-no-fold": _hybrid_no_fold,
 }
 
 

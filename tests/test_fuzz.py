@@ -60,7 +60,9 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
     fixed = [chosen[k] for k in ("attn_kv_heads", "alibi_num_heads") if chosen.get(k)]
     heads = rng.choice([h for h in (1, 2, 4) if all(h % f == 0 for f in fixed if f != 0) and h >= max(fixed, default=1)])
     dim = rng.choice((16, 32))
-    kw = dict(heads=heads, dim=dim)
+    # a feature that fixes the sizes keeps them (a user's module built for them: the hybrid GRU)
+    heads, dim = chosen.get("heads", heads), chosen.get("dim", dim)
+    kw = {k: v for k, v in dict(heads=heads, dim=dim).items() if k not in chosen}
     if kind != "funnel":
         kw["depth"] = rng.randint(1, 3)
     depth = kw.get("depth", 1)

@@ -143,3 +143,22 @@ def test_pre_scale_post_talking_heads_scale_the_weights_by_mixed_logits():
     torch.testing.assert_close(weights(a, x), expect)
     (g,) = torch.autograd.grad(a(x)[0].square().sum(), a.scale_mix)
     assert g.abs().min() > 0
+
+
+def _squared_softmax(scores):  # a user's normaliser: weights proportional to softmax(s)^2 = softmax(2 s)
+    w = scores.softmax(dim=-1).square()
+    return w / w.sum(dim=-1, keepdim=True)
+
+
+def test_custom_attn_fn_normalises_the_masked_scores():
+    a = attention(causal=True, attn_custom_attn_fn=_squared_softmax)
+    x = inputs()
+    keep = torch.ones(8, 8, dtype=torch.bool).tril()
+    expected = (2 * plain_logits(a, x)).masked_fill(~keep, float("-inf")).softmax(-1)
+    torch.testing.assert_close(weights(a, x), expected, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=Decoder(
+        dim=DIM, depth=2, heads=HEADS, attn_dim_head=8, attn_custom_attn_fn=_squared_softmax))
+    assert_cache_decoding_equals_full_forward(net)
+    with pytest.raises(ValueError, match="attn_custom_attn_fn must be callable"):
+        Decoder(dim=DIM, depth=1, heads=HEADS, attn_custom_attn_fn="softmax")

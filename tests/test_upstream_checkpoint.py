@@ -104,6 +104,20 @@ CONFIGS = [
     C("encoder_polar_masked", "Encoder", up=dict(polar_pos_emb=True), mask=True),
     C("decoder_cross_residual_attn", up=dict(cross_attend=True, residual_attn=True, cross_residual_attn=True),
       context=True),
+    # issue 20: positions from the content and the hybrid module (a GRU, as wide as the heads' output)
+    C("decoder_cope", up=dict(attn_use_cope=True, attn_cope_max_pos=6)),
+    # (not attn_cope_soft_onehot_pos: upstream 2.31.10's fails at its first forward, an einx rank error)
+    C("decoder_cope_talking_rotary", up=dict(attn_use_cope=True, attn_cope_talking_heads=True, **ROT)),
+    C("decoder_cope_gqa_talking", up=dict(attn_use_cope=True, attn_cope_talking_heads=True, attn_kv_heads=2)),
+    C("decoder_forgetting_mem_kv_masked", up=dict(attn_data_dependent_alibi=True, attn_num_mem_kv=1,
+                                                  attn_data_dependent_alibi_kwargs=dict(bias_init=1.0)), mask=True),
+    C("encoder_forgetting", "Encoder", up=dict(attn_data_dependent_alibi=True)),
+    C("decoder_forgetting_gqa", up=dict(attn_data_dependent_alibi=True, attn_kv_heads=2)),
+    C("decoder_forgetting_per_row_gqa", up=dict(attn_data_dependent_alibi=True, attn_data_dependent_alibi_per_row=True,
+                                                attn_data_dependent_alibi_per_row_dim_head=4, attn_kv_heads=2)),
+    C("decoder_hybrid_gru", up=dict(attn_hybrid_module={"torch.nn": "GRU", "args": [DIM, HEADS * DH],
+                                                        "kwargs": dict(batch_first=True)},
+                                    attn_hybrid_fold_axial_dim=1, attn_hybrid_learned_mix=True, **ROT)),
     C("decoder_kitchen_sink", up=dict(attn_kv_heads=2, attn_num_mem_kv=2, attn_qk_norm=True, ff_glu=True,
                                       use_rmsnorm=True, **ROT),
       ours=dict(norm_eps=RMS_EPS), wrap=dict(num_memory_tokens=2, emb_dim=16), extra_params=qk()),
@@ -134,7 +148,9 @@ def build_ours(cfg):
     if cfg["kind"] == "XTransformer":
         return XTransformer(**merged(cfg["up"], cfg["ours"]))
     cls = {"Decoder": Decoder, "Encoder": Encoder}[cfg["kind"]]
-    layers = cls(**merged(cfg["up"], cfg["ours"]))
+    from upstream_child import torch_modules
+
+    layers = cls(**torch_modules(merged(cfg["up"], cfg["ours"])))
     return TransformerWrapper(attn_layers=layers, **merged(cfg["wrap"], cfg["wrap_ours"]))
 
 

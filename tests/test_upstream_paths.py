@@ -247,3 +247,60 @@ def test_multi_input_refuses_bad_input():
         multi(dict(a=torch.zeros(1, 3, dtype=torch.long), b=torch.zeros(1, 4, dtype=torch.long)))
     with pytest.raises(ValueError, match="non-empty dict"):
         MultiInputTransformerWrapper(num_tokens={}, max_seq_len=4, attn_layers=Encoder(dim=32, depth=1))
+
+
+def test_package_exports_upstreams_attention_and_feedforward():
+    import x_transformers
+    import x_transformers.x_transformers as xt
+
+    assert x_transformers.Attention is xt.Attention and x_transformers.FeedForward is xt.FeedForward
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_qk_clip_caps_each_heads_largest_logit_at_tau(kv_heads):
+    from x_transformers.x_transformers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, dim_head=8, heads=4, causal=True, kv_heads=kv_heads).eval()
+    with torch.no_grad():
+        attn.to_q.weight.mul_(torch.linspace(5, 40, 4).repeat_interleave(8)[:, None])  # heads of rising logits
+    x = torch.randn(2, 6, 32)
+    _, inter = attn(x, return_intermediates=True)
+    logits = inter.pre_softmax_attn
+    q = attn.to_q(x).view(2, 6, 4, 8).transpose(1, 2)
+    k = attn.to_k(x).view(2, 6, -1, 8).transpose(1, 2).repeat_interleave(4 // (kv_heads or 4), dim=1)
+    manual = (q @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(),
+                                                               float("-inf"))
+    torch.testing.assert_close(logits, manual)  # the future keys hidden, so the maxima are over visible ones
+    top = logits.amax(dim=(0, 2, 3))
+    tau = top.median().item()
+    attn.qk_clip_(inter, tau=tau)
+    _, after = attn(x, return_intermediates=True)
+    torch.testing.assert_close(after.pre_softmax_attn.amax(dim=(0, 2, 3)), top.clamp(max=tau), atol=1e-4, rtol=1e-5)
+
+
+def test_relative_proj_positional_bias_at_upstreams_path():
+    from x_transformers.x_transformers import RelativeProjPositionalBias
+
+    torch.manual_seed(0)
+    bias = RelativeProjPositionalBias(dim=16, heads=2, num_distance_basis=3, max_dist=4)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(bias(x), bias.bias(x, torch.arange(5)[None], torch.arange(5)[None]))
+    # queries the last 5 of 7 keys: query i sits at position i + 2
+    torch.testing.assert_close(bias(x, seq_len_k=7), bias.bias(x, torch.arange(2, 7)[None], torch.arange(7)[None]))
+
+
+def test_log_prob_of_the_key_gumbel_attention_sampled():
+    from x_transformers.attend import log_prob_from_hard_attend
+    from x_transformers.x_transformers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, dim_head=8, heads=4, causal=True, gumbel_softmax=True).train()
+    x = torch.randn(2, 6, 32)
+    _, inter = attn(x, return_intermediates=True)
+    chosen = inter.post_softmax_attn.argmax(-1)  # (b, h, n): one-hot weights, a sampled key per query
+    assert (inter.post_softmax_attn.sum(-1) - 1).abs().max() < 1e-6
+    assert (chosen <= torch.arange(6)).all()  # only visible (earlier) keys are drawn
+    expected = inter.pre_softmax_attn.log_softmax(-1).gather(-1, chosen[..., None])[..., 0]
+    torch.testing.assert_close(log_prob_from_hard_attend(inter), expected)
+    assert (log_prob_from_hard_attend(inter) <= 0).all()

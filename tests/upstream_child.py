@@ -17,10 +17,16 @@ from x_transformers import Decoder, Encoder, TransformerWrapper, XTransformer
 LAYERS = {"Decoder": Decoder, "Encoder": Encoder}
 
 
+def torch_modules(kwargs):
+    """A keyword given as {"torch.nn": name, "args": [...]} (JSON cannot hold a module) -> that module."""
+    return {k: getattr(torch.nn, v["torch.nn"])(*v["args"], **v.get("kwargs", {})) if isinstance(v, dict)
+            and "torch.nn" in v else v for k, v in kwargs.items()}
+
+
 def build(cfg):
     if cfg["kind"] == "XTransformer":
         return XTransformer(**cfg["up"])
-    layers = LAYERS[cfg["kind"]](**cfg["up"])
+    layers = LAYERS[cfg["kind"]](**torch_modules(cfg["up"]))
     return TransformerWrapper(attn_layers=layers, **cfg["wrap"])
 
 

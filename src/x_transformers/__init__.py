@@ -20,6 +20,7 @@ from .vit import ViTransformerWrapper
 from .wrappers import TransformerWrapper, XTransformer
 from .xval import XValAutoregressiveWrapper, XValTransformerWrapper
 from . import continuous_autoencoder as _continuous_autoencoder, gpt_vae as _gpt_vae  # noqa: F401 - for from_pretrained
+from .x_transformers import Attention, FeedForward  # noqa: F401 - upstream exports these building blocks (not models: not in __all__)
 
 __all__ = [
     "AttentionLayers", "Encoder", "Decoder", "CrossAttender", "FunnelEncoder", "TransformerWrapper", "XTransformer",

@@ -86,11 +86,6 @@ NO_OPS: dict[str, NoOp] = {n.name: n for n in (
 # will add them: #20 attention variants, #21 residual / norm / position / feed-forward variants,
 # #17 (this issue) the wrapper's and XTransformer's own variants.
 _ATTN_NOT_YET = dict(
-    custom_attn_fn=None,
-    hybrid_module=None, hybrid_mask_kwarg=None, hybrid_fold_axial_dim=None, hybrid_learned_mix=False,
-    data_dependent_alibi=False, data_dependent_alibi_per_row=False, data_dependent_alibi_per_row_dim_head=8,
-    data_dependent_alibi_kwargs={}, use_cope=False, cope_max_pos=16, cope_soft_onehot_pos=False,
-    cope_talking_heads=False,
     qkv_receive_diff_residuals=False,
     onnxable=False,
     attend_sdp_kwargs=dict(enable_flash=True, enable_math=True, enable_mem_efficient=True), flash_pack_seq=False,

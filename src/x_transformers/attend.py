@@ -87,6 +87,10 @@ class AttendRequest:
     inverted: bool = False
     query_mask: Tensor | None = None
     scale_mix: Tensor | None = None  # (h, h)
+    # contextual positions (CoPE, data_positions.py): a callable (q, scores, mask) -> a score term
+    # (b, h, n, m) from the scaled, biased scores and the visible keys, added after masking
+    cope: object | None = None
+    custom_fn: object | None = None  # normalizer "custom": a user's scores (masked) -> weights
 
     @property
     def heads_per_kv(self) -> int:
@@ -180,6 +184,8 @@ def score_matrix_reasons(req: AttendRequest) -> list[str]:
         reasons.append("inverted attention normalises over the queries")
     if req.scale_mix is not None:
         reasons.append("pre-scale-post talking heads multiply the weights by mixed scores")
+    if req.cope is not None:
+        reasons.append("CoPE's positions are sums of gates over the scores")
     return reasons
 
 
@@ -302,6 +308,8 @@ def _normalize(scores: Tensor, req: AttendRequest) -> Tensor:
         return torch.sigmoid(scores)
     if req.normalizer == "hard":
         return score_variants.hard_attention(scores)
+    if req.normalizer == "custom":
+        return req.custom_fn(scores)
     if req.normalizer == "gumbel":
         return score_variants.gumbel_attention(scores, req.gumbel_temp, req.gumbel_hard, req.sample)
     try:
@@ -347,12 +355,17 @@ class ExplicitBackend:
             sign, scores = scores.sign(), scores.abs()
         mask = combined_mask(req)
         keep_rows = None
+        cope = req.cope(q, scores, mask) if req.cope is not None else None  # (gates of visible keys only)
         if mask is not None:
             # A large finite value, not -inf: entmax's sort-based threshold would turn -inf into
             # NaN; softmax gives these entries exactly zero weight either way.
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min / 2)
+            if cope is not None:
+                scores = scores + cope.masked_fill(~mask, 0.0)
             keep_rows = mask.any(dim=-1, keepdim=True)
             scores = scores.masked_fill(~keep_rows, 0.0)  # dead rows: finite for every normaliser, zeroed below
+        elif cope is not None:
+            scores = scores + cope
         if req.selective:
             scores = score_variants.selective_scores(scores, req.mask)
         if req.need_lse and _lse_sink is not None:
@@ -494,6 +507,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, force_backend: str | None = None,
     return backend(req)
 
 
-__all__ = ["attend", "attend_backend", "AttendRequest", "BackendNotSupported", "BACKENDS", "register_backend",
+def log_prob_from_hard_attend(intermediates) -> Tensor:
+    """(b, h, n): the log-probability, under the softmax of the logits, of the key each query's one-hot
+    weights took (hard or Gumbel attention: a sampled key's log-likelihood, for a policy gradient).
+    ``intermediates``: what upstream's ``Attention(..., return_intermediates=True)`` returns."""
+    chosen = intermediates.post_softmax_attn.argmax(dim=-1, keepdim=True)
+    return intermediates.pre_softmax_attn.log_softmax(dim=-1).gather(-1, chosen)[..., 0]
+
+
+__all__ = ["attend", "log_prob_from_hard_attend", "attend_backend", "AttendRequest", "BackendNotSupported", "BACKENDS", "register_backend",
            "record_logsumexp", "rejection_reasons", "choose_backend", "causal_mask", "combined_mask", "softclamp",
            "window_mask"]

@@ -12,7 +12,9 @@ from torch import nn
 
 from .attend import attend, softclamp
 from .config import ENTMAX_MIN_GAP, AttentionConfig
+from .data_positions import CoPE, build_forget_bias
 from .gating import HeadScale, OutputGates, ValueHeadGate, depth_scaled_
+from .hybrid import HybridBranch
 from .positional import apply_polar, apply_rotary, key_rotary
 from .rel_proj import RelProjPositionBias
 from .value_residual import ValueResidualMix
@@ -138,9 +140,23 @@ class Attention(nn.Module):
             if cfg.use_rel_proj_pos_bias and not cross else None  # a self-attention position bias
         self.selective = cfg.selective and self.causal  # 2410.02703, a causal self-attention idea
         self.inverted = cfg.inverted_attention and cross  # softmax over the queries (cross-attention)
+        # positions from the content (data_positions.py): CoPE in causal self-attention, the forgetting
+        # transformer's bias in self-attention
+        self.cope = CoPE(heads, self.key_dim, cfg.cope_max_pos, soft_onehot=cfg.cope_soft_onehot_pos,
+                         talking_heads=cfg.cope_talking_heads) if cfg.use_cope and self.causal else None
+        self.forget_bias = None if cross else build_forget_bias(cfg, dim, heads, causal)
+        # a user's sequence module beside self-attention (hybrid.py; its Linear maps get the stack's init)
+        self.hybrid = HybridBranch(cfg.hybrid_module, dim, heads, e, HeadRMSNorm, causal=self.causal,
+                                   fold=cfg.hybrid_fold_axial_dim, mask_kwarg=cfg.hybrid_mask_kwarg,
+                                   learned_mix=cfg.hybrid_learned_mix) if cfg.hybrid_module is not None and not cross \
+            else None
 
         self.entmax_alpha_logit = nn.Parameter(torch.zeros(heads)) if cfg.learned_entmax_alpha else None
-        if cfg.use_entmax15:
+        if cfg.custom_attn_fn is not None:
+            if not callable(cfg.custom_attn_fn):
+                raise ValueError(f"attn_custom_attn_fn must be callable (scores -> weights), got {cfg.custom_attn_fn!r}")
+            self.normalizer = "custom"
+        elif cfg.use_entmax15:
             self.normalizer = "entmax15"
         elif cfg.entmax_alpha is not None or cfg.learned_entmax_alpha:
             self.normalizer = "entmax_bisect"
@@ -158,8 +174,8 @@ class Attention(nn.Module):
     def reset_variant_parameters(self):
         """The initialisations the variants ask for; the layer stack calls this again after its own
         (GPT-2) initialisation of every linear map, which would otherwise overwrite them."""
-        for part in (self.value_head_gate, self.gates):
-            if part is not None:
+        for part in (self.value_head_gate, self.gates, self.forget_bias, self.cope):
+            if part is not None and hasattr(part, "reset_parameters"):
                 part.reset_parameters()
         out = self.to_out[0] if isinstance(self.to_out, nn.Sequential) else self.to_out
         if out is not None and self.cfg.zero_init_output:
@@ -261,6 +277,7 @@ class Attention(nn.Module):
             raise ValueError("a key/value input residual is for plain self-attention: not with cross-attention, a "
                              "funnel's pooled queries or attn_shared_qk (whose keys are the queries)")
         h, g = self.heads, self.kv_heads
+        seq_mask = mask  # (before memory key/values widen it)
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         # one product over the three weights, unless a projection is not a plain Linear (FP8's Float8Linear,
         # an adapter): then each runs its own forward
@@ -333,6 +350,12 @@ class Attention(nn.Module):
                                  "over its own sequence)")
             rel = self.rel_proj(x, *positions).to(q.dtype)  # (b, h, n, m)
             bias = rel if bias is None else bias + rel
+        if self.forget_bias is not None:
+            if kv is not None or mem is not None:
+                raise ValueError("attn_data_dependent_alibi sums forget gates along the sequence's own tokens: "
+                                 "not over a funnel's pooled keys or Transformer-XL memory")
+            forget = self.forget_bias(x, cache, seq_mask).to(q.dtype)  # (b, h, n, m)
+            bias = forget if bias is None else bias + forget
 
         prefix = 0  # always-visible keys prepended: memory key/values, the zero key/value
         if self.mem_k is not None:
@@ -370,6 +393,7 @@ class Attention(nn.Module):
             softclamp=self.softclamp, max_attend_past=self.max_attend_past,
             window_positions=positions if self.max_attend_past is not None else None,
             window_exempt=prefix, sink=self.sink, l2_distance=self.cfg.l2_distance, signed=self.cfg.cog_signed,
+            cope=self.cope,
             **self._variant_options(query_mask), **carried,
         )
         if residual_scores is not None:
@@ -380,6 +404,8 @@ class Attention(nn.Module):
             out = self.head_scale(out)
         if self.value_head_gate is not None:
             out = self.value_head_gate(x, out)
+        if self.hybrid is not None:
+            out = self.hybrid(x, out, mask=seq_mask, cache=cache)
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, -1)  # (b, h, n, d) -> (b, n, h*d)
         if self.gates is not None:
@@ -431,6 +457,8 @@ class Attention(nn.Module):
     def _variant_options(self, query_mask) -> dict:
         """The score variants of score_variants.py this block asks attend() for (only those on)."""
         cfg, out = self.cfg, {}
+        if self.normalizer == "custom":
+            out["custom_fn"] = cfg.custom_attn_fn
         if self.normalizer == "gumbel":
             out.update(gumbel_temp=cfg.gumbel_softmax_temp, gumbel_hard=cfg.gumbel_softmax_hard,
                        sample=self.training)

@@ -32,6 +32,24 @@ class LayerKV:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.cross = False  # set by store(): the context's keys/values, not a growing sequence
+        # what a block keeps beside its keys: per-key tensors (..., m, c) that grow with them (the
+        # forgetting transformer's running sums), and states that replace each other (a recurrent
+        # module's hidden state), each with the dimension its batch rows are on
+        self.extras: dict[str, Tensor] = {}
+        self.states: dict[str, tuple] = {}
+
+    def append_extra(self, name: str, t: Tensor) -> Tensor:
+        """Add the new tokens' per-key tensor t (..., n, c); return every key's (..., m, c)."""
+        old = self.extras.get(name)
+        self.extras[name] = t if old is None else torch.cat((old, t), dim=-2)
+        return self.extras[name]
+
+    def get_state(self, name: str):
+        entry = self.states.get(name)
+        return None if entry is None else entry[0]
+
+    def set_state(self, name: str, value, batch_dim: int = 0):
+        self.states[name] = (value, batch_dim)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Self-attention: add the new keys/values, return all of them."""
@@ -56,6 +74,21 @@ class LayerKV:
     def reorder(self, index: Tensor):
         if self.k is not None:
             self.k, self.v = self.k[index], self.v[index]
+        self.extras = {name: t[index] for name, t in self.extras.items()}
+        self.states = {name: (_select_rows(v, index, dim), dim) for name, (v, dim) in self.states.items()}
+
+    def copy(self) -> "LayerKV":
+        new = LayerKV()
+        new.k, new.v, new.cross = self.k, self.v, self.cross
+        new.extras, new.states = dict(self.extras), dict(self.states)
+        return new
+
+
+def _select_rows(value, index: Tensor, dim: int):
+    """A state (a tensor or a tuple / list of them) with its batch rows (on ``dim``) selected."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select_rows(v, index, dim) for v in value)
+    return value.index_select(dim, index) if isinstance(value, Tensor) else value
 
 
 class KVCache:
@@ -138,8 +171,7 @@ class KVCache:
         leaves this one as it is. What makes upstream-style ``cache=`` calls functional."""
         new = KVCache()
         for i, layer in self.layers.items():
-            new.layers[i] = LayerKV()
-            new.layers[i].k, new.layers[i].v, new.layers[i].cross = layer.k, layer.v, layer.cross
+            new.layers[i] = layer.copy()
         new._key_mask, new.positions, new.unpadded = self._key_mask, self.positions, self.unpadded
         new.prefix_len = self.prefix_len
         return new
@@ -155,6 +187,7 @@ class KVCache:
         for layer in self.layers.values():
             if layer.k is not None and not layer.cross:
                 layer.k, layer.v = layer.k.index_select(-2, index), layer.v.index_select(-2, index)
+                layer.extras = {name: t.index_select(-2, index) for name, t in layer.extras.items()}
         self._key_mask, self.positions = self._key_mask[:, index], self.positions[:, index]
 
 
@@ -165,6 +198,29 @@ class StaticLayerKV:
         self.owner = owner
         self.k, self.v = k, v
         self.filled = False  # cross-attention: set once the context's keys/values are stored
+        self.extras: dict[str, Tensor] = {}  # as LayerKV's, preallocated at the first append
+        self.states: dict[str, tuple] = {}
+
+    def append_extra(self, name: str, t: Tensor) -> Tensor:
+        """Write the new tokens' per-key tensor t (..., n, c) at their slots; return every slot's."""
+        if name not in self.extras:
+            shape = (*t.shape[:-2], self.owner.max_len, t.shape[-1])
+            self.extras[name] = torch.zeros(shape, dtype=t.dtype, device=t.device)
+            _mark_static(self.extras[name])
+        buf = self.extras[name]
+        buf.index_copy_(-2, self.owner.slots(t.shape[-2]), t.to(buf.dtype))
+        return buf  # the unfilled tail is masked by keys_and_mask
+
+    def get_state(self, name: str):
+        entry = self.states.get(name) if self.owner.started else None
+        return None if entry is None else entry[0]
+
+    def set_state(self, name: str, value, batch_dim: int = 0):
+        old = self.states.get(name)
+        if isinstance(value, Tensor) and old is not None and isinstance(old[0], Tensor) and old[0].shape == value.shape:
+            old[0].copy_(value)  # in place: a compiled step keeps reading the same tensor
+        else:
+            self.states[name] = (value, batch_dim)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         slots = self.owner.slots(k.shape[-2])
@@ -181,6 +237,9 @@ class StaticLayerKV:
         return self.owner.index  # the new queries sit at slots index .. index + n - 1
 
     def reorder(self, index: Tensor):
+        for t in self.extras.values():
+            t.copy_(t[index])
+        self.states = {name: (_select_rows(v, index, dim), dim) for name, (v, dim) in self.states.items()}
         if self.k is not None and not self.filled:
             self.k.copy_(self.k[index])
             self.v.copy_(self.v[index])
@@ -258,6 +317,7 @@ class StaticKVCache:
         self.length = 0
         self.prefix_len = 0
         for layer in self.layers.values():
+            layer.states = {}
             if layer.filled:
                 layer.k = layer.v = None
                 layer.filled = False

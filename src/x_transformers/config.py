@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -176,6 +176,23 @@ class AttentionConfig:
     selective: bool = False  # selective attention: tokens mask themselves for later queries (2410.02703)
     inverted_attention: bool = False  # cross-attention: softmax over queries, L1-normalised over keys
     pre_scale_post_talking_heads: bool = False  # a head mix of the logits scales the weights
+    custom_attn_fn: Any = None  # a callable: masked scores (b, h, n, m) -> weights, in place of softmax
+    # positions from the content (data_positions.py)
+    use_cope: bool = False  # contextual position encoding (CoPE, 2405.18719): causal self-attention
+    cope_max_pos: int = 16
+    cope_soft_onehot_pos: bool = False
+    cope_talking_heads: bool = False
+    data_dependent_alibi: bool = False  # the forgetting transformer's bias (2503.02130)
+    data_dependent_alibi_per_row: bool = False
+    data_dependent_alibi_per_row_dim_head: int = 8
+    data_dependent_alibi_kwargs: dict = field(default_factory=dict)  # bias_init, post_log_scale
+    # beside the heads' output (hybrid.py)
+    hybrid_module: Any = None  # an nn.Module run beside attention, mixed in (Hymba, 2411.13676)
+    hybrid_mask_kwarg: str | None = None
+    hybrid_fold_axial_dim: int | None = None
+    hybrid_learned_mix: bool = False
+    orthog_projected_values: bool = False  # output orthogonal to the token's own values (belief attention)
+    orthog_projected_values_per_head: bool = False
 
     def __post_init__(self):
         check_types(AttentionConfig, _values(self), "attn_")
@@ -224,6 +241,9 @@ class AttentionConfig:
         if not self.low_rank_silu_gates and self.gate_values_rank is None and self.output_gate_rank is None:
             raise ValueError("attn_low_rank_silu_gates=False configures the low-rank gates (attn_gate_values_rank "
                              "/ attn_output_gate_rank), none of which is set; drop it")
+        from .data_positions import check_config  # the content features' checks live beside them
+
+        check_config(self, _positive_int, _positive_number)
         # combinations of these keywords: conflicts.py
 
     @property
@@ -249,7 +269,8 @@ class AttentionConfig:
 # forced-backend conflicts in conflicts.py read it)
 SCORE_FEATURES = ("talking_heads", "pre_talking_heads", "post_talking_heads", "use_entmax15", "entmax_alpha",
                   "learned_entmax_alpha", "sparse_topk", "sigmoid", "cog_signed", "l2_distance", "hard",
-                  "gumbel_softmax", "selective", "inverted_attention", "pre_scale_post_talking_heads")
+                  "gumbel_softmax", "selective", "inverted_attention", "pre_scale_post_talking_heads", "use_cope",
+                  "custom_attn_fn")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -519,6 +540,10 @@ REQUIRES = {
     "attn_dim_latent_q": "attn_use_latent_q", "attn_dim_latent_kv": "attn_use_latent_kv",
     "attn_latent_rope_subheads": "attn_use_latent_kv",
     "attn_rel_proj_num_distance_basis": "attn_use_rel_proj_pos_bias", "attn_rel_proj_max_dist": "attn_use_rel_proj_pos_bias",
+    "attn_cope_max_pos": "attn_use_cope", "attn_cope_soft_onehot_pos": "attn_use_cope",
+    "attn_cope_talking_heads": "attn_use_cope", "attn_data_dependent_alibi_per_row": "attn_data_dependent_alibi",
+    "attn_data_dependent_alibi_per_row_dim_head": "attn_data_dependent_alibi_per_row",
+    "attn_data_dependent_alibi_kwargs": "attn_data_dependent_alibi",
     "attn_qk_norm_groups": "attn_qk_norm", "attn_rotate_num_heads": "rotary_pos_emb", "attn_qk_norm_dim_scale": "attn_qk_norm",
     "attn_gumbel_softmax_temp": "attn_gumbel_softmax", "attn_gumbel_softmax_hard": "attn_gumbel_softmax",
     "attn_gate_values_rank": "attn_gate_values", "attn_gate_values_headwise": "attn_gate_values",

@@ -137,11 +137,12 @@ def _attention(plan: _Plan, attn: Attention, ours: str, up: str, rot_dim: int | 
     if attn.to_k is not None:
         plan.add(ours + "to_k.weight", _Source((up + "to_k.weight",), _rows(attn.kv_heads, None, perm)))
     plan.add(ours + "to_v.weight", _same(up + "to_v.weight"))
+    parts = attn.orthog.factor if attn.orthog is not None else 1  # belief attention: c copies of the heads
     if hp is None:
         plan.add(ours + "to_out.weight", _same(up + "to_out.weight"))
-    else:  # (dim, heads * d): its input columns follow the heads
+    else:  # (dim, c * heads * d): its input columns follow the heads
         plan.add(ours + "to_out.weight", _Source((up + "to_out.weight",), lambda w: w.reshape(
-            w.shape[0], attn.heads, -1)[:, hp].reshape(w.shape)))
+            w.shape[0], parts, attn.heads, -1)[:, :, hp].reshape(w.shape)))
     for name in ("to_q", "to_k", "to_v", "to_out"):
         if getattr(attn, name) is not None and getattr(attn, name).bias is not None:
             plan.hint(f"{ours}{name}.bias", "upstream's attention projections have no bias: attn_bias=False")
@@ -158,7 +159,38 @@ def _attention(plan: _Plan, attn: Attention, ours: str, up: str, rot_dim: int | 
     if attn.post_mix is not None:
         plan.add(ours + "post_mix", _Source((up + "attend.post_softmax_talking_heads.weight",), _mix(
             hp, lambda w: w[:, :, 0, 0].t().contiguous())))
+    _content_and_hybrid(plan, attn, ours, up, perm, hp)
     return hp
+
+
+def _content_and_hybrid(plan: _Plan, attn: Attention, ours: str, up: str, perm, hp):
+    """CoPE, the forgetting transformer's gates and the hybrid module (data_positions.py, hybrid.py)."""
+    if attn.cope is not None:  # e[p] meets the (rotated) queries: its channels follow theirs
+        plan.add(ours + "cope.pos_emb", _Source((up + "attend.cope.pos_emb",),
+                                                (lambda t: t[:, perm]) if perm is not None else (lambda t: t)))
+        if attn.cope.mix is not None:  # a 1x1 convolution (h_out, h_in, 1, 1) -> (h_out, h_in)
+            plan.add(ours + "cope.mix", _Source((up + "attend.cope.talking_heads.weight",),
+                                                _mix(hp, lambda w: w[:, :, 0, 0].contiguous())))
+    fb = attn.forget_bias
+    if fb is not None:
+        src = up + "data_dependent_alibi.to_forget_gates.0."
+        if hasattr(fb, "to_qk"):  # per row: (2 * heads * d', dim) rows as (q|k, head, channel)
+            plan.add(ours + "forget_bias.to_qk.weight", _Source((src + "weight",), lambda w: w if hp is None else
+                                                                w.reshape(2, attn.heads, -1, w.shape[-1])[:, hp].reshape(w.shape)))
+        else:  # one (or, bidirectional, two) gate per head
+            heads = lambda t: t if hp is None else t.reshape(-1, attn.heads, *t.shape[1:])[:, hp].reshape(t.shape)
+            plan.add(ours + "forget_bias.to_gates.weight", _Source((src + "weight",), heads))
+            plan.add(ours + "forget_bias.to_gates.bias", _Source((src + "bias",), heads))
+    if attn.hybrid is not None:
+        if hp is not None:
+            raise UpstreamCheckpointError("a hybrid module with grouped key/values cannot be loaded: upstream's query "
+                                          "heads are ordered differently, and the module's output channels follow them")
+        for name in attn.hybrid.module.state_dict():
+            plan.add(f"{ours}hybrid.module.{name}", _same(f"{up}hybrid_module.fn.{name}"))
+        for i, norm in enumerate(("out_norm", "hybrid_norm")):
+            plan.add(f"{ours}hybrid.{norm}.g", _Source((f"{up}hybrid_norms.{i}.gamma",), lambda g: g + 1.0))  # (gamma + 1)
+        if attn.hybrid.to_mix is not None:
+            plan.add(ours + "hybrid.to_mix.weight", _same(up + "hybrid_mix.weight"))
 
 
 def _feedforward(plan: _Plan, ff: FeedForward, ours: str, up: str):

@@ -602,6 +602,10 @@ def stack_settings(attn_layers) -> dict:
         settings.update(depths=attn_layers.cfg.depths, upsample=attn_layers.cfg.upsample)
         stacks = list(attn_layers.blocks) + ([attn_layers.upsampler] if attn_layers.upsampler is not None else [])
     settings["self_attention"] = any(spec.kind == "a" for stack in stacks for spec in stack.layout)
+    # the stack's attention switches that a wrapper keyword can conflict with (Transformer-XL memory)
+    attn_cfg = getattr(stacks[0], "attn_cfg", None)
+    if attn_cfg is not None and attn_cfg.data_dependent_alibi:
+        settings["attn_data_dependent_alibi"] = True
     return settings
 
 

@@ -31,7 +31,7 @@ from .wrappers import TransformerWrapper, XTransformer
 __all__ = [
     "TransformerWrapper", "XTransformer", "AttentionLayers", "Encoder", "Decoder", "PrefixDecoder", "CrossAttender",
     "Attention", "FeedForward", "Attend", "AttendIntermediates", "LinearNoBias", "DEFAULT_DIM_HEAD",
-    "LayerNorm", "RMSNorm", "ScaleNorm", "ViTransformerWrapper",
+    "LayerNorm", "RMSNorm", "ScaleNorm", "ViTransformerWrapper", "AttentionIntermediates", "RelativeProjPositionalBias",
 ]
 
 DEFAULT_DIM_HEAD = 64  # upstream's attention head width
@@ -68,12 +68,77 @@ class Attention(_attention.Attention):
         cross = dim_context is not None
         super().__init__(dim, heads, cfg, causal=causal, cross=cross, dim_context=dim_context)
 
-    def forward(self, x, context=None, mask=None, context_mask=None):
+    def forward(self, x, context=None, mask=None, context_mask=None, return_intermediates: bool = False):
+        """The output (b, n, dim); with ``return_intermediates``, also an :class:`AttentionIntermediates`
+        holding the pre-softmax logits (b, h, n, m), hidden keys at -inf (what :meth:`qk_clip_` reads)."""
         if self.cross and context is None:
             raise ValueError("this Attention was built with dim_context: pass context=(batch, ctx_len, dim_context)")
-        keys_mask = context_mask if self.cross else mask
-        out, _ = super().forward(x, context, mask=_key_mask(keys_mask, "context_mask" if self.cross else "mask"))
-        return out
+        keys_mask = _key_mask(context_mask if self.cross else mask, "context_mask" if self.cross else "mask")
+        if not return_intermediates:
+            return super().forward(x, context, mask=keys_mask)[0]
+        from .blocks import ScoreCarry
+
+        carry = ScoreCarry()  # the explicit path hands its pre-softmax logits on, as for residual attention
+        out, weights = super().forward(x, context, mask=keys_mask, residual_scores=carry, need_weights=True)
+        logits = carry.scores
+        n, m = logits.shape[-2:]
+        visible = torch.ones(n, m, dtype=torch.bool, device=x.device)
+        if self.causal:
+            visible = visible.tril(m - n)
+        if keys_mask is not None:
+            visible = visible & keys_mask[..., -m:] if keys_mask.shape[-1] >= m else visible
+        return out, AttentionIntermediates(logits.masked_fill(~visible, float("-inf")), weights)
+
+    @torch.no_grad()
+    def qk_clip_(self, pre_softmax_attn, tau: float = 100.0):
+        """QK-clip (MuonClip, Kimi K2, 2507.20534): where a head's largest logit exceeds ``tau``, scale
+        its query and key projections so that it becomes ``tau`` (each by the square root; with grouped
+        key/values, whose keys several heads share, the query alone by the whole factor).
+        ``pre_softmax_attn``: logits (b, h, n, m), or the intermediates :meth:`forward` returns."""
+        if not isinstance(pre_softmax_attn, Tensor):
+            pre_softmax_attn = pre_softmax_attn.pre_softmax_attn
+        if self.to_k is None or self.to_latent_q is not None or self.to_latent_kv is not None or self.qk_norm:
+            raise ValueError("qk_clip_ scales to_q and to_k: not with shared-QK, latent projections or QK-norm "
+                             "(whose logits the weights' scale does not set)")
+        top = pre_softmax_attn.amax(dim=(0, 2, 3))  # (h,)
+        factor = (tau / top).clamp(max=1.0)  # 1 where a head stays under tau
+        q_scale = factor.sqrt() if self.kv_heads == self.heads else factor
+        self.to_q.weight.mul_(q_scale.repeat_interleave(self.dim_head)[:, None].to(self.to_q.weight.dtype))
+        if self.to_q.bias is not None:
+            self.to_q.bias.mul_(q_scale.repeat_interleave(self.dim_head).to(self.to_q.bias.dtype))
+        if self.kv_heads == self.heads:
+            k_scale = factor.sqrt().repeat_interleave(self.dim_head).to(self.to_k.weight.dtype)
+            self.to_k.weight.mul_(k_scale[:, None])
+            if self.to_k.bias is not None:
+                self.to_k.bias.mul_(k_scale)
+        self._qkv_memo = None
+
+
+class AttentionIntermediates(NamedTuple):
+    """What :class:`Attention` returns beside its output with ``return_intermediates=True``: the
+    pre-softmax logits and the weights (b, h, n, m)."""
+
+    pre_softmax_attn: Tensor
+    post_softmax_attn: Tensor | None = None
+
+
+class RelativeProjPositionalBias(nn.Module):
+    """Upstream's ``RelativeProjPositionalBias(dim, heads, num_distance_basis=16, max_dist=1024)``:
+    ``forward(x, seq_len_k=None)`` -> the bias (b, h, n, m) of queries x (b, n, dim) over the last
+    ``seq_len_k`` positions (the queries the last n), through our
+    :class:`~x_transformers.rel_proj.RelProjPositionBias`."""
+
+    def __init__(self, dim: int, heads: int, num_distance_basis: int = 16, max_dist: int = 1024):
+        super().__init__()
+        from .rel_proj import RelProjPositionBias
+
+        self.bias = RelProjPositionBias(dim, heads, num_distance_basis, max_dist)
+
+    def forward(self, x, seq_len_k: int | None = None):
+        n = x.shape[1]
+        m = n if seq_len_k is None else seq_len_k
+        k_pos = torch.arange(m, device=x.device)[None]
+        return self.bias(x, k_pos[:, m - n:], k_pos)
 
 
 class FeedForward(_feedforward.FeedForward):

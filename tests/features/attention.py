@@ -1,5 +1,7 @@
 """Attention features (issue: the seed's attention features)."""
 
+from torch import nn
+
 from harness import register
 
 register("mem_kv", layers=dict(attn_num_mem_kv=3))
@@ -36,6 +38,30 @@ register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
 # norm's eps (exactly zero in some rows: decoder macaron+post_norm+qk_norm+scalenorm+tupe_cls)
 register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer",
          zero_grad=("to_q", "to_k", "pre_norm", "mem_k", "mem_v", "pre_mix", "qk_scale", "q_gain", "k_gain",
-                    "to_latent_q", "to_rope_k", "rel_pos.", "rel_proj.", "tupe.", "polar.", "post_norm.g"))
+                    "to_latent_q", "to_rope_k", "rel_pos.", "rel_proj.", "tupe.", "polar.", "post_norm.g", "cope.",
+                    "forget_bias."))
 register("mem_kv_qk_norm", layers=dict(attn_num_mem_kv=2, attn_qk_norm=True), zero_grad=QK_SCALE_INVARIANT)
 register("shared_qk_mem_kv", layers=dict(attn_shared_qk=True, attn_num_mem_kv=1), group="kv")
+
+# issue 20: positions from the content (data_positions.py; tests/test_data_positions.py). CoPE is causal;
+# its position table starts at zero, so the gates' head mix has no gradient until it moves
+register("cope", layers=dict(attn_use_cope=True, attn_cope_max_pos=4, attn_cope_talking_heads=True),
+         kinds=("decoder",), zero_init=("cope.mix",))
+register("forgetting", layers=dict(attn_data_dependent_alibi=True), kinds=("decoder", "encoder", "encdec"))
+register("forgetting_per_row", layers=dict(attn_data_dependent_alibi=True, attn_data_dependent_alibi_per_row=True,
+                                           attn_data_dependent_alibi_per_row_dim_head=4), kinds=("decoder",))
+# a GRU beside attention (hybrid.py; tests/test_hybrid.py; belief attention: attention_variants.py). The GRU reads dim 32 and is as
+# wide as the heads' output (4 x 8), so the feature fixes those sizes (an alternative of features that set them);
+# it runs over padded tokens too (a user's module, given no mask in a causal stack)
+register("hybrid_gru", layers=dict(dim=32, heads=4, attn_dim_head=8, attn_value_dim_head=8, attn_hybrid_learned_mix=True,
+                                   attn_hybrid_module=nn.GRU(32, 32, batch_first=True)),
+         kinds=("decoder",), padding_invariant=False)
+
+
+def _sharper_softmax(scores):
+    """A user's normaliser (attn_custom_attn_fn): softmax at half the temperature."""
+    return (2 * scores).softmax(dim=-1)
+
+
+register("custom_attn_fn", layers=dict(attn_custom_attn_fn=_sharper_softmax), group="normalizer",
+         kinds=("decoder", "encoder", "cross"))

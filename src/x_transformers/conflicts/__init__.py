@@ -119,7 +119,8 @@ EXAMPLE_ON = {"attn_use_entmax15": True, "attn_entmax_alpha": 1.5, "attn_learned
               "attn_talking_heads": True, "attn_pre_talking_heads": True, "attn_post_talking_heads": True,
               "attn_sparse_topk": 2, "attn_sigmoid": True, "attn_cog_signed": True, "attn_l2_distance": True,
               "attn_hard": True, "attn_gumbel_softmax": True, "attn_selective": True, "attn_inverted_attention": True,
-              "attn_pre_scale_post_talking_heads": True, "attn_head_learned_sink": True}
+              "attn_pre_scale_post_talking_heads": True, "attn_head_learned_sink": True, "attn_use_cope": True,
+              "attn_custom_attn_fn": lambda scores: scores.softmax(dim=-1)}
 
 
 # the table: its entries are declared when these modules load (in this order: the order of CONFLICTS)

@@ -36,3 +36,46 @@ for _k in ("attn_orthog_projected_values", "attn_orthog_projected_values_per_hea
     declare(_k, "attn_project_out=False", when=lambda s, k=_k: on(s, k) and s.get("attn_project_out") is False,
             reason="the projected outputs are concatenated and need the output projection back to dim",
             example={_k: True, "attn_project_out": False}, kinds=("decoder", "encoder", "funnel", "xtransformer"))
+
+# issue 20's content positions and what joins the heads' output (data_positions.py, hybrid.py): each is a
+# self-attention feature (a cross-attention block builds without it), so a stack without self-attention
+# refuses it, and a funnel's pooled queries (keys from the unpooled sequence) cannot line them up
+_NOT_CAUSAL_KINDS = ("encoder", "cross", "funnel")
+_SELF_ONLY = {"attn_data_dependent_alibi": True, "attn_use_cope": True}  # (belief attention: above)
+for _k, _v in _SELF_ONLY.items():  # (CoPE on an encoder or a CrossAttender: refused below as bidirectional)
+    declare(_k, "only_cross", when=lambda s, k=_k: on(s, k) and on(s, "only_cross"),
+            kinds=("decoder",) if _k == "attn_use_cope" else ("decoder", "encoder", "cross"),
+            reason="a self-attention feature, and a cross-attention-only stack has no self-attention",
+            example={_k: _v, "only_cross": True, "cross_attend": True})
+declare("attn_hybrid_module", "only_cross", when=lambda s: on(s, "attn_hybrid_module") and on(s, "only_cross"),
+        kinds=("decoder", "encoder", "cross"), reason="the module runs beside self-attention, and a cross-attention-only stack "
+                                           "has none", example=dict(attn_hybrid_module="a GRU", only_cross=True, cross_attend=True))
+for _k, _why in (("attn_data_dependent_alibi", "it sums forget gates along the sequence between a query and a key"),):
+    declare(_k, "depths", when=lambda s, k=_k: on(s, k) and blocks(s) > 1, kinds=("funnel",),
+            reason=f"{_why}, and a funnel's pooled queries read the unpooled sequence's keys and values; use a "
+                   f"single block", example={_k: True, "depths": (1, 1)})
+declare("attn_use_cope", "a bidirectional stack", when=lambda s: on(s, "attn_use_cope"), kinds=_NOT_CAUSAL_KINDS,
+        reason="CoPE counts the keys between a key and its query whose gates open, which is defined over the keys "
+               "before the query (causal attention, 2405.18719, as upstream); use it in a Decoder",
+        example=dict(attn_use_cope=True))
+declare("attn_use_cope", "XTransformer's encoder", when=lambda s: on(s, "attn_use_cope") or on(s, "enc_attn_use_cope"),
+        kinds=XT, reason="the encoder is bidirectional and CoPE causal; give dec_attn_use_cope",
+        example=dict(attn_use_cope=True))
+declare("attn_data_dependent_alibi_per_row", "a bidirectional stack",
+        when=lambda s: on(s, "attn_data_dependent_alibi_per_row"), kinds=("encoder", "funnel"),
+        reason="the per-row gates are summed over the tokens before each query only (as upstream); the plain "
+               "attn_data_dependent_alibi has a bidirectional form",
+        example=dict(attn_data_dependent_alibi=True, attn_data_dependent_alibi_per_row=True))
+declare("attn_data_dependent_alibi_per_row", "XTransformer's encoder",
+        when=lambda s: on(s, "attn_data_dependent_alibi_per_row") or on(s, "enc_attn_data_dependent_alibi_per_row"),
+        kinds=XT, reason="the encoder is bidirectional and the per-row gates causal; give "
+                         "dec_attn_data_dependent_alibi_per_row",
+        example=dict(attn_data_dependent_alibi=True, attn_data_dependent_alibi_per_row=True))
+declare("max_mem_len", "attn_data_dependent_alibi", when=lambda s: on(s, "max_mem_len")
+        and on(s, "attn_data_dependent_alibi"), kinds=("wrapper",),
+        reason="the forget gates are summed along the segment's own tokens; Transformer-XL memory keys sit before "
+               "the segment, where no gate was kept", example=dict(max_mem_len=4, attn_data_dependent_alibi=True))
+for _other in ("attn_sigmoid", "attn_hard", "attn_gumbel_softmax") + ENTMAX:
+    declare("attn_custom_attn_fn", _other, when=lambda s, o=_other: on(s, "attn_custom_attn_fn") and on(s, o),
+            reason="each sets how scores become weights; choose one",
+            example={"attn_custom_attn_fn": EXAMPLE_ON["attn_custom_attn_fn"], _other: EXAMPLE_ON[_other]})
