@@ -154,7 +154,7 @@ def test_bidirectional_intermediates_hold_no_cache_and_say_so():
     (dict(recycle_steps=2), ValueError, "recycle_steps= needs a wrapper built with recycling=True"),
     (dict(transform_token_embeds=None), TypeError, "'transform_token_embeds' is not supported"),
     (dict(attn_mask=torch.ones(2, 10, 10, dtype=torch.bool)), TypeError, "'attn_mask' is not supported"),
-    (dict(looped_steps=2), TypeError, "'looped_steps' is not supported"),
+    (dict(looped_steps=2), ValueError, "looped_steps= needs a wrapper built with looped=True"),
     (dict(nonsense=1), TypeError, "unexpected keyword 'nonsense'"),
     (dict(causal=False), ValueError, "causal=False at forward"),
     (dict(seq_start_pos=torch.tensor([1.0, 0.0])), ValueError, "seq_start_pos must be an integer tensor"),

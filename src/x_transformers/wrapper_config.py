@@ -61,6 +61,10 @@ class WrapperConfig:
     # projection of its last (detached) output; train_max_recycle_steps: a training forward draws 1..this
     recycling: bool = False
     train_max_recycle_steps: int = 4
+    # the looped LM (2510.25741, looped.py): the stack runs max_looped_steps times on its own output, an
+    # exit gate after each step; needs the stack's pre_and_post_norm (upstream's requirement)
+    looped: bool = False
+    max_looped_steps: int = 4
 
     def __post_init__(self):
         check_types(WrapperConfig, _values(self))
@@ -71,6 +75,7 @@ class WrapperConfig:
         _positive_int("max_mem_len", self.max_mem_len, allow_zero=True)
         _positive_int("shift_mem_down", self.shift_mem_down, allow_zero=True)
         _positive_int("train_max_recycle_steps", self.train_max_recycle_steps)
+        _positive_int("max_looped_steps", self.max_looped_steps)
         _positive_int("memory_tokens_interspersed_every", self.memory_tokens_interspersed_every, allow_none=True)
         if not (isinstance(self.emb_frac_gradient, (int, float)) and 0.0 < self.emb_frac_gradient <= 1.0):
             raise ValueError(f"emb_frac_gradient must lie in (0, 1], got {self.emb_frac_gradient!r}")
