@@ -359,11 +359,11 @@ def test_constructor_takes_upstream_keywords_at_their_defaults_and_refuses_the_r
     AutoregressiveWrapper(net(), ignore_index=-1, pad_value=3, mask_prob=0.15, add_attn_z_loss=False,
                           next_embed_loss_weight=0.1, looped_loss_threshold_exit=0.05, looped_loss_slope=50,
                           looped_exit_loss_weight=1.0)
-    with pytest.raises(ValueError, match="looped_loss_slope=5 is not supported.*looped"):
+    with pytest.raises(ValueError, match="looped_loss_slope configures the looped loss; this net is not looped"):
         AutoregressiveWrapper(net(), looped_loss_slope=5)
     with pytest.raises(ValueError, match="mask_prob must be a number in \\[0, 1\\)"):
         AutoregressiveWrapper(net(), mask_prob=1.0)
-    with pytest.raises(TypeError, match="unexpected keyword 'mask_probability'"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mask_probability'"):
         AutoregressiveWrapper(net(), mask_probability=0.1)
 
 
