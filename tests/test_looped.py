@@ -167,6 +167,8 @@ def test_a_toy_looped_model_learns():
      ConfigConflictError, "pre_and_post_norm"),
     (lambda: net(recycling=True), ConfigConflictError, "recycling"),
     (lambda: net(steps=0), ValueError, "max_looped_steps"),
+    (lambda: TransformerWrapper(num_tokens=V, max_looped_steps=2, max_seq_len=8, attn_layers=Decoder(
+        dim=16, depth=1, heads=2)), ValueError, "max_looped_steps configures looped, which is off"),
     (lambda: AutoregressiveWrapper(TransformerWrapper(num_tokens=V, max_seq_len=8, attn_layers=Decoder(
         dim=16, depth=1, heads=2)), looped_loss_slope=5), ValueError, "looped_loss_slope configures the looped loss"),
     (lambda: AutoregressiveWrapper(net(), looped_exit_loss_weight=-1), ValueError, "looped_exit_loss_weight"),

@@ -91,7 +91,8 @@ class WrapperConfig:
                 _positive_int(f"embed_num_tokens[{name!r}]", n)
         for sub, feature, default in (("num_cls_tokens", "use_cls_token", 1), ("num_pooled_tokens", "attn_pool", 1),
                                       ("attn_pool_depth", "attn_pool", 1), ("dim_pooled_tokens", "attn_pool", None),
-                                      ("mixture_of_softmax_k", "mixture_of_softmax", 4)):
+                                      ("mixture_of_softmax_k", "mixture_of_softmax", 4),
+                                      ("max_looped_steps", "looped", 4)):
             if getattr(self, sub) != default and not getattr(self, feature):
                 raise ValueError(f"{sub} configures {feature}, which is off; set {feature}=True as well, or drop {sub}")
         _positive_int("num_tokens", self.num_tokens)
