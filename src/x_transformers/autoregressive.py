@@ -406,8 +406,9 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
 
     def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None, net=None):
         b = tokens.shape[0]
+        looped_net = {} if net is None else dict(net=net)  # a looped net's calls (looped.LoopedCalls)
         logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask,
-                                            condition=condition, net=net)
+                                            condition=condition, **looped_net)
         done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
         logp_sum = torch.zeros(b, device=tokens.device)
         length = torch.zeros(b, device=tokens.device)
