@@ -128,6 +128,30 @@ def test_a_token_that_exits_early_lends_its_keys_to_the_later_steps():
             assert not torch.equal(later.k[..., :-1, :], step1.k[..., :-1, :])  # the prompt's own keys stay
 
 
+def test_rows_of_a_batch_exit_on_their_own_as_if_decoded_alone():
+    model = net(steps=5).eval()
+    torch.nn.init.normal_(model.exit_gate.weight, std=0.3)  # gate logits that differ from row to row
+    prompts, news = tokens(b=4, n=5, seed=4), tokens(b=4, n=3, seed=5)
+    cache = KVCache()
+    model(prompts, cache=cache)
+    batched, exits = [], []
+    for t in range(3):
+        logits, inter = model(news[:, t:t + 1], cache=cache, looped_inference=True, looped_exit_prob_threshold=0.6,
+                              return_intermediates=True)
+        batched.append(logits)
+        exits.append(inter.exit_indices)
+    exits = torch.cat(exits, dim=1)
+    assert len(set(exits.flatten().tolist())) > 1  # the rows stopped at different steps
+    for r in range(4):
+        alone = KVCache()
+        model(prompts[r:r + 1], cache=alone)
+        for t in range(3):
+            logits, inter = model(news[r:r + 1, t:t + 1], cache=alone, looped_inference=True,
+                                  looped_exit_prob_threshold=0.6, return_intermediates=True)
+            torch.testing.assert_close(logits, batched[t][r:r + 1], atol=1e-5, rtol=1e-5)
+            assert inter.exit_indices.item() == exits[r, t]
+
+
 def test_generate_samples_with_early_exit_and_reports_it():
     model = net(steps=4)
     torch.nn.init.zeros_(model.exit_gate.weight)
@@ -182,7 +206,6 @@ def test_bad_construction_is_one_line_naming_the_keyword(build, error, message):
     (dict(looped_steps=0), "looped_steps must be an integer >= 1"),
     (dict(max_looped_steps=1.5), "max_looped_steps must be an integer >= 1"),
     (dict(looped_exit_prob_threshold=0.0), "looped_exit_prob_threshold must be a probability"),
-    (dict(looped_inference=True, x=tokens(b=2, n=1)), "batch 1"),
 ])
 def test_bad_forward_inputs_are_one_line_naming_the_argument(kwargs, message):
     x = kwargs.pop("x", tokens())
@@ -200,5 +223,3 @@ def test_looped_keywords_on_a_plain_net_and_caches_too_short_are_refused():
     model(tokens(n=3), cache=cache)
     with pytest.raises(ValueError, match="the cache holds keys of 2 loop steps"):
         model(tokens(n=1), cache=cache, looped_steps=3)
-    with pytest.raises(ValueError, match="batch 1"):
-        AutoregressiveWrapper(net()).generate(tokens(b=2), 2)

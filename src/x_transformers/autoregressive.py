@@ -296,8 +296,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         :class:`~x_transformers.cache.Intermediates` whose cache holds the (left-padded) prompt and
         every generated token but the last: ``net(cat(prompt, out), cache=it)`` decodes on.
         ``amateur_model`` (contrastive decoding) is not implemented and refused. A ``looped`` net
-        decodes as upstream's: each token runs up to ``max_looped_steps`` loop steps, stopping early
-        at ``looped_exit_prob_threshold`` (batch 1), or exactly ``looped_steps``; the intermediates
+        decodes as upstream's: each token runs up to ``max_looped_steps`` loop steps, each row stopping
+        early at ``looped_exit_prob_threshold``, or exactly ``looped_steps``; the intermediates
         then also hold ``exit_indices`` (b, seq_len) and ``looped_prompt_kv_cache``.
 
         Every keyword is validated first, into a frozen :class:`GenerationConfig`, and the prompts
@@ -396,12 +396,9 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         kw = dict(given, looped_exit_prob_threshold=threshold)
         looped.check_loop_call(self.net, looped_steps=steps, max_looped_steps=max_steps, looped_inference=True,
                                looped_exit_prob_threshold=threshold, looped_pred_all_logits=None)
-        if steps is None and tokens.shape[0] != 1:
-            raise ValueError(f"looped generate: the early exit decodes one row at a time (batch 1, as upstream), got "
-                             f"batch {tokens.shape[0]}; pass looped_steps= for a fixed number of loop steps")
-        if cfg.beams is not None or not cfg.cache_kv or cfg.static_cache or cfg.compile:
-            raise ValueError("looped generate samples with the dynamic cache: not with beams, cache_kv=False, "
-                             "static_cache or compile")
+        if cfg.beams is not None or cfg.static_cache or cfg.compile:
+            raise ValueError("looped generate samples step by step (early exits are data-dependent): not with "
+                             "beams, static_cache or compile")
         return looped.LoopedCalls(self.net, **kw)
 
     def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None, net=None):

@@ -81,35 +81,59 @@ class LoopView:
         self.pending = (key_mask, positions, padded)
 
 
-def _share_keys(cache, last: int, held: int, n: int):
-    """An early exit at step ``last``: steps last+1 .. held-1 get its keys/values of the n new tokens."""
+def _new_keys(cache, layer, n: int) -> tuple[Tensor, Tensor]:
+    """The keys/values (b, g, n, d) this forward wrote into one step's block."""
+    if isinstance(cache, StaticKVCache):
+        slots = cache.slots(n)  # the slot index moves only at extend
+        return layer.k.index_select(-2, slots), layer.v.index_select(-2, slots)
+    return layer.k[..., -n:, :], layer.v[..., -n:, :]
+
+
+def _set_new_keys(cache, layer, k: Tensor, v: Tensor, written: bool):
+    """Put (k, v) as this forward's new columns of one step's block: over what it wrote, or appended."""
+    if not written:
+        layer.append(k, v)
+    elif isinstance(cache, StaticKVCache):
+        slots = cache.slots(k.shape[-2])
+        layer.k.index_copy_(-2, slots, k.to(layer.k.dtype))
+        layer.v.index_copy_(-2, slots, v.to(layer.v.dtype))
+    else:  # out of place: attention may have saved the tensor for backward
+        n = k.shape[-2]
+        layer.k, layer.v = torch.cat((layer.k[..., :-n, :], k), dim=-2), torch.cat((layer.v[..., :-n, :], v), dim=-2)
+
+
+def _share_keys(cache, exits: Tensor, ran: int, held: int, n: int):
+    """Row r exited at step exits[r]: its new keys at steps exits[r]+1 .. held-1 become those of
+    its exit step (the paper's KV sharing). ``ran``: the steps this forward ran (for every row)."""
+    rows = torch.arange(exits.shape[0], device=exits.device)
     for index, layer in list(cache.layers.items()):
         cross = layer.cross if isinstance(layer, LayerKV) else layer.filled  # a static layer: filled = cross
         if isinstance(index, tuple) or layer.k is None or cross:
             continue
-        source = cache.layer(index if last == 0 else (last, index))
-        if isinstance(cache, StaticKVCache):
-            slots = cache.slots(n)
-            k, v = source.k.index_select(-2, slots), source.v.index_select(-2, slots)
-        else:
-            k, v = source.k[..., -n:, :], source.v[..., -n:, :]
-        for step in range(last + 1, held):
-            cache.layer((step, index)).append(k, v)
+        steps = [cache.layer(index if t == 0 else (t, index)) for t in range(ran)]
+        new = [_new_keys(cache, step_layer, n) for step_layer in steps]
+        ks, vs = torch.stack([k for k, _ in new]), torch.stack([v for _, v in new])  # (ran, b, g, n, d)
+        for step in range(1, held):
+            if step < ran and bool((exits >= step).all()):
+                continue  # every row ran this step itself
+            pick = exits.clamp(max=step)
+            _set_new_keys(cache, cache.layer((step, index)), ks[pick, rows], vs[pick, rows], written=step < ran)
 
 
-def exit_cdf_reached(exit_logit: Tensor, state: dict, threshold: float) -> bool:
-    """The paper's Q-exit after one step: p_t = sigmoid(g_t) * prod_{s<t} (1 - sigmoid(g_s)); exit
-    once sum_{s<=t} p_s >= threshold. ``exit_logit`` (1, n, 1), decided on the last token."""
-    g = exit_logit[0, -1, 0].float()
+def _exits_now(exit_logit: Tensor, state: dict, threshold: float) -> Tensor:
+    """The paper's Q-exit after one step, per row: p_t = sigmoid(g_t) * prod_{s<t} (1 - sigmoid(g_s));
+    a row exits once sum_{s<=t} p_s >= threshold. ``exit_logit`` (b, n, 1), read at the last token."""
+    g = exit_logit[:, -1, 0].float()
     state["cdf"] = state.get("cdf", 0.0) + (state.get("log_continue", 0.0) + F.logsigmoid(g)).exp()
     state["log_continue"] = state.get("log_continue", 0.0) + F.logsigmoid(-g)
-    return bool(state["cdf"] >= threshold)
+    return state["cdf"] >= threshold
 
 
 def run_loops(stack, h: Tensor, gate: nn.Module, cache, *, steps: int, early_exit: bool, threshold: float):
     """Run ``stack`` (input (b, n, dim), cache -> (output, attention maps)) ``steps`` times, each on
-    the previous output. -> (last output, its maps, every step's output, every step's gate logits
-    (b, n, 1), index of the last step run)."""
+    the previous output. With ``early_exit`` each row stops at its own step (its output then stays;
+    the batch runs until every row has stopped). -> (output, the last step's maps, every step's
+    output, every step's gate logits (b, n, 1), each row's last step (b,))."""
     held = (cache_steps(cache) or steps) if cache is not None else 0
     if isinstance(cache, StaticKVCache) and steps > held:
         raise ValueError(f"looped: the static cache holds keys of {held} loop steps, this forward runs {steps}; "
@@ -117,33 +141,39 @@ def run_loops(stack, h: Tensor, gate: nn.Module, cache, *, steps: int, early_exi
     if cache is not None and steps > held:
         raise ValueError(f"looped: the cache holds keys of {held} loop steps (its first forward ran {held}); "
                          f"decode with looped_steps / max_looped_steps <= {held}")
-    outs, gates, state, view, out = [], [], {}, None, None
+    b = h.shape[0]
+    exits = torch.full((b,), steps - 1, dtype=torch.long, device=h.device)
+    done = torch.zeros(b, dtype=torch.bool, device=h.device)
+    outs, gates, state, view, attns = [], [], {}, None, None
     for step in range(steps):
         view = LoopView(cache, step) if cache is not None else None
-        out = stack(h, view)
-        h = out[0]
+        out, attns = stack(h, view)
+        h = torch.where(done[:, None, None], h, out) if early_exit else out  # a stopped row keeps its output
         outs.append(h)
         gates.append(gate(h))
-        if early_exit and step < steps - 1 and exit_cdf_reached(gates[-1], state, threshold):
-            break
+        if early_exit and step < steps - 1:
+            now = _exits_now(gates[-1], state, threshold) & ~done
+            exits = torch.where(now, step, exits)
+            done = done | now
+            if bool(done.all()):
+                break
     if view is not None:
         key_mask, positions, padded = view.pending
-        if step < held - 1:  # the steps this forward did not reach read its last step's keys
-            _share_keys(cache, step, held, key_mask.shape[-1])
+        if early_exit or step < held - 1:  # steps past a row's exit read its exit step's keys
+            _share_keys(cache, exits, step + 1, held, key_mask.shape[-1])
         cache.extend(key_mask, positions, padded=padded)
-    return out[0], out[1], outs, gates, step
+    return h, attns, outs, gates, exits
 
 
 def record(wrapper, inter, side: dict, prev_exits, pred_all: bool | None):
     """Upstream's looped intermediates: ``exit_logits`` (each step's gate logits (b, n, 1)),
     ``all_pred_logits`` (each step's logits; by default in training mode only), ``exit_indices``
-    (b, calls): the last step run by this call, after those of the Intermediates it decoded on."""
-    outs, gates, last = side["loops"]
+    (b, calls): each row's last step in this call, after those of the Intermediates it decoded on."""
+    outs, gates, exits = side["loops"]
     pred_all = wrapper.training if pred_all is None else pred_all
     inter.exit_logits = gates
     inter.all_pred_logits = [wrapper.logits_from(o) for o in outs] if pred_all else []
-    index = torch.full((outs[-1].shape[0], 1), last, dtype=torch.long, device=outs[-1].device)
-    inter.exit_indices = index if prev_exits is None else torch.cat((prev_exits, index), dim=-1)
+    inter.exit_indices = exits[:, None] if prev_exits is None else torch.cat((prev_exits, exits[:, None]), dim=-1)
 
 
 def looped_loss(step_logits: Tensor, exit_logits: Tensor, target: Tensor, *, ignore_index: int, slope: float,

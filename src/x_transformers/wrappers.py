@@ -224,8 +224,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         embeddings (b, n, dim), the input embeddings (b, n, dim)))``. ``recycle_steps`` (``recycling``):
         how many times the stack runs (needed in eval mode; training draws 1..train_max_recycle_steps).
         ``looped`` (looped.py): ``looped_steps`` (a fixed count) or ``max_looped_steps`` (default the
-        wrapper's); ``looped_inference`` with one new token (batch 1) stops once the exit gate's
-        cumulative probability reaches ``looped_exit_prob_threshold``; the intermediates hold
+        wrapper's); ``looped_inference`` with one new token per row stops each row once the exit
+        gate's cumulative probability reaches ``looped_exit_prob_threshold``; the intermediates hold
         ``exit_logits``, ``all_pred_logits`` (``looped_pred_all_logits``, default in training) and
         ``exit_indices``.
         """
@@ -258,9 +258,6 @@ class TransformerWrapper(Pretrained, nn.Module):
             side["recycle_steps"] = recurrence.recycle_steps(self, recycle_steps, cache)
         if loop_steps is not None:
             early = looped_inference and looped_steps is None and x.shape[1] == 1 and loop_steps > 1
-            if early and x.shape[0] != 1:
-                raise ValueError(f"looped_inference: the early exit decodes one row at a time (batch 1, as upstream), "
-                                 f"got batch {x.shape[0]}; pass looped_steps= for a fixed number of steps")
             side["loop"] = dict(steps=loop_steps, early_exit=early, threshold=looped_exit_prob_threshold)
         if offset is None and (seq_start_pos is not None or want_inter):
             offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
@@ -556,9 +553,9 @@ class TransformerWrapper(Pretrained, nn.Module):
             return out if return_attn else (out, None)
 
         if side and "loop" in side:
-            out, attns, outs, gates, last = looped.run_loops(stack, h, self.exit_gate, cache, **side["loop"])
-            side["loops"] = ([o[:, M:] for o in outs], [g[:, M:] for g in gates], last) if M and first else \
-                (outs, gates, last)
+            out, attns, outs, gates, exits = looped.run_loops(stack, h, self.exit_gate, cache, **side["loop"])
+            side["loops"] = ([o[:, M:] for o in outs], [g[:, M:] for g in gates], exits) if M and first else \
+                (outs, gates, exits)
         elif self.recycled_proj is None:
             out, attns = stack(h)
         else:
