@@ -104,6 +104,9 @@ CONFIGS = [
     C("encoder_polar_masked", "Encoder", up=dict(polar_pos_emb=True), mask=True),
     C("decoder_cross_residual_attn", up=dict(cross_attend=True, residual_attn=True, cross_residual_attn=True),
       context=True),
+    # the looped LM (looped.py): the stack three times on its own output; with memory tokens as well
+    C("decoder_looped", up=dict(pre_and_post_norm=True, **ROT), wrap=dict(looped=True, max_looped_steps=3)),
+    C("decoder_looped_memory_tokens", up=dict(pre_and_post_norm=True), wrap=dict(looped=True, num_memory_tokens=2)),
     C("decoder_kitchen_sink", up=dict(attn_kv_heads=2, attn_num_mem_kv=2, attn_qk_norm=True, ff_glu=True,
                                       use_rmsnorm=True, **ROT),
       ours=dict(norm_eps=RMS_EPS), wrap=dict(num_memory_tokens=2, emb_dim=16), extra_params=qk()),
