@@ -243,7 +243,7 @@ class StaticKVCache:
             elif spec.kind == "c":
                 shapes[i] = None
         # a looped wrapper (looped.py): every loop step keeps its own keys, block i's at (step, i)
-        steps = getattr(net, "cfg", None) and net.cfg.max_looped_steps if getattr(net, "looped", False) else 1
+        steps = net.cfg.max_looped_steps if getattr(net, "looped", False) else 1
         shapes.update({(t, i): shape for t in range(1, steps) for i, shape in list(shapes.items())})
         return cls(batch, max_len, shapes, dtype=dtype or param.dtype, device=device or param.device)
 
