@@ -140,6 +140,18 @@ class KVCache:
         new._key_mask, new.positions, new.unpadded = self._key_mask, self.positions, self.unpadded
         return new
 
+    def drop_last(self, n: int):
+        """Forget the newest ``n`` columns (keys, values, mask, positions): a token read again
+        replaces its own entries (recirculation.py)."""
+        left = self.seq_len - n
+        for layer in self.layers.values():
+            if layer.k is not None and not layer.cross:
+                layer.k, layer.v = (layer.k[..., :left, :], layer.v[..., :left, :]) if left > 0 else (None, None)
+        if left > 0:
+            self._key_mask, self.positions = self._key_mask[:, :left], self.positions[:, :left]
+        else:  # as a fresh cache (the cross-attention entries, of a fixed context, stay)
+            self._key_mask, self.positions, self.unpadded = None, None, True
+
     def keep_last(self, n: int, keep_first: int = 0):
         """Drop the oldest self-attention keys so that ``keep_first + n`` remain: the first
         ``keep_first`` (memory tokens) and the last ``n`` (a sliding window, as upstream's
