@@ -243,3 +243,68 @@ def test_declared_conflicts_are_refused():
 
     with pytest.raises(ConfigConflictError, match="shift_tokens"):
         make(stack_kw=dict(shift_tokens=1), num_memory_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rollout loss (forward(rollout_steps=k), upstream's; V-JEPA 2-AC, 2506.09985)
+
+
+def _rollout_reference(net, x, k, start):
+    """Each row from a context of ``start`` frames, k predictions each fed back: the mean MSE."""
+    seq, preds = x[:, :start], []
+    for _ in range(k):
+        pred = net(seq)[:, -1:]
+        preds.append(pred)
+        seq = torch.cat((seq, pred), dim=1)
+    return ((torch.cat(preds, dim=1) - x[:, start:start + k]) ** 2).mean()
+
+
+def test_rollout_feeds_each_prediction_back_and_scores_k_frames():
+    torch.manual_seed(0)
+    net = make().eval()
+    wrapper = ContinuousAutoregressiveWrapper(net)
+    x = torch.randn(3, 4, 6)
+    # four frames for three steps: every row's context is its first frame
+    loss = wrapper(x, rollout_steps=3)
+    torch.testing.assert_close(loss, _rollout_reference(net, x, 3, 1))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    # the rollout differs from teacher forcing: the second prediction reads the first, not x[:, 1]
+    assert not torch.allclose(loss, wrapper(x[:, :4]))
+    # one step is the plain next-frame loss
+    torch.testing.assert_close(wrapper(x, rollout_steps=1), wrapper(x))
+
+
+def test_rollout_contexts_are_random_left_padded_windows_of_each_row():
+    torch.manual_seed(0)
+    net = make(stack_kw=dict(rotary_pos_emb=True)).eval()
+    wrapper = ContinuousAutoregressiveWrapper(net)
+    x = torch.randn(2, 9, 6)
+    lens = torch.tensor([9, 2])  # the second row is too short for two steps: left out
+    torch.manual_seed(3)
+    starts = 1 + (torch.rand(1) * (9 - 2)).long()  # the draw the loss makes for the one row kept
+    torch.manual_seed(3)
+    loss = wrapper(x, lens=lens, rollout_steps=2)
+    torch.testing.assert_close(loss, _rollout_reference(net, x[:1], 2, int(starts)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rollout_steps=0), "rollout_steps must be an integer >= 1"),
+    (dict(rollout_steps=9), "no row has the 10 frames"),
+    (dict(rollout_steps=2, mask=torch.tensor([[False] + [True] * 8] * 2)), "needs right padding"),
+])
+def test_rollout_refuses_bad_inputs_in_one_line(kwargs, message):
+    wrapper = ContinuousAutoregressiveWrapper(make())
+    with pytest.raises(ValueError, match=message):
+        wrapper(torch.randn(2, 9, 6), **kwargs)
+    with pytest.raises(ValueError, match="output width"):
+        ContinuousAutoregressiveWrapper(make(dim_out=4))(torch.randn(2, 9, 6), rollout_steps=2)
+
+
+def test_a_probabilistic_rollout_trains_through_its_samples():
+    torch.manual_seed(0)
+    net = make(probabilistic=True)
+    loss = ContinuousAutoregressiveWrapper(net)(torch.randn(2, 8, 6), rollout_steps=3)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

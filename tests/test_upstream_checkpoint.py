@@ -118,6 +118,9 @@ CONFIGS = [
     C("decoder_hybrid_gru", up=dict(attn_hybrid_module={"torch.nn": "GRU", "args": [DIM, HEADS * DH],
                                                         "kwargs": dict(batch_first=True)},
                                     attn_hybrid_fold_axial_dim=1, attn_hybrid_learned_mix=True, **ROT)),
+    # the looped LM (looped.py): the stack three times on its own output; with memory tokens as well
+    C("decoder_looped", up=dict(pre_and_post_norm=True, **ROT), wrap=dict(looped=True, max_looped_steps=3)),
+    C("decoder_looped_memory_tokens", up=dict(pre_and_post_norm=True), wrap=dict(looped=True, num_memory_tokens=2)),
     C("decoder_kitchen_sink", up=dict(attn_kv_heads=2, attn_num_mem_kv=2, attn_qk_norm=True, ff_glu=True,
                                       use_rmsnorm=True, **ROT),
       ours=dict(norm_eps=RMS_EPS), wrap=dict(num_memory_tokens=2, emb_dim=16), extra_params=qk()),

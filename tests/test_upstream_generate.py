@@ -154,7 +154,7 @@ def test_bidirectional_intermediates_hold_no_cache_and_say_so():
     (dict(recycle_steps=2), ValueError, "recycle_steps= needs a wrapper built with recycling=True"),
     (dict(transform_token_embeds=None), TypeError, "'transform_token_embeds' is not supported"),
     (dict(attn_mask=torch.ones(2, 10, 10, dtype=torch.bool)), TypeError, "'attn_mask' is not supported"),
-    (dict(looped_steps=2), TypeError, "'looped_steps' is not supported"),
+    (dict(looped_steps=2), ValueError, "looped_steps= needs a wrapper built with looped=True"),
     (dict(nonsense=1), TypeError, "unexpected keyword 'nonsense'"),
     (dict(causal=False), ValueError, "causal=False at forward"),
     (dict(seq_start_pos=torch.tensor([1.0, 0.0])), ValueError, "seq_start_pos must be an integer tensor"),
@@ -359,11 +359,11 @@ def test_constructor_takes_upstream_keywords_at_their_defaults_and_refuses_the_r
     AutoregressiveWrapper(net(), ignore_index=-1, pad_value=3, mask_prob=0.15, add_attn_z_loss=False,
                           next_embed_loss_weight=0.1, looped_loss_threshold_exit=0.05, looped_loss_slope=50,
                           looped_exit_loss_weight=1.0)
-    with pytest.raises(ValueError, match="looped_loss_slope=5 is not supported.*looped"):
+    with pytest.raises(ValueError, match="looped_loss_slope configures the looped loss; this net is not looped"):
         AutoregressiveWrapper(net(), looped_loss_slope=5)
     with pytest.raises(ValueError, match="mask_prob must be a number in \\[0, 1\\)"):
         AutoregressiveWrapper(net(), mask_prob=1.0)
-    with pytest.raises(TypeError, match="unexpected keyword 'mask_probability'"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mask_probability'"):
         AutoregressiveWrapper(net(), mask_probability=0.1)
 
 

@@ -98,9 +98,7 @@ _LAYERS_NOT_YET = dict(
     attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={}, integrate_layers=False,
     layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False,
 )
-_WRAPPER_NOT_YET = dict(
-    looped=False, max_looped_steps=4,
-)
+_WRAPPER_NOT_YET: dict = {}
 # XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)
 _XTRANSFORMER_NOT_YET: dict = {}
 

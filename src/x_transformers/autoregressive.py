@@ -25,14 +25,7 @@ from .decoding import GenerationConfig, _static_len, compiled_decoder, condition
 from .sampling import get_filter, sample
 from .positional import AbsolutePositionalEmbedding
 from .wrappers import TransformerWrapper
-
-
-# upstream AutoregressiveWrapper keywords of features absent here: accepted at their default only
-_ABSENT_DEFAULTS = {
-    "looped_loss_threshold_exit": (0.05, "the looped transformer is not implemented"),
-    "looped_loss_slope": (50, "the looped transformer is not implemented"),
-    "looped_exit_loss_weight": (1.0, "the looped transformer is not implemented"),
-}
+from . import looped
 
 
 class AutoregressiveWrapper(Pretrained, nn.Module):
@@ -40,7 +33,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
 
     def __init__(self, net: TransformerWrapper, ignore_index: int = -100, pad_value: int = 0, mask_prob: float = 0.0,
                  fused_loss: bool = True, next_embed_loss_weight: float = 0.1, add_attn_z_loss: bool = False,
-                 **upstream):
+                 looped_loss_threshold_exit: float = 0.05, looped_loss_slope: float = 50,
+                 looped_exit_loss_weight: float = 1.0):
         """``mask_prob``: in the loss, hide that fraction of each row's tokens from self-attention
         (upstream's "autoregressive + MLM" of 2210.13432: ``int(n * mask_prob)`` random keys per row,
         never the first, are masked for every query; positions do not move). ``fused_loss``: where
@@ -51,21 +45,25 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         built with ``add_continuous_pred_head``, the loss adds this weight times the L1 distance
         between the head's prediction and the next token's (detached) input embedding, as upstream.
         ``add_attn_z_loss``: the loss adds the attention z-loss of the forward (the net's
-        ``attn_z_loss_weight``; 2202.08906), as upstream. Upstream's ``looped_*`` keywords belong to
-        a feature absent here: accepted at their defaults, refused otherwise."""
+        ``attn_z_loss_weight``; 2202.08906), as upstream. With a ``looped`` net (looped.py) the loss is
+        upstream's: every loop step's next-token loss weighted by the exit gate's distribution, plus
+        ``looped_exit_loss_weight`` times the gate's loss against sigmoid(``looped_loss_slope`` *
+        (loss change of one more step + ``looped_loss_threshold_exit``))."""
         super().__init__()
         if not isinstance(net, TransformerWrapper):
             raise TypeError(f"AutoregressiveWrapper wraps a TransformerWrapper, got {type(net).__name__}")
         if not net.attn_layers.causal:
             raise ValueError("AutoregressiveWrapper needs a causal stack (Decoder); this one is bidirectional "
                              "(Encoder), so it cannot predict the next token or decode with a cache")
-        for key, value in upstream.items():
-            if key not in _ABSENT_DEFAULTS:
-                raise TypeError(f"AutoregressiveWrapper got an unexpected keyword {key!r}")
-            default, why = _ABSENT_DEFAULTS[key]
-            if value != default:
-                raise ValueError(f"AutoregressiveWrapper: {key}={value!r} is not supported ({why}); "
-                                 f"only upstream's default {default!r} is accepted")
+        loop = dict(looped_loss_threshold_exit=(looped_loss_threshold_exit, 0.05), looped_loss_slope=(looped_loss_slope, 50),
+                    looped_exit_loss_weight=(looped_exit_loss_weight, 1.0))
+        for key, (value, default) in loop.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+            if value != default and not net.looped:
+                raise ValueError(f"{key} configures the looped loss; this net is not looped (build it with looped=True)")
+        self.looped_loss_threshold_exit, self.looped_loss_slope, self.looped_exit_loss_weight = (
+            float(looped_loss_threshold_exit), float(looped_loss_slope), float(looped_exit_loss_weight))
         if isinstance(mask_prob, bool) or not isinstance(mask_prob, (int, float)) or not 0.0 <= mask_prob < 1.0:
             raise ValueError(f"mask_prob must be a number in [0, 1), got {mask_prob!r}")
         self.net = net
@@ -119,6 +117,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             kwargs["return_attn_z_loss"] = True
         if self.net.to_next_embed_pred is not None:
             return self._next_embed_loss(x, mask, target, return_outputs, kwargs)
+        if self.net.looped:
+            return self._looped_loss(inp, inp_mask, target, return_outputs, kwargs)
         fused = not return_outputs and not any(k.startswith("return_") for k in kwargs) and self._fused_weight() is not None
         if fused:  # the head's product and the loss in one pass, chunk by chunk
             hidden = self.net(inp, inp_mask, return_embeddings=True, **kwargs)  # (b, n-1, d)
@@ -130,6 +130,17 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         out = self.net(inp, inp_mask, return_intermediates=want_inter, **kwargs)
         logits, inter = out if want_inter else (out, None)
         loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
+        if self.add_attn_z_loss:
+            loss = loss + inter.attn_z_loss
+        return (loss, (logits, inter)) if return_outputs else loss
+
+    def _looped_loss(self, inp, inp_mask, target, return_outputs, kwargs):
+        """The looped net's loss (looped.looped_loss) over every loop step's logits and exit gate."""
+        kwargs = dict(kwargs, looped_pred_all_logits=True)
+        logits, inter = self.net(inp, inp_mask, return_intermediates=True, **kwargs)
+        loss = looped.looped_loss(torch.stack(inter.all_pred_logits, dim=1), torch.stack(inter.exit_logits, dim=1)[..., 0],
+                                  target, ignore_index=self.ignore_index, slope=self.looped_loss_slope,
+                                  threshold=self.looped_loss_threshold_exit, exit_weight=self.looped_exit_loss_weight)
         if self.add_attn_z_loss:
             loss = loss + inter.attn_z_loss
         return (loss, (logits, inter)) if return_outputs else loss
@@ -266,7 +277,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                  compile: bool | str | dict = False, beams: int | None = None, length_penalty: float = 1.0,
                  return_scores: bool = False, generator: torch.Generator | None = None,
                  context: Tensor | None = None, context_mask: Tensor | None = None, condition: Tensor | None = None,
-                 prepend_embeds: Tensor | None = None, **upstream):
+                 prepend_embeds: Tensor | None = None, looped_steps: int | None = None,
+                 max_looped_steps: int | None = None, looped_exit_prob_threshold: float = 0.9, **upstream):
         """Generate ``seq_len`` new tokens after each prompt. The positional order is upstream
         x-transformers' (prompts, seq_len, eos_token, temperature, prompt_lens, filter_logits_fn, ...).
 
@@ -294,7 +306,10 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         divided by their count ** length_penalty; with ``return_intermediates`` (upstream's) also an
         :class:`~x_transformers.cache.Intermediates` whose cache holds the (left-padded) prompt and
         every generated token but the last: ``net(cat(prompt, out), cache=it)`` decodes on.
-        ``amateur_model`` (contrastive decoding) is not implemented and refused.
+        ``amateur_model`` (contrastive decoding) is not implemented and refused. A ``looped`` net
+        decodes as upstream's: each token runs up to ``max_looped_steps`` loop steps, each row stopping
+        early at ``looped_exit_prob_threshold``, or exactly ``looped_steps``; the intermediates
+        then also hold ``exit_indices`` (b, seq_len) and ``looped_prompt_kv_cache``.
 
         Every keyword is validated first, into a frozen :class:`GenerationConfig`, and the prompts
         and context are checked, before the model runs: a bad value raises one line naming it.
@@ -318,6 +333,10 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             if self._window(cfg, tokens.shape[1]) is not None:
                 raise ValueError("prepend_embeds with restrict_to_max_seq_len: the window would slide over the "
                                  "prefix; raise max_seq_len or pass restrict_to_max_seq_len=False")
+        net = self._looped_calls(tokens, cfg, looped_steps, max_looped_steps, looped_exit_prob_threshold)
+        if net is not None and prepend_embeds is not None:
+            raise ValueError("prepend_embeds with a looped net: its loop steps' cache does not hold a prefix; "
+                             "generate without prepend_embeds")
         with _eval(self.net):
             if cfg.beams is not None:
                 seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask,
@@ -325,7 +344,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                 out, scores = seqs[:, 0], scores[:, 0]
             else:
                 out, scores, cache = self._sample(tokens, mask, cfg, context=context, context_mask=context_mask,
-                                                  condition=condition, prepend=prepend_embeds)
+                                                  condition=condition, prepend=prepend_embeds, net=net)
         run = tokens.shape[1] + out.shape[1] - 1  # the columns the cache has seen (the last token not yet)
         if out.shape[1] < seq_len:  # every row stopped early
             out = F.pad(out, (0, seq_len - out.shape[1]), value=self.pad_value)
@@ -333,7 +352,10 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         if cfg.return_scores:
             result.append(scores)
         if return_intermediates:
-            result.append(Intermediates(cache=cache, cache_length=run))
+            result.append(inter := Intermediates(cache=cache, cache_length=run))
+            if net is not None:
+                inter.exit_indices = torch.cat(net.exits, dim=-1)
+                inter.looped_prompt_kv_cache = looped.prompt_keys(cache, self.net.num_memory_tokens + tokens.shape[1])
         return tuple(result) if len(result) > 1 else result[0]
 
     @torch.no_grad()
@@ -383,10 +405,27 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             raise ValueError(f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (True = keep), "
                              f"got {context_mask.dtype} of shape {tuple(context_mask.shape)}")
 
-    def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None, prepend=None):
+    def _looped_calls(self, tokens, cfg: GenerationConfig, steps, max_steps, threshold):
+        """A looped net's calls for generate (looped.LoopedCalls), checked first; None for a plain net."""
+        given = {k: v for k, v in dict(looped_steps=steps, max_looped_steps=max_steps).items() if v is not None}
+        if not self.net.looped:
+            if given or threshold != 0.9:
+                raise ValueError(f"{next(iter(given), 'looped_exit_prob_threshold')}= needs a net built with looped=True")
+            return None
+        kw = dict(given, looped_exit_prob_threshold=threshold)
+        looped.check_loop_call(self.net, looped_steps=steps, max_looped_steps=max_steps, looped_inference=True,
+                               looped_exit_prob_threshold=threshold, looped_pred_all_logits=None)
+        if cfg.beams is not None or cfg.static_cache or cfg.compile:
+            raise ValueError("looped generate samples step by step (early exits are data-dependent): not with "
+                             "beams, static_cache or compile")
+        return looped.LoopedCalls(self.net, **kw)
+
+    def _sample(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None, prepend=None,
+                net=None):
         b = tokens.shape[0]
+        looped_net = {} if net is None else dict(net=net)  # a looped net's calls (looped.LoopedCalls)
         logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask,
-                                            condition=condition, prepend=prepend)
+                                            condition=condition, prepend=prepend, **looped_net)
         done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
         logp_sum = torch.zeros(b, device=tokens.device)
         length = torch.zeros(b, device=tokens.device)

@@ -176,6 +176,18 @@ class KVCache:
         new.prefix_len = self.prefix_len
         return new
 
+    def drop_last(self, n: int):
+        """Forget the newest ``n`` columns (keys, values, mask, positions): a token read again
+        replaces its own entries (recirculation.py)."""
+        left = self.seq_len - n
+        for layer in self.layers.values():
+            if layer.k is not None and not layer.cross:
+                layer.k, layer.v = (layer.k[..., :left, :], layer.v[..., :left, :]) if left > 0 else (None, None)
+        if left > 0:
+            self._key_mask, self.positions = self._key_mask[:, :left], self.positions[:, :left]
+        else:  # as a fresh cache (the cross-attention entries, of a fixed context, stay)
+            self._key_mask, self.positions, self.unpadded = None, None, True
+
     def keep_last(self, n: int, keep_first: int = 0):
         """Drop the oldest self-attention keys so that ``keep_first + n`` remain: the first
         ``keep_first`` (memory tokens) and the last ``n`` (a sliding window, as upstream's
@@ -306,6 +318,9 @@ class StaticKVCache:
                 shapes[i] = (fn.heads if fn.shared_qk else fn.kv_heads, fn.dim_head, fn.key_dim, fn.value_dim_head)
             elif spec.kind == "c":
                 shapes[i] = None
+        # a looped wrapper (looped.py): every loop step keeps its own keys, block i's at (step, i)
+        steps = net.cfg.max_looped_steps if getattr(net, "looped", False) else 1
+        shapes.update({(t, i): shape for t in range(1, steps) for i, shape in list(shapes.items())})
         return cls(batch, max_len, shapes, dtype=dtype or param.dtype, device=device or param.device)
 
     def reset(self):

@@ -122,7 +122,7 @@ __all__ = ["check_not_empty", "check_dtype", "check_context", "check_finite", "c
 # upstream x-transformers' forward keywords of features this package does not have: why, in a line
 UPSTREAM_ABSENT = {
     **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
-                     "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
+                     "looped_exit_prob_threshold"), "the looped LM is TransformerWrapper's (looped=True) and its AutoregressiveWrapper's"),
     **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
     **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no per-call keywords "
                     "here (bind them in your module)"),

@@ -250,14 +250,25 @@ class ContinuousAutoregressiveWrapper(Pretrained, nn.Module):
         self.loss_fn = loss_fn
         self.equal_loss_weight_batch = equal_loss_weight_batch
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, lens: Tensor | None = None, **kwargs) -> Tensor:
-        """x (b, n, i) -> the mean next-frame loss over kept frames (mask / lens over x's n frames)."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, lens: Tensor | None = None, rollout_steps: int = 1,
+                **kwargs) -> Tensor:
+        """x (b, n, i) -> the mean next-frame loss over kept frames (mask / lens over x's n frames).
+
+        ``rollout_steps`` k > 1 (upstream's; V-JEPA 2-AC's rollout loss, 2506.09985): per row a
+        random context of s >= 1 frames (s uniform in 1..len - k), then k frames predicted
+        autoregressively, each fed back as the next input (sampled, reparameterised, when
+        probabilistic; gradients flow through the rollout), against x[s:s+k]; rows shorter than
+        k + 1 frames are left out. The mask must be right padding (lengths)."""
         if x.ndim != 3 or x.shape[1] < 2:
             raise ValueError(f"x must be (batch, seq >= 2, features) to predict next frames, got {tuple(x.shape)}")
+        if isinstance(rollout_steps, bool) or not isinstance(rollout_steps, int) or rollout_steps < 1:
+            raise ValueError(f"rollout_steps must be an integer >= 1, got {rollout_steps!r}")
         if lens is not None:
             if mask is not None:
                 raise ValueError("pass mask or lens, not both")
             mask = torch.arange(x.shape[1], device=x.device)[None] < lens.to(x.device)[:, None]
+        if rollout_steps > 1:
+            return self._rollout_loss(x, mask, rollout_steps, kwargs)
         inp, target = x[:, :-1], x[:, 1:]
         if mask is not None:
             check_mask(mask, x.shape[0], x.shape[1])
@@ -275,6 +286,50 @@ class ContinuousAutoregressiveWrapper(Pretrained, nn.Module):
             per_row = (loss * loss_mask[..., None]).sum(dim=(1, 2)) / (loss_mask.sum(-1) * loss.shape[-1]).clamp(min=1)
             return per_row.mean()
         return loss[loss_mask].mean()
+
+    def _rollout_loss(self, x: Tensor, mask: Tensor | None, k: int, kwargs) -> Tensor:
+        """The rollout loss of ``forward(rollout_steps=k)``."""
+        if "prepend_embeds" in kwargs or "cache" in kwargs:
+            raise ValueError("rollout_steps > 1 builds its own left-padded contexts: no prepend_embeds or cache")
+        if mask is not None:
+            check_mask(mask, x.shape[0], x.shape[1])
+            lengths = mask.sum(dim=-1)
+            if not torch.equal(mask, torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]):
+                raise ValueError("rollout_steps > 1 needs right padding: the mask must keep each row's first frames")
+        else:
+            lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+        width = self.net.cfg.dim_out or self.net.attn_layers.dim
+        if width != x.shape[-1]:
+            raise ValueError(f"rollout_steps > 1 feeds each prediction back as an input: the net's output width "
+                             f"({width}) must equal the frames' ({x.shape[-1]})")
+        rows = (lengths >= k + 1).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            raise ValueError(f"rollout_steps={k}: no row has the {k + 1} frames a context of one frame and {k} "
+                             f"targets need (longest: {int(lengths.max())})")
+        # per-row inputs (context, its mask, condition) follow the rows kept
+        kwargs = {key: value[rows] if isinstance(value, Tensor) and value.shape[:1] == x.shape[:1] else value
+                  for key, value in kwargs.items()}
+        x, lengths = x[rows], lengths[rows]
+        # s: frames of context per row, uniform in 1 .. length - k
+        starts = 1 + (torch.rand(x.shape[0], device=x.device) * (lengths - k)).long()
+        width, cols = int(starts.max()), torch.arange(x.shape[1], device=x.device)
+        # each row's context right-aligned (left padding, masked): frame j of the row at column width - s + j
+        src = (cols[:width][None] - width + starts[:, None]).clamp(min=0)  # (b, width)
+        seq = x.gather(1, src[..., None].expand(-1, -1, x.shape[-1]))
+        seq_mask = cols[:width][None] >= (width - starts)[:, None]
+        target_idx = starts[:, None] + torch.arange(k, device=x.device)[None]  # (b, k)
+        targets = x.gather(1, target_idx[..., None].expand(-1, -1, x.shape[-1]))
+        preds = []
+        for _ in range(k):
+            last = self.net(seq, seq_mask, **kwargs)[..., -1:, :]  # (b, 1, o) or (2, b, 1, o)
+            preds.append(last)
+            frame = last
+            if self.probabilistic:  # a reparameterised draw: the rollout stays differentiable
+                mean, var = last
+                frame = mean + var.clamp(min=1e-5).sqrt() * torch.randn_like(mean)
+            seq = torch.cat((seq, frame), dim=1)
+            seq_mask = F.pad(seq_mask, (0, 1), value=True)
+        return self.loss_fn(torch.cat(preds, dim=-2), targets).mean()
 
     def _next_frame(self, out: Tensor, temperature: float, generator) -> Tensor:
         last = out[..., -1:, :]  # (b, 1, o) or (2, b, 1, o)

@@ -287,7 +287,7 @@ def _wrapper_extras(plan: _Plan, w: TransformerWrapper, ours: str, up: str):
     """The pooling, head and input tables of heads.py (upstream keeps the same names)."""
     if w.post_emb_norm is not None:  # upstream's wrapper builds this LayerNorm without the unit offset
         plan.add(ours + "post_emb_norm.weight", _same(up + "post_emb_norm.gamma"))
-    for key in ("cls_token", "attn_pool.queries", "mixture.combine_mixture.weight"):
+    for key in ("cls_token", "attn_pool.queries", "mixture.combine_mixture.weight", "exit_gate.weight"):
         if key in dict(w.named_parameters()):
             plan.add(ours + key, _same(up + key.removeprefix("mixture.")))
     if w.mixture is not None:  # upstream: Sequential(linear, rearrange)

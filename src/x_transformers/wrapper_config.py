@@ -61,6 +61,10 @@ class WrapperConfig:
     # projection of its last (detached) output; train_max_recycle_steps: a training forward draws 1..this
     recycling: bool = False
     train_max_recycle_steps: int = 4
+    # the looped LM (2510.25741, looped.py): the stack runs max_looped_steps times on its own output, an
+    # exit gate after each step; needs the stack's pre_and_post_norm (upstream's requirement)
+    looped: bool = False
+    max_looped_steps: int = 4
 
     def __post_init__(self):
         check_types(WrapperConfig, _values(self))
@@ -71,6 +75,7 @@ class WrapperConfig:
         _positive_int("max_mem_len", self.max_mem_len, allow_zero=True)
         _positive_int("shift_mem_down", self.shift_mem_down, allow_zero=True)
         _positive_int("train_max_recycle_steps", self.train_max_recycle_steps)
+        _positive_int("max_looped_steps", self.max_looped_steps)
         _positive_int("memory_tokens_interspersed_every", self.memory_tokens_interspersed_every, allow_none=True)
         if not (isinstance(self.emb_frac_gradient, (int, float)) and 0.0 < self.emb_frac_gradient <= 1.0):
             raise ValueError(f"emb_frac_gradient must lie in (0, 1], got {self.emb_frac_gradient!r}")
@@ -86,7 +91,8 @@ class WrapperConfig:
                 _positive_int(f"embed_num_tokens[{name!r}]", n)
         for sub, feature, default in (("num_cls_tokens", "use_cls_token", 1), ("num_pooled_tokens", "attn_pool", 1),
                                       ("attn_pool_depth", "attn_pool", 1), ("dim_pooled_tokens", "attn_pool", None),
-                                      ("mixture_of_softmax_k", "mixture_of_softmax", 4)):
+                                      ("mixture_of_softmax_k", "mixture_of_softmax", 4),
+                                      ("max_looped_steps", "looped", 4)):
             if getattr(self, sub) != default and not getattr(self, feature):
                 raise ValueError(f"{sub} configures {feature}, which is off; set {feature}=True as well, or drop {sub}")
         _positive_int("num_tokens", self.num_tokens)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .attend import record_logsumexp
 from .hub import Pretrained
-from . import aliases, checks, conflicts, recurrence
+from . import aliases, checks, conflicts, looped, recurrence
 from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
@@ -141,6 +141,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         self.to_next_embed_pred = next_embed_head(dim) if cfg.add_continuous_pred_head else None
         self.ff_deep_embed = nn.Parameter(torch.ones(num_tokens, lcfg.depth, dim)) if cfg.ff_deep_embed else None
         self.recycled_proj = nn.Linear(dim, dim, bias=False) if cfg.recycling else None  # recurrence.recycle
+        self.looped = cfg.looped  # looped.py: the stack reruns, an exit gate after each step
+        self.exit_gate = nn.Linear(dim, 1, bias=False) if cfg.looped else None
 
     def check_inputs(self, x, mask):
         if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dtype == torch.bool:
@@ -185,7 +187,9 @@ class TransformerWrapper(Pretrained, nn.Module):
                 embed_ids: dict | None = None, return_attn_z_loss: bool = False, attn_z_loss_weight=None,
                 input_not_include_cache: bool | None = None, causal: bool | None = None, condition=None, mems=None,
                 mem_masks=None, return_mems: bool = False, detach_mems: bool = True,
-                return_next_embed_pred: bool = False, recycle_steps: int | None = None, **upstream):
+                return_next_embed_pred: bool = False, recycle_steps: int | None = None, looped_steps: int | None = None,
+                max_looped_steps: int | None = None, looped_pred_all_logits: bool | None = None,
+                looped_inference: bool = False, looped_exit_prob_threshold: float = 0.9, **upstream):
         """x (b, n) token ids -> logits (b, n, v), or hidden states (b, n, dim) with return_embeddings.
 
         ``return_attn``: also every attention layer's post-softmax maps (b, h, n, m), computed on the
@@ -219,6 +223,11 @@ class TransformerWrapper(Pretrained, nn.Module):
         ``return_next_embed_pred`` (``add_continuous_pred_head``): ``(out, (predicted next input
         embeddings (b, n, dim), the input embeddings (b, n, dim)))``. ``recycle_steps`` (``recycling``):
         how many times the stack runs (needed in eval mode; training draws 1..train_max_recycle_steps).
+        ``looped`` (looped.py): ``looped_steps`` (a fixed count) or ``max_looped_steps`` (default the
+        wrapper's); ``looped_inference`` with one new token per row stops each row once the exit
+        gate's cumulative probability reaches ``looped_exit_prob_threshold``; the intermediates hold
+        ``exit_logits``, ``all_pred_logits`` (``looped_pred_all_logits``, default in training) and
+        ``exit_indices``.
         """
         if return_next_embed_pred and self.to_next_embed_pred is None:
             raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
@@ -229,6 +238,11 @@ class TransformerWrapper(Pretrained, nn.Module):
         want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
                       or return_attn_z_loss)
         self.check_inputs(x, mask)
+        loop_steps = looped.check_loop_call(self, looped_steps=looped_steps, max_looped_steps=max_looped_steps,
+                                            looped_inference=looped_inference,
+                                            looped_exit_prob_threshold=looped_exit_prob_threshold,
+                                            looped_pred_all_logits=looped_pred_all_logits)
+        prev_exits = getattr(cache, "exit_indices", None)
         self._check_extra_inputs(x, prepend_embeds, prepend_mask, embed_ids, cache, return_attn_z_loss)
         build = want_inter and self_attn_kv_mask is None and prepend_embeds is None
         cache, offset, x, new = self._resolve_cache(cache, x, dict(mask=mask, pos=pos, sum_embeds=sum_embeds,
@@ -242,6 +256,9 @@ class TransformerWrapper(Pretrained, nn.Module):
             side["condition"] = condition
         if self.recycled_proj is not None or recycle_steps is not None:
             side["recycle_steps"] = recurrence.recycle_steps(self, recycle_steps, cache)
+        if loop_steps is not None:
+            early = looped_inference and looped_steps is None and x.shape[1] == 1 and loop_steps > 1
+            side["loop"] = dict(steps=loop_steps, early_exit=early, threshold=looped_exit_prob_threshold)
         if offset is None and (seq_start_pos is not None or want_inter):
             offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
         if seq_start_pos is not None:
@@ -289,6 +306,8 @@ class TransformerWrapper(Pretrained, nn.Module):
                 inter.attn_z_loss = calc_z_loss(lse, weight)
             if xl is not None and return_mems:
                 inter.mems = new_mems
+            if "loops" in side:
+                looped.record(self, inter, side, prev_exits, looped_pred_all_logits)
             return out, inter
         return (out, attns) if return_attn else out
 
@@ -539,12 +558,16 @@ class TransformerWrapper(Pretrained, nn.Module):
                                  "no token id")
             extra["ff_deep_embeds"] = self.ff_deep_embed[x].to(h.dtype)  # (b, n, units, dim)
 
-        def stack(inp):
-            out = self.attn_layers(inp, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
+        def stack(inp, kv=cache):
+            out = self.attn_layers(inp, layer_mask, context, context_mask, positions=layer_positions, cache=kv,
                                    return_attn=return_attn, **stack_kw, **extra)
             return out if return_attn else (out, None)
 
-        if self.recycled_proj is None:
+        if side and "loop" in side:
+            out, attns, outs, gates, exits = looped.run_loops(stack, h, self.exit_gate, cache, **side["loop"])
+            side["loops"] = ([o[:, M:] for o in outs], [g[:, M:] for g in gates], exits) if M and first else \
+                (outs, gates, exits)
+        elif self.recycled_proj is None:
             out, attns = stack(h)
         else:
             out, attns = recurrence.recycle(stack, h, self.recycled_proj, side["recycle_steps"])

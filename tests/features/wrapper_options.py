@@ -8,3 +8,9 @@ from harness import register
 # branch outputs)
 register("ff_deep_embed", wrapper=dict(ff_deep_embed=True), kinds=("decoder", "encoder", "cross"),
          zero_init=("ff_deep_embed",))
+
+# the looped LM (looped.py), two loop steps: each step keeps its own keys in the cache, so the cached
+# forward equals the full one. The exit gate is trained by AutoregressiveWrapper's looped loss only:
+# the logits never read it (no gradient, by design)
+register("looped", layers=dict(pre_and_post_norm=True), wrapper=dict(looped=True, max_looped_steps=2),
+         kinds=("decoder", "encoder", "cross"), zero_grad=("exit_gate",))

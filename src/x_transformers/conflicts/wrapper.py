@@ -52,6 +52,22 @@ for _k, _v in (("max_mem_len", 4), ("memory_tokens_interspersed_every", 2), ("de
             example={"recycling": True, _k: _v, **({"num_memory_tokens": 1} if _k.startswith("memory") else {})},
             kinds=WRAPPER)
 
+# the looped LM (looped.py): the stack reruns on its own output, an exit gate and a head after every step
+declare("looped", "pre_and_post_norm=False", when=lambda s: on(s, "looped") and not on(s, "pre_and_post_norm"),
+        reason="each loop step feeds the next its output, which upstream requires normalised: build the stack "
+               "with pre_and_post_norm=True", example=dict(looped=True), kinds=WRAPPER)
+declare("looped", "recycling", when=lambda s: on(s, "looped") and on(s, "recycling"),
+        reason="both rerun the stack on its own output; choose one (upstream: at most one of them)",
+        example=dict(looped=True, pre_and_post_norm=True, recycling=True), kinds=WRAPPER)
+for _k, _v in (("max_mem_len", 4), ("memory_tokens_interspersed_every", 2), ("depths", (1,)),
+               ("use_cls_token", True), ("average_pool_embed", True), ("attn_pool", True),
+               ("return_only_embed", True)):
+    declare("looped", _k, when=lambda s, k=_k: on(s, "looped") and on(s, k),
+            reason="each loop step reads one plain sequence and predicts the next token from every position "
+                   "(no segment memories, interspersed memory columns, funnel pooling or pooled outputs)",
+            example={"looped": True, "pre_and_post_norm": True, _k: _v,
+                     **({"num_memory_tokens": 1} if _k.startswith("memory") else {})}, kinds=WRAPPER)
+
 # memory tokens interspersed in the sequence (upstream: decoders only)
 declare("memory_tokens_interspersed_every", "num_memory_tokens=0",
         when=lambda s: on(s, "memory_tokens_interspersed_every") and not on(s, "num_memory_tokens"),
