@@ -453,6 +453,18 @@ def _mla_cache():
     assert layer.k.shape == (2, 4, 5, 8) and layer.v.shape == (2, 4, 5, 8)
 
 
+def _stack_pos_integer():
+    net = Decoder(dim=DIM, depth=1, heads=4, rotary_pos_emb=True)
+    with pytest.raises(ValueError, match="integer tensor"):
+        net(torch.randn(1, 3, DIM), pos=torch.tensor([0.0, 0.5, 1.0]))
+
+
+def _context_pos_needs_rotary():
+    net = Decoder(dim=DIM, depth=1, heads=4, cross_attend=True)
+    with pytest.raises(ValueError, match="needs rotary_pos_emb"):
+        net(torch.randn(1, 3, DIM), context=torch.randn(1, 2, DIM), context_pos=torch.arange(2))
+
+
 DEVIATIONS = {
     "qk-norm-scale": _qk_norm_scale, "single-head-out": _single_head_out, "glu-no-bias": _glu_no_bias,
     "xtransformer-logits": _xtransformer_logits, "norm-gain": _norm_gain, "rmsnorm-eps": _rmsnorm_eps,
@@ -463,7 +475,8 @@ DEVIATIONS = {
     "xpos-uncentred": _xpos_uncentred,
     "orthog-per-token": lambda: _earlier_outputs_ignore_later_tokens(orthog_residual=True),
     "mv-split-prefix-mean": lambda: _earlier_outputs_ignore_later_tokens(mv_split_residual=True),
-    "mla-cache": _mla_cache,
+    "mla-cache": _mla_cache, "stack-pos-integer": _stack_pos_integer,
+    "context-pos-needs-rotary": _context_pos_needs_rotary,
 }
 
 

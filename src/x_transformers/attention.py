@@ -286,8 +286,8 @@ class Attention(nn.Module):
                 v = value_residual.mix(kind, v, x, self.value_mix)
             if self.qk_norm and not self.shared_qk:
                 k = self._unit(k) if self.k_gain is None else self._unit(k) * self.k_gain.to(k.dtype)
-            if rotary is not None and not self.cross:
-                k = self._rotate(k, key_rotary(rotary if kv is None else kv_rotary))
+            if rotary is not None:  # cross-attention gets rotary only with the context's own (kv_rotary)
+                k = self._rotate(k, key_rotary(rotary if kv is None and not self.cross else kv_rotary))
             if polar is not None:
                 k = apply_polar(k, polar[0] + polar[1])  # (b, h, m, 2d)
             if cache is not None and self.cross:
@@ -297,7 +297,7 @@ class Attention(nn.Module):
             if mem is not None:  # the memory's keys/values, made as the sequence's, go first
                 mk, mv = self._memory_kv(mem, mem_rotary)
                 k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
-        if rotary is not None and not self.cross:
+        if rotary is not None:
             q = self._rotate(q, rotary)
         if polar is not None:
             q = apply_polar(q, polar[0])

@@ -62,6 +62,8 @@ class ForwardContext:
     mem_rotary: tuple[Tensor, Tensor] | None = None
     hiddens: list | None = None
     values: object | None = None  # a ValueResidual (value_residual.py): the first attentions' values
+    context_rotary: tuple | None = None  # cross-attention keys' rotary at upstream's context_pos (stack_calls.py)
+    layer_hiddens: list | None = None  # receives each block's input (upstream's return_hiddens)
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
@@ -91,6 +93,8 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
     if kind == "c":
         out = dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights,
                    query_mask=ctx.token_mask, **extra)
+        if ctx.context_rotary is not None:  # queries at the tokens' positions, keys at the context's
+            out.update(rotary=ctx.rotary, kv_rotary=ctx.context_rotary)
         return out if ctx.cross_scores is None else dict(out, residual_scores=ctx.cross_scores)
     if ctx.kv is not None and i == ctx.kv_block:  # pooled queries over the previous level's keys
         # (its scores, over other keys, start no residual chain: the next block's start afresh)
@@ -165,6 +169,8 @@ def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = 
             if i in skips.plan:
                 src, k = skips.plan[i]
                 x = skips.combines[k](torch.cat((saved[src], x), dim=-1))
+        if ctx.layer_hiddens is not None:
+            ctx.layer_hiddens.append(x)
         if ctx.hiddens is not None and spec.kind == "a":
             ctx.hiddens.append(x)  # a self-attention block's input: its memory for the next segment
         x, w = run_block(spec.kind, i, block, x, ctx)

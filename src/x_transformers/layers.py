@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from .hub import Pretrained
-from . import checks, recurrence
+from . import checks, recurrence, stack_calls
 from .attention import Attention
 from .blocks import ForwardContext, ScoreCarry, UNetSkips, run_sequential
 from .adaptive import Conditioning, apply_norm
-from .cache import StaticKVCache
+from .cache import Intermediates, StaticKVCache
 from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
@@ -383,7 +383,8 @@ class AttentionLayers(Pretrained, nn.Module):
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
                 return_attn: bool = False, attn_mask=None, condition=None, mems=None, mem_masks=None,
-                hiddens: list | None = None, ff_deep_embeds=None):
+                hiddens: list | None = None, ff_deep_embeds=None, pos=None, context_pos=None,
+                return_hiddens: bool = False, cache_age: int = 1, layer_hiddens: list | None = None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -396,7 +397,16 @@ class AttentionLayers(Pretrained, nn.Module):
         mask or None) per self-attention block; ``hiddens``: a list that receives each self-attention
         block's input (the next memories). ``ff_deep_embeds`` (b, n, units, dim): the output scale
         of the l-th feed-forward block at [:, :, l] (the wrapper's ``ff_deep_embed``).
+        Upstream's ``pos``, ``context_pos``, ``return_hiddens`` (with ``cache=`` its Intermediates and
+        ``cache_age``): stack_calls.py. ``layer_hiddens``: a list that receives each block's input.
         """
+        if return_hiddens:
+            return stack_calls.forward_with_hiddens(self, x, mask, context, context_mask, cache=cache,
+                                                    cache_age=cache_age, kwargs=dict(
+                positions=positions, return_attn=return_attn, attn_mask=attn_mask, condition=condition, mems=mems,
+                mem_masks=mem_masks, hiddens=hiddens, ff_deep_embeds=ff_deep_embeds, pos=pos, context_pos=context_pos))
+        if isinstance(cache, Intermediates):
+            raise ValueError("cache= an Intermediates is upstream's call: pass return_hiddens=True with it")
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
         if attn_mask is not None:
@@ -410,6 +420,11 @@ class AttentionLayers(Pretrained, nn.Module):
         if cache is not None and self.cfg.shift_tokens:
             raise ValueError("shift_tokens mixes each token with its predecessors' features, which a key/value cache "
                              "does not keep; decode without a cache (cache_kv=False)")
+        head_pos = None
+        if pos is not None:
+            if positions is not None:
+                raise TypeError("got pos and positions, two values for the tokens' positions; give one of them")
+            positions, head_pos = stack_calls.custom_positions(self, pos, b, n, cached=cache is not None)
         start = cache.next_positions() if cache is not None else None
         if positions is None:
             positions = default_positions(mask, n, x.device, start)
@@ -424,6 +439,12 @@ class AttentionLayers(Pretrained, nn.Module):
 
         ctx = self.forward_context(positions, key_positions=key_positions, self_mask=self_mask, context=context,
                                    context_mask=context_mask, cache=cache, need_weights=return_attn)
+        if head_pos is not None:  # ALiBi with each head's own positions
+            ctx = replace(ctx, score_mod=self.rel_pos.score_mod(head_pos, head_pos))
+        if context_pos is not None:
+            ctx = replace(ctx, context_rotary=stack_calls.context_rotary(self, context_pos, context))
+        if layer_hiddens is not None:
+            ctx = replace(ctx, layer_hiddens=layer_hiddens)
         if self.conditioning is not None:
             ctx = replace(ctx, condition=self.conditioning(condition, b, n))
         elif condition is not None:

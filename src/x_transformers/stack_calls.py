@@ -1,0 +1,113 @@
+"""Upstream x-transformers' per-call inputs of a layer stack, on top of ``AttentionLayers.forward``.
+
+- ``pos``: custom positions of the new tokens, (n,) or (b|1, n) integers, for every position
+  scheme of the stack (rotary, PoPE, ALiBi, T5, dynamic bias, TUPE); with a cache they may cover
+  the cached tokens too (upstream's convention), of which the last n are taken. (b, h, n): one
+  position sequence per head, ALiBi only (as upstream's ``forward_custom_pos``).
+- ``context_pos`` (m_ctx,) or (b|1, m_ctx): the context's positions; cross-attention then rotates
+  its queries at the tokens' positions and its keys at these (rotary stacks only).
+- ``return_hiddens=True``: upstream's ``(x, intermediates)``, an
+  :class:`~x_transformers.cache.Intermediates` holding the key/value cache of a causal stack
+  (passed back as ``cache=`` it decodes on: the last ``cache_age`` columns of x are the new
+  tokens, as upstream), ``hiddens`` (each self-attention block's input), ``layer_hiddens`` (each
+  block's input, then the output) and ``last_hidden``.
+
+Legend: b batch, n new tokens, m keys, h heads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .cache import Intermediates, KVCache
+
+
+def _integer(t, name: str):
+    if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be an integer tensor of positions, got {got}")
+
+
+def custom_positions(stack, pos, b: int, n: int, cached: bool):
+    """``pos`` -> (positions (b|1, n) long or None, per-head positions (b|1, h, n) long or None)."""
+    _integer(pos, "pos")
+    if pos.ndim == 3:
+        why = _per_head_refusal(stack, cached)
+        if why is not None:
+            raise ValueError(f"pos of shape (b, heads, n) gives each head its own positions, which only ALiBi "
+                             f"reads (upstream's rule); {why}")
+        heads = stack.rel_pos.alibi_heads
+        if pos.shape[0] not in (1, b) or pos.shape[1] not in (heads, stack.rel_pos.heads) or pos.shape[2] != n:
+            raise ValueError(f"per-head pos must have shape ({b} or 1, {heads}, {n}) (one row per ALiBi head); "
+                             f"got {tuple(pos.shape)}")
+        return None, pos.long()
+    pos = pos[None] if pos.ndim == 1 else pos
+    if pos.ndim != 2 or pos.shape[0] not in (1, b) or pos.shape[1] < n or (pos.shape[1] > n and not cached):
+        raise ValueError(f"pos must have shape ({n},) or ({b} or 1, {n}) (with a cache it may also cover the cached "
+                         f"tokens: its last {n} columns are taken); got {tuple(pos.shape)}")
+    return pos[:, -n:].long(), None
+
+
+def _per_head_refusal(stack, cached: bool) -> str | None:
+    from .positional import AlibiPositionalBias
+    if not isinstance(stack.rel_pos, AlibiPositionalBias):
+        return "this stack has no alibi_pos_bias"
+    if stack.rotary is not None or stack.polar is not None or stack.tupe is not None:
+        return "this stack also has rotary / polar / TUPE positions, which take one sequence"
+    if cached:
+        return "not with a cache (the cache keeps one position per key)"
+    return None
+
+
+def context_rotary(stack, context_pos, context):
+    """The cross-attention keys' rotary angles at ``context_pos`` (b|1, m_ctx)."""
+    if stack.rotary is None:
+        raise ValueError("context_pos rotates cross-attention keys and queries, which needs rotary_pos_emb=True "
+                         "(upstream ignores it without rotary)")
+    if not stack.needs_context or context is None:
+        raise ValueError("context_pos was given but this stack has no cross-attention context")
+    _integer(context_pos, "context_pos")
+    cp = context_pos[None] if context_pos.ndim == 1 else context_pos
+    if cp.ndim != 2 or cp.shape[0] not in (1, context.shape[0]) or cp.shape[1] != context.shape[1]:
+        raise ValueError(f"context_pos must have shape ({context.shape[1]},) or (b|1, {context.shape[1]}); "
+                         f"got {tuple(context_pos.shape)}")
+    return stack.rotary(cp.long())
+
+
+def can_cache(stack) -> bool:
+    """Whether ``return_hiddens`` fills a key/value cache for this stack (a causal one that can decode)."""
+    return (stack.causal and stack.reversible is None and not stack.cfg.mv_split_residual
+            and not stack.cfg.shift_tokens and not stack.attn_cfg.selective)
+
+
+def forward_with_hiddens(stack, x, mask, context, context_mask, *, cache, cache_age: int, kwargs: dict):
+    """``stack.forward(..., return_hiddens=True)`` (and ``cache=`` an Intermediates): upstream's call,
+    functional (the Intermediates given is not extended; the returned one holds the new cache)."""
+    offset = 0
+    if isinstance(cache, Intermediates):
+        if cache.cache is None:
+            raise ValueError("cache=: this Intermediates holds no key/value cache (it came from a stack that cannot "
+                             "decode incrementally: a bidirectional one)")
+        if isinstance(cache_age, bool) or not isinstance(cache_age, int) or not 0 < cache_age <= x.shape[1]:
+            raise ValueError(f"cache_age must be an int in 1..{x.shape[1]} (how many of x's last columns are new), "
+                             f"got {cache_age!r}")
+        offset, kv = cache.cache_length, cache.cache.copy()
+        x = x[:, -cache_age:]  # upstream: the stack's new tokens are x's last cache_age columns
+        if mask is not None and mask.shape[-1] != x.shape[1]:
+            mask = mask[:, -cache_age:]
+    elif cache is None:
+        kv = KVCache() if can_cache(stack) else None
+    else:
+        raise ValueError("return_hiddens=True takes cache= as an Intermediates (what it returned); "
+                         "a KVCache is extended in place without it")
+    layer_hiddens = []
+    out = stack.forward(x, mask, context, context_mask, cache=kv, layer_hiddens=layer_hiddens, **kwargs)
+    x_out, attns = out if isinstance(out, tuple) else (out, None)
+    inter = Intermediates(cache=kv, cache_length=offset + x.shape[1], last_hidden=x_out, attn_maps=attns)
+    if stack.reversible is None:  # (the reversible coupling runs branches, not blocks: no per-block inputs)
+        inter.hiddens = [h for h, spec in zip(layer_hiddens, stack.layout) if spec.kind == "a"]
+        inter.layer_hiddens = layer_hiddens + [x_out]
+    else:
+        inter.hiddens = inter.layer_hiddens = None
+    return x_out, inter

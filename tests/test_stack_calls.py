@@ -1,0 +1,169 @@
+"""Upstream's per-call stack inputs (stack_calls.py): custom positions ``pos`` / ``context_pos`` and
+``return_hiddens`` with its Intermediates as a cache."""
+
+import pytest
+import torch
+
+from x_transformers import Decoder, Encoder
+from x_transformers.cache import Intermediates
+
+torch.manual_seed(0)
+
+POSITIONAL = dict(rotary=dict(rotary_pos_emb=True), alibi=dict(alibi_pos_bias=True),
+                  t5=dict(rel_pos_bias=True), dynamic=dict(dynamic_pos_bias=True), polar=dict(polar_pos_emb=True))
+
+
+def _stack(cls=Decoder, **kw):
+    """A small stack whose attention is sharp (GPT-2's init leaves it near uniform at this size, where
+    positions barely move the output)."""
+    torch.manual_seed(0)
+    net = cls(dim=32, depth=2, heads=4, attn_dim_head=8, **kw).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "to_q" in name or "to_k" in name or name.startswith("rel_pos"):
+                p.mul_(8.0)
+    return net
+
+
+@pytest.mark.parametrize("scheme", list(POSITIONAL) + ["none"])
+@pytest.mark.parametrize("shape", ["n", "1n", "bn"])
+def test_explicit_arange_is_the_default(scheme, shape):
+    net = _stack(**POSITIONAL.get(scheme, {}))
+    x = torch.randn(2, 7, 32)
+    pos = {"n": torch.arange(7), "1n": torch.arange(7)[None], "bn": torch.arange(7).expand(2, 7)}[shape]
+    assert torch.equal(net(x, pos=pos), net(x))
+
+
+@pytest.mark.parametrize("scheme", ["rotary", "alibi", "t5", "dynamic"])
+def test_shifted_positions_change_nothing_under_relative_schemes(scheme):
+    net = _stack(**POSITIONAL[scheme])
+    x = torch.randn(2, 9, 32)
+    base = torch.arange(9)
+    plain = net(x)
+    shift_err = (net(x, pos=base + 37) - plain).abs().max()
+    assert shift_err < 1e-5
+    # and the positions are read: gaps between tokens change the output, by far more than the shift's error
+    assert (net(x, pos=base * 3) - plain).abs().max() > 1e-4 > 10 * shift_err
+
+
+def test_positions_per_row_match_separate_calls():
+    net = _stack(rotary_pos_emb=True, alibi_pos_bias=True)
+    x = torch.randn(2, 6, 32)
+    pos = torch.tensor([[0, 1, 2, 4, 7, 8], [3, 5, 6, 9, 10, 14]])
+    both = net(x, pos=pos)
+    for r in range(2):
+        assert torch.allclose(both[r:r + 1], net(x[r:r + 1], pos=pos[r]), atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["rotary", "alibi", "polar"])
+def test_cached_decoding_with_custom_positions_is_exact(scheme):
+    net = _stack(**POSITIONAL[scheme])
+    x = torch.randn(2, 12, 32)
+    pos = torch.tensor([0, 2, 3, 5, 8, 9, 11, 12, 15, 16, 20, 21]) + 4
+    full = net(x, pos=pos)
+    out, inter = net(x[:, :8], pos=pos[:8], return_hiddens=True)
+    steps = [out]
+    for t in range(8, 12):
+        # upstream's convention: pos may cover the cached tokens too (its last n columns are taken)
+        step, inter = net(x[:, t:t + 1], pos=pos[:t + 1], cache=inter, return_hiddens=True)
+        steps.append(step)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_alibi_positions_per_head():
+    net = _stack(alibi_pos_bias=True, alibi_num_heads=2, rel_pos_kwargs=dict(slopes=[1.0, 0.5]))
+    x = torch.randn(2, 5, 32)
+    pos = torch.tensor([0, 1, 3, 4, 9])
+    # the same positions for every ALiBi head: as one shared sequence
+    same = pos.expand(2, 2, 5)
+    assert torch.allclose(net(x, pos=same), net(x, pos=pos), atol=1e-6)
+    # each head's bias is -slope_h * |p_i - p_j| over its own positions; heads without ALiBi get none
+    per_head = torch.stack((pos, pos * 2))[None].expand(2, 2, 5)
+    bias = net.rel_pos.score_mod(per_head, per_head).dense()  # (b, heads, n, n)
+    slopes = net.rel_pos.slopes.view(-1)
+    for h, p in enumerate((pos, pos * 2)):
+        want = -slopes[h] * (p[:, None] - p[None, :]).abs().float()
+        assert torch.allclose(bias[0, h], want)
+    assert torch.equal(bias[:, 2:], torch.zeros_like(bias[:, 2:]))
+    assert not torch.allclose(net(x, pos=per_head), net(x, pos=pos), atol=1e-4)
+
+
+def test_context_positions_rotate_cross_attention_relatively():
+    net = _stack(Encoder, rotary_pos_emb=True, cross_attend=True, cross_attn_dim_context=16)
+    x, ctx = torch.randn(2, 6, 32), torch.randn(2, 10, 16)
+    pos, cpos = torch.arange(6), torch.arange(10) * 2
+    out = net(x, context=ctx, pos=pos, context_pos=cpos)
+    # queries and keys rotated: only position differences count
+    assert torch.allclose(net(x, context=ctx, pos=pos + 11, context_pos=cpos + 11), out, atol=1e-5)
+    assert not torch.allclose(net(x, context=ctx, pos=pos), out, atol=1e-4)
+
+
+def test_cross_attention_cache_with_context_positions():
+    net = _stack(rotary_pos_emb=True, cross_attend=True)
+    x, ctx, cpos = torch.randn(1, 7, 32), torch.randn(1, 5, 32), torch.arange(5) + 3
+    full = net(x, context=ctx, context_pos=cpos)
+    out, inter = net(x[:, :4], context=ctx, context_pos=cpos, return_hiddens=True)
+    steps = [out]
+    for t in range(4, 7):
+        step, inter = net(x[:, :t + 1], context=ctx, context_pos=cpos, cache=inter, return_hiddens=True)
+        steps.append(step)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (dict(pos=torch.arange(5.0)), "integer tensor"),
+    (dict(pos=torch.arange(6)), r"shape \(5,\)"),
+    (dict(pos=torch.arange(5), positions=torch.arange(5)[None]), "pos and positions"),
+])
+def test_pos_refusals(call, match):
+    net = _stack(rotary_pos_emb=True)
+    with pytest.raises((ValueError, TypeError), match=match):
+        net(torch.randn(1, 5, 32), **call)
+
+
+def test_per_head_positions_refused_without_alibi_alone():
+    with pytest.raises(ValueError, match="only ALiBi"):
+        _stack(rotary_pos_emb=True, alibi_pos_bias=True)(torch.randn(1, 5, 32), pos=torch.zeros(1, 4, 5).long())
+    with pytest.raises(ValueError, match="only ALiBi"):
+        _stack(rotary_pos_emb=True)(torch.randn(1, 5, 32), pos=torch.zeros(1, 4, 5).long())
+
+
+def test_context_pos_refusals():
+    with pytest.raises(ValueError, match="needs rotary_pos_emb"):
+        _stack(cross_attend=True)(torch.randn(1, 5, 32), context=torch.randn(1, 3, 32), context_pos=torch.arange(3))
+    with pytest.raises(ValueError, match="no cross-attention"):
+        _stack(rotary_pos_emb=True)(torch.randn(1, 5, 32), context_pos=torch.arange(3))
+
+
+def test_return_hiddens_records_every_block_input():
+    net = _stack()
+    x = torch.randn(2, 5, 32)
+    out, inter = net(x, return_hiddens=True)
+    assert isinstance(inter, Intermediates) and torch.equal(out, net(x)) and torch.equal(inter.last_hidden, out)
+    assert len(inter.layer_hiddens) == len(net.layout) + 1 and torch.equal(inter.layer_hiddens[0], x)
+    # block i's input is block i - 1's output: rerun block 0 by hand
+    h1, _ = net.blocks[0](x)
+    assert torch.allclose(inter.layer_hiddens[1], h1, atol=1e-6)
+    assert [h is g for h, g in zip(inter.hiddens, inter.layer_hiddens[0::2])] == [True, True]
+    assert inter.cache_length == 5 and inter.cache is not None
+
+
+def test_return_hiddens_of_a_bidirectional_stack_holds_no_cache():
+    net = _stack(Encoder)
+    x = torch.randn(1, 4, 32)
+    _, inter = net(x, return_hiddens=True)
+    assert inter.cache is None
+    with pytest.raises(ValueError, match="holds no key/value cache"):
+        net(x, cache=inter, return_hiddens=True)
+    with pytest.raises(ValueError, match="return_hiddens=True"):
+        _stack()(x, cache=inter)
+
+
+def test_return_hiddens_is_functional_and_takes_the_last_cache_age_columns():
+    net = _stack(rotary_pos_emb=True)
+    x = torch.randn(1, 9, 32)
+    full = net(x)
+    _, inter = net(x[:, :6], return_hiddens=True)
+    a, _ = net(x[:, :8], cache=inter, cache_age=2, return_hiddens=True)  # tokens 6, 7 are new
+    b, _ = net(x[:, 6:7], cache=inter, return_hiddens=True)  # the same Intermediates again: unchanged
+    assert torch.allclose(a, full[:, 6:8], atol=1e-5) and torch.allclose(b, full[:, 6:7], atol=1e-5)
