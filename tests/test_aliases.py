@@ -465,6 +465,13 @@ def _context_pos_needs_rotary():
         net(torch.randn(1, 3, DIM), context=torch.randn(1, 2, DIM), context_pos=torch.arange(2))
 
 
+def _lime_first_block():
+    soft = Decoder(dim=DIM, depth=2, heads=4, integrate_layers=True)
+    assert soft.blocks[0].integrate is None and soft.blocks[1].integrate.layers == 2
+    relu = Decoder(dim=DIM, depth=2, heads=4, integrate_layers=True, layer_integrate_use_softmax=False)
+    assert relu.blocks[0].integrate.layers == 1  # ReLU weights scale the one input: built
+
+
 DEVIATIONS = {
     "qk-norm-scale": _qk_norm_scale, "single-head-out": _single_head_out, "glu-no-bias": _glu_no_bias,
     "xtransformer-logits": _xtransformer_logits, "norm-gain": _norm_gain, "rmsnorm-eps": _rmsnorm_eps,
@@ -476,7 +483,7 @@ DEVIATIONS = {
     "orthog-per-token": lambda: _earlier_outputs_ignore_later_tokens(orthog_residual=True),
     "mv-split-prefix-mean": lambda: _earlier_outputs_ignore_later_tokens(mv_split_residual=True),
     "mla-cache": _mla_cache, "stack-pos-integer": _stack_pos_integer,
-    "context-pos-needs-rotary": _context_pos_needs_rotary,
+    "context-pos-needs-rotary": _context_pos_needs_rotary, "lime-first-block": _lime_first_block,
 }
 
 

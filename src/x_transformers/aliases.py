@@ -101,8 +101,7 @@ _ATTN_NOT_YET = dict(
 )
 _FF_NOT_YET: dict = {}
 _LAYERS_NOT_YET = dict(
-    attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={}, integrate_layers=False,
-    layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False,
+    attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
 )
 _WRAPPER_NOT_YET = dict(
     looped=False, max_looped_steps=4,

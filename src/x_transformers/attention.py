@@ -253,10 +253,17 @@ class Attention(nn.Module):
             raise ValueError("attn_selective: a token's gate on a key sums the earlier queries' scores for it, "
                              "which a key/value cache does not keep; decode without a cache (cache_kv=False)")
         h, g = self.heads, self.kv_heads
+        views = None  # x (3, b, n, dim): q, k, v read different inputs (qkv_receive_diff_residuals, hyper.py)
+        if x.ndim == 4:
+            if kv is not None or self.cross or self.shared_qk:
+                raise ValueError("q, k, v from different inputs (qkv_receive_diff_residuals) is for self-attention "
+                                 "over its own sequence, with keys of their own (not kv=, cross- or shared-QK attention)")
+            x, views = x[0], (x[1], x[2])
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         # one product over the three weights, unless a projection is not a plain Linear (FP8's Float8Linear,
         # an adapter): then each runs its own forward
-        fuse = self.fused and kv is None and type(self.to_q) is type(self.to_k) is type(self.to_v) is nn.Linear
+        fuse = self.fused and kv is None and views is None \
+            and type(self.to_q) is type(self.to_k) is type(self.to_v) is nn.Linear
         qkv = self._fused_qkv(x) if fuse else None
         q = _heads(qkv[0] if qkv else self._query(x), h)  # (b, h, n, d)
         if self.to_q_norm is not None:
@@ -276,8 +283,8 @@ class Attention(nn.Module):
             if self.shared_qk:
                 k = F.normalize(q if kv is None else _heads(self._query(kv), h), dim=-1)  # (b, h, m, d)
             else:
-                k = _heads(qkv[1], g) if qkv else self._keys(src)  # (b, g, m, d)
-            v = _heads(qkv[2] if qkv else self._values(src), g)  # (b, g, m, e)
+                k = _heads(qkv[1], g) if qkv else self._keys(src if views is None else views[0])  # (b, g, m, d)
+            v = _heads(qkv[2] if qkv else self._values(src if views is None else views[1]), g)  # (b, g, m, e)
             if self.to_k_norm is not None:
                 k = self.to_k_norm(k)
             if self.to_v_norm is not None:

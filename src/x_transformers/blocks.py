@@ -64,6 +64,7 @@ class ForwardContext:
     values: object | None = None  # a ValueResidual (value_residual.py): the first attentions' values
     context_rotary: tuple | None = None  # cross-attention keys' rotary at upstream's context_pos (stack_calls.py)
     layer_hiddens: list | None = None  # receives each block's input (upstream's return_hiddens)
+    layer_inputs: list | None = None  # LIMe (integrate_layers, hyper.py): the blocks' inputs so far, fresh per run
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
@@ -133,6 +134,8 @@ def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: 
         kwargs["shift_mask"] = ctx.token_mask
     if ctx.condition is not None:
         kwargs["condition"] = ctx.condition
+    if ctx.layer_inputs is not None:
+        kwargs["layer_inputs"] = ctx.layer_inputs
     if getattr(block, "update", None) is not None and not branch_only:
         kwargs["seq_mask"] = ctx.token_mask
     return call(x, **kwargs)

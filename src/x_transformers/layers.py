@@ -26,7 +26,7 @@ from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, 
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, PolarEmbedding, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
-from .hyper import GatedMultiResidual, HyperResidual
+from .hyper import GatedMultiResidual, HyperResidual, LayerIntegration
 from .layout import LayerSpec, attn_to_ff, build_layout, par_layout, unit_length  # noqa: F401 - importable from here
 from .residual import Residual, shift_amounts
 from .residual_updates import make_update
@@ -163,7 +163,11 @@ class AttentionLayers(Pretrained, nn.Module):
         blocks = []
         # value residual: a learned mix in every self-attention after the first built one (upstream's rule)
         first_a = next((i for i, s in enumerate(built) if s.kind == "a"), None)
+        # q, k, v from three mixtures (hyper-connections' reads, or LIMe's; its first self-attention reads one).
+        # LIMe's first block mixes one input: a softmax over it is 1, so no router is built there
+        qkv_views = cfg.qkv_receive_diff_residuals or cfg.integrate_layers
         for index, spec in enumerate(built):
+            views = 3 if spec.kind == "a" and qkv_views and not (cfg.integrate_layers and index == first_a) else 1
             if spec.kind == "f":
                 fn = FeedForward(dim, ff_cfg)
             else:
@@ -175,13 +179,17 @@ class AttentionLayers(Pretrained, nn.Module):
                            shifts=shift_amounts(shifts[index], cfg.causal),
                            layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
                            layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None,
-                           adaptive_scale=cond.make_layerscale() if cond is not None else None)
+                           adaptive_scale=cond.make_layerscale() if cond is not None else None,
+                           integrate=LayerIntegration(dim, index + 1, views=views, make_norm=lambda: make_norm(
+                               "rmsnorm", dim, eps=cfg.norm_eps), use_softmax=cfg.layer_integrate_use_softmax)
+                           if cfg.integrate_layers and (index > 0 or not cfg.layer_integrate_use_softmax) else None)
             if cfg.gated_multi_residual:
                 blocks.append(GatedMultiResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
                                                  **cfg.residual_fn_kwargs, **options))
             elif cfg.num_residual_streams > 1:
                 blocks.append(HyperResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
-                                            sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters, **options))
+                                            sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters,
+                                            views=1 if cfg.integrate_layers else views, **options))
             else:
                 blocks.append(Residual(fn, skip_scale=cfg.scale_residual is True,
                                        skip_constant=cfg.scale_residual_constant, gru=cfg.gate_residual,
@@ -366,6 +374,8 @@ class AttentionLayers(Pretrained, nn.Module):
             if self.reinject_gate is not None:
                 inject = inject * torch.sigmoid(self.reinject_gate(x))
             ctx = replace(ctx, inject=inject)
+        if self.cfg.integrate_layers:  # LIMe: a fresh list of the blocks' inputs per run
+            ctx = replace(ctx, layer_inputs=[])
         if self.cfg.residual_attn or self.cfg.cross_residual_attn:  # RealFormer: fresh score carries
             ctx = replace(ctx, self_scores=ScoreCarry() if self.cfg.residual_attn else None,
                           cross_scores=ScoreCarry() if self.cfg.cross_residual_attn else None)

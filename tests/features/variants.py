@@ -58,3 +58,10 @@ register("polar_pos_emb", layers=dict(polar_pos_emb=True, polar_bias_uniform_ini
 register("gated_multi_residual", layers=dict(gated_multi_residual=True, num_residual_streams=2,
                                              residual_fn_kwargs=dict(read_gate_rank=2)), kinds=("decoder",),
          zero_init=("to_bottleneck", "dynamic_scale"))
+# LIMe (2502.09245): every branch reads a learned mix of the earlier blocks' inputs; its self-attentions after
+# the first read three mixtures (q, k, v)
+register("integrate_layers", layers=dict(integrate_layers=True))
+register("integrate_layers_relu", layers=dict(integrate_layers=True, layer_integrate_use_softmax=False))
+# hyper-connections whose self-attentions read q, k and v from three mixtures of the streams
+register("qkv_diff_residuals", layers=dict(num_residual_streams=2, qkv_receive_diff_residuals=True),
+         kinds=("decoder", "encoder", "encdec"), zero_init=("dynamic_", "static_", ".norm.weight", "stream_emb"))

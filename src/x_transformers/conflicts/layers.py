@@ -241,3 +241,27 @@ declare("tupe", "alibi_pos_bias", when=lambda s: on(s, "tupe") and on(s, "alibi_
         reason="ALiBi exists to extrapolate past the training length, which TUPE's learned position table "
                "forbids; use rel_pos_bias=True for TUPE-R",
         example=dict(tupe=True, tupe_max_seq_len=16, alibi_pos_bias=True))
+
+# q, k, v from three mixtures: hyper-connections' reads (num_residual_streams > 1) or LIMe's
+_QKV = lambda s: on(s, "qkv_receive_diff_residuals") or on(s, "integrate_layers")
+declare("qkv_receive_diff_residuals", "num_residual_streams",
+        when=lambda s: on(s, "qkv_receive_diff_residuals") and not on(s, "integrate_layers") and not (
+            _STREAMS(s) and not on(s, "gated_multi_residual")),
+        reason="q, k and v read three mixtures of the residual streams: it needs hyper-connections "
+               "(num_residual_streams > 1, not gated_multi_residual) or integrate_layers",
+        example=dict(qkv_receive_diff_residuals=True))
+for _k, _ex in (("attn_shared_qk", True), ("shift_tokens", 1)):
+    declare("qkv_receive_diff_residuals", _k, when=lambda s, k=_k: _QKV(s) and on(s, k),
+            reason="self-attention's keys would not read their own input (shared-QK: the keys are the queries; "
+                   "token shift: one sequence is shifted)",
+            example={"integrate_layers": True, _k: _ex})
+declare("qkv_receive_diff_residuals", "FunnelEncoder", when=lambda s: on(s, "qkv_receive_diff_residuals"),
+        reason="a funnel's pooled queries read keys and values from the unpooled sequence, not a mixture",
+        example=dict(qkv_receive_diff_residuals=True, num_residual_streams=2), kinds=("funnel",))
+# LIMe (2502.09245): block l mixes the inputs of blocks 0..l of one run, each block run once, in order
+for _k, _ex in (("reversible", True), ("layer_dropout", 0.1), ("weight_tie_layers", True),
+                ("layers_execute_order", (0, 1))):
+    declare("integrate_layers", _k, when=lambda s, k=_k: on(s, "integrate_layers") and on(s, k),
+            reason="LIMe's block l mixes the inputs of blocks 0..l, each run once in the built order (a dropped, "
+                   "repeated or reordered block changes that count; the reversible coupling has no block inputs)",
+            example={"integrate_layers": True, _k: _ex})
