@@ -78,6 +78,7 @@ def test_lime_layout_counts_and_views():
 
 
 @pytest.mark.parametrize("kw", [dict(integrate_layers=True), dict(integrate_layers=True, num_residual_streams=2),
+                                dict(integrate_layers=True, layer_integrate_use_softmax=False),
                                 dict(num_residual_streams=2, qkv_receive_diff_residuals=True)])
 def test_cached_decoding_equals_the_full_forward(kw):
     torch.manual_seed(0)
@@ -136,3 +137,50 @@ def test_hyper_views_read_three_mixtures_that_start_equal():
 def test_refusals(kw, match):
     with pytest.raises(ValueError, match=match):
         Decoder(dim=DIM, depth=2, heads=2, **kw)
+
+
+def test_aggregated_residuals_are_attention_over_the_block_inputs():
+    from x_transformers.hyper import AttentionIntegration
+
+    torch.manual_seed(0)
+    agg = AttentionIntegration(DIM, 3, make_norm=_rms(DIM), lora_rank=4, lora_activation=torch.nn.functional.silu)
+    with torch.no_grad():
+        agg.up.weight.normal_()  # away from its zero init, so that the query's correction counts
+    hs = [torch.randn(2, 5, DIM) for _ in range(3)]
+
+    def rms(t):
+        return t / t.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+    x = hs[-1]
+    q = rms(x + agg.up(F.silu(agg.down(rms(x)))))
+    w = torch.stack([(q * rms(h)).sum(-1) * DIM ** -0.5 for h in hs]).softmax(dim=0)  # (l, b, n)
+    torch.testing.assert_close(agg(x, hs), sum(w[l, ..., None] * hs[l] for l in range(3)))
+    # a convex mixture: equal inputs come back unchanged
+    h = torch.randn(2, 5, DIM)
+    torch.testing.assert_close(agg(h, [h, h, h]), h)
+
+
+def test_aggregated_residuals_stack_layout_and_cache():
+    torch.manual_seed(0)
+    kw = dict(attn_aggregated_residuals=True, attn_aggregated_residual_kwargs=dict(lora_rank=4))
+    model = Decoder(dim=DIM, depth=2, heads=2, attn_dim_head=8, **kw).eval()
+    routers = [b.integrate for b in model.blocks]
+    assert routers[0] is None and [r.layers for r in routers[1:]] == [2, 3, 4]  # (lime-first-block)
+    with torch.no_grad():
+        for r in routers[1:]:
+            r.up.weight.normal_()
+    x = torch.randn(2, 6, DIM)
+    full = model(x)
+    cache = KVCache()
+    steps = [model(x[:, :2], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(2, 6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(attn_aggregated_residual_kwargs=dict(lora_rank=99)), "lora_rank"),
+    (dict(attn_aggregated_residual_kwargs=dict(rank=4)), "unknown"),
+    (dict(attn_aggregated_residual_kwargs=dict(lora_rank=4), gate_residual=True), "choose one"),
+    (dict(attn_aggregated_residual_kwargs=dict(lora_rank=4), integrate_layers=True), "choose one"),
+])
+def test_aggregated_residual_refusals(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Decoder(dim=DIM, depth=2, heads=2, attn_aggregated_residuals=True, **kw)

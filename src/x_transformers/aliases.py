@@ -100,9 +100,7 @@ _ATTN_NOT_YET = dict(
     dim_context=None,
 )
 _FF_NOT_YET: dict = {}
-_LAYERS_NOT_YET = dict(
-    attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={},
-)
+_LAYERS_NOT_YET: dict = {}
 _WRAPPER_NOT_YET = dict(
     looped=False, max_looped_steps=4,
 )

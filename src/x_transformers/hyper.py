@@ -20,6 +20,9 @@ LIMe (2502.09245, dynamic variant; ``integrate_layers``) routes across depth ins
 branch reads ``sum_k w_k h_k`` over the inputs h_0..h_l of blocks 0..l, the weights
 ``softmax(W rmsnorm(h_l))`` per token (ReLU with ``layer_integrate_use_softmax=False``); a
 self-attention block after the first reads three such mixtures, one each for q, k and v.
+Aggregated residuals (``attn_aggregated_residuals``, 2601.21582 / 2603.15031) weigh the same inputs
+by attention instead: ``softmax_k(q . rmsnorm(h_k) / sqrt(d))``, the query ``rmsnorm(h_l + U D h_l')``
+a low-rank, zero-initialised correction of the block's own input (h_l' = rmsnorm(h_l)).
 
 Legend: b batch, n tokens, s streams, d dim.
 """
@@ -171,3 +174,47 @@ class GatedMultiResidual(Residual):
 
     def extra_repr(self):
         return super().extra_repr() + f", streams={self.streams}, rank={self.to_bottleneck.out_features}"
+
+
+class AttentionIntegration(nn.Module):
+    """Aggregated residuals' router (upstream's ``attn_aggregated_residuals``, 2601.21582, 2603.15031):
+    block ``layers - 1``'s branch input as an attention-weighted sum of the inputs of blocks
+    0..layers - 1, its query the block's own input through a low-rank correction (``lora_rank``,
+    SiLU or another ``lora_activation`` between the two projections; the up projection starts at 0)."""
+
+    def __init__(self, dim: int, layers: int, *, make_norm, lora_rank: int = 64, lora_activation=None):
+        super().__init__()
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or not 0 < lora_rank < dim:
+            raise ValueError(f"attn_aggregated_residual_kwargs: lora_rank must be an int in 1..{dim - 1} (below dim), "
+                             f"got {lora_rank!r}")
+        if lora_activation is not None and not callable(lora_activation):
+            raise ValueError(f"attn_aggregated_residual_kwargs: lora_activation must be callable or None, "
+                             f"got {lora_activation!r}")
+        self.layers, self.activation = layers, lora_activation
+        self.key_norm, self.query_in_norm, self.query_norm = make_norm(), make_norm(), make_norm()
+        self.down = nn.Linear(dim, lora_rank, bias=False)
+        self.up = nn.Linear(lora_rank, dim, bias=False)
+        self.reset_variant_parameters()
+
+    def reset_variant_parameters(self):
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x, inputs: list):
+        """x (b, n, d) this block's input (the last of ``inputs``) -> (b, n, d)."""
+        if len(inputs) != self.layers:
+            raise RuntimeError(f"attn_aggregated_residuals: block expects {self.layers} earlier inputs, got {len(inputs)}")
+        stacked = torch.stack(inputs)  # (l, b, n, d)
+        low = self.down(self.query_in_norm(x))
+        q = self.query_norm(x + self.up(low if self.activation is None else self.activation(low)))
+        logits = torch.einsum("bnd,lbnd->lbn", q, self.key_norm(stacked)) * x.shape[-1] ** -0.5
+        return torch.einsum("lbn,lbnd->bnd", logits.softmax(dim=0), stacked)
+
+    def extra_repr(self):
+        return f"layers={self.layers}, lora_rank={self.down.out_features}"
+
+    @classmethod
+    def check_kwargs(cls, kwargs: dict | None):
+        unknown = set(kwargs or {}) - {"lora_rank", "lora_activation"}
+        if unknown:
+            raise ValueError(f"attn_aggregated_residual_kwargs: unknown {sorted(unknown)}; valid: lora_rank, "
+                             f"lora_activation")

@@ -26,7 +26,7 @@ from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, 
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, PolarEmbedding, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
-from .hyper import GatedMultiResidual, HyperResidual, LayerIntegration
+from .hyper import AttentionIntegration, GatedMultiResidual, HyperResidual, LayerIntegration
 from .layout import LayerSpec, attn_to_ff, build_layout, par_layout, unit_length  # noqa: F401 - importable from here
 from .residual import Residual, shift_amounts
 from .residual_updates import make_update
@@ -180,9 +180,7 @@ class AttentionLayers(Pretrained, nn.Module):
                            layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
                            layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None,
                            adaptive_scale=cond.make_layerscale() if cond is not None else None,
-                           integrate=LayerIntegration(dim, index + 1, views=views, make_norm=lambda: make_norm(
-                               "rmsnorm", dim, eps=cfg.norm_eps), use_softmax=cfg.layer_integrate_use_softmax)
-                           if cfg.integrate_layers and (index > 0 or not cfg.layer_integrate_use_softmax) else None)
+                           integrate=self._integration(cfg, index, views))
             if cfg.gated_multi_residual:
                 blocks.append(GatedMultiResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
                                                  **cfg.residual_fn_kwargs, **options))
@@ -233,6 +231,19 @@ class AttentionLayers(Pretrained, nn.Module):
         self._units = {id(b.fn): i // per_unit + 1 for i, b in reversed(list(enumerate(self.blocks)))}
         self._out_std = 0.02 / (2 * cfg.depth) ** 0.5
         self.apply(self._init_weights)
+
+    @staticmethod
+    def _integration(cfg: LayersConfig, index: int, views: int):
+        """Block ``index``'s router over the earlier blocks' inputs (hyper.py): LIMe's or aggregated
+        residuals'; None where it would mix one input by a softmax (always 1) or neither is on."""
+        rms = lambda: make_norm("rmsnorm", cfg.dim, eps=cfg.norm_eps)  # noqa: E731
+        if cfg.integrate_layers and (index > 0 or not cfg.layer_integrate_use_softmax):
+            return LayerIntegration(cfg.dim, index + 1, views=views, make_norm=rms,
+                                    use_softmax=cfg.layer_integrate_use_softmax)
+        if cfg.attn_aggregated_residuals and index > 0:
+            AttentionIntegration.check_kwargs(cfg.attn_aggregated_residual_kwargs)
+            return AttentionIntegration(cfg.dim, index + 1, make_norm=rms, **(cfg.attn_aggregated_residual_kwargs or {}))
+        return None
 
     @staticmethod
     def _execution(cfg: LayersConfig):
@@ -374,7 +385,7 @@ class AttentionLayers(Pretrained, nn.Module):
             if self.reinject_gate is not None:
                 inject = inject * torch.sigmoid(self.reinject_gate(x))
             ctx = replace(ctx, inject=inject)
-        if self.cfg.integrate_layers:  # LIMe: a fresh list of the blocks' inputs per run
+        if self.cfg.integrate_layers or self.cfg.attn_aggregated_residuals:  # a fresh list of block inputs per run
             ctx = replace(ctx, layer_inputs=[])
         if self.cfg.residual_attn or self.cfg.cross_residual_attn:  # RealFormer: fresh score carries
             ctx = replace(ctx, self_scores=ScoreCarry() if self.cfg.residual_attn else None,

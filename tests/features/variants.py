@@ -61,7 +61,13 @@ register("gated_multi_residual", layers=dict(gated_multi_residual=True, num_resi
 # LIMe (2502.09245): every branch reads a learned mix of the earlier blocks' inputs; its self-attentions after
 # the first read three mixtures (q, k, v)
 register("integrate_layers", layers=dict(integrate_layers=True))
-register("integrate_layers_relu", layers=dict(integrate_layers=True, layer_integrate_use_softmax=False))
+# (not its ReLU router: a router whose logits are negative on every token closes its block, gradients and
+# all, which the harness's gradient property would report; tests/test_layer_integration.py checks it)
 # hyper-connections whose self-attentions read q, k and v from three mixtures of the streams
 register("qkv_diff_residuals", layers=dict(num_residual_streams=2, qkv_receive_diff_residuals=True),
          kinds=("decoder", "encoder", "encdec"), zero_init=("dynamic_", "static_", ".norm.weight", "stream_emb"))
+# aggregated residuals: attention over the earlier blocks' inputs (its query's low-rank down projection
+# reaches the output only through the up projection, zero at init)
+register("attn_aggregated_residuals", layers=dict(attn_aggregated_residuals=True,
+                                                  attn_aggregated_residual_kwargs=dict(lora_rank=4)),
+         zero_init=("integrate.down",))
