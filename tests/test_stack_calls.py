@@ -167,3 +167,29 @@ def test_return_hiddens_is_functional_and_takes_the_last_cache_age_columns():
     a, _ = net(x[:, :8], cache=inter, cache_age=2, return_hiddens=True)  # tokens 6, 7 are new
     b, _ = net(x[:, 6:7], cache=inter, return_hiddens=True)  # the same Intermediates again: unchanged
     assert torch.allclose(a, full[:, 6:8], atol=1e-5) and torch.allclose(b, full[:, 6:7], atol=1e-5)
+
+
+def test_repeat_blocks_runs_units_again_in_place():
+    net = _stack()  # depth 2: units (a f) (a f)
+    x = torch.randn(2, 5, 32)
+    # unit 0 twice, then unit 1: the same as running the blocks 0 1 0 1 2 3 by hand
+    h = x
+    for i in (0, 1, 0, 1, 2, 3):
+        h, _ = net.blocks[i](h)
+    torch.testing.assert_close(net(x, repeat_blocks=((0, 0), 2)), net.final_norm(h))
+    # repeating every unit once is the plain stack; an int start is a one-unit range
+    assert torch.equal(net(x, repeat_blocks=((0, 1), 1)), net(x))
+    assert torch.equal(net(x, repeat_blocks=(1, 2)), net(x, repeat_blocks=((1, 1), 2)))
+    _, inter = net(x, repeat_blocks=((0, 1), 3), return_hiddens=True)
+    assert len(inter.layer_hiddens) == 3 * 4 + 1
+
+
+@pytest.mark.parametrize("kw, call, match", [
+    (dict(), dict(repeat_blocks=((0, 2), 2)), "units"),
+    (dict(), dict(repeat_blocks=((0, 0), 0)), "times >= 1"),
+    (dict(custom_layers=("a", "f", "a", "f")), dict(repeat_blocks=((0, 0), 2)), "custom_layers"),
+    (dict(), dict(repeat_blocks=((0, 0), 2), cache=__import__("x_transformers.cache").cache.KVCache()), "a cache"),
+])
+def test_repeat_blocks_refusals(kw, call, match):
+    with pytest.raises(ValueError, match=match):
+        _stack(**kw)(torch.randn(1, 4, 32), **call)

@@ -111,6 +111,26 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
     return out if ctx.self_scores is None else dict(out, residual_scores=ctx.self_scores)
 
 
+def drop_context_tokens(ctx: ForwardContext, p: float) -> ForwardContext:
+    """Structured dropout of the cross-attention context (upstream's cross_attn_tokens_dropout): each
+    row keeps a random subset of ceil((1 - p) * its kept tokens), the same count m' = max(1, (1 - p) * m)
+    of columns for every row, so the context shrinks to (b, m', d)."""
+    context, mask = ctx.context, ctx.context_mask  # (b, m, d), (b, 1, 1, m) or None
+    b, m = context.shape[:2]
+    keep = max(1, int((1 - p) * m))
+    scores = torch.rand(b, m, device=context.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, 0, 0], -1.0)  # kept tokens first
+    idx = scores.topk(keep, dim=-1).indices  # (b, m')
+    context = context.gather(1, idx[..., None].expand(-1, -1, context.shape[-1]))
+    if mask is not None:
+        kept = mask[:, 0, 0]
+        counts = torch.ceil(kept.sum(-1) * (1 - p)).long()  # (b,)
+        new = kept.gather(1, idx) & (torch.arange(keep, device=idx.device) < counts[:, None])
+        mask = new[:, None, None, :]
+    return replace(ctx, context=context, context_mask=mask)
+
+
 class ScoreCarry:
     """Residual attention's carry (RealFormer, 2012.11747): the pre-softmax scores (b, h, n, m) of
     the last attention block of one kind in this run, which the next one adds to its own. A new

@@ -19,7 +19,7 @@ from torch import nn
 from .hub import Pretrained
 from . import checks, recurrence, stack_calls
 from .attention import Attention
-from .blocks import ForwardContext, ScoreCarry, UNetSkips, run_sequential
+from .blocks import ForwardContext, ScoreCarry, UNetSkips, drop_context_tokens, run_sequential
 from .adaptive import Conditioning, apply_norm
 from .cache import Intermediates, StaticKVCache
 from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
@@ -32,26 +32,6 @@ from .residual import Residual, shift_amounts
 from .residual_updates import make_update
 from .reversible import ReversibleStack
 from .value_residual import ValueResidual
-
-
-def drop_context_tokens(ctx: ForwardContext, p: float) -> ForwardContext:
-    """Structured dropout of the cross-attention context (upstream's cross_attn_tokens_dropout): each
-    row keeps a random subset of ceil((1 - p) * its kept tokens), the same count m' = max(1, (1 - p) * m)
-    of columns for every row, so the context shrinks to (b, m', d)."""
-    context, mask = ctx.context, ctx.context_mask  # (b, m, d), (b, 1, 1, m) or None
-    b, m = context.shape[:2]
-    keep = max(1, int((1 - p) * m))
-    scores = torch.rand(b, m, device=context.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, 0, 0], -1.0)  # kept tokens first
-    idx = scores.topk(keep, dim=-1).indices  # (b, m')
-    context = context.gather(1, idx[..., None].expand(-1, -1, context.shape[-1]))
-    if mask is not None:
-        kept = mask[:, 0, 0]
-        counts = torch.ceil(kept.sum(-1) * (1 - p)).long()  # (b,)
-        new = kept.gather(1, idx) & (torch.arange(keep, device=idx.device) < counts[:, None])
-        mask = new[:, None, None, :]
-    return replace(ctx, context=context, context_mask=mask)
 
 
 def default_positions(mask, n: int, device, start=None):
@@ -376,8 +356,9 @@ class AttentionLayers(Pretrained, nn.Module):
             context=context, context_mask=context_mask[:, None, None, :] if context_mask is not None else None,
             cache=cache, need_weights=need_weights, values=ValueResidual() if self.cfg.add_value_residual else None)
 
-    def run(self, x, ctx: ForwardContext, attns: list | None = None):
-        """The blocks over x (b, n, dim) under ``ctx``: plain or reversible, then the final norm."""
+    def run(self, x, ctx: ForwardContext, attns: list | None = None, order: tuple | None = None):
+        """The blocks over x (b, n, dim) under ``ctx``: plain or reversible, then the final norm.
+        ``order``: indices of the blocks to run instead of the layout (upstream's ``repeat_blocks``)."""
         if self.training and self.cfg.cross_attn_tokens_dropout > 0 and ctx.context is not None:
             ctx = drop_context_tokens(ctx, self.cfg.cross_attn_tokens_dropout)
         if self.reinject is not None:
@@ -395,7 +376,9 @@ class AttentionLayers(Pretrained, nn.Module):
         if self.reversible is not None:  # reversible.py: the same runner, one branch at a time
             x = self.reversible(self.blocks, x, ctx, attns)
         else:
-            x = run_sequential(self.layout, self.blocks, x, ctx, attns, skips=self.unet)
+            layout, blocks = (self.layout, self.blocks) if order is None else \
+                ([self.layout[i] for i in order], [self.blocks[i] for i in order])
+            x = run_sequential(layout, blocks, x, ctx, attns, skips=self.unet)
         if self.cfg.softclamp_output:  # Gemma 2: bounded by +-value, before the final norm
             x = softclamp(x, self.cfg.softclamp_output_value)
         if self.stream_emb is not None:
@@ -405,7 +388,8 @@ class AttentionLayers(Pretrained, nn.Module):
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
                 return_attn: bool = False, attn_mask=None, condition=None, mems=None, mem_masks=None,
                 hiddens: list | None = None, ff_deep_embeds=None, pos=None, context_pos=None,
-                return_hiddens: bool = False, cache_age: int = 1, layer_hiddens: list | None = None):
+                return_hiddens: bool = False, cache_age: int = 1, layer_hiddens: list | None = None,
+                repeat_blocks=None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -425,7 +409,8 @@ class AttentionLayers(Pretrained, nn.Module):
             return stack_calls.forward_with_hiddens(self, x, mask, context, context_mask, cache=cache,
                                                     cache_age=cache_age, kwargs=dict(
                 positions=positions, return_attn=return_attn, attn_mask=attn_mask, condition=condition, mems=mems,
-                mem_masks=mem_masks, hiddens=hiddens, ff_deep_embeds=ff_deep_embeds, pos=pos, context_pos=context_pos))
+                mem_masks=mem_masks, hiddens=hiddens, ff_deep_embeds=ff_deep_embeds, pos=pos, context_pos=context_pos,
+                repeat_blocks=repeat_blocks))
         if isinstance(cache, Intermediates):
             raise ValueError("cache= an Intermediates is upstream's call: pass return_hiddens=True with it")
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
@@ -476,8 +461,10 @@ class AttentionLayers(Pretrained, nn.Module):
         if ff_deep_embeds is not None:  # the l-th feed-forward block scales its output by [:, :, l]
             scales = iter(ff_deep_embeds.unbind(dim=2))
             ctx = replace(ctx, ff_embeds=tuple(next(scales, None) if s.kind == "f" else None for s in self.layout))
+        order = None if repeat_blocks is None else stack_calls.repeat_order(
+            self, repeat_blocks, per_block=any(v is not None for v in (cache, ctx.mems, ctx.hiddens, ctx.ff_embeds)))
         attns = [] if return_attn else None
-        x = self.run(x, ctx, attns)
+        x = self.run(x, ctx, attns, order)
 
         if cache is not None:
             new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)

@@ -97,7 +97,7 @@ def forward_with_hiddens(stack, x, mask, context, context_mask, *, cache, cache_
         if mask is not None and mask.shape[-1] != x.shape[1]:
             mask = mask[:, -cache_age:]
     elif cache is None:
-        kv = KVCache() if can_cache(stack) else None
+        kv = KVCache() if can_cache(stack) and kwargs.get("repeat_blocks") is None else None
     else:
         raise ValueError("return_hiddens=True takes cache= as an Intermediates (what it returned); "
                          "a KVCache is extended in place without it")
@@ -111,3 +111,46 @@ def forward_with_hiddens(stack, x, mask, context, context_mask, *, cache, cache_
     else:
         inter.hiddens = inter.layer_hiddens = None
     return x_out, inter
+
+
+def repeat_order(stack, repeat_blocks, per_block: bool = False) -> tuple[int, ...]:
+    """Upstream's ``repeat_blocks`` ((start, end), times) or a tuple of them, over units of the default
+    layout (``a f``, ``a c f``, ...; an int start is a one-unit range) -> the blocks' run order: each
+    named range of units runs ``times`` times in place, the others once. ``per_block``: the call
+    carries state kept per block of the layout (a cache, XL memories, ff_deep_embed): refused."""
+    from .layout import unit_length
+    cfg = stack.cfg
+    why = ("a cache, Transformer-XL memories or ff_deep_embed (kept per block of the layout)" if per_block else"custom_layers / sandwich_coef / par_ratio / top_attn_to_ff (not a repeated unit)"
+           if unit_length(cfg) == 1 and (cfg.custom_layers is not None or cfg.sandwich_coef is not None
+                                         or cfg.par_ratio is not None or cfg.top_attn_to_ff) else
+           "layers_execute_order" if cfg.layers_execute_order is not None else
+           "weight_tie_layers" if cfg.weight_tie_layers else "reversible=True" if stack.reversible is not None
+           else "unet_skips" if stack.unet is not None else
+           "integrate_layers / attn_aggregated_residuals" if cfg.integrate_layers or cfg.attn_aggregated_residuals
+           else None)
+    if why is not None:
+        raise ValueError(f"repeat_blocks reruns units of the default layout in place; not with {why}")
+    unit = unit_length(cfg)
+    units = len(stack.layout) // unit
+    spec = (repeat_blocks,) if (isinstance(repeat_blocks, tuple) and len(repeat_blocks) == 2
+                                and isinstance(repeat_blocks[1], int) and not isinstance(repeat_blocks[1], bool)) \
+        else repeat_blocks
+    ranges = {}
+    try:
+        for span, times in spec:
+            start, end = (span, span) if isinstance(span, int) else span
+            ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end, times))
+            if not ok or not 0 <= start <= end < units or times < 1 or start in ranges:
+                raise ValueError
+            ranges[start] = (end, times)
+    except (TypeError, ValueError):
+        raise ValueError(f"repeat_blocks must be ((start, end), times) or a tuple of them, 0 <= start <= end < {units} "
+                         f"units, times >= 1, ranges apart; got {repeat_blocks!r}") from None
+    order, u = [], 0
+    while u < units:
+        end, times = ranges.get(u, (u, 1))
+        if any(s in ranges for s in range(u + 1, end + 1)):
+            raise ValueError(f"repeat_blocks: ranges overlap in {repeat_blocks!r}")
+        order += list(range(u, end + 1)) * times
+        u = end + 1
+    return tuple(i for k in order for i in range(k * unit, (k + 1) * unit))
