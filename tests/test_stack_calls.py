@@ -193,3 +193,33 @@ def test_repeat_blocks_runs_units_again_in_place():
 def test_repeat_blocks_refusals(kw, call, match):
     with pytest.raises(ValueError, match=match):
         _stack(**kw)(torch.randn(1, 4, 32), **call)
+
+
+def test_float_token_ids_holding_whole_numbers_are_the_integer_ids():
+    from x_transformers import TransformerWrapper
+
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=8, attn_layers=Decoder(dim=32, depth=1, heads=4)).eval()
+    ids = torch.randint(0, 20, (2, 6))
+    assert torch.equal(net(ids.float()), net(ids))  # upstream casts them (its test prompts are torch.zeros)
+    with pytest.raises(ValueError, match="fractional"):
+        net(ids.float() + 0.5)
+    with pytest.raises(ValueError, match="integer tensor"):
+        net(ids.bool())
+
+
+def test_muon_parameters_are_upstreams_group():
+    from x_transformers.feedforward import FeedForward
+    from x_transformers.attention import Attention
+
+    net = Decoder(dim=32, depth=2, heads=4, ff_glu=True, weight_tie_layers=True)
+    attn, ff = net.blocks[0].fn, net.blocks[1].fn
+    assert isinstance(attn, Attention) and isinstance(ff, FeedForward)
+    # attention: the value and output projections; feed-forward: its linear maps' weights
+    assert [id(p) for p in attn.muon_parameters()] == [id(attn.to_v.weight), id(attn.to_out.weight)]
+    assert {id(p) for p in ff.muon_parameters()} == {id(m.weight) for m in ff.modules()
+                                                     if isinstance(m, torch.nn.Linear)}
+    # the stack's: each once (weight tying runs one unit twice)
+    ids = [id(p) for p in net.muon_parameters()]
+    assert len(ids) == len(set(ids)) == 2 + len(list(ff.muon_parameters()))
+    assert all(p.ndim == 2 for p in net.muon_parameters())

@@ -221,6 +221,11 @@ class Attention(nn.Module):
         w, b = self._qkv_weight()
         return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
 
+    def muon_parameters(self) -> list:
+        """Upstream's choice of matrices for the Muon optimizer here: the value and output projections'
+        parameters (the query/key ones are left to AdamW)."""
+        return [p for m in (self.to_v, self.to_out) if m is not None for p in m.parameters()]
+
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
                 kv=None, kv_rotary=None, positions=None, value_residual=None, query_mask=None, residual_scores=None,
                 polar=None, mem=None, mem_rotary=None):

@@ -308,6 +308,11 @@ class AttentionLayers(Pretrained, nn.Module):
         elif hasattr(module, "reset_variant_parameters") and module is not self:
             module.reset_variant_parameters()  # zero-initialised gates and outputs stay so
 
+    def muon_parameters(self) -> list:
+        """Upstream's Muon parameter group: every attention's and feed-forward's own choice, once each."""
+        found = {id(p): p for m in self.modules() if isinstance(m, (Attention, FeedForward)) for p in m.muon_parameters()}
+        return list(found.values())
+
     @property
     def layer_cfg(self) -> LayersConfig:
         return self.cfg

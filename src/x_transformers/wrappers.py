@@ -143,8 +143,12 @@ class TransformerWrapper(Pretrained, nn.Module):
         self.recycled_proj = nn.Linear(dim, dim, bias=False) if cfg.recycling else None  # recurrence.recycle
 
     def check_inputs(self, x, mask):
-        if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dtype == torch.bool:
+        """Checks the token ids and mask; returns the ids, floats holding whole numbers as long (upstream casts)."""
+        if x.dtype.is_floating_point and x.numel() and not _is_compiling() and not bool((x == x.trunc()).all()):
+            raise ValueError(f"token ids must be integers, got {x.dtype} with fractional values")
+        if x.dtype == torch.bool or x.dtype.is_complex:
             raise ValueError(f"token ids must be an integer tensor, got {x.dtype}")
+        x = x.long() if x.dtype.is_floating_point else x
         if x.ndim != 2:
             raise ValueError(f"token ids must have shape (batch, seq), got {tuple(x.shape)}")
         check_mask(mask, x.shape[0], x.shape[1])
@@ -155,6 +159,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             if outside.any().item():
                 bad = x[outside][0].item()
                 raise ValueError(f"token id {bad} is outside [0, {self.num_tokens}) (num_tokens={self.num_tokens})")
+        return x
 
     @property
     def logits_weight(self):
@@ -228,7 +233,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                              f"(Decoder causal, Encoder not); build the other stack instead")
         want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
                       or return_attn_z_loss)
-        self.check_inputs(x, mask)
+        x = self.check_inputs(x, mask)
         self._check_extra_inputs(x, prepend_embeds, prepend_mask, embed_ids, cache, return_attn_z_loss)
         build = want_inter and self_attn_kv_mask is None and prepend_embeds is None
         cache, offset, x, new = self._resolve_cache(cache, x, dict(mask=mask, pos=pos, sum_embeds=sum_embeds,
