@@ -27,7 +27,7 @@ from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, PolarEmbedding, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .hyper import AttentionIntegration, GatedMultiResidual, HyperResidual, LayerIntegration
-from .layout import LayerSpec, attn_to_ff, build_layout, par_layout, unit_length  # noqa: F401 - importable from here
+from .layout import LayerSpec, attn_to_ff, build_layout, par_layout, per_layer, pop_schedules, unit_length  # noqa: F401
 from .residual import Residual, shift_amounts
 from .residual_updates import make_update
 from .reversible import ReversibleStack
@@ -91,6 +91,7 @@ class AttentionLayers(Pretrained, nn.Module):
         super().__init__()
         where = type(self).__name__
         # (the conflict table reads heads and depth)
+        kwargs, schedules = pop_schedules(kwargs)  # per-layer tuples (layout.py), checked per layer below
         lk, ak, fk = split_layer_kwargs(dict(kwargs, heads=heads, depth=depth), where)
         lk.pop("heads")
         lk.pop("depth")
@@ -140,7 +141,10 @@ class AttentionLayers(Pretrained, nn.Module):
         if len(shifts) != len(built):
             raise ValueError(f"shift_tokens as a tuple needs one amount per block: {len(built)} blocks "
                              f"({' '.join(str(s) for s in built)}), got {len(shifts)}")
-        blocks = []
+        blocks, own = [], per_layer(built, schedules)
+        for j in range(max(map(len, schedules.values()), default=1) if schedules else 0):  # each layer's conflicts
+            split_layer_kwargs(dict(kwargs, **{k: v[j] for k, v in schedules.items() if j < len(v)},
+                                    heads=heads, depth=depth), where)
         # value residual: a learned mix in every self-attention after the first built one (upstream's rule)
         first_a = next((i for i, s in enumerate(built) if s.kind == "a"), None)
         # q, k, v from three mixtures (hyper-connections' reads, or LIMe's; its first self-attention reads one).
@@ -149,10 +153,13 @@ class AttentionLayers(Pretrained, nn.Module):
         for index, spec in enumerate(built):
             views = 3 if spec.kind == "a" and qkv_views and not (cfg.integrate_layers and index == first_a) else 1
             if spec.kind == "f":
-                fn = FeedForward(dim, ff_cfg)
+                fn = FeedForward(dim, replace(ff_cfg, **{k[3:]: v for k, v in own[index].items()}))
             else:
                 mix = cfg.add_value_residual and cfg.learned_value_residual_mix and spec.kind == "a" and index != first_a
-                fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
+                layer_cfg = replace(self_cfg, **{k[5:]: v for k, v in own[index].items()}) if spec.kind == "a" else \
+                    replace(attn_cfg, **{k[5:]: AttentionConfig.__dataclass_fields__[k[5:]].default
+                                         for k in schedules if k.startswith("attn_")})  # (upstream: defaults)
+                fn = Attention(dim, heads, layer_cfg, causal=cfg.causal,
                                cross=spec.kind == "c", dim_context=cfg.dim_context,
                                polar=cfg.polar_pos_emb and spec.kind == "a", value_mix=mix)
             options = dict(placement=placement, make_norm=make, scale=spec.scale * branch_scale,

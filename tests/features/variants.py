@@ -66,8 +66,8 @@ register("integrate_layers", layers=dict(integrate_layers=True))
 # hyper-connections whose self-attentions read q, k and v from three mixtures of the streams
 register("qkv_diff_residuals", layers=dict(num_residual_streams=2, qkv_receive_diff_residuals=True),
          kinds=("decoder", "encoder", "encdec"), zero_init=("dynamic_", "static_", ".norm.weight", "stream_emb"))
-# aggregated residuals: attention over the earlier blocks' inputs (its query's low-rank down projection
-# reaches the output only through the up projection, zero at init)
+# aggregated residuals: attention over the earlier blocks' inputs (its query's low-rank down projection and
+# the norm before it reach the output only through the up projection, zero at init)
 register("attn_aggregated_residuals", layers=dict(attn_aggregated_residuals=True,
                                                   attn_aggregated_residual_kwargs=dict(lora_rank=4)),
-         zero_init=("integrate.down",))
+         zero_init=("integrate.down", "integrate.query_in_norm"))
