@@ -472,6 +472,12 @@ def _lime_first_block():
     assert relu.blocks[0].integrate.layers == 1  # ReLU weights scale the one input: built
 
 
+def _dim_condition_alone():
+    with pytest.raises(ValueError, match="dim_condition configures"):
+        Decoder(dim=DIM, depth=1, heads=4, dim_condition=8)
+    Decoder(dim=DIM, depth=1, heads=4, dim_condition=8, use_adaptive_layernorm=True)
+
+
 DEVIATIONS = {
     "qk-norm-scale": _qk_norm_scale, "single-head-out": _single_head_out, "glu-no-bias": _glu_no_bias,
     "xtransformer-logits": _xtransformer_logits, "norm-gain": _norm_gain, "rmsnorm-eps": _rmsnorm_eps,
@@ -484,6 +490,7 @@ DEVIATIONS = {
     "mv-split-prefix-mean": lambda: _earlier_outputs_ignore_later_tokens(mv_split_residual=True),
     "mla-cache": _mla_cache, "stack-pos-integer": _stack_pos_integer,
     "context-pos-needs-rotary": _context_pos_needs_rotary, "lime-first-block": _lime_first_block,
+    "dim-condition-alone": _dim_condition_alone,
 }
 
 

@@ -223,3 +223,37 @@ def test_muon_parameters_are_upstreams_group():
     ids = [id(p) for p in net.muon_parameters()]
     assert len(ids) == len(set(ids)) == 2 + len(list(ff.muon_parameters()))
     assert all(p.ndim == 2 for p in net.muon_parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(rotary_pos_emb=True, alibi_pos_bias=True), dict(attn_num_mem_kv=2)])
+def test_causal_override_is_the_other_stack(kw):
+    dec, enc = _stack(Decoder, **kw), _stack(Encoder, **kw)
+    enc.load_state_dict(dec.state_dict())
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(dec(x, causal=False), enc(x))
+    torch.testing.assert_close(enc(x, causal=True), dec(x))
+    assert torch.equal(dec(x, causal=True), dec(x))  # the stack's own value changes nothing
+
+
+def test_causal_override_through_the_wrapper():
+    from x_transformers import TransformerWrapper
+
+    torch.manual_seed(0)
+    dec = TransformerWrapper(num_tokens=20, max_seq_len=8, attn_layers=Decoder(dim=32, depth=1, heads=4)).eval()
+    enc = TransformerWrapper(num_tokens=20, max_seq_len=8, attn_layers=Encoder(dim=32, depth=1, heads=4)).eval()
+    enc.load_state_dict(dec.state_dict())
+    ids = torch.randint(0, 20, (2, 6))
+    torch.testing.assert_close(dec(ids, causal=False), enc(ids))
+    logits, inter = dec(ids, causal=False, return_intermediates=True)
+    assert inter.cache is None  # a bidirectional call cannot be continued from a cache
+
+
+@pytest.mark.parametrize("kw, call, match", [
+    (dict(), dict(causal=False, cache=__import__("x_transformers.cache").cache.KVCache()), "a cache"),
+    (dict(rel_pos_bias=True), dict(causal=False), "rel_pos_bias"),
+    (dict(shift_tokens=1), dict(causal=False), "shift_tokens"),
+    (dict(), dict(causal="no"), "True or False"),
+])
+def test_causal_override_refusals(kw, call, match):
+    with pytest.raises(ValueError, match=match):
+        _stack(**kw)(torch.randn(1, 4, 32), **call)

@@ -156,7 +156,7 @@ def test_bidirectional_intermediates_hold_no_cache_and_say_so():
     (dict(attn_mask=torch.ones(2, 10, 10, dtype=torch.bool)), TypeError, "'attn_mask' is not supported"),
     (dict(looped_steps=2), TypeError, "'looped_steps' is not supported"),
     (dict(nonsense=1), TypeError, "unexpected keyword 'nonsense'"),
-    (dict(causal=False), ValueError, "causal=False at forward"),
+    (dict(causal=False, cache=__import__("x_transformers").KVCache()), ValueError, "causal=False at forward"),
     (dict(seq_start_pos=torch.tensor([1.0, 0.0])), ValueError, "seq_start_pos must be an integer tensor"),
     (dict(input_not_include_cache=True), ValueError, "input_not_include_cache=True needs cache="),
 ])

@@ -228,7 +228,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
                 kv=None, kv_rotary=None, positions=None, value_residual=None, query_mask=None, residual_scores=None,
-                polar=None, mem=None, mem_rotary=None):
+                polar=None, mem=None, mem_rotary=None, causal=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
@@ -365,7 +365,7 @@ class Attention(nn.Module):
         if residual_scores is not None:
             carried = dict(prev_scores=residual_scores.scores, scores_out=[])
         out, weights = attend(
-            q, k, v, mask=mask, causal=self.causal, bias=bias, score_mod=score_mod, scale=scale,
+            q, k, v, mask=mask, causal=self.causal if causal is None else causal, bias=bias, score_mod=score_mod, scale=scale,
             dropout=self.cfg.dropout if self.training else 0.0,
             normalizer=self.normalizer, entmax_alpha=self.entmax_alpha, sparse_topk=self.cfg.sparse_topk,
             pre_mix=self.pre_mix, post_mix=self.post_mix, need_weights=need_weights,

@@ -65,6 +65,7 @@ class ForwardContext:
     context_rotary: tuple | None = None  # cross-attention keys' rotary at upstream's context_pos (stack_calls.py)
     layer_hiddens: list | None = None  # receives each block's input (upstream's return_hiddens)
     layer_inputs: list | None = None  # LIMe (integrate_layers, hyper.py): the blocks' inputs so far, fresh per run
+    causal: bool | None = None  # upstream's per-call causality of self-attention (None: the stack's own)
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
@@ -105,6 +106,8 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
                need_weights=ctx.need_weights, positions=(ctx.positions, ctx.key_positions), **extra)
     if ctx.polar_angles is not None:
         out["polar"] = (ctx.polar_angles, ctx.polar_bias)
+    if ctx.causal is not None:
+        out["causal"] = ctx.causal
     if ctx.mems is not None and ctx.mems[i] is not None:
         mem, mask = ctx.mems[i]  # the block's memory and its mask over (memory, keys)
         out.update(mem=mem, mem_rotary=ctx.mem_rotary, mask=mask)

@@ -401,7 +401,7 @@ class AttentionLayers(Pretrained, nn.Module):
                 return_attn: bool = False, attn_mask=None, condition=None, mems=None, mem_masks=None,
                 hiddens: list | None = None, ff_deep_embeds=None, pos=None, context_pos=None,
                 return_hiddens: bool = False, cache_age: int = 1, layer_hiddens: list | None = None,
-                repeat_blocks=None):
+                repeat_blocks=None, causal: bool | None = None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -422,7 +422,7 @@ class AttentionLayers(Pretrained, nn.Module):
                                                     cache_age=cache_age, kwargs=dict(
                 positions=positions, return_attn=return_attn, attn_mask=attn_mask, condition=condition, mems=mems,
                 mem_masks=mem_masks, hiddens=hiddens, ff_deep_embeds=ff_deep_embeds, pos=pos, context_pos=context_pos,
-                repeat_blocks=repeat_blocks))
+                repeat_blocks=repeat_blocks, causal=causal))
         if isinstance(cache, Intermediates):
             raise ValueError("cache= an Intermediates is upstream's call: pass return_hiddens=True with it")
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
@@ -449,6 +449,7 @@ class AttentionLayers(Pretrained, nn.Module):
         key_positions, self_mask = positions, mask[:, None, None, :] if mask is not None else None
         if attn_mask is not None:
             self_mask = attn_mask if self_mask is None else self_mask & attn_mask  # (b, 1, n, n)
+        causal = stack_calls.causal_override(self, causal, cache=cache, xl=mems is not None or hiddens is not None)
         if cache is not None:
             if not self.causal:
                 raise ValueError("a key/value cache needs a causal stack (Decoder): a bidirectional layer's "
@@ -457,6 +458,7 @@ class AttentionLayers(Pretrained, nn.Module):
 
         ctx = self.forward_context(positions, key_positions=key_positions, self_mask=self_mask, context=context,
                                    context_mask=context_mask, cache=cache, need_weights=return_attn)
+        ctx = replace(ctx, causal=causal) if causal is not None else ctx
         if head_pos is not None:  # ALiBi with each head's own positions
             ctx = replace(ctx, score_mod=self.rel_pos.score_mod(head_pos, head_pos))
         if context_pos is not None:

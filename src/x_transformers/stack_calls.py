@@ -154,3 +154,24 @@ def repeat_order(stack, repeat_blocks, per_block: bool = False) -> tuple[int, ..
         order += list(range(u, end + 1)) * times
         u = end + 1
     return tuple(i for k in order for i in range(k * unit, (k + 1) * unit))
+
+
+def causal_override(stack, causal, *, cache, xl: bool):
+    """Upstream's ``causal=`` at forward: self-attention runs causally or not for this call (returned; None
+    when it is the stack's own). Refused where causality is built into more than the attention mask, and
+    with a cache on a call run bidirectionally."""
+    if causal is None or causal is stack.causal:
+        return None
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
+    cfg, attn = stack.cfg, stack.attn_cfg
+    why = ("a cache (a bidirectional call's outputs change as tokens arrive)" if cache is not None and not causal else
+           "Transformer-XL memories" if xl else
+           "rotary_xpos (causal only)" if cfg.rotary_xpos else "shift_tokens (its shift range follows causality)"
+           if cfg.shift_tokens else "mv_split_residual (prefix means in a causal stack)" if cfg.mv_split_residual
+           else "rel_pos_bias (its buckets follow causality)" if cfg.rel_pos_bias else
+           "attn_selective (a causal idea)" if attn.selective else
+           "a PrefixDecoder (its mask sets causality)" if type(stack).__name__ == "PrefixDecoder" else None)
+    if why is not None:
+        raise ValueError(f"causal={causal} at forward overrides the stack's causality ({stack.causal}); not with {why}")
+    return causal

@@ -228,14 +228,11 @@ class TransformerWrapper(Pretrained, nn.Module):
         if return_next_embed_pred and self.to_next_embed_pred is None:
             raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
         checks.refuse_upstream(upstream, "TransformerWrapper.forward")
-        if causal is not None and causal != getattr(self.attn_layers, "causal", None):
-            raise ValueError(f"causal={causal!r} at forward: causality is fixed when the stack is built here "
-                             f"(Decoder causal, Encoder not); build the other stack instead")
         want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
                       or return_attn_z_loss)
         x = self.check_inputs(x, mask)
         self._check_extra_inputs(x, prepend_embeds, prepend_mask, embed_ids, cache, return_attn_z_loss)
-        build = want_inter and self_attn_kv_mask is None and prepend_embeds is None
+        build = want_inter and self_attn_kv_mask is None and prepend_embeds is None and causal is not False
         cache, offset, x, new = self._resolve_cache(cache, x, dict(mask=mask, pos=pos, sum_embeds=sum_embeds,
                                                                    self_attn_kv_mask=self_attn_kv_mask,
                                                                    embed_ids=embed_ids),
@@ -245,6 +242,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         side = dict(xl or {}, init_embed=None)  # what the stack takes besides x, and what _run reports back
         if condition is not None:
             side["condition"] = condition
+        if causal is not None:  # upstream's per-call override of the stack's causality (layers.py checks it)
+            side["causal"] = causal
         if self.recycled_proj is not None or recycle_steps is not None:
             side["recycle_steps"] = recurrence.recycle_steps(self, recycle_steps, cache)
         if offset is None and (seq_start_pos is not None or want_inter):
@@ -476,7 +475,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         b, n = x.shape
         M = self.num_memory_tokens
         first = cache is None or cache.empty
-        stack_kw = {"condition": side["condition"]} if side and side.get("condition") is not None else {}
+        stack_kw = {k: side[k] for k in ("condition", "causal") if side and side.get(k) is not None}
         positions, external = self._positions(x, mask, pos, cache)
         h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids)
 
