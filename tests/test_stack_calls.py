@@ -257,3 +257,56 @@ def test_causal_override_through_the_wrapper():
 def test_causal_override_refusals(kw, call, match):
     with pytest.raises(ValueError, match=match):
         _stack(**kw)(torch.randn(1, 4, 32), **call)
+
+
+def test_additional_key_values_are_prepended_to_self_attention():
+    from x_transformers.cache import KVCache
+
+    torch.manual_seed(0)
+    net = _stack(attn_kv_heads=2)  # 4 query heads over 2 key/value heads
+    x = torch.randn(2, 5, 32)
+    # another model's cache: its keys/values of 3 earlier tokens per self-attention layer
+    other = _stack(attn_kv_heads=2)
+    cache = KVCache()
+    other(torch.randn(2, 3, 32), cache=cache)
+    kvs = [(cache.layer(i).k, cache.layer(i).v) for i in (0, 2)]
+    out = net(x, self_attn_additional_kv=kvs)
+    # the same as a layer whose own cache held them before this call's keys: run each layer by hand
+    ref_cache = KVCache()
+    for layer, (k, v) in zip((0, 2), kvs):
+        ref_cache.layer(layer).k, ref_cache.layer(layer).v = k, v
+    h = x
+    for i, block in enumerate(net.blocks):
+        if i in (0, 2):
+            keys = (ref_cache.layer(i).k, ref_cache.layer(i).v)
+            h, _ = block(h, additional_kv=(*keys, None))
+        else:
+            h, _ = block(h)
+    torch.testing.assert_close(out, net.final_norm(h))
+    # the keys are seen by every query (a causal stack's mask does not hide them) and a mask hides them
+    only_first = net(x, self_attn_additional_kv=kvs, additional_kv_mask=torch.tensor([[True, False, False]] * 2))
+    torch.testing.assert_close(only_first, net(x, self_attn_additional_kv=[(k[:, :, :1], v[:, :, :1]) for k, v in kvs]))
+    all_hidden = net(x, self_attn_additional_kv=kvs, additional_kv_mask=torch.zeros(2, 3, dtype=torch.bool))
+    torch.testing.assert_close(all_hidden, net(x))
+    # only the top layers get them when fewer pairs than self-attentions are given
+    top = net(x, self_attn_additional_kv=kvs[1:])
+    h, _ = net.blocks[0](x)
+    h, _ = net.blocks[1](h)
+    h, _ = net.blocks[2](h, additional_kv=(*kvs[1], None))
+    h, _ = net.blocks[3](h)
+    torch.testing.assert_close(top, net.final_norm(h))
+
+
+def test_cross_attention_kv_residuals_add_to_each_layers_context():
+    net = _stack(cross_attend=True)
+    x, ctx = torch.randn(2, 4, 32), torch.randn(2, 3, 32)
+    r = torch.randn(2, 2, 3, 32)
+    out = net(x, context=ctx, cross_attn_kv_residuals=r)
+    h = x
+    contexts = iter((ctx + r[0], ctx + r[1]))
+    for spec, block in zip(net.layout, net.blocks):
+        h, _ = block(h, context=next(contexts)) if spec.kind == "c" else block(h)
+    torch.testing.assert_close(out, net.final_norm(h))
+    # one (b, m, d) tensor: the first cross-attention only
+    first = net(x, context=ctx, cross_attn_kv_residuals=r[0])
+    assert torch.allclose(first, net(x, context=ctx, cross_attn_kv_residuals=torch.stack((r[0], 0 * r[1]))), atol=1e-6)

@@ -228,7 +228,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
                 kv=None, kv_rotary=None, positions=None, value_residual=None, query_mask=None, residual_scores=None,
-                polar=None, mem=None, mem_rotary=None, causal=None):
+                polar=None, mem=None, mem_rotary=None, causal=None, additional_kv=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
@@ -347,6 +347,11 @@ class Attention(nn.Module):
                 mem_k = F.normalize(mem_k, dim=-1)
             k = torch.cat((mem_k.expand(b, -1, -1, -1), k), dim=-2)
             v = torch.cat((mem_v.expand(b, -1, -1, -1), v), dim=-2)
+        kv_heads = h if self.shared_qk else g
+        extra, extra_mask = 0, None
+        if additional_kv is not None:  # upstream's self_attn_additional_kv: another model's keys/values first
+            k, v, kv_heads, extra, extra_mask = self._additional_kv(k, v, kv_heads, *additional_kv)
+            prefix += extra
         if self.cfg.laser:
             # LASER (2411.03493): attend over exp(v) (softcapped first, so exp stays finite), log after
             v = softclamp(v, self.cfg.laser_softclamp_value).exp()
@@ -360,6 +365,12 @@ class Attention(nn.Module):
                 bias = F.pad(bias, (prefix, 0), value=0.0)
             if score_mod is not None:
                 score_mod = score_mod.with_memory(prefix)
+            if extra_mask is not None:  # its columns follow the zero key/value, if any
+                at = int(self.cfg.add_zero_kv)
+                base = mask if mask is not None else torch.ones(q.shape[0], 1, 1, k.shape[-2], dtype=torch.bool,
+                                                                 device=k.device)
+                cols = extra_mask[:, None, None, :].expand(-1, 1, base.shape[2], -1)
+                mask = torch.cat((base[..., :at], cols, base[..., at + extra:]), dim=-1)
 
         carried = {}
         if residual_scores is not None:
@@ -369,7 +380,7 @@ class Attention(nn.Module):
             dropout=self.cfg.dropout if self.training else 0.0,
             normalizer=self.normalizer, entmax_alpha=self.entmax_alpha, sparse_topk=self.cfg.sparse_topk,
             pre_mix=self.pre_mix, post_mix=self.post_mix, need_weights=need_weights,
-            kv_heads=h if self.shared_qk else g, force_backend=self.cfg.backend,
+            kv_heads=kv_heads, force_backend=self.cfg.backend,
             softclamp=self.softclamp, max_attend_past=self.max_attend_past,
             window_positions=positions if self.max_attend_past is not None else None,
             window_exempt=prefix, sink=self.sink, l2_distance=self.cfg.l2_distance, signed=self.cfg.cog_signed,
@@ -392,6 +403,16 @@ class Attention(nn.Module):
         if self.sublayer_dropout is not None:
             out = self.sublayer_dropout(out)
         return out, weights
+
+    def _additional_kv(self, k, v, kv_heads, ak, av, amask):
+        """Prepend keys/values (b, g', m, d) / (b, g', m, e) taken as they are (another model's, rotated in
+        its frame); both sides repeated to the query heads when g' differs from this layer's key heads."""
+        if ak.shape[1] != kv_heads:
+            h = self.heads
+            k, v, ak, av = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v, ak, av))
+            kv_heads = h
+        return (torch.cat((ak.to(k.dtype), k), dim=-2), torch.cat((av.to(v.dtype), v), dim=-2), kv_heads,
+                ak.shape[-2], amask)
 
     def _memory_kv(self, mem, rotary):
         """Keys and values (b, g, m_mem, d) of Transformer-XL memory, through the same projections,

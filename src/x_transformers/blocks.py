@@ -66,6 +66,8 @@ class ForwardContext:
     layer_hiddens: list | None = None  # receives each block's input (upstream's return_hiddens)
     layer_inputs: list | None = None  # LIMe (integrate_layers, hyper.py): the blocks' inputs so far, fresh per run
     causal: bool | None = None  # upstream's per-call causality of self-attention (None: the stack's own)
+    extra_kv: tuple | None = None  # per block: (k, v, mask) prepended to self-attention's (stack_calls.py) or None
+    contexts: tuple | None = None  # per block: a cross-attention's own context (cross_attn_kv_residuals) or None
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
@@ -93,7 +95,8 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
     cache = ctx.cache.layer(i) if ctx.cache is not None else None
     extra = {} if ctx.values is None else dict(value_residual=ctx.values)
     if kind == "c":
-        out = dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights,
+        own = ctx.contexts[i] if ctx.contexts is not None else None
+        out = dict(context=ctx.context if own is None else own, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights,
                    query_mask=ctx.token_mask, **extra)
         if ctx.context_rotary is not None:  # queries at the tokens' positions, keys at the context's
             out.update(rotary=ctx.rotary, kv_rotary=ctx.context_rotary)
@@ -108,6 +111,8 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
         out["polar"] = (ctx.polar_angles, ctx.polar_bias)
     if ctx.causal is not None:
         out["causal"] = ctx.causal
+    if ctx.extra_kv is not None and ctx.extra_kv[i] is not None:
+        out["additional_kv"] = ctx.extra_kv[i]
     if ctx.mems is not None and ctx.mems[i] is not None:
         mem, mask = ctx.mems[i]  # the block's memory and its mask over (memory, keys)
         out.update(mem=mem, mem_rotary=ctx.mem_rotary, mask=mask)

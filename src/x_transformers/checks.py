@@ -128,9 +128,8 @@ UPSTREAM_ABSENT = {
                     "here (bind them in your module)"),
     "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
     **dict.fromkeys(("cache_age", "seq_pos_offset"), "the new tokens are those after the cache's cache_length"),
-    **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "context_pos", "in_attn_cond",
-                     "layers_execute_order", "repeat_blocks", "self_attn_additional_kv", "additional_kv_mask",
-                     "self_attn_kv_residuals", "cross_attn_kv_residuals", "flash_pack_seq_kwargs",
+    **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "in_attn_cond",
+                     "layers_execute_order", "self_attn_kv_residuals", "flash_pack_seq_kwargs",
                      "flash_pack_seq_context_kwargs", "return_hiddens", "deep_embeds_and_ids"),
                     "this per-call input of upstream's layer stack is not supported here"),
 }

@@ -401,7 +401,8 @@ class AttentionLayers(Pretrained, nn.Module):
                 return_attn: bool = False, attn_mask=None, condition=None, mems=None, mem_masks=None,
                 hiddens: list | None = None, ff_deep_embeds=None, pos=None, context_pos=None,
                 return_hiddens: bool = False, cache_age: int = 1, layer_hiddens: list | None = None,
-                repeat_blocks=None, causal: bool | None = None):
+                repeat_blocks=None, causal: bool | None = None, self_attn_additional_kv=None,
+                additional_kv_mask=None, detach_additional_kv: bool = False, cross_attn_kv_residuals=None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -422,7 +423,9 @@ class AttentionLayers(Pretrained, nn.Module):
                                                     cache_age=cache_age, kwargs=dict(
                 positions=positions, return_attn=return_attn, attn_mask=attn_mask, condition=condition, mems=mems,
                 mem_masks=mem_masks, hiddens=hiddens, ff_deep_embeds=ff_deep_embeds, pos=pos, context_pos=context_pos,
-                repeat_blocks=repeat_blocks, causal=causal))
+                repeat_blocks=repeat_blocks, causal=causal, self_attn_additional_kv=self_attn_additional_kv,
+                additional_kv_mask=additional_kv_mask, detach_additional_kv=detach_additional_kv,
+                cross_attn_kv_residuals=cross_attn_kv_residuals))
         if isinstance(cache, Intermediates):
             raise ValueError("cache= an Intermediates is upstream's call: pass return_hiddens=True with it")
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
@@ -458,13 +461,9 @@ class AttentionLayers(Pretrained, nn.Module):
 
         ctx = self.forward_context(positions, key_positions=key_positions, self_mask=self_mask, context=context,
                                    context_mask=context_mask, cache=cache, need_weights=return_attn)
-        ctx = replace(ctx, causal=causal) if causal is not None else ctx
-        if head_pos is not None:  # ALiBi with each head's own positions
-            ctx = replace(ctx, score_mod=self.rel_pos.score_mod(head_pos, head_pos))
-        if context_pos is not None:
-            ctx = replace(ctx, context_rotary=stack_calls.context_rotary(self, context_pos, context))
-        if layer_hiddens is not None:
-            ctx = replace(ctx, layer_hiddens=layer_hiddens)
+        ctx = stack_calls.call_context(self, ctx, b, causal=causal, head_pos=head_pos, context_pos=context_pos,
+                                       layer_hiddens=layer_hiddens, additional=(self_attn_additional_kv,
+                                       additional_kv_mask, detach_additional_kv), cross_residuals=cross_attn_kv_residuals)
         if self.conditioning is not None:
             ctx = replace(ctx, condition=self.conditioning(condition, b, n))
         elif condition is not None:

@@ -20,7 +20,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dataclasses import replace
+
 from .cache import Intermediates, KVCache
+
+
+# upstream's per-call stack inputs that TransformerWrapper.forward hands to its stack as they are
+STACK_CALL_KEYS = ("context_pos", "repeat_blocks", "self_attn_additional_kv", "additional_kv_mask",
+                   "detach_additional_kv", "cross_attn_kv_residuals")
 
 
 def _integer(t, name: str):
@@ -175,3 +182,63 @@ def causal_override(stack, causal, *, cache, xl: bool):
     if why is not None:
         raise ValueError(f"causal={causal} at forward overrides the stack's causality ({stack.causal}); not with {why}")
     return causal
+
+
+def additional_kv(stack, kvs, mask, detach: bool, b: int):
+    """Upstream's ``self_attn_additional_kv``: key/value pairs ((b, g', m, d), (b, g', m, e)) prepended to
+    self-attention's own, one per self-attention block counted from the top (the last ones get them, as
+    upstream's default routing), or an :class:`Intermediates` whose cache holds another model's; with
+    ``additional_kv_mask`` (b, m) over them. -> per block of the layout: (k, v, mask) or None."""
+    if isinstance(kvs, Intermediates):
+        if kvs.cache is None:
+            raise ValueError("self_attn_additional_kv: this Intermediates holds no key/value cache")
+        layers = kvs.cache.layers
+        kvs = [(layers[i].k, layers[i].v) for i in sorted(layers) if not layers[i].cross]
+    if not isinstance(kvs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in kvs):
+        raise ValueError("self_attn_additional_kv must be a list of (keys, values) pairs or an Intermediates")
+    attn = [i for i, s in enumerate(stack.layout) if s.kind == "a"]
+    if len(kvs) > len(attn):
+        kvs = kvs[-len(attn):]  # as upstream: the top ones
+    d, e = stack.attn_cfg.dim_head, stack.attn_cfg.v_dim_head
+    for k, v in kvs:
+        if k.ndim != 4 or v.ndim != 4 or k.shape[0] != b or k.shape[:3] != v.shape[:3] or k.shape[-1] != d \
+                or v.shape[-1] != e or stack.cfg.heads % k.shape[1]:
+            raise ValueError(f"self_attn_additional_kv: keys (b={b}, heads dividing {stack.cfg.heads}, m, {d}) and values "
+                             f"(b, heads, m, {e}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if mask is not None:
+        m = kvs[-1][0].shape[-2] if kvs else 0
+        if mask.dtype != torch.bool or mask.shape != (b, m):
+            raise ValueError(f"additional_kv_mask must be a bool tensor ({b}, {m}), got {mask.dtype} {tuple(mask.shape)}")
+    out = [None] * len(stack.layout)
+    for i, (k, v) in zip(attn[len(attn) - len(kvs):], kvs):
+        out[i] = (k.detach(), v.detach(), mask) if detach else (k, v, mask)
+    return tuple(out)
+
+
+def cross_contexts(stack, residuals, context):
+    """Upstream's ``cross_attn_kv_residuals``: (c, b, m, dim_context) (or (b, m, dim_context), for the
+    first) added to the context that the j-th cross-attention block reads keys and values from."""
+    if context is None or not isinstance(residuals, Tensor):
+        raise ValueError("cross_attn_kv_residuals needs cross-attention (a context) and a tensor")
+    residuals = residuals[None] if residuals.ndim == 3 else residuals
+    cross = [i for i, s in enumerate(stack.layout) if s.kind == "c"]
+    if residuals.ndim != 4 or residuals.shape[1:] != context.shape or residuals.shape[0] > len(cross):
+        raise ValueError(f"cross_attn_kv_residuals must be (layers <= {len(cross)}, {', '.join(map(str, context.shape))}) "
+                         f"or the context's shape, got {tuple(residuals.shape)}")
+    out = [None] * len(stack.layout)
+    for i, r in zip(cross, residuals):
+        out[i] = context + r
+    return tuple(out)
+
+
+def call_context(stack, ctx, b: int, *, causal, head_pos, context_pos, layer_hiddens, additional, cross_residuals):
+    """``ctx`` with this call's upstream inputs (each None when not given)."""
+    kvs, kv_mask, detach = additional
+    if kvs is None and (kv_mask is not None or detach):
+        raise ValueError("additional_kv_mask / detach_additional_kv configure self_attn_additional_kv, not given")
+    new = dict(causal=causal, layer_hiddens=layer_hiddens,
+               score_mod=stack.rel_pos.score_mod(head_pos, head_pos) if head_pos is not None else None,
+               context_rotary=context_rotary(stack, context_pos, ctx.context) if context_pos is not None else None,
+               extra_kv=additional_kv(stack, kvs, kv_mask, detach, b) if kvs is not None else None,
+               contexts=cross_contexts(stack, cross_residuals, ctx.context) if cross_residuals is not None else None)
+    return replace(ctx, **{k: v for k, v in new.items() if v is not None})

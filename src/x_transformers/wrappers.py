@@ -20,6 +20,7 @@ from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_type
 from .funnel import FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
 from .layers import AttentionLayers, check_mask, default_positions
+from .stack_calls import STACK_CALL_KEYS
 from .heads import AttentionPool, Mixture, calc_z_loss, finish_logits, masked_mean, next_embed_head, output_heads
 from .norms import LayerNorm
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
@@ -227,6 +228,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         """
         if return_next_embed_pred and self.to_next_embed_pred is None:
             raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
+        to_stack = {k: upstream.pop(k) for k in STACK_CALL_KEYS if k in upstream}  # the stack's (stack_calls.py)
         checks.refuse_upstream(upstream, "TransformerWrapper.forward")
         want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
                       or return_attn_z_loss)
@@ -244,6 +246,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             side["condition"] = condition
         if causal is not None:  # upstream's per-call override of the stack's causality (layers.py checks it)
             side["causal"] = causal
+        side.update(to_stack)
         if self.recycled_proj is not None or recycle_steps is not None:
             side["recycle_steps"] = recurrence.recycle_steps(self, recycle_steps, cache)
         if offset is None and (seq_start_pos is not None or want_inter):
@@ -475,7 +478,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         b, n = x.shape
         M = self.num_memory_tokens
         first = cache is None or cache.empty
-        stack_kw = {k: side[k] for k in ("condition", "causal") if side and side.get(k) is not None}
+        stack_kw = {k: side[k] for k in ("condition", "causal", *STACK_CALL_KEYS) if side and side.get(k) is not None}
         positions, external = self._positions(x, mask, pos, cache)
         h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids)
 

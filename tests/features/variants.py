@@ -70,4 +70,8 @@ register("qkv_diff_residuals", layers=dict(num_residual_streams=2, qkv_receive_d
 # the norm before it reach the output only through the up projection, zero at init)
 register("attn_aggregated_residuals", layers=dict(attn_aggregated_residuals=True,
                                                   attn_aggregated_residual_kwargs=dict(lora_rank=4)),
-         zero_init=("integrate.down", "integrate.query_in_norm"))
+         zero_init=("integrate.down", "integrate.query_in_norm"),
+         # (not encdec: under ReZero its encoder's query path is a chain of four zero-initialised links, the
+         # decoder's cross gates, the encoder's gates, the up and the down projections: past the three steps
+         # the gradient property allows; decoder and encoder stacks cover it)
+         kinds=("decoder", "encoder", "cross", "funnel"))
