@@ -310,3 +310,38 @@ def test_cross_attention_kv_residuals_add_to_each_layers_context():
     # one (b, m, d) tensor: the first cross-attention only
     first = net(x, context=ctx, cross_attn_kv_residuals=r[0])
     assert torch.allclose(first, net(x, context=ctx, cross_attn_kv_residuals=torch.stack((r[0], 0 * r[1]))), atol=1e-6)
+
+
+def test_token_emb_and_to_logits_kwargs_reach_custom_modules():
+    from torch import nn
+    from x_transformers import TransformerWrapper
+
+    class TwoTables(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Embedding(20, 32), nn.Embedding(20, 32)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    class Pointer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(32, 32)
+
+        def forward(self, h, table):
+            return self.proj(h) @ table.transpose(-1, -2)
+
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=8, attn_layers=Decoder(dim=32, depth=1, heads=4),
+                             token_emb=TwoTables(), to_logits=Pointer()).eval()
+    x, y, table = torch.randint(0, 20, (2, 5)), torch.randint(0, 20, (2, 5)), torch.randn(2, 20, 32)
+    logits = net(x, token_emb_kwargs=dict(y=y), to_logits_kwargs=dict(table=table))
+    # by hand: the embedding of (x, y) through the stack, then the pointer head over the table
+    emb = net.token_emb(x, y) + net.pos_emb(torch.arange(5)[None])
+    hidden = net.attn_layers(emb, positions=torch.arange(5)[None])
+    torch.testing.assert_close(logits, net.to_logits(hidden, table), atol=1e-5, rtol=1e-5)
+    plain = TransformerWrapper(num_tokens=20, max_seq_len=8, attn_layers=Decoder(dim=32, depth=1, heads=4))
+    with pytest.raises(ValueError, match="custom token_emb"):
+        plain(x, token_emb_kwargs=dict(y=y))
+    assert plain(x, token_emb_kwargs={}, to_logits_kwargs={}).shape == (2, 5, 20)

@@ -124,8 +124,6 @@ UPSTREAM_ABSENT = {
     **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
                      "looped_exit_prob_threshold"), "the looped transformer (upstream's looped=True) is not implemented"),
     **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
-    **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no per-call keywords "
-                    "here (bind them in your module)"),
     "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
     **dict.fromkeys(("cache_age", "seq_pos_offset"), "the new tokens are those after the cache's cache_length"),
     **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "in_attn_cond",

@@ -229,6 +229,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         if return_next_embed_pred and self.to_next_embed_pred is None:
             raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
         to_stack = {k: upstream.pop(k) for k in STACK_CALL_KEYS if k in upstream}  # the stack's (stack_calls.py)
+        emb_kw, logit_kw = self._module_kwargs(upstream.pop("token_emb_kwargs", None),
+                                               upstream.pop("to_logits_kwargs", None), cache)
         checks.refuse_upstream(upstream, "TransformerWrapper.forward")
         want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
                       or return_attn_z_loss)
@@ -246,7 +248,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             side["condition"] = condition
         if causal is not None:  # upstream's per-call override of the stack's causality (layers.py checks it)
             side["causal"] = causal
-        side.update(to_stack)
+        side.update(to_stack, token_emb_kwargs=emb_kw)
         if self.recycled_proj is not None or recycle_steps is not None:
             side["recycle_steps"] = recurrence.recycle_steps(self, recycle_steps, cache)
         if offset is None and (seq_start_pos is not None or want_inter):
@@ -269,7 +271,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         logits = None
         embeddings = return_embeddings or return_embeddings_and_intermediates or self.cfg.return_only_embed
         if not embeddings or return_logits_and_embeddings or return_logit_entropies:
-            logits = self.logits_from(hidden)
+            logits = self.logits_from(hidden, **logit_kw)
         if return_logits_and_embeddings:
             out = (logits, hidden)
         elif embeddings:
@@ -348,9 +350,10 @@ class TransformerWrapper(Pretrained, nn.Module):
             pooled = self.attn_pool(seq, seq_mask)
         return hidden, seq, seq_mask, pooled
 
-    def logits_from(self, hidden):
+    def logits_from(self, hidden, **head_kwargs):
         """Final hidden states (..., dim) -> logits (..., v) through the head (or the tied
-        embedding); a tuple of them with ``num_output_heads`` > 1."""
+        embedding); a tuple of them with ``num_output_heads`` > 1. ``head_kwargs``: a custom
+        ``to_logits`` module's own (upstream's ``to_logits_kwargs``)."""
         if self.cfg.return_only_embed:
             raise ValueError("this wrapper has no output head (return_only_embed=True); it returns hidden states")
         weights = None
@@ -361,7 +364,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                       squeeze=self.cfg.squeeze_out_last_dim)
         if isinstance(self.to_logits, nn.ModuleList):
             return tuple(finish_logits(head(hidden), **finish) for head in self.to_logits)
-        raw = self.to_logits(hidden) if self.to_logits is not None else hidden @ self.token_emb.weight.t()
+        raw = self.to_logits(hidden, **head_kwargs) if self.to_logits is not None else hidden @ self.token_emb.weight.t()
         return finish_logits(raw, **finish)
 
     def _resolve_cache(self, cache, x, per_token: dict, input_not_include_cache, build: bool):
@@ -406,6 +409,15 @@ class TransformerWrapper(Pretrained, nn.Module):
             return seen - M * -(-seen // (every + M))
         return max(seen - M, 0)
 
+    def _module_kwargs(self, emb_kw, logit_kw, cache):
+        """Upstream's token_emb_kwargs / to_logits_kwargs: keywords of a custom token_emb / to_logits module."""
+        for name, kw, custom in (("token_emb", emb_kw, self.custom_token_emb), ("to_logits", logit_kw, self.custom_to_logits)):
+            if kw and not custom:
+                raise ValueError(f"{name}_kwargs are keywords of a custom {name} module; this wrapper built its own")
+        if emb_kw and cache is not None:
+            raise ValueError("token_emb_kwargs cannot be used with a cache (its per-token inputs are not sliced)")
+        return emb_kw or {}, logit_kw or {}
+
     @staticmethod
     def _start_mask(seq_start_pos, mask, x, offset):
         """Upstream's seq_start_pos (b,): each row's left padding; those columns become masked."""
@@ -442,10 +454,10 @@ class TransformerWrapper(Pretrained, nn.Module):
             return kept.amax(dim=-1, keepdim=True) + 1 if kept.shape[1] else torch.zeros_like(kept[:, :1])
         return cache.next_positions() - M  # a KVCache: the last position + 1; a static one: kept slots
 
-    def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids):
+    def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids, emb_kw=None):
         """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
         n = x.shape[1]
-        h = self.token_emb(x)
+        h = self.token_emb(x, **(emb_kw or {}))
         if self.custom_token_emb and not _is_compiling() and (
                 not isinstance(h, torch.Tensor) or h.shape != (*x.shape, self.emb_dim) or not h.is_floating_point()):
             raise ValueError(f"token_emb must map token ids {tuple(x.shape)} to float embeddings "
@@ -480,7 +492,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         first = cache is None or cache.empty
         stack_kw = {k: side[k] for k in ("condition", "causal", *STACK_CALL_KEYS) if side and side.get(k) is not None}
         positions, external = self._positions(x, mask, pos, cache)
-        h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids)
+        h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids, side and side.get("token_emb_kwargs"))
 
         prepend, prepend_mask = prefix
         if prepend is not None:  # PaLI-style prefix (2209.06794), ahead of the tokens
