@@ -119,6 +119,28 @@ __all__ = ["check_not_empty", "check_dtype", "check_context", "check_finite", "c
            "check_stack_inputs", "nonfinite_tensors", "warn_nonfinite"]
 
 
+def start_mask(seq_start_pos, mask, x, offset: int):
+    """Upstream's seq_start_pos (b,): each row's left padding; those columns of x (b, n) become masked."""
+    if not isinstance(seq_start_pos, Tensor) or seq_start_pos.shape != (x.shape[0],) \
+            or seq_start_pos.dtype.is_floating_point or seq_start_pos.dtype == torch.bool:
+        raise ValueError(f"seq_start_pos must be an integer tensor of shape ({x.shape[0]},), each row's count "
+                         f"of left padding; got {seq_start_pos!r}")
+    cols = offset + torch.arange(x.shape[1], device=x.device)
+    start = cols[None, :] >= seq_start_pos.to(x.device)[:, None]
+    return start if mask is None else mask & start
+
+
+def module_kwargs(wrapper, emb_kw, logit_kw, cache):
+    """Upstream's token_emb_kwargs / to_logits_kwargs: keywords of a custom token_emb / to_logits module."""
+    for name, kw, custom in (("token_emb", emb_kw, wrapper.custom_token_emb),
+                             ("to_logits", logit_kw, wrapper.custom_to_logits)):
+        if kw and not custom:
+            raise ValueError(f"{name}_kwargs are keywords of a custom {name} module; this wrapper built its own")
+    if emb_kw and cache is not None:
+        raise ValueError("token_emb_kwargs cannot be used with a cache (its per-token inputs are not sliced)")
+    return emb_kw or {}, logit_kw or {}
+
+
 # upstream x-transformers' forward keywords of features this package does not have: why, in a line
 UPSTREAM_ABSENT = {
     **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",

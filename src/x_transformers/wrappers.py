@@ -229,8 +229,8 @@ class TransformerWrapper(Pretrained, nn.Module):
         if return_next_embed_pred and self.to_next_embed_pred is None:
             raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
         to_stack = {k: upstream.pop(k) for k in STACK_CALL_KEYS if k in upstream}  # the stack's (stack_calls.py)
-        emb_kw, logit_kw = self._module_kwargs(upstream.pop("token_emb_kwargs", None),
-                                               upstream.pop("to_logits_kwargs", None), cache)
+        emb_kw, logit_kw = checks.module_kwargs(self, upstream.pop("token_emb_kwargs", None),
+                                                upstream.pop("to_logits_kwargs", None), cache)
         checks.refuse_upstream(upstream, "TransformerWrapper.forward")
         want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
                       or return_attn_z_loss)
@@ -254,7 +254,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         if offset is None and (seq_start_pos is not None or want_inter):
             offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
         if seq_start_pos is not None:
-            mask = self._start_mask(seq_start_pos, mask, x, offset)
+            mask = checks.start_mask(seq_start_pos, mask, x, offset)
         if kv_mask is not None:
             check_mask(kv_mask, *x.shape, name="self_attn_kv_mask")
             if cache is not None:
@@ -408,26 +408,6 @@ class TransformerWrapper(Pretrained, nn.Module):
         if every and M:  # seen = c + M * ceil(c / every): each group of every + M columns holds one memory group
             return seen - M * -(-seen // (every + M))
         return max(seen - M, 0)
-
-    def _module_kwargs(self, emb_kw, logit_kw, cache):
-        """Upstream's token_emb_kwargs / to_logits_kwargs: keywords of a custom token_emb / to_logits module."""
-        for name, kw, custom in (("token_emb", emb_kw, self.custom_token_emb), ("to_logits", logit_kw, self.custom_to_logits)):
-            if kw and not custom:
-                raise ValueError(f"{name}_kwargs are keywords of a custom {name} module; this wrapper built its own")
-        if emb_kw and cache is not None:
-            raise ValueError("token_emb_kwargs cannot be used with a cache (its per-token inputs are not sliced)")
-        return emb_kw or {}, logit_kw or {}
-
-    @staticmethod
-    def _start_mask(seq_start_pos, mask, x, offset):
-        """Upstream's seq_start_pos (b,): each row's left padding; those columns become masked."""
-        if not isinstance(seq_start_pos, torch.Tensor) or seq_start_pos.shape != (x.shape[0],) \
-                or seq_start_pos.dtype.is_floating_point or seq_start_pos.dtype == torch.bool:
-            raise ValueError(f"seq_start_pos must be an integer tensor of shape ({x.shape[0]},), each row's count "
-                             f"of left padding; got {seq_start_pos!r}")
-        cols = offset + torch.arange(x.shape[1], device=x.device)
-        start = cols[None, :] >= seq_start_pos.to(x.device)[:, None]
-        return start if mask is None else mask & start
 
     def _positions(self, x, mask, pos, cache):
         """Token positions (b|1, n) and, where ``pos`` is a float tensor, the embedding it replaces."""
