@@ -408,5 +408,10 @@ def test_forward_lens_and_return_outputs():
     torch.testing.assert_close(logits, ar.net(x[:, :-1]))
     torch.testing.assert_close(loss, F.cross_entropy(logits.transpose(1, 2), x[:, 1:]))
     assert inter.cache_length == 8
-    with pytest.raises(TypeError, match="'prepend_embeds' is not supported"):
-        ar(x, prepend_embeds=torch.zeros(2, 1, 32))
+    # prepended embeddings (upstream's): the loss is over the token columns of the net's output
+    pre, pre_mask = torch.randn(2, 3, 32), torch.tensor([[True, False, True], [True, True, True]])
+    logits = ar.net(x[:, :-1], prepend_embeds=pre, prepend_mask=pre_mask, excise_prepend_embeds=True)
+    assert logits.shape[1] == 8
+    torch.testing.assert_close(ar(x, prepend_embeds=pre, prepend_mask=pre_mask),
+                               F.cross_entropy(logits.transpose(1, 2), x[:, 1:]))
+    assert not torch.allclose(ar(x, prepend_embeds=pre, prepend_mask=pre_mask), ar(x))

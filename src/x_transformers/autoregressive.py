@@ -95,10 +95,13 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets equal to
         ``ignore_index`` (or masked out) do not count; such inputs are fed as ``pad_value``.
         ``lens`` (b,): upstream's right-padded lengths (columns from ``lens`` on are padding).
+        ``prepend_embeds`` (b, P, emb_dim) (with ``prepend_mask``): embeddings ahead of the tokens, as upstream.
         ``return_outputs``: also (logits (b, n-1, v), the Intermediates of the forward)."""
-        if prepend_embeds is not None:
-            raise TypeError("AutoregressiveWrapper.forward: upstream's keyword 'prepend_embeds' is not supported: "
-                            "prepended embeddings are not implemented")
+        if prepend_embeds is not None:  # (b, P, emb_dim) ahead of the tokens; the loss is over the tokens only
+            if self.mask_prob > 0 or self.net.to_next_embed_pred is not None:
+                raise ValueError("prepend_embeds in the loss: not with mask_prob or the next-embedding head "
+                                 "(both are per token column)")
+            kwargs.update(prepend_embeds=prepend_embeds, excise_prepend_embeds=True)
         if lens is not None:
             within = torch.arange(x.shape[1], device=x.device)[None] < lens.to(x.device)[:, None]
             mask = within if mask is None else mask & within
