@@ -277,4 +277,5 @@ for _k, _ex in (("integrate_layers", True), ("qkv_receive_diff_residuals", True)
                    "(upstream: mutually exclusive, or the scale silently dropped); choose one",
             example={**_AGG, _k: _ex, **({"num_residual_streams": 2} if _k == "qkv_receive_diff_residuals" else {}),
                      **({"num_residual_streams": 2, "residual_fn_kwargs": {"read_gate_rank": 2}}
-                        if _k == "gated_multi_residual" else {})})
+                        if _k == "gated_multi_residual" else {})},
+            kinds=tuple(k for k in STACK_KINDS if k != "funnel") if _k == "qkv_receive_diff_residuals" else STACK_KINDS)
