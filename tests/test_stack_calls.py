@@ -345,3 +345,10 @@ def test_token_emb_and_to_logits_kwargs_reach_custom_modules():
     with pytest.raises(ValueError, match="custom token_emb"):
         plain(x, token_emb_kwargs=dict(y=y))
     assert plain(x, token_emb_kwargs={}, to_logits_kwargs={}).shape == (2, 5, 20)
+
+
+def test_per_call_key_values_refused_on_a_reversible_stack():
+    net = _stack(reversible=True, cross_attend=True)
+    x, ctx = torch.randn(1, 4, 32), torch.randn(1, 3, 32)
+    with pytest.raises(ValueError, match="reversible"):
+        net(x, context=ctx, cross_attn_kv_residuals=torch.randn(1, 3, 32))

@@ -234,6 +234,9 @@ def cross_contexts(stack, residuals, context):
 def call_context(stack, ctx, b: int, *, causal, head_pos, context_pos, layer_hiddens, additional, cross_residuals):
     """``ctx`` with this call's upstream inputs (each None when not given)."""
     kvs, kv_mask, detach = additional
+    if stack.reversible is not None and (kvs is not None or cross_residuals is not None):
+        raise ValueError("self_attn_additional_kv / cross_attn_kv_residuals: not with reversible=True (its recomputing "
+                         "backward takes only the context's own tensors as inputs)")
     if kvs is None and (kv_mask is not None or detach):
         raise ValueError("additional_kv_mask / detach_additional_kv configure self_attn_additional_kv, not given")
     new = dict(causal=causal, layer_hiddens=layer_hiddens,
