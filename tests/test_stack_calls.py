@@ -223,6 +223,9 @@ def test_muon_parameters_are_upstreams_group():
     ids = [id(p) for p in net.muon_parameters()]
     assert len(ids) == len(set(ids)) == 2 + len(list(ff.muon_parameters()))
     assert all(p.ndim == 2 for p in net.muon_parameters())
+    from x_transformers import TransformerWrapper
+    lm = TransformerWrapper(num_tokens=20, max_seq_len=8, attn_layers=net)
+    assert [id(p) for p in lm.muon_parameters()] == ids
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(rotary_pos_emb=True, alibi_pos_bias=True), dict(attn_num_mem_kv=2)])

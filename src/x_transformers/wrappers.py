@@ -178,6 +178,9 @@ class TransformerWrapper(Pretrained, nn.Module):
                 raise ValueError(f"logits_weight: with {key} the logits are not hidden states times one weight")
         return self.to_logits.weight if self.to_logits is not None else self.token_emb.weight
 
+    def muon_parameters(self) -> list:
+        return self.attn_layers.muon_parameters()  # upstream's: the stack's group
+
     @property
     def can_cache_kv(self) -> bool:
         """Whether this model decodes with a key/value cache (a causal stack: a Decoder)."""
