@@ -464,6 +464,31 @@ def _hybrid_no_fold():
     torch.testing.assert_close(unfolded(x), folded(x))
 
 
+def _stack_pos_integer():
+    net = Decoder(dim=DIM, depth=1, heads=4, rotary_pos_emb=True)
+    with pytest.raises(ValueError, match="integer tensor"):
+        net(torch.randn(1, 3, DIM), pos=torch.tensor([0.0, 0.5, 1.0]))
+
+
+def _context_pos_needs_rotary():
+    net = Decoder(dim=DIM, depth=1, heads=4, cross_attend=True)
+    with pytest.raises(ValueError, match="needs rotary_pos_emb"):
+        net(torch.randn(1, 3, DIM), context=torch.randn(1, 2, DIM), context_pos=torch.arange(2))
+
+
+def _lime_first_block():
+    soft = Decoder(dim=DIM, depth=2, heads=4, integrate_layers=True)
+    assert soft.blocks[0].integrate is None and soft.blocks[1].integrate.layers == 2
+    relu = Decoder(dim=DIM, depth=2, heads=4, integrate_layers=True, layer_integrate_use_softmax=False)
+    assert relu.blocks[0].integrate.layers == 1  # ReLU weights scale the one input: built
+
+
+def _dim_condition_alone():
+    with pytest.raises(ValueError, match="dim_condition configures"):
+        Decoder(dim=DIM, depth=1, heads=4, dim_condition=8)
+    Decoder(dim=DIM, depth=1, heads=4, dim_condition=8, use_adaptive_layernorm=True)
+
+
 DEVIATIONS = {
     "qk-norm-scale": _qk_norm_scale, "single-head-out": _single_head_out, "glu-no-bias": _glu_no_bias,
     "xtransformer-logits": _xtransformer_logits, "norm-gain": _norm_gain, "rmsnorm-eps": _rmsnorm_eps,
@@ -476,8 +501,9 @@ DEVIATIONS = {
     "orthog-values-per-token": lambda: _earlier_outputs_ignore_later_tokens(
         attn_orthog_projected_values=True, attn_orthog_projected_values_per_head=True),
     "mv-split-prefix-mean": lambda: _earlier_outputs_ignore_later_tokens(mv_split_residual=True),
-    "mla-cache": _mla_cache,
-    "hybrid-no-fold": _hybrid_no_fold,
+    "mla-cache": _mla_cache, "hybrid-no-fold": _hybrid_no_fold, "stack-pos-integer": _stack_pos_integer,
+    "context-pos-needs-rotary": _context_pos_needs_rotary, "lime-first-block": _lime_first_block,
+    "dim-condition-alone": _dim_condition_alone,
 }
 
 

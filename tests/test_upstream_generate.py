@@ -156,7 +156,7 @@ def test_bidirectional_intermediates_hold_no_cache_and_say_so():
     (dict(attn_mask=torch.ones(2, 10, 10, dtype=torch.bool)), TypeError, "'attn_mask' is not supported"),
     (dict(looped_steps=2), ValueError, "looped_steps= needs a wrapper built with looped=True"),
     (dict(nonsense=1), TypeError, "unexpected keyword 'nonsense'"),
-    (dict(causal=False), ValueError, "causal=False at forward"),
+    (dict(causal=False, cache=__import__("x_transformers").KVCache()), ValueError, "causal=False at forward"),
     (dict(seq_start_pos=torch.tensor([1.0, 0.0])), ValueError, "seq_start_pos must be an integer tensor"),
     (dict(input_not_include_cache=True), ValueError, "input_not_include_cache=True needs cache="),
 ])
@@ -412,3 +412,10 @@ def test_forward_lens_and_return_outputs():
     prefix = torch.randn(2, 3, 32)
     logits = ar.net(x[:, :-1], prepend_embeds=prefix, excise_prepend_embeds=True)
     torch.testing.assert_close(ar(x, prepend_embeds=prefix), F.cross_entropy(logits.transpose(1, 2), x[:, 1:]))
+    # prepended embeddings (upstream's): the loss is over the token columns of the net's output
+    pre, pre_mask = torch.randn(2, 3, 32), torch.tensor([[True, False, True], [True, True, True]])
+    logits = ar.net(x[:, :-1], prepend_embeds=pre, prepend_mask=pre_mask, excise_prepend_embeds=True)
+    assert logits.shape[1] == 8
+    torch.testing.assert_close(ar(x, prepend_embeds=pre, prepend_mask=pre_mask),
+                               F.cross_entropy(logits.transpose(1, 2), x[:, 1:]))
+    assert not torch.allclose(ar(x, prepend_embeds=pre, prepend_mask=pre_mask), ar(x))

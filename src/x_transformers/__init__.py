@@ -13,6 +13,7 @@ from .funnel import FunnelEncoder
 from .hf import load_tokenizer, save_pretrained
 from .hub import from_pretrained
 from .layers import AttentionLayers, CrossAttender, Decoder, Encoder, PrefixDecoder
+from .layout import layer_schedule
 from .multi_input import MultiInputTransformerWrapper
 from .neo_mlp import NeoMLP
 from .nonautoregressive_wrapper import NonAutoregressiveWrapper
@@ -29,7 +30,7 @@ __all__ = [
     "XValAutoregressiveWrapper", "DPO", "EntropyBasedTokenizer",
     "KVCache", "StaticKVCache", "AutoregressiveWrapper",
     "attend", "attend_backend", "BackendNotSupported", "ConfigConflictError",
-    "from_pretrained", "save_pretrained", "load_tokenizer",
+    "from_pretrained", "save_pretrained", "load_tokenizer", "layer_schedule",
 ]
 __version__ = "0.1.0"
 

@@ -94,10 +94,7 @@ _ATTN_NOT_YET = dict(
     dim_context=None,
 )
 _FF_NOT_YET: dict = {}
-_LAYERS_NOT_YET = dict(
-    attn_aggregated_residuals=False, attn_aggregated_residual_kwargs={}, integrate_layers=False,
-    layer_integrate_use_softmax=True, qkv_receive_diff_residuals=False,
-)
+_LAYERS_NOT_YET: dict = {}
 _WRAPPER_NOT_YET: dict = {}
 # XTransformer's own upstream keywords: its forward returns a loss upstream (these configure it)
 _XTRANSFORMER_NOT_YET: dict = {}

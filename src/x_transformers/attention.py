@@ -240,9 +240,14 @@ class Attention(nn.Module):
         w, b = self._qkv_weight()
         return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
 
+    def muon_parameters(self) -> list:
+        """Upstream's choice of matrices for the Muon optimizer here: the value and output projections'
+        parameters (the query/key ones are left to AdamW)."""
+        return [p for m in (self.to_v, self.to_out) if m is not None for p in m.parameters()]
+
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
                 kv=None, kv_rotary=None, positions=None, value_residual=None, query_mask=None, residual_scores=None,
-                polar=None, mem=None, mem_rotary=None, kv_residual=None):
+                polar=None, mem=None, mem_rotary=None, kv_residual=None, causal=None, additional_kv=None):
         """x (b, n, dim); context (b, m, dim_context) for cross-attention.
 
         mask: bool (b, 1, 1, m) over the keys (cached ones included); rotary: (cos, sin) at the
@@ -277,11 +282,19 @@ class Attention(nn.Module):
             raise ValueError("a key/value input residual is for plain self-attention: not with cross-attention, a "
                              "funnel's pooled queries or attn_shared_qk (whose keys are the queries)")
         h, g = self.heads, self.kv_heads
+        views = None  # x (3, b, n, dim): q, k, v read different inputs (qkv_receive_diff_residuals, hyper.py)
+        if x.ndim == 4:
+            if kv is not None or self.cross or self.shared_qk or kv_residual is not None:
+                raise ValueError("q, k, v from different inputs (qkv_receive_diff_residuals) is for self-attention "
+                                 "over its own sequence, with keys of their own (not kv=, cross- or shared-QK attention, "
+                                 "or a key/value input residual)")
+            x, views = x[0], (x[1], x[2])
         seq_mask = mask  # (before memory key/values widen it)
         bias = None  # a dense additive bias of this layer's own (shared-QK's self penalty)
         # one product over the three weights, unless a projection is not a plain Linear (FP8's Float8Linear,
         # an adapter): then each runs its own forward
-        fuse = self.fused and kv is None and kv_residual is None and type(self.to_q) is type(self.to_k) is type(self.to_v) is nn.Linear
+        fuse = self.fused and kv is None and kv_residual is None and views is None \
+            and type(self.to_q) is type(self.to_k) is type(self.to_v) is nn.Linear
         qkv = self._fused_qkv(x) if fuse else None
         q = _heads(qkv[0] if qkv else self._query(x), h)  # (b, h, n, d)
         if self.to_q_norm is not None:
@@ -301,8 +314,8 @@ class Attention(nn.Module):
             if self.shared_qk:
                 k = F.normalize(q if kv is None else _heads(self._query(kv), h), dim=-1)  # (b, h, m, d)
             else:
-                k = _heads(qkv[1], g) if qkv else self._keys(src)  # (b, g, m, d)
-            v = _heads(qkv[2] if qkv else self._values(src), g)  # (b, g, m, e)
+                k = _heads(qkv[1], g) if qkv else self._keys(src if views is None else views[0])  # (b, g, m, d)
+            v = _heads(qkv[2] if qkv else self._values(src if views is None else views[1]), g)  # (b, g, m, e)
             if self.to_k_norm is not None:
                 k = self.to_k_norm(k)
             if self.to_v_norm is not None:
@@ -312,8 +325,8 @@ class Attention(nn.Module):
             own_v = v if self.orthog and kv is None else None  # (b, g, n, e) the new tokens' own values
             if self.qk_norm and not self.shared_qk:
                 k = self._unit(k) if self.k_gain is None else self._unit(k) * self.k_gain.to(k.dtype)
-            if rotary is not None and not self.cross:
-                k = self._rotate(k, key_rotary(rotary if kv is None else kv_rotary))
+            if rotary is not None:  # cross-attention gets rotary only with the context's own (kv_rotary)
+                k = self._rotate(k, key_rotary(rotary if kv is None and not self.cross else kv_rotary))
             if polar is not None:
                 k = apply_polar(k, polar[0] + polar[1])  # (b, h, m, 2d)
             if cache is not None and self.cross:
@@ -323,7 +336,7 @@ class Attention(nn.Module):
             if mem is not None:  # the memory's keys/values, made as the sequence's, go first
                 mk, mv = self._memory_kv(mem, mem_rotary)
                 k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
-        if rotary is not None and not self.cross:
+        if rotary is not None:
             q = self._rotate(q, rotary)
         if polar is not None:
             q = apply_polar(q, polar[0])
@@ -367,6 +380,11 @@ class Attention(nn.Module):
                 mem_k = F.normalize(mem_k, dim=-1)
             k = torch.cat((mem_k.expand(b, -1, -1, -1), k), dim=-2)
             v = torch.cat((mem_v.expand(b, -1, -1, -1), v), dim=-2)
+        kv_heads = h if self.shared_qk else g
+        extra, extra_mask = 0, None
+        if additional_kv is not None:  # upstream's self_attn_additional_kv: another model's keys/values first
+            k, v, kv_heads, extra, extra_mask = self._additional_kv(k, v, kv_heads, *additional_kv)
+            prefix += extra
         if self.cfg.laser:
             # LASER (2411.03493): attend over exp(v) (softcapped first, so exp stays finite), log after
             v = softclamp(v, self.cfg.laser_softclamp_value).exp()
@@ -380,16 +398,22 @@ class Attention(nn.Module):
                 bias = F.pad(bias, (prefix, 0), value=0.0)
             if score_mod is not None:
                 score_mod = score_mod.with_memory(prefix)
+            if extra_mask is not None:  # its columns follow the zero key/value, if any
+                at = int(self.cfg.add_zero_kv)
+                base = mask if mask is not None else torch.ones(q.shape[0], 1, 1, k.shape[-2], dtype=torch.bool,
+                                                                 device=k.device)
+                cols = extra_mask[:, None, None, :].expand(-1, 1, base.shape[2], -1)
+                mask = torch.cat((base[..., :at], cols, base[..., at + extra:]), dim=-1)
 
         carried = {}
         if residual_scores is not None:
             carried = dict(prev_scores=residual_scores.scores, scores_out=[])
         out, weights = attend(
-            q, k, v, mask=mask, causal=self.causal, bias=bias, score_mod=score_mod, scale=scale,
+            q, k, v, mask=mask, causal=self.causal if causal is None else causal, bias=bias, score_mod=score_mod, scale=scale,
             dropout=self.cfg.dropout if self.training else 0.0,
             normalizer=self.normalizer, entmax_alpha=self.entmax_alpha, sparse_topk=self.cfg.sparse_topk,
             pre_mix=self.pre_mix, post_mix=self.post_mix, need_weights=need_weights,
-            kv_heads=h if self.shared_qk else g, force_backend=self.cfg.backend,
+            kv_heads=kv_heads, force_backend=self.cfg.backend,
             softclamp=self.softclamp, max_attend_past=self.max_attend_past,
             window_positions=positions if self.max_attend_past is not None else None,
             window_exempt=prefix, sink=self.sink, l2_distance=self.cfg.l2_distance, signed=self.cfg.cog_signed,
@@ -434,6 +458,16 @@ class Attention(nn.Module):
             unit = v / v.pow(2).sum(dim=flat, keepdim=True).sqrt().clamp(min=1e-12)
             parts.append((o - (o * unit).sum(dim=flat, keepdim=True) * unit).reshape(b, n, -1))
         return torch.cat(parts, dim=-1).to(out.dtype)
+
+    def _additional_kv(self, k, v, kv_heads, ak, av, amask):
+        """Prepend keys/values (b, g', m, d) / (b, g', m, e) taken as they are (another model's, rotated in
+        its frame); both sides repeated to the query heads when g' differs from this layer's key heads."""
+        if ak.shape[1] != kv_heads:
+            h = self.heads
+            k, v, ak, av = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v, ak, av))
+            kv_heads = h
+        return (torch.cat((ak.to(k.dtype), k), dim=-2), torch.cat((av.to(v.dtype), v), dim=-2), kv_heads,
+                ak.shape[-2], amask)
 
     def _memory_kv(self, mem, rotary):
         """Keys and values (b, g, m_mem, d) of Transformer-XL memory, through the same projections,

@@ -93,12 +93,12 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         """x (b, n) -> mean cross-entropy of predicting x[:, 1:] from x[:, :-1]. Targets equal to
         ``ignore_index`` (or masked out) do not count; such inputs are fed as ``pad_value``.
         ``lens`` (b,): upstream's right-padded lengths (columns from ``lens`` on are padding).
-        ``return_outputs``: also (logits (b, n-1, v), the Intermediates of the forward).
-        ``prepend_embeds`` (b, P, emb_dim): read ahead of the tokens (upstream's); no loss on them."""
-        if prepend_embeds is not None:
-            if self.net.to_next_embed_pred is not None:
-                raise ValueError("prepend_embeds with add_continuous_pred_head: the next-embedding targets are "
-                                 "token embeddings; the prefix has none")
+        ``prepend_embeds`` (b, P, emb_dim) (with ``prepend_mask``): embeddings ahead of the tokens, as upstream.
+        ``return_outputs``: also (logits (b, n-1, v), the Intermediates of the forward)."""
+        if prepend_embeds is not None:  # (b, P, emb_dim) ahead of the tokens; the loss is over the tokens only
+            if self.mask_prob > 0 or self.net.to_next_embed_pred is not None:
+                raise ValueError("prepend_embeds in the loss: not with mask_prob or the next-embedding head "
+                                 "(both are per token column)")
             kwargs.update(prepend_embeds=prepend_embeds, excise_prepend_embeds=True)
         if lens is not None:
             within = torch.arange(x.shape[1], device=x.device)[None] < lens.to(x.device)[:, None]

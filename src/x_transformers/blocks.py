@@ -65,6 +65,12 @@ class ForwardContext:
     # per block: (b, n|1, dim) added to a self-attention block's key/value input (not its queries), or
     # None (upstream's self_attn_kv_residuals; the Free Transformer's latent, 2510.17558)
     kv_residuals: tuple | None = None
+    context_rotary: tuple | None = None  # cross-attention keys' rotary at upstream's context_pos (stack_calls.py)
+    layer_hiddens: list | None = None  # receives each block's input (upstream's return_hiddens)
+    layer_inputs: list | None = None  # LIMe (integrate_layers, hyper.py): the blocks' inputs so far, fresh per run
+    causal: bool | None = None  # upstream's per-call causality of self-attention (None: the stack's own)
+    extra_kv: tuple | None = None  # per block: (k, v, mask) prepended to self-attention's (stack_calls.py) or None
+    contexts: tuple | None = None  # per block: a cross-attention's own context (cross_attn_kv_residuals) or None
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
@@ -92,8 +98,11 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
     cache = ctx.cache.layer(i) if ctx.cache is not None else None
     extra = {} if ctx.values is None else dict(value_residual=ctx.values)
     if kind == "c":
-        out = dict(context=ctx.context, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights,
+        own = ctx.contexts[i] if ctx.contexts is not None else None
+        out = dict(context=ctx.context if own is None else own, mask=ctx.context_mask, cache=cache, need_weights=ctx.need_weights,
                    query_mask=ctx.token_mask, **extra)
+        if ctx.context_rotary is not None:  # queries at the tokens' positions, keys at the context's
+            out.update(rotary=ctx.rotary, kv_rotary=ctx.context_rotary)
         return out if ctx.cross_scores is None else dict(out, residual_scores=ctx.cross_scores)
     if ctx.kv is not None and i == ctx.kv_block:  # pooled queries over the previous level's keys
         # (its scores, over other keys, start no residual chain: the next block's start afresh)
@@ -105,6 +114,10 @@ def block_kwargs(kind: str, i: int, ctx: ForwardContext) -> dict:
         out["kv_residual"] = ctx.kv_residuals[i]
     if ctx.polar_angles is not None:
         out["polar"] = (ctx.polar_angles, ctx.polar_bias)
+    if ctx.causal is not None:
+        out["causal"] = ctx.causal
+    if ctx.extra_kv is not None and ctx.extra_kv[i] is not None:
+        out["additional_kv"] = ctx.extra_kv[i]
     if ctx.mems is not None and ctx.mems[i] is not None:
         mem, mask = ctx.mems[i]  # the block's memory and its mask over (memory, keys)
         out.update(mem=mem, mem_rotary=ctx.mem_rotary, mask=mask)
@@ -126,6 +139,26 @@ def kv_residuals_per_block(layout, residuals: Tensor, b: int, n: int, dim: int) 
                          f"dim={dim}), got {tuple(residuals.shape)}")
     given = iter(residuals.unbind(0))
     return tuple(next(given, None) if spec.kind == "a" else None for spec in layout)
+
+
+def drop_context_tokens(ctx: ForwardContext, p: float) -> ForwardContext:
+    """Structured dropout of the cross-attention context (upstream's cross_attn_tokens_dropout): each
+    row keeps a random subset of ceil((1 - p) * its kept tokens), the same count m' = max(1, (1 - p) * m)
+    of columns for every row, so the context shrinks to (b, m', d)."""
+    context, mask = ctx.context, ctx.context_mask  # (b, m, d), (b, 1, 1, m) or None
+    b, m = context.shape[:2]
+    keep = max(1, int((1 - p) * m))
+    scores = torch.rand(b, m, device=context.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, 0, 0], -1.0)  # kept tokens first
+    idx = scores.topk(keep, dim=-1).indices  # (b, m')
+    context = context.gather(1, idx[..., None].expand(-1, -1, context.shape[-1]))
+    if mask is not None:
+        kept = mask[:, 0, 0]
+        counts = torch.ceil(kept.sum(-1) * (1 - p)).long()  # (b,)
+        new = kept.gather(1, idx) & (torch.arange(keep, device=idx.device) < counts[:, None])
+        mask = new[:, None, None, :]
+    return replace(ctx, context=context, context_mask=mask)
 
 
 class ScoreCarry:
@@ -151,6 +184,8 @@ def run_block(kind: str, i: int, block, x, ctx: ForwardContext, *, branch_only: 
         kwargs["shift_mask"] = ctx.token_mask
     if ctx.condition is not None:
         kwargs["condition"] = ctx.condition
+    if ctx.layer_inputs is not None:
+        kwargs["layer_inputs"] = ctx.layer_inputs
     if getattr(block, "update", None) is not None and not branch_only:
         kwargs["seq_mask"] = ctx.token_mask
     return call(x, **kwargs)
@@ -187,6 +222,8 @@ def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = 
             if i in skips.plan:
                 src, k = skips.plan[i]
                 x = skips.combines[k](torch.cat((saved[src], x), dim=-1))
+        if ctx.layer_hiddens is not None:
+            ctx.layer_hiddens.append(x)
         if ctx.hiddens is not None and spec.kind == "a":
             ctx.hiddens.append(x)  # a self-attention block's input: its memory for the next segment
         x, w = run_block(spec.kind, i, block, x, ctx)

@@ -119,18 +119,37 @@ __all__ = ["check_not_empty", "check_dtype", "check_context", "check_finite", "c
            "check_stack_inputs", "nonfinite_tensors", "warn_nonfinite"]
 
 
+def start_mask(seq_start_pos, mask, x, offset: int):
+    """Upstream's seq_start_pos (b,): each row's left padding; those columns of x (b, n) become masked."""
+    if not isinstance(seq_start_pos, Tensor) or seq_start_pos.shape != (x.shape[0],) \
+            or seq_start_pos.dtype.is_floating_point or seq_start_pos.dtype == torch.bool:
+        raise ValueError(f"seq_start_pos must be an integer tensor of shape ({x.shape[0]},), each row's count "
+                         f"of left padding; got {seq_start_pos!r}")
+    cols = offset + torch.arange(x.shape[1], device=x.device)
+    start = cols[None, :] >= seq_start_pos.to(x.device)[:, None]
+    return start if mask is None else mask & start
+
+
+def module_kwargs(wrapper, emb_kw, logit_kw, cache):
+    """Upstream's token_emb_kwargs / to_logits_kwargs: keywords of a custom token_emb / to_logits module."""
+    for name, kw, custom in (("token_emb", emb_kw, wrapper.custom_token_emb),
+                             ("to_logits", logit_kw, wrapper.custom_to_logits)):
+        if kw and not custom:
+            raise ValueError(f"{name}_kwargs are keywords of a custom {name} module; this wrapper built its own")
+    if emb_kw and cache is not None:
+        raise ValueError("token_emb_kwargs cannot be used with a cache (its per-token inputs are not sliced)")
+    return emb_kw or {}, logit_kw or {}
+
+
 # upstream x-transformers' forward keywords of features this package does not have: why, in a line
 UPSTREAM_ABSENT = {
     **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
                      "looped_exit_prob_threshold"), "the looped LM is TransformerWrapper's (looped=True) and its AutoregressiveWrapper's"),
     **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
-    **dict.fromkeys(("token_emb_kwargs", "to_logits_kwargs"), "the embedding and head take no per-call keywords "
-                    "here (bind them in your module)"),
     "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
     **dict.fromkeys(("cache_age", "seq_pos_offset"), "the new tokens are those after the cache's cache_length"),
-    **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "context_pos", "in_attn_cond",
-                     "layers_execute_order", "repeat_blocks", "self_attn_additional_kv", "additional_kv_mask",
-                     "cross_attn_kv_residuals", "flash_pack_seq_kwargs",
+    **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "in_attn_cond",
+                     "layers_execute_order", "flash_pack_seq_kwargs",
                      "flash_pack_seq_context_kwargs", "return_hiddens", "deep_embeds_and_ids"),
                     "this per-call input of upstream's layer stack is not supported here"),
     "self_attn_kv_residuals": "the wrapper does not pass it on here; call the layer stack (Decoder / Encoder) "

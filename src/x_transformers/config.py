@@ -385,6 +385,11 @@ class LayersConfig:
     gated_multi_residual: bool = False  # s streams, gated reads and writes, no mixing (hyper.py; Qwen's gated residual)
     mv_split_residual: bool = False  # the update's sequence mean and variation get separate gains, 2605.06169
     residual_fn_kwargs: dict | None = None  # mv_split_residual's init_alpha, init_beta, learned
+    integrate_layers: bool = False  # LIMe 2502.09245: each branch reads a learned mix of all earlier block inputs
+    layer_integrate_use_softmax: bool = True  # LIMe's mixing weights: softmax over layers (False: ReLU)
+    qkv_receive_diff_residuals: bool = False  # self-attention's q, k, v read three different mixtures (hyper.py)
+    attn_aggregated_residuals: bool = False  # each branch attends over the earlier blocks' inputs (2603.15031)
+    attn_aggregated_residual_kwargs: dict | None = None  # its lora_rank (64), lora_activation (None)
     residual_attn: bool = False  # each self-attention adds the previous one's pre-softmax scores, RealFormer 2012.11747
     cross_residual_attn: bool = False  # ... and each cross-attention the previous cross-attention's
     # layer layout
@@ -554,6 +559,7 @@ REQUIRES = {
     "dynamic_pos_bias_log_distance": "dynamic_pos_bias", "dynamic_pos_bias_mlp_depth": "dynamic_pos_bias",
     "dynamic_pos_bias_norm": "dynamic_pos_bias", "rotary_xpos_scale_base": "rotary_xpos",
     "adaptive_condition_mlp_expansion": "adaptive_condition_mlp", "polar_bias_uniform_init": "polar_pos_emb",
+    "layer_integrate_use_softmax": "integrate_layers", "attn_aggregated_residual_kwargs": "attn_aggregated_residuals",
 }
 ADAPTIVE = ("use_adaptive_layernorm", "use_adaptive_rmsnorm", "use_adaptive_layerscale")
 

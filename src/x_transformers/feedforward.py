@@ -90,6 +90,10 @@ class FeedForward(nn.Module):
         self.zero_init_output = cfg.zero_init_output
         self.output_proj_depth = cfg.output_proj_depth
 
+    def muon_parameters(self) -> list:
+        """Upstream's Muon parameter group of a feed-forward: the weights of its linear maps."""
+        return [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+
     def init_output(self, std: float):
         """Initialise the output projection: zeros with ``ff_zero_init_output``, N(0, 1 / (2 *
         inner * depth)) with ``ff_output_proj_depth`` (OLMo's depth-scaled init), else N(0, std)."""

@@ -17,41 +17,21 @@ import torch
 from torch import nn
 
 from .hub import Pretrained
-from . import checks, recurrence
+from . import checks, recurrence, stack_calls
 from .attention import Attention
-from .blocks import ForwardContext, ScoreCarry, UNetSkips, kv_residuals_per_block, run_sequential
+from .blocks import ForwardContext, ScoreCarry, UNetSkips, drop_context_tokens, kv_residuals_per_block, run_sequential
 from .adaptive import Conditioning, apply_norm
-from .cache import StaticKVCache
+from .cache import Intermediates, StaticKVCache
 from .config import ADAPTIVE, AttentionConfig, FeedForwardConfig, LayersConfig, build, split_layer_kwargs
 from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, PolarEmbedding, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
-from .hyper import GatedMultiResidual, HyperResidual
-from .layout import LayerSpec, attn_to_ff, build_layout, par_layout, unit_length  # noqa: F401 - importable from here
+from .hyper import AttentionIntegration, GatedMultiResidual, HyperResidual, LayerIntegration
+from .layout import LayerSpec, attn_to_ff, build_layout, par_layout, per_layer, pop_schedules, unit_length  # noqa: F401
 from .residual import Residual, shift_amounts
 from .residual_updates import make_update
 from .reversible import ReversibleStack
 from .value_residual import ValueResidual
-
-
-def drop_context_tokens(ctx: ForwardContext, p: float) -> ForwardContext:
-    """Structured dropout of the cross-attention context (upstream's cross_attn_tokens_dropout): each
-    row keeps a random subset of ceil((1 - p) * its kept tokens), the same count m' = max(1, (1 - p) * m)
-    of columns for every row, so the context shrinks to (b, m', d)."""
-    context, mask = ctx.context, ctx.context_mask  # (b, m, d), (b, 1, 1, m) or None
-    b, m = context.shape[:2]
-    keep = max(1, int((1 - p) * m))
-    scores = torch.rand(b, m, device=context.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, 0, 0], -1.0)  # kept tokens first
-    idx = scores.topk(keep, dim=-1).indices  # (b, m')
-    context = context.gather(1, idx[..., None].expand(-1, -1, context.shape[-1]))
-    if mask is not None:
-        kept = mask[:, 0, 0]
-        counts = torch.ceil(kept.sum(-1) * (1 - p)).long()  # (b,)
-        new = kept.gather(1, idx) & (torch.arange(keep, device=idx.device) < counts[:, None])
-        mask = new[:, None, None, :]
-    return replace(ctx, context=context, context_mask=mask)
 
 
 def default_positions(mask, n: int, device, start=None):
@@ -111,6 +91,7 @@ class AttentionLayers(Pretrained, nn.Module):
         super().__init__()
         where = type(self).__name__
         # (the conflict table reads heads and depth)
+        kwargs, schedules = pop_schedules(kwargs)  # per-layer tuples (layout.py), checked per layer below
         lk, ak, fk = split_layer_kwargs(dict(kwargs, heads=heads, depth=depth), where)
         lk.pop("heads")
         lk.pop("depth")
@@ -160,28 +141,40 @@ class AttentionLayers(Pretrained, nn.Module):
         if len(shifts) != len(built):
             raise ValueError(f"shift_tokens as a tuple needs one amount per block: {len(built)} blocks "
                              f"({' '.join(str(s) for s in built)}), got {len(shifts)}")
-        blocks = []
+        blocks, own = [], per_layer(built, schedules)
+        for j in range(max(map(len, schedules.values()), default=1) if schedules else 0):  # each layer's conflicts
+            split_layer_kwargs(dict(kwargs, **{k: v[j] for k, v in schedules.items() if j < len(v)},
+                                    heads=heads, depth=depth), where)
         # value residual: a learned mix in every self-attention after the first built one (upstream's rule)
         first_a = next((i for i, s in enumerate(built) if s.kind == "a"), None)
+        # q, k, v from three mixtures (hyper-connections' reads, or LIMe's; its first self-attention reads one).
+        # LIMe's first block mixes one input: a softmax over it is 1, so no router is built there
+        qkv_views = cfg.qkv_receive_diff_residuals or cfg.integrate_layers
         for index, spec in enumerate(built):
+            views = 3 if spec.kind == "a" and qkv_views and not (cfg.integrate_layers and index == first_a) else 1
             if spec.kind == "f":
-                fn = FeedForward(dim, ff_cfg)
+                fn = FeedForward(dim, replace(ff_cfg, **{k[3:]: v for k, v in own[index].items()}))
             else:
                 mix = cfg.add_value_residual and cfg.learned_value_residual_mix and spec.kind == "a" and index != first_a
-                fn = Attention(dim, heads, self_cfg if spec.kind == "a" else attn_cfg, causal=cfg.causal,
+                layer_cfg = replace(self_cfg, **{k[5:]: v for k, v in own[index].items()}) if spec.kind == "a" else \
+                    replace(attn_cfg, **{k[5:]: AttentionConfig.__dataclass_fields__[k[5:]].default
+                                         for k in schedules if k.startswith("attn_")})  # (upstream: defaults)
+                fn = Attention(dim, heads, layer_cfg, causal=cfg.causal,
                                cross=spec.kind == "c", dim_context=cfg.dim_context,
                                polar=cfg.polar_pos_emb and spec.kind == "a", value_mix=mix)
             options = dict(placement=placement, make_norm=make, scale=spec.scale * branch_scale,
                            shifts=shift_amounts(shifts[index], cfg.causal),
                            layer_dropout=cfg.layer_dropout, post_norm=cfg.pre_and_post_norm, dim=dim,
                            layerscale=cfg.layerscale_init_value if cfg.use_layerscale else None,
-                           adaptive_scale=cond.make_layerscale() if cond is not None else None)
+                           adaptive_scale=cond.make_layerscale() if cond is not None else None,
+                           integrate=self._integration(cfg, index, views))
             if cfg.gated_multi_residual:
                 blocks.append(GatedMultiResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
                                                  **cfg.residual_fn_kwargs, **options))
             elif cfg.num_residual_streams > 1:
                 blocks.append(HyperResidual(fn, streams=cfg.num_residual_streams, layer_index=index,
-                                            sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters, **options))
+                                            sinkhorn_iters=cfg.hyper_conn_sinkhorn_iters,
+                                            views=1 if cfg.integrate_layers else views, **options))
             else:
                 blocks.append(Residual(fn, skip_scale=cfg.scale_residual is True,
                                        skip_constant=cfg.scale_residual_constant, gru=cfg.gate_residual,
@@ -225,6 +218,19 @@ class AttentionLayers(Pretrained, nn.Module):
         self._units = {id(b.fn): i // per_unit + 1 for i, b in reversed(list(enumerate(self.blocks)))}
         self._out_std = 0.02 / (2 * cfg.depth) ** 0.5
         self.apply(self._init_weights)
+
+    @staticmethod
+    def _integration(cfg: LayersConfig, index: int, views: int):
+        """Block ``index``'s router over the earlier blocks' inputs (hyper.py): LIMe's or aggregated
+        residuals'; None where it would mix one input by a softmax (always 1) or neither is on."""
+        rms = lambda: make_norm("rmsnorm", cfg.dim, eps=cfg.norm_eps)  # noqa: E731
+        if cfg.integrate_layers and (index > 0 or not cfg.layer_integrate_use_softmax):
+            return LayerIntegration(cfg.dim, index + 1, views=views, make_norm=rms,
+                                    use_softmax=cfg.layer_integrate_use_softmax)
+        if cfg.attn_aggregated_residuals and index > 0:
+            AttentionIntegration.check_kwargs(cfg.attn_aggregated_residual_kwargs)
+            return AttentionIntegration(cfg.dim, index + 1, make_norm=rms, **(cfg.attn_aggregated_residual_kwargs or {}))
+        return None
 
     @staticmethod
     def _execution(cfg: LayersConfig):
@@ -309,6 +315,11 @@ class AttentionLayers(Pretrained, nn.Module):
         elif hasattr(module, "reset_variant_parameters") and module is not self:
             module.reset_variant_parameters()  # zero-initialised gates and outputs stay so
 
+    def muon_parameters(self) -> list:
+        """Upstream's Muon parameter group: every attention's and feed-forward's own choice, once each."""
+        found = {id(p): p for m in self.modules() if isinstance(m, (Attention, FeedForward)) for p in m.muon_parameters()}
+        return list(found.values())
+
     @property
     def layer_cfg(self) -> LayersConfig:
         return self.cfg
@@ -357,8 +368,9 @@ class AttentionLayers(Pretrained, nn.Module):
             context=context, context_mask=context_mask[:, None, None, :] if context_mask is not None else None,
             cache=cache, need_weights=need_weights, values=ValueResidual() if self.cfg.add_value_residual else None)
 
-    def run(self, x, ctx: ForwardContext, attns: list | None = None):
-        """The blocks over x (b, n, dim) under ``ctx``: plain or reversible, then the final norm."""
+    def run(self, x, ctx: ForwardContext, attns: list | None = None, order: tuple | None = None):
+        """The blocks over x (b, n, dim) under ``ctx``: plain or reversible, then the final norm.
+        ``order``: indices of the blocks to run instead of the layout (upstream's ``repeat_blocks``)."""
         if self.training and self.cfg.cross_attn_tokens_dropout > 0 and ctx.context is not None:
             ctx = drop_context_tokens(ctx, self.cfg.cross_attn_tokens_dropout)
         if self.reinject is not None:
@@ -366,6 +378,8 @@ class AttentionLayers(Pretrained, nn.Module):
             if self.reinject_gate is not None:
                 inject = inject * torch.sigmoid(self.reinject_gate(x))
             ctx = replace(ctx, inject=inject)
+        if self.cfg.integrate_layers or self.cfg.attn_aggregated_residuals:  # a fresh list of block inputs per run
+            ctx = replace(ctx, layer_inputs=[])
         if self.cfg.residual_attn or self.cfg.cross_residual_attn:  # RealFormer: fresh score carries
             ctx = replace(ctx, self_scores=ScoreCarry() if self.cfg.residual_attn else None,
                           cross_scores=ScoreCarry() if self.cfg.cross_residual_attn else None)
@@ -374,7 +388,9 @@ class AttentionLayers(Pretrained, nn.Module):
         if self.reversible is not None:  # reversible.py: the same runner, one branch at a time
             x = self.reversible(self.blocks, x, ctx, attns)
         else:
-            x = run_sequential(self.layout, self.blocks, x, ctx, attns, skips=self.unet)
+            layout, blocks = (self.layout, self.blocks) if order is None else \
+                ([self.layout[i] for i in order], [self.blocks[i] for i in order])
+            x = run_sequential(layout, blocks, x, ctx, attns, skips=self.unet)
         if self.cfg.softclamp_output:  # Gemma 2: bounded by +-value, before the final norm
             x = softclamp(x, self.cfg.softclamp_output_value)
         if self.stream_emb is not None:
@@ -383,7 +399,11 @@ class AttentionLayers(Pretrained, nn.Module):
 
     def forward(self, x, mask=None, context=None, context_mask=None, *, positions=None, cache=None,
                 return_attn: bool = False, attn_mask=None, condition=None, mems=None, mem_masks=None,
-                hiddens: list | None = None, ff_deep_embeds=None, self_attn_kv_residuals=None):
+                hiddens: list | None = None, ff_deep_embeds=None, pos=None, context_pos=None,
+                return_hiddens: bool = False, cache_age: int = 1, layer_hiddens: list | None = None,
+                repeat_blocks=None, causal: bool | None = None, self_attn_additional_kv=None,
+                additional_kv_mask=None, detach_additional_kv: bool = False, cross_attn_kv_residuals=None,
+                self_attn_kv_residuals=None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -398,7 +418,19 @@ class AttentionLayers(Pretrained, nn.Module):
         of the l-th feed-forward block at [:, :, l] (the wrapper's ``ff_deep_embed``).
         ``self_attn_kv_residuals`` (b, n|1, dim) or (L, b, n|1, dim): added to the key/value input (not
         the queries') of the first (l-th) self-attention block (upstream's; the Free Transformer's latent).
+        Upstream's ``pos``, ``context_pos``, ``return_hiddens`` (with ``cache=`` its Intermediates and
+        ``cache_age``): stack_calls.py. ``layer_hiddens``: a list that receives each block's input.
         """
+        if return_hiddens:
+            return stack_calls.forward_with_hiddens(self, x, mask, context, context_mask, cache=cache,
+                                                    cache_age=cache_age, kwargs=dict(
+                positions=positions, return_attn=return_attn, attn_mask=attn_mask, condition=condition, mems=mems,
+                mem_masks=mem_masks, hiddens=hiddens, ff_deep_embeds=ff_deep_embeds, pos=pos, context_pos=context_pos,
+                repeat_blocks=repeat_blocks, causal=causal, self_attn_additional_kv=self_attn_additional_kv,
+                additional_kv_mask=additional_kv_mask, detach_additional_kv=detach_additional_kv,
+                cross_attn_kv_residuals=cross_attn_kv_residuals))
+        if isinstance(cache, Intermediates):
+            raise ValueError("cache= an Intermediates is upstream's call: pass return_hiddens=True with it")
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
         b, n, _ = x.shape
         if attn_mask is not None:
@@ -412,12 +444,18 @@ class AttentionLayers(Pretrained, nn.Module):
         if cache is not None and self.cfg.shift_tokens:
             raise ValueError("shift_tokens mixes each token with its predecessors' features, which a key/value cache "
                              "does not keep; decode without a cache (cache_kv=False)")
+        head_pos = None
+        if pos is not None:
+            if positions is not None:
+                raise TypeError("got pos and positions, two values for the tokens' positions; give one of them")
+            positions, head_pos = stack_calls.custom_positions(self, pos, b, n, cached=cache is not None)
         start = cache.next_positions() if cache is not None else None
         if positions is None:
             positions = default_positions(mask, n, x.device, start)
         key_positions, self_mask = positions, mask[:, None, None, :] if mask is not None else None
         if attn_mask is not None:
             self_mask = attn_mask if self_mask is None else self_mask & attn_mask  # (b, 1, n, n)
+        causal = stack_calls.causal_override(self, causal, cache=cache, xl=mems is not None or hiddens is not None)
         if cache is not None:
             if not self.causal:
                 raise ValueError("a key/value cache needs a causal stack (Decoder): a bidirectional layer's "
@@ -426,6 +464,9 @@ class AttentionLayers(Pretrained, nn.Module):
 
         ctx = self.forward_context(positions, key_positions=key_positions, self_mask=self_mask, context=context,
                                    context_mask=context_mask, cache=cache, need_weights=return_attn)
+        ctx = stack_calls.call_context(self, ctx, b, causal=causal, head_pos=head_pos, context_pos=context_pos,
+                                       layer_hiddens=layer_hiddens, additional=(self_attn_additional_kv,
+                                       additional_kv_mask, detach_additional_kv), cross_residuals=cross_attn_kv_residuals)
         if self.conditioning is not None:
             ctx = replace(ctx, condition=self.conditioning(condition, b, n))
         elif condition is not None:
@@ -441,8 +482,10 @@ class AttentionLayers(Pretrained, nn.Module):
                 raise ValueError("self_attn_kv_residuals is not supported with reversible=True (the recomputing "
                                  "backward takes no per-block inputs)")
             ctx = replace(ctx, kv_residuals=kv_residuals_per_block(self.layout, self_attn_kv_residuals, b, n, self.dim))
+        order = None if repeat_blocks is None else stack_calls.repeat_order(
+            self, repeat_blocks, per_block=any(v is not None for v in (cache, ctx.mems, ctx.hiddens, ctx.ff_embeds)))
         attns = [] if return_attn else None
-        x = self.run(x, ctx, attns)
+        x = self.run(x, ctx, attns, order)
 
         if cache is not None:
             new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)

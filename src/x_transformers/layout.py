@@ -81,3 +81,57 @@ def attn_to_ff(layout: tuple[LayerSpec, ...], n: int) -> tuple[LayerSpec, ...]:
                          f"layout ({len(where)}: {' '.join(str(s) for s in layout)})")
     top = set(where[len(where) - n:])
     return tuple(LayerSpec("f") if i in top else s for i, s in enumerate(layout))
+
+
+# Per-layer values (upstream's per-layer keyword tuples, e.g. from layer_schedule): an attn_ / ff_ keyword
+# given as a tuple holds one value per self-attention / feed-forward block. Not for the keywords the whole
+# stack reads (rotary widths, the cache layout, the TUPE scale, ...): those are one value.
+STACK_WIDE = {"attn_dim_head", "attn_kv_heads", "attn_one_kv_head", "attn_inverted_attention", "attn_qk_norm",
+              "attn_scale", "attn_selective", "attn_pre_mix", "attn_bias", "ff_dim_out", "ff_glu", "ff_no_bias"}
+
+
+def layer_schedule(start: float, end: float, depth: int, schedule="cosine") -> tuple[float, ...]:
+    """``depth`` values from ``start`` to ``end`` (upstream's helper): ``"linear"``, ``"cosine"``
+    (start + (end - start) * (1 - cos(pi t)) / 2) or a function (start, end, t) of t = l / (depth - 1)."""
+    import math
+    curves = {"linear": lambda a, b, t: a + (b - a) * t,
+              "cosine": lambda a, b, t: a + (b - a) * 0.5 * (1 - math.cos(math.pi * t))}
+    if not callable(schedule) and schedule not in curves:
+        raise ValueError(f"schedule must be 'linear', 'cosine' or a function (start, end, t), got {schedule!r}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+        raise ValueError(f"layer_schedule needs depth >= 2 (an int), got {depth!r}")
+    fn = curves.get(schedule, schedule) if isinstance(schedule, str) else schedule
+    return tuple(fn(start, end, i / (depth - 1)) for i in range(depth))
+
+
+def pop_schedules(kwargs: dict) -> tuple[dict, dict]:
+    """(the keywords with each per-layer tuple replaced by its first value, {keyword: the tuple})."""
+    from .config import AttentionConfig, FeedForwardConfig, field_names
+    fields = {"attn_" + n for n in field_names(AttentionConfig)} | {"ff_" + n for n in field_names(FeedForwardConfig)}
+    schedules = {k: tuple(v) for k, v in kwargs.items() if k in fields and isinstance(v, (tuple, list)) and v}
+    wide = sorted(set(schedules) & STACK_WIDE)
+    if wide:
+        raise ValueError(f"{wide[0]} is one value for the whole stack; per-layer tuples are for the other attn_ / ff_ "
+                         f"keywords")
+    return dict(kwargs, **{k: v[0] for k, v in schedules.items()}), schedules
+
+
+def per_layer(layout, schedules: dict, kinds=("a", "f")) -> list[dict]:
+    """Per block of ``layout``: {keyword: its value} from the schedules (attn_ keywords on self-attention
+    blocks, ff_ on feed-forwards), checking that each tuple has one value per block of its kind."""
+    counts = {k: sum(s.kind == k for s in layout) for k in kinds}
+    for key, values in schedules.items():
+        kind = "a" if key.startswith("attn_") else "f"
+        if len(values) != counts[kind]:
+            what = "self-attention" if kind == "a" else "feed-forward"
+            raise ValueError(f"{key} as a tuple needs one value per {what} block: the layout has {counts[kind]}, "
+                             f"got {len(values)}")
+    seen, out = {"a": 0, "f": 0}, []
+    for spec in layout:
+        if spec.kind not in seen:
+            out.append({})
+            continue
+        j = seen[spec.kind]
+        seen[spec.kind] += 1
+        out.append({k: v[j] for k, v in schedules.items() if (k.startswith("attn_")) == (spec.kind == "a")})
+    return out

@@ -197,16 +197,25 @@ class AlibiPositionalBias(nn.Module):
     def __init__(self, heads: int, alibi_heads: int | None = None, slopes=None):
         super().__init__()
         alibi_heads = alibi_heads or heads
+        self.heads, self.alibi_heads = heads, alibi_heads
         own = alibi_slopes(alibi_heads) if slopes is None else [float(v) for v in slopes]
         slopes = torch.tensor(own + [0.0] * (heads - alibi_heads))
         self.register_buffer("slopes", slopes.view(1, heads, 1, 1), persistent=False)
 
     def forward(self, q_pos, k_pos):
-        dist = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).abs().float()  # (b, 1, n, m)
+        """q_pos (b|1, n), k_pos (b|1, m), or per head (b|1, heads, n) / (b|1, heads, m) -> (b|1, heads, n, m)."""
+        if q_pos.ndim == 3:
+            dist = (q_pos[..., :, None] - k_pos[..., None, :]).abs().float()  # (b, h, n, m)
+        else:
+            dist = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).abs().float()  # (b, 1, n, m)
         return -self.slopes * dist
 
     def score_mod(self, q_pos, k_pos) -> "AlibiScoreMod":
-        """The bias as a lazily materialised description (dense or FlexAttention score_mod)."""
+        """The bias as a lazily materialised description (dense or FlexAttention score_mod). Per-head
+        positions (b|1, alibi_heads, n) are padded with zeros for the heads without ALiBi (slope 0)."""
+        if q_pos.ndim == 3 and q_pos.shape[1] < self.heads:
+            q_pos = nn.functional.pad(q_pos, (0, 0, 0, self.heads - q_pos.shape[1]))
+            k_pos = nn.functional.pad(k_pos, (0, 0, 0, self.heads - k_pos.shape[1]))
         return AlibiScoreMod(self, q_pos, k_pos)
 
 
@@ -461,6 +470,11 @@ class AlibiScoreMod(ScoreMod):
     def flex_score_mod(self, batch: int):
         slopes = self.module.slopes.view(-1)  # (h,) float32
         qp, kp, qb, kb = self.q_pos, self.k_pos, _row(self.q_pos), _row(self.k_pos)
+
+        if qp.ndim == 3:  # each head its own positions
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score - slopes[h] * (qp[qb(b), h, q_idx] - kp[kb(b), h, kv_idx]).abs()
+            return score_mod
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score - slopes[h] * (qp[qb(b), q_idx] - kp[kb(b), kv_idx]).abs()

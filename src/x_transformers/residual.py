@@ -59,7 +59,7 @@ class Residual(nn.Module):
                  post_norm: bool = False, dim: int | None = None, layerscale: float | None = None,
                  skip_scale: bool = False, skip_constant: float = 1.0, gru: bool = False,
                  shifts: tuple[int, ...] | None = None, adaptive_scale: nn.Module | None = None,
-                 update: nn.Module | None = None):
+                 update: nn.Module | None = None, integrate: nn.Module | None = None):
         super().__init__()
         self.fn = fn
         self.placement = placement
@@ -76,6 +76,7 @@ class Residual(nn.Module):
         self.shifts = shifts  # token shift of the branch input (shift_tokens, as RWKV's token shift)
         self.adaptive_scale = adaptive_scale
         self.update = update  # how the branch enters the stream when not by a sum (residual_updates.py)
+        self.integrate = integrate  # LIMe (hyper.py): the branch reads a mix of every earlier block's input
 
     def forward(self, x, *args, seq_mask=None, **kwargs):
         """Returns (new x, whatever f returned beside its output, or None). ``seq_mask`` (b, n): the
@@ -99,12 +100,17 @@ class Residual(nn.Module):
             x = apply_norm(self.post_norm, x, condition)
         return x, extra
 
-    def branch(self, x, *args, inject=None, shift_mask=None, condition=None, mem=None, **kwargs):
+    def branch(self, x, *args, inject=None, shift_mask=None, condition=None, mem=None, layer_inputs=None, **kwargs):
         """The branch alone, ``(scale * g * gamma * f(norm(x + inject)), extra)``; ``(None, None)``
-        when layer dropout drops it. Reversible layers (reversible.py) add it to the other stream."""
+        when layer dropout drops it. Reversible layers (reversible.py) add it to the other stream.
+        ``layer_inputs``: the inputs of this run's earlier blocks, which this one's joins (LIMe)."""
         drop = self.training and self.layer_dropout > 0
         if drop and not torch.compiler.is_compiling() and torch.rand(()).item() < self.layer_dropout:
             return None, None  # drop the whole branch (a CPU draw: no device sync)
+        if layer_inputs is not None:
+            layer_inputs.append(x)
+            if self.integrate is not None:  # (the first block has none: its one input is its mix)
+                x = self.integrate(x, layer_inputs)  # (b, n, d), or (3, b, n, d): q, k, v inputs
         h = x if inject is None else x + inject
         h = apply_norm(self.pre_norm, h, condition) if self.pre_norm is not None else h
         if self.pre_norm is not None and kwargs.get("kv") is not None:

@@ -20,6 +20,7 @@ from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_type
 from .funnel import FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
 from .layers import AttentionLayers, check_mask, default_positions
+from .stack_calls import STACK_CALL_KEYS
 from .heads import AttentionPool, Mixture, calc_z_loss, finish_logits, masked_mean, next_embed_head, output_heads
 from .norms import LayerNorm
 from .positional import AbsolutePositionalEmbedding, SinusoidalPositionalEmbedding
@@ -145,8 +146,12 @@ class TransformerWrapper(Pretrained, nn.Module):
         self.exit_gate = nn.Linear(dim, 1, bias=False) if cfg.looped else None
 
     def check_inputs(self, x, mask):
-        if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dtype == torch.bool:
+        """Checks the token ids and mask; returns the ids, floats holding whole numbers as long (upstream casts)."""
+        if x.dtype.is_floating_point and x.numel() and not _is_compiling() and not bool((x == x.trunc()).all()):
+            raise ValueError(f"token ids must be integers, got {x.dtype} with fractional values")
+        if x.dtype == torch.bool or x.dtype.is_complex:
             raise ValueError(f"token ids must be an integer tensor, got {x.dtype}")
+        x = x.long() if x.dtype.is_floating_point else x
         if x.ndim != 2:
             raise ValueError(f"token ids must have shape (batch, seq), got {tuple(x.shape)}")
         check_mask(mask, x.shape[0], x.shape[1])
@@ -157,6 +162,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             if outside.any().item():
                 bad = x[outside][0].item()
                 raise ValueError(f"token id {bad} is outside [0, {self.num_tokens}) (num_tokens={self.num_tokens})")
+        return x
 
     @property
     def logits_weight(self):
@@ -173,6 +179,9 @@ class TransformerWrapper(Pretrained, nn.Module):
             if on:
                 raise ValueError(f"logits_weight: with {key} the logits are not hidden states times one weight")
         return self.to_logits.weight if self.to_logits is not None else self.token_emb.weight
+
+    def muon_parameters(self) -> list:
+        return self.attn_layers.muon_parameters()  # upstream's: the stack's group
 
     @property
     def can_cache_kv(self) -> bool:
@@ -231,20 +240,20 @@ class TransformerWrapper(Pretrained, nn.Module):
         """
         if return_next_embed_pred and self.to_next_embed_pred is None:
             raise ValueError("return_next_embed_pred=True needs a wrapper built with add_continuous_pred_head=True")
+        to_stack = {k: upstream.pop(k) for k in STACK_CALL_KEYS if k in upstream}  # the stack's (stack_calls.py)
+        emb_kw, logit_kw = checks.module_kwargs(self, upstream.pop("token_emb_kwargs", None),
+                                                upstream.pop("to_logits_kwargs", None), cache)
         checks.refuse_upstream(upstream, "TransformerWrapper.forward")
-        if causal is not None and causal != getattr(self.attn_layers, "causal", None):
-            raise ValueError(f"causal={causal!r} at forward: causality is fixed when the stack is built here "
-                             f"(Decoder causal, Encoder not); build the other stack instead")
         want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
                       or return_attn_z_loss)
-        self.check_inputs(x, mask)
+        x = self.check_inputs(x, mask)
         loop_steps = looped.check_loop_call(self, looped_steps=looped_steps, max_looped_steps=max_looped_steps,
                                             looped_inference=looped_inference,
                                             looped_exit_prob_threshold=looped_exit_prob_threshold,
                                             looped_pred_all_logits=looped_pred_all_logits)
         prev_exits = getattr(cache, "exit_indices", None)
         self._check_extra_inputs(x, prepend_embeds, prepend_mask, embed_ids, cache, return_attn_z_loss)
-        build = want_inter and self_attn_kv_mask is None and prepend_embeds is None
+        build = want_inter and self_attn_kv_mask is None and prepend_embeds is None and causal is not False
         cache, offset, x, new = self._resolve_cache(cache, x, dict(mask=mask, pos=pos, sum_embeds=sum_embeds,
                                                                    self_attn_kv_mask=self_attn_kv_mask,
                                                                    embed_ids=embed_ids),
@@ -254,6 +263,9 @@ class TransformerWrapper(Pretrained, nn.Module):
         side = dict(xl or {}, init_embed=None)  # what the stack takes besides x, and what _run reports back
         if condition is not None:
             side["condition"] = condition
+        if causal is not None:  # upstream's per-call override of the stack's causality (layers.py checks it)
+            side["causal"] = causal
+        side.update(to_stack, token_emb_kwargs=emb_kw)
         if self.recycled_proj is not None or recycle_steps is not None:
             side["recycle_steps"] = recurrence.recycle_steps(self, recycle_steps, cache)
         if loop_steps is not None:
@@ -262,7 +274,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         if offset is None and (seq_start_pos is not None or want_inter):
             offset = self._columns_seen(cache)  # a host-side count: a compiled decode step never reads it
         if seq_start_pos is not None:
-            mask = self._start_mask(seq_start_pos, mask, x, offset)
+            mask = checks.start_mask(seq_start_pos, mask, x, offset)
         if kv_mask is not None:
             check_mask(kv_mask, *x.shape, name="self_attn_kv_mask")
             if cache is not None:
@@ -279,7 +291,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         logits = None
         embeddings = return_embeddings or return_embeddings_and_intermediates or self.cfg.return_only_embed
         if not embeddings or return_logits_and_embeddings or return_logit_entropies:
-            logits = self.logits_from(hidden)
+            logits = self.logits_from(hidden, **logit_kw)
         if return_logits_and_embeddings:
             out = (logits, hidden)
         elif embeddings:
@@ -362,9 +374,10 @@ class TransformerWrapper(Pretrained, nn.Module):
             pooled = self.attn_pool(seq, seq_mask)
         return hidden, seq, seq_mask, pooled
 
-    def logits_from(self, hidden):
+    def logits_from(self, hidden, **head_kwargs):
         """Final hidden states (..., dim) -> logits (..., v) through the head (or the tied
-        embedding); a tuple of them with ``num_output_heads`` > 1."""
+        embedding); a tuple of them with ``num_output_heads`` > 1. ``head_kwargs``: a custom
+        ``to_logits`` module's own (upstream's ``to_logits_kwargs``)."""
         if self.cfg.return_only_embed:
             raise ValueError("this wrapper has no output head (return_only_embed=True); it returns hidden states")
         weights = None
@@ -375,7 +388,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                       squeeze=self.cfg.squeeze_out_last_dim)
         if isinstance(self.to_logits, nn.ModuleList):
             return tuple(finish_logits(head(hidden), **finish) for head in self.to_logits)
-        raw = self.to_logits(hidden) if self.to_logits is not None else hidden @ self.token_emb.weight.t()
+        raw = self.to_logits(hidden, **head_kwargs) if self.to_logits is not None else hidden @ self.token_emb.weight.t()
         return finish_logits(raw, **finish)
 
     def _resolve_cache(self, cache, x, per_token: dict, input_not_include_cache, build: bool):
@@ -425,17 +438,6 @@ class TransformerWrapper(Pretrained, nn.Module):
             return seen - M * -(-seen // (every + M))
         return max(seen - M - cache.prefix_len, 0)
 
-    @staticmethod
-    def _start_mask(seq_start_pos, mask, x, offset):
-        """Upstream's seq_start_pos (b,): each row's left padding; those columns become masked."""
-        if not isinstance(seq_start_pos, torch.Tensor) or seq_start_pos.shape != (x.shape[0],) \
-                or seq_start_pos.dtype.is_floating_point or seq_start_pos.dtype == torch.bool:
-            raise ValueError(f"seq_start_pos must be an integer tensor of shape ({x.shape[0]},), each row's count "
-                             f"of left padding; got {seq_start_pos!r}")
-        cols = offset + torch.arange(x.shape[1], device=x.device)
-        start = cols[None, :] >= seq_start_pos.to(x.device)[:, None]
-        return start if mask is None else mask & start
-
     def _positions(self, x, mask, pos, cache):
         """Token positions (b|1, n) and, where ``pos`` is a float tensor, the embedding it replaces."""
         if pos is not None and pos.dtype.is_floating_point:
@@ -462,10 +464,10 @@ class TransformerWrapper(Pretrained, nn.Module):
         # a KVCache: the last position + 1; a static one: kept slots (prepended columns not counted)
         return cache.next_positions() - M - cache.prefix_len
 
-    def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids):
+    def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids, emb_kw=None):
         """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
         n = x.shape[1]
-        h = self.token_emb(x)
+        h = self.token_emb(x, **(emb_kw or {}))
         if self.custom_token_emb and not _is_compiling() and (
                 not isinstance(h, torch.Tensor) or h.shape != (*x.shape, self.emb_dim) or not h.is_floating_point()):
             raise ValueError(f"token_emb must map token ids {tuple(x.shape)} to float embeddings "
@@ -498,9 +500,9 @@ class TransformerWrapper(Pretrained, nn.Module):
         b, n = x.shape
         M = self.num_memory_tokens
         first = cache is None or cache.empty
-        stack_kw = {"condition": side["condition"]} if side and side.get("condition") is not None else {}
+        stack_kw = {k: side[k] for k in ("condition", "causal", *STACK_CALL_KEYS) if side and side.get(k) is not None}
         positions, external = self._positions(x, mask, pos, cache)
-        h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids)
+        h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids, side and side.get("token_emb_kwargs"))
 
         prepend, prepend_mask = prefix
         if prepend is not None:  # PaLI-style prefix (2209.06794), ahead of the tokens

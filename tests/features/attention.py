@@ -39,7 +39,7 @@ register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
 register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer",
          zero_grad=("to_q", "to_k", "pre_norm", "mem_k", "mem_v", "pre_mix", "qk_scale", "q_gain", "k_gain",
                     "to_latent_q", "to_rope_k", "rel_pos.", "rel_proj.", "tupe.", "polar.", "post_norm.g", "cope.",
-                    "forget_bias."))
+                    "forget_bias.", ".integrate."))  # (LIMe's routers: as the pre-norms, in the rows where those are zero)
 register("mem_kv_qk_norm", layers=dict(attn_num_mem_kv=2, attn_qk_norm=True), zero_grad=QK_SCALE_INVARIANT)
 register("shared_qk_mem_kv", layers=dict(attn_shared_qk=True, attn_num_mem_kv=1), group="kv")
 

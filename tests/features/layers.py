@@ -11,7 +11,7 @@ register("sandwich_norm", layers=dict(sandwich_norm=True), group="placement")
 # encoder-decoder, the encoder; one optimizer step opens the gates
 register("rezero", layers=dict(use_rezero=True), group="placement",
          zero_init=("gate", ".fn.", "rel_pos.", "tupe.", "polar.", "memory_tokens", "encoder.token_emb", "encoder.pos_emb",
-                    "upsampler"))
+                    "upsampler", ".integrate."))  # (LIMe's routers mix block inputs all equal while the gates are shut)
 register("ff_glu", layers=dict(ff_glu=True, ff_activation="swish"))
 register("ff_relu_squared", layers=dict(ff_activation="relu_squared"))
 register("ff_no_bias", layers=dict(ff_no_bias=True))

@@ -58,3 +58,20 @@ register("polar_pos_emb", layers=dict(polar_pos_emb=True, polar_bias_uniform_ini
 register("gated_multi_residual", layers=dict(gated_multi_residual=True, num_residual_streams=2,
                                              residual_fn_kwargs=dict(read_gate_rank=2)), kinds=("decoder",),
          zero_init=("to_bottleneck", "dynamic_scale"))
+# LIMe (2502.09245): every branch reads a learned mix of the earlier blocks' inputs; its self-attentions after
+# the first read three mixtures (q, k, v)
+register("integrate_layers", layers=dict(integrate_layers=True))
+# (not its ReLU router: a router whose logits are negative on every token closes its block, gradients and
+# all, which the harness's gradient property would report; tests/test_layer_integration.py checks it)
+# hyper-connections whose self-attentions read q, k and v from three mixtures of the streams
+register("qkv_diff_residuals", layers=dict(num_residual_streams=2, qkv_receive_diff_residuals=True),
+         kinds=("decoder", "encoder", "encdec"), zero_init=("dynamic_", "static_", ".norm.weight", "stream_emb"))
+# aggregated residuals: attention over the earlier blocks' inputs (its query's low-rank down projection and
+# the norm before it reach the output only through the up projection, zero at init)
+register("attn_aggregated_residuals", layers=dict(attn_aggregated_residuals=True,
+                                                  attn_aggregated_residual_kwargs=dict(lora_rank=4)),
+         zero_init=("integrate.down", "integrate.query_in_norm"),
+         # (not encdec: under ReZero its encoder's query path is a chain of four zero-initialised links, the
+         # decoder's cross gates, the encoder's gates, the up and the down projections: past the three steps
+         # the gradient property allows; decoder and encoder stacks cover it)
+         kinds=("decoder", "encoder", "cross", "funnel"))

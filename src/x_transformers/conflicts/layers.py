@@ -241,3 +241,41 @@ declare("tupe", "alibi_pos_bias", when=lambda s: on(s, "tupe") and on(s, "alibi_
         reason="ALiBi exists to extrapolate past the training length, which TUPE's learned position table "
                "forbids; use rel_pos_bias=True for TUPE-R",
         example=dict(tupe=True, tupe_max_seq_len=16, alibi_pos_bias=True))
+
+# q, k, v from three mixtures: hyper-connections' reads (num_residual_streams > 1) or LIMe's
+_QKV = lambda s: on(s, "qkv_receive_diff_residuals") or on(s, "integrate_layers")
+declare("qkv_receive_diff_residuals", "num_residual_streams",
+        when=lambda s: on(s, "qkv_receive_diff_residuals") and not on(s, "integrate_layers") and not (
+            _STREAMS(s) and not on(s, "gated_multi_residual")),
+        reason="q, k and v read three mixtures of the residual streams: it needs hyper-connections "
+               "(num_residual_streams > 1, not gated_multi_residual) or integrate_layers",
+        example=dict(qkv_receive_diff_residuals=True))
+for _k, _ex in (("attn_shared_qk", True), ("shift_tokens", 1)):
+    declare("qkv_receive_diff_residuals", _k, when=lambda s, k=_k: _QKV(s) and on(s, k),
+            reason="self-attention's keys would not read their own input (shared-QK: the keys are the queries; "
+                   "token shift: one sequence is shifted)",
+            example={"integrate_layers": True, _k: _ex})
+declare("qkv_receive_diff_residuals", "FunnelEncoder", when=lambda s: on(s, "qkv_receive_diff_residuals"),
+        reason="a funnel's pooled queries read keys and values from the unpooled sequence, not a mixture",
+        example=dict(qkv_receive_diff_residuals=True, num_residual_streams=2), kinds=("funnel",))
+# LIMe (2502.09245): block l mixes the inputs of blocks 0..l of one run, each block run once, in order
+# (aggregated residuals likewise, by attention over the same inputs)
+_AGG = {"attn_aggregated_residuals": True, "attn_aggregated_residual_kwargs": {"lora_rank": 4}}
+for _f, _fex in (("integrate_layers", {"integrate_layers": True}), ("attn_aggregated_residuals", _AGG)):
+    for _k, _ex in (("reversible", True), ("layer_dropout", 0.1), ("weight_tie_layers", True),
+                    ("layers_execute_order", (0, 1))):
+        declare(_f, _k, when=lambda s, f=_f, k=_k: on(s, f) and on(s, k),
+                reason="block l mixes the inputs of blocks 0..l, each run once in the built order (a dropped, "
+                       "repeated or reordered block changes that count; the reversible coupling has no block inputs)",
+                example={**_fex, _k: _ex})
+for _k, _ex in (("integrate_layers", True), ("qkv_receive_diff_residuals", True), ("gate_residual", True),
+                ("orthog_residual", True), ("mv_split_residual", True), ("gated_multi_residual", True),
+                ("scale_residual", 0.5), ("depth_scale_residual", True)):
+    declare("attn_aggregated_residuals", _k, when=lambda s, k=_k: on(s, "attn_aggregated_residuals") and (
+                on(s, k) and not (k == "scale_residual" and s[k] is True)),
+            reason="aggregated residuals choose each branch's input their own way and run the branches unscaled "
+                   "(upstream: mutually exclusive, or the scale silently dropped); choose one",
+            example={**_AGG, _k: _ex, **({"num_residual_streams": 2} if _k == "qkv_receive_diff_residuals" else {}),
+                     **({"num_residual_streams": 2, "residual_fn_kwargs": {"read_gate_rank": 2}}
+                        if _k == "gated_multi_residual" else {})},
+            kinds=tuple(k for k in STACK_KINDS if k != "funnel") if _k == "qkv_receive_diff_residuals" else STACK_KINDS)
