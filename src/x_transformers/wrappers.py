@@ -15,7 +15,7 @@ from torch import nn
 
 from .attend import record_logsumexp
 from .hub import Pretrained
-from . import aliases, checks, conflicts, looped, recurrence
+from . import aliases, checks, conflicts, looped, recurrence, wrapper_inputs
 from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
@@ -324,34 +324,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         return (out, attns) if return_attn else out
 
     def _check_extra_inputs(self, x, prepend_embeds, prepend_mask, embed_ids, cache, z_loss):
-        b, emb_dim = x.shape[0], self.emb_dim
-        if prepend_embeds is not None:
-            if not (isinstance(prepend_embeds, torch.Tensor) and prepend_embeds.is_floating_point()
-                    and prepend_embeds.ndim == 3 and prepend_embeds.shape[0] == b and prepend_embeds.shape[2] == emb_dim):
-                raise ValueError(f"prepend_embeds must be a float tensor (b={b}, P, emb_dim={emb_dim}), got "
-                                 f"{getattr(prepend_embeds, 'dtype', type(prepend_embeds))} "
-                                 f"{tuple(getattr(prepend_embeds, 'shape', ()))}")
-            fresh = isinstance(cache, (KVCache, StaticKVCache)) and cache.empty
-            if cache is not None and not (fresh and prepend_mask is None and self._plain_memory):
-                raise ValueError("prepend_embeds with cache=: only the call that fills an empty KVCache / "
-                                 "StaticKVCache takes them (no prepend_mask, no interspersed or [CLS]-shared memory "
-                                 "tokens); later calls give only new tokens")
-            check_mask(prepend_mask, b, prepend_embeds.shape[1], name="prepend_mask")
-        elif prepend_mask is not None:
-            raise ValueError("prepend_mask without prepend_embeds")
-        names = set(self.cfg.embed_num_tokens or {})
-        given = set(embed_ids or {})
-        if names != given:
-            raise ValueError(f"embed_ids must give ids for exactly the embed_num_tokens tables {sorted(names)}, "
-                             f"got {sorted(given)}")
-        for name, ids in (embed_ids or {}).items():
-            if not isinstance(ids, torch.Tensor) or ids.shape != x.shape or ids.is_floating_point():
-                raise ValueError(f"embed_ids[{name!r}] must be integer ids shaped like x {tuple(x.shape)}")
-            if not _is_compiling() and ids.numel() and ((ids < 0) | (ids >= self.cfg.embed_num_tokens[name])).any():
-                raise ValueError(f"embed_ids[{name!r}] has ids outside [0, {self.cfg.embed_num_tokens[name]})")
-        if z_loss and isinstance(self.attn_layers, AttentionLayers) and self.attn_layers.reversible is not None:
-            raise ValueError("return_attn_z_loss with reversible=True: the reversible stack runs its forward "
-                             "without gradients, so the loss could not train anything")
+        wrapper_inputs.check_extra_inputs(self, x, prepend_embeds, prepend_mask, embed_ids, cache, z_loss)
 
     def _pool(self, out, x, mask, prefix, want_inter):
         """The stack's output (b, C + P + n, dim) -> (hidden: pooled or per token, the sequence
@@ -413,7 +386,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                                      f"(input_not_include_cache=False): give more than {offset} tokens, or only "
                                      f"the new ones with input_not_include_cache=True")
                 x = x[:, offset:]
-                per_token = {k: _drop_cached(v, offset) for k, v in per_token.items()}
+                per_token = {k: wrapper_inputs.drop_cached(v, offset) for k, v in per_token.items()}
             return kv, offset, x, per_token
         if isinstance(cache, (KVCache, StaticKVCache)):
             if input_not_include_cache is False:
@@ -536,7 +509,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             if P:
                 raise ValueError("memory_tokens_interspersed_every with prepend_embeds is not supported")
             offset = 0 if first else self._columns_seen(cache)
-            h, layer_positions, layer_mask, real = self._intersperse(h, positions, layer_mask, offset)
+            h, layer_positions, layer_mask, real = wrapper_inputs.intersperse(
+                h, positions, layer_mask, offset, self.memory_tokens, self.cfg.memory_tokens_interspersed_every)
             out = self.attn_layers(h, layer_mask, context, context_mask, positions=layer_positions, cache=cache,
                                    return_attn=return_attn, **stack_kw)
             out, attns = out if return_attn else (out, None)
@@ -574,46 +548,6 @@ class TransformerWrapper(Pretrained, nn.Module):
         else:
             out, attns = recurrence.recycle(stack, h, self.recycled_proj, side["recycle_steps"])
         return (out[:, M:] if M and first else out), attns
-
-    def _intersperse(self, h, positions, mask, offset: int):
-        """The memory tokens before every ``every``-th token column (upstream's memory_tokens_interspersed_every):
-        h (b, n, dim) of the token columns offset..offset+n-1 -> the stack's input (b, n + M * groups, dim),
-        its positions and mask, and the indices of the token rows in it. A token's position moves up by M
-        for each memory group up to it; a group sits at the M positions just before its chunk's first token."""
-        every, M = self.cfg.memory_tokens_interspersed_every, self.num_memory_tokens
-        b, n, _ = h.shape
-        cols = offset + torch.arange(n, device=h.device)
-        tok_pos = positions + M * (cols // every + 1)  # (b|1, n)
-        mem = self.memory_tokens.to(h.dtype)[None].expand(b, -1, -1)
-        steps = torch.arange(M, device=h.device) - M
-        pieces, pos, keep, real, at = [], [], [], [], 0
-        starts = [i for i in range(n) if (offset + i) % every == 0]
-        for lo, hi in zip([0] + starts, starts + [n]):
-            if hi > lo:  # tokens lo..hi-1
-                pieces.append(h[:, lo:hi])
-                pos.append(tok_pos[:, lo:hi])
-                keep.append(mask[:, lo:hi] if mask is not None else None)
-                real.extend(range(at, at + hi - lo))
-                at += hi - lo
-            if hi < n:  # a memory group before token hi
-                pieces.append(mem)
-                pos.append(tok_pos[:, hi:hi + 1] + steps)
-                keep.append(torch.ones(b, M, dtype=torch.bool, device=h.device) if mask is not None else None)
-                at += M
-        rows = max(p.shape[0] for p in pos)
-        positions = torch.cat([p.expand(rows, -1) for p in pos], dim=1)
-        mask = torch.cat(keep, dim=1) if mask is not None else None
-        return torch.cat(pieces, dim=1), positions, mask, torch.tensor(real, device=h.device, dtype=torch.long)
-
-
-def _drop_cached(t, offset: int):
-    """A per-token input over the whole sequence -> over the new tokens only (columns >= offset):
-    the token axis is the last of a 1-D long ``pos``, else the second."""
-    if t is None:
-        return None
-    if isinstance(t, dict):
-        return {k: _drop_cached(v, offset) for k, v in t.items()}
-    return t[offset:] if t.ndim == 1 else t[:, offset:]
 
 
 def stack_settings(attn_layers) -> dict:
