@@ -356,12 +356,16 @@ declare("attn_latent_rope_subheads", "attn_rotate_num_heads", when=lambda s: on(
         reason="the decoupled rope heads are the heads rotary turns; give one of the two (as upstream)",
         example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=1, rotary_pos_emb=True,
                      attn_rotate_num_heads=1), kinds=("decoder", "encoder", "funnel") + XT)
+def _key_heads(s: dict) -> set:
+    """The key head counts the keywords give: attn_kv_heads, else heads (per side of an XTransformer)."""
+    return {side(s, p, "attn_kv_heads") or side(s, p, "heads") or 8 for p in ("enc", "dec")}
+
+
 declare("attn_latent_rope_subheads", "heads", "attn_kv_heads", when=lambda s: on(s, "attn_latent_rope_subheads")
-        and (s["attn_latent_rope_subheads"] >= min(head_counts(s))
-             or on(s, "attn_kv_heads") and any(s["attn_kv_heads"] != h for h in head_counts(s))),
-        reason="the rope heads are the last of the key heads, so they must be fewer than heads; and a key head "
-               "serves several query heads under grouped-query attention, so it cannot be one (upstream refuses "
-               "it too)", example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=8))
+        and s["attn_latent_rope_subheads"] > min(_key_heads(s)),
+        reason="the rope heads are the last of the key heads (attn_kv_heads, else heads), so there are at most as "
+               "many (as upstream: at most heads)", example=dict(
+            attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=9))
 declare("attn_latent_rope_subheads", "attn_shared_qk", when=lambda s: on(s, "attn_latent_rope_subheads")
         and on(s, "attn_shared_qk"),
         reason="shared-QK's keys are the queries, so there are no key heads to take from x",
