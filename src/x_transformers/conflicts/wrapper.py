@@ -10,10 +10,8 @@ declare("scaled_sinu_pos_emb", "sinusoidal_pos_emb",
         when=lambda s: on(s, "scaled_sinu_pos_emb") and on(s, "sinusoidal_pos_emb"),
         reason="choose one absolute scheme", example=dict(scaled_sinu_pos_emb=True, sinusoidal_pos_emb=True),
         kinds=WRAPPER)
-for _p in ("sinusoidal_pos_emb", "scaled_sinu_pos_emb"):
-    declare("tupe", _p, when=lambda s, p=_p: on(s, "tupe") and on(s, p),
-            reason="TUPE keeps positions out of the token embeddings",
-            example={"tupe": True, "tupe_max_seq_len": 16, _p: True}, kinds=WRAPPER)
+# (TUPE with sinusoidal_pos_emb / scaled_sinu_pos_emb: the user asked for positions in the tokens as
+# well; they are added, and TUPE's untied position term stays: wrappers.py)
 # (tupe_untie_cls with memory tokens: they share position 0 with the [CLS], the first real token: wrappers.py)
 declare("tie_embedding", "emb_dim", when=lambda s: on(s, "tie_embedding") and on(s, "emb_dim")
         and s.get("emb_dim") != s.get("dim"),
