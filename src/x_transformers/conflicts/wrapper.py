@@ -199,14 +199,9 @@ declare("shift_tokens", "num_memory_tokens", when=lambda s: on(s, "shift_tokens"
         reason="memory tokens are prepended to the sequence, so the first token would shift in a memory token's "
                "features, or a left-padded row's padding instead",
         example=dict(shift_tokens=1, num_memory_tokens=2), kinds=WRAPPER)
-declare("num_memory_tokens", "only_cross", when=lambda s: on(s, "num_memory_tokens") and on(s, "only_cross"),
-        reason="without self-attention, memory tokens reach no other position and learn nothing",
-        example=dict(num_memory_tokens=2, only_cross=True), kinds=WRAPPER)
-declare("num_memory_tokens", "a layout without self-attention",
-        when=lambda s: on(s, "num_memory_tokens") and not on(s, "only_cross") and not self_attention(s),
-        reason="no block attends to the sequence itself (custom_layers without 'a', or top_attn_to_ff replacing "
-               "every self-attention), so memory tokens reach no other position and learn nothing",
-        example=dict(num_memory_tokens=2, custom_layers=("f",)), kinds=WRAPPER)
+# (num_memory_tokens on a layout without self-attention: only_cross, custom_layers without 'a',
+# top_attn_to_ff replacing every one: the tokens could reach no other position, so none are built,
+# a documented no-op as upstream accepts it: wrappers.memory_token_count)
 
 # attention score modifications (attention_variants in docs/features.md): a forced kernel must
 # compute them; the sliding window counts places back along the sequence's own keys
