@@ -195,10 +195,9 @@ for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias",
             reason="a cross-attention-only stack has no self-attention for relative positions to act on; "
                    "give the context its positions before it reaches the CrossAttender",
             example={_p: True, "only_cross": True, **_ex}, kinds=("encoder", "cross"))
-declare("shift_tokens", "num_memory_tokens", when=lambda s: on(s, "shift_tokens") and on(s, "num_memory_tokens"),
-        reason="memory tokens are prepended to the sequence, so the first token would shift in a memory token's "
-               "features, or a left-padded row's padding instead",
-        example=dict(shift_tokens=1, num_memory_tokens=2), kinds=WRAPPER)
+# (shift_tokens with memory tokens: as upstream, the memory tokens are prepended before the stack, so
+# the first token shifts in the last memory token's features; the shift runs along the kept tokens, so
+# left padding between them changes nothing: residual.shift_tokens)
 # (num_memory_tokens on a layout without self-attention: only_cross, custom_layers without 'a',
 # top_attn_to_ff replacing every one: the tokens could reach no other position, so none are built,
 # a documented no-op as upstream accepts it: wrappers.memory_token_count)
