@@ -79,7 +79,6 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
         "layer_dropout": lambda: round(rng.uniform(0, 0.3), 2),
         "emb_dropout": lambda: round(rng.uniform(0, 0.3), 2),
         "attn_sparse_topk": lambda: rng.randint(1, 6),
-        "attn_qk_norm_scale": lambda: round(rng.uniform(1, 20), 1),
         "attn_scale": lambda: round(rng.uniform(0.05, 0.5), 3),
         "ff_mult": lambda: rng.choice((1, 2, 4)),
         "ff_inner_dim": lambda: rng.randint(8, 48),
@@ -106,6 +105,8 @@ def numeric_keywords(rng: random.Random, kind: str, chosen: dict) -> dict:
         draws["rel_pos_max_distance"] = lambda: rng.randint(40, 128)
     if chosen.get("alibi_pos_bias"):
         draws["alibi_num_heads"] = lambda: rng.randint(1, heads)
+    if chosen.get("attn_qk_norm"):  # (the scale QK-norm's logits start at; refused without it)
+        draws["attn_qk_norm_scale"] = lambda: round(rng.uniform(1, 20), 1)
     if chosen.get("attn_entmax_alpha") is not None:
         draws["attn_entmax_alpha"] = lambda: round(rng.uniform(1.1, 2.0), 2)
     if chosen.get("tupe"):

@@ -516,6 +516,7 @@ REQUIRES = {
     "attn_latent_rope_subheads": "attn_use_latent_kv",
     "attn_rel_proj_num_distance_basis": "attn_use_rel_proj_pos_bias", "attn_rel_proj_max_dist": "attn_use_rel_proj_pos_bias",
     "attn_qk_norm_groups": "attn_qk_norm", "attn_rotate_num_heads": "rotary_pos_emb", "attn_qk_norm_dim_scale": "attn_qk_norm",
+    "attn_qk_norm_scale": "attn_qk_norm",
     "attn_gumbel_softmax_temp": "attn_gumbel_softmax", "attn_gumbel_softmax_hard": "attn_gumbel_softmax",
     "attn_gate_values_rank": "attn_gate_values", "attn_gate_values_headwise": "attn_gate_values",
     "attn_output_gate_rank": "attn_output_gate", "attn_output_gate_headwise": "attn_output_gate",
