@@ -306,6 +306,8 @@ class Attention(nn.Module):
                 k, v = cache.append(k, v)
             if mem is not None:  # the memory's keys/values, made as the sequence's, go first
                 mk, mv = self._memory_kv(mem, mem_rotary)
+                if value_residual is not None:  # mixed as the sequence's: the memory is earlier columns of it
+                    mv = value_residual.mix("self_memory", mv, mem, self.value_mix)
                 k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
         if rotary is not None and not self.cross:
             q = self._rotate(q, rotary)
