@@ -202,13 +202,17 @@ def shrink(prop, case, err):
     return kind, tuple(feats)
 
 
-def fuzz(count: int, seed: int) -> dict:
+def fuzz(count: int, seed: int, shard: tuple[int, int] = (0, 1)) -> dict:
+    """``count`` seeded configurations; with ``shard=(k, n)`` only those whose index is k mod n (the
+    same draws: n processes with k = 0..n-1 together run the whole fuzz, their counts summing to it)."""
     rng = random.Random(seed)
-    stats = dict(count=count, seed=seed, passed=0, refused=0, known=0, failed=[], by_entry=Counter(),
+    stats = dict(count=count, seed=seed, shard=shard, passed=0, refused=0, known=0, failed=[], by_entry=Counter(),
                  known_keys=Counter())
     start = time.perf_counter()
     for i in range(count):
         case = draw(rng)
+        if i % shard[1] != shard[0]:
+            continue
         torch.manual_seed(i)
         try:
             for prop in FUZZ_PROPERTIES:
@@ -258,7 +262,8 @@ def test_fuzz_fixed_configurations():
 def test_fuzz_large():
     count = int(os.environ.get("FUZZ_COUNT", "10000"))
     seed = int(os.environ.get("FUZZ_SEED", "1"))
-    _report(fuzz(count, seed))
+    k, n = (int(v) for v in os.environ.get("FUZZ_SHARD", "0/1").split("/"))  # "k/n": every n-th from the k-th
+    _report(fuzz(count, seed, shard=(k, n)))
 
 
 def test_draws_are_deterministic():
