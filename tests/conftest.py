@@ -50,7 +50,8 @@ def pytest_terminal_summary(terminalreporter):
     if harness.FUZZ:
         f = harness.FUZZ
         w.section("fuzz")
-        w.line(f"{f['count']:,} configurations (seed {f['seed']}, {f.get('seconds', '?')} s): {f['passed']:,} built "
+        part = f" of which shard {f['shard'][0]}/{f['shard'][1]}" if f.get("shard", (0, 1))[1] > 1 else ""
+        w.line(f"{f['count']:,} configurations{part} (seed {f['seed']}, {f.get('seconds', '?')} s): {f['passed']:,} built "
                f"and passed, {f['refused']:,} refused by the table, {f['known']:,} known defects, "
                f"{len(f['failed']):,} failed")
         for entry, n in sorted(f["by_entry"].items()):

@@ -283,8 +283,11 @@ def _grads(run: Runner):
 # Sparse normalisers give keys outside a query's support exactly zero weight. With memory key/values,
 # a block whose every query keeps memory keys only (top-1 / entmax over few keys) has an output that
 # does not depend on its sequence's q / k / v (nor, with one key kept, on q at all): their gradients,
-# and its pre-norm's, are exactly zero by the math. Declared here as a rule, not listed row by row
-# (the covering array's rows move whenever a feature is registered).
+# and its pre-norm's, are exactly zero by the math; an encoder-decoder's encoder reaches the decoder only
+# through cross-attention's keys/values, so when those blocks keep memory keys only, every encoder
+# parameter is exactly zero as well (L2-distance logits with a sinusoidal table: the sequence's keys
+# sit far from the small memory keys). Declared here as a rule, not listed row by row (the covering
+# array's rows move whenever a feature is registered or a conflict entry is lifted).
 SPARSE_NORMALISERS = {"entmax15", "entmax_alpha", "learned_entmax_alpha", "sparse_top1", "sparse_topk"}
 _BLOCK_PROJECTION = re.compile(r"blocks\.\d+\.(fn\.|pre_norm\.)")
 
@@ -292,7 +295,7 @@ _BLOCK_PROJECTION = re.compile(r"blocks\.\d+\.(fn\.|pre_norm\.)")
 def _sparse_support_only(features, zero) -> bool:
     names = {f.name for f in features}
     return bool(names & SPARSE_NORMALISERS) and any(n.startswith("mem_kv") for n in names) and \
-        all(_BLOCK_PROJECTION.search(n) for n in zero)
+        all(_BLOCK_PROJECTION.search(n) or n.startswith("encoder.") for n in zero)
 
 
 def check_grads(run: Runner, tol, features=()):

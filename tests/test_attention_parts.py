@@ -114,6 +114,48 @@ def test_multi_latent_attention_projects_through_low_rank_latents_with_decoupled
     assert_cache_decoding_equals_full_forward(net)
 
 
+def _mla_reference(a, x, rot, kv_heads, rope_heads):
+    """MLA's logits by hand: content keys from the latent, the last rope_heads key heads from x; every
+    key head shared by its heads // kv_heads query heads (contiguous groups, as attend's GQA); the
+    rope key heads and the query heads they serve rotated, nothing else."""
+    from x_transformers.positional import apply_rotary
+
+    per = HEADS // kv_heads
+    q = heads(a.to_q(a.to_latent_q(x)), HEADS)
+    rope = heads(a.to_rope_k(x), rope_heads)
+    k = rope if a.to_k is None else torch.cat((heads(a.to_k(a.to_latent_kv(x)), kv_heads - rope_heads), rope), dim=1)
+    turned_q = rope_heads * per
+    q = torch.cat((q[:, :HEADS - turned_q], apply_rotary(q[:, HEADS - turned_q:], *rot)), dim=1)
+    k = torch.cat((k[:, :kv_heads - rope_heads], apply_rotary(k[:, kv_heads - rope_heads:], *rot)), dim=1)
+    k = k.repeat_interleave(per, dim=1)  # (b, h, n, d): query head i reads key head i // per
+    logits = (q @ k.transpose(-1, -2)) * D ** -0.5
+    return logits.masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+
+
+@pytest.mark.parametrize("kv_heads,rope_heads", [(2, 1), (1, 1), (2, 2)])
+def test_multi_latent_rope_heads_with_grouped_key_heads(kv_heads, rope_heads):
+    """MLA's decoupled rope under grouped-query attention (upstream refuses it): the last rope_heads
+    key heads come from x and turn, with exactly the query heads that read them; all rope heads
+    (rope_heads = kv_heads, as upstream allows for heads) leave no content keys. Equal to the hand
+    computation (rotation included), relative (shifting every position leaves the weights), and decoded
+    exactly with both caches."""
+    kw = dict(attn_use_latent_q=True, attn_dim_latent_q=12, attn_use_latent_kv=True, attn_dim_latent_kv=10,
+              attn_latent_rope_subheads=rope_heads, attn_kv_heads=kv_heads, rotary_pos_emb=True)
+    a = attention(causal=True, **kw)
+    assert (a.to_k is None) == (rope_heads == kv_heads)
+    x = inputs()
+    torch.manual_seed(0)
+    rotary = Decoder(dim=DIM, depth=1, heads=HEADS, attn_dim_head=D, rotary_pos_emb=True).rotary
+    rot = rotary(torch.arange(8)[None])
+    w = weights(a, x, rotary=rot)
+    torch.testing.assert_close(w, _mla_reference(a, x, rot, kv_heads, rope_heads).softmax(-1))
+    torch.testing.assert_close(weights(a, x, rotary=rotary(torch.arange(8)[None] + 5)), w, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=Decoder(dim=DIM, depth=2, heads=HEADS,
+                                                                                attn_dim_head=8, **kw))
+    assert_cache_decoding_equals_full_forward(net)
+
+
 def test_relative_projection_bias_reads_each_querys_curve_at_the_distance():
     a = attention(causal=True, attn_use_rel_proj_pos_bias=True, attn_rel_proj_num_distance_basis=3,
                   attn_rel_proj_max_dist=5)

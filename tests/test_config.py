@@ -147,6 +147,9 @@ def test_every_bool_and_number_keyword_refuses_a_wrong_type(key, value):
     (dict(rel_pos_num_buckets=32), r"rel_pos_num_buckets configures rel_pos_bias"),
     (dict(rel_pos_max_distance=64), r"rel_pos_max_distance configures rel_pos_bias"),
     (dict(tupe_untie_cls=False), r"tupe_untie_cls configures tupe"),
+    # (once silently ignored: without QK-norm there is no learned logit scale for it to start)
+    (dict(attn_qk_norm_scale=5.0), r"attn_qk_norm_scale configures attn_qk_norm, which is off"),
+    (dict(attn_qk_norm=False, attn_qk_norm_scale=10.0), r"attn_qk_norm_scale configures attn_qk_norm"),
 ])
 def test_bad_input_is_refused_at_construction_naming_the_keyword(kwargs, message):
     kwargs = {"heads": 4, **kwargs}
@@ -158,6 +161,8 @@ def test_sub_keywords_with_their_feature_are_accepted():
     Decoder(dim=32, depth=1, heads=4, rotary_pos_emb=True, rotary_base=500.0, rotary_emb_dim=4)
     Decoder(dim=32, depth=1, heads=4, alibi_pos_bias=True, alibi_num_heads=2)
     Decoder(dim=32, depth=1, heads=4, rel_pos_bias=True, rel_pos_num_buckets=16, rel_pos_max_distance=64)
+    qk = Decoder(dim=32, depth=1, heads=4, attn_qk_norm=True, attn_qk_norm_scale=5.0)
+    assert torch.all(qk.blocks[0].fn.qk_scale == 5.0)
     # a shared sub-keyword serves the XTransformer side whose feature is on
     model = XTransformer(dim=32, depth=1, heads=4, num_tokens=10, max_seq_len=8, rotary_base=500.0,
                          dec_rotary_pos_emb=True)

@@ -238,11 +238,17 @@ def test_memory_tokens_under_tupe_untie_cls_share_position_0_and_decode_exactly(
     torch.testing.assert_close(torch.cat(outs, dim=1), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_declared_conflicts_are_refused():
-    from x_transformers.config import ConfigConflictError
-
-    with pytest.raises(ConfigConflictError, match="shift_tokens"):
-        make(stack_kw=dict(shift_tokens=1), num_memory_tokens=2)
+def test_shift_tokens_with_memory_tokens_compose_and_ignore_left_padding():
+    """shift_tokens beside memory tokens (once refused): the first frame shifts in the last memory
+    token's features, and left padding between them changes nothing (the shift counts kept frames)."""
+    torch.manual_seed(0)
+    model = make(stack_kw=dict(shift_tokens=1), num_memory_tokens=2).eval()
+    x = torch.randn(2, 5, 6)
+    ref = model(x)
+    xp = torch.cat((torch.randn(2, 2, 6), x), dim=1)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[:, :2] = False
+    torch.testing.assert_close(model(xp, mask=keep)[:, 2:], ref, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -326,14 +326,17 @@ def test_par_ratio_puts_attention_in_the_bottom_two_thirds():
 
 
 def _shifted_by_hand(h, shifts, mask=None):
-    if mask is not None:
-        h = h * mask[..., None]
-    out, size, n = h.clone(), h.shape[-1] // len(shifts), h.shape[1]
-    for g, s in enumerate(shifts):
-        cols = slice(g * size, (g + 1) * size)
-        for t in range(n):
-            src = t - s
-            out[:, t, cols] = h[:, src, cols] if 0 <= src < n else 0.0
+    """Each kept token's channel group g read from the shifts[g]-th kept token before it (after it when
+    negative), zero past either end; padding contributes nothing. Rows of padding are left as zeros."""
+    mask = torch.ones(h.shape[:2], dtype=torch.bool) if mask is None else mask
+    out, size = torch.zeros_like(h), h.shape[-1] // len(shifts)
+    for b in range(h.shape[0]):
+        kept = mask[b].nonzero().flatten().tolist()
+        for r, t in enumerate(kept):
+            for g, s in enumerate(shifts):
+                cols = slice(g * size, (g + 1) * size)
+                out[b, t, cols] = h[b, kept[r - s], cols] if 0 <= r - s < len(kept) else 0.0
+            out[b, t, len(shifts) * size:] = h[b, t, len(shifts) * size:]
     return out
 
 
@@ -346,11 +349,50 @@ def test_shift_tokens_moves_channel_groups_of_the_branch_input_along_the_sequenc
     block = model.blocks[1]
     assert block.shifts == shifts
     x = x_in()
-    mask = torch.tensor([[True] * 5, [False, True, True, True, False]])
+    # padding on the left, on the right and between tokens: the shift runs along the kept tokens
+    mask = torch.tensor([[True] * 5, [False, True, False, True, False]])
     h = _shifted_by_hand(block.pre_norm(x), shifts, mask)
     expected = x + block.fn(h)
     got, _ = block(x, shift_mask=mask)
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got[mask], expected[mask])
+    torch.testing.assert_close(block(x)[0], x + block.fn(_shifted_by_hand(block.pre_norm(x), shifts)))
+
+
+def test_shift_tokens_with_memory_tokens_shift_the_last_memory_token_into_the_first():
+    """As upstream, memory tokens are prepended before the stack, so the shift sees them: the first
+    token's shifted channels are the last memory token's. Padding between them and the first token
+    (left padding) changes nothing; cached decoding is refused by name (shift_tokens has no cache)."""
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=20, max_seq_len=16, num_memory_tokens=2,
+                               attn_layers=Decoder(dim=DIM, depth=2, heads=2, shift_tokens=1)).eval()
+    seen = {}
+
+    def keep_first(name):
+        def hook(_, args):
+            seen.setdefault(name, args[0])  # (returns None: the module's input stays)
+        return hook
+
+    model.attn_layers.register_forward_pre_hook(keep_first("x"))
+    model.attn_layers.blocks[0].fn.register_forward_pre_hook(keep_first("h"))
+    x = torch.randint(0, 20, (2, 6))
+    ref = model(x)
+    stack_in = seen["x"]  # (b, 2 + 6, dim): the memory tokens first
+    torch.testing.assert_close(stack_in[:, :2], model.memory_tokens[None].expand(2, -1, -1))
+    normed = model.attn_layers.blocks[0].pre_norm(stack_in)
+    torch.testing.assert_close(seen["h"], _shifted_by_hand(normed, (0, 1)))
+    half = DIM // 2  # group 1 (shift 1) of the first token is the last memory token's
+    torch.testing.assert_close(seen["h"][:, 2, half:], normed[:, 1, half:])
+    pad = torch.zeros(3, dtype=torch.long)  # row 0 padded on the right, row 1 on the left
+    xp = torch.stack((torch.cat((x[0], pad)), torch.cat((pad, x[1]))))
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[0, 6:] = keep[1, :3] = False
+    out = model(xp, keep)
+    torch.testing.assert_close(out[0, :6], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, 3:], ref[1], atol=1e-5, rtol=1e-5)
+    from x_transformers import AutoregressiveWrapper
+
+    with pytest.raises(ValueError, match="shift_tokens.*cache"):
+        AutoregressiveWrapper(model).generate(x[:, :3], 2, cache_kv=True)
 
 
 def test_shift_tokens_per_block_and_refused_with_a_cache():

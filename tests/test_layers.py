@@ -113,6 +113,9 @@ def test_top_attn_to_ff_keeps_cross_attention_and_macaron():
     (dict(depth=3, sandwich_coef=2, top_attn_to_ff=2), "a a a f f f", "a f f f f f"),
     (dict(depth=2, custom_layers=("a", "f", "f", "a", "f"), top_attn_to_ff=1), "a f f a f", "a f f f f"),
     (dict(depth=2, custom_layers=("a", "c", "f", "a"), top_attn_to_ff=2), "a c f a", "f c f f"),
+    # only_attn's attention-only layout: its top n self-attentions become the stack's only feed-forwards
+    (dict(depth=3, only_attn=True, top_attn_to_ff=1), "a a a", "a a f"),
+    (dict(depth=2, only_attn=True, cross_attend=True, top_attn_to_ff=2), "a c a c", "f c f c"),
 ])
 def test_top_attn_to_ff_replaces_the_last_self_attentions_of_any_layout(kw, before, after):
     """2005.13895 on a sandwich or custom layout: its top (last) n self-attention blocks become

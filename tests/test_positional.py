@@ -284,6 +284,39 @@ def test_tupe_is_shared_across_layers_and_replaces_the_absolute_embedding():
     assert scales == {False: (2 * 64) ** -0.5, True: None}  # attn_dim_head's default 64
 
 
+@pytest.mark.parametrize("which", ["sinusoidal_pos_emb", "scaled_sinu_pos_emb"])
+def test_tupe_with_sinusoidal_input_positions_adds_them_and_keeps_the_untied_term(which):
+    """TUPE with a sinusoidal table asked for as well: the tokens enter the stack with the table's
+    positions added (counting kept tokens: left padding moves nothing), and the first attention is
+    still softmax(word term over sqrt(2d) + TUPE's position term), the word term read from that input."""
+    torch.manual_seed(0)
+    d = DIM // HEADS
+    model = TransformerWrapper(num_tokens=20, max_seq_len=16, **{which: True}, attn_layers=Encoder(
+        dim=DIM, depth=1, heads=HEADS, attn_dim_head=d, tupe=True, tupe_max_seq_len=16)).eval()
+    assert isinstance(model.pos_emb, SinusoidalPositionalEmbedding) and model.attn_layers.tupe is not None
+    seen = []
+    model.attn_layers.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    x = torch.randint(0, 20, (1, 5))
+    _, (attn,) = model(x, return_attn=True)
+    pos = torch.arange(5)[None]
+    h0 = model.token_emb(x) + model.pos_emb(pos)
+    torch.testing.assert_close(seen[0], h0)
+    assert (model.pos_emb(pos) - model.pos_emb(pos + 1)).abs().max() > 1e-2  # the table does move the input
+    layers, block = model.attn_layers, model.attn_layers.blocks[0]
+    h = block.pre_norm(h0)
+    q = block.fn.to_q(h).view(1, 5, HEADS, d).transpose(1, 2)
+    k = block.fn.to_k(h).view(1, 5, HEADS, d).transpose(1, 2)
+    pq = layers.tupe.to_q(layers.tupe.emb(pos)).view(1, 5, HEADS, d).transpose(1, 2)
+    pk = layers.tupe.to_k(layers.tupe.emb(pos)).view(1, 5, HEADS, d).transpose(1, 2)
+    want = ((q @ k.transpose(-1, -2) + pq @ pk.transpose(-1, -2)) / math.sqrt(2 * d)).softmax(dim=-1)
+    torch.testing.assert_close(attn, want, atol=1e-5, rtol=1e-5)
+    # left padding: the kept tokens get positions 0..4 again, so their outputs are unchanged
+    xp, keep = torch.cat((torch.zeros(1, 2, dtype=torch.long), x), 1), torch.tensor([[False] * 2 + [True] * 5])
+    out = model(xp, keep)
+    torch.testing.assert_close(seen[-1][:, 2:], h0)
+    torch.testing.assert_close(out[:, 2:], model(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kw", [dict(tupe_untie_cls=True), dict(tupe_untie_cls=True, rel_pos_bias=True)],
                          ids=["tupe_cls", "tupe_r"])
 def test_tupe_cache_matches_parallel(kw):
@@ -317,10 +350,8 @@ def test_tupe_refuses_what_it_cannot_combine_with(kw, a, b):
         Decoder(dim=DIM, depth=1, heads=HEADS, tupe=True, tupe_max_seq_len=8, **kw)
 
 
-def test_tupe_wrapper_conflicts_and_missing_sub_keywords():
-    with pytest.raises(ConfigConflictError, match="tupe cannot be combined with sinusoidal_pos_emb"):
-        TransformerWrapper(num_tokens=20, sinusoidal_pos_emb=True,
-                           attn_layers=Decoder(dim=DIM, depth=1, tupe=True, tupe_max_seq_len=8))
+def test_tupe_missing_sub_keywords():
+    # (TUPE with a sinusoidal table composes: test_tupe_with_sinusoidal_input_positions_adds_them_...)
     # (tupe_untie_cls with memory tokens composes: they share the [CLS]'s position 0, test_wrappers.py)
     with pytest.raises(ValueError, match="needs tupe_max_seq_len"):
         Decoder(dim=DIM, depth=1, tupe=True)

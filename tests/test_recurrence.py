@@ -41,6 +41,28 @@ def test_segments_with_unbounded_memory_compute_the_whole_sequence(position):
     assert [tuple(t.shape) for t in mems] == [(2, 3 * SEG, 16)] * 2
 
 
+@pytest.mark.parametrize("learned", [True, False])
+def test_value_residual_with_memories_computes_the_whole_sequence(learned):
+    """add_value_residual (ResFormer) with Transformer-XL memories: the memory columns' values are mixed
+    with the first attention's memory values, as the sequence's are, so segments with unbounded memory
+    still compute the whole sequence (without the memory's mix they differ by ~5e-2), and XL generation
+    with its cache is the segment-wise forward's greedy."""
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=16, max_seq_len=SEG, max_mem_len=64, use_abs_pos_emb=False, attn_layers=Decoder(
+        dim=16, depth=3, heads=2, rotary_pos_emb=True, add_value_residual=True,
+        learned_value_residual_mix=learned)).eval()
+    x = torch.randint(0, 16, (2, 3 * SEG))
+    with torch.no_grad():
+        segmented, _ = in_segments(net, x)
+        whole = TransformerWrapper(num_tokens=16, attn_layers=net.attn_layers, use_abs_pos_emb=False)
+        whole.load_state_dict(net.state_dict())
+        torch.testing.assert_close(segmented, whole.eval()(x), atol=1e-5, rtol=1e-5)
+    gen = XLAutoregressiveWrapper(net).generate(x[:, :SEG + 1], 2 * SEG, temperature=0)
+    with torch.no_grad():
+        logits, _ = in_segments(net, torch.cat((x[:, :SEG + 1], gen), dim=1)[:, :-1])
+    assert torch.equal(logits.argmax(dim=-1)[:, SEG:], gen)
+
+
 def test_a_segment_reads_the_previous_one_only_through_memories():
     net = model(rotary_pos_emb=True)
     x = torch.randint(0, 16, (1, 2 * SEG))

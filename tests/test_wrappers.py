@@ -1,5 +1,6 @@
 """TransformerWrapper, XTransformer and the seed's snippet."""
 
+import pytest
 import torch
 
 from x_transformers import CrossAttender, Decoder, Encoder, TransformerWrapper, XTransformer
@@ -330,3 +331,32 @@ def test_interspersed_memory_tokens_refusals():
                            attn_layers=Encoder(dim=32, depth=1, heads=4))
     with pytest.raises(ValueError, match="memory_tokens_interspersed_every"):
         _interspersed(every=0)
+
+
+@pytest.mark.parametrize("layers", [dict(depth=1, custom_layers=("f", "f")), dict(depth=2, top_attn_to_ff=2),
+                                    dict(depth=1, only_cross=True)],
+                         ids=["custom_layers", "top_attn_to_ff", "only_cross"])
+def test_memory_tokens_on_a_layout_without_self_attention_are_a_documented_no_op(layers):
+    """Memory tokens could reach no other position without self-attention: none are built (upstream
+    builds them, and they never get a gradient), and the model is the one without them."""
+    from x_transformers import ContinuousTransformerWrapper
+
+    context = torch.randn(2, 3, 32)
+    kw = dict(context=context) if layers.get("only_cross") else {}
+    x = torch.randint(0, 20, (2, 6))
+    models = []
+    for mem in (2, None):
+        torch.manual_seed(0)
+        models.append(TransformerWrapper(num_tokens=20, max_seq_len=8, num_memory_tokens=mem,
+                                         attn_layers=Encoder(dim=32, heads=4, **layers)).eval())
+    with_mem, without = models
+    assert with_mem.memory_tokens is None and with_mem.num_memory_tokens == 0
+    assert with_mem.state_dict().keys() == without.state_dict().keys()
+    torch.testing.assert_close(with_mem(x, **kw), without(x, **kw))
+    cont = ContinuousTransformerWrapper(dim_in=5, max_seq_len=8, num_memory_tokens=2,
+                                        attn_layers=Encoder(dim=32, heads=4, **layers))
+    assert cont.num_memory_tokens == 0 and not any("memory" in n for n, _ in cont.named_parameters())
+    # with a self-attention block left, they are built and read
+    kept = TransformerWrapper(num_tokens=20, max_seq_len=8, num_memory_tokens=2,
+                              attn_layers=Encoder(dim=32, heads=4, depth=2, top_attn_to_ff=1))
+    assert kept.memory_tokens.shape == (2, 32)

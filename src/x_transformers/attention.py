@@ -69,7 +69,9 @@ class Attention(nn.Module):
         self.fused = not (self.cross or self.shared_qk or cfg.use_latent_q or cfg.use_latent_kv or r)
 
         self.to_q = nn.Linear(dim_q_in, heads * d, bias=cfg.bias)
-        self.to_k = None if self.shared_qk else nn.Linear(dim_kv_in, (self.kv_heads - r) * d, bias=cfg.bias)
+        # (no content keys when every key head is a rope head: upstream's latent_rope_subheads = kv_heads)
+        self.to_k = None if self.shared_qk or self.kv_heads == r else \
+            nn.Linear(dim_kv_in, (self.kv_heads - r) * d, bias=cfg.bias)
         self.to_v = nn.Linear(dim_kv_in, self.kv_heads * e, bias=cfg.bias)
         self.dim_out = dim_out = cfg.dim_out or dim
         # belief attention: the output's parts orthogonal to the query's own value, one per option
@@ -132,8 +134,12 @@ class Attention(nn.Module):
         self.max_attend_past = None if cross else cfg.max_attend_past  # a window over the sequence's own keys
         # value residual (value_residual.py): this block's learned mix with the first block's values
         self.value_mix = ValueResidualMix(dim, self.kv_heads) if value_mix else None
-        # rotary on the last n heads only (upstream's rotate_num_heads; MLA's decoupled rope)
-        self.rotate_num_heads = cfg.latent_rope_subheads or cfg.rotate_num_heads
+        # rotary on the last n heads only (upstream's rotate_num_heads; MLA's decoupled rope). MLA's r rope
+        # heads are key heads: under grouped-query attention key head j serves the query heads
+        # j * h/g .. (j + 1) * h/g - 1 (attend's repeat_interleave), so the last r key heads turn with the
+        # last r * h/g query heads, and every query head meets a key rotated as it is
+        self.rotate_key_heads = cfg.latent_rope_subheads or cfg.rotate_num_heads
+        self.rotate_num_heads = r * (heads // self.kv_heads) if r else cfg.rotate_num_heads
         # pre-scale-post talking heads: a head mix of the logits multiplies the weights, identity at init
         self.scale_mix = nn.Parameter(torch.eye(heads)) if cfg.pre_scale_post_talking_heads else None
         self.rel_proj = RelProjPositionBias(dim, heads, cfg.rel_proj_num_distance_basis, cfg.rel_proj_max_dist) \
@@ -197,8 +203,9 @@ class Attention(nn.Module):
         return F.normalize(t.unflatten(-1, (groups, -1)), dim=-1).flatten(-2)  # (..., d) -> (..., G, d/G) -> back
 
     def _rotate(self, t, rotary):
-        """Rotary on t (b, h, n, d); with attn_rotate_num_heads only its last heads turn."""
-        r = self.rotate_num_heads
+        """Rotary on t (b, h, n, d) (queries: h = heads; keys: kv_heads); with attn_rotate_num_heads or
+        MLA's rope heads only its last heads turn."""
+        r = self.rotate_num_heads if t.shape[1] == self.heads else self.rotate_key_heads
         if r is None or r >= t.shape[1]:
             return apply_rotary(t, *rotary)
         return torch.cat((t[:, :-r], apply_rotary(t[:, -r:], *rotary)), dim=1)
@@ -208,9 +215,12 @@ class Attention(nn.Module):
 
     def _keys(self, src):
         """(b, g, m, d) keys of src: through the latent, the decoupled rope heads last."""
+        rope = _heads(self.to_rope_k(src), self.rope_heads) if self.to_rope_k is not None else None
+        if self.to_k is None:  # every key head a rope head
+            return rope
         lat = src if self.to_latent_kv is None else self.to_latent_kv(src)
         k = _heads(self.to_k(lat), self.kv_heads - self.rope_heads)
-        return k if self.to_rope_k is None else torch.cat((k, _heads(self.to_rope_k(src), self.rope_heads)), dim=1)
+        return k if rope is None else torch.cat((k, rope), dim=1)
 
     def _values(self, src):
         return self.to_v(src if self.to_latent_kv is None else self.to_latent_kv(src))  # (b, m, g*e)
@@ -335,6 +345,8 @@ class Attention(nn.Module):
                 k, v = cache.append(k, v)
             if mem is not None:  # the memory's keys/values, made as the sequence's, go first
                 mk, mv = self._memory_kv(mem, mem_rotary)
+                if value_residual is not None:  # mixed as the sequence's: the memory is earlier columns of it
+                    mv = value_residual.mix("self_memory", mv, mem, self.value_mix)
                 k, v = torch.cat((mk, k), dim=-2), torch.cat((mv, v), dim=-2)
         if rotary is not None:
             q = self._rotate(q, rotary)

@@ -550,6 +550,7 @@ REQUIRES = {
     "attn_data_dependent_alibi_per_row_dim_head": "attn_data_dependent_alibi_per_row",
     "attn_data_dependent_alibi_kwargs": "attn_data_dependent_alibi",
     "attn_qk_norm_groups": "attn_qk_norm", "attn_rotate_num_heads": "rotary_pos_emb", "attn_qk_norm_dim_scale": "attn_qk_norm",
+    "attn_qk_norm_scale": "attn_qk_norm",
     "attn_gumbel_softmax_temp": "attn_gumbel_softmax", "attn_gumbel_softmax_hard": "attn_gumbel_softmax",
     "attn_gate_values_rank": "attn_gate_values", "attn_gate_values_headwise": "attn_gate_values",
     "attn_output_gate_rank": "attn_output_gate", "attn_output_gate_headwise": "attn_output_gate",

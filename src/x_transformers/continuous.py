@@ -65,8 +65,9 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
             raise TypeError(f"attn_layers must be an Encoder, Decoder or AttentionLayers, got {type(attn_layers).__name__}")
         kwargs["num_memory_tokens"] = num_memory_tokens or 0  # upstream's default is None
         self.cfg = cfg = build(ContinuousConfig, kwargs, "ContinuousTransformerWrapper")
-        from .wrappers import stack_settings  # the wrapper entries of the conflict table hold here too
-        conflicts.check("wrapper", {**stack_settings(attn_layers), **kwargs})
+        from .wrappers import memory_token_count, stack_settings  # the wrapper entries of the table hold here too
+        settings = stack_settings(attn_layers)
+        conflicts.check("wrapper", {**settings, **kwargs})
         for given, module, name in ((cfg.dim_in, project_in, "in"), (cfg.dim_out, project_out, "out")):
             if given is not None and module is not None:
                 raise ValueError(f"pass dim_{name} or project_{name}, not both: project_{name} already fixes the width")
@@ -76,7 +77,7 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
         dim = attn_layers.dim
         self.attn_layers = attn_layers
         self.max_seq_len = cfg.max_seq_len
-        self.num_memory_tokens = M = cfg.num_memory_tokens
+        self.num_memory_tokens = M = memory_token_count(settings, cfg.num_memory_tokens)
         self.probabilistic = cfg.probabilistic
 
         def linear(d_in, d_out):

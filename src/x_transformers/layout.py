@@ -20,9 +20,13 @@ class LayerSpec:
 
 def build_layout(cfg: LayersConfig, depth: int | None = None) -> tuple[LayerSpec, ...]:
     """Resolve the layout keywords into the explicit sequence of blocks (``depth`` units, default
-    cfg.depth). ``only_attn`` drops the feed-forwards of whatever layout the others make."""
+    cfg.depth). ``only_attn`` drops the feed-forwards of whatever layout the others make; then
+    ``top_attn_to_ff`` turns the last n self-attention blocks of the result into feed-forwards (on
+    only_attn's ``a a a``: ``a a f``)."""
     layout = _layout(cfg, cfg.depth if depth is None else depth)
-    return tuple(s for s in layout if s.kind != "f") if cfg.only_attn else layout
+    if cfg.only_attn:
+        layout = tuple(s for s in layout if s.kind != "f")
+    return attn_to_ff(layout, cfg.top_attn_to_ff)
 
 
 def unit_length(cfg: LayersConfig) -> int:
@@ -50,7 +54,7 @@ def _layout(cfg: LayersConfig, depth: int) -> tuple[LayerSpec, ...]:
         layout = ((LayerSpec("f", 0.5),) + tuple(LayerSpec(k) for k in attn) + (LayerSpec("f", 0.5),)) * depth
     else:
         layout = tuple(LayerSpec(x) for x in attn + ("f",)) * depth
-    return attn_to_ff(layout, cfg.top_attn_to_ff)
+    return layout
 
 
 def par_layout(attn: tuple[str, ...], total: int, ratio: int) -> tuple[str, ...]:

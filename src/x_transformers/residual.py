@@ -20,9 +20,20 @@ def shift_amounts(k: int, causal: bool) -> tuple[int, ...] | None:
 def shift_tokens(x, shifts: tuple[int, ...], mask=None):
     """x (b, n, d): its first len(shifts) channel groups of d // len(shifts) moved along the sequence,
     group i by shifts[i] positions (positive: token t reads token t - s), zero-filled; the
-    remaining channels stay. Tokens masked out (mask (b, n) False) contribute zeros."""
-    if mask is not None:
-        x = x.masked_fill(~mask[..., None], 0.0)
+    remaining channels stay. With a mask (b, n) (False: padding) the shift runs along each row's kept
+    tokens, as positions count them: token t reads the s-th kept token before it, so left padding, or
+    padding between prepended memory tokens and the first token, changes nothing; padding contributes
+    zeros."""
+    if mask is None:
+        return _shift(x, shifts)
+    x = x.masked_fill(~mask[..., None], 0.0)
+    order = torch.argsort((~mask).to(torch.int32), dim=1, stable=True)  # (b, n): each row's kept tokens first
+    out = _shift(x.gather(1, order[..., None].expand_as(x)), shifts)
+    back = torch.argsort(order, dim=1)  # the inverse permutation
+    return out.gather(1, back[..., None].expand_as(out))
+
+
+def _shift(x, shifts):
     size = x.shape[-1] // len(shifts)
     n = x.shape[1]
     parts = list(x.split(size, dim=-1))

@@ -11,7 +11,9 @@ One :class:`ValueResidual` is made per forward and passed to every attention blo
 block of each kind to run stores its values (after the value norm, ``attn_value_rmsnorm``, which is
 what a cross-attention's cache holds; upstream mixes before its norm), the later ones read them. With a key/value cache the values mixed are the new tokens' (each position's
 mix depends only on that position), so the cached values are the mixed ones and decoding equals
-the full forward.
+the full forward. Transformer-XL memories (recurrence.py) are earlier columns of the sequence: their
+values mix with the first attention's memory values the same way (kind ``"self_memory"``), so segments
+with unbounded memory compute the whole sequence.
 
 Legend: b batch, g kv heads, n tokens, e value dim.
 """

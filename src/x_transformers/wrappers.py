@@ -60,9 +60,11 @@ class TransformerWrapper(Pretrained, nn.Module):
                             f"got {type(attn_layers).__name__}")
         check_types(WrapperConfig, kwargs)
         custom = {k: m for k, m in (("token_emb", token_emb), ("to_logits", to_logits)) if m is not None}
-        conflicts.check("wrapper", {**stack_settings(attn_layers), **kwargs, **custom})
+        settings = stack_settings(attn_layers)
+        conflicts.check("wrapper", {**settings, **kwargs, **custom})
         self.cfg = cfg = build(WrapperConfig, kwargs, "TransformerWrapper")
-        num_tokens, max_seq_len, num_memory_tokens = cfg.num_tokens, cfg.max_seq_len, cfg.num_memory_tokens or 0
+        num_tokens, max_seq_len = cfg.num_tokens, cfg.max_seq_len
+        num_memory_tokens = memory_token_count(settings, cfg.num_memory_tokens)
         lcfg = attn_layers.layer_cfg  # the LayersConfig (a funnel's: that of its blocks)
         dim = attn_layers.dim
         emb_dim = cfg.emb_dim or dim
@@ -548,6 +550,13 @@ class TransformerWrapper(Pretrained, nn.Module):
         else:
             out, attns = recurrence.recycle(stack, h, self.recycled_proj, side["recycle_steps"])
         return (out[:, M:] if M and first else out), attns
+
+
+def memory_token_count(settings: dict, asked: int | None) -> int:
+    """The memory tokens a wrapper builds: those asked for, none on a layout without self-attention
+    (only_cross, custom_layers without 'a', top_attn_to_ff replacing every one), where they could
+    reach no other position (upstream builds them there; they never get a gradient)."""
+    return (asked or 0) if settings["self_attention"] else 0
 
 
 def stack_settings(attn_layers) -> dict:

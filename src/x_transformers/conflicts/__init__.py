@@ -98,15 +98,6 @@ def head_counts(s: dict) -> set:
     return {side(s, "enc", "heads") or 8, side(s, "dec", "heads") or 8}
 
 
-def self_attention(s: dict) -> bool:
-    """Whether some block attends to the sequence itself: the wrapper's settings say so from the
-    built layouts (``self_attention``); from keywords alone, a custom layout without 'a' has none."""
-    if "self_attention" in s:
-        return bool(s["self_attention"])
-    layers = s.get("custom_layers")
-    return layers is None or "a" in layers
-
-
 def forced(s: dict) -> bool:
     """attn_backend names one backend (not "auto", not the explicit one that computes everything)."""
     return s.get("attn_backend", "auto") not in ("auto", "explicit")

@@ -201,8 +201,8 @@ declare("weight_tie_layers", "layers_execute_order",
 declare("only_attn", "custom_layers", when=lambda s: on(s, "only_attn") and "f" in (s.get("custom_layers") or ()),
         reason="only_attn drops every feed-forward; leave 'f' out of custom_layers",
         example=dict(only_attn=True, custom_layers=("a", "f")))
-declare("only_attn", "top_attn_to_ff", when=lambda s: on(s, "only_attn") and on(s, "top_attn_to_ff"),
-        reason="top_attn_to_ff makes feed-forwards, which only_attn drops", example=dict(only_attn=True, top_attn_to_ff=1))
+# (only_attn with top_attn_to_ff: the attention-only layout's last n self-attentions become
+# feed-forwards, as on any other layout: layout.build_layout)
 declare("only_attn", "layers_execute_order",
         when=lambda s: on(s, "only_attn") and s.get("layers_execute_order") is not None,
         reason="the block indices would count blocks only_attn removed (upstream refuses it too)",

@@ -10,10 +10,8 @@ declare("scaled_sinu_pos_emb", "sinusoidal_pos_emb",
         when=lambda s: on(s, "scaled_sinu_pos_emb") and on(s, "sinusoidal_pos_emb"),
         reason="choose one absolute scheme", example=dict(scaled_sinu_pos_emb=True, sinusoidal_pos_emb=True),
         kinds=WRAPPER)
-for _p in ("sinusoidal_pos_emb", "scaled_sinu_pos_emb"):
-    declare("tupe", _p, when=lambda s, p=_p: on(s, "tupe") and on(s, p),
-            reason="TUPE keeps positions out of the token embeddings",
-            example={"tupe": True, "tupe_max_seq_len": 16, _p: True}, kinds=WRAPPER)
+# (TUPE with sinusoidal_pos_emb / scaled_sinu_pos_emb: the user asked for positions in the tokens as
+# well; they are added, and TUPE's untied position term stays: wrappers.py)
 # (tupe_untie_cls with memory tokens: they share position 0 with the [CLS], the first real token: wrappers.py)
 declare("tie_embedding", "emb_dim", when=lambda s: on(s, "tie_embedding") and on(s, "emb_dim")
         and s.get("emb_dim") != s.get("dim"),
@@ -213,18 +211,12 @@ for _p, _ex in (("rotary_pos_emb", {}), ("alibi_pos_bias", {}), ("rel_pos_bias",
             reason="a cross-attention-only stack has no self-attention for relative positions to act on; "
                    "give the context its positions before it reaches the CrossAttender",
             example={_p: True, "only_cross": True, **_ex}, kinds=("encoder", "cross"))
-declare("shift_tokens", "num_memory_tokens", when=lambda s: on(s, "shift_tokens") and on(s, "num_memory_tokens"),
-        reason="memory tokens are prepended to the sequence, so the first token would shift in a memory token's "
-               "features, or a left-padded row's padding instead",
-        example=dict(shift_tokens=1, num_memory_tokens=2), kinds=WRAPPER)
-declare("num_memory_tokens", "only_cross", when=lambda s: on(s, "num_memory_tokens") and on(s, "only_cross"),
-        reason="without self-attention, memory tokens reach no other position and learn nothing",
-        example=dict(num_memory_tokens=2, only_cross=True), kinds=WRAPPER)
-declare("num_memory_tokens", "a layout without self-attention",
-        when=lambda s: on(s, "num_memory_tokens") and not on(s, "only_cross") and not self_attention(s),
-        reason="no block attends to the sequence itself (custom_layers without 'a', or top_attn_to_ff replacing "
-               "every self-attention), so memory tokens reach no other position and learn nothing",
-        example=dict(num_memory_tokens=2, custom_layers=("f",)), kinds=WRAPPER)
+# (shift_tokens with memory tokens: as upstream, the memory tokens are prepended before the stack, so
+# the first token shifts in the last memory token's features; the shift runs along the kept tokens, so
+# left padding between them changes nothing: residual.shift_tokens)
+# (num_memory_tokens on a layout without self-attention: only_cross, custom_layers without 'a',
+# top_attn_to_ff replacing every one: the tokens could reach no other position, so none are built,
+# a documented no-op as upstream accepts it: wrappers.memory_token_count)
 
 # attention score modifications (attention_variants in docs/features.md): a forced kernel must
 # compute them; the sliding window counts places back along the sequence's own keys
@@ -372,12 +364,16 @@ declare("attn_latent_rope_subheads", "attn_rotate_num_heads", when=lambda s: on(
         reason="the decoupled rope heads are the heads rotary turns; give one of the two (as upstream)",
         example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=1, rotary_pos_emb=True,
                      attn_rotate_num_heads=1), kinds=("decoder", "encoder", "funnel") + XT)
+def _key_heads(s: dict) -> set:
+    """The key head counts the keywords give: attn_kv_heads, else heads (per side of an XTransformer)."""
+    return {side(s, p, "attn_kv_heads") or side(s, p, "heads") or 8 for p in ("enc", "dec")}
+
+
 declare("attn_latent_rope_subheads", "heads", "attn_kv_heads", when=lambda s: on(s, "attn_latent_rope_subheads")
-        and (s["attn_latent_rope_subheads"] >= min(head_counts(s))
-             or on(s, "attn_kv_heads") and any(s["attn_kv_heads"] != h for h in head_counts(s))),
-        reason="the rope heads are the last of the key heads, so they must be fewer than heads; and a key head "
-               "serves several query heads under grouped-query attention, so it cannot be one (upstream refuses "
-               "it too)", example=dict(attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=8))
+        and s["attn_latent_rope_subheads"] > min(_key_heads(s)),
+        reason="the rope heads are the last of the key heads (attn_kv_heads, else heads), so there are at most as "
+               "many (as upstream: at most heads)", example=dict(
+            attn_use_latent_kv=True, attn_dim_latent_kv=8, attn_latent_rope_subheads=9))
 declare("attn_latent_rope_subheads", "attn_shared_qk", when=lambda s: on(s, "attn_latent_rope_subheads")
         and on(s, "attn_shared_qk"),
         reason="shared-QK's keys are the queries, so there are no key heads to take from x",
