@@ -490,3 +490,22 @@ def test_sample_tokens_zero_evaluates_without_a_sample(tmp_path, capsys):
     vals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
             if json.loads(line).get("kind") == "val"]
     assert [v["step"] for v in vals] == [0, 1, 2] and all(v["val_loss"] > 0 and "sample" not in v for v in vals)
+
+
+@pytest.mark.parametrize("kw", [dict(shift_tokens=1), dict(mv_split_residual=True), dict(attn_selective=True)])
+def test_training_samples_decode_uncached_where_a_cache_cannot_continue(kw):
+    """The trainer's samples (evaluation, ablate) from a model whose blocks mix tokens outside
+    attention rerun the sequence instead of failing on the cache: greedy equals the argmax loop."""
+    import torch
+
+    from x_transformers import Decoder, TransformerWrapper
+    from x_transformers.training.sampler import sample
+
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=Decoder(dim=32, depth=2, heads=2, **kw)).eval()
+    prompt = torch.randint(0, 20, (2, 3))
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat((seq, model(seq)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(sample(model, prompt, 4, temperature=0.0), seq)

@@ -137,7 +137,7 @@ def _attention(plan: _Plan, attn: Attention, ours: str, up: str, rot_dim: int | 
     if attn.to_k is not None:
         plan.add(ours + "to_k.weight", _Source((up + "to_k.weight",), _rows(attn.kv_heads, None, perm)))
     plan.add(ours + "to_v.weight", _same(up + "to_v.weight"))
-    parts = attn.orthog.factor if attn.orthog is not None else 1  # belief attention: c copies of the heads
+    parts = max(1, len(attn.orthog))  # belief attention: one copy of the heads per option
     if hp is None:
         plan.add(ours + "to_out.weight", _same(up + "to_out.weight"))
     else:  # (dim, c * heads * d): its input columns follow the heads

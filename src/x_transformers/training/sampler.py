@@ -28,10 +28,20 @@ def gathered(model):
 @torch.no_grad()
 def sample(model, prompt: torch.Tensor, steps: int, temperature: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """prompt (b, n) -> (b, n + steps) with a KV cache. Greedy when temperature is 0."""
-    new = AutoregressiveWrapper(model).generate(prompt, steps, temperature=temperature, cache_kv=True,
+    """prompt (b, n) -> (b, n + steps), with a KV cache where the model has one (a feature that mixes
+    tokens outside attention, e.g. shift_tokens, reruns the sequence). Greedy when temperature is 0."""
+    new = AutoregressiveWrapper(model).generate(prompt, steps, temperature=temperature, cache_kv=_cacheable(model),
                                                 generator=generator)
     return torch.cat((prompt, new), dim=-1)
+
+
+def _cacheable(model) -> bool:
+    """A causal stack whose blocks mix tokens only through attention (not shift_tokens,
+    mv_split_residual or selective attention, which a key/value cache cannot continue)."""
+    layers = getattr(model, "attn_layers", None)
+    cfg, attn = getattr(layers, "cfg", None), getattr(layers, "attn_cfg", None)
+    return bool(getattr(model, "can_cache_kv", True)) and not (
+        getattr(cfg, "shift_tokens", 0) or getattr(cfg, "mv_split_residual", False) or getattr(attn, "selective", False))
 
 
 @torch.no_grad()
