@@ -1,4 +1,4 @@
-"""Toy-task evidence for the continuous, ViT and non-autoregressive wrappers (CPU, small, seeded).
+"""Toy-task evidence for the wrappers (CPU, small, seeded).
 
 - continuous: predict the continuation of noisy sines (random frequency / phase per sequence);
   the generated frames' MSE against the clean continuation must beat the copy-last-frame baseline.
@@ -6,9 +6,16 @@
   places and sizes, pixel noise); held-out accuracy must reach 90%.
 - nar: reverse a sequence by demasking: the first half is the source, the second half its reverse;
   generate with the source given (``start=``, never masked) and count exact matches.
+- xl: Transformer-XL recurrence: segment 1 holds a random source, segment 2 repeats it; predicting
+  segment 2's tokens needs the source, which only the memories carry (exact match with memories,
+  chance without).
+- pooling: sequence classification through a [CLS] token and through mean pooling: is 0 or 1 the
+  majority of a random 0/1 sequence; held-out accuracy.
+- xval: numbers in text: "a + b = c" with a, b, c as scaled number tokens; the MSE of the predicted c
+  against predicting the mean.
 
 Writes docs/evidence/wrappers_evidence.json (numbers, seeds, seconds, versions, commit) and prints
-a table. Usage: python benchmarks/evidence_wrappers.py [--only continuous|vit|nar]
+a table. Usage: python benchmarks/evidence_wrappers.py [--only continuous|vit|nar|xl|pooling|xval]
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from x_transformers import Decoder, Encoder, TransformerWrapper  # noqa: E402
 from x_transformers.continuous import ContinuousAutoregressiveWrapper, ContinuousTransformerWrapper  # noqa: E402
 from x_transformers.nonautoregressive_wrapper import NonAutoregressiveWrapper  # noqa: E402
 from x_transformers.vit import ViTransformerWrapper  # noqa: E402
+from x_transformers.xl_autoregressive_wrapper import XLAutoregressiveWrapper  # noqa: E402
+from x_transformers.xval import XValAutoregressiveWrapper, XValTransformerWrapper  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "evidence" / "wrappers_evidence.json"
 
@@ -143,17 +152,113 @@ def nar(seed=0, steps=1500, half=8, vocab=10):
                 unconditional_valid_reversals=(free[:, :half] == free[:, half:].flip(-1)).all(-1).float().mean().item())
 
 
-TASKS = {"continuous": continuous, "vit": vit, "nar": nar}
+def xl(seed=0, steps=3000, seg=12, src_len=6, vocab=16):
+    """Two segments of ``seg`` tokens: a source of ``src_len`` random tokens then filler, twice. The
+    loss trains over both segments with memories; the test scores segment 2's source tokens 2..n
+    (each predicted inside segment 2) with the memories of segment 1, and without them."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    filler = vocab
+
+    def batch(b):
+        src = torch.randint(0, vocab, (b, src_len), generator=g)
+        fill = torch.full((b, seg - src_len), filler)
+        return torch.cat((src, fill, src, fill, src[:, :1]), dim=1)  # (b, 2 seg + 1)
+
+    net = TransformerWrapper(num_tokens=vocab + 1, max_seq_len=seg, max_mem_len=seg,
+                             attn_layers=Decoder(dim=64, depth=2, heads=4, rotary_pos_emb=True))
+    model = XLAutoregressiveWrapper(net)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(batch(32))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    net.eval()
+    x = batch(500)
+    with torch.no_grad():
+        _, mems = net(x[:, :seg], return_mems=True)
+        with_mems = net(x[:, seg:2 * seg], mems=mems)[:, :src_len - 1].argmax(-1)
+        without = net(x[:, seg:2 * seg])[:, :src_len - 1].argmax(-1)
+    target = x[:, seg + 1:seg + src_len]
+    return dict(train_steps=steps, segment=seg, source_tokens=src_len, vocab=vocab, final_train_loss=loss.item(),
+                exact_match_with_memories=(with_mems == target).all(-1).float().mean().item(),
+                token_accuracy_with_memories=(with_mems == target).float().mean().item(),
+                token_accuracy_without_memories=(without == target).float().mean().item(),
+                chance_token_accuracy=1 / vocab, test_sequences=500)
+
+
+def pooling(seed=0, steps=400, n=15):
+    """Is 0 or 1 the majority of a random 0/1 sequence of odd length n: a [CLS] token and mean pooling."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(b):
+        x = torch.randint(0, 2, (b, n), generator=g)
+        return x, (x.sum(-1) > n // 2).long()
+
+    out = dict(train_steps=steps, length=n)
+    for name, kw in (("cls_token", dict(use_cls_token=True)), ("average_pool", dict(average_pool_embed=True))):
+        model = TransformerWrapper(num_tokens=2, max_seq_len=n, logits_dim=2, **kw,
+                                   attn_layers=Encoder(dim=64, depth=2, heads=4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(steps):
+            x, y = batch(64)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        x, y = batch(1000)
+        with torch.no_grad():
+            out[f"{name}_held_out_accuracy"] = (model(x).argmax(-1) == y).float().mean().item()
+        out[f"{name}_final_train_loss"] = loss.item()
+    out["majority_class_baseline"] = 0.5
+    return out
+
+
+def xval(seed=0, steps=1500):
+    """ "a + b = c" with a, b uniform in [-1, 1] and c = a + b, each a scaled number token: the
+    predicted c against predicting its mean (0)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    NUM, PLUS, EQ = 0, 1, 2
+
+    def batch(b):
+        a, c = torch.rand(b, generator=g) * 2 - 1, torch.rand(b, generator=g) * 2 - 1
+        x = torch.tensor([NUM, PLUS, NUM, EQ, NUM]).expand(b, -1)
+        nums = torch.stack((a, torch.ones(b), c, torch.ones(b), a + c), dim=1)
+        return x, nums
+
+    net = XValTransformerWrapper(num_tokens=3, max_seq_len=8, numerical_token_id=NUM,
+                                 attn_layers=Decoder(dim=64, depth=2, heads=4))
+    model = XValAutoregressiveWrapper(net)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        loss = model(*batch(64))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    net.eval()
+    x, nums = batch(1000)
+    with torch.no_grad():
+        pred = net(x[:, :-1], nums[:, :-1]).numbers[:, -1]  # the number after "="
+    target = nums[:, -1]
+    return dict(train_steps=steps, final_train_loss=loss.item(), mse=F.mse_loss(pred, target).item(),
+                mse_predicting_the_mean=target.pow(2).mean().item(), test_sequences=1000)
+
+
+TASKS = {"continuous": continuous, "vit": vit, "nar": nar, "xl": xl, "pooling": pooling, "xval": xval}
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=list(TASKS))
+    parser.add_argument("--only", choices=list(TASKS), action="append")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = json.loads(OUT.read_text())["tasks"] if OUT.exists() else {}
     for name, fn in TASKS.items():
-        if args.only and name != args.only:
+        if args.only and name not in args.only:
             continue
         start = time.perf_counter()
         res = fn()
