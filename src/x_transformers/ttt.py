@@ -30,10 +30,44 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-__all__ = ["TTTModuleWrapper", "LowRankLinear", "TTTMetaLearningTargetKLLoss", "TTTNextLatentPredictionLoss",
+__all__ = ["EpisodicMemories", "TTTModuleWrapper", "LowRankLinear", "TTTMetaLearningTargetKLLoss", "TTTNextLatentPredictionLoss",
            "newton_schulz", "TTTSetup"]
 
 _MUON_COEFFS = (3.4445, -4.7750, 2.0315)  # Muon's quintic Newton-Schulz coefficients
+
+
+class EpisodicMemories(nn.Module):
+    """Upstream's episodic memories: learned keys and values (2, attention blocks, kv heads, m, dim_head),
+    N(0, 0.02), that every self-attention block reads before its own (``self_attn_additional_kv``);
+    ``episodic_mems`` may be test-time trained like any other module."""
+
+    def __init__(self, depth: int, heads: int, seq_len: int, dim_head: int):
+        super().__init__()
+        self.mem_kv = nn.Parameter(torch.randn(2, depth, heads, seq_len, dim_head) * 0.02)
+
+    def forward(self):
+        return self.mem_kv
+
+    @staticmethod
+    def for_stack(stack, seq_len: int) -> "EpisodicMemories | None":
+        """Sized for an ``AttentionLayers``: one key/value set per self-attention block (None for 0)."""
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+            raise ValueError(f"episodic_mem_len must be an integer >= 0, got {seq_len!r}")
+        if seq_len == 0:
+            return None
+        blocks = [b.fn for b, s in zip(stack.blocks, stack.layout) if s.kind == "a"]
+        if not blocks:
+            raise ValueError("episodic_mem_len needs a stack with self-attention blocks")
+        if stack.attn_cfg.dim_head != stack.attn_cfg.v_dim_head:
+            raise ValueError("episodic_mem_len needs keys and values of one head width (attn_dim_head == v_dim_head)")
+        return EpisodicMemories(len(blocks), blocks[0].kv_heads, seq_len, stack.attn_cfg.dim_head)
+
+    @staticmethod
+    def as_additional_kv(mem_kv, batch: int) -> list:
+        """(2, depth, g, m, d) or per row (b, 2, depth, g, m, d) -> [(k, v) each (b, g, m, d)] per block."""
+        if mem_kv.ndim == 5:
+            mem_kv = mem_kv.expand(batch, *mem_kv.shape)
+        return list(zip(mem_kv[:, 0].unbind(dim=1), mem_kv[:, 1].unbind(dim=1)))
 
 
 class TTTModuleWrapper(nn.Module):
@@ -175,9 +209,11 @@ def _check_number(name, value, minimum=0.0):
 
 class TTTSetup:
     """Validates the ``ttt_*`` keywords, wraps the chosen modules of ``root`` in ``TTTModuleWrapper``
-    (``wrappers``: the given path -> its wrapper) and performs the inner steps."""
+    (``wrappers``: the given path -> its wrapper) and performs the inner steps. ``prefix`` is put before
+    every path but ``episodic_mems`` (upstream's ``net.`` when the wrapper holds episodic memories)."""
 
-    def __init__(self, root: nn.Module, module_paths, low_rank_paths, lr, wd, use_muon, muon_steps, muon_lr):
+    def __init__(self, root: nn.Module, module_paths, low_rank_paths, lr, wd, use_muon, muon_steps, muon_lr,
+                 prefix: str = ""):
         for name, value in (("ttt_lr", lr), ("ttt_wd", wd), ("ttt_muon_lr", muon_lr)):
             _check_number(name, value)
         if isinstance(muon_steps, bool) or not isinstance(muon_steps, int) or muon_steps < 1:
@@ -190,12 +226,12 @@ class TTTSetup:
             pair = (item, item) if isinstance(item, str) else tuple(item) if isinstance(item, (tuple, list)) else ()
             if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
                 raise ValueError(f"ttt_module_paths entries must be a path or a (source, target) pair, got {item!r}")
-            pairs.append(pair)
+            pairs.append(tuple(p if p == "episodic_mems" else prefix + p for p in pair))
         low_rank = {}
         for item in _as_tuple("ttt_low_rank_paths", low_rank_paths):
             if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
                 raise ValueError(f"ttt_low_rank_paths entries must be (path, low_rank_dim), got {item!r}")
-            low_rank[item[0]] = item[1]
+            low_rank[prefix + item[0]] = item[1]
         self.paths_map = tuple(pairs) + tuple((p, p) for p in low_rank if (p, p) not in pairs)
         self.wrappers = {}
         for path in (p for pair in self.paths_map for p in pair):

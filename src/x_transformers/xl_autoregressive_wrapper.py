@@ -13,8 +13,9 @@ current segment; when a segment fills, its memories are computed from the whole 
 as training computes them, so a generated token is what the segment-wise forward predicts.
 Test-time training (``ttt_*``, upstream's keywords and defaults; the mechanism is in ttt.py): the
 chosen modules carry per-row weights that take one gradient step on each segment's loss before the
-next segment is read (in ``generate``: on the prompt). Episodic memories (``episodic_mem_len``) are
-not built: only 0 is accepted.
+next segment is read (in ``generate``: on the prompt). Episodic memories (``episodic_mem_len`` m > 0):
+m learned key/value columns that every self-attention block reads first, which TTT may train
+(the path ``episodic_mems``; the net's paths are then under ``net.``, as upstream).
 
 Legend: b batch, n tokens, L max_seq_len (the segment length), v vocabulary.
 """
@@ -31,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .autoregressive_wrapper import top_k
 from .layers import AttentionLayers
 from .sampling import check_temperature
-from .ttt import (LowRankLinear, TTTMetaLearningTargetKLLoss, TTTModuleWrapper, TTTNextLatentPredictionLoss,
+from .ttt import (EpisodicMemories, LowRankLinear, TTTMetaLearningTargetKLLoss, TTTModuleWrapper, TTTNextLatentPredictionLoss,
                   TTTSetup)
 from .wrappers import TransformerWrapper
 
@@ -48,9 +49,6 @@ class XLAutoregressiveWrapper(nn.Module):
                  ttt_custom_loss_module: nn.Module | None = None, ttt_next_latent_loss: bool = False,
                  episodic_mem_len: int = 0):
         super().__init__()
-        if episodic_mem_len != 0:
-            raise ValueError(f"episodic_mem_len={episodic_mem_len!r}: upstream's episodic memories are not "
-                             "implemented here; only 0 is accepted")
         if ttt_custom_loss_module is not None and not isinstance(ttt_custom_loss_module, nn.Module):
             raise ValueError("ttt_custom_loss_module must be an nn.Module (intermediates, mask) -> per-token losses")
         if not isinstance(ttt_next_latent_loss, bool):
@@ -68,8 +66,12 @@ class XLAutoregressiveWrapper(nn.Module):
         self.net = net
         self.max_seq_len = net.max_seq_len
         self.ignore_index, self.pad_value, self.tbptt_steps = ignore_index, pad_value, tbptt_steps
-        self.ttt = TTTSetup(net, ttt_module_paths, ttt_low_rank_paths, ttt_lr, ttt_wd, ttt_use_muon, ttt_muon_steps,
-                            ttt_muon_lr)
+        episodic = EpisodicMemories.for_stack(net.attn_layers, episodic_mem_len)
+        self.has_episodic_mem = episodic is not None
+        if self.has_episodic_mem:
+            self.episodic_mems = episodic
+        self.ttt = TTTSetup(self if self.has_episodic_mem else net, ttt_module_paths, ttt_low_rank_paths, ttt_lr, ttt_wd,
+                            ttt_use_muon, ttt_muon_steps, ttt_muon_lr, prefix="net." if self.has_episodic_mem else "")
         if self.has_ttt and tbptt_steps == 1:
             raise ValueError("test-time training (ttt_module_paths / ttt_low_rank_paths) needs tbptt_steps > 1")
         if ttt_next_latent_loss:
@@ -128,6 +130,7 @@ class XLAutoregressiveWrapper(nn.Module):
             raise ValueError(f"ttt_recurrent_steps must be an integer >= 1, got {ttt_recurrent_steps!r}")
         if ttt_recurrent_steps > 1 and not self.has_ttt:
             raise ValueError("ttt_recurrent_steps > 1 needs test-time training (ttt_module_paths)")
+        self._check_kwargs(kwargs)
         if x.ndim != 2 or x.shape[1] < 2:
             raise ValueError(f"x must be token ids (b, n + 1) with at least 2 tokens, got {tuple(x.shape)}")
         inp, labels = x[:, :-1], x[:, 1:]
@@ -144,7 +147,7 @@ class XLAutoregressiveWrapper(nn.Module):
                 detach = (i + 1) % self.tbptt_steps == 0
                 for step in range(ttt_recurrent_steps):
                     final = step == ttt_recurrent_steps - 1
-                    out = self.net(chunk, mems=None if dropout_mems else mems, return_mems=True, detach_mems=detach,
+                    out = self._net(chunk, mems=None if dropout_mems else mems, return_mems=True, detach_mems=detach,
                                    return_intermediates=self.has_ttt, **kwargs)
                     logits, inter = out if self.has_ttt else (out[0], None)
                     if final:
@@ -165,6 +168,7 @@ class XLAutoregressiveWrapper(nn.Module):
         at ``temperature`` (upstream's order). With ``eos_token``, decoding stops once every row has
         produced it, and each row's tokens after its first eos become ``pad_value``."""
         check_temperature(temperature)
+        self._check_kwargs(kwargs)
         squeeze = start_tokens.ndim == 1
         out = start_tokens[None] if squeeze else start_tokens
         if out.ndim != 2 or out.shape[1] == 0:
@@ -181,11 +185,11 @@ class XLAutoregressiveWrapper(nn.Module):
                 self._read_prompt(out[:, start:-1], out[:, start + 1:], mems, kwargs)
             cache = None
             for _ in range(seq_len):
-                logits, cache = self.net(out[:, start:], mems=mems, cache=cache, return_intermediates=True, **kwargs)
+                logits, cache = self._net(out[:, start:], mems=mems, cache=cache, return_intermediates=True, **kwargs)
                 token = self._sample(logits[:, -1], temperature, filter_logits_fn, filter_kwargs or {})
                 out = torch.cat((out, token[:, None]), dim=-1)
                 if out.shape[1] - start > L:  # the new token opens the next segment
-                    _, mems = self.net(out[:, start:start + L], mems=mems, return_mems=True, **kwargs)
+                    _, mems = self._net(out[:, start:start + L], mems=mems, return_mems=True, **kwargs)
                     start, cache = start + L, None
                 if eos_token is not None and (out[:, t:] == eos_token).any(dim=-1).all():
                     break
@@ -197,12 +201,22 @@ class XLAutoregressiveWrapper(nn.Module):
             gen = gen.masked_fill(after, self.pad_value)
         return gen[0] if squeeze else gen
 
+    def _net(self, x, **kwargs):
+        """The net on x, with the episodic memories (per row when test-time trained) as extra keys/values."""
+        if self.has_episodic_mem:
+            kwargs["self_attn_additional_kv"] = EpisodicMemories.as_additional_kv(self.episodic_mems(), x.shape[0])
+        return self.net(x, **kwargs)
+
+    def _check_kwargs(self, kwargs):
+        if self.has_episodic_mem and "self_attn_additional_kv" in kwargs:
+            raise ValueError("self_attn_additional_kv: the episodic memories (episodic_mem_len) already supply them")
+
     def _read_prompt(self, segment, target, mems, kwargs):
         """Run a prompt segment (with test-time training: and take the inner step on it) -> its memories."""
         if not self.has_ttt:
-            return self.net(segment, mems=mems, return_mems=True, **kwargs)[1]
+            return self._net(segment, mems=mems, return_mems=True, **kwargs)[1]
         with torch.enable_grad():
-            logits, inter = self.net(segment, mems=mems, return_mems=True, return_intermediates=True, **kwargs)
+            logits, inter = self._net(segment, mems=mems, return_mems=True, return_intermediates=True, **kwargs)
             self.update_ttt(logits, target, create_graph=False, intermediates=inter)
         return inter.mems
 
