@@ -233,9 +233,9 @@ class TTTSetup:
                 raise ValueError(f"ttt_low_rank_paths entries must be (path, low_rank_dim), got {item!r}")
             low_rank[prefix + item[0]] = item[1]
         self.paths_map = tuple(pairs) + tuple((p, p) for p in low_rank if (p, p) not in pairs)
-        self.wrappers = {}
+        found = {}  # path -> (our path, the module to wrap); nothing is replaced until every path checks out
         for path in (p for pair in self.paths_map for p in pair):
-            if path in self.wrappers:
+            if path in found:
                 continue
             ours = path if _get(root, path) is not None else _upstream_path(path)
             module = _get(root, ours)
@@ -247,14 +247,16 @@ class TTTSetup:
                 module = LowRankLinear(module, low_rank[path])
             if not any(True for _ in module.parameters()):
                 raise ValueError(f"ttt_module_paths: the module at {path!r} has no parameters")
-            self.wrappers[path] = TTTModuleWrapper(module)
-            _set(root, ours, self.wrappers[path])
+            found[path] = (ours, module)
         for source, target in self.paths_map:
-            s, t = (list(self.wrappers[p].module.named_parameters()) for p in (source, target))
+            s, t = (list(found[p][1].named_parameters()) for p in (source, target))
             if [p.shape for _, p in s] != [p.shape for _, p in t]:
                 raise ValueError(f"ttt_module_paths: source {source!r} and target {target!r} must have parameters of "
                                  f"the same shapes, got {[tuple(p.shape) for _, p in s]} and "
                                  f"{[tuple(p.shape) for _, p in t]}")
+        self.wrappers = {path: TTTModuleWrapper(module) for path, (_, module) in found.items()}
+        for path, (ours, _) in found.items():
+            _set(root, ours, self.wrappers[path])
 
     def init(self, batch: int):
         """Every row starts from the modules' own parameters (a differentiable copy per row)."""

@@ -66,14 +66,14 @@ class XLAutoregressiveWrapper(nn.Module):
         self.net = net
         self.max_seq_len = net.max_seq_len
         self.ignore_index, self.pad_value, self.tbptt_steps = ignore_index, pad_value, tbptt_steps
+        if (ttt_module_paths or ttt_low_rank_paths) and tbptt_steps == 1:
+            raise ValueError("test-time training (ttt_module_paths / ttt_low_rank_paths) needs tbptt_steps > 1")
         episodic = EpisodicMemories.for_stack(net.attn_layers, episodic_mem_len)
         self.has_episodic_mem = episodic is not None
         if self.has_episodic_mem:
             self.episodic_mems = episodic
         self.ttt = TTTSetup(self if self.has_episodic_mem else net, ttt_module_paths, ttt_low_rank_paths, ttt_lr, ttt_wd,
                             ttt_use_muon, ttt_muon_steps, ttt_muon_lr, prefix="net." if self.has_episodic_mem else "")
-        if self.has_ttt and tbptt_steps == 1:
-            raise ValueError("test-time training (ttt_module_paths / ttt_low_rank_paths) needs tbptt_steps > 1")
         if ttt_next_latent_loss:
             ttt_custom_loss_module = TTTNextLatentPredictionLoss(dim=net.attn_layers.dim)
         self.ttt_custom_loss_module = ttt_custom_loss_module
