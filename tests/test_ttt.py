@@ -255,3 +255,32 @@ def test_bad_forward_arguments():
     episodic = XLAutoregressiveWrapper(model(), episodic_mem_len=2)
     with pytest.raises(ValueError, match="self_attn_additional_kv"):
         episodic(tokens(), self_attn_additional_kv=[])
+
+
+SHAPES_AT_PATHS = r"""
+import json, os
+from functools import reduce
+from x_transformers import Decoder, TransformerWrapper
+out = []
+for case in json.loads(os.environ["PAYLOAD"]):
+    net = TransformerWrapper(num_tokens=16, max_seq_len=4, max_mem_len=4,
+                             attn_layers=Decoder(dim=16, depth=2, heads=2, **case["layers"]))
+    out.append([[list(p.shape) for p in reduce(getattr, path.split("."), net).parameters()] for path in case["paths"]])
+print(json.dumps(out))
+"""
+
+
+def test_upstream_paths_name_the_same_modules():
+    from upstream import run
+
+    paths = ["attn_layers.layers.0.1.to_v", "attn_layers.layers.2.1.to_q", "attn_layers.layers.1.1.ff.0.0",
+             "attn_layers.layers.3.1.ff.0.proj", "attn_layers.layers.1.1.ff.2", "attn_layers.layers.3.1.ff.3"]
+    cases = [dict(layers={}, paths=paths[:3] + paths[4:5]), dict(layers=dict(ff_glu=True), paths=paths[:2] + paths[3:5]),
+             dict(layers=dict(ff_post_act_ln=True, attn_kv_heads=1), paths=paths[:3] + paths[5:])]
+    want = run(SHAPES_AT_PATHS, cases)
+    for case, shapes in zip(cases, want):
+        net = TransformerWrapper(num_tokens=16, max_seq_len=4, max_mem_len=4,
+                                 attn_layers=Decoder(dim=16, depth=2, heads=2, **case["layers"]))
+        xl = XLAutoregressiveWrapper(net, tbptt_steps=2, ttt_module_paths=tuple(case["paths"]))
+        got = [[list(p.shape) for p in xl.ttt_wrappers[path].module.parameters()] for path in case["paths"]]
+        assert got == shapes, case

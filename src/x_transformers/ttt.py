@@ -175,19 +175,25 @@ def newton_schulz(g, steps: int = 5, eps: float = 1e-7):
     return x.mT if tall else x
 
 
-def _upstream_path(path: str) -> str:
+def _upstream_path(root: nn.Module, path: str) -> str:
     """Upstream's module path -> ours: ``layers.i.1`` is our ``blocks.i.fn``; in a feed-forward,
-    ``ff.0.0`` / ``ff.0.proj`` is ``proj_in`` and ``ff.k`` (k >= 1, upstream's output linear) ``proj_out``."""
+    upstream's ``ff`` sequence is (proj_in, [post-activation norm], dropout, proj_out), with
+    ``ff.0.0`` / ``ff.0.proj`` the input linear (plain / GLU)."""
     m = re.fullmatch(r"(.*?)layers\.(\d+)\.1(?:\.(.*))?", path)
     if m is None:
         return path
     head, index, rest = m.groups()
-    if rest is not None:
+    ours = f"{head}blocks.{index}.fn"
+    fn = _get(root, ours)
+    if rest is not None and hasattr(fn, "proj_in") and rest.startswith("ff."):
+        sequence = ["proj_in"] + (["post_act_norm"] if getattr(fn, "post_act_norm", None) is not None else []) \
+            + ["dropout", "proj_out"]
+        k = re.fullmatch(r"ff\.(\d+)", rest)
         if re.fullmatch(r"ff\.0\.(0|proj)", rest):
             rest = "proj_in"
-        elif re.fullmatch(r"ff\.[1-9]\d*", rest):
-            rest = "proj_out"
-    return f"{head}blocks.{index}.fn" + (f".{rest}" if rest else "")
+        elif k is not None and int(k.group(1)) < len(sequence):
+            rest = sequence[int(k.group(1))]
+    return ours + (f".{rest}" if rest else "")
 
 
 def _get(root: nn.Module, path: str):
@@ -237,7 +243,7 @@ class TTTSetup:
         for path in (p for pair in self.paths_map for p in pair):
             if path in found:
                 continue
-            ours = path if _get(root, path) is not None else _upstream_path(path)
+            ours = path if _get(root, path) is not None else _upstream_path(root, path)
             module = _get(root, ours)
             if not isinstance(module, nn.Module) or module is root:
                 raise ValueError(f"ttt_module_paths: no module at {path!r}")
