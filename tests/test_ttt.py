@@ -252,6 +252,12 @@ def test_bad_forward_arguments():
         xl(tokens(), ttt_recurrent_steps=2)
     with pytest.raises(ValueError, match="ttt_recurrent_steps must be"):
         xl(tokens(), ttt_recurrent_steps=0)
+    ttt = XLAutoregressiveWrapper(model(), tbptt_steps=2, ttt_module_paths=(TO_V,))
+    ttt(tokens())  # leaves per-row weights for 2 rows in the net
+    with pytest.raises(ValueError, match="reset_all"):
+        ttt.net(torch.zeros(3, 4, dtype=torch.long))
+    TTTModuleWrapper.reset_all(ttt)
+    assert ttt.net(torch.zeros(3, 4, dtype=torch.long)).shape == (3, 4, 16)
     episodic = XLAutoregressiveWrapper(model(), episodic_mem_len=2)
     with pytest.raises(ValueError, match="self_attn_additional_kv"):
         episodic(tokens(), self_attn_additional_kv=[])

@@ -92,6 +92,10 @@ class TTTModuleWrapper(nn.Module):
     def forward(self, *args, **kwargs):
         if self.batch_params is None:
             return self.module(*args, **kwargs)
+        rows = next(iter(self.batch_params.values())).shape[0]
+        if args and isinstance(args[0], torch.Tensor) and args[0].shape[0] != rows:
+            raise ValueError(f"this test-time-trained module holds weights for {rows} rows, called with a batch of "
+                             f"{args[0].shape[0]}; drop them first with TTTModuleWrapper.reset_all(model)")
         return vmap(lambda params, *row: functional_call(self.module, params, row, kwargs))(self.batch_params, *args)
 
 
