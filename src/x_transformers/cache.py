@@ -417,3 +417,8 @@ class Intermediates:
     last_hidden: Tensor | None = None
     attn_maps: list | None = None
     logit_entropies: Tensor | None = None
+
+    @property
+    def last_layer_hiddens(self):
+        """Upstream's name for ``last_hidden`` (its test-time-training losses read it)."""
+        return self.last_hidden
