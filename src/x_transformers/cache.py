@@ -104,6 +104,9 @@ class KVCache:
         # columns of prepended embeddings (TransformerWrapper's prepend_embeds) at the front, after any
         # memory tokens: set by the call that fills the empty cache; token positions do not count them
         self.prefix_len = 0
+        # of those, the kept ones (an int, or (b, 1) per row under a prepend_mask): the tokens' layer
+        # positions start after them, the masked ones stay as keys nobody attends to
+        self.prefix_kept = 0
 
     @property
     def key_mask(self) -> Tensor | None:
@@ -165,6 +168,8 @@ class KVCache:
             layer.reorder(index)
         if self.key_mask is not None:
             self._key_mask, self.positions = self._key_mask[index], self.positions[index]
+        if isinstance(self.prefix_kept, Tensor):
+            self.prefix_kept = self.prefix_kept[index]
 
     def copy(self) -> "KVCache":
         """A new cache over the same tensors: extending it (which concatenates, making new tensors)
@@ -173,7 +178,7 @@ class KVCache:
         for i, layer in self.layers.items():
             new.layers[i] = layer.copy()
         new._key_mask, new.positions, new.unpadded = self._key_mask, self.positions, self.unpadded
-        new.prefix_len = self.prefix_len
+        new.prefix_len, new.prefix_kept = self.prefix_len, self.prefix_kept
         return new
 
     def drop_last(self, n: int):
@@ -290,7 +295,7 @@ class StaticKVCache:
         # device sync on any device. Eager forwards count here; a compiled step is counted by its caller
         # (:meth:`count_compiled`), since inside a graph the host cannot count.
         self.length = 0
-        self.prefix_len = 0  # prepended embedding columns, as KVCache's
+        self.prefix_len = self.prefix_kept = 0  # prepended embedding columns, as KVCache's
         self.layers: dict[int, StaticLayerKV] = {}
         for i, shape in layer_shapes.items():
             if shape is None:
@@ -330,7 +335,7 @@ class StaticKVCache:
         self.positions.zero_()
         self.started = False
         self.length = 0
-        self.prefix_len = 0
+        self.prefix_len = self.prefix_kept = 0
         for layer in self.layers.values():
             layer.states = {}
             if layer.filled:
@@ -394,6 +399,8 @@ class StaticKVCache:
             layer.reorder(index)
         self.key_mask.copy_(self.key_mask[index])
         self.positions.copy_(self.positions[index])
+        if isinstance(self.prefix_kept, Tensor):
+            self.prefix_kept = self.prefix_kept[index]
 
 
 @dataclass

@@ -436,8 +436,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             # (the memory columns stay first, keep_last keeps them)
             kept = cache.positions[:, M:].masked_fill(~cache.key_mask[:, M:], -1)
             return kept.amax(dim=-1, keepdim=True) + 1 if kept.shape[1] else torch.zeros_like(kept[:, :1])
-        # a KVCache: the last position + 1; a static one: kept slots (prepended columns not counted)
-        return cache.next_positions() - M - cache.prefix_len
+        # a KVCache: the last position + 1; a static one: kept slots (kept prepended columns not counted)
+        return cache.next_positions() - M - cache.prefix_kept
 
     def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids, emb_kw=None):
         """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
@@ -492,11 +492,12 @@ class TransformerWrapper(Pretrained, nn.Module):
             h = torch.cat((self.cls_token.to(h.dtype).expand(b, -1, -1), h), dim=1)
 
         # layer positions count the memory tokens and a cached prefix of prepended embeddings
-        layer_positions = positions + self.memory_shift + (0 if first else cache.prefix_len)
+        layer_positions = positions + self.memory_shift + (0 if first else cache.prefix_kept)
         layer_mask = mask if kv_mask is None else (kv_mask if mask is None else mask & kv_mask)
         P = h.shape[1] - n  # [CLS] + prepended columns
         if prepend is not None and cache is not None:
             cache.prefix_len = prepend.shape[1]
+            cache.prefix_kept = prepend.shape[1] if prepend_mask is None else prepend_mask.sum(dim=-1, keepdim=True)
         if P:
             ones = torch.ones(b, P, dtype=torch.bool, device=x.device)
             pmask = ones if prepend_mask is None else torch.cat((ones[:, :self.num_cls_tokens], prepend_mask), dim=-1)
