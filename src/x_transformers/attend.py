@@ -388,7 +388,7 @@ class ExplicitBackend:
             column = sink.to(scores.dtype).view(1, h, 1, 1).expand(b, h, n, 1)
             scores, dense = torch.cat((column, scores), dim=-1), torch.cat((column, dense), dim=-1)
         if req.inverted:
-            attn = score_variants.inverted_weights(scores, mask, req.query_mask)
+            attn = score_variants.inverted_weights(scores, mask, req.query_mask, sigmoid=req.normalizer == "sigmoid")
         else:
             attn = _normalize(scores, req)
         if req.topk_straight_through:
