@@ -417,6 +417,8 @@ class Intermediates:
     last_hidden: (b, n, dim) the final hidden states (after the final norm), the new tokens'.
     attn_maps: with ``return_attn``, each attention layer's post-softmax maps.
     logit_entropies: with ``return_logit_entropies``, (b, n) entropy of each position's softmax.
+    attn_logit_maxes: in a training forward (module in training mode, gradients on), each attention
+    block's (h,) largest pre-softmax logit, in call order: what ``attn_qk_clip_`` reads.
     """
 
     cache: KVCache | None = None
@@ -424,3 +426,4 @@ class Intermediates:
     last_hidden: Tensor | None = None
     attn_maps: list | None = None
     logit_entropies: Tensor | None = None
+    attn_logit_maxes: list | None = None

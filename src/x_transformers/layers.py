@@ -18,7 +18,7 @@ from torch import nn
 
 from .hub import Pretrained
 from . import checks, recurrence, stack_calls
-from .attention import Attention
+from .attention import Attention, qk_clip_blocks
 from .blocks import ForwardContext, ScoreCarry, UNetSkips, drop_context_tokens, kv_residuals_per_block, run_sequential
 from .adaptive import Conditioning, apply_norm
 from .cache import Intermediates, StaticKVCache
@@ -333,6 +333,12 @@ class AttentionLayers(Pretrained, nn.Module):
         """Upstream's Muon parameter group: every attention's and feed-forward's own choice, once each."""
         found = {id(p): p for m in self.modules() if isinstance(m, (Attention, FeedForward)) for p in m.muon_parameters()}
         return list(found.values())
+
+    def attn_qk_clip_(self, intermediates, tau: float = 100.0):
+        """Upstream's QK-clip of every attention block (2507.20534), from a training forward's
+        ``return_intermediates`` (their ``attn_logit_maxes``; attention.qk_clip_blocks)."""
+        blocks = [b.fn for b in self.blocks if isinstance(getattr(b, "fn", None), Attention)]
+        qk_clip_blocks(blocks, intermediates.attn_logit_maxes, tau)
 
     @property
     def layer_cfg(self) -> LayersConfig:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attend import record_logsumexp
+from .attend import record_logit_maxes, record_logsumexp
 from .hub import Pretrained
 from . import aliases, checks, conflicts, looped, recurrence, wrapper_inputs
 from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
@@ -185,6 +185,10 @@ class TransformerWrapper(Pretrained, nn.Module):
     def muon_parameters(self) -> list:
         return self.attn_layers.muon_parameters()  # upstream's: the stack's group
 
+    def attn_qk_clip_(self, intermediates, tau: float = 100.0):
+        """Upstream's QK-clip (2507.20534) of the stack's attention, from a training forward's intermediates."""
+        self.attn_layers.attn_qk_clip_(intermediates, tau)
+
     @property
     def can_cache_kv(self) -> bool:
         """Whether this model decodes with a key/value cache (a causal stack: a Decoder)."""
@@ -284,7 +288,9 @@ class TransformerWrapper(Pretrained, nn.Module):
                                  "key mask, and hidden keys must not move positions (a training-time mask)")
         prefix = (prepend_embeds, prepend_mask)
         lse = [] if return_attn_z_loss else None
-        with record_logsumexp(lse) if lse is not None else contextlib.nullcontext():
+        maxes = [] if want_inter and self.training and torch.is_grad_enabled() else None  # QK-clip's input
+        with record_logsumexp(lse) if lse is not None else contextlib.nullcontext(), \
+                record_logit_maxes(maxes) if maxes is not None else contextlib.nullcontext():
             out, attns = self._run(x, mask, kv_mask, pos, sum_embeds, new["embed_ids"], prefix, context, context_mask,
                                    cache, return_attn, side)
         hidden, seq, seq_mask, pooled_tokens = self._pool(out, x, mask, prefix, want_inter)
@@ -311,7 +317,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         if want_inter:
             inter = Intermediates(cache=cache if isinstance(cache, KVCache) else None, cache_length=offset + x.shape[1],
                                   last_hidden=seq, attn_maps=attns)
-            inter.logits, inter.attn_pooled_tokens = logits, pooled_tokens
+            inter.logits, inter.attn_pooled_tokens, inter.attn_logit_maxes = logits, pooled_tokens, maxes
             if return_logit_entropies:
                 logp = logits.float().log_softmax(dim=-1)
                 inter.logit_entropies = -(logp.exp() * logp).nan_to_num().sum(dim=-1)
