@@ -147,15 +147,7 @@ class AttentionLayers(Pretrained, nn.Module):
         for j in range(max(map(len, schedules.values()), default=1) if schedules else 0):  # each layer's conflicts
             split_layer_kwargs(dict(kwargs, **{k: v[j] for k, v in schedules.items() if j < len(v)},
                                     heads=heads, depth=depth), where)
-        cross_own = cross_attn_per_block(built, cross_opts)
-        for opts in cross_own if cross_opts else ():  # each cross-attention block's options, checked as attn_ ones
-            try:
-                split_layer_kwargs(dict(kwargs, **{"attn_" + k: v for k, v in opts.items()}, heads=heads, depth=depth),
-                                   where)
-            except ValueError as e:
-                error = type(e)(f"in the cross-attention blocks (cross_attn_ options): {e}")
-                error.conflict = getattr(e, "conflict", None)
-                raise error from e
+        cross_own = cross_attn_per_block(built, cross_opts, dict(kwargs, heads=heads, depth=depth), where)
         self.inverted = attn_cfg.inverted_attention or any(o.get("inverted_attention") for o in cross_own)
         cross_index = iter(cross_own)
         # value residual: a learned mix in every self-attention after the first built one (upstream's rule)

@@ -173,8 +173,10 @@ def pop_cross_attn(kwargs: dict) -> tuple[dict, dict]:
     return rest, cross
 
 
-def cross_attn_per_block(layout, cross: dict) -> list[dict]:
-    """Per cross-attention block of ``layout``: its {option: value} from pop_cross_attn's options."""
+def cross_attn_per_block(layout, cross: dict, kwargs: dict, where: str) -> list[dict]:
+    """Per cross-attention block of ``layout``: its {option: value} from pop_cross_attn's options, each
+    block's checked as the attn_ options over the stack's other keywords ``kwargs`` (types, conflicts)."""
+    from .config import split_layer_kwargs
     count = sum(s.kind == "c" for s in layout)
     if cross and not count:
         raise ValueError(f"cross_attn_{next(iter(cross))}: this stack has no cross-attention blocks; set "
@@ -183,4 +185,12 @@ def cross_attn_per_block(layout, cross: dict) -> list[dict]:
         if isinstance(value, tuple) and len(value) != count:
             raise ValueError(f"cross_attn_{key} as a tuple needs one value per cross-attention block ({count}), "
                              f"got {len(value)}")
-    return [{k: v[i] if isinstance(v, tuple) else v for k, v in cross.items()} for i in range(count)]
+    blocks = [{k: v[i] if isinstance(v, tuple) else v for k, v in cross.items()} for i in range(count)]
+    for opts in blocks if cross else ():
+        try:
+            split_layer_kwargs(dict(kwargs, **{"attn_" + k: v for k, v in opts.items()}), where)
+        except ValueError as e:
+            error = type(e)(f"in the cross-attention blocks (cross_attn_ options): {e}")
+            error.conflict = getattr(e, "conflict", None)
+            raise error from e
+    return blocks
