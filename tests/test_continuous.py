@@ -314,3 +314,34 @@ def test_a_probabilistic_rollout_trains_through_its_samples():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_memory_tokens=2, stack_kw=dict(rotary_pos_emb=True)),
+                                dict(stack_kw=dict(attn_hybrid_module=nn.GRU(16, 32, batch_first=True),
+                                                   attn_hybrid_fold_axial_dim=1))],
+                         ids=["learned positions", "memory tokens + rotary", "hybrid GRU"])
+def test_upstream_style_cache_gives_the_full_forward(kw):
+    """Upstream's return_intermediates / cache= / input_not_include_cache on the continuous wrapper:
+    frames run chunk by chunk through the returned caches (x the whole sequence so far, or only the
+    new frames) give the full forward's outputs, a left-padded row included; calls are functional."""
+    kw = dict(kw)
+    stack_kw = dict(dim=16, depth=2, heads=2, attn_dim_head=16) | kw.pop("stack_kw", {})
+    torch.manual_seed(0)
+    net = ContinuousTransformerWrapper(dim_in=6, dim_out=5, max_seq_len=32, attn_layers=Decoder(**stack_kw),
+                                       **kw).eval()
+    x = torch.randn(2, 7, 6)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, :2] = False  # row 1 left-padded
+    full = net(x, keep)
+    out1, inter = net(x[:, :3], keep[:, :3], return_intermediates=True)
+    assert inter.cache_length == 3
+    out2, inter2 = net(x[:, :5], keep[:, :5], cache=inter, return_intermediates=True)  # the whole sequence so far
+    out3, inter3 = net(x[:, 5:], keep[:, 5:], cache=inter2, return_intermediates=True, input_not_include_cache=True)
+    torch.testing.assert_close(torch.cat((out1, out2, out3), 1)[keep], full[keep], atol=1e-5, rtol=1e-5)
+    assert inter3.cache_length == 7 and inter.cache_length == 3  # the one given is left as it was
+    again, _ = net(x[:, 3:5], keep[:, 3:5], cache=inter, return_intermediates=True, input_not_include_cache=True)
+    torch.testing.assert_close(again, out2)
+    with pytest.raises(ValueError, match="give more than 3 frames"):
+        net(x[:, :3], cache=inter)
+    with pytest.raises(ValueError, match="input_not_include_cache=True needs cache="):
+        net(x, input_not_include_cache=True)

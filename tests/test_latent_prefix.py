@@ -98,7 +98,8 @@ def _harness_decoder_features():
 @pytest.mark.parametrize("name", list(_harness_decoder_features()))
 def test_every_cacheable_feature_decodes_a_prefix_through_the_cache(name):
     """The harness's cache property with a prefix: a left-padded prefill that holds prepended
-    embeddings, then one token at a time, gives the full forward's logits (dynamic and static cache)."""
+    embeddings (some masked out by a prepend_mask: keys nobody attends to), then one token at a time,
+    gives the full forward's logits (dynamic and static cache)."""
     import harness
     from x_transformers import StaticKVCache
 
@@ -107,11 +108,43 @@ def test_every_cacheable_feature_decodes_a_prefix_through_the_cache(name):
     x = harness.tokens(n=8)
     keep = torch.ones(2, 8, dtype=torch.bool)
     keep[1, :2] = False
-    prefix = torch.randn(2, 2, net.emb_dim, generator=torch.Generator().manual_seed(3))
-    ref = net(x, keep, prepend_embeds=prefix, excise_prepend_embeds=True)
+    prefix = torch.randn(2, 3, net.emb_dim, generator=torch.Generator().manual_seed(3))
+    pmask = torch.tensor([[True, False, True], [False, True, True]])
+    ahead = dict(prepend_embeds=prefix, prepend_mask=pmask, excise_prepend_embeds=True)
+    ref = net(x, keep, **ahead)
     tol = max(feature.tol, 1e-5)
-    for make in (KVCache, lambda: StaticKVCache.for_model(net, 2, net.num_memory_tokens + 10)):
+    for make in (KVCache, lambda: StaticKVCache.for_model(net, 2, net.num_memory_tokens + 11)):
         cache = make()
-        outs = [net(x[:, :3], keep[:, :3], cache=cache, prepend_embeds=prefix, excise_prepend_embeds=True)]
+        outs = [net(x[:, :3], keep[:, :3], cache=cache, **ahead)]
         outs += [net(x[:, t:t + 1], cache=cache) for t in range(3, 8)]
         torch.testing.assert_close(torch.cat(outs, 1)[keep], ref[keep], atol=tol, rtol=tol)
+
+
+def test_a_masked_prefix_decodes_through_either_cache_as_without_one():
+    """generate(prepend_embeds=, prepend_mask=) (upstream's): the masked prefix columns are keys
+    nobody attends to, so a row decodes as with those columns dropped (their values do not matter),
+    and cached decoding (dynamic or static cache, a left-padded ragged prompt, beams) equals
+    uncached decoding token for token."""
+    net = lm(layers=dict(rotary_pos_emb=True), seed=1)
+    ar = AutoregressiveWrapper(net)
+    prompts = [torch.randint(0, V, (n,)) for n in (5, 2)]  # row 1 is left-padded
+    prefix = torch.randn(2, 3, 32)
+    pmask = torch.tensor([[True, False, True], [False, False, True]])
+    ahead = dict(prepend_embeds=prefix, prepend_mask=pmask)
+    uncached = ar.generate(prompts, 6, temperature=0.0, cache_kv=False, **ahead)
+    for extra in ({}, dict(static_cache=True)):
+        assert torch.equal(ar.generate(prompts, 6, temperature=0.0, **ahead, **extra), uncached)
+    assert torch.equal(ar.generate(prompts, 4, beams=2, **ahead),
+                       ar.generate(prompts, 4, beams=2, cache_kv=False, **ahead))
+    # each row is its prompt read after only its kept prefix columns
+    for i, p in enumerate(prompts):
+        alone = ar.generate(p[None], 6, temperature=0.0, prepend_embeds=prefix[i:i + 1, pmask[i]])
+        assert torch.equal(alone, uncached[i:i + 1])
+    # the masked columns' values are never read
+    noise = torch.where(pmask[..., None], prefix, torch.randn_like(prefix) * 100)
+    assert torch.equal(ar.generate(prompts, 6, temperature=0.0, prepend_embeds=noise, prepend_mask=pmask), uncached)
+    # and the mask matters
+    assert (net(torch.stack([p[:2] for p in prompts]), **ahead)
+            - net(torch.stack([p[:2] for p in prompts]), prepend_embeds=prefix)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="prepend_mask without prepend_embeds"):
+        ar.generate(prompts, 2, prepend_mask=pmask)

@@ -304,3 +304,54 @@ def test_log_prob_of_the_key_gumbel_attention_sampled():
     expected = inter.pre_softmax_attn.log_softmax(-1).gather(-1, chosen[..., None])[..., 0]
     torch.testing.assert_close(log_prob_from_hard_attend(inter), expected)
     assert (log_prob_from_hard_attend(inter) <= 0).all()
+
+
+def _causal_logit_maxes(attn, x):
+    """Each head's largest visible logit of a plain causal self-attention block on its input x, by hand."""
+    h, d = attn.heads, attn.dim_head
+    q = attn.to_q(x).view(*x.shape[:2], h, d).transpose(1, 2)
+    k = attn.to_k(x).view(*x.shape[:2], -1, d).transpose(1, 2).repeat_interleave(h // attn.kv_heads, dim=1)
+    n = x.shape[1]
+    s = (q @ k.transpose(-1, -2) * d ** -0.5).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    return s.amax(dim=(0, 2, 3))
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_wrapper_qk_clip_caps_every_layers_largest_logit_at_tau(kv_heads):
+    """Upstream's TransformerWrapper.attn_qk_clip_(intermediates, tau): a training forward's intermediates
+    hold each attention block's per-head largest logit (checked by hand on each block's input); after the
+    clip every block's largest logit is at most tau, those above it exactly tau, the others untouched."""
+    from x_transformers import Decoder, TransformerWrapper
+
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=16, attn_layers=Decoder(
+        dim=32, depth=2, heads=4, attn_dim_head=8, attn_kv_heads=kv_heads))  # training mode, as upstream's test
+    attns = [b.fn for b in net.attn_layers.blocks if b.fn.__class__.__name__ == "Attention"]
+    with torch.no_grad():
+        for a in attns:
+            a.to_q.weight.mul_(torch.linspace(2, 20, 4).repeat_interleave(8)[:, None])  # heads of rising logits
+    seen = []
+    hooks = [a.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach())) for a in attns]
+    x = torch.randint(0, 20, (2, 10))
+    _, inter = net(x, return_intermediates=True)
+    for h in hooks:
+        h.remove()
+    tops = inter.attn_logit_maxes
+    assert len(tops) == len(attns) == 2
+    for a, inp, top in zip(attns, seen, tops):
+        torch.testing.assert_close(top, _causal_logit_maxes(a, inp), atol=1e-4, rtol=1e-5)
+    tau = torch.cat(tops).median().item()
+    assert max(t.max().item() for t in tops) > tau
+    net.attn_qk_clip_(inter, tau=tau)
+    # on the inputs it saw, every block's heads now peak at min(their largest logit, tau)
+    for a, inp, top in zip(attns, seen, tops):
+        torch.testing.assert_close(_causal_logit_maxes(a, inp), top.clamp(max=tau), atol=1e-4, rtol=1e-5)
+    # the first block's input does not depend on attention: a new training forward records it within tau
+    _, after = net(x, return_intermediates=True)
+    assert after.attn_logit_maxes[0].max().item() <= tau * (1 + 1e-5)
+    # eval / no-grad intermediates carry none (decoding keeps the fused kernels): the clip says where to get them
+    net.eval()
+    _, cold = net(x, return_intermediates=True)
+    assert cold.attn_logit_maxes is None
+    with pytest.raises(ValueError, match="training forward"):
+        net.attn_qk_clip_(cold)

@@ -171,7 +171,7 @@ def score_matrix_reasons(req: AttendRequest) -> list[str]:
     if req.need_weights:
         reasons.append("attention weights were requested")
     if req.need_lse:
-        reasons.append("the scores' logsumexp was requested (attention z-loss)")
+        reasons.append("the scores' logsumexp or maxima were requested (attention z-loss, QK-clip)")
     if req.l2_distance:
         reasons.append("L2-distance scores are not dot products")
     if req.signed:
@@ -373,6 +373,8 @@ class ExplicitBackend:
             if req.sink is not None:  # the sink's logit is one more term of the normaliser
                 lse = torch.logaddexp(lse, req.sink.float().view(1, -1, 1))
             _lse_sink.append(lse if keep_rows is None else lse * keep_rows[..., 0])  # a row seeing nothing: 0
+        if req.need_lse and _max_sink is not None:  # each head's largest visible logit (h,), QK-clip's input
+            _max_sink.append(scores.detach().amax(dim=(0, 2, 3)))
         dense = scores  # before top-k (its straight-through gradient is the dense softmax's)
         if req.sparse_topk is not None and req.sparse_topk < scores.shape[-1]:
             kth = scores.topk(req.sparse_topk, dim=-1).values[..., -1:]
@@ -388,7 +390,7 @@ class ExplicitBackend:
             column = sink.to(scores.dtype).view(1, h, 1, 1).expand(b, h, n, 1)
             scores, dense = torch.cat((column, scores), dim=-1), torch.cat((column, dense), dim=-1)
         if req.inverted:
-            attn = score_variants.inverted_weights(scores, mask, req.query_mask)
+            attn = score_variants.inverted_weights(scores, mask, req.query_mask, sigmoid=req.normalizer == "sigmoid")
         else:
             attn = _normalize(scores, req)
         if req.topk_straight_through:
@@ -443,6 +445,22 @@ def record_logsumexp(sink: list):
         _lse_sink = previous
 
 
+# Where attend() records each head's largest pre-softmax logit while record_logit_maxes is active.
+_max_sink: list | None = None
+
+
+@contextlib.contextmanager
+def record_logit_maxes(sink: list):
+    """Every attend() in this block computes on the explicit path and appends each head's largest
+    visible pre-softmax logit, (h,) detached, to ``sink`` in call order (what QK-clip reads)."""
+    global _max_sink
+    previous, _max_sink = _max_sink, sink
+    try:
+        yield sink
+    finally:
+        _max_sink = previous
+
+
 # A plain module global, not a ContextVar: torch.compile cannot trace ContextVar.get (a graph
 # break in every attention layer), while a global is read at trace time and guarded on.
 _forced: str | None = None
@@ -495,7 +513,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, force_backend: str | None = None,
     Options are the fields of :class:`AttendRequest`. Returns (out (b, h, n, e), weights or None);
     weights (b, h, n, m) only when ``need_weights=True``.
     """
-    if _lse_sink is not None:
+    if _lse_sink is not None or _max_sink is not None:
         options["need_lse"] = True
     req = AttendRequest(q=q, k=k, v=v, **options)
     if q.shape[1] % k.shape[1]:
@@ -516,5 +534,5 @@ def log_prob_from_hard_attend(intermediates) -> Tensor:
 
 
 __all__ = ["attend", "log_prob_from_hard_attend", "attend_backend", "AttendRequest", "BackendNotSupported", "BACKENDS", "register_backend",
-           "record_logsumexp", "rejection_reasons", "choose_backend", "causal_mask", "combined_mask", "softclamp",
+           "record_logsumexp", "record_logit_maxes", "rejection_reasons", "choose_backend", "causal_mask", "combined_mask", "softclamp",
            "window_mask"]

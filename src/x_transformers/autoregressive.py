@@ -207,10 +207,11 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
     def _stepper(self, tokens, mask, cfg: GenerationConfig, *, context, context_mask, condition=None, net=None,
                  prepend=None):
         """Returns (logits of the prompt's last column, step(token (b,) -> logits), the cache).
-        ``prepend`` (b, P, emb_dim): read ahead of the prompt (by the prefill; the cache keeps it)."""
+        ``prepend``: {"prepend_embeds": (b, P, emb_dim), "prepend_mask": (b, P)} read ahead of the prompt
+        (by the prefill; the cache keeps it), or None."""
         net = net or self.net
-        ahead = {} if prepend is None else {"prepend_embeds": prepend}
-        P = 0 if prepend is None else prepend.shape[1]
+        ahead = prepend or {}
+        P = ahead["prepend_embeds"].shape[1] if ahead else 0
         window = self._window(cfg, tokens.shape[1])
         if window is not None and tokens.shape[1] > window:  # upstream crops the prompt too
             tokens, mask = tokens[:, -window:], None if mask is None else mask[:, -window:]
@@ -237,7 +238,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             cache.check_room(cache_columns(net, tokens.shape[1] + cfg.seq_len - 1) + P)
         else:
             cache = KVCache()
-        logits = prefill(net, tokens, mask, cache, context, context_mask, condition, prepend_embeds=prepend)
+        logits = prefill(net, tokens, mask, cache, context, context_mask, condition, **ahead)
         decode = compiled_decoder(net, self._compile_options(cfg.compile)) if cfg.compile else decode_step
         cudagraphs = decode is not decode_step and logits.is_cuda
 
@@ -277,7 +278,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
                  compile: bool | str | dict = False, beams: int | None = None, length_penalty: float = 1.0,
                  return_scores: bool = False, generator: torch.Generator | None = None,
                  context: Tensor | None = None, context_mask: Tensor | None = None, condition: Tensor | None = None,
-                 prepend_embeds: Tensor | None = None, looped_steps: int | None = None,
+                 prepend_embeds: Tensor | None = None, prepend_mask: Tensor | None = None,
+                 looped_steps: int | None = None,
                  max_looped_steps: int | None = None, looped_exit_prob_threshold: float = 0.9, **upstream):
         """Generate ``seq_len`` new tokens after each prompt. The positional order is upstream
         x-transformers' (prompts, seq_len, eos_token, temperature, prompt_lens, filter_logits_fn, ...).
@@ -299,7 +301,8 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         uncompiled static cache. ``context`` / ``context_mask`` feed cross-attention; ``condition``
         (b, dim_condition) the stack's adaptive norms / scales (upstream passes it through too).
         ``prepend_embeds`` (b, P, emb_dim): embeddings read ahead of every prompt (upstream's; e.g. a
-        latent's token), held in the cache after the prefill.
+        latent's token), held in the cache after the prefill; ``prepend_mask`` (b, P) hides some of them
+        (keys no column attends to; the tokens' positions start after each row's kept ones).
 
         Returns the new tokens (b, seq_len); with ``return_scores`` also each row's score (b,):
         the sum of the model's log-probabilities of the emitted tokens (up to and including eos)
@@ -329,7 +332,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         tokens, mask, unbatched = self._prompts(prompts, prompt_lens)
         self._check_context(tokens, context, context_mask)
         if prepend_embeds is not None:
-            self.net._check_extra_inputs(tokens, prepend_embeds, None, None, None, False)
+            self.net._check_extra_inputs(tokens, prepend_embeds, prepend_mask, None, None, False)
             if self._window(cfg, tokens.shape[1]) is not None:
                 raise ValueError("prepend_embeds with restrict_to_max_seq_len: the window would slide over the "
                                  "prefix; raise max_seq_len or pass restrict_to_max_seq_len=False")
@@ -337,14 +340,18 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         if net is not None and prepend_embeds is not None:
             raise ValueError("prepend_embeds with a looped net: its loop steps' cache does not hold a prefix; "
                              "generate without prepend_embeds")
+        if prepend_embeds is None and prepend_mask is not None:
+            raise ValueError("prepend_mask without prepend_embeds")
+        prepend = None if prepend_embeds is None else dict(
+            prepend_embeds=prepend_embeds, **({} if prepend_mask is None else dict(prepend_mask=prepend_mask)))
         with _eval(self.net):
             if cfg.beams is not None:
                 seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask,
-                                                 condition=condition, prepend=prepend_embeds)
+                                                 condition=condition, prepend=prepend)
                 out, scores = seqs[:, 0], scores[:, 0]
             else:
                 out, scores, cache = self._sample(tokens, mask, cfg, context=context, context_mask=context_mask,
-                                                  condition=condition, prepend=prepend_embeds, net=net)
+                                                  condition=condition, prepend=prepend, net=net)
         run = tokens.shape[1] + out.shape[1] - 1  # the columns the cache has seen (the last token not yet)
         if out.shape[1] < seq_len:  # every row stopped early
             out = F.pad(out, (0, seq_len - out.shape[1]), value=self.pad_value)
@@ -466,7 +473,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         b, k, eos_token, length_penalty = tokens.shape[0], cfg.beams, cfg.eos_token, cfg.length_penalty
         rows = lambda t: None if t is None else t.repeat_interleave(k, dim=0)  # noqa: E731
         tokens, mask, context, context_mask = rows(tokens), rows(mask), rows(context), rows(context_mask)
-        condition, prepend = rows(condition), rows(prepend)
+        condition, prepend = rows(condition), None if prepend is None else {k: rows(v) for k, v in prepend.items()}
         logits, step, cache = self._stepper(tokens, mask, cfg, context=context, context_mask=context_mask,
                                             condition=condition, prepend=prepend)
         dev = tokens.device
@@ -513,7 +520,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         window = self._window(cfg, tokens.shape[1])
         if window is not None:
             full, full_mask = full[:, -window:], None if full_mask is None else full_mask[:, -window:]
-        ahead = {} if prepend is None else {"prepend_embeds": prepend}
+        ahead = prepend or {}
         return self.net(full, full_mask, context=context, context_mask=context_mask, **conditioned(condition),
                         **ahead)[:, -1]
 

@@ -104,6 +104,9 @@ class KVCache:
         # columns of prepended embeddings (TransformerWrapper's prepend_embeds) at the front, after any
         # memory tokens: set by the call that fills the empty cache; token positions do not count them
         self.prefix_len = 0
+        # of those, the kept ones (an int, or (b, 1) per row under a prepend_mask): the tokens' layer
+        # positions start after them, the masked ones stay as keys nobody attends to
+        self.prefix_kept = 0
 
     @property
     def key_mask(self) -> Tensor | None:
@@ -165,6 +168,8 @@ class KVCache:
             layer.reorder(index)
         if self.key_mask is not None:
             self._key_mask, self.positions = self._key_mask[index], self.positions[index]
+        if isinstance(self.prefix_kept, Tensor):
+            self.prefix_kept = self.prefix_kept[index]
 
     def copy(self) -> "KVCache":
         """A new cache over the same tensors: extending it (which concatenates, making new tensors)
@@ -173,7 +178,7 @@ class KVCache:
         for i, layer in self.layers.items():
             new.layers[i] = layer.copy()
         new._key_mask, new.positions, new.unpadded = self._key_mask, self.positions, self.unpadded
-        new.prefix_len = self.prefix_len
+        new.prefix_len, new.prefix_kept = self.prefix_len, self.prefix_kept
         return new
 
     def drop_last(self, n: int):
@@ -290,7 +295,7 @@ class StaticKVCache:
         # device sync on any device. Eager forwards count here; a compiled step is counted by its caller
         # (:meth:`count_compiled`), since inside a graph the host cannot count.
         self.length = 0
-        self.prefix_len = 0  # prepended embedding columns, as KVCache's
+        self.prefix_len = self.prefix_kept = 0  # prepended embedding columns, as KVCache's
         self.layers: dict[int, StaticLayerKV] = {}
         for i, shape in layer_shapes.items():
             if shape is None:
@@ -330,7 +335,7 @@ class StaticKVCache:
         self.positions.zero_()
         self.started = False
         self.length = 0
-        self.prefix_len = 0
+        self.prefix_len = self.prefix_kept = 0
         for layer in self.layers.values():
             layer.states = {}
             if layer.filled:
@@ -394,6 +399,8 @@ class StaticKVCache:
             layer.reorder(index)
         self.key_mask.copy_(self.key_mask[index])
         self.positions.copy_(self.positions[index])
+        if isinstance(self.prefix_kept, Tensor):
+            self.prefix_kept = self.prefix_kept[index]
 
 
 @dataclass
@@ -410,6 +417,8 @@ class Intermediates:
     last_hidden: (b, n, dim) the final hidden states (after the final norm), the new tokens'.
     attn_maps: with ``return_attn``, each attention layer's post-softmax maps.
     logit_entropies: with ``return_logit_entropies``, (b, n) entropy of each position's softmax.
+    attn_logit_maxes: in a training forward (module in training mode, gradients on), each attention
+    block's (h,) largest pre-softmax logit, in call order: what ``attn_qk_clip_`` reads.
     """
 
     cache: KVCache | None = None
@@ -417,6 +426,7 @@ class Intermediates:
     last_hidden: Tensor | None = None
     attn_maps: list | None = None
     logit_entropies: Tensor | None = None
+    attn_logit_maxes: list | None = None
 
     @property
     def last_layer_hiddens(self):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import conflicts
 from .hub import Pretrained
-from .cache import KVCache
+from .cache import Intermediates, KVCache
 from .checks import check_dtype, check_finite, check_not_empty
 from .config import _positive_int, _probability, build, check_types
 from .layers import AttentionLayers, check_mask, default_positions
@@ -121,20 +121,26 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None, *, lens: Tensor | None = None,
                 return_embeddings: bool = False, return_attn: bool = False, context=None, context_mask=None,
                 cache: KVCache | None = None, sum_embeds: Tensor | None = None, prepend_embeds: Tensor | None = None,
-                prepend_mask: Tensor | None = None, condition: Tensor | None = None):
+                prepend_mask: Tensor | None = None, condition: Tensor | None = None,
+                return_intermediates: bool = False, input_not_include_cache: bool | None = None):
         """x (b, n, i) -> (b, n, o) (or (2, b, n, o) mean and variance when probabilistic; (b, o)
         with average_pool_embed; the hidden states (b, n, d) with ``return_embeddings``).
 
         mask (b, n) bool, True = keep, or ``lens`` (b,) kept lengths (right padding).
         ``sum_embeds`` (b, n, d) is added to the input embeddings; ``prepend_embeds`` (b, P, d)
         is put before them (PaLI-style prefixes), with ``prepend_mask`` (b, P).
-        ``cache`` (a KVCache, causal stacks only) decodes incrementally.
+        ``cache`` (a KVCache, causal stacks only) decodes incrementally: x holds the new frames.
+        Upstream's way: ``return_intermediates=True`` also returns an :class:`Intermediates` whose
+        cache a later call takes as ``cache=``, with x the whole sequence so far (its first
+        ``cache_length`` frames dropped here) or, with ``input_not_include_cache=True``, the new frames.
         """
         if lens is not None:
             if mask is not None:
                 raise ValueError("pass mask or lens, not both")
             mask = torch.arange(x.shape[1], device=x.device)[None] < lens.to(x.device)[:, None]
         self.check_inputs(x, mask)
+        cache, offset, x, mask, sum_embeds = self._resolve_cache(cache, x, mask, sum_embeds, input_not_include_cache,
+                                                                 return_intermediates and prepend_embeds is None)
         b, n, _ = x.shape
         M, P = self.num_memory_tokens, 0
         first = cache is None or cache.empty
@@ -203,7 +209,40 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
             if self.probabilistic:
                 mean, log_var = out.unflatten(-1, (-1, 2)).unbind(-1)  # interleaved, as upstream
                 out = torch.stack((mean, log_var.exp()))  # (2, b, n, o)
+        if return_intermediates:
+            inter = Intermediates(cache=cache, cache_length=offset + n, attn_maps=attns)
+            return out, inter
         return (out, attns) if return_attn else out
+
+    def _resolve_cache(self, cache, x, mask, sum_embeds, input_not_include_cache, build: bool):
+        """-> (the KVCache to run with, frames already in it, the new frames, their mask and sum_embeds).
+        An Intermediates is copied (functional calls, as upstream); without ``input_not_include_cache``
+        its x holds the whole sequence so far. ``build``: intermediates wanted, so a causal stack fills
+        a fresh cache."""
+        if cache is None:
+            if input_not_include_cache:
+                raise ValueError("input_not_include_cache=True needs cache=")
+            return (KVCache() if build and self.attn_layers.causal else None), 0, x, mask, sum_embeds
+        if isinstance(cache, KVCache):
+            if input_not_include_cache is False:
+                raise ValueError("input_not_include_cache=False with a KVCache: x holds only the new frames here; "
+                                 "pass an Intermediates (from return_intermediates=True) for upstream's convention")
+            return cache, cache.seq_len - (self.num_memory_tokens if not cache.empty else 0), x, mask, sum_embeds
+        if not isinstance(cache, Intermediates):
+            raise TypeError(f"cache must be a KVCache or the Intermediates of return_intermediates=True, "
+                            f"got {type(cache).__name__}")
+        if cache.cache is None:
+            raise ValueError("cache=: this Intermediates holds no key/value cache (it came from a bidirectional stack)")
+        offset = cache.cache_length
+        if not input_not_include_cache:
+            if x.shape[1] <= offset:
+                raise ValueError(f"cache= holds {offset} frames and x holds the whole sequence so far "
+                                 f"(input_not_include_cache=False): give more than {offset} frames, or only the new "
+                                 f"ones with input_not_include_cache=True")
+            x = x[:, offset:]
+            mask = None if mask is None else mask[:, offset:]
+            sum_embeds = None if sum_embeds is None else sum_embeds[:, offset:]
+        return cache.cache.copy(), offset, x, mask, sum_embeds
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:

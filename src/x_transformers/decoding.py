@@ -115,10 +115,13 @@ def conditioned(condition) -> dict:
 
 
 def prefill(net, tokens: Tensor, mask: Tensor | None, cache, context=None, context_mask=None, condition=None,
-            prepend_embeds: Tensor | None = None) -> Tensor:
+            prepend_embeds: Tensor | None = None, prepend_mask: Tensor | None = None) -> Tensor:
     """Run the prompt (b, n) through ``net``, filling ``cache``; logits (b, v) of the last column.
-    ``prepend_embeds`` (b, P, emb_dim) are read ahead of the prompt and stay in the cache."""
+    ``prepend_embeds`` (b, P, emb_dim) are read ahead of the prompt and stay in the cache; ``prepend_mask``
+    (b, P) marks the kept ones (the others stay in the cache as keys no later column attends to)."""
     ahead = {} if prepend_embeds is None else {"prepend_embeds": prepend_embeds}
+    if prepend_mask is not None:
+        ahead["prepend_mask"] = prepend_mask
     return net(tokens, mask, cache=cache, context=context, context_mask=context_mask, **conditioned(condition),
                **ahead)[:, -1]
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .hub import Pretrained
 from . import checks, recurrence, stack_calls
-from .attention import Attention
+from .attention import Attention, qk_clip_blocks
 from .blocks import ForwardContext, ScoreCarry, UNetSkips, drop_context_tokens, kv_residuals_per_block, run_sequential
 from .adaptive import Conditioning, apply_norm
 from .cache import Intermediates, StaticKVCache
@@ -27,7 +27,8 @@ from .feedforward import FeedForward, softclamp
 from .norms import make_norm
 from .positional import AlibiPositionalBias, PolarEmbedding, DynamicPositionBias, RotaryEmbedding, T5RelativePositionBias, TUPEPositionalBias
 from .hyper import AttentionIntegration, GatedMultiResidual, HyperResidual, LayerIntegration
-from .layout import LayerSpec, attn_to_ff, build_layout, par_layout, per_layer, pop_schedules, unit_length  # noqa: F401
+from .layout import (LayerSpec, attn_to_ff, build_layout, cross_attn_per_block, par_layout, per_layer,  # noqa: F401
+                     pop_cross_attn, pop_schedules, unit_length)
 from .residual import Residual, shift_amounts
 from .residual_updates import make_update
 from .reversible import ReversibleStack
@@ -91,6 +92,7 @@ class AttentionLayers(Pretrained, nn.Module):
         super().__init__()
         where = type(self).__name__
         # (the conflict table reads heads and depth)
+        kwargs, cross_opts = pop_cross_attn(kwargs)  # upstream's cross_attn_ options (layout.py)
         kwargs, schedules = pop_schedules(kwargs)  # per-layer tuples (layout.py), checked per layer below
         lk, ak, fk = split_layer_kwargs(dict(kwargs, heads=heads, depth=depth), where)
         lk.pop("heads")
@@ -145,6 +147,9 @@ class AttentionLayers(Pretrained, nn.Module):
         for j in range(max(map(len, schedules.values()), default=1) if schedules else 0):  # each layer's conflicts
             split_layer_kwargs(dict(kwargs, **{k: v[j] for k, v in schedules.items() if j < len(v)},
                                     heads=heads, depth=depth), where)
+        cross_own = cross_attn_per_block(built, cross_opts, dict(kwargs, heads=heads, depth=depth), where)
+        self.inverted = attn_cfg.inverted_attention or any(o.get("inverted_attention") for o in cross_own)
+        cross_index = iter(cross_own)
         # value residual: a learned mix in every self-attention after the first built one (upstream's rule)
         first_a = next((i for i, s in enumerate(built) if s.kind == "a"), None)
         # q, k, v from three mixtures (hyper-connections' reads, or LIMe's; its first self-attention reads one).
@@ -158,7 +163,8 @@ class AttentionLayers(Pretrained, nn.Module):
                 mix = cfg.add_value_residual and cfg.learned_value_residual_mix and spec.kind == "a" and index != first_a
                 layer_cfg = replace(self_cfg, **{k[5:]: v for k, v in own[index].items()}) if spec.kind == "a" else \
                     replace(attn_cfg, **{k[5:]: AttentionConfig.__dataclass_fields__[k[5:]].default
-                                         for k in schedules if k.startswith("attn_")})  # (upstream: defaults)
+                                         for k in schedules if k.startswith("attn_")},  # (upstream: defaults)
+                            **next(cross_index))
                 fn = Attention(dim, heads, layer_cfg, causal=cfg.causal,
                                cross=spec.kind == "c", dim_context=cfg.dim_context,
                                polar=cfg.polar_pos_emb and spec.kind == "a", value_mix=mix)
@@ -320,6 +326,12 @@ class AttentionLayers(Pretrained, nn.Module):
         found = {id(p): p for m in self.modules() if isinstance(m, (Attention, FeedForward)) for p in m.muon_parameters()}
         return list(found.values())
 
+    def attn_qk_clip_(self, intermediates, tau: float = 100.0):
+        """Upstream's QK-clip of every attention block (2507.20534), from a training forward's
+        ``return_intermediates`` (their ``attn_logit_maxes``; attention.qk_clip_blocks)."""
+        blocks = [b.fn for b in self.blocks if isinstance(getattr(b, "fn", None), Attention)]
+        qk_clip_blocks(blocks, intermediates.attn_logit_maxes, tau)
+
     @property
     def layer_cfg(self) -> LayersConfig:
         return self.cfg
@@ -355,7 +367,7 @@ class AttentionLayers(Pretrained, nn.Module):
         positions (keys at ``key_positions``, default the same), masks as (b, 1, 1, m)."""
         key_positions = positions if key_positions is None else key_positions
         token_mask = None  # (b, n): which new tokens are kept (token shifting, mv-split, inverted cross-attention)
-        if (self.cfg.shift_tokens or self.cfg.mv_split_residual or self.attn_cfg.inverted_attention) \
+        if (self.cfg.shift_tokens or self.cfg.mv_split_residual or self.inverted) \
                 and self_mask is not None:
             n = positions.shape[-1]
             token_mask = self_mask[:, 0, 0, -n:] if self_mask.shape[-2] == 1 else \

@@ -139,3 +139,58 @@ def per_layer(layout, schedules: dict, kinds=("a", "f")) -> list[dict]:
         seen[spec.kind] += 1
         out.append({k: v[j] for k, v in schedules.items() if (k.startswith("attn_")) == (spec.kind == "a")})
     return out
+
+
+# Upstream's cross_attn_ prefix: an attention option for the cross-attention blocks only, over the attn_ value
+# they share with self-attention (a tuple: one value per cross-attention block). The options a block reads
+# for itself; the others are read by the whole stack (widths, the cache layout, positions) or only by
+# self-attention (windows, CoPE, selective attention, data-dependent ALiBi), and are refused under it.
+CROSS_ATTN_OPTIONS = frozenset({
+    "dropout", "scale", "talking_heads", "pre_talking_heads", "post_talking_heads", "use_entmax15", "entmax_alpha",
+    "learned_entmax_alpha", "sparse_topk", "sparse_topk_straight_through", "softclamp_logits",
+    "logit_softclamp_value", "head_learned_sink", "sigmoid", "cog_signed", "l2_distance", "qk_rmsnorm", "k_rmsnorm",
+    "value_rmsnorm", "gate_values", "gate_values_rank", "gate_values_headwise", "output_gate", "output_gate_rank",
+    "output_gate_headwise", "low_rank_silu_gates", "swiglu_values", "gate_value_heads", "head_scale", "on_attn",
+    "zero_init_output", "sublayer_dropout", "hard", "gumbel_softmax", "gumbel_softmax_temp", "gumbel_softmax_hard",
+    "inverted_attention", "pre_scale_post_talking_heads", "custom_attn_fn"})
+
+
+def pop_cross_attn(kwargs: dict) -> tuple[dict, dict]:
+    """(the keywords without the cross_attn_<option> ones, {option: a value or a per-cross-block tuple}).
+    Keywords that only start so (cross_attn_tokens_dropout, cross_attn_dim_context) stay."""
+    from .config import AttentionConfig, field_names
+    fields, rest, cross = field_names(AttentionConfig), {}, {}
+    for key, value in kwargs.items():
+        name = key[len("cross_attn_"):] if key.startswith("cross_attn_") else None
+        if name in CROSS_ATTN_OPTIONS:
+            cross[name] = tuple(value) if isinstance(value, list) else value
+        elif name in fields:
+            raise ValueError(f"{key}: attn_{name} is read by the whole stack or only by self-attention, so it cannot "
+                             f"be set for the cross-attention blocks alone; give attn_{name}, or one of cross_attn_ "
+                             f"{', '.join(sorted(CROSS_ATTN_OPTIONS))}")
+        else:
+            rest[key] = value
+    return rest, cross
+
+
+def cross_attn_per_block(layout, cross: dict, kwargs: dict, where: str) -> list[dict]:
+    """Per cross-attention block of ``layout``: its {option: value} from pop_cross_attn's options, each
+    block's checked as the attn_ options over the stack's other keywords ``kwargs`` (types, conflicts)."""
+    from .config import split_layer_kwargs
+    count = sum(s.kind == "c" for s in layout)
+    if cross and not count:
+        raise ValueError(f"cross_attn_{next(iter(cross))}: this stack has no cross-attention blocks; set "
+                         f"cross_attend=True (or use a CrossAttender)")
+    for key, value in cross.items():
+        if isinstance(value, tuple) and len(value) != count:
+            raise ValueError(f"cross_attn_{key} as a tuple needs one value per cross-attention block ({count}), "
+                             f"got {len(value)}")
+    blocks = [{k: v[i] if isinstance(v, tuple) else v for k, v in cross.items()} for i in range(count)]
+    for opts in blocks if cross else ():
+        try:
+            split_layer_kwargs(dict(kwargs, **{"attn_" + k: v for k, v in opts.items()}), where)
+        except ValueError as e:
+            error = type(e)(f"in the cross-attention blocks (cross_attn_ options): {e}")
+            error.conflict = getattr(e, "conflict", None)
+            raise error from e
+    return blocks

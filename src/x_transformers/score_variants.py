@@ -64,14 +64,15 @@ def selective_scores(scores: Tensor, key_mask: Tensor | None) -> Tensor:
     return scores - hidden[:, None].to(scores.dtype)
 
 
-def inverted_weights(scores: Tensor, mask: Tensor | None, query_mask: Tensor | None) -> Tensor:
+def inverted_weights(scores: Tensor, mask: Tensor | None, query_mask: Tensor | None, sigmoid: bool = False) -> Tensor:
     """Inverted attention (cross-attention): each key's scores normalised over the queries (a
     softmax down the column: keys compete for queries), then each query's weights L1-normalised over
-    the keys it may see. query_mask: (b, n) bool, padded queries take no share."""
+    the keys it may see. query_mask: (b, n) bool, padded queries take no share. ``sigmoid``: the
+    elementwise sigmoid in place of the softmax over the queries (upstream's pairing with attn_sigmoid)."""
     low = torch.finfo(scores.dtype).min / 2
     if query_mask is not None:
         scores = scores.masked_fill(~query_mask[:, None, :, None], low)
-    attn = scores.softmax(dim=-2, dtype=torch.float32).to(scores.dtype)
+    attn = scores.sigmoid() if sigmoid else scores.softmax(dim=-2, dtype=torch.float32).to(scores.dtype)
     if mask is not None:
         attn = attn * mask.to(attn.dtype)
     return attn / attn.sum(dim=-1, keepdim=True).clamp(min=1e-12)

@@ -20,7 +20,8 @@ def _is_compiling() -> bool:
 
 def check_extra_inputs(net, x, prepend_embeds, prepend_mask, embed_ids, cache, z_loss):
     """TransformerWrapper ``net``'s per-call extras, checked before any work: ``prepend_embeds`` /
-    ``prepend_mask`` (with a cache only on the call that fills an empty one), ``embed_ids`` (exactly
+    ``prepend_mask`` (with a cache only on the call that fills an empty one: the masked columns stay in it
+    as keys nobody attends to), ``embed_ids`` (exactly
     the ``embed_num_tokens`` tables, in range), the attention z-loss (not reversible)."""
     b, emb_dim = x.shape[0], net.emb_dim
     if prepend_embeds is not None:
@@ -30,10 +31,10 @@ def check_extra_inputs(net, x, prepend_embeds, prepend_mask, embed_ids, cache, z
                              f"{getattr(prepend_embeds, 'dtype', type(prepend_embeds))} "
                              f"{tuple(getattr(prepend_embeds, 'shape', ()))}")
         fresh = isinstance(cache, (KVCache, StaticKVCache)) and cache.empty
-        if cache is not None and not (fresh and prepend_mask is None and net._plain_memory):
+        if cache is not None and not (fresh and net._plain_memory):
             raise ValueError("prepend_embeds with cache=: only the call that fills an empty KVCache / "
-                             "StaticKVCache takes them (no prepend_mask, no interspersed or [CLS]-shared memory "
-                             "tokens); later calls give only new tokens")
+                             "StaticKVCache takes them (with their prepend_mask; no interspersed or [CLS]-shared "
+                             "memory tokens); later calls give only new tokens")
         check_mask(prepend_mask, b, prepend_embeds.shape[1], name="prepend_mask")
     elif prepend_mask is not None:
         raise ValueError("prepend_mask without prepend_embeds")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attend import record_logsumexp
+from .attend import record_logit_maxes, record_logsumexp
 from .hub import Pretrained
 from . import aliases, checks, conflicts, looped, recurrence, wrapper_inputs
 from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
@@ -185,6 +185,10 @@ class TransformerWrapper(Pretrained, nn.Module):
     def muon_parameters(self) -> list:
         return self.attn_layers.muon_parameters()  # upstream's: the stack's group
 
+    def attn_qk_clip_(self, intermediates, tau: float = 100.0):
+        """Upstream's QK-clip (2507.20534) of the stack's attention, from a training forward's intermediates."""
+        self.attn_layers.attn_qk_clip_(intermediates, tau)
+
     @property
     def can_cache_kv(self) -> bool:
         """Whether this model decodes with a key/value cache (a causal stack: a Decoder)."""
@@ -284,7 +288,9 @@ class TransformerWrapper(Pretrained, nn.Module):
                                  "key mask, and hidden keys must not move positions (a training-time mask)")
         prefix = (prepend_embeds, prepend_mask)
         lse = [] if return_attn_z_loss else None
-        with record_logsumexp(lse) if lse is not None else contextlib.nullcontext():
+        maxes = [] if want_inter and self.training and torch.is_grad_enabled() else None  # QK-clip's input
+        with record_logsumexp(lse) if lse is not None else contextlib.nullcontext(), \
+                record_logit_maxes(maxes) if maxes is not None else contextlib.nullcontext():
             out, attns = self._run(x, mask, kv_mask, pos, sum_embeds, new["embed_ids"], prefix, context, context_mask,
                                    cache, return_attn, side)
         hidden, seq, seq_mask, pooled_tokens = self._pool(out, x, mask, prefix, want_inter)
@@ -311,7 +317,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         if want_inter:
             inter = Intermediates(cache=cache if isinstance(cache, KVCache) else None, cache_length=offset + x.shape[1],
                                   last_hidden=seq, attn_maps=attns)
-            inter.logits, inter.attn_pooled_tokens = logits, pooled_tokens
+            inter.logits, inter.attn_pooled_tokens, inter.attn_logit_maxes = logits, pooled_tokens, maxes
             if return_logit_entropies:
                 logp = logits.float().log_softmax(dim=-1)
                 inter.logit_entropies = -(logp.exp() * logp).nan_to_num().sum(dim=-1)
@@ -436,8 +442,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             # (the memory columns stay first, keep_last keeps them)
             kept = cache.positions[:, M:].masked_fill(~cache.key_mask[:, M:], -1)
             return kept.amax(dim=-1, keepdim=True) + 1 if kept.shape[1] else torch.zeros_like(kept[:, :1])
-        # a KVCache: the last position + 1; a static one: kept slots (prepended columns not counted)
-        return cache.next_positions() - M - cache.prefix_len
+        # a KVCache: the last position + 1; a static one: kept slots (kept prepended columns not counted)
+        return cache.next_positions() - M - cache.prefix_kept
 
     def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids, emb_kw=None):
         """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
@@ -492,11 +498,12 @@ class TransformerWrapper(Pretrained, nn.Module):
             h = torch.cat((self.cls_token.to(h.dtype).expand(b, -1, -1), h), dim=1)
 
         # layer positions count the memory tokens and a cached prefix of prepended embeddings
-        layer_positions = positions + self.memory_shift + (0 if first else cache.prefix_len)
+        layer_positions = positions + self.memory_shift + (0 if first else cache.prefix_kept)
         layer_mask = mask if kv_mask is None else (kv_mask if mask is None else mask & kv_mask)
         P = h.shape[1] - n  # [CLS] + prepended columns
         if prepend is not None and cache is not None:
             cache.prefix_len = prepend.shape[1]
+            cache.prefix_kept = prepend.shape[1] if prepend_mask is None else prepend_mask.sum(dim=-1, keepdim=True)
         if P:
             ones = torch.ones(b, P, dtype=torch.bool, device=x.device)
             pmask = ones if prepend_mask is None else torch.cat((ones[:, :self.num_cls_tokens], prepend_mask), dim=-1)

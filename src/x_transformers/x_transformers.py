@@ -89,30 +89,6 @@ class Attention(_attention.Attention):
             visible = visible & keys_mask[..., -m:] if keys_mask.shape[-1] >= m else visible
         return out, AttentionIntermediates(logits.masked_fill(~visible, float("-inf")), weights)
 
-    @torch.no_grad()
-    def qk_clip_(self, pre_softmax_attn, tau: float = 100.0):
-        """QK-clip (MuonClip, Kimi K2, 2507.20534): where a head's largest logit exceeds ``tau``, scale
-        its query and key projections so that it becomes ``tau`` (each by the square root; with grouped
-        key/values, whose keys several heads share, the query alone by the whole factor).
-        ``pre_softmax_attn``: logits (b, h, n, m), or the intermediates :meth:`forward` returns."""
-        if not isinstance(pre_softmax_attn, Tensor):
-            pre_softmax_attn = pre_softmax_attn.pre_softmax_attn
-        if self.to_k is None or self.to_latent_q is not None or self.to_latent_kv is not None or self.qk_norm:
-            raise ValueError("qk_clip_ scales to_q and to_k: not with shared-QK, latent projections or QK-norm "
-                             "(whose logits the weights' scale does not set)")
-        top = pre_softmax_attn.amax(dim=(0, 2, 3))  # (h,)
-        factor = (tau / top).clamp(max=1.0)  # 1 where a head stays under tau
-        q_scale = factor.sqrt() if self.kv_heads == self.heads else factor
-        self.to_q.weight.mul_(q_scale.repeat_interleave(self.dim_head)[:, None].to(self.to_q.weight.dtype))
-        if self.to_q.bias is not None:
-            self.to_q.bias.mul_(q_scale.repeat_interleave(self.dim_head).to(self.to_q.bias.dtype))
-        if self.kv_heads == self.heads:
-            k_scale = factor.sqrt().repeat_interleave(self.dim_head).to(self.to_k.weight.dtype)
-            self.to_k.weight.mul_(k_scale[:, None])
-            if self.to_k.bias is not None:
-                self.to_k.bias.mul_(k_scale)
-        self._qkv_memo = None
-
 
 class AttentionIntermediates(NamedTuple):
     """What :class:`Attention` returns beside its output with ``return_intermediates=True``: the

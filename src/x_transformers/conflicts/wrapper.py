@@ -328,7 +328,7 @@ declare("attn_inverted_attention", "cross_attend=False", when=lambda s: on(s, "a
         and not on(s, "cross_attend") and not on(s, "only_cross"), kinds=("encoder", "funnel"),
         reason="inverted attention is a cross-attention variant (queries compete for the context's keys); set "
                "cross_attend=True", example=dict(attn_inverted_attention=True))
-for _k in ENTMAX + ("attn_sigmoid", "attn_sparse_topk", "attn_hard", "attn_gumbel_softmax", "attn_head_learned_sink",
+for _k in ENTMAX + ("attn_sparse_topk", "attn_hard", "attn_gumbel_softmax", "attn_head_learned_sink",
                     "attn_cog_signed", "attn_custom_attn_fn"):
     declare("attn_inverted_attention", _k, when=lambda s, k=_k: on(s, "attn_inverted_attention") and on(s, k),
             reason="inverted attention is a softmax over the queries then a sum-to-one over the keys; it takes no "
