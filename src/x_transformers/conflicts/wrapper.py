@@ -302,6 +302,11 @@ declare("attn_cog_signed", "attn_shared_qk", when=lambda s: on(s, "attn_cog_sign
 declare("attn_laser", "attn_cog_signed", when=lambda s: on(s, "attn_laser") and on(s, "attn_cog_signed"),
         reason="LASER takes the log of the attention output over exp(v), which signed weights can make negative",
         example=dict(attn_laser=True, attn_cog_signed=True))
+declare("attn_laser", "attn_sigmoid", when=lambda s: on(s, "attn_laser") and on(s, "attn_sigmoid"),
+        reason="LASER's log(weights @ exp(v)) stays within the values' range only for weights that sum to 1 "
+               "(2411.03493 is over softmax); sigmoid weights do not, so the output grows with the number of "
+               "keys (hidden states x10 after one optimizer step, which saturates a DyT norm: gradients exactly 0)",
+        example=dict(attn_laser=True, attn_sigmoid=True))
 
 # issue 20's second half: normalisers (score_variants.py), value residual, widths, partial rotary.
 # Upstream's one-normaliser rule extends to hard and Gumbel attention
