@@ -1,6 +1,8 @@
 """LIMe (integrate_layers, 2502.09245) and q/k/v from different residual mixtures
 (qkv_receive_diff_residuals): hyper.py's LayerIntegration and HyperResidual views."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,7 +132,6 @@ def test_hyper_views_read_three_mixtures_that_start_equal():
 @pytest.mark.parametrize("kw, match", [
     (dict(qkv_receive_diff_residuals=True), "needs hyper-connections"),
     (dict(integrate_layers=True, attn_shared_qk=True), "shared-QK"),
-    (dict(integrate_layers=True, layer_dropout=0.1), "run once"),
     (dict(integrate_layers=True, reversible=True), "run once"),
     (dict(layer_integrate_use_softmax=False), "integrate_layers"),
 ])
@@ -184,3 +185,21 @@ def test_aggregated_residuals_stack_layout_and_cache():
 def test_aggregated_residual_refusals(kw, match):
     with pytest.raises(ValueError, match=match):
         Decoder(dim=DIM, depth=2, heads=2, attn_aggregated_residuals=True, **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(integrate_layers=True),
+                                dict(attn_aggregated_residuals=True, attn_aggregated_residual_kwargs=dict(lora_rank=4))])
+def test_layer_dropout_keeps_the_count_of_block_inputs(kw):
+    """A dropped block's input is still one of the inputs later blocks mix (LIMe, aggregated
+    residuals): with every draw dropping, the stack is its final norm of the input; with some dropped
+    it runs; in eval it equals the same weights without layer dropout."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    model = Decoder(dim=32, depth=3, heads=4, layer_dropout=0.5, **kw)
+    with mock.patch("torch.rand", lambda *a, **k: torch.zeros(())):  # every branch's draw drops it
+        torch.testing.assert_close(model.train()(x), model.final_norm(x))
+    for _ in range(8):
+        assert torch.isfinite(model.train()(x)).all()
+    plain = Decoder(dim=32, depth=3, heads=4, **kw)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x))

@@ -223,3 +223,17 @@ def test_looped_keywords_on_a_plain_net_and_caches_too_short_are_refused():
     model(tokens(n=3), cache=cache)
     with pytest.raises(ValueError, match="the cache holds keys of 2 loop steps"):
         model(tokens(n=1), cache=cache, looped_steps=3)
+
+
+def test_a_looped_stack_without_attention_decodes_with_a_cache():
+    """top_attn_to_ff turning every attention block into a feed-forward leaves the cache no keys: any
+    number of loop steps decodes (it used to claim the cache held one step), equal to the full forward."""
+    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=20, max_seq_len=16, looped=True, max_looped_steps=3,
+                             attn_layers=Decoder(dim=16, depth=2, heads=2, pre_and_post_norm=True, top_attn_to_ff=2)).eval()
+    prompt = torch.randint(0, 20, (2, 4))
+    cached = AutoregressiveWrapper(net).generate(prompt, 5, temperature=0.0, looped_steps=3)
+    uncached = AutoregressiveWrapper(net).generate(prompt, 5, temperature=0.0, looped_steps=3, cache_kv=False)
+    assert torch.equal(cached, uncached)

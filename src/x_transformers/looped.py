@@ -50,10 +50,12 @@ def check_loop_call(wrapper, *, looped_steps, max_looped_steps, looped_inference
 
 
 def cache_steps(cache) -> int:
-    """How many loop steps' keys a non-empty cache holds (0 for an empty dynamic cache: any)."""
+    """How many loop steps' keys a non-empty cache holds (0: any, for an empty dynamic cache or a
+    stack without attention blocks)."""
     if isinstance(cache, KVCache) and cache.empty:
         return 0
-    return 1 + max((key[0] for key in cache.layers if isinstance(key, tuple)), default=0)
+    steps = [key[0] for key in cache.layers if isinstance(key, tuple)]
+    return 1 + max(steps) if steps else 0  # none: no attention block keeps keys (top_attn_to_ff), any
 
 
 class LoopView:

@@ -116,10 +116,11 @@ class Residual(nn.Module):
         when layer dropout drops it. Reversible layers (reversible.py) add it to the other stream.
         ``layer_inputs``: the inputs of this run's earlier blocks, which this one's joins (LIMe)."""
         drop = self.training and self.layer_dropout > 0
+        if layer_inputs is not None:  # recorded even when the branch is dropped: later blocks count it
+            layer_inputs.append(x)
         if drop and not torch.compiler.is_compiling() and torch.rand(()).item() < self.layer_dropout:
             return None, None  # drop the whole branch (a CPU draw: no device sync)
         if layer_inputs is not None:
-            layer_inputs.append(x)
             if self.integrate is not None:  # (the first block has none: its one input is its mix)
                 x = self.integrate(x, layer_inputs)  # (b, n, d), or (3, b, n, d): q, k, v inputs
         h = x if inject is None else x + inject

@@ -262,11 +262,11 @@ declare("qkv_receive_diff_residuals", "FunnelEncoder", when=lambda s: on(s, "qkv
 # (aggregated residuals likewise, by attention over the same inputs)
 _AGG = {"attn_aggregated_residuals": True, "attn_aggregated_residual_kwargs": {"lora_rank": 4}}
 for _f, _fex in (("integrate_layers", {"integrate_layers": True}), ("attn_aggregated_residuals", _AGG)):
-    for _k, _ex in (("reversible", True), ("layer_dropout", 0.1), ("weight_tie_layers", True),
-                    ("layers_execute_order", (0, 1))):
+    # (layer_dropout is fine: a dropped block's input is still recorded, so the count holds)
+    for _k, _ex in (("reversible", True), ("weight_tie_layers", True), ("layers_execute_order", (0, 1))):
         declare(_f, _k, when=lambda s, f=_f, k=_k: on(s, f) and on(s, k),
-                reason="block l mixes the inputs of blocks 0..l, each run once in the built order (a dropped, "
-                       "repeated or reordered block changes that count; the reversible coupling has no block inputs)",
+                reason="block l mixes the inputs of blocks 0..l, each run once in the built order (a repeated or "
+                       "reordered block changes that count; the reversible coupling has no block inputs)",
                 example={**_fex, _k: _ex})
 for _k, _ex in (("integrate_layers", True), ("qkv_receive_diff_residuals", True), ("gate_residual", True),
                 ("orthog_residual", True), ("mv_split_residual", True), ("gated_multi_residual", True),
