@@ -294,7 +294,9 @@ _BLOCK_PROJECTION = re.compile(r"blocks\.\d+\.(fn\.|pre_norm\.)")
 
 def _sparse_support_only(features, zero) -> bool:
     names = {f.name for f in features}
-    return bool(names & SPARSE_NORMALISERS) and any(n.startswith("mem_kv") for n in names) and \
+    # memory key/values, or the zero key/value (attn_add_zero_kv: under L2-distance scores the zero key
+    # is the nearest to every query, so top-1 keeps it alone and its zero value carries no gradient)
+    return bool(names & SPARSE_NORMALISERS) and any(n.startswith("mem_kv") or n == "zero_kv" for n in names) and \
         all(_BLOCK_PROJECTION.search(n) or n.startswith("encoder.") for n in zero)
 
 
