@@ -35,6 +35,7 @@ from .cache import KVCache
 from .sampling import check_filter_kwargs, sample
 from .autoregressive_wrapper import min_p
 from .wrappers import TransformerWrapper
+from .latent_prefix import check_prompts
 
 __all__ = ["BeliefStateWrapper", "flip"]
 
@@ -241,9 +242,7 @@ class BeliefStateWrapper(nn.Module):
         the new tokens, (b, seq_len) or (seq_len,)."""
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-        if not isinstance(prompts, Tensor) or prompts.ndim not in (1, 2) or prompts.shape[-1] == 0:
-            raise ValueError(f"prompts must be (n,) or (batch, n) token ids with n >= 1, got "
-                             f"{tuple(getattr(prompts, 'shape', ()))}")
+        check_prompts(prompts, self.num_tokens)  # (latent_prefix.py: the latent wrappers' one check)
         filter_kwargs = dict(min_p=0.1) if filter_kwargs is None else filter_kwargs
         if temperature != 0:
             check_filter_kwargs(filter_logits_fn, filter_kwargs)

@@ -34,6 +34,7 @@ from .autoregressive_wrapper import top_p
 from .cache import KVCache
 from .layers import Decoder, Encoder
 from .sampling import check_filter_kwargs, sample
+from .latent_prefix import check_prompts
 
 __all__ = ["NAT", "BinaryMapper", "FreeTransformer", "binary_entropy"]
 
@@ -244,9 +245,7 @@ class FreeTransformer(nn.Module):
         drawn from the uniform prior. Returns the whole sequences (prompt included), as upstream."""
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-        if not isinstance(prompts, Tensor) or prompts.ndim not in (1, 2) or prompts.shape[-1] == 0:
-            raise ValueError(f"prompts must be (n,) or (batch, n) token ids with n >= 1, got "
-                             f"{tuple(getattr(prompts, 'shape', ()))}")
+        check_prompts(prompts, self.num_tokens)  # (latent_prefix.py: the latent wrappers' one check)
         logit_filter_kwargs = dict(thres=0.9) if logit_filter_kwargs is None else logit_filter_kwargs
         check_filter_kwargs(filter_logits_fn, logit_filter_kwargs)
         one = prompts.ndim == 1
