@@ -3,14 +3,17 @@
 #   1. benchmarks/bench_attn_variants.py: the compiled GPT-2-small training step of plain, softcap, sliding
 #      window, sinks and gate_values (batch 8, 3 warm-up + 8 timed steps, attention kernels profiled)
 #      -> $OUT/attn_variants_gpu.json (+ $OUT/bench_attn_variants.log)
-#   2. benchmarks/issue20_ablate.jobs through benchmarks/issue26_jobs.sh, PAR=8 on the one GPU
+#   2. benchmarks/gpu_check_sinks.py in the background during 3: flex's sink / softcap / window against the
+#      explicit path, values and gradients -> $OUT/check_sinks_gpu.json, $OUT/gpu_check_sinks.log
+#   3. benchmarks/issue20_ablate.jobs through benchmarks/issue26_jobs.sh, PAR=8 on the one GPU
 #      -> $OUT/ablate/i20/{table.md,runs.jsonl,meta.json,*.png}, $OUT/ablate/logs, $OUT/ablate/status.txt
 # Nothing is installed from the network: wheels carried in .whl/ (if any) go to /tmp/site.
-# Exit status: non-zero if the bench failed or timed out, or any ablation job did not run, or did not
+# Exit status: non-zero if the bench or the check failed or timed out, or any ablation job did not run, or did not
 # finish with status ok (errors; a diverged run is a result, listed but not a failure), or the merge failed.
 #
 #   XT_COMMIT=<hash> OUT=<dir> bash benchmarks/issue20_device.sh
-# Environment: BENCH_LIMIT_S (default 270), ABLATE_LIMIT_S (default 180), PAR (default 8), BATCH (default 8);
+# Environment: BENCH_LIMIT_S (default 270), ABLATE_LIMIT_S (default 180), CHECK_LIMIT_S (default 240), PAR (default 8),
+# BATCH (default 8);
 # for a CPU check of this script: JOBS (a jobs file), BENCH_EXTRA (e.g. "--quick --cases plain,sinks --steps 1").
 set -u -o pipefail
 : "${OUT:?set OUT to the output folder}"
@@ -32,7 +35,11 @@ rc=$?
 if ((rc != 0)); then echo "FAILED: bench_attn_variants rc $rc (124: timed out; rows so far in attn_variants_gpu.json)"; fail=1; fi
 echo "bench done at $(( $(date +%s) - start )) s"
 
-# 2. the ablation rows, PAR jobs at a time on the one GPU
+# 2. beside the ablation (which is not timed against anything): the flex paths against explicit, gradients included
+timeout "${CHECK_LIMIT_S:-240}" python3 benchmarks/gpu_check_sinks.py > "$OUT/gpu_check_sinks.log" 2>&1 &
+check_pid=$!
+
+# 3. the ablation rows, PAR jobs at a time on the one GPU
 PAR=${PAR:-8} PY=python3 bash benchmarks/issue26_jobs.sh "${JOBS:-benchmarks/issue20_ablate.jobs}" "$OUT/ablate" "${ABLATE_LIMIT_S:-180}"
 echo "ablation done at $(( $(date +%s) - start )) s"
 python3 - "$OUT/ablate" "${JOBS:-benchmarks/issue20_ablate.jobs}" <<'PY' || fail=1
@@ -56,6 +63,9 @@ merged = out / "i20" / "table.md"
 print(merged.read_text() if merged.exists() else "  NO MERGED TABLE")
 sys.exit(1 if missing or errors or not merged.exists() else 0)
 PY
+wait "$check_pid"; rc=$?
+tail -12 "$OUT/gpu_check_sinks.log"
+if ((rc != 0)); then echo "FAILED: gpu_check_sinks rc $rc (124: timed out; see gpu_check_sinks.log)"; fail=1; fi
 if grep -q "merge failed\|not started" "$OUT/ablate/status.txt" 2>/dev/null; then grep "merge failed\|not started" "$OUT/ablate/status.txt"; fail=1; fi
 echo "total $(( $(date +%s) - start )) s; $([ $fail = 0 ] && echo OK || echo FAILED)"
 exit $fail
