@@ -49,7 +49,8 @@ CASES = {
     "gate_values": (dict(attn_gate_values=True), "a sigmoid gate from x on the heads' output"),
     "value_residual": (dict(add_value_residual=True), "the first layer's values mixed into every layer's"),
 }
-DEFAULT_CASES = "plain,softcap,sliding_window,sinks,gate_values"
+DEFAULT_CASES = "plain,sinks,softcap,sliding_window,gate_values"
+OPTIONAL = {"gate_values", "value_residual"}  # skipped for --budget-s without failing the run
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient_attention", "cudnn", "attention", "tem_fused", "flex")
 
 
@@ -161,6 +162,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="steps before timing, the compiling one included")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--profile", action="store_true", help="profile one more step: the attention kernels that ran")
+    p.add_argument("--budget-s", type=float, help="start no case that would end after this many seconds (judged by "
+                                                   "the slowest case so far); a skipped required case is a failure")
     p.add_argument("--quick", action="store_true", help="tiny shape, seq 64, batch 2: checks the script (CPU)")
     p.add_argument("--json", help="output path (default $OUT or benchmarks/results/attn_variants_gpu.json)")
     a = p.parse_args()
@@ -193,8 +196,17 @@ def main() -> int:
             return a.json
         return write_result("attn_variants", out)
 
+    started, slowest, skipped = time.perf_counter(), 0.0, []
     for name in names:
         t = time.perf_counter()
+        if a.budget_s and t - started + slowest > a.budget_s:
+            skipped.append(name)
+            print(f"skipped (time budget {a.budget_s:g} s): {name}", file=sys.stderr, flush=True)
+            if name not in OPTIONAL:
+                failed.append(name)
+            rows.append(dict(case=name, keywords=CASES[name][0], error=f"skipped: time budget {a.budget_s:g} s"))
+            path = save()
+            continue
         try:
             row = run_case(name, a)
         except Exception as e:  # noqa: BLE001: record it, run the others, exit non-zero at the end
@@ -202,6 +214,7 @@ def main() -> int:
             row = dict(case=name, keywords=CASES[name][0], error=f"{type(e).__name__}: {str(e)[:600]}")
             failed.append(name)
         row["case_s"] = round(time.perf_counter() - t, 1)
+        slowest = max(slowest, row["case_s"])
         rows.append(row)
         print({k: v for k, v in row.items() if k not in ("passed_over", "warnings")}, flush=True)
         path = save()
