@@ -181,7 +181,7 @@ def test_compiled_model_keeps_flex_in_one_graph(variant, flex_on_cpu, monkeypatc
     kw = {variant: 6 if variant == "attn_max_attend_past" else True}
     if variant == "attn_softclamp_logits":
         kw["attn_logit_softclamp_value"] = 2.0  # small enough to change the output
-    model = Decoder(dim=64, depth=2, heads=4, causal=True, **kw).eval()
+    model = Decoder(dim=64, depth=1, heads=4, causal=True, **kw).eval()
     if variant == "attn_head_learned_sink":
         with torch.no_grad():
             for p in model.parameters():
@@ -194,5 +194,5 @@ def test_compiled_model_keeps_flex_in_one_graph(variant, flex_on_cpu, monkeypatc
         got = torch.compile(model, backend=recording_backend, fullgraph=True)(x)
     assert len(graphs) == 1
     hops = [node for node in graphs[0].graph.nodes if node.target is torch.ops.higher_order.flex_attention]
-    assert len(hops) == 2  # each layer's attention on flex
+    assert len(hops) == 1  # the attention on flex
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
