@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_result  # noqa: E402
 
 from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper  # noqa: E402
+from x_transformers.attend import attend_backend  # noqa: E402
 
 attend_module = importlib.import_module("x_transformers.attend")
 importlib.import_module("x_transformers.flex")  # registers the flex backend ahead of sdpa
@@ -48,9 +49,12 @@ CASES = {
     "sinks": (dict(attn_head_learned_sink=True), "a learned per-head sink logit (gpt-oss)"),
     "gate_values": (dict(attn_gate_values=True), "a sigmoid gate from x on the heads' output"),
     "value_residual": (dict(add_value_residual=True), "the first layer's values mixed into every layer's"),
+    # the sink as before issue 20's flex path: a zero key whose bias column is the sink, on SDPA (forced)
+    "sinks_sdpa_column": (dict(attn_head_learned_sink=True), "the sink as a dense bias column on SDPA (forced)"),
 }
-DEFAULT_CASES = "plain,sinks,softcap,sliding_window,gate_values"
-OPTIONAL = {"gate_values", "value_residual"}  # skipped for --budget-s without failing the run
+FORCED = {"sinks_sdpa_column": "sdpa"}
+DEFAULT_CASES = "plain,sinks,softcap,sliding_window,gate_values,sinks_sdpa_column"
+OPTIONAL = {"gate_values", "value_residual", "sinks_sdpa_column"}  # skipped for --budget-s without failing the run
 ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient_attention", "cudnn", "attention", "tem_fused", "flex")
 
 
@@ -111,7 +115,9 @@ def run_case(name: str, a) -> dict:
                             attn_layers=Decoder(dim=s["dim"], depth=s["depth"], heads=s["heads"], **kw)).to(DEV)
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, s["vocab"], (a.batch, a.seq + 1), device=DEV)
-    row = dict(case=name, what=what, keywords=kw, **dispatch_record(lm, x))
+    force = FORCED.get(name)
+    with attend_backend(force):
+        row = dict(case=name, what=what, keywords=kw, forced=force, **dispatch_record(lm, x))
     model = torch.compile(AutoregressiveWrapper(lm))
     losses = []
 
@@ -125,7 +131,7 @@ def run_case(name: str, a) -> dict:
 
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, attend_backend(force):
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         step()  # compiles

@@ -2,7 +2,8 @@
 # Issue 20's evidence in ONE device call (at most ~7.7 minutes by its limits: 270 s bench + 200 s ablation + wheels
 # and checks; give the call timeout_s 600):
 #   1. benchmarks/bench_attn_variants.py: the compiled GPT-2-small training step of plain, sinks, softcap,
-#      sliding window and gate_values (batch 8, 3 warm-up + 8 timed steps, attention kernels profiled)
+#      sliding window, gate_values and (optional, last) the sink forced onto SDPA's bias column (batch 8, 3 warm-up
+#      + 8 timed steps, attention kernels profiled)
 #      -> $OUT/attn_variants_gpu.json (+ $OUT/bench_attn_variants.log)
 #   2. benchmarks/gpu_check_sinks.py in the background during 3: flex's sink / softcap / window against the
 #      explicit path, values and gradients -> $OUT/check_sinks_gpu.json, $OUT/gpu_check_sinks.log
