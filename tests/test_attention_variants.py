@@ -163,7 +163,7 @@ def test_dispatch_reasons_name_the_variant():
     assert any("softcapping" in r for r in reasons["sdpa"])
     assert choose_backend(AttendRequest(q=q, k=k, v=v, softclamp=5.0)).name == "explicit"
     sink = AttendRequest(q=q, k=k, v=v, sink=torch.zeros(4))
-    assert any("sink" in r for r in rejection_reasons(sink)["flex"])
+    assert any("CUDA" in r for r in rejection_reasons(sink)["flex"])  # on CUDA flex: out * sigmoid(lse - sink)
     assert choose_backend(sink).name == "sdpa"  # a bias column
     window = AttendRequest(q=q, k=k, v=v, max_attend_past=3)
     assert choose_backend(window).name == "sdpa"  # on CPU; a bool mask

@@ -12,6 +12,12 @@ The backend is picked only when the request carries a :class:`~x_transformers.po
 automatic dispatch, only for schemes where flex was measured faster than SDPA's float bias
 (``ScoreMod.prefer_flex``); ``attend_backend("flex")`` forces it for the others.
 
+An attention sink (a learned per-head logit s in the softmax, with a zero value) needs no extra column:
+softmax over [s, scores] weights key j by softmax(scores)_j * Z / (Z + e^s), Z = e^lse, so the output is
+plain attention's output times sigmoid(lse - s) (:func:`with_sink`), with flex returning lse
+(differentiable) beside the output. SDPA has no differentiable logsumexp, so there the sink stays a
+dense float bias column (memory-efficient kernel, no flash).
+
 Semantics match the other backends: bottom-right causal alignment, True = keep masks, rows with
 no visible key return zeros (flex gives l_i = 0 rows an output of 0 and zero gradients).
 
@@ -28,6 +34,10 @@ try:  # prototype API: absent from old torch builds
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - depends on the torch build
     create_block_mask = flex_attention = None
+try:  # the logsumexp request of torch >= 2.9 (what the sink reads)
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - depends on the torch build
+    AuxRequest = None
 
 _compiled_flex = None
 _MASKLESS: dict = {}  # (causal, n, m, device) -> BlockMask: without a mask tensor it is reusable across forwards
@@ -56,6 +66,8 @@ def flex_mask_mod(mask, causal: bool, n: int, m: int):
     if mask is None and not causal:
         return None
     offset = m - n
+    pick = None  # bound on every path: dynamo reads a closure's cells when it traces the call (an unbound
+    # one was a graph break in every layer of a compiled causal model on flex without a mask, issue 20)
     if mask is not None:
         mask = _as_4d(mask)
         # a broadcast dimension is read at index 0; decided here, at trace time
@@ -138,12 +150,12 @@ class FlexBackend:
         if req.q.device.type != "cuda":
             reasons.append(f"FlexAttention is used on CUDA only; inputs are on {req.q.device.type} "
                            f"(on CPU it has no backward and its fused kernel is inference-only)")
-        if req.score_mod is None and req.softclamp is None and req.max_attend_past is None:
-            reasons.append("no score modification in the request (a position bias, softcapping or a sliding "
-                           "window; without one SDPA's flash kernel is faster)")
-        if req.sink is not None:
-            reasons.append("an attention sink is one more softmax column, which flex cannot add "
-                           "(SDPA takes it as a bias column)")
+        if req.score_mod is None and req.softclamp is None and req.max_attend_past is None and req.sink is None:
+            reasons.append("no score modification in the request (a position bias, softcapping, a sliding "
+                           "window or a sink; without one SDPA's flash kernel is faster)")
+        if req.sink is not None and AuxRequest is None:
+            reasons.append("an attention sink needs flex's logsumexp (AuxRequest, torch >= 2.9), which this "
+                           "torch build lacks (SDPA takes the sink as a bias column)")
         if req.bias is not None:
             reasons.append("a dense bias tensor is added (e.g. shared-QK's self penalty); flex reads only score_mods")
         reasons += score_matrix_reasons(req)
@@ -160,8 +172,9 @@ class FlexBackend:
         if req.q.shape[-2] != req.k.shape[-2] and sm is None:
             return [f"keys from a cache ({req.q.shape[-2]} queries, {req.k.shape[-2]} keys): a few rows of "
                     f"scores, computed without compiling a kernel; force with attend_backend('flex')"]
-        if req.softclamp is not None or req.max_attend_past is not None:
-            return []  # SDPA cannot softcap, and takes a window only as a dense mask without flash
+        if req.softclamp is not None or req.max_attend_past is not None or req.sink is not None:
+            # SDPA cannot softcap, and takes a window or a sink only as a dense mask / bias without flash
+            return []
         if sm is not None and not sm.prefer_flex:
             return [f"{sm.name} bias: flex not measured faster than SDPA's float bias "
                     f"(benchmarks/results/attention_bias_gpu.json); force with attend_backend('flex')"]
@@ -181,12 +194,30 @@ class FlexBackend:
         # inside a compiled region (the compiled decode step) the enclosing compile compiles flex too
         kernel = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
         # q, k, v already carry the compute dtype; autocast around the higher-order op adds nothing
+        aux = {} if req.sink is None else dict(return_aux=AuxRequest(lse=True))
         with torch.autocast(q.device.type, enabled=False):
             out = kernel(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=req.scale,
-                         enable_gqa=req.heads_per_kv > 1, kernel_options=sm.kernel_options if sm else None)
-        return out, None
+                         enable_gqa=req.heads_per_kv > 1, kernel_options=sm.kernel_options if sm else None, **aux)
+        if req.sink is None:
+            return out, None
+        out, aux = out
+        lse = aux.lse
+        if (not torch.compiler.is_compiling() and torch.is_grad_enabled() and not lse.requires_grad
+                and any(t.requires_grad for t in (q, k, v, req.sink))):
+            raise RuntimeError("flex_attention returned a logsumexp without a gradient in this torch build; the "
+                               "sink's output would miss its gradient terms (use attend_backend('sdpa'))")
+        return with_sink(out, lse, req.sink), None
+
+
+def with_sink(out, lse, sink):
+    """Attention with a per-head sink logit ``sink`` (h,) from plain attention's output out (b, h, n, e)
+    and its logsumexp lse (b, h, n): out * sigmoid(lse - sink) (the sink's share of the normaliser
+    removed). A row with no visible key (lse = -inf) stays zero."""
+    dtype = torch.promote_types(lse.dtype, torch.float32)  # flex's lse is float32 whatever the inputs
+    gate = torch.sigmoid(lse.to(dtype) - sink.to(dtype).view(1, -1, 1))
+    return out * gate.unsqueeze(-1).to(out.dtype)
 
 
 register_backend(FlexBackend(), before="sdpa")
 
-__all__ = ["FlexBackend", "block_mask_for", "compiled_flex_attention", "flex_mask_mod"]
+__all__ = ["FlexBackend", "block_mask_for", "compiled_flex_attention", "flex_mask_mod", "with_sink"]

@@ -225,11 +225,7 @@ declare("attn_backend='sdpa'", "attn_softclamp_logits",
         reason="SDPA takes only an additive bias, and softcapping is tanh of the scores; use attn_backend='auto' "
                "(flex on CUDA, else explicit), 'flex' or 'explicit'",
         example={"attn_backend": "sdpa", "attn_softclamp_logits": True})
-declare("attn_backend='flex'", "attn_head_learned_sink",
-        when=lambda s: s.get("attn_backend") == "flex" and on(s, "attn_head_learned_sink"),
-        reason="the sink is one more softmax column, which flex cannot add; use attn_backend='auto' (SDPA takes "
-               "it as a bias column), 'sdpa' or 'explicit'",
-        example={"attn_backend": "flex", "attn_head_learned_sink": True})
+# (attn_backend='flex' with attn_head_learned_sink: flex computes the sink from its logsumexp, flex.with_sink)
 declare("attn_max_attend_past", "only_cross", when=lambda s: s.get("attn_max_attend_past") is not None
         and on(s, "only_cross"),
         reason="a sliding window counts places back along the sequence's own keys, and a cross-attention-only "

@@ -41,26 +41,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..cli import add_config_arguments, command, config_overrides
+from .ablate_settings import ATTENTION_SETTINGS, Setting
 from .config import CLIError, TrainConfig, load_config
 
 # ----------------------------------------------------------------------------------------------
 # the settings
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One row of the table: keyword changes over the base model.
-
-    ``model`` values may be callables of the base's shape (``dim, heads, depth, seq_len, dim_head``),
-    e.g. grouped KV heads as half the base's heads. ``section`` is the heading of docs/features.md
-    that the row is evidence for; ``notes`` says how the row is sized against the baseline."""
-
-    name: str
-    model: dict[str, Any]
-    paper: str = ""
-    section: str = ""
-    notes: str = ""
-    lrs: tuple[float, ...] = ()  # this setting's own learning rates (default: the sweep's, --lrs)
 
 
 def _half_heads(c):
@@ -94,6 +79,7 @@ LM_SETTINGS: tuple[Setting, ...] = (
     Setting("gqa", {"attn_kv_heads": _half_heads}, "2305.13245", "Grouped and multi-query", "kv_heads = heads/2"),
     Setting("mqa", {"attn_kv_heads": 1}, "1911.02150", "Grouped and multi-query", "kv_heads = 1"),
     Setting("qk_norm", {"attn_qk_norm": True}, "2010.04245", "Query-key normalisation", MATCHED),
+    *ATTENTION_SETTINGS,  # issue 20's attention variants (ablate_settings.py)
     # layer structure
     Setting("scalenorm", {"use_scalenorm": True}, "1910.05895", "ScaleNorm", ""),
     Setting("rmsnorm", {"use_rmsnorm": True}, "1910.07467", "RMSNorm", ""),
