@@ -135,7 +135,10 @@ def _score_mod(req: AttendRequest):
     def score_mod(score, b, h, q_idx, kv_idx):
         if bias is not None:
             score = bias(score, b, h, q_idx, kv_idx)
-        return torch.tanh(score / cap) * cap
+        # cap tanh(s / cap) written as cap (2 sigmoid(2 s / cap) - 1): the same function, but Triton lowers
+        # sigmoid to one fast exp where tanh is libdevice's polynomial (4x the flex forward kernel's time on
+        # an H200, benchmarks/results/attn_variants_h200.json)
+        return (torch.sigmoid(score * (2.0 / cap)) * 2.0 - 1.0) * cap
     return score_mod
 
 
