@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from .validate import (ConfigConflictError, _positive_int, _positive_number, _probability,  # noqa: F401
-                       _values, build, check_types, field_names, unknown_keyword)
+from .validate import (_positive_int, _positive_number, _probability, _values, build, check_types,  # noqa: F401
+                       field_names, unknown_keyword)
+
+
+class ConfigConflictError(ValueError):
+    """Two keywords that cannot be combined. The message names both and says why."""
 
 
 ENTMAX_MIN_GAP = 1e-3  # alpha >= 1 + this: entmax_bisect is inaccurate nearer 1 and uniform at 1

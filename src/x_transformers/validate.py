@@ -1,6 +1,6 @@
 """The keyword validators every config and wrapper shares: unknown names (with the closest valid
 one), bool / number types read from the dataclass annotations, positive ints and numbers,
-probabilities, and :class:`ConfigConflictError`. Each raises one line naming the keyword.
+and probabilities. Each raises one line naming the keyword.
 """
 
 from __future__ import annotations
@@ -9,10 +9,6 @@ import difflib
 import math
 from dataclasses import fields
 from typing import Any
-
-
-class ConfigConflictError(ValueError):
-    """Two keywords that cannot be combined. The message names both and says why."""
 
 
 def _closest(name: str, valid) -> str:
