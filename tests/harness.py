@@ -32,6 +32,7 @@ The cases (every feature alone, the pairwise covering array) are built in harnes
 from __future__ import annotations
 
 import ast
+import copy
 import importlib
 import io
 import pkgutil
@@ -68,6 +69,9 @@ class Feature:
     zero_grad: tuple = ()  # parameter-name substrings with zero gradient always, by design
     # False: padded tokens reach the outputs by design (a user's recurrent module runs over them)
     padding_invariant: bool = True
+    # True: a discontinuous selection (top-k keys): two float32 computation orders can break a near-tie
+    # differently, so the cache agreement is checked in float64
+    selects: bool = False
 
     def __hash__(self):
         return hash(self.name)
@@ -77,14 +81,14 @@ FEATURES: dict[str, Feature] = {}
 
 
 def register(name: str, *, layers=None, wrapper=None, kinds=KINDS, group=None, cacheable=True, tol=1e-5,
-             zero_init=(), zero_grad=(), padding_invariant=True) -> Feature:
+             zero_init=(), zero_grad=(), padding_invariant=True, selects=False) -> Feature:
     if name in FEATURES:
         raise ValueError(f"feature {name!r} registered twice")
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"feature {name!r}: unknown kinds {sorted(unknown)}; valid: {KINDS}")
     FEATURES[name] = f = Feature(name, dict(layers or {}), dict(wrapper or {}), tuple(kinds), group, cacheable, tol,
-                                 tuple(zero_init), tuple(zero_grad), padding_invariant)
+                                 tuple(zero_init), tuple(zero_grad), padding_invariant, selects)
     return f
 
 
@@ -424,6 +428,8 @@ def check_cache(run: Runner, tol, features=()):
         raise NotApplicable(f"not cacheable: {uncacheable}")
     from x_transformers.cache import KVCache, StaticKVCache
 
+    if any(f.selects for f in features):  # a float64 copy (the cached model is restored per property)
+        run = Runner(run.kind, copy.deepcopy(run.model).double())
     x = tokens(n=8)
     keep = torch.ones(2, 8, dtype=torch.bool)
     keep[1, :2] = False  # row 1 left-padded, as ragged prompts are

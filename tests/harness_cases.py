@@ -88,5 +88,5 @@ def covering_rows(kind: str, max_size: int = 6):
     return rows
 
 
-def combination_cases(max_size: int = 6):
+def combination_cases(max_size: int = 8):
     return [row for kind in KINDS for row in covering_rows(kind, max_size)]

@@ -22,6 +22,23 @@ import torch
 from torch import Tensor
 
 
+def check_mask(mask, b: int, n: int, name: str = "mask"):
+    if mask is None:
+        return
+    if mask.dtype != torch.bool or mask.shape != (b, n):
+        raise ValueError(f"{name} must be a bool tensor of shape ({b}, {n}) with True = keep; "
+                         f"got {mask.dtype} of shape {tuple(mask.shape)}")
+
+
+def check_attn_mask(attn_mask, b: int, n: int):
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.ndim != 4 \
+            or attn_mask.shape[1] != 1 or attn_mask.shape[2:] != (n, n) or attn_mask.shape[0] not in (1, b):
+        got = f"{attn_mask.dtype} of shape {tuple(attn_mask.shape)}" if isinstance(attn_mask, torch.Tensor) \
+            else type(attn_mask).__name__
+        raise ValueError(f"attn_mask must be a bool tensor of shape ({b} or 1, 1, {n}, {n}), True = may attend; "
+                         f"got {got}")
+
+
 def check_not_empty(x: Tensor, name: str = "x"):
     """An empty batch or a zero-length sequence has nothing to compute; say so before the
     kernels fail (or silently return empty tensors)."""
@@ -115,7 +132,7 @@ def warn_nonfinite(tensors, where: str) -> list[str]:
     return bad
 
 
-__all__ = ["check_not_empty", "check_dtype", "check_context", "check_finite", "check_token_inputs",
+__all__ = ["check_mask", "check_attn_mask", "check_not_empty", "check_dtype", "check_context", "check_finite", "check_token_inputs",
            "check_stack_inputs", "nonfinite_tensors", "warn_nonfinite"]
 
 

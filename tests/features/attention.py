@@ -12,10 +12,14 @@ register("pre_talking_heads", layers=dict(attn_pre_talking_heads=True))
 SPARSE_SUPPORT = ("mem_k", "mem_v")
 register("entmax15", layers=dict(attn_use_entmax15=True), group="normalizer", tol=1e-4, zero_grad=SPARSE_SUPPORT)
 register("entmax_alpha", layers=dict(attn_entmax_alpha=1.3), group="normalizer", tol=1e-4, zero_grad=SPARSE_SUPPORT)
+# A learned alpha shapes the weights only as far as the scores differ: with near-constant scores the
+# weights are uniform for every alpha and its gradient is zero up to rounding (a norm-free placement
+# such as derf keeps the embeddings' 0.02 scale: a funnel's last block saw score spreads of 3e-8 at
+# init). Declared zero at init: it must move once the projections have taken a step.
 register("learned_entmax_alpha", layers=dict(attn_learned_entmax_alpha=True), group="normalizer", tol=1e-4,
-         zero_grad=SPARSE_SUPPORT)
+         zero_grad=SPARSE_SUPPORT, zero_init=("entmax_alpha_logit",))
 # top-k is sparse too: a memory key/value that is in no query's top k gets no gradient
-register("sparse_topk", layers=dict(attn_sparse_topk=3), group="normalizer", zero_grad=SPARSE_SUPPORT)
+register("sparse_topk", layers=dict(attn_sparse_topk=3), group="normalizer", zero_grad=SPARSE_SUPPORT, selects=True)
 register("dim_head", layers=dict(attn_dim_head=12))
 register("shared_qk", layers=dict(attn_shared_qk=True), group="kv")
 register("kv_heads", layers=dict(attn_kv_heads=2), group="kv")
@@ -36,10 +40,12 @@ register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
 # ScaleNorm, a block's one-scalar gain ("post_norm.g") feeds a top-1 attention block that is linear in
 # its input and normalised again by a ScaleNorm: scale-invariant, so its gradient is zero up to the
 # norm's eps (exactly zero in some rows: decoder macaron+post_norm+qk_norm+scalenorm+tupe_cls)
-register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer",
+register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer", selects=True,
          zero_grad=("to_q", "to_k", "pre_norm", "mem_k", "mem_v", "pre_mix", "qk_scale", "q_gain", "k_gain",
                     "to_latent_q", "to_rope_k", "rel_pos.", "rel_proj.", "tupe.", "polar.", "post_norm.g", "cope.",
-                    "forget_bias.", ".integrate."))  # (LIMe's routers: as the pre-norms, in the rows where those are zero)
+                    "forget_bias.", ".integrate.", "reinject"))
+# (LIMe's routers: as the pre-norms, in the rows where those are zero. The re-injection of a funnel's
+# pooled block reaches only its pooled queries: its keys and values come from the unpooled sequence)
 register("mem_kv_qk_norm", layers=dict(attn_num_mem_kv=2, attn_qk_norm=True), zero_grad=QK_SCALE_INVARIANT)
 register("shared_qk_mem_kv", layers=dict(attn_shared_qk=True, attn_num_mem_kv=1), group="kv")
 
