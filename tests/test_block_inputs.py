@@ -140,3 +140,17 @@ def test_bad_transforms_are_one_line_errors_naming_the_argument():
                      ({2: lambda s: s[:, :1]}, r"transform_block_inputs\[2\] must return the stream's shape")):
         with pytest.raises(ValueError, match=msg):
             stack(x, transform_block_inputs=bad)
+
+
+def test_wrapper_intermediates_hold_upstreams_hiddens_and_layer_hiddens():
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=V, max_seq_len=16, attn_layers=Decoder(dim=D, depth=2, heads=2)).eval()
+    x = torch.randint(0, V, (2, 7))
+    _, inter = net(x, return_intermediates=True)
+    _, direct = net.attn_layers(net.post_emb_norm(net.token_emb(x) + net.pos_emb(torch.arange(7)[None]))
+                                if net.post_emb_norm is not None else net.token_emb(x) + net.pos_emb(torch.arange(7)[None]),
+                                return_hiddens=True)
+    for name in ("hiddens", "layer_hiddens", "block_hiddens"):
+        ours, theirs = getattr(inter, name), getattr(direct, name)
+        assert len(ours) == len(theirs) and all(torch.allclose(a, b) for a, b in zip(ours, theirs)), name
+    assert len(inter.hiddens) == 2 and torch.allclose(inter.hiddens[1], inter.block_hiddens[0])

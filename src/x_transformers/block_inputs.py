@@ -11,7 +11,9 @@ embeddings before positions are added (upstream's place), the others inside the 
 
 ``block_hiddens`` (upstream's ``LayerIntermediates`` field): each block's output stream, the last
 being the stack's final output (after its final norm); every column the stack sees (memory
-tokens, [CLS], prepended embeddings included); under hyper-connections the streams' sum.
+tokens, [CLS], prepended embeddings included); under hyper-connections the streams' sum. A
+wrapper's intermediates also get upstream's ``hiddens`` (each self-attention block's input) and
+``layer_hiddens`` (each block's input, then the final output) from the same call (:func:`record`).
 
 Refused, at call time before any work, where a transform has no single stream to act on:
 ``reversible=True`` (two coupled streams), hyper-connections (several streams), ``repeat_blocks``
@@ -29,6 +31,7 @@ from typing import Callable
 from torch import Tensor
 
 ARG = "transform_block_inputs"
+STACK_KEYS = (ARG, "block_hiddens", "layer_hiddens")  # what a wrapper's call hands its stack (wrapper_split)
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ def wrapper_split(wrapper, transforms, want_hiddens: bool, looped_or_recycled: b
             raise ValueError(f"{ARG} is not supported with {why}")
     kw = {}
     if want_hiddens and not funnel and not looped_or_recycled:
-        kw["block_hiddens"] = []
+        kw.update(block_hiddens=[], layer_hiddens=[])
     if transforms is None:
         return None, kw
     per_depth = resolve(transforms, block_count(wrapper.attn_layers))
@@ -132,3 +135,12 @@ def wrapper_split(wrapper, transforms, want_hiddens: bool, looped_or_recycled: b
     if per_depth:
         kw[ARG] = per_depth
     return (checked(first, 1) if first is not None else None), kw
+
+
+def record(stack, inter, side: dict):
+    """A wrapper's intermediates: ``block_hiddens``, and upstream's ``hiddens`` (each self-attention block's
+    input) and ``layer_hiddens`` (each block's input, then the output), where the call collected them."""
+    blocks, layers = side.get("block_hiddens") or None, side.get("layer_hiddens") or None
+    inter.block_hiddens = blocks
+    inter.hiddens = [h for h, spec in zip(layers, stack.layout) if spec.kind == "a"] if layers else None
+    inter.layer_hiddens = layers + [blocks[-1]] if layers and blocks else None

@@ -321,7 +321,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             inter = Intermediates(cache=cache if isinstance(cache, KVCache) else None, cache_length=offset + x.shape[1],
                                   last_hidden=seq, attn_maps=attns)
             inter.logits, inter.attn_pooled_tokens, inter.attn_logit_maxes = logits, pooled_tokens, maxes
-            inter.block_hiddens = side.get("block_hiddens") or None  # each block's output (block_inputs.py)
+            block_inputs.record(self.attn_layers, inter, side)  # block_hiddens, hiddens, layer_hiddens
             if return_logit_entropies:
                 logp = logits.float().log_softmax(dim=-1)
                 inter.logit_entropies = -(logp.exp() * logp).nan_to_num().sum(dim=-1)
@@ -487,7 +487,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         b, n = x.shape
         M = self.num_memory_tokens
         first = cache is None or cache.empty
-        stack_kw = {k: side[k] for k in ("condition", "causal", "transform_block_inputs", "block_hiddens", *STACK_CALL_KEYS)
+        stack_kw = {k: side[k] for k in ("condition", "causal", *block_inputs.STACK_KEYS, *STACK_CALL_KEYS)
                     if side and side.get(k) is not None}
         positions, external = self._positions(x, mask, pos, cache)
         h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids, side and side.get("token_emb_kwargs"),
