@@ -119,6 +119,9 @@ def test_refused_stacks_raise_one_line_before_any_work(build, why):
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="repeat_blocks"):
         Decoder(dim=D, depth=2, heads=2)(torch.randn(2, 4, D), repeat_blocks=(0, 2), transform_block_inputs={2: _never})
+    net = TransformerWrapper(num_tokens=V, max_seq_len=16, attn_layers=Decoder(dim=D, depth=2, heads=2))
+    with pytest.raises(ValueError, match="transform_block_inputs is not supported with repeat_blocks"):
+        net(torch.randint(0, V, (2, 4)), repeat_blocks=(0, 2), transform_block_inputs={1: _never})
 
 
 @pytest.mark.parametrize("net_kwargs, attn, why", [

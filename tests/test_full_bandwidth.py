@@ -106,6 +106,19 @@ def test_the_loss_combines_the_passes_as_configured():
     torch.testing.assert_close(loss, torch.tensor(ls[0] + 0.5 * feedback.item()))
 
 
+def test_jitter_noise_perturbs_the_fed_back_latents_in_training_only():
+    x = torch.randint(0, V, (2, 9))
+    fb = FullBandwidth(_net(), jitter_noise_delta=0.5)
+    (a_first, *_), (b_first, *_) = [fb(x, return_loss_breakdown=True).loss_breakdown.all_pass_losses for _ in "ab"]
+    fa, fb_ = [fb(x, return_loss_breakdown=True).loss_breakdown.feedback_pass_losses[0] for _ in "ab"]
+    assert torch.equal(a_first, b_first) and not torch.equal(fa, fb_)  # the first pass reads no latent
+    fb.eval()
+    assert torch.equal(fb(x), fb(x))
+    quiet = FullBandwidth(fb.net, jitter_noise_delta=0.0)
+    quiet.transitions.load_state_dict(fb.transitions.state_dict())
+    assert torch.equal(quiet(x), quiet(x))
+
+
 @pytest.mark.parametrize("pairs, passes", [(None, 2), ("top_and_prev", 3), ("self", 2)])
 def test_cached_generation_equals_recomputation_without_a_cache(pairs, passes):
     fb = _sharpen(FullBandwidth(_net(), recirc_pairs=pairs, temporal_parallel_passes=passes, transition="gru"))

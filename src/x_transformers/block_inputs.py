@@ -112,17 +112,18 @@ def finish(io: BlockIO | None, x: Tensor) -> Tensor:
     return x
 
 
-def wrapper_split(wrapper, transforms, want_hiddens: bool, looped_or_recycled: bool):
+def wrapper_split(wrapper, transforms, want_hiddens: bool, recycle_steps=None, repeat_blocks=None):
     """A TransformerWrapper's call -> (depth 1's fn for the token embeddings or None, the stack's keywords).
-    Refusals (funnel, looped, recycling) raised before any work."""
+    Refusals (funnel, looped, recycling, the stack's) raised before any work."""
     from .funnel import FunnelEncoder
+    looped_or_recycled = wrapper.exit_gate is not None or wrapper.recycled_proj is not None or recycle_steps is not None
     funnel = isinstance(wrapper.attn_layers, FunnelEncoder)
     if transforms is not None:
         why = ("a FunnelEncoder (its blocks change the sequence length)" if funnel else
                "looped / recycling (the stack runs several times per call)" if looped_or_recycled else None)
         if why is not None:
             raise ValueError(f"{ARG} is not supported with {why}")
-        why = stack_refusal(wrapper.attn_layers, None)
+        why = stack_refusal(wrapper.attn_layers, repeat_blocks)
         if why is not None:
             raise ValueError(f"{ARG} is not supported with {why}")
     kw = {}

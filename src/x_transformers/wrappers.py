@@ -253,8 +253,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         checks.refuse_upstream(upstream, "TransformerWrapper.forward")
         want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
                       or return_attn_z_loss)
-        first, blocks_kw = block_inputs.wrapper_split(self, transforms, want_inter, self.exit_gate is not None
-                                                      or self.recycled_proj is not None or recycle_steps is not None)
+        first, blocks_kw = block_inputs.wrapper_split(self, transforms, want_inter, recycle_steps, to_stack.get("repeat_blocks"))
         x = self.check_inputs(x, mask)
         loop_steps = looped.check_loop_call(self, looped_steps=looped_steps, max_looped_steps=max_looped_steps,
                                             looped_inference=looped_inference,
