@@ -71,6 +71,7 @@ class ForwardContext:
     causal: bool | None = None  # upstream's per-call causality of self-attention (None: the stack's own)
     extra_kv: tuple | None = None  # per block: (k, v, mask) prepended to self-attention's (stack_calls.py) or None
     contexts: tuple | None = None  # per block: a cross-attention's own context (cross_attn_kv_residuals) or None
+    block_io: object | None = None  # a BlockIO (block_inputs.py): per-call block input transforms, block outputs
 
     # the tensors a recomputing autograd Function (reversible.py) takes as differentiable inputs
     DIFFERENTIABLE = ("context", "score_mod", "kv", "kv_score_mod", "inject", "condition", "polar_bias")
@@ -214,8 +215,10 @@ class UNetSkips(nn.Module):
 def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = None, skips: UNetSkips | None = None):
     """The plain stack: every block in layout order. Attention maps go to ``attns`` if given;
     ``skips``: U-Net skips between layer units."""
-    saved = {}
+    saved, io = {}, ctx.block_io
     for i, (spec, block) in enumerate(zip(layout, blocks)):
+        if io is not None and i in io.starts:  # upstream's transform_block_inputs, before the skips
+            x = io.starts[i](x)
         if skips is not None:
             if i in skips.sources:
                 saved[i] = x
@@ -229,4 +232,6 @@ def run_sequential(layout, blocks, x, ctx: ForwardContext, attns: list | None = 
         x, w = run_block(spec.kind, i, block, x, ctx)
         if w is not None and attns is not None:
             attns.append(w)
+        if io is not None and io.hiddens is not None and i in io.ends:  # (several streams: their sum)
+            io.hiddens.append(x if x.ndim == 3 else x.sum(dim=-2))
     return x

@@ -162,7 +162,7 @@ def module_kwargs(wrapper, emb_kw, logit_kw, cache):
 UPSTREAM_ABSENT = {
     **dict.fromkeys(("looped_steps", "max_looped_steps", "looped_pred_all_logits", "looped_inference",
                      "looped_exit_prob_threshold"), "the looped LM is TransformerWrapper's (looped=True) and its AutoregressiveWrapper's"),
-    **dict.fromkeys(("transform_token_embeds", "transform_block_inputs"), "input transforms are not implemented"),
+    "transform_token_embeds": "not implemented; transform_block_inputs={1: fn} transforms the token embeddings",
     "attn_mask": "a full (b, i, j) attention mask is not supported; pass mask= (b, n), True = keep",
     **dict.fromkeys(("cache_age", "seq_pos_offset"), "the new tokens are those after the cache's cache_length"),
     **dict.fromkeys(("rotary_pos_emb", "polar_pos_emb", "attn_bias", "in_attn_cond",

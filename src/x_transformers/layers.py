@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .hub import Pretrained
-from . import checks, recurrence, stack_calls
+from . import block_inputs, checks, recurrence, stack_calls
 from .checks import check_attn_mask, check_mask  # noqa: F401  (imported from here by the wrappers)
 from .attention import Attention, qk_clip_blocks
 from .blocks import ForwardContext, ScoreCarry, UNetSkips, drop_context_tokens, kv_residuals_per_block, run_sequential
@@ -399,7 +399,7 @@ class AttentionLayers(Pretrained, nn.Module):
                 return_hiddens: bool = False, cache_age: int = 1, layer_hiddens: list | None = None,
                 repeat_blocks=None, causal: bool | None = None, self_attn_additional_kv=None,
                 additional_kv_mask=None, detach_additional_kv: bool = False, cross_attn_kv_residuals=None,
-                self_attn_kv_residuals=None):
+                self_attn_kv_residuals=None, transform_block_inputs=None, block_hiddens: list | None = None):
         """x (b, n, dim) -> (b, n, dim); with ``return_attn`` also the list of attention maps.
 
         mask: (b, n) bool, True = keep. context / context_mask: cross-attention inputs.
@@ -414,8 +414,8 @@ class AttentionLayers(Pretrained, nn.Module):
         of the l-th feed-forward block at [:, :, l] (the wrapper's ``ff_deep_embed``).
         ``self_attn_kv_residuals`` (b, n|1, dim) or (L, b, n|1, dim): added to the key/value input (not
         the queries') of the first (l-th) self-attention block (upstream's; the Free Transformer's latent).
-        Upstream's ``pos``, ``context_pos``, ``return_hiddens`` (with ``cache=`` its Intermediates and
-        ``cache_age``): stack_calls.py. ``layer_hiddens``: a list that receives each block's input.
+        Upstream's ``pos``, ``context_pos``, ``return_hiddens`` (``cache=`` its Intermediates, ``cache_age``): stack_calls.py.
+        ``layer_hiddens`` / ``block_hiddens``: lists receiving each block's input / output; ``transform_block_inputs``: block_inputs.py.
         """
         if return_hiddens:
             return stack_calls.forward_with_hiddens(self, x, mask, context, context_mask, cache=cache,
@@ -424,10 +424,11 @@ class AttentionLayers(Pretrained, nn.Module):
                 mem_masks=mem_masks, hiddens=hiddens, ff_deep_embeds=ff_deep_embeds, pos=pos, context_pos=context_pos,
                 repeat_blocks=repeat_blocks, causal=causal, self_attn_additional_kv=self_attn_additional_kv,
                 additional_kv_mask=additional_kv_mask, detach_additional_kv=detach_additional_kv,
-                cross_attn_kv_residuals=cross_attn_kv_residuals))
+                cross_attn_kv_residuals=cross_attn_kv_residuals, transform_block_inputs=transform_block_inputs))
         if isinstance(cache, Intermediates):
             raise ValueError("cache= an Intermediates is upstream's call: pass return_hiddens=True with it")
         check_stack_inputs(self, x, mask, context, context_mask, direct=positions is None)
+        io = block_inputs.prepare(self, transform_block_inputs, block_hiddens, repeat_blocks)
         b, n, _ = x.shape
         if attn_mask is not None:
             if cache is not None:
@@ -461,7 +462,7 @@ class AttentionLayers(Pretrained, nn.Module):
         ctx = self.forward_context(positions, key_positions=key_positions, self_mask=self_mask, context=context,
                                    context_mask=context_mask, cache=cache, need_weights=return_attn)
         ctx = stack_calls.call_context(self, ctx, b, causal=causal, head_pos=head_pos, context_pos=context_pos,
-                                       layer_hiddens=layer_hiddens, additional=(self_attn_additional_kv,
+                                       layer_hiddens=layer_hiddens, block_io=io, additional=(self_attn_additional_kv,
                                        additional_kv_mask, detach_additional_kv), cross_residuals=cross_attn_kv_residuals)
         if self.conditioning is not None:
             ctx = replace(ctx, condition=self.conditioning(condition, b, n))
@@ -481,13 +482,12 @@ class AttentionLayers(Pretrained, nn.Module):
         order = None if repeat_blocks is None else stack_calls.repeat_order(
             self, repeat_blocks, per_block=any(v is not None for v in (cache, ctx.mems, ctx.hiddens, ctx.ff_embeds)))
         attns = [] if return_attn else None
-        x = self.run(x, ctx, attns, order)
+        x = block_inputs.finish(io, self.run(x, ctx, attns, order))
 
         if cache is not None:
             new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
             cache.extend(new, positions.expand(b, -1), padded=mask is not None)
         return (x, attns) if return_attn else x
-
 
     def _recurrence(self, ctx, x, mems, mem_masks, hiddens, attn_mask, cache):
         """The context with Transformer-XL memories (recurrence.py) and the hidden-state collector."""

@@ -108,8 +108,9 @@ def forward_with_hiddens(stack, x, mask, context, context_mask, *, cache, cache_
     else:
         raise ValueError("return_hiddens=True takes cache= as an Intermediates (what it returned); "
                          "a KVCache is extended in place without it")
-    layer_hiddens = []
-    out = stack.forward(x, mask, context, context_mask, cache=kv, layer_hiddens=layer_hiddens, **kwargs)
+    layer_hiddens, block_hiddens = [], []
+    out = stack.forward(x, mask, context, context_mask, cache=kv, layer_hiddens=layer_hiddens,
+                        block_hiddens=block_hiddens, **kwargs)
     x_out, attns = out if isinstance(out, tuple) else (out, None)
     inter = Intermediates(cache=kv, cache_length=offset + x.shape[1], last_hidden=x_out, attn_maps=attns)
     if stack.reversible is None:  # (the reversible coupling runs branches, not blocks: no per-block inputs)
@@ -117,6 +118,7 @@ def forward_with_hiddens(stack, x, mask, context, context_mask, *, cache, cache_
         inter.layer_hiddens = layer_hiddens + [x_out]
     else:
         inter.hiddens = inter.layer_hiddens = None
+    inter.block_hiddens = block_hiddens or None  # each block's output, the last the final one (block_inputs.py)
     return x_out, inter
 
 
@@ -231,7 +233,8 @@ def cross_contexts(stack, residuals, context):
     return tuple(out)
 
 
-def call_context(stack, ctx, b: int, *, causal, head_pos, context_pos, layer_hiddens, additional, cross_residuals):
+def call_context(stack, ctx, b: int, *, causal, head_pos, context_pos, layer_hiddens, additional, cross_residuals,
+                 block_io=None):
     """``ctx`` with this call's upstream inputs (each None when not given)."""
     kvs, kv_mask, detach = additional
     if stack.reversible is not None and (kvs is not None or cross_residuals is not None):
@@ -239,7 +242,7 @@ def call_context(stack, ctx, b: int, *, causal, head_pos, context_pos, layer_hid
                          "backward takes only the context's own tensors as inputs)")
     if kvs is None and (kv_mask is not None or detach):
         raise ValueError("additional_kv_mask / detach_additional_kv configure self_attn_additional_kv, not given")
-    new = dict(causal=causal, layer_hiddens=layer_hiddens,
+    new = dict(causal=causal, layer_hiddens=layer_hiddens, block_io=block_io,
                score_mod=stack.rel_pos.score_mod(head_pos, head_pos) if head_pos is not None else None,
                context_rotary=context_rotary(stack, context_pos, ctx.context) if context_pos is not None else None,
                extra_kv=additional_kv(stack, kvs, kv_mask, detach, b) if kvs is not None else None,

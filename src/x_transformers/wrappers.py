@@ -15,7 +15,7 @@ from torch import nn
 
 from .attend import record_logit_maxes, record_logsumexp
 from .hub import Pretrained
-from . import aliases, checks, conflicts, looped, recurrence, wrapper_inputs
+from . import aliases, block_inputs, checks, conflicts, looped, recurrence, wrapper_inputs
 from .config import WRAPPER_KEYS, LayersConfig, WrapperConfig, build, check_types, unknown_keyword
 from .funnel import FunnelEncoder
 from .cache import Intermediates, KVCache, StaticKVCache
@@ -249,9 +249,11 @@ class TransformerWrapper(Pretrained, nn.Module):
         to_stack = {k: upstream.pop(k) for k in STACK_CALL_KEYS if k in upstream}  # the stack's (stack_calls.py)
         emb_kw, logit_kw = checks.module_kwargs(self, upstream.pop("token_emb_kwargs", None),
                                                 upstream.pop("to_logits_kwargs", None), cache)
+        transforms = upstream.pop("transform_block_inputs", None)
         checks.refuse_upstream(upstream, "TransformerWrapper.forward")
         want_inter = (return_intermediates or return_embeddings_and_intermediates or return_logit_entropies
                       or return_attn_z_loss)
+        first, blocks_kw = block_inputs.wrapper_split(self, transforms, want_inter, recycle_steps, to_stack.get("repeat_blocks"))
         x = self.check_inputs(x, mask)
         loop_steps = looped.check_loop_call(self, looped_steps=looped_steps, max_looped_steps=max_looped_steps,
                                             looped_inference=looped_inference,
@@ -271,7 +273,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             side["condition"] = condition
         if causal is not None:  # upstream's per-call override of the stack's causality (layers.py checks it)
             side["causal"] = causal
-        side.update(to_stack, token_emb_kwargs=emb_kw)
+        side.update(to_stack, **blocks_kw, token_emb_kwargs=emb_kw, first_transform=first)
         if self.recycled_proj is not None or recycle_steps is not None:
             side["recycle_steps"] = recurrence.recycle_steps(self, recycle_steps, cache)
         if loop_steps is not None:
@@ -318,6 +320,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             inter = Intermediates(cache=cache if isinstance(cache, KVCache) else None, cache_length=offset + x.shape[1],
                                   last_hidden=seq, attn_maps=attns)
             inter.logits, inter.attn_pooled_tokens, inter.attn_logit_maxes = logits, pooled_tokens, maxes
+            block_inputs.record(self.attn_layers, inter, side)  # block_hiddens, hiddens, layer_hiddens
             if return_logit_entropies:
                 logp = logits.float().log_softmax(dim=-1)
                 inter.logit_entropies = -(logp.exp() * logp).nan_to_num().sum(dim=-1)
@@ -445,8 +448,9 @@ class TransformerWrapper(Pretrained, nn.Module):
         # a KVCache: the last position + 1; a static one: kept slots (kept prepended columns not counted)
         return cache.next_positions() - M - cache.prefix_kept
 
-    def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids, emb_kw=None):
-        """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout."""
+    def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids, emb_kw=None, transform=None):
+        """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout. ``transform``: depth 1's
+        of transform_block_inputs, on the token embeddings before positions are added (upstream's place)."""
         n = x.shape[1]
         h = self.token_emb(x, **(emb_kw or {}))
         if self.custom_token_emb and not _is_compiling() and (
@@ -456,6 +460,7 @@ class TransformerWrapper(Pretrained, nn.Module):
                              f"{tuple(getattr(h, 'shape', ()))}")
         if self.cfg.l2norm_embed:
             h = F.normalize(h, dim=-1)
+        h = transform(h) if transform is not None else h
         if external is not None:
             h = h + external
         elif self.pos_emb is not None:
@@ -481,9 +486,11 @@ class TransformerWrapper(Pretrained, nn.Module):
         b, n = x.shape
         M = self.num_memory_tokens
         first = cache is None or cache.empty
-        stack_kw = {k: side[k] for k in ("condition", "causal", *STACK_CALL_KEYS) if side and side.get(k) is not None}
+        stack_kw = {k: side[k] for k in ("condition", "causal", *block_inputs.STACK_KEYS, *STACK_CALL_KEYS)
+                    if side and side.get(k) is not None}
         positions, external = self._positions(x, mask, pos, cache)
-        h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids, side and side.get("token_emb_kwargs"))
+        h = self._embed(x, positions, external, pos, first, sum_embeds, embed_ids, side and side.get("token_emb_kwargs"),
+                        side and side.get("first_transform"))
 
         prepend, prepend_mask = prefix
         if prepend is not None:  # PaLI-style prefix (2209.06794), ahead of the tokens
