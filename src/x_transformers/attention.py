@@ -501,8 +501,14 @@ class Attention(nn.Module):
         """The default attention, what forward computes for it without reading past its feature
         branches (a decode step's Python per layer): fused q/k/v, rotary, the cache, attend(), out."""
         h, g = self.heads, self.kv_heads
-        q, k, v = self._fused_qkv(x)
-        q, k, v = _heads(q, h), _heads(k, g), _heads(v, g)  # (b, h, n, d), (b, g, n, d), (b, g, n, e)
+        if self.dim_head == self.value_dim_head:  # one view of the product as heads, then the three groups
+            w, bias = self._qkv_weight()
+            b, n, _ = x.shape
+            qkv = F.linear(x, w, bias).view(b, n, h + 2 * g, -1).transpose(1, 2)  # (b, h + 2g, n, d)
+            q, k, v = qkv.split_with_sizes((h, g, g), dim=1)  # (the strides and offsets of _heads' views)
+        else:
+            q, k, v = self._fused_qkv(x)
+            q, k, v = _heads(q, h), _heads(k, g), _heads(v, g)  # (b, h, n, d), (b, g, n, d), (b, g, n, e)
         if rotary is not None:
             q, k = self._rotate(q, rotary), self._rotate(k, key_rotary(rotary))
         if cache is not None:
