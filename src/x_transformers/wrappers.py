@@ -339,7 +339,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         (b, P + n, dim) without [CLS], its mask, attention-pooled vectors or None)."""
         prepend, prepend_mask = prefix
         C = self.num_cls_tokens
-        cls_out, seq = out[:, :C], out[:, C:]
+        cls_out, seq = (out[:, :C], out[:, C:]) if C else (None, out)  # (no [CLS]: no slicing a step)
         seq_mask = mask
         if prepend is not None and (mask is not None or prepend_mask is not None):
             ones = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
