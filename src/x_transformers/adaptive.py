@@ -83,7 +83,8 @@ class AdaptiveLayerScale(nn.Module):
 
 def apply_norm(norm, x, condition):
     """norm(x), with the condition when the norm is an adaptive one."""
-    return norm(x, condition) if getattr(norm, "conditioned", False) else norm(x)
+    # (a class attribute: looked up on the type, a plain norm misses it without nn.Module's slow fallback)
+    return norm(x, condition) if getattr(type(norm), "conditioned", False) else norm(x)
 
 
 class Conditioning(nn.Module):

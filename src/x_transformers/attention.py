@@ -6,6 +6,8 @@ M memory key/values.
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,10 @@ from .positional import apply_polar, apply_rotary, key_rotary
 from .rel_proj import RelProjPositionBias
 from .value_residual import ValueResidualMix
 
+# AttentionConfig fields that change sizes or constants, not the computation's steps (Attention.plain);
+# a field added for a new feature is not here, so the feature, when on, takes forward's full path
+_PLAIN_FREE = frozenset({"dim_head", "kv_heads", "dropout", "bias", "scale", "backend", "zero_init_output",
+                         "output_proj_depth", "value_dim_head", "dim_out"})
 LASER_EPS = 1e-20  # the smallest attention output LASER takes the log of (a row seeing nothing: log(eps))
 SELF_PENALTY = 5e4  # shared-QK: a token sees itself only when nothing else is visible (Reformer)
 
@@ -176,6 +182,10 @@ class Attention(nn.Module):
             self.normalizer = "softmax"
 
         self.reset_variant_parameters()
+        # no option beyond sizes, bias, dropout, scale and backend: forward runs _plain_forward
+        self.plain = self.fused and not polar and self.value_mix is None and all(
+            getattr(cfg, f.name) == (f.default_factory() if f.default is MISSING else f.default)
+            for f in fields(cfg) if f.name not in _PLAIN_FREE)
 
     def reset_variant_parameters(self):
         """The initialisations the variants ask for; the layer stack calls this again after its own
@@ -229,13 +239,15 @@ class Attention(nn.Module):
         """The concatenated q/k/v weight and bias. Without autograd (decoding) the concatenation is
         kept and reused while the three weights are the same tensors at the same version, so a decode
         step does not copy every layer's weights; any change to them (optimizer step, .to()) rebuilds it."""
-        parts = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
-        biases = (self.to_q.bias, self.to_k.bias, self.to_v.bias) if self.to_q.bias is not None else ()
+        # (read through the modules' dicts: nn.Module's attribute fallback costs a decode step microseconds)
+        q, k, v = (self._modules[name]._parameters for name in ("to_q", "to_k", "to_v"))
+        parts = (q["weight"], k["weight"], v["weight"])
+        biases = (q["bias"], k["bias"], v["bias"]) if q["bias"] is not None else ()
         memo = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
         if not memo:
             self._qkv_memo = None
         else:
-            key = tuple((t.data_ptr(), t._version, t.dtype) for t in parts + biases)
+            key = [(t.data_ptr(), t._version, t.dtype) for t in parts + biases]
             if self._qkv_memo is not None and self._qkv_memo[0] == key:
                 return self._qkv_memo[1]
         w = torch.cat(parts)
@@ -248,7 +260,8 @@ class Attention(nn.Module):
         """Self-attention q, k, v from one matrix product over the concatenated weights: x is read
         (and, under autocast, cast) once instead of three times, and backward sums one gradient."""
         w, b = self._qkv_weight()
-        return F.linear(x, w, b).split((self.to_q.out_features, self.to_k.out_features, self.to_v.out_features), dim=-1)
+        sizes = [self._modules[name].out_features for name in ("to_q", "to_k", "to_v")]
+        return F.linear(x, w, b).split_with_sizes(sizes, dim=-1)
 
     def muon_parameters(self) -> list:
         """Upstream's choice of matrices for the Muon optimizer here: the value and output projections'
@@ -303,6 +316,10 @@ class Attention(nn.Module):
         (upstream's self_attn_kv_residuals; the Free Transformer's latent, 2510.17558).
         Returns (out (b, n, dim), weights (b, h, n, m) or None).
         """
+        if self.plain and context is None and kv is None and value_residual is None and residual_scores is None \
+                and polar is None and mem is None and kv_residual is None and additional_kv is None and x.ndim == 3 \
+                and type(self.to_q) is type(self.to_k) is type(self.to_v) is type(self.to_out) is nn.Linear:
+            return self._plain_forward(x, mask, rotary, score_mod, cache, need_weights, causal)
         if kv is not None and (self.cross or cache is not None):
             raise ValueError("kv= is for self-attention without a cache: not with cross-attention or a cache")
         if kv is not None and self.max_attend_past is not None:
@@ -479,6 +496,29 @@ class Attention(nn.Module):
         if self.sublayer_dropout is not None:
             out = self.sublayer_dropout(out)
         return out, weights
+
+    def _plain_forward(self, x, mask, rotary, score_mod, cache, need_weights, causal):
+        """The default attention, what forward computes for it without reading past its feature
+        branches (a decode step's Python per layer): fused q/k/v, rotary, the cache, attend(), out."""
+        h, g = self.heads, self.kv_heads
+        if self.dim_head == self.value_dim_head:  # one view of the product as heads, then the three groups
+            w, bias = self._qkv_weight()
+            b, n, _ = x.shape
+            qkv = F.linear(x, w, bias).view(b, n, h + 2 * g, -1).transpose(1, 2)  # (b, h + 2g, n, d)
+            q, k, v = qkv.split_with_sizes((h, g, g), dim=1)  # (the strides and offsets of _heads' views)
+        else:
+            q, k, v = self._fused_qkv(x)
+            q, k, v = _heads(q, h), _heads(k, g), _heads(v, g)  # (b, h, n, d), (b, g, n, d), (b, g, n, e)
+        if rotary is not None:
+            q, k = self._rotate(q, rotary), self._rotate(k, key_rotary(rotary))
+        if cache is not None:
+            k, v = cache.append(k, v)
+        out, weights = attend(q, k, v, mask=mask, causal=self.causal if causal is None else causal,
+                              score_mod=score_mod, scale=self.cfg.scale,
+                              dropout=self.cfg.dropout if self.training else 0.0, need_weights=need_weights,
+                              kv_heads=g, force_backend=self.cfg.backend)
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1)), weights  # (b, h, n, e) -> (b, n, h*e) -> out
 
     def _orthogonal(self, out, own_v):
         """out (b, n, h*e) -> (b, n, len(orthog)*h*e): out minus its projection on each query's own

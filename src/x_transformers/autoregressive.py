@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .hub import Pretrained
 from .loss import chunked_cross_entropy, head_weight
 from .cache import Intermediates, KVCache, StaticKVCache
-from .checks import check_context, check_finite, refuse_upstream
+from .checks import check_context, check_finite, refuse_upstream, trusted_inputs
 from .decoding import GenerationConfig, _static_len, compiled_decoder, conditioned, decode_step, left_pad, prefill
 from .sampling import get_filter, sample
 from .positional import AbsolutePositionalEmbedding
@@ -241,15 +241,29 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         logits = prefill(net, tokens, mask, cache, context, context_mask, condition, **ahead)
         decode = compiled_decoder(net, self._compile_options(cfg.compile)) if cfg.compile else decode_step
         cudagraphs = decode is not decode_step and logits.is_cuda
+        trust = self._trusted(logits, tokens.shape[1] + P, cfg, window)
 
         def step(token):
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             if window is not None:  # keep the latest window - 1 keys (memory tokens stay), as upstream
                 cache.keep_last(window - 1, keep_first=net.num_memory_tokens)
-            return decode(net, token[:, None], cache, context, context_mask, condition)
+            with trusted_inputs(*trust):
+                return decode(net, token[:, None], cache, context, context_mask, condition)
 
         return logits, step, cache
+
+    def _trusted(self, logits, columns: int, cfg: GenerationConfig, window) -> tuple:
+        """What a decode step's input checks may take on trust (checks.trusted_inputs): the ids, when
+        every sampled id is below num_tokens (the logits are no wider); the positions, when without a
+        window the last token's position (under the columns it follows, memory tokens counted too)
+        stays under max_seq_len: both known here once, on the host, instead of a sync a step."""
+        num_tokens, limit = getattr(self.net, "num_tokens", None), getattr(self.net, "max_seq_len", None)
+        trust = ("ids",) if num_tokens is not None and logits.shape[-1] <= num_tokens else ()
+        memory = getattr(self.net, "num_memory_tokens", 0) or 0
+        if window is None and limit is not None and columns + memory + cfg.seq_len - 1 <= limit:
+            trust += ("positions",)
+        return trust
 
     def _prompts(self, prompts, prompt_lens):
         """Upstream's prompt forms -> (tokens (b, n) left-padded, mask or None, whether the batch
@@ -440,10 +454,11 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
         for i in range(cfg.seq_len):
             token = sample(logits, temperature=cfg.temperature, filter_logits_fn=cfg.filter_logits_fn,
                            filter_kwargs=cfg.filter_kwargs, generator=cfg.generator)
-            logp = logits.float().log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
-            live = ~done
-            logp_sum += logp * live
-            length += live
+            if cfg.return_scores:  # (the per-token bookkeeping only when asked: ops a step, on a GPU launches)
+                logp = logits.float().log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
+                live = ~done
+                logp_sum += logp * live
+                length += live
             if eos_token is not None:
                 token = token.masked_fill(done, self.pad_value)
                 done = done | (token == eos_token)

@@ -96,11 +96,14 @@ class KVCache:
 
     def __init__(self):
         self.layers: dict[int, LayerKV] = {}
-        self._key_mask: Tensor | None = None  # (b, m) bool, True = a real (unpadded) token
+        # (b, m) bool, True = a real (unpadded) token; None while unpadded (all True: built when read)
+        self._key_mask: Tensor | None = None
         self.positions: Tensor | None = None  # (b, m) long
         # every key so far came without a mask (its key_mask is all True, known without reading it):
         # attention then takes no mask, and a decode step none of the mask's per-layer work
         self.unpadded = True
+        # (the new tokens' positions as keys_and_mask got them, every key's): extend reuses the concatenation
+        self._pending: tuple[Tensor, Tensor] | None = None
         # columns of prepended embeddings (TransformerWrapper's prepend_embeds) at the front, after any
         # memory tokens: set by the call that fills the empty cache; token positions do not count them
         self.prefix_len = 0
@@ -110,6 +113,8 @@ class KVCache:
 
     @property
     def key_mask(self) -> Tensor | None:
+        if self._key_mask is None and self.unpadded and self.positions is not None:
+            return torch.ones(self.positions.shape, dtype=torch.bool, device=self.positions.device)
         return self._key_mask
 
     @key_mask.setter
@@ -132,7 +137,7 @@ class KVCache:
     def next_positions(self) -> Tensor | None:
         """(b, 1): one past the last kept position of each row (the count of kept tokens, unless
         :meth:`keep_last` dropped the oldest: positions go on from where they were)."""
-        if self.key_mask is None:
+        if self.positions is None:
             return None
         if self.unpadded:
             return self.positions.amax(dim=-1, keepdim=True) + 1
@@ -145,29 +150,38 @@ class KVCache:
         """
         if self.empty:
             return positions, None if mask is None else mask[:, None, None, :]
-        b, n = self.key_mask.shape[0], positions.shape[-1]
+        b, n = self.positions.shape[0], positions.shape[-1]
+        every = torch.cat((self.positions, positions.expand(b, -1)), dim=-1)
+        self._pending = (positions, every)  # extend's concatenation, unless other positions come
         if mask is None and self.unpadded:
-            return torch.cat((self.positions, positions.expand(b, -1)), dim=-1), None
+            return every, None
         new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=positions.device)
         key_mask = torch.cat((self.key_mask, new), dim=-1)
-        return torch.cat((self.positions, positions.expand(b, -1)), dim=-1), key_mask[:, None, None, :]
+        return every, key_mask[:, None, None, :]
 
     def extend(self, key_mask: Tensor, positions: Tensor, padded: bool = True):
         """Record the mask and positions of the tokens just processed; ``padded=False`` says the
         mask is all True (the tokens came without one)."""
+        pending, self._pending = self._pending, None
+        b = key_mask.shape[0]
+        if padded or not self.unpadded:  # a mask to keep (the earlier keys' all True, if unpadded so far)
+            old = self.key_mask
+            self._key_mask = key_mask if old is None else torch.cat((old, key_mask), dim=-1)
         self.unpadded = self.unpadded and not padded
-        if self._key_mask is None:
-            self._key_mask, self.positions = key_mask, positions
+        if self.positions is None:
+            self.positions = positions.expand(b, -1)
+        elif pending is not None and pending[0] is positions and pending[1].shape[0] == b:
+            self.positions = pending[1]  # what keys_and_mask concatenated for this step's attention
         else:
-            self._key_mask = torch.cat((self._key_mask, key_mask), dim=-1)
-            self.positions = torch.cat((self.positions, positions.expand(key_mask.shape[0], -1)), dim=-1)
+            self.positions = torch.cat((self.positions, positions.expand(b, -1)), dim=-1)
 
     def reorder(self, index: Tensor):
         """Select/reorder batch rows (beam search)."""
         for layer in self.layers.values():
             layer.reorder(index)
-        if self.key_mask is not None:
-            self._key_mask, self.positions = self._key_mask[index], self.positions[index]
+        if self.positions is not None:
+            self._key_mask, self.positions = _rows(self._key_mask, index), self.positions[index]
+        self._pending = None
         if isinstance(self.prefix_kept, Tensor):
             self.prefix_kept = self.prefix_kept[index]
 
@@ -188,8 +202,9 @@ class KVCache:
         for layer in self.layers.values():
             if layer.k is not None and not layer.cross:
                 layer.k, layer.v = (layer.k[..., :left, :], layer.v[..., :left, :]) if left > 0 else (None, None)
+        self._pending = None
         if left > 0:
-            self._key_mask, self.positions = self._key_mask[:, :left], self.positions[:, :left]
+            self._key_mask, self.positions = _rows(self._key_mask, slice(None), slice(left)), self.positions[:, :left]
         else:  # as a fresh cache (the cross-attention entries, of a fixed context, stay)
             self._key_mask, self.positions, self.unpadded = None, None, True
 
@@ -205,7 +220,13 @@ class KVCache:
             if layer.k is not None and not layer.cross:
                 layer.k, layer.v = layer.k.index_select(-2, index), layer.v.index_select(-2, index)
                 layer.extras = {name: t.index_select(-2, index) for name, t in layer.extras.items()}
-        self._key_mask, self.positions = self._key_mask[:, index], self.positions[:, index]
+        self._key_mask, self.positions = _rows(self._key_mask, slice(None), index), self.positions[:, index]
+        self._pending = None
+
+
+def _rows(mask: Tensor | None, *index):
+    """mask[index], or None for the unpadded cache's mask (all True, not stored)."""
+    return None if mask is None else mask[index]
 
 
 class StaticLayerKV:

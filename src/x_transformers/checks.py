@@ -16,10 +16,31 @@ Legend: b batch, n sequence, m context length.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
+
+# What generate()'s decode steps vouch for (trusted_inputs): the ids are the model's own samples, and
+# the positions stay under max_seq_len by a bound it checked once on the host. The wrapper then skips
+# those two checks, each a reduction and a host sync a step on a GPU (the CPU could not run ahead).
+_TRUSTED: ContextVar[frozenset] = ContextVar("x_transformers_trusted_inputs", default=frozenset())
+
+
+@contextlib.contextmanager
+def trusted_inputs(*what: str):
+    """Within, :func:`trusted` says True for each of ``what`` (``"ids"``, ``"positions"``)."""
+    token = _TRUSTED.set(frozenset(what))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def trusted(what: str) -> bool:
+    return what in _TRUSTED.get()
 
 
 def check_mask(mask, b: int, n: int, name: str = "mask"):

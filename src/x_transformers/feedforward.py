@@ -84,7 +84,7 @@ class FeedForward(nn.Module):
         self.proj_in = nn.Linear(dim, inner * (2 if cfg.glu else 1), bias=bias)
         self.mult_bias = nn.Parameter(torch.ones(inner)) if cfg.glu_mult_bias else None
         self.post_act_norm = LayerNorm(inner, bias=False) if cfg.post_act_ln else None
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         self.proj_out = nn.Linear(inner, cfg.dim_out or dim_out or dim, bias=bias)
         self.out_dropout = nn.Dropout(cfg.sublayer_dropout) if cfg.sublayer_dropout > 0 else None
         self.zero_init_output = cfg.zero_init_output
@@ -123,7 +123,7 @@ class FeedForward(nn.Module):
             h = h * self.mult_bias
         if self.post_act_norm is not None:
             h = self.post_act_norm(h)
-        out = self.proj_out(self.dropout(h))
+        out = self.proj_out(self.dropout(h) if self.dropout is not None else h)
         return self.out_dropout(out) if self.out_dropout is not None else out
 
     def forward(self, x, deep_embed=None):

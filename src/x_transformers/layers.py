@@ -38,10 +38,10 @@ from .value_residual import ValueResidual
 
 def default_positions(mask, n: int, device, start=None):
     """Positions of n new tokens: they count kept tokens, so padding anywhere shifts nothing.
-
-    mask: (b, n) bool or None; start: (b, 1) positions already taken (a cache), or None.
-    Returns (b or 1, n) long.
+    mask: (b, n) bool or None; start: (b, 1) positions already taken (a cache), or None. -> (b or 1, n) long.
     """
+    if mask is None and n == 1 and start is not None:
+        return start  # one new token (a decode step): at the next position, no operator
     if mask is None:
         pos = torch.arange(n, device=device)[None]
     else:
@@ -446,7 +446,7 @@ class AttentionLayers(Pretrained, nn.Module):
             if positions is not None:
                 raise TypeError("got pos and positions, two values for the tokens' positions; give one of them")
             positions, head_pos = stack_calls.custom_positions(self, pos, b, n, cached=cache is not None)
-        start = cache.next_positions() if cache is not None else None
+        start = cache.next_positions() if cache is not None and positions is None else None
         if positions is None:
             positions = default_positions(mask, n, x.device, start)
         key_positions, self_mask = positions, mask[:, None, None, :] if mask is not None else None
@@ -486,7 +486,7 @@ class AttentionLayers(Pretrained, nn.Module):
 
         if cache is not None:
             new = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
-            cache.extend(new, positions.expand(b, -1), padded=mask is not None)
+            cache.extend(new, positions, padded=mask is not None)  # (the positions keys_and_mask got)
         return (x, attns) if return_attn else x
 
     def _recurrence(self, ctx, x, mems, mem_masks, hiddens, attn_mask, cache):

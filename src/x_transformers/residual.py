@@ -124,15 +124,16 @@ class Residual(nn.Module):
             if self.integrate is not None:  # (the first block has none: its one input is its mix)
                 x = self.integrate(x, layer_inputs)  # (b, n, d), or (3, b, n, d): q, k, v inputs
         h = x if inject is None else x + inject
-        h = apply_norm(self.pre_norm, h, condition) if self.pre_norm is not None else h
-        if self.pre_norm is not None and kwargs.get("kv") is not None:
+        norm = self.pre_norm  # (read once: a submodule's lookup is nn.Module's slow attribute path)
+        h = apply_norm(norm, h, condition) if norm is not None else h
+        if norm is not None and kwargs.get("kv") is not None:
             # a funnel's pooled queries read the unpooled sequence's keys/values (funnel.py): both
             # sides enter the attention through this branch's norm, as x does without pooling
-            kwargs["kv"] = apply_norm(self.pre_norm, kwargs["kv"], condition)
+            kwargs["kv"] = apply_norm(norm, kwargs["kv"], condition)
         if self.shifts is not None:
             h = shift_tokens(h, self.shifts, shift_mask)
         if mem is not None:  # Transformer-XL memory: normed as the block's input (not re-injected, as upstream)
-            kwargs["mem"] = apply_norm(self.pre_norm, mem, condition) if self.pre_norm is not None else mem
+            kwargs["mem"] = apply_norm(norm, mem, condition) if norm is not None else mem
         out = self.fn(h, *args, **kwargs)
         out, extra = out if isinstance(out, tuple) else (out, None)
         if self.branch_norm is not None:

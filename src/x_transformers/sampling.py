@@ -51,9 +51,9 @@ def top_k(logits: Tensor, k: int | None = None, frac: float | None = None, *,
         raise ValueError(f"top_k needs k >= 1, got {k}")
     if k >= v:
         return logits
-    idx = logits.topk(k, dim=-1).indices
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
-    return logits.masked_fill(~keep, float("-inf"))
+    values, idx = logits.topk(k, dim=-1)
+    # the kept logits written into a row of -inf: three operators (on a GPU, launches) a decode step
+    return torch.full_like(logits, float("-inf")).scatter_(-1, idx, values)
 
 
 @register_filter("top_p")
@@ -155,7 +155,7 @@ def sample(logits: Tensor, *, temperature: float = 1.0, filter_logits_fn=None, f
     if temperature == 0:
         return logits.argmax(dim=-1)
     fn = get_filter(filter_logits_fn)
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature  # (x / 1 is x: no operator)
     if fn is not None:
         logits = fn(logits, **(filter_kwargs or {}))
     probs = logits.softmax(dim=-1)

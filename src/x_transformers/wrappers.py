@@ -158,7 +158,7 @@ class TransformerWrapper(Pretrained, nn.Module):
             raise ValueError(f"token ids must have shape (batch, seq), got {tuple(x.shape)}")
         check_mask(mask, x.shape[0], x.shape[1])
         checks.check_token_inputs(x)
-        if not _is_compiling() and x.numel():
+        if not _is_compiling() and x.numel() and not checks.trusted("ids"):
             # before the embedding (no device-side assert); one reduction, so one host sync a step
             outside = (x < 0) | (x >= self.num_tokens)
             if outside.any().item():
@@ -342,7 +342,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         (b, P + n, dim) without [CLS], its mask, attention-pooled vectors or None)."""
         prepend, prepend_mask = prefix
         C = self.num_cls_tokens
-        cls_out, seq = out[:, :C], out[:, C:]
+        cls_out, seq = (out[:, :C], out[:, C:]) if C else (None, out)  # (no [CLS]: no slicing a step)
         seq_mask = mask
         if prepend is not None and (mask is not None or prepend_mask is not None):
             ones = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
@@ -446,7 +446,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             kept = cache.positions[:, M:].masked_fill(~cache.key_mask[:, M:], -1)
             return kept.amax(dim=-1, keepdim=True) + 1 if kept.shape[1] else torch.zeros_like(kept[:, :1])
         # a KVCache: the last position + 1; a static one: kept slots (kept prepended columns not counted)
-        return cache.next_positions() - M - cache.prefix_kept
+        shift = M + cache.prefix_kept  # (an int 0 in the plain case: no operator)
+        return cache.next_positions() - shift if isinstance(shift, torch.Tensor) or shift else cache.next_positions()
 
     def _embed(self, x, positions, external, pos, first, sum_embeds, embed_ids, emb_kw=None, transform=None):
         """Token ids (b, n) -> summed input embeddings (b, n, emb_dim), before dropout. ``transform``: depth 1's
@@ -464,7 +465,7 @@ class TransformerWrapper(Pretrained, nn.Module):
         if external is not None:
             h = h + external
         elif self.pos_emb is not None:
-            if self.max_seq_len is not None and not _is_compiling():
+            if self.max_seq_len is not None and not _is_compiling() and not checks.trusted("positions"):
                 last = n if pos is None and first else int(positions.max().item()) + 1
                 if last > self.max_seq_len:
                     raise ValueError(f"sequence length {last} exceeds max_seq_len ({self.max_seq_len}) of the "
@@ -505,7 +506,8 @@ class TransformerWrapper(Pretrained, nn.Module):
             h = torch.cat((self.cls_token.to(h.dtype).expand(b, -1, -1), h), dim=1)
 
         # layer positions count the memory tokens and a cached prefix of prepended embeddings
-        layer_positions = positions + self.memory_shift + (0 if first else cache.prefix_kept)
+        shift = self.memory_shift + (0 if first else cache.prefix_kept)
+        layer_positions = positions + shift if isinstance(shift, torch.Tensor) or shift else positions
         layer_mask = mask if kv_mask is None else (kv_mask if mask is None else mask & kv_mask)
         P = h.shape[1] - n  # [CLS] + prepended columns
         if prepend is not None and cache is not None:
