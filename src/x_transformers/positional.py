@@ -454,11 +454,11 @@ class DenseScoreMod(ScoreMod):
 
 class AlibiScoreMod(ScoreMod):
     name = "alibi"
-    # The attention op alone is faster on flex (H200, b16 h12 n1024 bf16 fwd+bwd: 0.96 ms against
-    # SDPA's float bias 1.52 ms), but the training step users run is not: the compiled
-    # AutoregressiveWrapper at the GPT-2-small shape takes 45 ms a step on SDPA and 49-70 ms on flex
-    # (eager: 52 / 50-52 ms), benchmarks/results/bias_backend_probe*_h200.json. So SDPA by default.
-    prefer_flex = False
+    # Flex in training (n == m): the compiled AutoregressiveWrapper step at the GPT-2-small shape takes
+    # 40.2 ms on flex against 45.1 ms on SDPA's float bias (plain model 34.4 ms: cost 1.17x against
+    # 1.31x; H200, benchmarks/results/bias_backend_probe_flexfix_h200.json). An earlier probe had flex
+    # slower (49-70 ms): flex then broke the compiled graph in every layer without a padding mask.
+    prefer_flex = True
 
     def __init__(self, module: "AlibiPositionalBias", q_pos, k_pos):
         super().__init__(q_pos, k_pos)
