@@ -181,6 +181,9 @@ class FlexBackend:
         if sm is not None and not sm.prefer_flex:
             return [f"{sm.name} bias: flex not measured faster than SDPA's float bias "
                     f"(benchmarks/results/attention_bias_gpu.json); force with attend_backend('flex')"]
+        if sm is not None and sm.prefer_flex == "compiled" and not torch.compiler.is_compiling():
+            return [f"{sm.name} bias outside torch.compile: flex measured faster only in the compiled step "
+                    f"(eager: equal, and each new shape would build a flex kernel); force with attend_backend('flex')"]
         if sm is not None and req.q.shape[-2] != req.k.shape[-2]:
             # Measured faster for training (n == m). With keys from a cache the dense bias is a few
             # rows (b, h, n, m); and inside a compiled decode step, a score_mod reading the cache's

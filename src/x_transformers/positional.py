@@ -386,7 +386,8 @@ class ScoreMod:
     The dispatcher materialises the dense bias only when the chosen backend needs it (SDPA,
     explicit). ``memo`` is a per-forward cache shared with every derived object (the FlexAttention
     backend keeps its block masks there). ``prefer_flex``: FlexAttention measured faster than
-    SDPA's float bias for this scheme; otherwise flex is used only when forced.
+    SDPA's float bias for this scheme (True), or only inside ``torch.compile`` ("compiled");
+    otherwise flex is used only when forced.
     """
 
     name = "bias"
@@ -454,11 +455,13 @@ class DenseScoreMod(ScoreMod):
 
 class AlibiScoreMod(ScoreMod):
     name = "alibi"
-    # The attention op alone is faster on flex (H200, b16 h12 n1024 bf16 fwd+bwd: 0.96 ms against
-    # SDPA's float bias 1.52 ms), but the training step users run is not: the compiled
-    # AutoregressiveWrapper at the GPT-2-small shape takes 45 ms a step on SDPA and 49-70 ms on flex
-    # (eager: 52 / 50-52 ms), benchmarks/results/bias_backend_probe*_h200.json. So SDPA by default.
-    prefer_flex = False
+    # Flex in training (n == m): the compiled AutoregressiveWrapper step at the GPT-2-small shape takes
+    # 40.2 ms on flex against 45.1 ms on SDPA's float bias (plain model 34.4 ms: cost 1.17x against
+    # 1.31x; H200, benchmarks/results/bias_backend_probe_flexfix_h200.json). An earlier probe had flex
+    # slower (49-70 ms): flex then broke the compiled graph in every layer without a padding mask.
+    # Eager steps were equal (52 / 50-52 ms), and an eager flex call builds a kernel per new shape
+    # (each prompt length of generate's prefill), so flex only inside torch.compile.
+    prefer_flex = "compiled"
 
     def __init__(self, module: "AlibiPositionalBias", q_pos, k_pos):
         super().__init__(q_pos, k_pos)
