@@ -17,6 +17,7 @@ from .config import ENTMAX_MIN_GAP, AttentionConfig
 from .data_positions import CoPE, build_forget_bias
 from .gating import HeadScale, OutputGates, ValueHeadGate, depth_scaled_
 from .hybrid import HybridBranch
+from . import qk_clip
 from .positional import apply_polar, apply_rotary, key_rotary
 from .rel_proj import RelProjPositionBias
 from .value_residual import ValueResidualMix
@@ -268,28 +269,13 @@ class Attention(nn.Module):
         parameters (the query/key ones are left to AdamW)."""
         return [p for m in (self.to_v, self.to_out) if m is not None for p in m.parameters()]
 
-    @torch.no_grad()
     def qk_clip_(self, pre_softmax_attn, tau: float = 100.0):
         """QK-clip (MuonClip, Kimi K2, 2507.20534): where a head's largest logit exceeds ``tau``, scale
         its query and key projections so that it becomes ``tau`` (each by the square root; with grouped
         key/values, whose keys several heads share, the query alone by the whole factor).
         ``pre_softmax_attn``: logits (b, h, n, m), each head's largest logit (h,), or intermediates
         holding ``pre_softmax_attn``."""
-        if not isinstance(pre_softmax_attn, torch.Tensor):
-            pre_softmax_attn = pre_softmax_attn.pre_softmax_attn
-        if self.to_k is None or self.to_latent_q is not None or self.to_latent_kv is not None or self.qk_norm:
-            raise ValueError("qk_clip_ scales to_q and to_k: not with shared-QK, latent projections or QK-norm "
-                             "(whose logits the weights' scale does not set)")
-        top = pre_softmax_attn if pre_softmax_attn.ndim == 1 else pre_softmax_attn.amax(dim=(0, 2, 3))  # (h,)
-        factor = (tau / top.float()).clamp(max=1.0)  # 1 where a head stays under tau
-        q_scale = factor.sqrt() if self.kv_heads == self.heads else factor
-        scales = [(self.to_q, q_scale)] + [(self.to_k, factor.sqrt())] * (self.kv_heads == self.heads)
-        for proj, scale in scales:
-            per_row = scale.repeat_interleave(self.dim_head)
-            proj.weight.mul_(per_row[:, None].to(proj.weight.dtype))
-            if proj.bias is not None:
-                proj.bias.mul_(per_row.to(proj.bias.dtype))
-        self._qkv_memo = None
+        qk_clip.clip_attention_(self, pre_softmax_attn, tau)
 
     def forward(self, x, context=None, *, mask=None, rotary=None, score_mod=None, cache=None, need_weights=False,
                 kv=None, kv_rotary=None, positions=None, value_residual=None, query_mask=None, residual_scores=None,
@@ -590,22 +576,3 @@ class Attention(nn.Module):
         if self.cross:
             parts.append("cross")
         return ", ".join(parts)
-
-
-def qk_clip_blocks(modules: list, maxes: list | None, tau: float):
-    """QK-clip over a stack: ``modules`` its Attention blocks in run order, ``maxes`` each call's (h,)
-    largest logits in the same order (``Intermediates.attn_logit_maxes``). A module run twice (tied
-    weights) is clipped once, by its larger maxima."""
-    if maxes is None:
-        raise ValueError("these intermediates hold no attention logits: take them from a training forward "
-                         "(model.train(), gradients on) with return_intermediates=True")
-    if len(maxes) != len(modules):
-        raise ValueError(f"the intermediates hold {len(maxes)} attention calls' logits but the stack has "
-                         f"{len(modules)} attention blocks in its run (recycling, loops or repeat_blocks run some "
-                         f"more than once); clip each Attention with qk_clip_")
-    tops: dict[int, tuple] = {}
-    for module, top in zip(modules, maxes):
-        seen = tops.get(id(module))
-        tops[id(module)] = (module, top if seen is None else torch.maximum(seen[1], top))
-    for module, top in tops.values():
-        module.qk_clip_(top, tau)

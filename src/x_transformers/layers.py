@@ -19,7 +19,8 @@ from torch import nn
 from .hub import Pretrained
 from . import block_inputs, checks, recurrence, stack_calls
 from .checks import check_attn_mask, check_mask  # noqa: F401  (imported from here by the wrappers)
-from .attention import Attention, qk_clip_blocks
+from .attention import Attention
+from .qk_clip import qk_clip_blocks
 from .blocks import ForwardContext, ScoreCarry, UNetSkips, drop_context_tokens, kv_residuals_per_block, run_sequential
 from .adaptive import Conditioning, apply_norm
 from .cache import Intermediates, StaticKVCache
