@@ -69,9 +69,11 @@ class Feature:
     zero_grad: tuple = ()  # parameter-name substrings with zero gradient always, by design
     # False: padded tokens reach the outputs by design (a user's recurrent module runs over them)
     padding_invariant: bool = True
-    # True: a discontinuous selection (top-k keys): two float32 computation orders can break a near-tie
-    # differently, so the cache agreement is checked in float64
-    selects: bool = False
+    # True: cache agreement is checked in float64. Two float32 computation orders (the whole sequence,
+    # one token at a time) round differently, and some features turn that rounding into a visible
+    # difference: a discontinuous selection (top-k keys) breaks a near-tie differently; a cancellation
+    # (values projected orthogonal to a reference) magnifies it. In float64 they agree to 1e-5.
+    cache_float64: bool = False
 
     def __hash__(self):
         return hash(self.name)
@@ -81,14 +83,14 @@ FEATURES: dict[str, Feature] = {}
 
 
 def register(name: str, *, layers=None, wrapper=None, kinds=KINDS, group=None, cacheable=True, tol=1e-5,
-             zero_init=(), zero_grad=(), padding_invariant=True, selects=False) -> Feature:
+             zero_init=(), zero_grad=(), padding_invariant=True, cache_float64=False) -> Feature:
     if name in FEATURES:
         raise ValueError(f"feature {name!r} registered twice")
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"feature {name!r}: unknown kinds {sorted(unknown)}; valid: {KINDS}")
     FEATURES[name] = f = Feature(name, dict(layers or {}), dict(wrapper or {}), tuple(kinds), group, cacheable, tol,
-                                 tuple(zero_init), tuple(zero_grad), padding_invariant, selects)
+                                 tuple(zero_init), tuple(zero_grad), padding_invariant, cache_float64)
     return f
 
 
@@ -428,7 +430,7 @@ def check_cache(run: Runner, tol, features=()):
         raise NotApplicable(f"not cacheable: {uncacheable}")
     from x_transformers.cache import KVCache, StaticKVCache
 
-    if any(f.selects for f in features):  # a float64 copy (the cached model is restored per property)
+    if any(f.cache_float64 for f in features):  # a float64 copy (the cached model is restored per property)
         run = Runner(run.kind, copy.deepcopy(run.model).double())
     x = tokens(n=8)
     keep = torch.ones(2, 8, dtype=torch.bool)

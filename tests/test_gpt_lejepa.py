@@ -13,7 +13,6 @@ from torch import nn
 
 from x_transformers import Decoder, Encoder, TransformerWrapper
 from x_transformers.gpt_lejepa import GPTLeJEPA, LatentAutoregressive
-from train_helpers import assert_loss_falls
 
 V, D = 20, 16
 
@@ -119,10 +118,27 @@ def test_the_net_reads_tokens_through_the_probe_and_every_parameter_learns():
 
 
 def test_toy_run_loss_falls():
+    """200 Adam steps on one batch; the loss is compared before and after under one seed, so SIGReg
+    draws the same random directions both times (its per-step draws make the training curve itself
+    noisy: the last step's loss moved between 0.54 and 0.77 of the first with the thread count)."""
     torch.manual_seed(0)
     data = torch.randint(0, V, (4, 12))
     model = LatentAutoregressive(_net(), dim=D, num_rollouts=2, sigreg_loss_kwargs=dict(num_slices=64))
-    assert_loss_falls(model, data, steps=200, lr=3e-3)
+
+    def evaluate():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return model(data).item()
+
+    before = evaluate()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(200):
+        loss = model(data)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = evaluate()
+    assert after < 0.7 * before, (before, after)
 
 
 @pytest.mark.parametrize("make, match", [

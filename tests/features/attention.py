@@ -19,7 +19,7 @@ register("entmax_alpha", layers=dict(attn_entmax_alpha=1.3), group="normalizer",
 register("learned_entmax_alpha", layers=dict(attn_learned_entmax_alpha=True), group="normalizer", tol=1e-4,
          zero_grad=SPARSE_SUPPORT, zero_init=("entmax_alpha_logit",))
 # top-k is sparse too: a memory key/value that is in no query's top k gets no gradient
-register("sparse_topk", layers=dict(attn_sparse_topk=3), group="normalizer", zero_grad=SPARSE_SUPPORT, selects=True)
+register("sparse_topk", layers=dict(attn_sparse_topk=3), group="normalizer", zero_grad=SPARSE_SUPPORT, cache_float64=True)
 register("dim_head", layers=dict(attn_dim_head=12))
 register("shared_qk", layers=dict(attn_shared_qk=True), group="kv")
 register("kv_heads", layers=dict(attn_kv_heads=2), group="kv")
@@ -40,7 +40,7 @@ register("post_talking_heads", layers=dict(attn_post_talking_heads=True))
 # ScaleNorm, a block's one-scalar gain ("post_norm.g") feeds a top-1 attention block that is linear in
 # its input and normalised again by a ScaleNorm: scale-invariant, so its gradient is zero up to the
 # norm's eps (exactly zero in some rows: decoder macaron+post_norm+qk_norm+scalenorm+tupe_cls)
-register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer", selects=True,
+register("sparse_top1", layers=dict(attn_sparse_topk=1), group="normalizer", cache_float64=True,
          zero_grad=("to_q", "to_k", "pre_norm", "mem_k", "mem_v", "pre_mix", "qk_scale", "q_gain", "k_gain",
                     "to_latent_q", "to_rope_k", "rel_pos.", "rel_proj.", "tupe.", "polar.", "post_norm.g", "cope.",
                     "forget_bias.", ".integrate.", "reinject"))

@@ -5,7 +5,11 @@ from harness import register
 register("scalenorm", layers=dict(use_scalenorm=True), group="norm")
 register("rmsnorm", layers=dict(use_rmsnorm=True), group="norm")
 register("post_norm", layers=dict(pre_norm=False), group="placement")
-register("sandwich_norm", layers=dict(sandwich_norm=True), group="placement")
+# Sandwich norm renormalises each branch's output: a ScaleNorm pre-norm's one-scalar gain ("pre_norm.g")
+# in front of a bias-free, positively homogeneous branch (a ReLU² GLU feed-forward without biases) only
+# scales what is normalised again, so its gradient is zero up to rounding (cross: par_ratio's last
+# feed-forward with ff_no_bias, ReLU², a GLU's multiplicative bias)
+register("sandwich_norm", layers=dict(sandwich_norm=True), group="placement", zero_grad=("pre_norm.g",))
 # ReZero (2003.04887): each branch sits behind a zero gate, so at init no gradient reaches the
 # branches, what only they read (the T5 bias, TUPE's tables, PoPE's key phase, memory tokens) or, under an
 # encoder-decoder, the encoder; one optimizer step opens the gates
