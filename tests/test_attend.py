@@ -208,5 +208,30 @@ def test_cached_queries_on_cuda_leave_out_cudnn_attention(monkeypatch):
     assert SDPBackend.CUDNN_ATTENTION not in attend_mod._PLAN_FREE and SDPBackend.FLASH_ATTENTION in attend_mod._PLAN_FREE
     assert isinstance(attend_mod._no_cudnn_planning(cuda, 9, 9), contextlib.nullcontext)
     assert isinstance(attend_mod._no_cudnn_planning(torch.zeros(1), 1, 9), contextlib.nullcontext)
+    with attend_mod.plan_free_attention():  # generate(): its prefill (n == m) leaves cuDNN out too
+        assert not isinstance(attend_mod._no_cudnn_planning(cuda, 9, 9), contextlib.nullcontext)
+    assert isinstance(attend_mod._no_cudnn_planning(cuda, 9, 9), contextlib.nullcontext)
     monkeypatch.setenv("XT_DECODE_SDPA_ALL_BACKENDS", "1")
     assert isinstance(attend_mod._no_cudnn_planning(cuda, 1, 9), contextlib.nullcontext)
+
+
+def test_generate_runs_every_attention_call_outside_cudnn_planning(monkeypatch):
+    """Each SDPA call of generate(), the prefill's included, runs inside plan_free_attention."""
+    import importlib
+
+    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+
+    attend_mod = importlib.import_module("x_transformers.attend")
+    scopes, original = [], attend_mod._no_cudnn_planning
+
+    def spy(q, n, m):
+        scopes.append((n, m, attend_mod._PLAN_FREE_SCOPE))
+        return original(q, n, m)
+
+    monkeypatch.setattr(attend_mod, "_no_cudnn_planning", spy)
+    lm = TransformerWrapper(num_tokens=16, max_seq_len=32, attn_layers=Decoder(dim=16, depth=2, heads=2))
+    AutoregressiveWrapper(lm).generate(torch.randint(0, 16, (1, 5)), 4)
+    assert scopes and all(scope == 1 for _, _, scope in scopes)
+    assert any(n == m for n, m, _ in scopes) and any(n != m for n, m, _ in scopes)  # the prefill and the steps
+    lm(torch.randint(0, 16, (1, 5)))
+    assert scopes[-1][2] == 0  # outside generate: the default choice

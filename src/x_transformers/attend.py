@@ -239,8 +239,27 @@ def _efficient_kernel(q, k, v, bias, compute_lse: bool, dropout: float, scale):
 _PLAN_FREE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# generate() leaves cuDNN out of its prefill too: the prefill has the prompt's length, a new shape for
+# most calls, and planning it took 50 ms a layer (0.6 s of a first generate's 3.2 s on an H200,
+# benchmarks/results/first_generate_profile_h200.txt).
+_PLAN_FREE_SCOPE = 0
+
+
+@contextlib.contextmanager
+def plan_free_attention():
+    """Inside, SDPA on CUDA never takes cuDNN attention, whatever the shapes (generate() enters it)."""
+    global _PLAN_FREE_SCOPE
+    _PLAN_FREE_SCOPE += 1
+    try:
+        yield
+    finally:
+        _PLAN_FREE_SCOPE -= 1
+
+
 def _no_cudnn_planning(q: Tensor, n: int, m: int):
-    if n == m or not q.is_cuda or torch.compiler.is_compiling() or os.environ.get("XT_DECODE_SDPA_ALL_BACKENDS") == "1":
+    if not q.is_cuda or torch.compiler.is_compiling() or os.environ.get("XT_DECODE_SDPA_ALL_BACKENDS") == "1":
+        return contextlib.nullcontext()
+    if n == m and not _PLAN_FREE_SCOPE:
         return contextlib.nullcontext()
     return sdpa_kernel(_PLAN_FREE)
 

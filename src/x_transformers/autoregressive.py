@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attend import plan_free_attention
 from .hub import Pretrained
 from .loss import chunked_cross_entropy, head_weight
 from .cache import Intermediates, KVCache, StaticKVCache
@@ -358,7 +359,7 @@ class AutoregressiveWrapper(Pretrained, nn.Module):
             raise ValueError("prepend_mask without prepend_embeds")
         prepend = None if prepend_embeds is None else dict(
             prepend_embeds=prepend_embeds, **({} if prepend_mask is None else dict(prepend_mask=prepend_mask)))
-        with _eval(self.net):
+        with _eval(self.net), plan_free_attention():  # no cuDNN planning of the prefill's new shape
             if cfg.beams is not None:
                 seqs, scores = self._beam_search(tokens, mask, cfg, context=context, context_mask=context_mask,
                                                  condition=condition, prepend=prepend)
