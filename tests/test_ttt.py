@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from train_helpers import assert_loss_falls
+
 from x_transformers import Decoder, TransformerWrapper
 from x_transformers.ttt import EpisodicMemories, newton_schulz
 from x_transformers.xl_autoregressive_wrapper import (LowRankLinear, TTTMetaLearningTargetKLLoss, TTTModuleWrapper,
@@ -208,16 +210,7 @@ def test_gradients_and_sleep_phase():
 def test_toy_run_loss_falls():
     torch.manual_seed(0)
     xl = XLAutoregressiveWrapper(model(), tbptt_steps=4, ttt_module_paths=(TO_V,), ttt_lr=0.05)
-    opt = torch.optim.Adam(xl.parameters(), lr=3e-3)
-    x = tokens(3 * SEG + 1, seed=7)
-    first = None
-    for _ in range(200):
-        loss = xl(x)
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.7 * first
+    assert_loss_falls(xl, tokens(3 * SEG + 1, seed=7), steps=200, lr=3e-3)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -453,3 +453,18 @@ class Intermediates:
     def last_layer_hiddens(self):
         """Upstream's name for ``last_hidden`` (its test-time-training losses read it)."""
         return self.last_hidden
+
+    def resume(self, given: int, input_not_include_cache: bool, unit: str = "tokens") -> tuple[KVCache, int, int]:
+        """This object passed back as ``cache=`` with an input of ``given`` columns: (a copy of the
+        key/value cache, the columns it holds, the input's first new column: the cached length when the
+        input holds the whole sequence so far (upstream's convention), else 0). ``unit`` names the
+        columns in the errors (tokens, frames)."""
+        if self.cache is None:
+            raise ValueError("cache=: this Intermediates holds no key/value cache (it came from a bidirectional "
+                             "stack, or a call that cannot cache, such as one with self_attn_kv_mask)")
+        offset = self.cache_length
+        if not input_not_include_cache and given <= offset:
+            raise ValueError(f"cache= holds {offset} {unit} and x holds the whole sequence so far "
+                             f"(input_not_include_cache=False): give more than {offset} {unit}, or only the new "
+                             f"ones with input_not_include_cache=True")
+        return self.cache.copy(), offset, 0 if input_not_include_cache else offset

@@ -231,18 +231,12 @@ class ContinuousTransformerWrapper(Pretrained, nn.Module):
         if not isinstance(cache, Intermediates):
             raise TypeError(f"cache must be a KVCache or the Intermediates of return_intermediates=True, "
                             f"got {type(cache).__name__}")
-        if cache.cache is None:
-            raise ValueError("cache=: this Intermediates holds no key/value cache (it came from a bidirectional stack)")
-        offset = cache.cache_length
-        if not input_not_include_cache:
-            if x.shape[1] <= offset:
-                raise ValueError(f"cache= holds {offset} frames and x holds the whole sequence so far "
-                                 f"(input_not_include_cache=False): give more than {offset} frames, or only the new "
-                                 f"ones with input_not_include_cache=True")
-            x = x[:, offset:]
-            mask = None if mask is None else mask[:, offset:]
-            sum_embeds = None if sum_embeds is None else sum_embeds[:, offset:]
-        return cache.cache.copy(), offset, x, mask, sum_embeds
+        kv, offset, start = cache.resume(x.shape[1], input_not_include_cache, unit="frames")
+        if start:
+            x = x[:, start:]
+            mask = None if mask is None else mask[:, start:]
+            sum_embeds = None if sum_embeds is None else sum_embeds[:, start:]
+        return kv, offset, x, mask, sum_embeds
 
 
 def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:

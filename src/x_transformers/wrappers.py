@@ -385,19 +385,12 @@ class TransformerWrapper(Pretrained, nn.Module):
                 raise ValueError("input_not_include_cache=True needs cache=")
             return (KVCache() if build and self.can_cache_kv else None), 0, x, per_token
         if isinstance(cache, Intermediates):
-            if cache.cache is None:
-                raise ValueError("cache=: this Intermediates holds no key/value cache (it came from a bidirectional "
-                                 "stack, or a call with self_attn_kv_mask)")
-            offset, kv = cache.cache_length, cache.cache.copy()
             if input_not_include_cache is None:
                 input_not_include_cache = getattr(self.cfg, "input_not_include_cache", False)
-            if not input_not_include_cache:
-                if x.shape[1] <= offset:
-                    raise ValueError(f"cache= holds {offset} tokens and x holds the whole sequence so far "
-                                     f"(input_not_include_cache=False): give more than {offset} tokens, or only "
-                                     f"the new ones with input_not_include_cache=True")
-                x = x[:, offset:]
-                per_token = {k: wrapper_inputs.drop_cached(v, offset) for k, v in per_token.items()}
+            kv, offset, start = cache.resume(x.shape[1], input_not_include_cache)
+            if start:
+                x = x[:, start:]
+                per_token = {k: wrapper_inputs.drop_cached(v, start) for k, v in per_token.items()}
             return kv, offset, x, per_token
         if isinstance(cache, (KVCache, StaticKVCache)):
             if input_not_include_cache is False:
