@@ -26,18 +26,30 @@ SHAPES = {  # the training presets' shapes (x_transformers.training.presets)
 }
 
 
-def child(shape: str, variant: str, steps: int) -> dict:
+LAYERS = {  # which linears a variant converts (--layers): the default filter, or only one kind
+    "all": None,
+    "ff": lambda module, fqn: fp8.default_filter(module, fqn) and fqn.rsplit(".", 1)[-1] in ("proj_in", "proj_out"),
+    "attn": lambda module, fqn: fp8.default_filter(module, fqn) and fqn.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v",
+                                                                                               "to_out"),
+}
+fp8 = None
+
+
+def child(shape: str, variant: str, steps: int, overrides: dict | None = None, layers: str = "all") -> dict:
+    global fp8
     import torch
 
-    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper, fp8
+    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+    from x_transformers import fp8 as _fp8
 
-    s = SHAPES[shape]
+    fp8 = _fp8
+    s = {**SHAPES[shape], **(overrides or {})}
     torch.manual_seed(0)
     lm = TransformerWrapper(num_tokens=s["num_tokens"], max_seq_len=s["seq"], tie_embedding=True, logits_scale=1.0,
                             attn_layers=Decoder(dim=s["dim"], depth=s["depth"], heads=s["heads"],
                                                 attn_dim_head=s["attn_dim_head"])).cuda()
     if variant.startswith("fp8-"):
-        fp8.convert(lm, recipe=variant[4:])
+        fp8.convert(lm, recipe=variant[4:], module_filter=LAYERS[layers])
     model = torch.compile(AutoregressiveWrapper(lm))
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, s["num_tokens"], (s["batch"], s["seq"] + 1), device="cuda")
@@ -57,7 +69,7 @@ def child(shape: str, variant: str, steps: int) -> dict:
         if i == 0:
             t_compile = time.perf_counter() - t_compile
     step = sorted(times[3:])[len(times[3:]) // 2]
-    return dict(shape=shape, variant=variant, step_s=round(step, 5), tokens_per_s=round(s["batch"] * s["seq"] / step, 1),
+    return dict(shape=shape, dims=s, layers=layers, variant=variant, step_s=round(step, 5), tokens_per_s=round(s["batch"] * s["seq"] / step, 1),
                 first_step_s=round(t_compile, 1), losses=[round(v, 4) for v in losses],
                 converted_layers=len(fp8.converted(lm)), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                 card=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -69,15 +81,20 @@ def main():
     p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     p.add_argument("--variants", default="bf16,fp8-tensorwise,fp8-rowwise")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--layers", default="all", choices=sorted(LAYERS), help="which linears the fp8 rows convert")
+    for key in ("dim", "depth", "heads", "seq", "batch"):
+        p.add_argument(f"--{key}", type=int, default=None, help=f"override the shape's {key}")
+    p.add_argument("--tag", default=None, help="result file name stem (default fp8_<shape>)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    overrides = {k: getattr(args, k) for k in ("dim", "depth", "heads", "seq", "batch") if getattr(args, k) is not None}
     if args.child:
-        print("RESULT " + json.dumps(child(args.shape, args.child, args.steps)), flush=True)
+        print("RESULT " + json.dumps(child(args.shape, args.child, args.steps, overrides, args.layers)), flush=True)
         return
     rows = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--shape", args.shape, "--steps", str(args.steps),
-               "--child", variant]
+               "--layers", args.layers, "--child", variant] + [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
         res = subprocess.run(cmd, capture_output=True, text=True)
         got = next((json.loads(line[7:]) for line in res.stdout.splitlines() if line.startswith("RESULT ")), None)
         rows.append(got or dict(variant=variant, error=(res.stderr or res.stdout)[-1500:]))
@@ -90,11 +107,11 @@ def main():
         commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:  # noqa: BLE001
         commit = None
-    out = dict(benchmark="fp8 vs bf16, compiled AutoregressiveWrapper, fused AdamW", shape=SHAPES[args.shape],
+    out = dict(benchmark="fp8 vs bf16, compiled AutoregressiveWrapper, fused AdamW", shape={**SHAPES[args.shape], **overrides}, layers=args.layers,
                commit=commit, python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                rows=rows)
     folder = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    path = os.path.join(folder, f"fp8_{args.shape}.json")
+    path = os.path.join(folder, f"{args.tag or 'fp8_' + args.shape}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print("wrote", path)
