@@ -48,3 +48,18 @@ def test_fsdp_two_processes_match_one_and_reshard_on_resume(single, tmp_path):
                           env=python_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_training(run, single)
+
+
+def test_fsdp_bf16_mixed_precision_trains_like_autocast(tmp_path):
+    """FSDP2's bf16 policy (parameters gathered in bf16, no autocast) trains: the stack's input check
+    reads the compute dtype, not the sharded float32 parameters' (it refused every bf16 FSDP run
+    before). Its losses follow a single process under bf16 autocast to bf16's precision."""
+    args = [*DIST, "--precision", "bf16", "--max-steps", 3]
+    assert cli("train", *args, "--out", tmp_path / "autocast") == 0
+    proc = subprocess.run([sys.executable, "-m", "x_transformers", "train", *map(str, args), "--strategy", "fsdp",
+                           "--out", str(tmp_path / "fsdp")], env=python_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp, autocast = train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "autocast")
+    assert len(fsdp) == len(autocast) == 3
+    assert fsdp == pytest.approx(autocast, rel=2e-2)

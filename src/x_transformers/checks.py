@@ -70,8 +70,21 @@ def check_not_empty(x: Tensor, name: str = "x"):
 
 
 def _param_dtype(module) -> torch.dtype | None:
+    """The dtype the module computes in, or None where that is not its parameters' dtype: no float
+    parameter, or parameters sharded by FSDP2 (DTensors), which gathers them in its mixed-precision
+    policy's dtype and casts the forward's inputs itself."""
     param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return None if param is None else param.dtype
+    if param is None or _is_dtensor(param):
+        return None
+    return param.dtype
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without torch.distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def check_dtype(x: Tensor, module, name: str = "x"):
