@@ -8,7 +8,8 @@ alone with the loss outside, as ANCHORS.md compiled the PyPI package.
 A step is forward, next-token cross-entropy (ours: ``chunked_cross_entropy`` on the hidden states
 and head weight unless ``--loss plain``; PyPI: full logits), backward and a fused AdamW update, under bf16
 autocast on GPU. MFU counts 6N + 12*L*d*T FLOPs per token (N without embeddings) over the bf16
-matrix-product peak measured on the same card in the same run.
+matrix-product peak measured on the same card in the same run; ``mfu_with_head`` adds the output
+head's 6 * vocab * dim.
 
     PYTHONPATH=src python benchmarks/bench_train.py                     # GPU: full shapes
     PYTHONPATH=src python benchmarks/bench_train.py --quick             # CPU: small shapes
@@ -191,6 +192,8 @@ def measure(impl, name, quick, mode, peak, extra_layers=None, extra_wrapper=None
         "impl": impl, "shape": name, "mode": mode, "label": label or name, "loss": loss,
         "tokens_per_s": tps, "ms_per_step": sec * 1e3, "params_non_emb": n_params,
         "mfu": tps * flops_per_token / (peak * 1e12) if peak else None,
+        # the same with the output head's product counted (6 * vocab * dim a token: forward and backward)
+        "mfu_with_head": tps * (flops_per_token + 6 * shape(name, quick)[1] * d) / (peak * 1e12) if peak else None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else None, "first_step_s": first,
     }
     if inspect is not None:
@@ -296,7 +299,7 @@ def main():
                 a, b = find("ours", name, ours_mode), find("pypi", name, their_mode)
                 if a and b:
                     ratios[f"{name}: ours {ours_mode} / pypi {their_mode}"] = a["tokens_per_s"] / b["tokens_per_s"]
-    print_table(rows, ["impl", "label", "mode", "loss", "tokens_per_s", "ms_per_step", "mfu", "peak_gib", "slowdown_vs_plain",
+    print_table(rows, ["impl", "label", "mode", "loss", "tokens_per_s", "ms_per_step", "mfu", "mfu_with_head", "peak_gib", "slowdown_vs_plain",
                        "error"])
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")

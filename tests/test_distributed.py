@@ -63,3 +63,17 @@ def test_fsdp_bf16_mixed_precision_trains_like_autocast(tmp_path):
     fsdp, autocast = train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "autocast")
     assert len(fsdp) == len(autocast) == 3
     assert fsdp == pytest.approx(autocast, rel=2e-2)
+
+
+def test_fsdp_units_are_layers():
+    """FSDP2 shards one layer (attention + feed-forward, or + cross-attention) per unit, every block once."""
+    from x_transformers import Decoder, Encoder
+    from x_transformers.training.distributed import shard_units
+
+    for stack, per in ((Decoder(dim=16, depth=3, heads=2), 2), (Decoder(dim=16, depth=2, heads=2, cross_attend=True), 3),
+                       (Encoder(dim=16, depth=2, heads=2, macaron=True), 3),
+                       (Decoder(dim=16, depth=2, heads=2, custom_layers=("a", "f", "f")), 1)):
+        units = shard_units(stack)
+        assert [len(u) for u in units] == [per] * (len(stack.blocks) // per)
+        flat = [id(b) for u in units for b in u]
+        assert flat == [id(b) for b in stack.blocks] and len(set(flat)) == len(flat)

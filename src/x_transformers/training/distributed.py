@@ -5,9 +5,9 @@ Launch several processes with PyTorch's own launcher::
     torchrun --nproc_per_node=N -m x_transformers train --strategy ddp|fsdp ...
 
 The model is always built the same way on every rank (same seed, on CPU), then :func:`parallelize`
-applies, in this fixed order: move to the device; FSDP2 ``fully_shard`` on every block, on every
-layer stack's remaining parameters and on the root (mixed precision bf16 params / fp32 reductions
-on GPU), or DDP; then ``torch.compile`` when asked. The model modules know none of this.
+applies, in this fixed order: move to the device; FSDP2 ``fully_shard`` on every layer (its blocks as one
+unit, :func:`shard_units`) and on the root, which holds the rest (mixed precision bf16 params / fp32
+reductions on GPU), or DDP; then ``torch.compile`` when asked. The model modules know none of this.
 """
 
 from __future__ import annotations
@@ -103,6 +103,21 @@ def layer_stacks(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, AttentionLayers)]
 
 
+def shard_units(stack) -> list[list[nn.Module]]:
+    """The stack's blocks grouped as FSDP2 units: one layer each (the default layout's repeated unit,
+    attention + feed-forward), each module once. One unit per layer rather than per block halves the
+    hooks and collectives of a step: an eager FSDP2 step of gpt2-small is bound by host time
+    (benchmarks/results/fsdp_probe_*.json)."""
+    from ..layout import unit_length
+
+    per, seen, units = unit_length(stack.cfg), set(), []
+    for i in range(0, len(stack.blocks), per):
+        group = [b for b in stack.blocks[i:i + per] if id(b) not in seen and not seen.add(id(b))]
+        if group:
+            units.append(group)
+    return units
+
+
 def parallelize(model: nn.Module, cfg: TrainConfig, env: Env) -> nn.Module:
     model.to(env.device)
     if cfg.strategy == "fsdp":
@@ -111,8 +126,8 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: Env) -> nn.Module:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if uses_bf16(cfg, env) else None
         kw = {"mp_policy": mp} if mp is not None else {}
         for stack in layer_stacks(model):
-            for block in stack.blocks:
-                fully_shard(block, **kw)
+            for unit in shard_units(stack):
+                fully_shard(unit, **kw)
         fully_shard(model, **kw)
     elif cfg.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
