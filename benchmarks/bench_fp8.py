@@ -103,10 +103,12 @@ def main():
     for r in rows:
         if base and "tokens_per_s" in r:
             r["vs_bf16"] = round(r["tokens_per_s"] / base, 3)
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001
-        commit = None
+    commit = os.environ.get("XT_COMMIT")  # a copied tree's git HEAD can be stale on the device machine
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        except Exception:  # noqa: BLE001
+            commit = None
     out = dict(benchmark="fp8 vs bf16, compiled AutoregressiveWrapper, fused AdamW", shape={**SHAPES[args.shape], **overrides}, layers=args.layers,
                commit=commit, python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                rows=rows)
