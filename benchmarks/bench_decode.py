@@ -55,6 +55,8 @@ print("RESULT " + json.dumps(out))
 
 
 def git_commit():
+    if os.environ.get("XT_COMMIT"):  # a copied tree's git HEAD can be stale on the device machine
+        return os.environ["XT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:  # noqa: BLE001 - a tarball without git
