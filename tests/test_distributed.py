@@ -77,3 +77,20 @@ def test_fsdp_units_are_layers():
         assert [len(u) for u in units] == [per] * (len(stack.blocks) // per)
         flat = [id(b) for u in units for b in u]
         assert flat == [id(b) for b in stack.blocks] and len(set(flat)) == len(flat)
+
+
+@pytest.mark.parametrize("sets", [
+    ("model.reversible=true", "model.use_scalenorm=true"),  # a stack that runs its blocks' parts itself; 0-d gains
+    ("model.num_residual_streams=2", "model.use_rezero=true"),  # hyper-connections' and ReZero's 0-d scales
+], ids=["reversible_scalenorm", "hyper_rezero"])
+def test_fsdp_shards_every_model_kind(sets, tmp_path):
+    """FSDP2 refused 0-d parameters (its own error) and never gathered a reversible stack's parameters
+    (its blocks' parts run inside the stack's autograd function). Both now train under 2-process FSDP
+    as one process does, and the checkpoint keeps the model's own shapes (scalars stay scalars)."""
+    extra = [a for s in sets for a in ("--set", s)]
+    assert cli("train", *DIST, *extra, "--out", tmp_path / "single") == 0
+    proc = torchrun(2, "train", *DIST, *extra, "--strategy", "fsdp", "--out", tmp_path / "fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_training(tmp_path / "fsdp", tmp_path / "single")
+    weights = ck.load_weights(ck.find(tmp_path / "fsdp"))
+    assert any(w.ndim == 0 for w in weights.values())

@@ -107,15 +107,53 @@ def shard_units(stack) -> list[list[nn.Module]]:
     """The stack's blocks grouped as FSDP2 units: one layer each (the default layout's repeated unit,
     attention + feed-forward), each module once. One unit per layer rather than per block halves the
     hooks and collectives of a step: an eager FSDP2 step of gpt2-small is bound by host time
-    (benchmarks/results/fsdp_probe_*.json)."""
+    (benchmarks/results/fsdp_probe_*.json). A reversible stack runs its blocks' parts itself, inside
+    its own autograd function, never through a block's forward (where FSDP2's hooks gather the
+    parameters): it is one unit, whole."""
     from ..layout import unit_length
 
+    if stack.reversible is not None:
+        return [[stack]]
     per, seen, units = unit_length(stack.cfg), set(), []
     for i in range(0, len(stack.blocks), per):
         group = [b for b in stack.blocks[i:i + per] if id(b) not in seen and not seen.add(id(b))]
         if group:
             units.append(group)
     return units
+
+
+SCALARS = "_xt_fsdp_scalars"  # attribute of a model sharded by parallelize: its 0-d parameters' names
+
+
+def vectorize_scalars(model: nn.Module) -> list[str]:
+    """FSDP2 shards along dimension 0 and refuses 0-d parameters (ScaleNorm's gain, ReZero's gate,
+    DyT's alpha, hyper-connections' scales): each becomes a 1-element vector, which broadcasts as the
+    scalar did, in place (a parameter shared by several modules stays one). Returns their names, which
+    :func:`full_state_dict` turns back into scalars for checkpoints."""
+    new, names = {}, []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, p in list(module._parameters.items()):
+            if p is None or (p.ndim != 0 and id(p) not in new):
+                continue
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
+            module._parameters[name] = new[id(p)]
+            names.append(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def full_state_dict(model: nn.Module, cfg: TrainConfig) -> dict:
+    """The model's whole weights on every process: gathered from the shards under FSDP (on CPU), with
+    the 0-d parameters that :func:`vectorize_scalars` widened saved as the scalars the model declares."""
+    if cfg.strategy != "fsdp":
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for name in getattr(model, SCALARS, ()):
+        if name in weights:
+            weights[name] = weights[name].reshape(())
+    return weights
 
 
 def parallelize(model: nn.Module, cfg: TrainConfig, env: Env) -> nn.Module:
@@ -125,6 +163,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: Env) -> nn.Module:
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if uses_bf16(cfg, env) else None
         kw = {"mp_policy": mp} if mp is not None else {}
+        setattr(model, SCALARS, vectorize_scalars(model))
         for stack in layer_stacks(model):
             for unit in shard_units(stack):
                 fully_shard(unit, **kw)

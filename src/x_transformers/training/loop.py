@@ -21,7 +21,7 @@ from ..loss import chunked_cross_entropy, head_weight
 from . import checkpoint as ckpt_io
 from .config import CUDAGRAPH_MODES, CLIError, TrainConfig
 from .data import BOS, TaskData, bits_per_byte, load_data
-from .distributed import Env, autocast, compile_step, no_sync, parallelize, setup, teardown
+from .distributed import Env, autocast, compile_step, full_state_dict, no_sync, parallelize, setup, teardown
 from .metrics import MetricsLog, check_logger, plot
 from .model import build_model, count_params, load_pretrained
 from .sampler import greedy_seq2seq, sample
@@ -269,8 +269,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> Path | None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         cfg, env = self.cfg, self.env
         root = self.run / "checkpoints"
@@ -280,11 +279,9 @@ class Trainer:
             (tmp / "optim").mkdir()
         env.barrier()
         sharded = cfg.strategy == "fsdp"
+        weights = full_state_dict(self.inner, cfg)
         if sharded:
-            weights = get_model_state_dict(self.inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             ckpt_io.dcp_save({"optim": get_optimizer_state_dict(self.inner, self.opt)}, tmp / "optim")
-        else:
-            weights = self.inner.state_dict()
         rng = {"cpu": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
         if env.distributed:
             gathered = [None] * env.world
@@ -311,13 +308,8 @@ class Trainer:
     def save_best(self) -> Path | None:
         """The current weights as checkpoints/best (weights and config: enough for eval and generate),
         replacing the previous best atomically. Every process calls it (FSDP gathers the weights)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         cfg, env = self.cfg, self.env
-        if cfg.strategy == "fsdp":
-            weights = get_model_state_dict(self.inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            weights = self.inner.state_dict()
+        weights = full_state_dict(self.inner, cfg)
         final = None
         if env.main:
             root = self.run / "checkpoints"
