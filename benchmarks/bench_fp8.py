@@ -69,9 +69,21 @@ def child(shape: str, variant: str, steps: int, overrides: dict | None = None, l
         if i == 0:
             t_compile = time.perf_counter() - t_compile
     step = sorted(times[3:])[len(times[3:]) // 2]
-    return dict(shape=shape, dims=s, layers=layers, variant=variant, step_s=round(step, 5), tokens_per_s=round(s["batch"] * s["seq"] / step, 1),
+    # MFU as bench_train counts it (6N + 12 L d T a token, N without embeddings; then with the head's
+    # 6 v d), over the bf16 matrix-product peak measured here (FP8 rows too: the bf16 yardstick)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import matmul_peak_tflops
+
+    inner = s["heads"] * s["attn_dim_head"]
+    n_params = s["depth"] * (2 * s["dim"] * inner + 2 * s["dim"] * inner + 8 * s["dim"] ** 2)  # q, o; k, v; ff x4
+    per_token = 6 * n_params + 12 * s["depth"] * s["dim"] * s["seq"]
+    mem = torch.cuda.max_memory_allocated() / 2**30  # before the peak's own product
+    peak, tps = matmul_peak_tflops(), s["batch"] * s["seq"] / step
+    return dict(shape=shape, dims=s, layers=layers, variant=variant, step_s=round(step, 5), tokens_per_s=round(tps, 1),
+                peak_tflops=round(peak, 1), mfu=round(tps * per_token / (peak * 1e12), 4),
+                mfu_with_head=round(tps * (per_token + 6 * s["num_tokens"] * s["dim"]) / (peak * 1e12), 4),
                 first_step_s=round(t_compile, 1), losses=[round(v, 4) for v in losses],
-                converted_layers=len(fp8.converted(lm)), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                converted_layers=len(fp8.converted(lm)), peak_mem_gib=round(mem, 2),
                 card=torch.cuda.get_device_name(), torch=torch.__version__,
                 torchao=__import__("importlib.metadata").metadata.version("torchao") if variant != "bf16" else None)
 
