@@ -79,18 +79,37 @@ def test_fsdp_units_are_layers():
         assert flat == [id(b) for b in stack.blocks] and len(set(flat)) == len(flat)
 
 
-@pytest.mark.parametrize("sets", [
-    ("model.reversible=true", "model.use_scalenorm=true"),  # a stack that runs its blocks' parts itself; 0-d gains
-    ("model.num_residual_streams=2", "model.use_rezero=true"),  # hyper-connections' and ReZero's 0-d scales
-], ids=["reversible_scalenorm", "hyper_rezero"])
-def test_fsdp_shards_every_model_kind(sets, tmp_path):
-    """FSDP2 refused 0-d parameters (its own error) and never gathered a reversible stack's parameters
-    (its blocks' parts run inside the stack's autograd function). Both now train under 2-process FSDP
-    as one process does, and the checkpoint keeps the model's own shapes (scalars stay scalars)."""
-    extra = [a for s in sets for a in ("--set", s)]
+def test_fsdp_shards_every_model_kind(tmp_path):
+    """FSDP2 refused 0-d parameters (its own error; here ScaleNorm's gains) and never gathered a reversible
+    stack's parameters (its blocks' parts run inside the stack's autograd function). Both now train under
+    2-process FSDP as one process does, and the checkpoint keeps the model's own shapes (scalars stay
+    scalars). Hyper-connections' and ReZero's 0-d scales take the same path (vectorize_scalars)."""
+    extra = ["--set", "model.reversible=true", "--set", "model.use_scalenorm=true"]
     assert cli("train", *DIST, *extra, "--out", tmp_path / "single") == 0
     proc = torchrun(2, "train", *DIST, *extra, "--strategy", "fsdp", "--out", tmp_path / "fsdp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_training(tmp_path / "fsdp", tmp_path / "single")
     weights = ck.load_weights(ck.find(tmp_path / "fsdp"))
     assert any(w.ndim == 0 for w in weights.values())
+
+
+def test_scalars_widen_for_fsdp():
+    """Every 0-d parameter (a shared one once) becomes a 1-element vector with the same value, and the
+    forward is unchanged (the 2-process test above checks that checkpoints keep the scalars)."""
+    from x_transformers import Decoder, TransformerWrapper
+    from x_transformers.training.distributed import vectorize_scalars
+
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=32, max_seq_len=8, attn_layers=Decoder(
+        dim=16, depth=2, heads=2, use_rezero=True, num_residual_streams=2, use_scalenorm=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scalars = sorted(k for k, v in before.items() if v.ndim == 0)
+    x = torch.randint(0, 32, (2, 8))
+    out = model(x)
+    names = vectorize_scalars(model)
+    assert sorted(names) == scalars and len(scalars) >= 3
+    assert all(p.ndim >= 1 for p in model.parameters())
+    after = model.state_dict()
+    for k in scalars:
+        assert after[k].shape == (1,) and after[k][0] == before[k]
+    torch.testing.assert_close(model(x), out, rtol=0, atol=0)
