@@ -2,6 +2,7 @@
 and the fuzz counts, printed at the end of every run that used the harness; and the fixtures more
 than one test file uses."""
 
+import json
 import sys
 
 import pytest
@@ -25,6 +26,35 @@ def flex_on_cpu(monkeypatch):
         return real(*args, **kwargs)
     monkeypatch.setattr(flex, "create_block_mask", counting)
     return calls
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist (make test runs two workers), a worker hands its harness counts to the
+    controller, which prints the summary."""
+    out, harness = getattr(session.config, "workeroutput", None), sys.modules.get("harness")
+    if out is not None and harness is not None:
+        out["harness"] = json.dumps({"stats": {p: dict(c) for p, c in harness.STATS.items()},
+                                     "coverage": harness.COVERAGE, "refusals": dict(harness.REFUSALS),
+                                     "fuzz": harness.FUZZ})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controller's side: sum the workers' per-property counts (each ran its share of the tests);
+    coverage comes from collection, the same in every worker; the fuzz test ran in one."""
+    data = getattr(node, "workeroutput", {}).get("harness")
+    if not data:
+        return
+    import harness
+
+    got = json.loads(data)
+    for prop, counts in got["stats"].items():
+        harness.STATS[prop].update(counts)
+    if not harness.COVERAGE:
+        harness.COVERAGE.update(got["coverage"])
+    harness.REFUSALS.update(got["refusals"])
+    if got["fuzz"]:
+        harness.FUZZ.update(got["fuzz"])
 
 
 def pytest_terminal_summary(terminalreporter):
