@@ -113,3 +113,14 @@ def test_scalars_widen_for_fsdp():
     for k in scalars:
         assert after[k].shape == (1,) and after[k][0] == before[k]
     torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+
+    # a module shared by several layers: its scalars are widened once and named under every path
+    tied = TransformerWrapper(num_tokens=32, max_seq_len=8, attn_layers=Decoder(
+        dim=16, depth=3, heads=2, use_rezero=True, weight_tie_layers=True))
+    scalars = {k for k, v in tied.state_dict().items() if v.ndim == 0}
+    ids = {id(p) for p in tied.parameters() if p.ndim == 0}
+    out = tied(x)
+    names = vectorize_scalars(tied)
+    assert set(names) == scalars and len(scalars) > len(ids)
+    assert len({id(p) for p in tied.parameters() if p.shape == (1,)}) == len(ids)
+    torch.testing.assert_close(tied(x), out, rtol=0, atol=0)

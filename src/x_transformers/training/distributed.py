@@ -130,14 +130,16 @@ def vectorize_scalars(model: nn.Module) -> list[str]:
     DyT's alpha, hyper-connections' scales): each becomes a 1-element vector, which broadcasts as the
     scalar did, in place (a parameter shared by several modules stays one). Returns their names, which
     :func:`full_state_dict` turns back into scalars for checkpoints."""
-    new, names = {}, []
-    for prefix, module in model.named_modules(remove_duplicate=False):
+    widened, made, names = {}, set(), []  # id(old) -> (old, new): the old stay alive, so no id is reused
+    for prefix, module in model.named_modules(remove_duplicate=False):  # every path to a shared module
         for name, p in list(module._parameters.items()):
-            if p is None or (p.ndim != 0 and id(p) not in new):
+            if p is None or (p.ndim != 0 and id(p) not in made):
                 continue
-            if id(p) not in new:
-                new[id(p)] = nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
-            module._parameters[name] = new[id(p)]
+            if id(p) not in made:
+                if id(p) not in widened:
+                    widened[id(p)] = (p, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+                    made.add(id(widened[id(p)][1]))
+                module._parameters[name] = widened[id(p)][1]
             names.append(f"{prefix}.{name}" if prefix else name)
     return names
 
