@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings(args) -> list[str]:
-    out = ["--preset", args.preset, "--stdlib-bytes", "2000000", "--sample-tokens", "0"]
+    """The command's flags, read by the command itself and, through its own parser, by the step child."""
+    out = ["--preset", args.preset, "--stdlib-bytes", "2000000", "--sample-tokens", "0", "--no-progress"]
     if args.quick:
         out += ["--set", "model.dim=64", "--set", "model.depth=2", "--set", "model.heads=4", "--seq-len", "64",
                 "--batch-size", "2", "--device", "cpu"]
@@ -38,7 +39,7 @@ def command(args) -> dict:
         half = args.steps // 2
         cmd = [sys.executable, "-m", "x_transformers", "train", *settings(args), "--max-steps", str(args.steps),
                "--log-every", str(half), "--eval-every", str(10 * args.steps), "--save-every", str(10 * args.steps),
-               "--no-progress", "--out", str(run)]
+               "--out", str(run)]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode:
@@ -49,18 +50,15 @@ def command(args) -> dict:
 
 
 def steps(args) -> dict:
-    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import sync, timed
 
+    from x_transformers.cli import build_parser, config_overrides
     from x_transformers.training.config import load_config
     from x_transformers.training.loop import Trainer
 
-    sets = {"stdlib_bytes": 2_000_000, "sample_tokens": 0, "progress": False, "compile": not args.quick}
-    if args.quick:
-        sets.update({"model.dim": 64, "model.depth": 2, "model.heads": 4, "seq_len": 64, "batch_size": 2,
-                     "device": "cpu"})
-    cfg = load_config(args.preset, sets=sets)
-    cuda = torch.cuda.is_available() and not args.quick
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    flags = build_parser().parse_args(["train", *settings(args)])
+    cfg = load_config(flags.preset, flags.config, config_overrides(flags))
     half = args.steps // 2
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, Path(tmp) / "run", log=lambda *a, **k: None)
@@ -78,14 +76,7 @@ def steps(args) -> dict:
             tr.forward_loss(inputs, target).backward()
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
-        for _ in range(3):
-            bare()
-        sync()
-        t = time.perf_counter()
-        for _ in range(half):
-            bare()
-        sync()
-        bare_tps = half * batch.tokens / (time.perf_counter() - t)
+        bare_tps = batch.tokens / timed(bare, warmup=3, steps=half)
         tr.close()
     return {"trainer_step_tokens_per_s": trainer, "bare_step_tokens_per_s": bare_tps}
 

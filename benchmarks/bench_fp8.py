@@ -26,30 +26,28 @@ SHAPES = {  # the training presets' shapes (x_transformers.training.presets)
 }
 
 
-LAYERS = {  # which linears a variant converts (--layers): the default filter, or only one kind
+LAYERS = {  # which linears a variant converts (--layers): all that fp8.default_filter passes, or one kind
     "all": None,
-    "ff": lambda module, fqn: fp8.default_filter(module, fqn) and fqn.rsplit(".", 1)[-1] in ("proj_in", "proj_out"),
-    "attn": lambda module, fqn: fp8.default_filter(module, fqn) and fqn.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v",
-                                                                                               "to_out"),
+    "ff": ("proj_in", "proj_out"),
+    "attn": ("to_q", "to_k", "to_v", "to_out"),
 }
-fp8 = None
 
 
 def child(shape: str, variant: str, steps: int, overrides: dict | None = None, layers: str = "all") -> dict:
-    global fp8
     import torch
 
-    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
-    from x_transformers import fp8 as _fp8
+    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper, fp8
 
-    fp8 = _fp8
+    names = LAYERS[layers]
+    chosen = None if names is None else (
+        lambda module, fqn: fp8.default_filter(module, fqn) and fqn.rsplit(".", 1)[-1] in names)
     s = {**SHAPES[shape], **(overrides or {})}
     torch.manual_seed(0)
     lm = TransformerWrapper(num_tokens=s["num_tokens"], max_seq_len=s["seq"], tie_embedding=True, logits_scale=1.0,
                             attn_layers=Decoder(dim=s["dim"], depth=s["depth"], heads=s["heads"],
                                                 attn_dim_head=s["attn_dim_head"])).cuda()
     if variant.startswith("fp8-"):
-        fp8.convert(lm, recipe=variant[4:], module_filter=LAYERS[layers])
+        fp8.convert(lm, recipe=variant[4:], module_filter=chosen)
     model = torch.compile(AutoregressiveWrapper(lm))
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, s["num_tokens"], (s["batch"], s["seq"] + 1), device="cuda")
@@ -75,7 +73,7 @@ def child(shape: str, variant: str, steps: int, overrides: dict | None = None, l
     from common import matmul_peak_tflops
 
     inner = s["heads"] * s["attn_dim_head"]
-    n_params = s["depth"] * (2 * s["dim"] * inner + 2 * s["dim"] * inner + 8 * s["dim"] ** 2)  # q, o; k, v; ff x4
+    n_params = s["depth"] * (4 * s["dim"] * inner + 8 * s["dim"] ** 2)  # q, k, v, o; the feed-forward (x4)
     per_token = 6 * n_params + 12 * s["depth"] * s["dim"] * s["seq"]
     mem = torch.cuda.max_memory_allocated() / 2**30  # before the peak's own product
     peak, tps = matmul_peak_tflops(), s["batch"] * s["seq"] / step

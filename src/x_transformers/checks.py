@@ -23,6 +23,11 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
+try:  # FSDP2's sharded parameters (already imported with torch); absent from builds without distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    DTensor = ()  # isinstance(x, ()) is False
+
 # What generate()'s decode steps vouch for (trusted_inputs): the ids are the model's own samples, and
 # the positions stay under max_seq_len by a bound it checked once on the host. The wrapper then skips
 # those two checks, each a reduction and a host sync a step on a GPU (the CPU could not run ahead).
@@ -74,17 +79,9 @@ def _param_dtype(module) -> torch.dtype | None:
     parameter, or parameters sharded by FSDP2 (DTensors), which gathers them in its mixed-precision
     policy's dtype and casts the forward's inputs itself."""
     param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if param is None or _is_dtensor(param):
+    if param is None or isinstance(param, DTensor):
         return None
     return param.dtype
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without torch.distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def check_dtype(x: Tensor, module, name: str = "x"):

@@ -130,16 +130,17 @@ def vectorize_scalars(model: nn.Module) -> list[str]:
     DyT's alpha, hyper-connections' scales): each becomes a 1-element vector, which broadcasts as the
     scalar did, in place (a parameter shared by several modules stays one). Returns their names, which
     :func:`full_state_dict` turns back into scalars for checkpoints."""
-    widened, made, names = {}, set(), []  # id(old) -> (old, new): the old stay alive, so no id is reused
+    # id of a scalar, or of its vector -> the vector; `old` keeps the replaced scalars alive, so no id is reused
+    vector, old, names = {}, [], []
     for prefix, module in model.named_modules(remove_duplicate=False):  # every path to a shared module
         for name, p in list(module._parameters.items()):
-            if p is None or (p.ndim != 0 and id(p) not in made):
+            if p is None or (p.ndim != 0 and id(p) not in vector):
                 continue
-            if id(p) not in made:
-                if id(p) not in widened:
-                    widened[id(p)] = (p, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
-                    made.add(id(widened[id(p)][1]))
-                module._parameters[name] = widened[id(p)][1]
+            if id(p) not in vector:
+                new = nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
+                vector[id(p)] = vector[id(new)] = new
+                old.append(p)
+            module._parameters[name] = vector[id(p)]
             names.append(f"{prefix}.{name}" if prefix else name)
     return names
 
